@@ -1,0 +1,36 @@
+# modalmill: every target creates the virtual environment when it is missing.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export RAY_USAGE_STATS_ENABLED ?= 0
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: venv demo test test-fast bench lint clean
+
+venv: $(STAMP)
+
+# torch/torchvision are pinned (2.14.1/0.29.1: the pair whose torchvision works on these machines) in pyproject.toml.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/modalmill demo --workdir .demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -ra -m "not slow and not cluster"
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check modalmill tests benchmarks
+
+clean:
+	rm -rf .demo benchmarks/_work .pytest_cache

@@ -1,0 +1,1 @@
+"""Job specs (YAML), their runner, and the built-in jobs (the demo)."""

@@ -1,0 +1,214 @@
+"""Job specs: a YAML file saying what to read, which modalities to make with which settings, and where to.
+
+```yaml
+name: my-corpus
+input: s3://bucket/raw/shard-{00000..00099}.tar   # a pattern, a list of patterns, or an image folder
+output: s3://bucket/4m/                            # local path or s3:// root
+modalities: [rgb, crop_settings, canny_edge, color_palette, metadata]
+seed: 0
+batch_size: 16
+shard_size: 1000          # images per shard when the input is a folder
+shards: "0-9,42"          # optional: only these output shards
+decode: {max_size: 768, jpeg_quality: 95}
+crops: {n_crops: 4, scale_min: 0.8}
+labelers:                 # per-labeler settings, keyed by labeler name; a labeler listed here is
+  canny_edge:             # preferred for the modalities it produces
+    config: {low_threshold: 50, high_threshold: 150}
+    batch_size: 32
+    resources: {num_cpus: 1, num_gpus: 0, memory_mb: 0}
+    workers: 1            # actor-pool size (model labelers)
+ray: {address: null, num_cpus: null, shard_cpus: 1, max_retries: 3}
+```
+Every key is checked: an unknown or mistyped key is an error that names it and suggests the closest one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from ..pipeline.crops import CropConfig
+from ..pipeline.decode import DecodeConfig
+
+
+class JobSpecError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class LabelerSettings:
+    config: dict = field(default_factory=dict)
+    batch_size: int | None = None
+    resources: dict = field(default_factory=dict)
+    workers: int = 1
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    address: str | None = None
+    num_cpus: int | None = None
+    shard_cpus: float = 1.0
+    max_retries: int = 3
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    input: Any
+    output: str
+    modalities: tuple[str, ...]
+    name: str = "job"
+    seed: int = 0
+    batch_size: int = 16
+    shard_size: int = 1000
+    shards: str | None = None
+    decode: DecodeConfig = DecodeConfig()
+    crops: CropConfig = CropConfig()
+    labelers: dict[str, LabelerSettings] = field(default_factory=dict)
+    ray: RaySettings = RaySettings()
+
+    def with_overrides(self, **kw) -> "JobSpec":
+        return dataclasses.replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+    def selected_shards(self, n: int) -> list[int]:
+        return parse_shard_selection(self.shards, n)
+
+
+def parse_shard_selection(text: str | None, n: int) -> list[int]:
+    if text in (None, "", "all"):
+        return list(range(n))
+    out: set[int] = set()
+    for part in str(text).split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                a, b = part.split("-", 1)
+                out.update(range(int(a), int(b) + 1))
+            elif part:
+                out.add(int(part))
+        except ValueError:
+            raise JobSpecError(f"shards: cannot read {part!r} (use e.g. '0-9,42')") from None
+    bad = sorted(i for i in out if not 0 <= i < n)
+    if bad:
+        raise JobSpecError(f"shards: {bad} out of range; the input has {n} shard(s) (0-{n - 1})")
+    return sorted(out)
+
+
+def _check_keys(where: str, given: dict, allowed: list[str]) -> None:
+    for k in given:
+        if k not in allowed:
+            close = difflib.get_close_matches(str(k), allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; allowed: {', '.join(allowed)}"
+            raise JobSpecError(f"{where}: unknown key {k!r}{hint}")
+
+
+def _build(where: str, cls, data: Any):
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise JobSpecError(f"{where}: expected a mapping, got {type(data).__name__}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    _check_keys(where, data, names)
+    kwargs = dict(data)
+    for f in dataclasses.fields(cls):
+        if f.name in kwargs and isinstance(getattr(cls(), f.name, None), tuple) and isinstance(kwargs[f.name], list):
+            kwargs[f.name] = tuple(kwargs[f.name])
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise JobSpecError(f"{where}: {e}") from None
+
+
+def _typed(where: str, value: Any, typ: type | tuple, name: str):
+    if not isinstance(value, typ) or isinstance(value, bool) and typ is not bool:
+        tname = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
+        raise JobSpecError(f"{where}: {name!r} must be {tname}, got {value!r}")
+    return value
+
+
+def job_from_dict(data: dict, where: str = "job") -> JobSpec:
+    from ..labelers import LABELERS, load_entry_points
+    from ..schemas.modalities import MODALITIES
+
+    if not isinstance(data, dict):
+        raise JobSpecError(f"{where}: a job spec is a mapping, got {type(data).__name__}")
+    allowed = [f.name for f in dataclasses.fields(JobSpec)]
+    _check_keys(where, data, allowed)
+    for req in ("input", "output", "modalities"):
+        if req not in data or data[req] in (None, "", []):
+            raise JobSpecError(f"{where}: {req!r} is required")
+    inp = data["input"]
+    if not (isinstance(inp, str) or (isinstance(inp, list) and all(isinstance(i, str) for i in inp))):
+        raise JobSpecError(f"{where}: 'input' must be a path/pattern or a list of them")
+    mods = data["modalities"]
+    if isinstance(mods, str):
+        mods = [m.strip() for m in mods.split(",") if m.strip()]
+    _typed(where, mods, list, "modalities")
+    for m in mods:
+        if m not in MODALITIES:
+            close = difflib.get_close_matches(str(m), list(MODALITIES), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise JobSpecError(f"{where}: unknown modality {m!r}{hint} (see `modalmill modalities`)")
+    load_entry_points()
+    labelers = {}
+    for name, settings in (data.get("labelers") or {}).items():
+        if name not in LABELERS:
+            close = difflib.get_close_matches(str(name), list(LABELERS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise JobSpecError(f"{where}: labelers: unknown labeler {name!r}{hint} (see `modalmill labelers`)")
+        ls = _build(f"{where}: labelers.{name}", LabelerSettings, settings)
+        _check_keys(f"{where}: labelers.{name}.resources", ls.resources, ["num_cpus", "num_gpus", "memory_mb"])
+        try:
+            LABELERS[name].make_config(ls.config)
+        except (TypeError, ValueError) as e:
+            raise JobSpecError(f"{where}: labelers.{name}.config: {e}") from None
+        labelers[name] = ls
+    spec = JobSpec(
+        input=inp,
+        output=_typed(where, data["output"], str, "output"),
+        modalities=tuple(dict.fromkeys(mods)),
+        name=str(data.get("name", "job")),
+        seed=_typed(where, data.get("seed", 0), int, "seed"),
+        batch_size=_typed(where, data.get("batch_size", 16), int, "batch_size"),
+        shard_size=_typed(where, data.get("shard_size", 1000), int, "shard_size"),
+        shards=None if data.get("shards") is None else str(data["shards"]),
+        decode=_build(f"{where}: decode", DecodeConfig, data.get("decode")),
+        crops=_build(f"{where}: crops", CropConfig, data.get("crops")),
+        labelers=labelers,
+        ray=_build(f"{where}: ray", RaySettings, data.get("ray")),
+    )
+    if spec.batch_size < 1 or spec.shard_size < 1:
+        raise JobSpecError(f"{where}: batch_size and shard_size must be >= 1")
+    return spec
+
+
+def load_job(path: str, **overrides) -> JobSpec:
+    """Read a job YAML; relative input/output paths are resolved against the file's folder."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise JobSpecError(f"{path}: no such job file") from None
+    except yaml.YAMLError as e:
+        raise JobSpecError(f"{path}: not valid YAML: {e}") from None
+    base = os.path.dirname(os.path.abspath(path))
+    if isinstance(data, dict):
+        data = dict(data)
+        for k in ("input", "output"):
+            v = data.get(k)
+            if isinstance(v, str):
+                data[k] = _resolve(base, v)
+            elif isinstance(v, list):
+                data[k] = [_resolve(base, x) if isinstance(x, str) else x for x in v]
+        data.update({k: v for k, v in overrides.items() if v is not None})
+    return job_from_dict(data, where=path)
+
+
+def _resolve(base: str, p: str) -> str:
+    if "://" in p or os.path.isabs(p):
+        return p
+    return os.path.normpath(os.path.join(base, os.path.expanduser(p)))

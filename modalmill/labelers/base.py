@@ -1,0 +1,168 @@
+"""The Labeler interface and the name-keyed labeler registry.
+
+A labeler turns the stored rgb image of a sample (plus, for derived labelers, labels of other modalities)
+into labels of one or more output modalities. Its lifecycle follows NeMo Curator's stages:
+
+- a frozen ``Config`` dataclass of settings (its hash goes into the manifest);
+- declared :class:`Resources` (CPUs, GPUs, memory) that size the Ray actor pool it runs in;
+- ``setup()``: load models once per worker;
+- ``process_batch(batch)``: one result per input sample, in order: a ``{modality: value}`` dict, or a
+  :class:`LabelFailure` for a sample that cannot be labelled (the pipeline drops and records it).
+
+Third-party labelers register through the ``modalmill.labelers`` entry-point group (each entry point
+names a Labeler subclass, or a module that registers some on import).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..schemas.modalities import get_modality
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one worker of a labeler asks Ray for."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    memory_mb: int = 0  # 0: no reservation
+
+    def ray_options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.memory_mb:
+            opts["memory"] = int(self.memory_mb) * 1024 * 1024
+        return opts
+
+
+@dataclass
+class LabelInput:
+    """One sample as a labeler sees it."""
+
+    key: str
+    image: np.ndarray  # [H, W, 3] uint8, the decoded stored rgb image (upright)
+    original_size: tuple[int, int]  # (width, height) of the source image before any resize
+    crops: np.ndarray  # [n_crops, 5] int64 crop settings of this sample
+    labels: dict[str, Any] = field(default_factory=dict)  # other modalities' labels (derived labelers)
+
+
+@dataclass(frozen=True)
+class LabelFailure:
+    """A sample a labeler could not label; ``reason`` is one line."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class EmptyConfig:
+    pass
+
+
+class Labeler:
+    name: ClassVar[str] = ""
+    version: ClassVar[str] = "1"
+    outputs: ClassVar[tuple[str, ...]] = ()
+    requires: ClassVar[tuple[str, ...]] = ()  # modalities it reads besides rgb (derived labelers)
+    Config: ClassVar[type] = EmptyConfig
+    default_resources: ClassVar[Resources] = Resources()
+    default_batch_size: ClassVar[int] = 16
+    # stateless labelers run inside the shard task; stateful ones (models) in a Ray actor pool
+    stateful: ClassVar[bool] = False
+    description: ClassVar[str] = ""
+    weights: ClassVar[str | None] = None  # default weights location (None: model-free)
+    license: ClassVar[str] = "n/a (model-free)"
+
+    def __init__(self, config: Any = None):
+        self.config = self.make_config(config)
+
+    # ------------------------------------------------------------------ config
+    @classmethod
+    def make_config(cls, config: Any = None):
+        if config is None:
+            return cls.Config()
+        if isinstance(config, cls.Config):
+            return config
+        if not isinstance(config, dict):
+            raise TypeError(f"labeler {cls.name!r}: config must be a mapping, got {type(config).__name__}")
+        known = {f.name for f in dataclasses.fields(cls.Config)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(
+                f"labeler {cls.name!r}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known)) or 'none'}"
+            )
+        try:
+            return cls.Config(**config)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"labeler {cls.name!r}: {e}") from None
+
+    def config_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.config)
+
+    def config_hash(self) -> str:
+        blob = json.dumps({"labeler": self.name, "version": self.version, "config": self.config_dict()},
+                          sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    # ------------------------------------------------------------------ lifecycle
+    def setup(self) -> None:
+        """Load models and other state; called once per worker before the first batch."""
+
+    def process_batch(self, batch: list[LabelInput]) -> list[dict[str, Any] | LabelFailure]:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------- registry
+
+LABELERS: dict[str, type[Labeler]] = {}
+_ENTRY_POINTS_LOADED = False
+
+
+def register_labeler(cls: type[Labeler]) -> type[Labeler]:
+    """Class decorator: add a Labeler subclass to the registry under ``cls.name``."""
+    if not cls.name or not cls.outputs:
+        raise ValueError(f"{cls.__name__}: a labeler needs a name and at least one output modality")
+    for m in cls.outputs + cls.requires:
+        get_modality(m)  # raises for an unknown modality
+    existing = LABELERS.get(cls.name)
+    if existing is not None and existing is not cls:
+        if f"{existing.__module__}.{existing.__qualname__}" != f"{cls.__module__}.{cls.__qualname__}":
+            raise ValueError(f"labeler name {cls.name!r} is already taken by {existing.__module__}.{existing.__qualname__}")
+    LABELERS[cls.name] = cls
+    return cls
+
+
+def load_entry_points() -> None:
+    """Import third-party labelers declared in the ``modalmill.labelers`` entry-point group."""
+    global _ENTRY_POINTS_LOADED
+    if _ENTRY_POINTS_LOADED:
+        return
+    _ENTRY_POINTS_LOADED = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="modalmill.labelers"):
+        obj = ep.load()
+        if isinstance(obj, type) and issubclass(obj, Labeler):
+            register_labeler(obj)
+
+
+def get_labeler(name: str) -> type[Labeler]:
+    load_entry_points()
+    try:
+        return LABELERS[name]
+    except KeyError:
+        raise KeyError(f"unknown labeler {name!r}; known: {', '.join(sorted(LABELERS))}") from None
+
+
+def labeler_for(modality: str) -> type[Labeler]:
+    """The default labeler that produces ``modality`` (the first registered one)."""
+    load_entry_points()
+    for cls in LABELERS.values():
+        if modality in cls.outputs:
+            return cls
+    raise KeyError(f"no labeler produces modality {modality!r}")

@@ -1,0 +1,1 @@
+"""The pipeline: readers, decoding, crops, labelling shards on Ray, writers, manifests and resume."""

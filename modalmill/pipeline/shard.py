@@ -1,0 +1,445 @@
+"""Processing one shard: the unit of work.
+
+``full`` mode reads an input shard, decodes every sample into the stored rgb image, makes its crop
+settings, runs the labelers batch by batch and writes every modality's tar from one key list: a sample
+that fails anywhere is written to no tar and recorded in the manifest with its stage and reason.
+
+``update`` mode adds or recomputes modalities of an existing output shard (``--only``). It reads the
+shard's own ``rgb`` and ``crop_settings`` tars (and any modality a derived labeler needs) in lockstep, so
+labels are always computed from exactly what is stored. Samples that fail the new modality are dropped
+from every other tar of the shard too (streamed filter, no recomputation), so the shard stays aligned.
+
+The marker written last (``_modalmill/shards/shard-N.json``) is the commit point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .. import __version__
+from ..labelers.base import LabelFailure, LabelInput, get_labeler
+from ..schemas.manifest import FAILED, OK, SampleRow
+from ..schemas.modalities import RecordError, get_modality
+from . import manifest, storage
+from .crops import CropConfig, make_crop_settings
+from .decode import DecodeConfig, DecodeError, decode_image, decode_stored_rgb
+from .readers import RawSample, ShardSource, ShardTruncated, iter_samples, iter_tar, pick_image_member
+from .writers import ShardWriterSet, filter_tar
+
+FULL, UPDATE = "full", "update"
+CORE = ("rgb", "crop_settings")
+
+
+@dataclass(frozen=True)
+class LabelerRun:
+    """One labeler as a job runs it."""
+
+    labeler: str
+    config: dict
+    outputs: tuple[str, ...]  # the modalities of this labeler that the job writes
+    batch_size: int
+    stateful: bool
+    # the class itself travels with the task, so workers need not have it registered (test or notebook labelers)
+    cls: type | None = field(default=None, compare=False)
+
+    def labeler_class(self):
+        return self.cls or get_labeler(self.labeler)
+
+    def instance(self):
+        return self.labeler_class()(self.config)
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    source: ShardSource
+    output: str
+    mode: str
+    write: tuple[str, ...]  # modalities whose tars this task writes
+    labelers: tuple[LabelerRun, ...]  # in dependency order
+    decode: DecodeConfig
+    crops: CropConfig
+    seed: int
+    batch_size: int = 16
+
+    @property
+    def shard(self) -> str:
+        return self.source.name
+
+
+def core_producers(decode: DecodeConfig, crops: CropConfig, seed: int) -> dict[str, dict]:
+    def h(obj):
+        return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    return {
+        "rgb": {"labeler": "modalmill.decode", "version": "1", "config_hash": h(dataclasses.asdict(decode)),
+                "checkpoint": ""},
+        "crop_settings": {"labeler": "modalmill.crops", "version": "1",
+                          "config_hash": h({**dataclasses.asdict(crops), "seed": seed}), "checkpoint": ""},
+    }
+
+
+def labeler_producers(runs: tuple[LabelerRun, ...]) -> dict[str, dict]:
+    out = {}
+    for run in runs:
+        inst = run.instance()
+        info = {"labeler": inst.name, "version": inst.version, "config_hash": inst.config_hash(),
+                "checkpoint": getattr(inst, "checkpoint_id", lambda: "")() or ""}
+        for m in run.outputs:
+            out[m] = info
+    return out
+
+
+# ---------------------------------------------------------------------- labeler calls
+
+_LOCAL_INSTANCES: dict[tuple[str, str], Any] = {}
+
+
+def local_labeler(run: LabelerRun):
+    """A labeler instance set up once per worker process."""
+    inst = run.instance()
+    cache_key = (run.labeler, inst.config_hash())
+    if cache_key not in _LOCAL_INSTANCES:
+        inst.setup()
+        _LOCAL_INSTANCES[cache_key] = inst
+    return _LOCAL_INSTANCES[cache_key]
+
+
+def call_local(run: LabelerRun, inputs: list[LabelInput]):
+    return local_labeler(run).process_batch(inputs)
+
+
+def label_isolated(call: Callable[[list[LabelInput]], list], inputs: list[LabelInput]) -> list:
+    """Call a labeler on a batch; when the batch raises, split it until the failing sample is isolated."""
+    if not inputs:
+        return []
+    try:
+        results = list(call(inputs))
+        if len(results) != len(inputs):
+            raise RuntimeError(f"labeler returned {len(results)} results for {len(inputs)} inputs")
+        return results
+    except Exception as e:  # noqa: BLE001 - a labeler's failure is data, not a crash
+        if len(inputs) == 1:
+            msg = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+            return [LabelFailure(f"{type(e).__name__}: {msg}"[:500])]
+        mid = len(inputs) // 2
+        return label_isolated(call, inputs[:mid]) + label_isolated(call, inputs[mid:])
+
+
+# ---------------------------------------------------------------------- the shard
+
+
+@dataclass
+class _Item:
+    row: SampleRow
+    input: LabelInput
+    payloads: dict[str, bytes] = field(default_factory=dict)
+
+
+class _Stats:
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def timed(self, stage: str):
+        stats = self
+
+        class _T:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                stats.seconds[stage] += time.perf_counter() - self.t
+
+        return _T()
+
+
+def process_shard(task: ShardTask, call: Callable | None = None, progress: Callable[[int], None] | None = None) -> dict:
+    """Run one shard task; returns a small summary dict (never raises for bad samples)."""
+    call = call or call_local
+    t0 = time.perf_counter()
+    stats = _Stats()
+    if task.mode == FULL:
+        result = _process_full(task, call, progress, stats)
+    else:
+        result = _process_update(task, call, progress, stats)
+    result["seconds"] = {k: round(v, 4) for k, v in stats.seconds.items()}
+    result["seconds"]["total"] = round(time.perf_counter() - t0, 4)
+    return result
+
+
+def _label_batch(task: ShardTask, items: list[_Item], call: Callable, stats: _Stats) -> list[_Item]:
+    """Run every labeler over the batch; returns the items that succeeded everywhere."""
+    alive = [it for it in items if it.row.status == OK]
+    for run in task.labelers:
+        if not alive:
+            break
+        with stats.timed(f"label:{run.labeler}"):
+            results = label_isolated(lambda batch, run=run: call(run, batch), [it.input for it in alive])
+        survivors = []
+        for it, res in zip(alive, results):
+            if isinstance(res, LabelFailure):
+                it.row.fail(f"label:{run.labeler}", res.reason)
+                continue
+            if not isinstance(res, dict):
+                it.row.fail(f"label:{run.labeler}", f"labeler returned {type(res).__name__}, not a dict")
+                continue
+            try:
+                with stats.timed("encode"):
+                    hw = it.input.image.shape[:2]
+                    for m in run.outputs:
+                        if m not in res:
+                            raise RecordError(m, it.row.key, "output", f"labeler {run.labeler!r} returned no {m!r}")
+                        if m in task.write:
+                            it.payloads[m] = get_modality(m).encode(res[m], it.row.key, hw)
+                        it.input.labels[m] = res[m]
+            except RecordError as e:
+                it.row.fail(f"validate:{e.modality}", str(e))
+                continue
+            survivors.append(it)
+        alive = survivors
+    return alive
+
+
+def _summary(task: ShardTask, rows: list[SampleRow], status: str = "done", **extra) -> dict:
+    failed = [r for r in rows if r.status == FAILED]
+    return {
+        "shard": task.shard, "index": task.source.index, "source": task.source.url, "mode": task.mode,
+        "status": status, "n_read": len(rows), "n_ok": len(rows) - len(failed), "n_failed": len(failed),
+        "errors_by_reason": dict(Counter(r.reason_class for r in failed)), **extra,
+    }
+
+
+def _process_full(task: ShardTask, call, progress, stats: _Stats) -> dict:
+    out, shard = task.output, task.shard
+    producers = {**core_producers(task.decode, task.crops, task.seed), **labeler_producers(task.labelers)}
+    producer_rows = [{"modality": m, **producers[m]} for m in task.write]
+    rows: list[SampleRow] = []
+    keys: list[str] = []
+    truncated = None
+    writers = ShardWriterSet(out, shard, {m: get_modality(m).ext for m in task.write})
+    try:
+        pending: list[_Item] = []
+
+        def flush():
+            alive = _label_batch(task, pending, call, stats)
+            with stats.timed("write"):
+                for it in alive:
+                    writers.write_sample(it.row.key, {m: it.payloads[m] for m in task.write})
+                    it.row.modalities = list(task.write)
+                    it.row.producers = producer_rows
+                    keys.append(it.row.key)
+            if progress:
+                progress(len(pending))
+            pending.clear()
+
+        source_iter = iter_samples(task.source)
+        while True:
+            with stats.timed("read"):
+                raw = next(source_iter, None)
+            if raw is None:
+                break
+            if isinstance(raw, ShardTruncated):
+                truncated = raw.reason
+                break
+            row = SampleRow(shard=task.source.index, source=task.source.url, position=raw.position, key=raw.key)
+            rows.append(row)
+            item = _prepare_full(task, raw, row, stats)
+            if item is None:
+                continue
+            pending.append(item)
+            if len(pending) >= task.batch_size:
+                flush()
+        flush()
+        with stats.timed("commit"):
+            infos = writers.commit()
+    except BaseException:
+        writers.abort()
+        raise
+
+    # modalities an earlier run added (--only) that this run did not rewrite: keep them only if still aligned
+    prev = manifest.read_marker(out, shard)
+    modalities = {m: {**producers[m], **infos[m]} for m in task.write}
+    dropped_stale = []
+    if prev:
+        for m, info in prev.get("modalities", {}).items():
+            if m in modalities:
+                continue
+            if prev.get("keys") == keys:
+                modalities[m] = info
+            else:
+                storage.remove(storage.join(out, m, f"{shard}.tar"))
+                dropped_stale.append(m)
+    summary = _summary(task, rows, truncated=truncated, dropped_stale=dropped_stale)
+    with stats.timed("commit"):
+        manifest.write_rows(out, shard, rows)
+        _commit_marker(task, keys, modalities, summary, stats)
+    return summary
+
+
+def _prepare_full(task: ShardTask, raw: RawSample, row: SampleRow, stats: _Stats) -> _Item | None:
+    if raw.error:
+        row.fail("read", raw.error)
+        return None
+    picked = pick_image_member(raw.members)
+    if picked is None:
+        found = ", ".join(sorted(e or "(no extension)" for e in raw.members)) or "nothing"
+        row.fail("read", f"no image member (found: {found})")
+        return None
+    with stats.timed("decode"):
+        try:
+            dec = decode_image(picked[1], task.decode)
+        except DecodeError as e:
+            row.fail("decode", e.reason)
+            return None
+    h, w = dec.image.shape[:2]
+    row.original_width, row.original_height = dec.original_size
+    row.width, row.height = w, h
+    crops = make_crop_settings(raw.key, h, w, task.crops, task.seed)
+    item = _Item(row=row, input=LabelInput(key=raw.key, image=dec.image, original_size=dec.original_size, crops=crops))
+    if "rgb" in task.write:
+        item.payloads["rgb"] = dec.stored_bytes
+    if "crop_settings" in task.write:
+        item.payloads["crop_settings"] = get_modality("crop_settings").encode(crops, raw.key)
+    return item
+
+
+def _commit_marker(task: ShardTask, keys: list[str], modalities: dict, summary: dict, stats: _Stats) -> None:
+    marker = {
+        "shard": task.shard, "index": task.source.index, "source": task.source.url,
+        "keys": keys, "n_samples": len(keys), "modalities": modalities,
+        "stats": {k: summary[k] for k in ("n_read", "n_ok", "n_failed", "errors_by_reason", "truncated")
+                  if k in summary},
+        "seconds": {k: round(v, 4) for k, v in stats.seconds.items()},
+        "modalmill_version": __version__,
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    manifest.write_marker(task.output, task.shard, marker)
+    manifest.clear_failure(task.output, task.shard)
+
+
+def _zip_output(out: str, shard: str, modalities: list[str]):
+    """Iterate several of a shard's output tars in lockstep: yields (key, {modality: bytes})."""
+    iters = {m: iter_tar(storage.join(out, m, f"{shard}.tar")) for m in modalities}
+    while True:
+        batch = {m: next(it, None) for m, it in iters.items()}
+        present = {m: s for m, s in batch.items() if s is not None}
+        if not present:
+            return
+        if len(present) != len(batch):
+            raise RuntimeError(f"{shard}: modalities {sorted(set(batch) - set(present))} end early; "
+                               f"run `modalmill check {out}`")
+        for m, s in present.items():
+            if isinstance(s, ShardTruncated) or s.error:
+                raise RuntimeError(f"{shard}/{m}: {getattr(s, 'reason', None) or s.error}")
+        ks = {s.key for s in present.values()}
+        if len(ks) != 1:
+            raise RuntimeError(f"{shard}: keys diverge across modalities ({sorted(ks)}); run `modalmill check {out}`")
+        key = ks.pop()
+        yield key, {m: next(iter(s.members.values())) for m, s in present.items()}
+
+
+def _process_update(task: ShardTask, call, progress, stats: _Stats) -> dict:
+    out, shard = task.output, task.shard
+    prev = manifest.read_marker(out, shard)
+    if prev is None:
+        raise RuntimeError(f"{shard}: no completed output to update")
+    prev_rows = {(r.key, r.position): r for r in manifest.read_rows(out, shard)}
+    rows_by_key = {r.key: r for r in prev_rows.values() if r.status == OK}
+    producers = labeler_producers(task.labelers)
+    needed = set()
+    for run in task.labelers:
+        needed |= set(run.labeler_class().requires)
+    read_mods = ["rgb", "crop_settings"] + sorted((needed - set(task.write)) - set(CORE))
+    for m in read_mods:
+        if m not in prev["modalities"]:
+            raise RuntimeError(f"{shard}: {m!r} is needed but the output has no {m!r} yet")
+
+    prev_keys = list(prev["keys"])
+    ok_keys: list[str] = []
+    newly_failed: dict[str, SampleRow] = {}
+    writers = ShardWriterSet(out, shard, {m: get_modality(m).ext for m in task.write})
+    try:
+        pending: list[_Item] = []
+
+        def flush():
+            alive = _label_batch(task, pending, call, stats)
+            with stats.timed("write"):
+                for it in alive:
+                    writers.write_sample(it.row.key, {m: it.payloads[m] for m in task.write})
+                    ok_keys.append(it.row.key)
+            for it in pending:
+                if it.row.status == FAILED:
+                    newly_failed[it.row.key] = it.row
+            if progress:
+                progress(len(pending))
+            pending.clear()
+
+        zipped = _zip_output(out, shard, read_mods)
+        while True:
+            with stats.timed("read"):
+                nxt = next(zipped, None)
+            if nxt is None:
+                break
+            key, files = nxt
+            base = rows_by_key.get(key)
+            row = dataclasses.replace(base) if base else SampleRow(shard=task.source.index, source=task.source.url,
+                                                                  position=-1, key=key)
+            with stats.timed("decode"):
+                try:
+                    image = decode_stored_rgb(files["rgb"])
+                except DecodeError as e:
+                    row.fail("decode", f"stored rgb: {e.reason}")
+                    newly_failed[key] = row
+                    continue
+                crops = get_modality("crop_settings").decode(files["crop_settings"])
+                labels = {m: get_modality(m).decode(files[m]) for m in read_mods if m not in CORE}
+            size = (row.original_width or image.shape[1], row.original_height or image.shape[0])
+            pending.append(_Item(row=row, input=LabelInput(key=key, image=image, original_size=size, crops=crops,
+                                                           labels=labels)))
+            if len(pending) >= task.batch_size:
+                flush()
+        flush()
+        with stats.timed("commit"):
+            infos = writers.commit()
+    except BaseException:
+        writers.abort()
+        raise
+
+    ok_set = set(ok_keys)
+    final_keys = [k for k in prev_keys if k in ok_set]
+    for k in prev_keys:  # in the marker but no longer in the stored rgb tar (an interrupted earlier repair)
+        if k not in ok_set and k not in newly_failed and k in rows_by_key:
+            newly_failed[k] = dataclasses.replace(rows_by_key[k]).fail("read", "missing from the stored rgb tar")
+    modalities = dict(prev["modalities"])
+    for m in task.write:
+        modalities[m] = {**producers[m], **infos[m]}
+    with stats.timed("realign"):
+        if final_keys != prev_keys:
+            for m in modalities:
+                if m not in task.write:
+                    modalities[m] = {**modalities[m], **filter_tar(storage.join(out, m, f"{shard}.tar"), final_keys)}
+
+    # manifest: earlier rows stay; rows of newly failed samples change status; ok rows gain the modalities
+    new_producers = {m: {"modality": m, **producers[m]} for m in task.write}
+    rows = []
+    for r in sorted(prev_rows.values(), key=lambda r: r.position):
+        if r.key in newly_failed and r.status == OK:
+            nf = newly_failed[r.key]
+            r = dataclasses.replace(r).fail(nf.stage, nf.error)
+        elif r.status == OK and r.key in ok_set:
+            mods = [m for m in r.modalities if m not in task.write] + list(task.write)
+            prods = [p for p in r.producers if p["modality"] not in task.write] + list(new_producers.values())
+            r = dataclasses.replace(r, modalities=mods, producers=prods)
+        rows.append(r)
+    summary = _summary(task, [r for r in rows if r.key in ok_set or r.key in newly_failed])
+    summary["n_dropped"] = len(prev_keys) - len(final_keys)
+    with stats.timed("commit"):
+        manifest.write_rows(out, shard, rows)
+        _commit_marker(task, final_keys, modalities, summary, stats)
+    return summary
+

@@ -1,0 +1,141 @@
+"""Writers: deterministic tar shards written atomically, one per modality per shard.
+
+Every member gets fixed metadata (mtime 0, uid/gid 0, mode 0644, no user names), so the same members in
+the same order give a byte-identical tar. :class:`ShardWriterSet` writes all modality tars of one shard
+from one key list: a sample is written to every tar or to none, which keeps 4M's key-order contract.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import tarfile
+from typing import Iterable, Iterator
+
+from . import storage
+from .readers import iter_tar, ShardTruncated
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info
+
+
+class _HashingWriter(io.RawIOBase):
+    """Pass-through writer that counts and hashes what goes into the file."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.nbytes = f, hashlib.sha256(), 0
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        self.sha.update(b)
+        self.nbytes += len(b)
+        return self.f.write(b)
+
+
+class TarShardWriter:
+    """One tar, written to a temporary name and made visible only by :meth:`commit`."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self._stack = contextlib.ExitStack()
+        raw = self._stack.enter_context(storage.atomic_write(url))
+        self._hw = _HashingWriter(raw)
+        self._tar = tarfile.open(fileobj=self._hw, mode="w|", format=tarfile.PAX_FORMAT)
+        self.keys: list[str] = []
+        self._closed = False
+
+    def write(self, key: str, ext: str, data: bytes) -> None:
+        self._tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
+        if not self.keys or self.keys[-1] != key:
+            self.keys.append(key)
+
+    def commit(self) -> dict:
+        self._tar.close()
+        self._closed = True
+        self._stack.close()  # rename / upload happens here
+        return {"sha256": self._hw.sha.hexdigest(), "bytes": self._hw.nbytes, "n": len(self.keys)}
+
+    def abort(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._tar.close()
+        except Exception:
+            pass
+        # leaving the atomic_write context through an exception discards the temporary file
+        self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
+
+class ShardWriterSet:
+    """The tars of every modality being written for one shard."""
+
+    def __init__(self, root: str, shard: str, modalities: dict[str, str]):
+        """``modalities`` maps modality name to member extension."""
+        self.exts = dict(modalities)
+        self.writers: dict[str, TarShardWriter] = {}
+        try:
+            for m in self.exts:
+                self.writers[m] = TarShardWriter(storage.join(root, m, f"{shard}.tar"))
+        except BaseException:
+            self.abort()
+            raise
+
+    def write_sample(self, key: str, payloads: dict[str, bytes]) -> None:
+        missing = set(self.exts) - set(payloads)
+        if missing:
+            raise ValueError(f"sample {key!r} lacks {sorted(missing)}: every modality or none")
+        for m, w in self.writers.items():
+            w.write(key, self.exts[m], payloads[m])
+
+    def commit(self) -> dict[str, dict]:
+        return {m: w.commit() for m, w in self.writers.items()}
+
+    def abort(self) -> None:
+        for w in self.writers.values():
+            w.abort()
+
+
+def iter_tar_members(url: str) -> Iterator[tuple[str, str, bytes]]:
+    """(key, ext, bytes) of every member of one of our own tars, in order."""
+    for sample in iter_tar(url):
+        if isinstance(sample, ShardTruncated):
+            raise OSError(f"{url}: {sample.reason}")
+        if sample.error:
+            raise OSError(f"{url}: sample {sample.key!r}: {sample.error}")
+        for ext, data in sample.members.items():
+            yield sample.key, ext, data
+
+
+def filter_tar(url: str, keep: Iterable[str]) -> dict:
+    """Rewrite one of our tars keeping only ``keep`` (in the tar's own order). Streams; atomic."""
+    keep = set(keep)
+    w = TarShardWriter(url)
+    try:
+        for key, ext, data in iter_tar_members(url):
+            if key in keep:
+                w.write(key, ext, data)
+        return w.commit()
+    except BaseException:
+        w.abort()
+        raise
+
+
+def tar_keys(url: str) -> list[str]:
+    keys: list[str] = []
+    for sample in iter_tar(url):
+        if isinstance(sample, ShardTruncated):
+            raise OSError(f"{url}: {sample.reason}")
+        keys.append(sample.key)
+    return keys

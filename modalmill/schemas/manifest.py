@@ -1,0 +1,69 @@
+"""The manifest schema: one parquet row per sample read, saying what happened to it and what made it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+PRODUCER = pa.struct([
+    ("modality", pa.string()),
+    ("labeler", pa.string()),
+    ("version", pa.string()),
+    ("config_hash", pa.string()),
+    ("checkpoint", pa.string()),
+])
+
+MANIFEST_SCHEMA = pa.schema([
+    ("shard", pa.int32()),
+    ("source", pa.string()),
+    ("position", pa.int32()),  # position of the sample in its source shard
+    ("key", pa.string()),
+    ("status", pa.string()),  # "ok" or "failed"
+    ("stage", pa.string()),  # where it failed: read, decode, label:<labeler>, validate:<modality>
+    ("error", pa.string()),
+    ("modalities", pa.list_(pa.string())),  # modalities written for this sample
+    ("original_width", pa.int32()),
+    ("original_height", pa.int32()),
+    ("width", pa.int32()),  # the stored rgb image
+    ("height", pa.int32()),
+    ("producers", pa.list_(PRODUCER)),
+])
+
+OK, FAILED = "ok", "failed"
+
+
+@dataclass
+class SampleRow:
+    shard: int
+    source: str
+    position: int
+    key: str
+    status: str = OK
+    stage: str | None = None
+    error: str | None = None
+    modalities: list[str] = field(default_factory=list)
+    original_width: int | None = None
+    original_height: int | None = None
+    width: int | None = None
+    height: int | None = None
+    producers: list[dict] = field(default_factory=list)
+
+    def fail(self, stage: str, error: str) -> "SampleRow":
+        self.status, self.stage, self.error = FAILED, stage, error
+        self.modalities = []
+        return self
+
+    @property
+    def reason_class(self) -> str:
+        """The error grouped for stats: the stage and the reason up to its first colon."""
+        return f"{self.stage}: {(self.error or '').split(':')[0].strip()}"
+
+
+def rows_to_table(rows: list[SampleRow]) -> pa.Table:
+    cols = {name: [getattr(r, name) for r in rows] for name in MANIFEST_SCHEMA.names}
+    return pa.table(cols, schema=MANIFEST_SCHEMA)
+
+
+def table_to_rows(table: pa.Table) -> list[SampleRow]:
+    return [SampleRow(**{k: d.get(k) for k in MANIFEST_SCHEMA.names}) for d in table.to_pylist()]

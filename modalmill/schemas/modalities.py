@@ -1,0 +1,326 @@
+"""The modality registry: every modality of 4M-21 by the folder name 4M's trainer reads.
+
+Each :class:`ModalitySpec` says what kind of thing a label is, how it is stored (file extension and
+codec), its raw shape and dtype, and for token modalities the vocabulary size and token count. Records
+are validated against their spec before they are written; a mismatch raises :class:`RecordError` naming
+the modality, the key and the field.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image
+
+# kinds
+IMAGE = "image"  # the stored photograph (rgb)
+PIXEL = "pixel"  # a per-pixel label at the geometry of the stored rgb image (depth, normal, edges, semseg)
+FEATURE_MAP = "feature_map"  # a teacher's patch features [h, w, C], float16
+GLOBAL = "global"  # a global embedding [C], float16
+TEXT = "text"  # text-like / structured labels stored raw as JSON (tokenised by the trainer)
+ARRAY = "array"  # other arrays (crop_settings, t5 embeddings, sam instances)
+TOKENS = "tokens"  # discrete token ids [n_crops, n_tokens]
+
+
+class RecordError(ValueError):
+    """A label does not match its modality's spec."""
+
+    def __init__(self, modality: str, key: str | None, field_name: str, message: str):
+        self.modality, self.key, self.field = modality, key, field_name
+        super().__init__(f"modality {modality!r}, key {key!r}, field {field_name!r}: {message}")
+
+
+@dataclass(frozen=True)
+class ModalitySpec:
+    name: str  # also the folder name under the output root
+    kind: str
+    ext: str  # member extension inside the tar (no dot)
+    dtype: str | None  # numpy dtype of the raw label (None for JSON)
+    shape: tuple  # symbolic shape: ints are fixed, strings are free dims ("H", "W", "n_crops", ...)
+    description: str
+    vocab_size: int | None = None
+    n_tokens: int | None = None
+    value_range: tuple[float, float] | None = None
+    source: str | None = None  # for tokens: the modality they encode
+    extra_allowed_values: tuple[int, ...] = field(default=())
+
+    @property
+    def is_pixel_aligned(self) -> bool:
+        return self.kind in (IMAGE, PIXEL)
+
+    # ------------------------------------------------------------------ validation + codec
+    def encode(self, value: Any, key: str | None = None, image_hw: tuple[int, int] | None = None) -> bytes:
+        """Validate ``value`` against this spec and return the file bytes to store."""
+        return _CODECS[self.ext][0](self, value, key, image_hw)
+
+    def decode(self, data: bytes) -> Any:
+        return _CODECS[self.ext][1](self, data)
+
+    def _err(self, key, fld, msg):
+        return RecordError(self.name, key, fld, msg)
+
+    def check_array(self, arr: Any, key, image_hw=None) -> np.ndarray:
+        if not isinstance(arr, np.ndarray):
+            raise self._err(key, "type", f"expected a numpy array, got {type(arr).__name__}")
+        if self.dtype is not None and arr.dtype != np.dtype(self.dtype):
+            raise self._err(key, "dtype", f"expected {self.dtype}, got {arr.dtype}")
+        if arr.ndim != len(self.shape):
+            raise self._err(key, "shape", f"expected {len(self.shape)} dims {self.shape}, got shape {arr.shape}")
+        for i, (want, got) in enumerate(zip(self.shape, arr.shape)):
+            if isinstance(want, int) and want != got:
+                raise self._err(key, "shape", f"dim {i} must be {want}, got shape {arr.shape}")
+        if image_hw is not None and self.is_pixel_aligned and tuple(arr.shape[:2]) != tuple(image_hw):
+            raise self._err(key, "shape", f"must match the stored rgb image {tuple(image_hw)}, got {arr.shape[:2]}")
+        if arr.size and self.vocab_size is not None:
+            lo, hi = int(arr.min()), int(arr.max())
+            if lo < 0 or hi >= self.vocab_size:
+                raise self._err(key, "value", f"token ids must lie in [0, {self.vocab_size}), got [{lo}, {hi}]")
+        if arr.size and self.value_range is not None and np.issubdtype(arr.dtype, np.number):
+            lo, hi = self.value_range
+            bad = (arr < lo) | (arr > hi)
+            if self.extra_allowed_values:
+                bad &= ~np.isin(arr, self.extra_allowed_values)
+            if np.issubdtype(arr.dtype, np.floating):
+                bad |= ~np.isfinite(arr)
+            if bad.any():
+                raise self._err(key, "value", f"values must lie in [{lo}, {hi}], got {arr[bad].ravel()[:3].tolist()}")
+        return arr
+
+
+# ---------------------------------------------------------------------- codecs
+
+
+def _png_encode(spec: ModalitySpec, value, key, image_hw):
+    arr = spec.check_array(value, key, image_hw)
+    if arr.dtype == np.uint16:
+        img = Image.fromarray(arr)  # 16-bit greyscale ("I;16")
+    else:
+        img = Image.fromarray(arr, mode="RGB" if arr.ndim == 3 else "L")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _png_decode(spec: ModalitySpec, data: bytes):
+    with Image.open(io.BytesIO(data)) as img:
+        arr = np.asarray(img)
+    return arr.astype(spec.dtype, copy=False) if spec.dtype else arr
+
+
+def _jpg_encode(spec: ModalitySpec, value, key, image_hw):
+    if isinstance(value, (bytes, bytearray)):
+        if not bytes(value[:3]) == b"\xff\xd8\xff":
+            raise spec._err(key, "format", "expected JPEG bytes")
+        return bytes(value)
+    arr = spec.check_array(value, key, image_hw)
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode="RGB").save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def _jpg_decode(spec: ModalitySpec, data: bytes):
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def _npy_encode(spec: ModalitySpec, value, key, image_hw):
+    arr = spec.check_array(value, key, image_hw)
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _npy_decode(spec: ModalitySpec, data: bytes):
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _json_encode(spec: ModalitySpec, value, key, image_hw):
+    validator = _JSON_VALIDATORS.get(spec.name)
+    if validator is not None:
+        validator(spec, value, key)
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as e:
+        raise spec._err(key, "json", str(e)) from None
+
+
+def _json_decode(spec: ModalitySpec, data: bytes):
+    return json.loads(data)
+
+
+def _npz_encode(spec: ModalitySpec, value, key, image_hw):
+    if not isinstance(value, dict) or set(value) != {"emb", "mask_valid"}:
+        raise spec._err(key, "type", "expected a dict with 'emb' and 'mask_valid'")
+    buf = io.BytesIO()
+    np.savez(buf, emb=value["emb"], mask_valid=value["mask_valid"])
+    return buf.getvalue()
+
+
+def _npz_decode(spec: ModalitySpec, data: bytes):
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+_CODECS: dict[str, tuple[Callable, Callable]] = {
+    "png": (_png_encode, _png_decode),
+    "jpg": (_jpg_encode, _jpg_decode),
+    "npy": (_npy_encode, _npy_decode),
+    "json": (_json_encode, _json_decode),
+    "npz": (_npz_encode, _npz_decode),
+}
+
+# ---------------------------------------------------------------------- JSON validators
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _validate_metadata(spec, value, key):
+    if not isinstance(value, dict):
+        raise spec._err(key, "type", "metadata must be a flat JSON object")
+    for name, v in value.items():
+        if not _is_num(v):
+            raise spec._err(key, name, f"metadata values must be numbers, got {type(v).__name__}")
+        rng = METADATA_RANGES.get(name)
+        if rng is not None and not (rng[0] <= v <= rng[1]):
+            raise spec._err(key, name, f"{v} is outside 4M's range {rng}")
+
+
+def _validate_color_palette(spec, value, key):
+    if not (isinstance(value, list) and value and isinstance(value[0], dict)):
+        raise spec._err(key, "type", "color_palette must be a list whose element 0 is a dict")
+    pal = value[0]
+    if sorted(pal) != [str(k) for k in range(1, 8)]:
+        raise spec._err(key, "keys", f"expected keys '1'..'7', got {sorted(pal)}")
+    for k, flat in pal.items():
+        if len(flat) != 3 * int(k) or not all(isinstance(c, int) and 0 <= c <= 255 for c in flat):
+            raise spec._err(key, k, f"expected {k} RGB triples of ints in 0..255 (flat list), got {flat}")
+
+
+def _validate_det(spec, value, key):
+    if not isinstance(value, dict) or not isinstance(value.get("instances"), list):
+        raise spec._err(key, "instances", "det must be {'instances': [...]}")
+    for i, inst in enumerate(value["instances"]):
+        box = inst.get("boxes")
+        if not (isinstance(box, list) and len(box) == 4 and all(_is_num(c) and 0 <= c <= 1 for c in box)):
+            raise spec._err(key, f"instances[{i}].boxes", f"expected 4 normalised coordinates, got {box}")
+        if not isinstance(inst.get("class_name"), str) or not _is_num(inst.get("score")):
+            raise spec._err(key, f"instances[{i}]", "needs a string class_name and a numeric score")
+
+
+def _validate_caption(spec, value, key):
+    items = value if isinstance(value, list) else [value]
+    for i, c in enumerate(items):
+        text = c.get("caption") if isinstance(c, dict) else c
+        if not isinstance(text, str):
+            raise spec._err(key, f"[{i}]", "captions must be strings or {'caption': str}")
+
+
+_JSON_VALIDATORS = {
+    "metadata": _validate_metadata,
+    "color_palette": _validate_color_palette,
+    "det": _validate_det,
+    "caption": _validate_caption,
+}
+
+# 4M-21 metadata names and the trainer's binning ranges (../shared/4m-format.md).
+METADATA_RANGES: dict[str, tuple[float, float]] = {
+    "original_width": (1, 1e9),
+    "original_height": (1, 1e9),
+    "caption_n_chars": (0, 1e9),
+    "caption_n_words": (0, 1e9),
+    "caption_n_sentences": (0, 1e9),
+    "n_humans": (0, 1e9),
+    "n_sam_instances": (0, 1e9),
+    "n_coco_instances": (0, 1e9),
+    "coco_instance_diversity": (0, 1e9),
+    "colorfulness": (0, 150),
+    "brightness": (0, 255),
+    "contrast": (0, 127),
+    "saturation": (0, 255),
+    "entropy": (0, 10),
+    "walkability": (0, 1),
+    "objectness": (0, 1),
+    "semantic_diversity": (0, 1e9),
+    "geometric_complexity": (0, 0.75),
+    "occlusion_score": (0, 0.25),
+    "watermark_score": (0, 1),
+    "aesthetic_score": (0, 10),
+}
+
+# ---------------------------------------------------------------------- the registry
+
+MODALITIES: dict[str, ModalitySpec] = {}
+
+
+def register_modality(spec: ModalitySpec) -> ModalitySpec:
+    if spec.name in MODALITIES and MODALITIES[spec.name] != spec:
+        raise ValueError(f"modality {spec.name!r} is already registered with a different spec")
+    if spec.ext not in _CODECS:
+        raise ValueError(f"modality {spec.name!r}: unknown file extension {spec.ext!r}")
+    MODALITIES[spec.name] = spec
+    return spec
+
+
+def get_modality(name: str) -> ModalitySpec:
+    try:
+        return MODALITIES[name]
+    except KeyError:
+        raise KeyError(f"unknown modality {name!r}; known: {', '.join(sorted(MODALITIES))}") from None
+
+
+_R = register_modality
+_R(ModalitySpec("rgb", IMAGE, "jpg", "uint8", ("H", "W", 3), "the upright photograph, JPEG"))
+_R(ModalitySpec("crop_settings", ARRAY, "npy", "int64", ("n_crops", 5),
+                "(top, left, height, width, hflip) per crop in pixels of the stored rgb; crop 0 = centre square"))
+_R(ModalitySpec("caption", TEXT, "json", None, (), "a JSON list of captions (or {'caption': str} entries)"))
+_R(ModalitySpec("t5_caption", ARRAY, "npz", "float16", ("N", "L", 4096), "T5-XXL encoder states of each caption"))
+_R(ModalitySpec("det", TEXT, "json", None, (), "detections: normalised xyxy boxes, class names, scores (unfiltered)"))
+_R(ModalitySpec("depth", PIXEL, "png", "uint16", ("H", "W"), "relative depth scaled to 0..65535, 16-bit PNG"))
+_R(ModalitySpec("normal", PIXEL, "png", "uint8", ("H", "W", 3), "surface normals, [-1, 1] mapped to 0..255"))
+_R(ModalitySpec("semseg_coco", PIXEL, "png", "uint8", ("H", "W"), "COCO-panoptic class ids 0..132, 255 unlabelled",
+                value_range=(0, 132), extra_allowed_values=(255,)))
+_R(ModalitySpec("canny_edge", PIXEL, "png", "uint8", ("H", "W"), "Canny edge map (0 or 255)"))
+_R(ModalitySpec("sam_edge", PIXEL, "png", "uint8", ("H", "W"), "boundaries of SAM's instance map (0 or 255)"))
+for _teacher, _dim in (("clip", "C"), ("dinov2", "C"), ("imagebind", "C")):
+    _R(ModalitySpec(_teacher, FEATURE_MAP, "npy", "float16", ("h", "w", _dim), f"{_teacher} patch features [h, w, C]"))
+    _R(ModalitySpec(f"{_teacher}_global", GLOBAL, "npy", "float16", (_dim,), f"{_teacher} global embedding [C]"))
+_R(ModalitySpec("sam_instance", ARRAY, "npy", None, ("n_crops",),
+                "per crop: contours, token ids and boxes of SAM instances (4M's pickled object array)"))
+_R(ModalitySpec("human_poses", TEXT, "json", None, (), "per person: bbox, SMPL params, camera, pose tokens"))
+_R(ModalitySpec("color_palette", TEXT, "json", None, (), "k-means palettes for k = 1..7, 4M's JSON layout"))
+_R(ModalitySpec("metadata", TEXT, "json", None, (), "flat {name: number} with 4M-21's metadata names"))
+
+# Token modalities: folder name, source modality, vocab size, tokens per crop (4M's tokenizers, for parity).
+TOKEN_MODALITIES = {
+    "tok_rgb@224": ("rgb", 16384, 196),
+    "tok_depth@224": ("depth", 8192, 196),
+    "tok_normal@224": ("normal", 8192, 196),
+    "tok_semseg@224": ("semseg_coco", 4096, 196),
+    "tok_clip@224": ("clip", 8192, 196),
+    "tok_canny_edge@224": ("canny_edge", 8192, 196),
+    "tok_sam_edge@224": ("sam_edge", 8192, 196),
+    "tok_dinov2@224": ("dinov2", 8192, 256),
+    "tok_imagebind@224": ("imagebind", 8192, 256),
+    "tok_dinov2_global": ("dinov2_global", 8192, 16),
+    "tok_imagebind_global": ("imagebind_global", 8192, 16),
+}
+
+
+def token_dtype(vocab_size: int) -> str:
+    """4M stores token ids as int16; larger vocabularies need a wider type."""
+    if vocab_size <= 32768:
+        return "int16"
+    if vocab_size <= 65536:
+        return "uint16"
+    return "int32"
+
+
+for _name, (_src, _vocab, _n) in TOKEN_MODALITIES.items():
+    _R(ModalitySpec(_name, TOKENS, "npy", token_dtype(_vocab), ("n_crops", _n),
+                    f"{_src} tokens, vocab {_vocab}, {_n} per crop", vocab_size=_vocab, n_tokens=_n, source=_src))

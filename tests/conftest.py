@@ -1,0 +1,41 @@
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Tests never reach the network and never phone home.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("TQDM_DISABLE", "1")
+# Ray workers inherit the environment: let them import test-only labelers from tests/.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+pytest_plugins = ["tests.fixtures_s3"] if os.path.exists(os.path.join(ROOT, "tests", "fixtures_s3.py")) else []
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded Ray for the whole session (2 CPUs, as on CI)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_corpus(tmp_path_factory):
+    """Two tar shards of real photos (scikit-image), 5 samples each, at web-like sizes."""
+    from modalmill.jobs.democorpus import build_corpus
+
+    d = tmp_path_factory.mktemp("corpus")
+    build_corpus(str(d), n_shards=2, per_shard=5, size_range=(200, 320))
+    return str(d)
