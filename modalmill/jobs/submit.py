@@ -30,7 +30,8 @@ def _spec_to_yaml(spec) -> str:
 
 
 def submit_job(job_file: str, address: str, only: list[str] | None = None, force: bool = False, wait: bool = True,
-               pip: list[str] | None = None, timeout_s: float = 24 * 3600) -> tuple[str, str, str]:
+               pip: list[str] | None = None, timeout_s: float = 24 * 3600,
+               agent_wait_s: float = 180.0) -> tuple[str, str, str]:
     """Returns (final or current status, job id, logs when waited)."""
     from ray.job_submission import JobSubmissionClient
 
@@ -53,8 +54,17 @@ def submit_job(job_file: str, address: str, only: list[str] | None = None, force
     if pip:
         runtime_env["pip"] = list(pip)
     client = JobSubmissionClient(address)
-    job_id = client.submit_job(entrypoint=shlex.join(cmd), runtime_env=runtime_env,
-                               metadata={"modalmill_job": spec.name})
+    agent_deadline = time.time() + agent_wait_s
+    while True:
+        try:
+            job_id = client.submit_job(entrypoint=shlex.join(cmd), runtime_env=runtime_env,
+                                       metadata={"modalmill_job": spec.name})
+            break
+        except RuntimeError as e:
+            # a freshly started head accepts jobs only once its job agent has registered
+            if "No available agent" not in str(e) or time.time() > agent_deadline:
+                raise
+            time.sleep(2.0)
     if not wait:
         return str(client.get_job_status(job_id)), job_id, ""
     deadline = time.time() + timeout_s
