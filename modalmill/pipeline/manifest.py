@@ -68,12 +68,16 @@ def clear_failure(root: str, shard: str) -> None:
     storage.remove(failed_url(root, shard), missing_ok=True)
 
 
+# pyarrow's multi-threaded readers can abort the interpreter at exit on these machines ("terminate called
+# without an active exception", seen with pyarrow 23-26); manifests are small, so read them on one thread.
+
+
 def read_rows(root: str, shard: str) -> list[SampleRow]:
     try:
         data = storage.read_bytes(manifest_url(root, shard))
     except FileNotFoundError:
         return []
-    return table_to_rows(pq.read_table(io.BytesIO(data)))
+    return table_to_rows(pq.read_table(io.BytesIO(data), use_threads=False))
 
 
 def write_rows(root: str, shard: str, rows: list[SampleRow]) -> None:
@@ -90,7 +94,7 @@ def read_manifest(root: str):
 
     tables = []
     for url in storage.list_files(meta_url(root, "manifest"), suffix=".parquet"):
-        tables.append(pq.read_table(io.BytesIO(storage.read_bytes(url))))
+        tables.append(pq.read_table(io.BytesIO(storage.read_bytes(url)), use_threads=False))
     return pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()
 
 
