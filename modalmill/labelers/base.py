@@ -116,6 +116,10 @@ class Labeler:
     def process_batch(self, batch: list[LabelInput]) -> list[dict[str, Any] | LabelFailure]:
         raise NotImplementedError
 
+    def checkpoint_id(self) -> str:
+        """Content hash of the weights this labeler uses ('' for model-free labelers)."""
+        return ""
+
 
 # ---------------------------------------------------------------------- registry
 

@@ -59,6 +59,9 @@ class LabelerActor:
     def process_batch(self, inputs):
         return self.labeler.process_batch(inputs)
 
+    def checkpoint_id(self) -> str:
+        return self.labeler.checkpoint_id()
+
 
 def _run_shard(task: ShardTask, pools: dict[str, list], counter) -> dict:
     def call(run: LabelerRun, inputs):
@@ -68,6 +71,13 @@ def _run_shard(task: ShardTask, pools: dict[str, list], counter) -> dict:
             call.n += 1
             return ray.get(handles[call.n % len(handles)].process_batch.remote(inputs))
         return call_local(run, inputs)
+
+    def checkpoint(run: LabelerRun) -> str:
+        if run.stateful and run.labeler in pools:
+            return ray.get(pools[run.labeler][0].checkpoint_id.remote())
+        return call_local.checkpoint(run)
+
+    call.checkpoint = checkpoint
 
     def progress(n: int) -> None:
         if counter is not None:

@@ -84,12 +84,13 @@ def core_producers(decode: DecodeConfig, crops: CropConfig, seed: int) -> dict[s
     }
 
 
-def labeler_producers(runs: tuple[LabelerRun, ...]) -> dict[str, dict]:
+def labeler_producers(runs: tuple[LabelerRun, ...], checkpoint_of: Callable | None = None) -> dict[str, dict]:
+    """What produces each modality; ``checkpoint_of(run)`` asks the set-up labeler for its weights' hash."""
     out = {}
     for run in runs:
         inst = run.instance()
         info = {"labeler": inst.name, "version": inst.version, "config_hash": inst.config_hash(),
-                "checkpoint": getattr(inst, "checkpoint_id", lambda: "")() or ""}
+                "checkpoint": (checkpoint_of(run) if checkpoint_of else "") or ""}
         for m in run.outputs:
             out[m] = info
     return out
@@ -112,6 +113,9 @@ def local_labeler(run: LabelerRun):
 
 def call_local(run: LabelerRun, inputs: list[LabelInput]):
     return local_labeler(run).process_batch(inputs)
+
+
+call_local.checkpoint = lambda run: local_labeler(run).checkpoint_id()
 
 
 def label_isolated(call: Callable[[list[LabelInput]], list], inputs: list[LabelInput]) -> list:
@@ -216,7 +220,8 @@ def _summary(task: ShardTask, rows: list[SampleRow], status: str = "done", **ext
 
 def _process_full(task: ShardTask, call, progress, stats: _Stats) -> dict:
     out, shard = task.output, task.shard
-    producers = {**core_producers(task.decode, task.crops, task.seed), **labeler_producers(task.labelers)}
+    producers = {**core_producers(task.decode, task.crops, task.seed),
+                 **labeler_producers(task.labelers, getattr(call, "checkpoint", None))}
     producer_rows = [{"modality": m, **producers[m]} for m in task.write]
     rows: list[SampleRow] = []
     keys: list[str] = []
@@ -350,7 +355,7 @@ def _process_update(task: ShardTask, call, progress, stats: _Stats) -> dict:
         raise RuntimeError(f"{shard}: no completed output to update")
     prev_rows = {(r.key, r.position): r for r in manifest.read_rows(out, shard)}
     rows_by_key = {r.key: r for r in prev_rows.values() if r.status == OK}
-    producers = labeler_producers(task.labelers)
+    producers = labeler_producers(task.labelers, getattr(call, "checkpoint", None))
     needed = set()
     for run in task.labelers:
         needed |= set(run.labeler_class().requires)

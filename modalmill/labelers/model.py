@@ -1,0 +1,138 @@
+"""The base of every model labeler: weights, device, precision, batching and the frozen registry config.
+
+A model labeler subclasses :class:`ModelLabeler`, declares its frozen registry entry as class attributes
+(timm style: architecture, default ``weights`` location, ``input_size``, ``mean``/``std``, output
+modalities, ``license``, ``default_resources``), gives its ``Config`` the common fields of
+:class:`ModelConfig` (``weights``, ``device``, ``dtype``) plus its own, and implements two hooks:
+
+- ``build(path)``: build the real architecture from the real package and load the weights found at the
+  resolved local ``path`` (through :mod:`modalmill.labelers.weights`: safetensors or weights-only torch);
+- ``predict(batch)``: one result per :class:`LabelInput` (called under ``torch.inference_mode()`` and, on a
+  GPU, bf16/fp16 autocast when the config asks for it).
+
+``setup()`` resolves the weights once per actor, builds the model, moves it to the device and records the
+checkpoint's content hash (it goes into the manifest as ``checkpoint``). Batches that fail are split by the
+pipeline until the failing sample is isolated, so a CUDA out-of-memory error on a big batch is retried at
+smaller sizes before anything is marked failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .base import LabelFailure, LabelInput, Labeler, Resources
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The settings every model labeler has; subclass Configs repeat these three fields first."""
+
+    weights: str | None = None  # local path, s3:// URL or hub id; None: the registry default
+    device: str = "auto"  # auto (cuda when the actor has a GPU) | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+
+
+class ModelLabeler(Labeler):
+    stateful = True
+    default_resources = Resources(num_cpus=1, num_gpus=0)
+    default_batch_size = 8
+    Config = ModelConfig
+    architecture: ClassVar[str] = ""
+    weights: ClassVar[str | None] = None  # default weights location
+    weights_help: ClassVar[str] = ""  # where to get them (shown when missing)
+    input_size: ClassVar[int | tuple[int, int] | None] = None
+    mean: ClassVar[tuple[float, ...] | None] = None
+    std: ClassVar[tuple[float, ...] | None] = None
+    license: ClassVar[str] = ""
+
+    def __init__(self, config: Any = None):
+        super().__init__(config)
+        self.model = None
+        self.device = None
+        self._checkpoint = ""
+
+    # ------------------------------------------------------------------ hooks
+    def build(self, path: str):
+        """Build the model and load the weights at local ``path``; return the torch module (or a dict of them)."""
+        raise NotImplementedError
+
+    def predict(self, batch: list[LabelInput]) -> list[dict[str, Any] | LabelFailure]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ machinery
+    def weights_location(self) -> str:
+        return self.config.weights or self.weights or ""
+
+    def setup(self) -> None:
+        import torch
+
+        from .weights import content_hash, resolve
+
+        path = resolve(self.weights_location(), expected=f"{self.architecture} weights for labeler {self.name!r}",
+                       how_to_get=self.weights_help)
+        self._checkpoint = content_hash(path)
+        dev = self.config.device
+        if dev == "auto":
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(dev)
+        self.model = self.build(path)
+        for m in (self.model.values() if isinstance(self.model, dict) else [self.model]):
+            if hasattr(m, "eval"):
+                m.eval().to(self.device)
+
+    def checkpoint_id(self) -> str:
+        """Content hash of the weights (after setup); '' before."""
+        return self._checkpoint
+
+    def autocast(self):
+        import torch
+
+        dtype = self.config.dtype
+        if self.device is None or self.device.type != "cuda" or dtype in ("float32", "fp32"):
+            return contextlib.nullcontext()
+        amp = torch.float16 if dtype in ("float16", "fp16") else torch.bfloat16
+        return torch.autocast(device_type="cuda", dtype=amp)
+
+    def process_batch(self, batch: list[LabelInput]) -> list[dict[str, Any] | LabelFailure]:
+        import torch
+
+        if self.model is None:
+            self.setup()
+        with torch.inference_mode(), self.autocast():
+            return self.predict(batch)
+
+    # ------------------------------------------------------------------ helpers for subclasses
+    def to_tensor(self, images: list[np.ndarray], size: int | tuple[int, int] | None = None,
+                  mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None):
+        """uint8 HWC images -> a normalised float NCHW batch on the device, resized (bicubic) to ``size``.
+
+        The uint8 batch is moved to the device first and converted/resized there, so the host moves bytes.
+        """
+        import torch
+        import torch.nn.functional as F
+
+        size = size if size is not None else self.input_size
+        mean = mean if mean is not None else self.mean
+        std = std if std is not None else self.std
+        if size is None:
+            shapes = {im.shape for im in images}
+            if len(shapes) != 1:
+                raise ValueError("images of different sizes need a target size")
+        out = []
+        for im in images:
+            t = torch.from_numpy(np.ascontiguousarray(im)).to(self.device, non_blocking=True)
+            t = t.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+            if size is not None:
+                hw = (size, size) if isinstance(size, int) else tuple(size)
+                t = F.interpolate(t, size=hw, mode="bicubic", align_corners=False, antialias=True).clamp_(0, 1)
+            out.append(t)
+        x = torch.cat(out)
+        if mean is not None and std is not None:
+            m = torch.tensor(mean, device=self.device).view(1, -1, 1, 1)
+            s = torch.tensor(std, device=self.device).view(1, -1, 1, 1)
+            x = (x - m) / s
+        return x
