@@ -22,3 +22,90 @@ class CaptionOrFail(Labeler):
             raise ValueError("boom on a chosen sample")
         return [LabelFailure(f"chosen to fail: {inp.key}") if inp.key in self.config.fail_keys
                 else {"caption": [f"sample {inp.key}"]} for inp in batch]
+
+
+def _crash(how: str) -> None:
+    import ctypes
+    import os
+
+    if how == "segfault":
+        ctypes.string_at(0)  # a real SIGSEGV in this process
+    os._exit(17)
+
+
+def _first_time(marker_dir: str, key: str) -> bool:
+    """True the first time this is called for ``key`` (across processes, via a marker file)."""
+    import os
+
+    if not marker_dir:
+        return True
+    path = os.path.join(marker_dir, f"crashed-{key.replace('/', '_')}")
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    return True
+
+
+@dataclass(frozen=True)
+class _CrashConfig:
+    crash_keys: tuple = ()  # samples that kill the labeler's process
+    once_dir: str = ""  # when set: crash only the first time per key (a transient worker death)
+    how: str = "segfault"  # "segfault" or "exit"
+    sleep: float = 0.0  # seconds per batch (to make a job slow enough to interrupt)
+
+
+def _crashy_batch(config, batch):
+    import time
+
+    if config.sleep:
+        time.sleep(config.sleep)
+    for inp in batch:
+        if inp.key in config.crash_keys and _first_time(config.once_dir, inp.key):
+            _crash(config.how)
+    return [{"caption": [f"sample {inp.key}"]} for inp in batch]
+
+
+@register_labeler
+class CrashInShardTask(Labeler):
+    """Model-free (runs inside the shard task): kills its process on chosen samples."""
+
+    name = "test_crash_task"
+    outputs = ("caption",)
+    Config = _CrashConfig
+
+    def process_batch(self, batch):
+        return _crashy_batch(self.config, batch)
+
+
+@register_labeler
+class CrashInActor(Labeler):
+    """Stateful (runs in a Ray actor pool): kills its actor process on chosen samples."""
+
+    name = "test_crash_actor"
+    outputs = ("caption",)
+    stateful = True
+    Config = _CrashConfig
+
+    def process_batch(self, batch):
+        return _crashy_batch(self.config, batch)
+
+
+@register_labeler
+class OutOfMemoryOnBigBatches(Labeler):
+    """Raises CUDA's out-of-memory error for batches larger than ``max_batch`` (as a GPU model would)."""
+
+    name = "test_oom"
+    outputs = ("caption",)
+
+    @dataclass(frozen=True)
+    class Config:
+        max_batch: int = 2
+
+    def process_batch(self, batch):
+        import torch
+
+        if len(batch) > self.config.max_batch:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (batch of {len(batch)})")
+        return [{"caption": [f"n={len(batch)}"]} for inp in batch]

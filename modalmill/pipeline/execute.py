@@ -16,7 +16,7 @@ from typing import Any
 import ray
 
 from ..labelers.base import Resources
-from . import manifest
+from . import manifest, storage
 from .shard import LabelerRun, ShardTask, call_local, local_labeler, process_shard
 
 
@@ -30,11 +30,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        # "local": always a fresh embedded Ray, never silently attach to a `ray start` cluster on this machine
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
     return True
 
 
-@ray.remote
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class ProgressCounter:
     def __init__(self):
         self.samples = 0
@@ -63,18 +64,57 @@ class LabelerActor:
         return self.labeler.checkpoint_id()
 
 
-def _run_shard(task: ShardTask, pools: dict[str, list], counter) -> dict:
+class WorkerDied(RuntimeError):
+    """The process running a labeler died (crash, segfault, killed) while labelling these samples."""
+
+
+def _call_in_own_process(run: LabelerRun, inputs):
+    return call_local(run, inputs)
+
+
+_isolated_call = ray.remote(max_retries=0)(_call_in_own_process)
+
+
+ACTOR_WAIT_S = float(os.environ.get("MODALMILL_ACTOR_WAIT_S", "300"))
+
+
+def _actor_get(submit, what: str):
+    """``ray.get(submit())``, waiting out an actor that is restarting (e.g. its node died) for a bounded time.
+
+    An actor that died while running this very call (twice, with the one retry) raises WorkerDied: the caller
+    splits the batch, so a sample that kills the actor every time ends up isolated and recorded."""
+    deadline = time.time() + ACTOR_WAIT_S
+    delay = 0.5
+    while True:
+        try:
+            return ray.get(submit())
+        except ray.exceptions.ActorUnavailableError:
+            if time.time() > deadline:
+                raise WorkerDied(f"the {what} actor stayed unavailable for {ACTOR_WAIT_S:.0f} s") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError) as e:
+            raise WorkerDied(f"the {what} worker died while labelling this batch ({type(e).__name__})") from None
+
+
+def _run_shard(task: ShardTask, pools: dict[str, list], counter, isolate: bool = False) -> dict:
+    """One shard task. With ``isolate`` (after the shard's worker died more often than its retries allow),
+    model-free labelers run in a throw-away process per batch, so a sample that kills its process is split
+    off and recorded as failed instead of taking the shard down again."""
+
     def call(run: LabelerRun, inputs):
         if run.stateful and run.labeler in pools:
             handles = pools[run.labeler]
-            call.n = getattr(call, "n", task.source.index)
-            call.n += 1
-            return ray.get(handles[call.n % len(handles)].process_batch.remote(inputs))
+            call.n = getattr(call, "n", task.source.index) + 1
+            actor = handles[call.n % len(handles)]
+            return _actor_get(lambda: actor.process_batch.remote(inputs), run.labeler)
+        if isolate:
+            return _actor_get(lambda: _isolated_call.options(num_cpus=0).remote(run, inputs), run.labeler)
         return call_local(run, inputs)
 
     def checkpoint(run: LabelerRun) -> str:
         if run.stateful and run.labeler in pools:
-            return ray.get(pools[run.labeler][0].checkpoint_id.remote())
+            return _actor_get(lambda: pools[run.labeler][0].checkpoint_id.remote(), run.labeler)
         return call_local.checkpoint(run)
 
     call.checkpoint = checkpoint
@@ -108,7 +148,10 @@ def make_pools(runs: list[LabelerRun], settings: dict) -> dict[str, list]:
         s = settings.get(run.labeler)
         res = Resources(**{**cls.default_resources.__dict__, **(s.resources if s else {})})
         n = max(1, s.workers if s else 1)
-        pools[run.labeler] = [LabelerActor.options(**res.ray_options()).remote(run) for _ in range(n)]
+        # a killed actor is restarted and its in-flight batch retried once; a batch that keeps killing it is
+        # split by the shard task until the poisoned sample is isolated and recorded
+        opts = {**res.ray_options(), "max_restarts": -1, "max_task_retries": 1}
+        pools[run.labeler] = [LabelerActor.options(**opts).remote(run) for _ in range(n)]
     for handles in pools.values():
         ray.get([h.ready.remote() for h in handles])
     return pools
@@ -129,19 +172,22 @@ def execute(tasks: list[ShardTask], runs: list[LabelerRun], labeler_settings: di
     shard_bar = tqdm(total=len(tasks), unit="shard", desc="shards", position=0, disable=disable)
     sample_bar = tqdm(unit="sample", desc="samples", position=1, disable=disable)
     results: list[dict] = []
-    queue = list(tasks)
+    queue = [(t, False) for t in tasks]
     running: dict = {}
     try:
         while queue or running:
             while queue and len(running) < window:
-                t = queue.pop(0)
-                running[remote.remote(t, pools, counter)] = t
+                t, isolate = queue.pop(0)
+                running[remote.remote(t, pools, counter, isolate)] = (t, isolate)
             done, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
             for ref in done:
-                task = running.pop(ref)
+                task, isolated = running.pop(ref)
                 try:
                     res = ray.get(ref)
-                except Exception as e:  # noqa: BLE001 - a worker died more often than max_retries
+                except Exception as e:  # noqa: BLE001 - the shard's worker died more often than max_retries
+                    if not isolated:  # once more, with labelers in throw-away processes
+                        queue.append((task, True))
+                        continue
                     res = {"shard": task.shard, "index": task.source.index, "source": task.source.url,
                            "mode": task.mode, "status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]}
                     try:
@@ -150,8 +196,11 @@ def execute(tasks: list[ShardTask], runs: list[LabelerRun], labeler_settings: di
                         pass
                 results.append(res)
                 shard_bar.update(1)
-            n = ray.get(counter.get.remote())
-            sample_bar.update(n - sample_bar.n)
+            try:  # progress is best effort: a counter lost with its node restarts from zero
+                n = ray.get(counter.get.remote(), timeout=5)
+                sample_bar.update(max(0, n - sample_bar.n))
+            except (ray.exceptions.RayError, TimeoutError):
+                pass
     finally:
         shard_bar.close()
         sample_bar.close()
@@ -159,4 +208,22 @@ def execute(tasks: list[ShardTask], runs: list[LabelerRun], labeler_settings: di
             for h in handles:
                 ray.kill(h)
         ray.kill(counter)
+        remove_stale_temp_files(tasks)
     return sorted(results, key=lambda r: r["index"])
+
+
+def remove_stale_temp_files(tasks: list[ShardTask]) -> None:
+    """Remove temporary files that killed workers (or a killed earlier driver) left in local output folders.
+
+    Only called when no task of this run is running; S3 outputs never have any (uploads are all-or-nothing).
+    """
+    if not tasks or storage.is_s3(tasks[0].output):
+        return
+    root = tasks[0].output
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            if f.startswith(".") and ".tmp-" in f:
+                try:
+                    os.remove(os.path.join(dirpath, f))
+                except OSError:
+                    pass

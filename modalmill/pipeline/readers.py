@@ -179,11 +179,9 @@ def iter_tar(url: str) -> Iterator[RawSample | ShardTruncated]:
                     continue
                 fobj = tar.extractfile(info)
                 current.members[ext] = fobj.read() if fobj is not None else b""
-    except FileNotFoundError:
-        raise
-    except PermissionError:
-        raise
-    except (tarfile.TarError, EOFError, OSError) as e:
+    except (tarfile.TarError, EOFError) as e:
+        # the tar itself is cut short or corrupt: keep what came before. Storage errors (OSError: connection
+        # lost for good, permission, missing object) are not caught: they fail the shard, and a rerun retries it.
         if current is not None:
             current.error = current.error or f"truncated shard: member data cut off ({e})"
             yield finish(current)
