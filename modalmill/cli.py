@@ -154,6 +154,66 @@ def status(output, as_json):
 
 
 @main.command()
+@click.argument("output")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--no-parse", is_flag=True, help="Check layout, keys and markers only (do not decode members).")
+@click.option("--workers", type=int, default=4, show_default=True, help="Shards checked in parallel.")
+def check(output, as_json, no_parse, workers):
+    """Verify the 4M contract on OUTPUT (any 4M-layout root): one line per violation; exit 1 if any."""
+    from .pipeline.check import check_output
+
+    report = check_output(output, parse=not no_parse, workers=workers)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=1))
+    else:
+        for v in report.violations:
+            click.echo(v.line())
+        for note in report.notes:
+            click.echo(f"note: {note}", err=True)
+        verdict = "clean" if report.ok else f"{len(report.violations)} violation(s)"
+        click.echo(f"{output}: {report.shards} shard(s), {len(report.modalities)} modalities, {report.samples} "
+                   f"sample(s), {report.markers} marker(s): {verdict}")
+    sys.exit(0 if report.ok else 1)
+
+
+@main.command()
+@click.argument("output")
+@click.option("--key", required=True, help="The sample key.")
+@click.option("--out", "out_file", default=None, help="PNG to write (default: ./<output>_<key>.png).")
+@click.option("--shard", default=None, help="Look only in this shard (e.g. shard-00003).")
+@click.option("--modalities", "-m", default=None, help="Only these modalities (comma-separated).")
+@click.option("--tokenizer", "tokenizers", multiple=True, metavar="M=PATH",
+              help="Decode token modality M with the tokenizer at PATH (needs modalmill.tokenize, issue 4).")
+def show(output, key, out_file, shard, modalities, tokenizers):
+    """Render every modality of one sample of OUTPUT into one PNG and print its path."""
+    from .jobs.show import parse_tokenizers, show_sample
+
+    result = show_sample(output, key, out=out_file, shard=shard, modalities=_csv(modalities),
+                         tokenizers=parse_tokenizers(tokenizers))
+    bad = [p.modality for p in result.panels if not p.ok]
+    if bad:
+        click.echo(f"could not render: {', '.join(bad)} (see their panels)", err=True)
+    click.echo(result.path)
+
+
+@main.command()
+@click.argument("output")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (includes full token histograms).")
+@click.option("--modalities", "-m", default=None, help="Only these modalities (comma-separated).")
+@click.option("--workers", type=int, default=4, show_default=True, help="Tars read in parallel.")
+def stats(output, as_json, modalities, workers):
+    """Per-modality counts, failure reasons, token usage and value ranges of OUTPUT."""
+    from .jobs.stats import corpus_stats, format_stats
+
+    st = corpus_stats(output, modalities=_csv(modalities), workers=workers)
+    if as_json:
+        click.echo(json.dumps(st, indent=1))
+        return
+    for line in format_stats(st):
+        click.echo(line)
+
+
+@main.command()
 def modalities():
     """The modality registry as a table."""
     from .schemas.modalities import MODALITIES
@@ -180,6 +240,26 @@ def labelers():
     _table(rows)
 
 
+@main.command("convert-weights")
+@click.argument("labeler")
+@click.argument("src")
+@click.argument("dst")
+def convert_weights(labeler, src, dst):
+    """Convert an official checkpoint SRC into the format LABELER loads, written to DST (use DST as weights).
+
+    Labelers that support it define a ``convert_weights(src, dst)`` classmethod (e.g. omnidata_depth and
+    omnidata_normal: Omnidata's .ckpt -> a transformers DPT directory)."""
+    from .labelers import get_labeler, load_entry_points
+
+    load_entry_points()
+    cls = get_labeler(labeler)
+    convert = getattr(cls, "convert_weights", None)
+    if convert is None:
+        raise click.ClickException(f"labeler {labeler!r} has no weight conversion (it loads its official "
+                                   "weights directly)")
+    click.echo(f"{labeler}: wrote {convert(src, dst)}")
+
+
 @main.command()
 @click.option("--workdir", default=".demo", show_default=True, help="Where the demo corpus and output go.")
 @click.option("--force", is_flag=True, help="Rebuild the corpus and recompute the output.")
@@ -192,6 +272,60 @@ def demo(workdir, force, no_progress):
     _report(summary)
     click.echo(f"demo output: {out}")
     click.echo(f"  look at it: modalmill status {out}")
+
+
+@main.command("train-tokenizer")
+@click.option("--modality", required=True, help="Source modality (rgb, canny_edge, depth, ..., caption = text).")
+@click.option("--data", required=True, help="The labeled output root (local or s3://).")
+@click.option("--config", "config_file", default=None, help="YAML/JSON with model:/train: overrides.")
+@click.option("--out", default=None, help="Checkpoint directory (default: DATA/_modalmill/tokenizers/MODALITY).")
+@click.option("--preset", type=click.Choice(["tiny", "small", "base"]), default=None, help="Default: base (4M sizes).")
+@click.option("--quantizer", type=click.Choice(["vq", "fsq", "memcodes"]), default=None)
+@click.option("--steps", type=int, default=None, help="Training steps (overrides the config).")
+@click.option("--workers", type=int, default=1, show_default=True, help="Ray Train workers (data parallel).")
+@click.option("--gpu", is_flag=True, help="One GPU per worker.")
+@click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else an embedded Ray).")
+@click.option("--in-process", is_flag=True, help="Train in this process, without Ray.")
+@click.option("--force", is_flag=True, help="Start over instead of resuming from the last training state.")
+@click.option("--no-progress", is_flag=True)
+def train_tokenizer_cmd(modality, data, config_file, out, preset, quantizer, steps, workers, gpu, address,
+                        in_process, force, no_progress):
+    """Train (or resume) a tokenizer for MODALITY on the labeled shards of DATA; report held-out quality."""
+    from .tokenize.train import default_out, format_report, train_tokenizer
+
+    if modality in ("caption", "text"):
+        from .tokenize.text import train_text_tokenizer_on_output
+
+        info = train_text_tokenizer_on_output(data, out or default_out(data, "text"))
+        click.echo(f"text tokenizer: {info['path']} ({info['vocab_size']} tokens, {info['captions']} captions)")
+        return
+    report = train_tokenizer(modality, data, out, config=config_file, preset=preset, quantizer=quantizer,
+                             steps=steps, workers=workers, use_gpu=gpu, address=address, use_ray=not in_process,
+                             force=force, show_progress=not no_progress)
+    for line in format_report(report):
+        click.echo(line)
+
+
+@main.command()
+@click.option("--data", required=True, help="The labeled output root to add token shards to.")
+@click.option("--modalities", "-m", required=True, help="Sources or token modalities, e.g. rgb,canny_edge.")
+@click.option("--tokenizer", "tokenizers", multiple=True, metavar="M=PATH",
+              help="Checkpoint per modality (default: DATA/_modalmill/tokenizers/M).")
+@click.option("--force", is_flag=True, help="Recompute tokens made with another checkpoint.")
+@click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else an embedded Ray).")
+@click.option("--shards", default=None, help="Only these output shards, e.g. '0-9,42'.")
+@click.option("--workers", type=int, default=1, show_default=True, help="Tokenizer actors per modality.")
+@click.option("--gpus-per-worker", type=float, default=0.0, show_default=True)
+@click.option("--no-progress", is_flag=True)
+def tokenize(data, modalities, tokenizers, force, address, shards, workers, gpus_per_worker, no_progress):
+    """Write tok_*@224 shards for DATA with trained tokenizers (the pipeline's --only mode)."""
+    from .tokenize.encode import parse_tokenizer_args, tokenize_output
+
+    summary = tokenize_output(data, _csv(modalities), parse_tokenizer_args(tokenizers), force=force, address=address,
+                              shards=shards, workers=workers, gpus_per_worker=gpus_per_worker,
+                              show_progress=not no_progress)
+    _report(summary)
+    sys.exit(summary["exit_code"])
 
 
 def _table(rows):

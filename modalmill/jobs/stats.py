@@ -1,0 +1,258 @@
+"""Corpus statistics of an output root: what is in it, and whether the labels look sane.
+
+``corpus_stats(root)`` reads every completed shard (the shards with a completion marker; for an output
+without markers, every shard of its folder layout) and reports:
+
+- samples read / written / failed and the failure reasons, from the parquet manifests
+  (``stage: reason``, the reason up to its first colon, as ``modalmill status`` groups them);
+- per modality: samples and shards;
+- ``tok_*``: the token histogram over the vocabulary, codebook usage (the fraction of ids that occur),
+  perplexity ``exp(H)`` of the empirical id distribution (natural log; equals the vocabulary size when
+  every id is equally frequent), and the ten most frequent ids;
+- pixel labels, feature maps and global embeddings: min / max / mean over all values;
+- ``rgb``: width and height ranges; ``metadata``: min / max / mean of every numeric field;
+  ``det``/``sam_mask``: instances per sample; ``human_poses``/``pose_keypoints``: people per sample;
+  ``caption``: captions per sample and characters per caption; ``crop_settings``: crops per sample.
+
+Members that do not decode are counted under ``undecodable`` (``modalmill check`` says why).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..pipeline import manifest
+from ..pipeline.check import decode_member, iter_tar_groups, scan_layout, spec_for_folder
+from ..schemas.modalities import FEATURE_MAP, GLOBAL, IMAGE, PIXEL, TOKENS, ModalitySpec
+
+
+@dataclass
+class _Range:
+    """min / max / mean of a stream of numbers or arrays (merged in a fixed order: deterministic)."""
+
+    lo: float = math.inf
+    hi: float = -math.inf
+    total: float = 0.0
+    n: int = 0
+
+    def add(self, values: Any) -> None:
+        a = np.asarray(values, dtype=np.float64)
+        if a.size == 0:
+            return
+        self.lo = min(self.lo, float(a.min()))
+        self.hi = max(self.hi, float(a.max()))
+        self.total += float(a.sum())
+        self.n += int(a.size)
+
+    def merge(self, other: _Range) -> None:
+        self.lo, self.hi = min(self.lo, other.lo), max(self.hi, other.hi)
+        self.total += other.total
+        self.n += other.n
+
+    def to_dict(self) -> dict | None:
+        if not self.n:
+            return None
+        return {"min": self.lo, "max": self.hi, "mean": self.total / self.n, "count": self.n}
+
+
+@dataclass
+class _Acc:
+    """What one (modality, shard) tar contributes."""
+
+    samples: int = 0
+    undecodable: int = 0
+    values: _Range = field(default_factory=_Range)
+    ranges: dict[str, _Range] = field(default_factory=dict)  # named ranges (metadata fields, width, ...)
+    hist: np.ndarray | None = None  # token histogram
+    classes: Counter = field(default_factory=Counter)
+
+    def rng(self, name: str) -> _Range:
+        return self.ranges.setdefault(name, _Range())
+
+    def merge(self, other: _Acc) -> None:
+        self.samples += other.samples
+        self.undecodable += other.undecodable
+        self.values.merge(other.values)
+        for k, r in other.ranges.items():
+            self.rng(k).merge(r)
+        if other.hist is not None:
+            self.hist = other.hist.copy() if self.hist is None else self.hist + other.hist
+        self.classes.update(other.classes)
+
+
+def _scan(spec: ModalitySpec | None, url: str) -> _Acc:
+    acc = _Acc()
+    if spec is not None and spec.kind == TOKENS and spec.vocab_size:
+        acc.hist = np.zeros(spec.vocab_size, np.int64)
+    for key, members in iter_tar_groups(url):
+        acc.samples += 1
+        if spec is None:
+            continue
+        ext = spec.ext if spec.ext in members else next(iter(members))
+        try:
+            value = decode_member(spec, ext, members[ext])
+        except Exception:  # noqa: BLE001 - counted; `modalmill check` explains
+            acc.undecodable += 1
+            continue
+        _add(spec, value, acc)
+    return acc
+
+
+def _add(spec: ModalitySpec, value: Any, acc: _Acc) -> None:
+    if spec.kind == TOKENS:
+        ids = np.asarray(value, np.int64).ravel()
+        inside = ids[(ids >= 0) & (ids < len(acc.hist))]
+        acc.hist += np.bincount(inside, minlength=len(acc.hist))
+        acc.rng("out_of_vocab").add(float(len(ids) - len(inside)))
+    elif spec.kind == IMAGE:
+        acc.rng("height").add(value.shape[0])
+        acc.rng("width").add(value.shape[1])
+    elif spec.kind in (PIXEL, FEATURE_MAP, GLOBAL):
+        acc.values.add(value)
+    elif spec.name == "metadata" and isinstance(value, dict):
+        for k, v in value.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                acc.rng(k).add(v)
+    elif spec.name == "det" and isinstance(value, dict):
+        inst = value.get("instances", [])
+        acc.rng("instances").add(len(inst))
+        acc.classes.update(d.get("class_name", "?") for d in inst)
+    elif spec.name == "caption":
+        items = value if isinstance(value, list) else [value]
+        acc.rng("captions").add(len(items))
+        for c in items:
+            text = c.get("caption", "") if isinstance(c, dict) else str(c)
+            acc.rng("chars").add(len(text))
+    elif spec.name == "crop_settings":
+        acc.rng("n_crops").add(len(value))
+    elif spec.name == "human_poses":
+        n = len(value.get("bbox_xyxy") or []) if isinstance(value, dict) else len(value or [])
+        acc.rng("people").add(n)
+    elif spec.name == "pose_keypoints" and isinstance(value, dict):
+        acc.rng("people").add(len(value.get("people", [])))
+    elif spec.name == "sam_mask" and isinstance(value, dict):
+        acc.rng("instances").add(len(value.get("instances", [])))
+
+
+def _token_summary(hist: np.ndarray) -> dict:
+    total = int(hist.sum())
+    used = int((hist > 0).sum())
+    p = hist[hist > 0] / total if total else np.zeros(0)
+    entropy = float(-(p * np.log(p)).sum()) if total else 0.0
+    top = np.argsort(-hist, kind="stable")[:10]
+    return {"vocab_size": len(hist), "tokens": total, "used": used, "usage": used / len(hist),
+            "perplexity": math.exp(entropy) if total else 0.0, "entropy_nats": entropy,
+            "top": [[int(i), int(hist[i])] for i in top if hist[i] > 0], "histogram": hist.tolist()}
+
+
+def corpus_stats(root: str, modalities: list[str] | None = None, workers: int = 4) -> dict:
+    """Statistics of the output ``root`` (see the module docstring). ``modalities`` restricts what is read."""
+    markers = manifest.list_markers(root)
+    layout = scan_layout(root)
+    tasks: list[tuple[str, str, str]] = []  # (modality, shard, url)
+    if markers:
+        source = "markers"
+        for shard, mk in sorted(markers.items()):
+            for m in sorted(mk.get("modalities", {})):
+                url = layout.folders.get(m, {}).get(f"{shard}.tar")
+                if url is not None:
+                    tasks.append((m, shard, url))
+    else:
+        source = "layout"
+        for m, files in layout.folders.items():
+            for name, url in sorted(files.items()):
+                if name.endswith(".tar"):
+                    tasks.append((m, name[: -len(".tar")], url))
+    if not tasks and not markers and not layout.folders:
+        raise FileNotFoundError(f"{root}: no modality folders with .tar shards")
+    if modalities:
+        unknown = sorted(set(modalities) - {m for m, _, _ in tasks})
+        if unknown:
+            raise ValueError(f"{root}: no shards of {', '.join(unknown)}")
+        tasks = [t for t in tasks if t[0] in modalities]
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        partials = list(pool.map(lambda t: _scan(spec_for_folder(t[0]), t[2]), tasks))
+    accs: dict[str, _Acc] = {}
+    shards: dict[str, set] = {}
+    for (m, shard, _), part in zip(tasks, partials):  # fixed order: the sums are deterministic
+        accs.setdefault(m, _Acc()).merge(part)
+        shards.setdefault(m, set()).add(shard)
+
+    per_modality = {}
+    for m in sorted(accs):
+        acc, spec = accs[m], spec_for_folder(m)
+        d: dict[str, Any] = {"samples": acc.samples, "shards": len(shards[m])}
+        if acc.undecodable:
+            d["undecodable"] = acc.undecodable
+        if acc.hist is not None:
+            d.update(_token_summary(acc.hist))
+            d["out_of_vocab"] = int(acc.ranges["out_of_vocab"].total) if "out_of_vocab" in acc.ranges else 0
+        if spec is not None and spec.kind in (PIXEL, FEATURE_MAP, GLOBAL):
+            d["values"] = acc.values.to_dict()
+        named = {k: r.to_dict() for k, r in sorted(acc.ranges.items()) if k != "out_of_vocab"}
+        if named:
+            d["fields" if m == "metadata" else "ranges"] = named
+        if acc.classes:
+            d["classes"] = dict(sorted(acc.classes.items(), key=lambda kv: (-kv[1], kv[0])))
+        per_modality[m] = d
+
+    table = manifest.read_manifest(root)
+    rows = table.select(["status", "stage", "error"]).to_pylist() if table.num_rows else []
+    failed = [r for r in rows if r["status"] == "failed"]
+    return {
+        "output": root,
+        "shards_from": source,
+        "shards": len({s for _, s, _ in tasks}),
+        "samples_read": len(rows),
+        "samples_ok": sum(r["status"] == "ok" for r in rows),
+        "samples_failed": len(failed),
+        "failures_by_reason": dict(Counter(f"{r['stage']}: {(r['error'] or '').split(':')[0].strip()}"
+                                           for r in failed).most_common()),
+        "failures_by_stage": dict(Counter(r["stage"] for r in failed).most_common()),
+        "modalities": per_modality,
+    }
+
+
+def _fmt(r: dict | None, digits: int = 4) -> str:
+    if not r:
+        return "-"
+    return f"{r['min']:.{digits}g}..{r['max']:.{digits}g} (mean {r['mean']:.{digits}g})"
+
+
+def format_stats(st: dict) -> list[str]:
+    """Human-readable lines of :func:`corpus_stats`' result."""
+    head = f"{st['output']}: {st['shards']} shard(s) (from {st['shards_from']}); "
+    head += (f"manifest: {st['samples_read']} sample(s) read, {st['samples_ok']} written, {st['samples_failed']} "
+             "failed" if st["samples_read"] else "no manifest rows")
+    lines = [head]
+    for reason, n in st["failures_by_reason"].items():
+        lines.append(f"  failed samples: {n:6d}  {reason}")
+    width = max((len(m) for m in st["modalities"]), default=8)
+    for m, d in st["modalities"].items():
+        parts = []
+        if "usage" in d:
+            top = ", ".join(f"{i}({n})" for i, n in d["top"][:5])
+            parts.append(f"codebook usage {d['used']}/{d['vocab_size']} ({d['usage']:.1%}), perplexity "
+                         f"{d['perplexity']:.1f}, top ids {top}")
+            if d.get("out_of_vocab"):
+                parts.append(f"{d['out_of_vocab']} ids outside the vocabulary")
+        if "values" in d:
+            parts.append(f"values {_fmt(d['values'])}")
+        for k, r in d.get("ranges", {}).items():
+            parts.append(f"{k} {_fmt(r)}")
+        if "classes" in d:
+            parts.append("classes " + ", ".join(f"{c}({n})" for c, n in list(d["classes"].items())[:5]))
+        if d.get("undecodable"):
+            parts.append(f"{d['undecodable']} undecodable")
+        lines.append(f"  {m:<{width}} {d['samples']:6d} sample(s) in {d['shards']} shard(s)"
+                     + (f"; {'; '.join(parts)}" if parts else ""))
+        for k, r in d.get("fields", {}).items():
+            lines.append(f"  {'':<{width}}   {k}: {_fmt(r)}")
+    return lines
