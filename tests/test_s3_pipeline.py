@@ -40,6 +40,9 @@ def test_s3_in_s3_out_equals_local_run(ray_local, s3_env, demo_corpus, tmp_path)
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="out/_modalmill/")["Contents"]}
     assert {"out/_modalmill/shards/shard-00000.json", "out/_modalmill/manifest/shard-00001.parquet"} <= keys
     assert not [k for k in keys if ".tmp" in k]
+    for k in keys:  # credentials never reach manifests, markers or run records
+        body = client.get_object(Bucket=bucket, Key=k)["Body"].read()
+        assert server.secret_key.encode() not in body and server.access_key.encode() not in body, k
 
     # the second run does nothing; status reads the S3 output
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
