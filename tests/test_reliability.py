@@ -276,17 +276,16 @@ def test_killed_driver_leaves_no_partial_tar_and_rerun_finishes_identically(tmp_
 
 @pytest.mark.slow
 @pytest.mark.s3
-def test_flaky_s3_is_retried_and_nothing_is_lost(flaky_s3, small_corpus, tmp_path):
+def test_flaky_s3_is_retried_and_nothing_is_lost(ray_local, flaky_s3, small_corpus, tmp_path):
     proxy, bucket = flaky_s3
     client = proxy.upstream.client()  # setup and checks go straight to the server
     corpus_dir = os.path.dirname(small_corpus)
     for name in sorted(os.listdir(corpus_dir)):
         client.upload_file(os.path.join(corpus_dir, name), bucket, f"raw/{name}")
     reference = tmp_path / "ref"
+    run_job(job(small_corpus, reference, ["rgb", "canny_edge"], batch_size=16, crops={"n_crops": 1}),
+            show_progress=False)
     env = {**os.environ, **proxy.env(), "RAY_AUTH_MODE": "disabled"}
-    cmd = [sys.executable, "-m", "modalmill", "label", small_corpus, str(reference), "-m", "rgb,canny_edge",
-           "--no-progress", "--num-cpus", "1"]
-    assert subprocess.run(cmd, env=env, capture_output=True, timeout=300).returncode == 0
 
     proxy.throttle(times=4)
     proxy.fail(times=3, status=500)
@@ -307,7 +306,9 @@ def test_flaky_s3_is_retried_and_nothing_is_lost(flaky_s3, small_corpus, tmp_pat
     proxy.clear_faults()
     proxy.fail(times=-1, status=500, path_contains="raw/shard-00001")
     cmd[5] = f"s3://{bucket}/out2"
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    # fewer attempts keep the test short; the retry path itself was proven above
+    r = subprocess.run(cmd, env={**env, "MODALMILL_S3_MAX_ATTEMPTS": "2", "MODALMILL_S3_READ_RETRIES": "1"},
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == EXIT_SHARDS_FAILED, (r.stdout, r.stderr[-2000:])
     assert "failed shard shard-00001" in r.stdout and "500" in r.stdout
     proxy.clear_faults()
