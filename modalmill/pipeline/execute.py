@@ -78,21 +78,39 @@ _isolated_call = ray.remote(max_retries=0)(_call_in_own_process)
 ACTOR_WAIT_S = float(os.environ.get("MODALMILL_ACTOR_WAIT_S", "300"))
 
 
-def _actor_get(submit, what: str):
-    """``ray.get(submit())``, waiting out an actor that is restarting (e.g. its node died) for a bounded time.
-
-    An actor that died while running this very call (twice, with the one retry) raises WorkerDied: the caller
-    splits the batch, so a sample that kills the actor every time ends up isolated and recorded."""
-    deadline = time.time() + ACTOR_WAIT_S
+def _wait_until_alive(ping, deadline: float, what: str) -> None:
+    """Block until ``ping()`` (a cheap actor call) answers, i.e. the restarted actor is serving again."""
     delay = 0.5
     while True:
         try:
-            return ray.get(submit())
-        except ray.exceptions.ActorUnavailableError:
+            ray.get(ping(), timeout=max(1.0, deadline - time.time()))
+            return
+        except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
             if time.time() > deadline:
                 raise WorkerDied(f"the {what} actor stayed unavailable for {ACTOR_WAIT_S:.0f} s") from None
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
+        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as e:
+            raise WorkerDied(f"the {what} actor is dead ({type(e).__name__})") from None
+
+
+def _actor_get(submit, what: str, ping=None):
+    """``ray.get(submit())``, waiting out an actor that is restarting (e.g. its node died) for a bounded time.
+
+    The call is sent again only once the actor answers ``ping`` again; if the call itself fails twice on a
+    live actor (the call kills it), WorkerDied is raised: the caller splits the batch, so a sample that kills
+    the actor every time ends up isolated and recorded instead of being retried forever."""
+    deadline = time.time() + ACTOR_WAIT_S
+    deaths = 0
+    while True:
+        try:
+            return ray.get(submit())
+        except ray.exceptions.ActorUnavailableError:
+            deaths += 1
+            if ping is None or deaths >= 2:
+                raise WorkerDied(f"the {what} worker died while labelling this batch (actor unavailable "
+                                 f"{deaths} times)") from None
+            _wait_until_alive(ping, deadline, what)
         except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError) as e:
             raise WorkerDied(f"the {what} worker died while labelling this batch ({type(e).__name__})") from None
 
@@ -107,14 +125,15 @@ def _run_shard(task: ShardTask, pools: dict[str, list], counter, isolate: bool =
             handles = pools[run.labeler]
             call.n = getattr(call, "n", task.source.index) + 1
             actor = handles[call.n % len(handles)]
-            return _actor_get(lambda: actor.process_batch.remote(inputs), run.labeler)
+            return _actor_get(lambda: actor.process_batch.remote(inputs), run.labeler, ping=actor.ready.remote)
         if isolate:
             return _actor_get(lambda: _isolated_call.options(num_cpus=0).remote(run, inputs), run.labeler)
         return call_local(run, inputs)
 
     def checkpoint(run: LabelerRun) -> str:
         if run.stateful and run.labeler in pools:
-            return _actor_get(lambda: pools[run.labeler][0].checkpoint_id.remote(), run.labeler)
+            head = pools[run.labeler][0]
+            return _actor_get(head.checkpoint_id.remote, run.labeler, ping=head.ready.remote)
         return call_local.checkpoint(run)
 
     call.checkpoint = checkpoint
