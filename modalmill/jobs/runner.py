@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -198,5 +199,9 @@ def run_job(spec: JobSpec, only: list[str] | None = None, force: bool = False, a
     }
     summary["exit_code"] = (EXIT_SHARDS_FAILED if failed else
                             EXIT_SAMPLES_FAILED if summary["samples_failed"] or summary["samples_dropped"] else EXIT_OK)
-    manifest.write_run(spec.output, run_id, summary)
+    try:
+        manifest.write_run(spec.output, run_id, summary)
+    except OSError as e:  # e.g. the disk filled up: the shards' own results are already recorded (or failed)
+        summary["run_record_error"] = f"could not write the run record: {type(e).__name__}: {e}"
+        print(f"modalmill: warning: {summary['run_record_error']}", file=sys.stderr)
     return summary

@@ -3,6 +3,18 @@
 from .base import (LABELERS, LabelFailure, LabelInput, Labeler, Resources, get_labeler, labeler_for,
                    load_entry_points, register_labeler)
 from . import modelfree  # noqa: F401  (registers the model-free labelers)
+from ..tokenize import labelers as _tokenizers  # noqa: F401,E402  (tok_* : tokenizers as derived labelers)
+from . import depth  # noqa: F401  (Omnidata depth + normals, Depth Anything)
+from . import semseg  # noqa: F401  (Mask2Former COCO-panoptic semseg)
+from . import detection  # noqa: F401  (DETR COCO boxes)
+from . import derived  # noqa: F401  (metadata derived from other modalities)
+from . import dinov2  # noqa: F401  (DINOv2 ViT-B/14 features)
+from . import clip  # noqa: F401  (CLIP ViT-B/16 features)
+from . import imagebind  # noqa: F401  (ImageBind-H/14 features)
+from . import caption  # noqa: F401  (BLIP captions, T5-XXL caption embeddings)
+from . import sam  # noqa: F401  (SAM ViT-H instances + instance edges)
+from . import humans  # noqa: F401  (4D-Humans HMR 2.0 SMPL poses of detected people)
+from . import mediapipe_labelers  # noqa: F401  (MediaPipe pose keypoints, person masks: optional extra)
 
 __all__ = ["LABELERS", "LabelFailure", "LabelInput", "Labeler", "Resources", "get_labeler", "labeler_for",
            "load_entry_points", "register_labeler"]

@@ -9,6 +9,7 @@ them batches. A shard task's failure is a returned value: the driver records it 
 from __future__ import annotations
 
 import os
+import sys
 import time
 import traceback
 from typing import Any
@@ -157,22 +158,76 @@ def _run_shard(task: ShardTask, pools: dict[str, list], counter, isolate: bool =
         return failure
 
 
+def _largest_node() -> dict[str, float]:
+    """The most CPUs, GPUs and memory (bytes) that any one alive node of the connected cluster offers."""
+    best: dict[str, float] = {"CPU": 0.0, "GPU": 0.0, "memory": 0.0}
+    for node in ray.nodes():
+        if node.get("Alive"):
+            for k in best:
+                best[k] = max(best[k], float(node.get("Resources", {}).get(k, 0.0)))
+    return best
+
+
+def fit_resources(name: str, defaults: Resources, overrides: dict | None, node: dict[str, float]) -> Resources:
+    """The resources one actor of labeler ``name`` asks for, made to fit the cluster.
+
+    A labeler's *default* request adapts: on a cluster without GPUs its GPU share becomes 0 (the model runs on
+    the CPU), a default memory reservation larger than any node is dropped, default CPUs are capped at the
+    largest node. What the job asks for explicitly (``labelers.NAME.resources``) is kept, and a request no node
+    can ever satisfy is a clear error instead of a job that waits forever."""
+    overrides = dict(overrides or {})
+    res = Resources(**{**defaults.__dict__, **overrides})
+    fixes: dict = {}
+    if res.num_gpus > node["GPU"]:
+        if "num_gpus" in overrides:
+            have = "any GPU" if not node["GPU"] else f"more than {node['GPU']:g}"
+            raise ValueError(f"labeler {name!r} asks for {res.num_gpus:g} GPU(s) per worker but no node of this "
+                             f"Ray cluster has {have}; set labelers.{name}.resources.num_gpus to 0 to run it on "
+                             "the CPU")
+        fixes["num_gpus"] = 0.0 if not node["GPU"] else node["GPU"]
+    if res.num_cpus > node["CPU"]:
+        if "num_cpus" in overrides:
+            raise ValueError(f"labeler {name!r} asks for {res.num_cpus:g} CPUs per worker but the largest node "
+                             f"has {node['CPU']:g}")
+        fixes["num_cpus"] = node["CPU"]
+    if res.memory_mb and res.memory_mb * 1024 * 1024 > node["memory"]:
+        if "memory_mb" in overrides:
+            raise ValueError(f"labeler {name!r} reserves {res.memory_mb} MB per worker but the largest node "
+                             f"offers {node['memory'] / 2**20:.0f} MB to Ray")
+        fixes["memory_mb"] = 0
+    if fixes:
+        print(f"modalmill: labeler {name}: default resources adapted to this cluster: "
+              + ", ".join(f"{k}={v:g}" for k, v in fixes.items()), file=sys.stderr)
+    return Resources(**{**res.__dict__, **fixes})
+
+
 def make_pools(runs: list[LabelerRun], settings: dict) -> dict[str, list]:
     """One actor pool per stateful labeler; waits until every actor is set up."""
     pools: dict[str, list] = {}
+    node = _largest_node()
     for run in runs:
         if not run.stateful or run.labeler in pools:
             continue
         cls = run.labeler_class()
         s = settings.get(run.labeler)
-        res = Resources(**{**cls.default_resources.__dict__, **(s.resources if s else {})})
+        res = fit_resources(run.labeler, cls.default_resources, s.resources if s else None, node)
         n = max(1, s.workers if s else 1)
         # a killed actor is restarted and its in-flight batch retried once; a batch that keeps killing it is
         # split by the shard task until the poisoned sample is isolated and recorded
         opts = {**res.ray_options(), "max_restarts": -1, "max_task_retries": 1}
         pools[run.labeler] = [LabelerActor.options(**opts).remote(run) for _ in range(n)]
-    for handles in pools.values():
-        ray.get([h.ready.remote() for h in handles])
+    pending = {h.ready.remote(): name for name, handles in pools.items() for h in handles}
+    waited = 0.0
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=30)
+        for ref in done:
+            pending.pop(ref)
+            ray.get(ref)  # raises the actor's set-up error (e.g. missing weights)
+        if pending:
+            waited += 30
+            print(f"modalmill: still waiting ({waited:.0f} s) for Ray to place labeler actors "
+                  f"{sorted(set(pending.values()))}: the cluster may lack the resources they ask for "
+                  f"(see `ray status`)", file=sys.stderr)
     return pools
 
 

@@ -279,7 +279,8 @@ _R(ModalitySpec("rgb", IMAGE, "jpg", "uint8", ("H", "W", 3), "the upright photog
 _R(ModalitySpec("crop_settings", ARRAY, "npy", "int64", ("n_crops", 5),
                 "(top, left, height, width, hflip) per crop in pixels of the stored rgb; crop 0 = centre square"))
 _R(ModalitySpec("caption", TEXT, "json", None, (), "a JSON list of captions (or {'caption': str} entries)"))
-_R(ModalitySpec("t5_caption", ARRAY, "npz", "float16", ("N", "L", 4096), "T5-XXL encoder states of each caption"))
+_R(ModalitySpec("t5_caption", ARRAY, "npz", "float16", ("N", "L", "C"),
+                "T5 encoder states of each caption (C = 4096 for 4M-21's T5-XXL)"))
 _R(ModalitySpec("det", TEXT, "json", None, (), "detections: normalised xyxy boxes, class names, scores (unfiltered)"))
 _R(ModalitySpec("depth", PIXEL, "png", "uint16", ("H", "W"), "relative depth scaled to 0..65535, 16-bit PNG"))
 _R(ModalitySpec("normal", PIXEL, "png", "uint8", ("H", "W", 3), "surface normals, [-1, 1] mapped to 0..255"))
@@ -324,3 +325,112 @@ def token_dtype(vocab_size: int) -> str:
 for _name, (_src, _vocab, _n) in TOKEN_MODALITIES.items():
     _R(ModalitySpec(_name, TOKENS, "npy", token_dtype(_vocab), ("n_crops", _n),
                     f"{_src} tokens, vocab {_vocab}, {_n} per crop", vocab_size=_vocab, n_tokens=_n, source=_src))
+
+
+# ---------------------------------------------------------------------- SAM instances, human poses, 2D keypoints
+# (modalmill/labelers/sam.py, humans.py, mediapipe_labelers.py write these)
+
+
+def _int_list(v, n=None) -> bool:
+    return isinstance(v, list) and (n is None or len(v) == n) and all(isinstance(c, int) and not isinstance(c, bool)
+                                                                    for c in v)
+
+
+def _image_size_fields(spec, value, key) -> tuple[int, int]:
+    h, w = value.get("height"), value.get("width")
+    if not (isinstance(h, int) and isinstance(w, int) and h >= 1 and w >= 1):
+        raise spec._err(key, "height/width", f"expected the stored rgb size as positive ints, got {h!r}, {w!r}")
+    return h, w
+
+
+def _validate_sam_mask(spec, value, key):
+    """{"height", "width", "instances": [{"polygons", "bbox_xyxy", "area", "predicted_iou", "stability_score"}]}."""
+    if not isinstance(value, dict) or not isinstance(value.get("instances"), list):
+        raise spec._err(key, "instances", "sam_mask must be {'height', 'width', 'instances': [...]}")
+    h, w = _image_size_fields(spec, value, key)
+    for i, inst in enumerate(value["instances"]):
+        where = f"instances[{i}]"
+        if not isinstance(inst, dict):
+            raise spec._err(key, where, "each instance is an object")
+        polys = inst.get("polygons")
+        if not (isinstance(polys, list) and polys):
+            raise spec._err(key, f"{where}.polygons", "expected a non-empty list of polygons")
+        for j, poly in enumerate(polys):
+            if not (isinstance(poly, list) and poly and all(_int_list(p, 2) for p in poly)):
+                raise spec._err(key, f"{where}.polygons[{j}]", "expected a non-empty list of [x, y] int points")
+            pts = np.asarray(poly)
+            if pts.min() < 0 or pts[:, 0].max() >= w or pts[:, 1].max() >= h:
+                raise spec._err(key, f"{where}.polygons[{j}]", f"points must lie inside the {w}x{h} image")
+        box = inst.get("bbox_xyxy")
+        if not (_int_list(box, 4) and 0 <= box[0] <= box[2] < w and 0 <= box[1] <= box[3] < h):
+            raise spec._err(key, f"{where}.bbox_xyxy", f"expected inclusive int [x0, y0, x1, y1] inside {w}x{h}, "
+                                                       f"got {box}")
+        area = inst.get("area")
+        if not (isinstance(area, int) and 1 <= area <= h * w):
+            raise spec._err(key, f"{where}.area", f"expected a pixel count in [1, {h * w}], got {area!r}")
+        for f in ("predicted_iou", "stability_score"):
+            if not _is_num(inst.get(f)):
+                raise spec._err(key, f"{where}.{f}", f"expected a number, got {inst.get(f)!r}")
+
+
+def _nested_shape(v) -> tuple | None:
+    """The shape of a regular nested list of numbers, or None when ragged / not numbers."""
+    try:
+        arr = np.asarray(v, dtype=float)
+    except (TypeError, ValueError):
+        return None
+    return arr.shape if np.isfinite(arr).all() else None
+
+
+def _validate_human_poses(spec, value, key):
+    """4M's layout: ``[]`` without people, else per-field lists with one entry per person."""
+    if isinstance(value, list) and not value:
+        return
+    if not isinstance(value, dict):
+        raise spec._err(key, "type", "human_poses is [] (no people) or {'bbox_xyxy': [...], 'pred_smpl_params': "
+                                     "{...}, 'pred_cam': [...]} with one entry per person")
+    params = value.get("pred_smpl_params")
+    if not isinstance(params, dict):
+        raise spec._err(key, "pred_smpl_params", "expected {'global_orient', 'body_pose', 'betas'}")
+    fields = {"bbox_xyxy": (value.get("bbox_xyxy"), (4,)), "pred_cam": (value.get("pred_cam"), (3,)),
+              "pred_smpl_params.global_orient": (params.get("global_orient"), (1, 3, 3)),
+              "pred_smpl_params.body_pose": (params.get("body_pose"), (23, 3, 3)),
+              "pred_smpl_params.betas": (params.get("betas"), (10,))}
+    if "pose_tokenized" in value:
+        fields["pose_tokenized"] = (value["pose_tokenized"], (8,))
+    n = None
+    for name, (v, per) in fields.items():
+        shape = _nested_shape(v) if isinstance(v, list) and v else None
+        if shape is None or tuple(shape[1:]) != per:
+            raise spec._err(key, name, f"expected a non-empty list of {list(per)} numbers per person")
+        if n is not None and shape[0] != n:
+            raise spec._err(key, name, f"has {shape[0]} people, other fields have {n}")
+        n = shape[0]
+    if "pose_tokenized" in value and not all(0 <= t < 1024 for p in value["pose_tokenized"] for t in p):
+        raise spec._err(key, "pose_tokenized", "pose token ids must lie in [0, 1024)")
+
+
+def _validate_pose_keypoints(spec, value, key):
+    """{"height", "width", "people": [{"keypoints": 33 x [x, y, z, visibility]}]}."""
+    if not isinstance(value, dict) or not isinstance(value.get("people"), list):
+        raise spec._err(key, "people", "pose_keypoints must be {'height', 'width', 'people': [...]}")
+    _image_size_fields(spec, value, key)
+    for i, person in enumerate(value["people"]):
+        kp = person.get("keypoints") if isinstance(person, dict) else None
+        shape = _nested_shape(kp) if isinstance(kp, list) else None
+        if shape != (33, 4):
+            raise spec._err(key, f"people[{i}].keypoints", "expected 33 x [x, y, z, visibility] numbers")
+        vis = np.asarray(kp, dtype=float)[:, 3]
+        if vis.min() < 0 or vis.max() > 1:
+            raise spec._err(key, f"people[{i}].keypoints", "visibility must lie in [0, 1]")
+
+
+_JSON_VALIDATORS.update({"sam_mask": _validate_sam_mask, "human_poses": _validate_human_poses,
+                         "pose_keypoints": _validate_pose_keypoints})
+_R(ModalitySpec("sam_mask", TEXT, "json", None, (),
+                "raw SAM instances: outer-contour polygons, inclusive xyxy box, area, predicted IoU and stability "
+                "score, in stored-rgb pixels (input of the SAM-instance tokenizer)"))
+_R(ModalitySpec("pose_keypoints", TEXT, "json", None, (),
+                "2D body keypoints per person: 33 MediaPipe pose landmarks [x, y, z, visibility], x/y/z in "
+                "stored-rgb pixels"))
+_R(ModalitySpec("person_mask", PIXEL, "png", "uint8", ("H", "W"), "person segmentation mask (0 or 255)"))

@@ -1,0 +1,183 @@
+"""COCO-panoptic semantic segmentation with Mask2Former (4M-21's ``semseg_coco`` pseudo-labeler).
+
+4M-21 used Mask2Former with a Swin-B backbone trained on COCO panoptic (ml-4m ``README_DATA.md``, Mask2Former
+model zoo, panoptic segmentation). transformers implements it as ``Mask2FormerForUniversalSegmentation``; the
+default weights are the hub conversion of that model, ``facebook/mask2former-swin-base-coco-panoptic``.
+
+Output ``semseg_coco``: uint8 ``[H, W]`` at the stored rgb's geometry holding COCO-panoptic class ids 0..132 in
+the panoptic order (:data:`COCO_PANOPTIC_CLASSES`: the 80 thing classes, then the 53 stuff classes), 255 for
+unlabelled pixels.
+
+Method (vectorised, on the device):
+
+1. letterbox: each image is resized (bicubic, antialiased) so its longer side is ``input_size``, normalised
+   with ImageNet mean/std and placed in the top-left corner of an ``input_size`` x ``input_size`` canvas
+   (zeros elsewhere), so every image is processed the same way whatever else is in its batch;
+2. semantic inference as in Mask2Former: with ``p = softmax(class logits)`` without the no-object column and
+   ``m = sigmoid(mask logits)`` upsampled bilinearly to the canvas, the score of class c at a pixel is
+   ``sum_q p[q, c] * m[q, pixel]``; the label is the class with the highest score, or 255 where that score
+   is below ``min_confidence`` (0 by default: every pixel is labelled);
+3. the label map of the image's own region of the canvas is resized to ``H, W`` with nearest-neighbour
+   sampling (labels are never interpolated).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .base import LabelFailure, LabelInput, Resources, register_labeler
+from .depth import IMAGENET_MEAN, IMAGENET_STD, image_problem, load_pretrained
+from .model import ModelConfig, ModelLabeler
+from .weights import WeightsError
+
+__all__ = ["COCO_PANOPTIC_CLASSES", "COCO_THING_CLASSES", "N_COCO_THINGS", "Mask2FormerCocoLabeler", "letterbox",
+           "semantic_map"]
+
+# COCO panoptic categories in the contiguous order of the panoptic annotations (detectron2's order, used by
+# Mask2Former and by 4M's semseg_coco): ids 0..79 are things, 80..132 stuff.
+COCO_PANOPTIC_CLASSES: tuple[str, ...] = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
+    "hair drier", "toothbrush",
+    "banner", "blanket", "bridge", "cardboard", "counter", "curtain", "door-stuff", "floor-wood", "flower",
+    "fruit", "gravel", "house", "light", "mirror-stuff", "net", "pillow", "platform", "playingfield",
+    "railroad", "river", "road", "roof", "sand", "sea", "shelf", "snow", "stairs", "tent", "towel",
+    "wall-brick", "wall-stone", "wall-tile", "wall-wood", "water-other", "window-blind", "window-other",
+    "tree-merged", "fence-merged", "ceiling-merged", "sky-other-merged", "cabinet-merged", "table-merged",
+    "floor-other-merged", "pavement-merged", "mountain-merged", "grass-merged", "dirt-merged", "paper-merged",
+    "food-other-merged", "building-other-merged", "rock-merged", "wall-other-merged", "rug-merged",
+)
+N_COCO_THINGS = 80
+COCO_THING_CLASSES: tuple[str, ...] = COCO_PANOPTIC_CLASSES[:N_COCO_THINGS]
+UNLABELLED = 255
+
+
+def letterbox(labeler: ModelLabeler, images: list[np.ndarray], size: int, mean, std):
+    """Images -> (``[B, 3, size, size]`` normalised canvas, ``[B, size, size]`` long mask of real pixels,
+    ``[(h, w)]`` of each image's region in the canvas). Longer side = ``size``, aspect kept, top-left aligned."""
+    import torch
+
+    x = torch.zeros((len(images), 3, size, size), device=labeler.device)
+    mask = torch.zeros((len(images), size, size), dtype=torch.long, device=labeler.device)
+    regions = []
+    for i, im in enumerate(images):
+        h, w = im.shape[:2]
+        scale = size / max(h, w)
+        rh, rw = min(size, max(1, round(h * scale))), min(size, max(1, round(w * scale)))
+        x[i, :, :rh, :rw] = labeler.to_tensor([im], size=(rh, rw), mean=mean, std=std)[0]
+        mask[i, :rh, :rw] = 1
+        regions.append((rh, rw))
+    return x, mask, regions
+
+
+def semantic_map(class_logits, mask_logits, canvas: int, region: tuple[int, int], out_hw: tuple[int, int],
+                 min_confidence: float = 0.0) -> np.ndarray:
+    """One image's uint8 semantic map from Mask2Former's ``[Q, C + 1]`` class and ``[Q, h, w]`` mask logits."""
+    import torch
+    import torch.nn.functional as F
+
+    probs = class_logits.float().softmax(-1)[:, :-1]  # [Q, C]
+    masks = F.interpolate(mask_logits.float()[None], size=(canvas, canvas), mode="bilinear",
+                          align_corners=False)[0, :, :region[0], :region[1]].sigmoid()  # [Q, rh, rw]
+    scores = torch.einsum("qc,qhw->chw", probs, masks)
+    best, labels = scores.max(dim=0)
+    labels = torch.where(best >= min_confidence, labels, torch.full_like(labels, UNLABELLED))
+    labels = F.interpolate(labels[None, None].float(), size=out_hw, mode="nearest-exact")[0, 0]
+    return np.ascontiguousarray(labels.to("cpu").numpy().astype(np.uint8))
+
+
+@register_labeler
+class Mask2FormerCocoLabeler(ModelLabeler):
+    """Mask2Former (Swin-B, COCO panoptic) semantic segmentation -> ``semseg_coco`` uint8 [H, W].
+
+    See the module docstring for the letterbox input and the semantic inference. The checkpoint must have the
+    133 COCO-panoptic classes in the panoptic order (when its ``id2label`` names classes, they are checked).
+    """
+
+    name = "mask2former_coco"
+    version = "1"
+    outputs = ("semseg_coco",)
+    architecture = "Mask2Former (Swin-B backbone), transformers Mask2FormerForUniversalSegmentation, 133 classes"
+    weights = "facebook/mask2former-swin-base-coco-panoptic"
+    weights_help = ("the hub id facebook/mask2former-swin-base-coco-panoptic (online), or a local/s3:// copy of "
+                    "that directory (config.json + model.safetensors)")
+    input_size = 800
+    mean = IMAGENET_MEAN
+    std = IMAGENET_STD
+    license = "MIT (facebookresearch/Mask2Former model zoo)"
+    default_resources = Resources(num_cpus=1, num_gpus=0.5, memory_mb=4096)
+    default_batch_size = 8
+    description = "Mask2Former Swin-B COCO-panoptic semantic map (4M-21's choice): class ids 0..132, 255 unlabelled"
+
+    @dataclass(frozen=True)
+    class Config(ModelConfig):
+        input_size: int = 800  # letterbox canvas side (longer image side); a multiple of 32
+        min_confidence: float = 0.0  # pixels whose best class score is below this become 255
+
+        def __post_init__(self):
+            if isinstance(self.input_size, bool) or not isinstance(self.input_size, int) or self.input_size < 32 \
+                    or self.input_size % 32:
+                raise ValueError(f"input_size must be a positive multiple of 32, got {self.input_size!r}")
+            if not (self.min_confidence >= 0):
+                raise ValueError(f"min_confidence must be >= 0, got {self.min_confidence!r}")
+
+    def build(self, path: str):
+        from transformers import Mask2FormerForUniversalSegmentation
+
+        where = f"{self.name} ({self.architecture})"
+        model = load_pretrained(Mask2FormerForUniversalSegmentation, path, model_type="mask2former", where=where,
+                                how_to_get=self.weights_help)
+        check_class_names(model.config, COCO_PANOPTIC_CLASSES, where=where, path=path, how_to_get=self.weights_help)
+        return model
+
+    def predict(self, batch: list[LabelInput]) -> list[dict[str, Any] | LabelFailure]:
+        results: list[Any] = [None] * len(batch)
+        ok = []
+        for i, inp in enumerate(batch):
+            problem = image_problem(inp.image)
+            if problem:
+                results[i] = LabelFailure(problem)
+            else:
+                ok.append(i)
+        if not ok:
+            return results
+        size = self.config.input_size
+        x, mask, regions = letterbox(self, [batch[i].image for i in ok], size, self.mean, self.std)
+        out = self.model(pixel_values=x, pixel_mask=mask)
+        for j, i in enumerate(ok):
+            cls_logits, mask_logits = out.class_queries_logits[j], out.masks_queries_logits[j]
+            if not (bool(cls_logits.isfinite().all()) and bool(mask_logits.isfinite().all())):
+                results[i] = LabelFailure("the model predicted non-finite logits")
+                continue
+            results[i] = {"semseg_coco": semantic_map(cls_logits, mask_logits, size, regions[j],
+                                                      batch[i].image.shape[:2], self.config.min_confidence)}
+        return results
+
+
+def check_class_names(config, expected: tuple[str, ...], *, where: str, path: str, how_to_get: str = "",
+                      skip: tuple[str, ...] = ()) -> None:
+    """Raise a WeightsError unless ``config`` has ``len(expected)`` labels named ``expected`` (in order).
+
+    Generic names (``LABEL_i``) are accepted; names in ``skip`` may stand anywhere (e.g. DETR's 'N/A' ids).
+    """
+    hint = f" Get it: {how_to_get}." if how_to_get else ""
+    n = int(config.num_labels)
+    if n != len(expected):
+        raise WeightsError(f"{where}: {path!r} predicts {n} classes, expected {len(expected)}.{hint}")
+    names = [str(config.id2label.get(i, config.id2label.get(str(i), f"LABEL_{i}"))) for i in range(n)]
+    if all(nm == f"LABEL_{i}" for i, nm in enumerate(names)):
+        return
+    bad = [(i, nm, want) for i, (nm, want) in enumerate(zip(names, expected)) if nm != want and nm not in skip]
+    if bad:
+        i, nm, want = bad[0]
+        raise WeightsError(f"{where}: {path!r} names class {i} {nm!r}, expected {want!r} "
+                           f"({len(bad)} class name(s) differ): not the expected label set.{hint}")

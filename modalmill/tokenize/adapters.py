@@ -1,0 +1,425 @@
+"""What each source modality looks like to a tokenizer: crop + resize, model input, loss, metrics, pictures.
+
+One :class:`Adapter` per source modality, shared by training and by token writing, so both see exactly the
+same preprocessing:
+
+- ``prepare(label, crop, image_hw)``: cut one crop (``top, left, height, width, hflip`` in pixels of the stored
+  rgb image) out of a decoded label, flip it, resize it to the tokenizer's input size with the right
+  interpolation (bilinear with antialiasing for images and continuous maps, nearest for class maps and edges,
+  bilinear ROI sampling for teacher feature maps) and return the *target* tensor;
+- ``to_input(target)``: the model input (normalised floats; one-hot for class maps);
+- ``loss(pred, target)``, ``metrics(pred, target)`` (summed, so they aggregate over batches), ``to_rgb``.
+
+Normal maps flip their x component when the crop is flipped. Global vectors and poses have no geometry: every
+crop of a sample gets the same vector.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SEMSEG_CLASSES = 133  # COCO-panoptic classes 0..132; 255 = unlabelled
+IGNORE = 255
+
+
+def _crop_array(label: np.ndarray, crop) -> np.ndarray:
+    top, left, h, w = (int(v) for v in crop[:4])
+    if top < 0 or left < 0 or top + h > label.shape[0] or left + w > label.shape[1] or h < 1 or w < 1:
+        raise ValueError(f"crop {list(map(int, crop[:4]))} lies outside the {label.shape[0]}x{label.shape[1]} label")
+    return label[top:top + h, left:left + w]
+
+
+def resize_chw(t: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """[C, h, w] float -> [C, size, size]: bilinear (antialiased) or nearest-exact."""
+    if tuple(t.shape[-2:]) == (size, size):
+        return t
+    if mode == "nearest":
+        return F.interpolate(t[None], size=(size, size), mode="nearest-exact")[0]
+    return F.interpolate(t[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+def _hw_channels(label: np.ndarray) -> np.ndarray:
+    return label[..., None] if label.ndim == 2 else label
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Base: an image-like label at the stored rgb's geometry."""
+
+    source: str
+    in_channels: int
+    out_channels: int
+    size: int = 224
+    interpolation: str = "bilinear"
+    scale: float = 255.0  # stored integer range -> [0, 1]
+    loss_name: str = "mse"
+    kind: ClassVar[str] = "pixel"
+    model_family: ClassVar[str] = "spatial"
+    extra: dict = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ data
+    def prepare(self, label: Any, crop, image_hw: tuple[int, int]) -> torch.Tensor:
+        arr = np.asarray(label)
+        if arr.shape[:2] != tuple(image_hw):
+            raise ValueError(f"{self.source} label is {arr.shape[:2]}, the stored rgb is {tuple(image_hw)}")
+        arr = _hw_channels(_crop_array(arr, crop))
+        t = torch.from_numpy(np.array(arr, dtype=np.float32)).permute(2, 0, 1) / self.scale
+        t = resize_chw(t, self.size, self.interpolation)
+        if int(crop[4]):
+            t = self.hflip(t)
+        return t.contiguous()
+
+    def hflip(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.flip(t, dims=[-1])
+
+    def to_input(self, target: torch.Tensor) -> torch.Tensor:
+        return target * 2 - 1
+
+    def normalisation(self) -> dict:
+        return {"target": f"stored value / {self.scale:g} in [0, 1]", "input": "2 * target - 1",
+                "interpolation": self.interpolation}
+
+    # ------------------------------------------------------------------ objective
+    def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        rec = self.reconstruct(pred)
+        if self.loss_name == "l1":
+            return F.l1_loss(rec, target)
+        return F.mse_loss(rec, target)
+
+    def reconstruct(self, pred: torch.Tensor) -> torch.Tensor:
+        """Model output -> the target's space ([0, 1] for images)."""
+        return (pred + 1) / 2
+
+    def metrics(self, pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+        """Summed per-sample statistics: ``n``, ``se`` (squared error sum), ``n_values``, ``psnr_sum``."""
+        rec = self.reconstruct(pred).clamp(0, 1)
+        se = ((rec - target) ** 2).flatten(1).sum(1)
+        n_val = target[0].numel()
+        mse = se / n_val
+        psnr = 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+        return {"n": float(target.shape[0]), "se": float(se.sum()), "n_values": float(n_val * target.shape[0]),
+                "psnr_sum": float(psnr.sum())}
+
+    def summarise(self, sums: dict[str, float]) -> dict[str, float]:
+        mse = sums["se"] / max(sums["n_values"], 1)
+        return {"mse": mse, "psnr": sums["psnr_sum"] / max(sums["n"], 1),
+                "psnr_of_mean_mse": 10 * math.log10(1.0 / max(mse, 1e-10))}
+
+    def baseline(self, target: torch.Tensor) -> torch.Tensor:
+        """A trivial prediction in the model's output space: the mean target everywhere (per channel)."""
+        mean = target.mean(dim=(0, 2, 3), keepdim=True).expand_as(target)
+        return mean * 2 - 1
+
+    def to_rgb(self, target: torch.Tensor) -> np.ndarray:
+        """[C, S, S] in target space -> uint8 [S, S, 3] picture."""
+        t = target.clamp(0, 1)
+        if t.shape[0] == 1:
+            t = t.expand(3, -1, -1)
+        return (t.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class NormalAdapter(Adapter):
+    def hflip(self, t: torch.Tensor) -> torch.Tensor:
+        t = torch.flip(t, dims=[-1]).clone()
+        t[0] = 1 - t[0]  # the x component changes sign: in [0, 1] storage v -> 1 - v
+        return t
+
+
+@dataclass(frozen=True)
+class EdgeAdapter(Adapter):
+    """Edge maps: 0/255 stored, nearest resize, BCE on logits."""
+
+    interpolation: str = "nearest"
+    loss_name: str = "bce"
+    pos_weight: float = 4.0  # edges are ~5-10 % of pixels: weight them up so the model cannot settle on "no edges"
+    kind: ClassVar[str] = "edge"
+
+    def loss(self, pred, target):
+        w = torch.tensor(self.pos_weight, dtype=pred.dtype, device=pred.device)
+        return F.binary_cross_entropy_with_logits(pred, target, pos_weight=w)
+
+    def reconstruct(self, pred):
+        # BCE with pos_weight w makes the logit log(w) too high: undo it to get the edge probability
+        return torch.sigmoid(pred - math.log(self.pos_weight))
+
+    def baseline(self, target):
+        p = target.mean().clamp(1e-4, 1 - 1e-4)
+        return torch.full_like(target, float(torch.log(p / (1 - p))) + math.log(self.pos_weight))
+
+    def normalisation(self):
+        return {"target": "edge > 0 -> 1, else 0", "input": "2 * target - 1", "interpolation": "nearest",
+                "output": f"logits; BCE with pos_weight {self.pos_weight:g}; probability sigmoid(logit - log "
+                          f"{self.pos_weight:g})"}
+
+
+@dataclass(frozen=True)
+class SemsegAdapter(Adapter):
+    """COCO-panoptic class maps: nearest resize, one-hot input (255 -> an extra 'unlabelled' channel), CE."""
+
+    in_channels: int = SEMSEG_CLASSES + 1
+    out_channels: int = SEMSEG_CLASSES
+    interpolation: str = "nearest"
+    loss_name: str = "cross_entropy"
+    kind: ClassVar[str] = "class"
+
+    def prepare(self, label, crop, image_hw):
+        arr = np.asarray(label)
+        if arr.shape[:2] != tuple(image_hw):
+            raise ValueError(f"{self.source} label is {arr.shape[:2]}, the stored rgb is {tuple(image_hw)}")
+        t = torch.from_numpy(np.ascontiguousarray(_crop_array(arr, crop)).astype(np.float32))[None]
+        t = resize_chw(t, self.size, "nearest")
+        if int(crop[4]):
+            t = torch.flip(t, dims=[-1])
+        return t.long().contiguous()  # [1, S, S] class ids, 255 unlabelled
+
+    def to_input(self, target):
+        ids = torch.where(target[:, 0] == IGNORE, SEMSEG_CLASSES, target[:, 0]).clamp(0, SEMSEG_CLASSES)
+        return F.one_hot(ids, SEMSEG_CLASSES + 1).permute(0, 3, 1, 2).float()
+
+    def loss(self, pred, target):
+        return F.cross_entropy(pred, target[:, 0], ignore_index=IGNORE)
+
+    def reconstruct(self, pred):
+        return pred.argmax(dim=1, keepdim=True)
+
+    def baseline(self, target):
+        ids = target[target != IGNORE]
+        cls = int(torch.mode(ids).values) if ids.numel() else 0
+        out = torch.full((target.shape[0], SEMSEG_CLASSES, *target.shape[-2:]), -10.0)
+        out[:, cls] = 10.0
+        return out
+
+    def metrics(self, pred, target):
+        rec = self.reconstruct(pred)[:, 0]
+        t = target[:, 0]
+        valid = t != IGNORE
+        inter = torch.bincount(t[valid & (rec == t)], minlength=SEMSEG_CLASSES)[:SEMSEG_CLASSES]
+        area_t = torch.bincount(t[valid], minlength=SEMSEG_CLASSES)[:SEMSEG_CLASSES]
+        area_p = torch.bincount(rec[valid], minlength=SEMSEG_CLASSES)[:SEMSEG_CLASSES]
+        return {"n": float(t.shape[0]), "correct": float(inter.sum()), "valid": float(valid.sum()),
+                **{f"inter_{c}": float(inter[c]) for c in range(SEMSEG_CLASSES) if area_t[c] or area_p[c]},
+                **{f"union_{c}": float(area_t[c] + area_p[c] - inter[c]) for c in range(SEMSEG_CLASSES)
+                   if area_t[c] or area_p[c]}}
+
+    def summarise(self, sums):
+        ious = [sums[f"inter_{c}"] / sums[f"union_{c}"] for c in range(SEMSEG_CLASSES)
+                if sums.get(f"union_{c}", 0) > 0]
+        return {"accuracy": sums["correct"] / max(sums["valid"], 1), "miou": float(np.mean(ious)) if ious else 0.0}
+
+    def to_rgb(self, target):
+        ids = target[0].long().clamp(0, 255).numpy()
+        rng = np.random.default_rng(0)
+        palette = rng.integers(0, 256, size=(256, 3), dtype=np.uint8)
+        palette[IGNORE] = 0
+        return palette[ids]
+
+    def normalisation(self):
+        return {"target": "class ids 0..132, 255 unlabelled (ignored by the loss)",
+                "input": "one-hot over 134 channels (255 -> channel 133)", "interpolation": "nearest",
+                "output": "133 class logits"}
+
+
+@dataclass(frozen=True)
+class FeatureMapAdapter(Adapter):
+    """Teacher patch features ``[h, w, C]`` covering the stored rgb: the crop box is mapped to the feature grid and
+    sampled bilinearly (ROI align) onto the tokenizer's grid; flipping flips the grid."""
+
+    interpolation: str = "roi_align"
+    scale: float = 1.0
+    loss_name: str = "smooth_l1+cosine"
+    kind: ClassVar[str] = "feature"
+
+    def prepare(self, label, crop, image_hw):
+        from torchvision.ops import roi_align
+
+        arr = np.asarray(label, dtype=np.float32)
+        if arr.ndim != 3:
+            raise ValueError(f"{self.source} features must be [h, w, C], got shape {arr.shape}")
+        fh, fw = arr.shape[:2]
+        top, left, h, w = (float(v) for v in crop[:4])
+        sy, sx = fh / image_hw[0], fw / image_hw[1]
+        box = torch.tensor([[0, left * sx, top * sy, (left + w) * sx, (top + h) * sy]], dtype=torch.float32)
+        feat = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None]
+        t = roi_align(feat, box, output_size=(self.size, self.size), spatial_scale=1.0, sampling_ratio=0,
+                      aligned=True)[0]
+        if int(crop[4]):
+            t = torch.flip(t, dims=[-1])
+        return t.contiguous()
+
+    def to_input(self, target):
+        return target
+
+    def reconstruct(self, pred):
+        return pred
+
+    def loss(self, pred, target):
+        cos = F.cosine_similarity(pred, target, dim=1).mean()
+        return F.smooth_l1_loss(pred, target) + (1 - cos)
+
+    def baseline(self, target):
+        return target.mean(dim=(0, 2, 3), keepdim=True).expand_as(target)
+
+    def metrics(self, pred, target):
+        se = ((pred - target) ** 2).flatten(1).sum(1)
+        cos = F.cosine_similarity(pred, target, dim=1).flatten(1).mean(1)
+        return {"n": float(target.shape[0]), "se": float(se.sum()), "n_values": float(target[0].numel() *
+                                                                                     target.shape[0]),
+                "cos_sum": float(cos.sum())}
+
+    def summarise(self, sums):
+        return {"mse": sums["se"] / max(sums["n_values"], 1), "cosine": sums["cos_sum"] / max(sums["n"], 1)}
+
+    def to_rgb(self, target):
+        flat = target.flatten(1).t()  # [S*S, C]
+        v = flat[:, :3] if flat.shape[1] >= 3 else flat.repeat(1, 3)[:, :3]
+        v = (v - v.min(0).values) / (v.max(0).values - v.min(0).values).clamp_min(1e-6)
+        return (v.reshape(self.size, self.size, 3).numpy() * 255).round().astype(np.uint8)
+
+    def normalisation(self):
+        return {"target": "teacher features as stored (float)", "input": "features", "interpolation":
+                "crop box mapped onto the feature grid, bilinear ROI align (torchvision.ops.roi_align)"}
+
+
+@dataclass(frozen=True)
+class VectorAdapter(Adapter):
+    """Global embeddings (cosine loss) and the 207-d body pose (smooth L1); no geometry."""
+
+    interpolation: str = "none"
+    scale: float = 1.0
+    kind: ClassVar[str] = "vector"
+    model_family: ClassVar[str] = "mlp"
+
+    def prepare(self, label, crop, image_hw):
+        v = torch.from_numpy(np.asarray(label, dtype=np.float32).reshape(-1).copy())
+        if v.numel() != self.in_channels and self.in_channels:
+            raise ValueError(f"{self.source} vector has {v.numel()} values, expected {self.in_channels}")
+        return v
+
+    def to_input(self, target):
+        return target
+
+    def reconstruct(self, pred):
+        return pred
+
+    def loss(self, pred, target):
+        if self.loss_name == "cosine":
+            return 1 - F.cosine_similarity(pred, target, dim=-1).mean()
+        return F.smooth_l1_loss(pred, target)
+
+    def baseline(self, target):
+        return target.mean(dim=0, keepdim=True).expand_as(target)
+
+    def metrics(self, pred, target):
+        se = ((pred - target) ** 2).sum(-1)
+        cos = F.cosine_similarity(pred, target, dim=-1)
+        return {"n": float(target.shape[0]), "se": float(se.sum()), "n_values": float(target.numel()),
+                "cos_sum": float(cos.sum())}
+
+    def summarise(self, sums):
+        return {"mse": sums["se"] / max(sums["n_values"], 1), "cosine": sums["cos_sum"] / max(sums["n"], 1)}
+
+    def to_rgb(self, target):
+        raise ValueError(f"{self.source}: vectors have no picture")
+
+    def normalisation(self):
+        return {"target": "the vector as stored (float)", "input": "the vector", "loss": self.loss_name}
+
+
+@dataclass(frozen=True)
+class MaskAdapter(EdgeAdapter):
+    """SAM instance masks: a 64x64 binary mask of the instance inside its own box (BCE)."""
+
+    pos_weight: float = 1.0  # masks fill most of their own box: no re-weighting
+    kind: ClassVar[str] = "mask"
+
+    def prepare(self, label, crop=None, image_hw=None):
+        m = torch.as_tensor(np.asarray(label, dtype=np.float32))
+        if m.shape != (self.size, self.size):
+            raise ValueError(f"instance masks must be {self.size}x{self.size}, got {tuple(m.shape)}")
+        return m[None]
+
+    def metrics(self, pred, target):
+        out = super().metrics(pred, target)
+        hard = self.reconstruct(pred) > 0.5
+        t = target > 0.5
+        out["iou_inter"] = float((hard & t).sum())
+        out["iou_union"] = float((hard | t).sum())
+        return out
+
+    def summarise(self, sums):
+        out = super().summarise(sums)
+        out["iou"] = sums["iou_inter"] / max(sums["iou_union"], 1)
+        return out
+
+
+# ---------------------------------------------------------------------- the table
+
+FEATURE_GRID = {"clip": 14, "dinov2": 16, "imagebind": 16}  # 224 / patch 16 and 224 / patch 14, as 4M
+
+
+def adapter_for(source: str, in_channels: int | None = None) -> Adapter:
+    """The adapter of a source modality; ``in_channels`` is needed for feature maps and vectors."""
+    if source == "rgb":
+        return Adapter("rgb", 3, 3)
+    if source == "depth":
+        return Adapter("depth", 1, 1, scale=65535.0, loss_name="l1")
+    if source == "normal":
+        return NormalAdapter("normal", 3, 3, loss_name="l1")
+    if source in ("canny_edge", "sam_edge"):
+        return EdgeAdapter(source, 1, 1)
+    if source == "semseg_coco":
+        return SemsegAdapter("semseg_coco")
+    if source in FEATURE_GRID:
+        c = int(in_channels or 0)
+        return FeatureMapAdapter(source, c, c, size=FEATURE_GRID[source])
+    if source in ("dinov2_global", "imagebind_global", "clip_global"):
+        c = int(in_channels or 0)
+        return VectorAdapter(source, c, c, loss_name="cosine")
+    if source == "human_poses":
+        return VectorAdapter("human_poses", 207, 207, loss_name="smooth_l1")
+    if source == "sam_instance":
+        return MaskAdapter("sam_instance", 1, 1, size=64)
+    raise ValueError(f"no tokenizer input defined for modality {source!r}")
+
+
+def body_poses(value: Any) -> list[np.ndarray]:
+    """The 207-d body poses (23 x 3 x 3 rotation matrices, flattened) of every person in a ``human_poses`` label.
+
+    Accepts a list of per-person dicts or 4M's dict of per-person lists."""
+    if not value:
+        return []
+    if isinstance(value, dict):
+        bodies = (value.get("pred_smpl_params") or {}).get("body_pose") or []
+    else:
+        bodies = [(p.get("pred_smpl_params") or {}).get("body_pose") for p in value if isinstance(p, dict)]
+    out = []
+    for b in bodies:
+        arr = np.asarray(b, dtype=np.float32).reshape(-1)
+        if arr.size != 207:
+            raise ValueError(f"body_pose must have 23x3x3 = 207 values, got {arr.size}")
+        out.append(arr)
+    return out
+
+
+def instance_mask_in_box(contour: np.ndarray, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """A SAM instance as the SAM-instance tokenizer sees it: its filled contour (OpenCV ``(P, 1, 2)`` x, y in crop
+    pixels) drawn into a ``size`` x ``size`` mask spanning the instance's own box; returns (mask, bbox) with bbox
+    ``[ymin, xmin, ymax, xmax]`` in crop pixels (4M's layout)."""
+    import cv2
+
+    pts = np.asarray(contour, dtype=np.float64).reshape(-1, 2)
+    xmin, ymin = pts.min(0)
+    xmax, ymax = pts.max(0)
+    scaled = np.empty_like(pts)
+    scaled[:, 0] = (pts[:, 0] - xmin) / max(xmax - xmin, 1e-6) * size
+    scaled[:, 1] = (pts[:, 1] - ymin) / max(ymax - ymin, 1e-6) * size
+    mask = np.zeros((size, size), dtype=np.uint8)
+    cv2.drawContours(mask, [np.round(scaled).astype(np.int32).reshape(-1, 1, 2)], 0, 255, thickness=cv2.FILLED)
+    return (mask > 0).astype(np.float32), np.array([ymin, xmin, ymax, xmax], dtype=np.float32)

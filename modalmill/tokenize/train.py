@@ -1,0 +1,504 @@
+"""Training a tokenizer on a labeled output: presets, the training loop, Ray Train, evaluation and reports.
+
+``train_tokenizer(modality, data=OUT)`` trains a tokenizer for one source modality on the labeled shards of
+``OUT`` with Ray Train's ``TorchTrainer`` (``workers`` data-parallel workers on the embedded Ray, on CPU or
+GPU, or on a cluster via ``address``), or in this process with ``use_ray=False``. The loop streams random
+crops (:mod:`modalmill.tokenize.data`), shows a tqdm bar with loss, reconstruction error and codebook usage, and
+writes a resumable training state every ``checkpoint_every`` steps: running the same command again continues
+from the last state (``force=True`` starts over). At the end rank 0 exports the checkpoint and evaluates the
+model on held-out samples: reconstruction error (MSE/PSNR; accuracy/mIoU for class maps; cosine for features),
+codebook usage (% of codes used) and perplexity, before vs after training and against a trivial baseline, saved
+as ``report.json`` beside a picture of originals and reconstructions (``reconstructions.png``).
+
+Presets (``tiny`` for tests and the demo, ``small``, ``base`` = 4M's sizes and vocabularies) are merged with a
+config file (YAML or JSON with ``model:`` and ``train:`` sections).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+from ..pipeline import storage
+from ..schemas.modalities import TOKEN_MODALITIES, get_modality
+from . import checkpoint as ckpt
+from .adapters import adapter_for
+
+PRESETS = ("tiny", "small", "base")
+
+# source modality -> token modality (4M's folder names)
+TOKEN_OF = {src: tok for tok, (src, _v, _n) in TOKEN_MODALITIES.items()}
+# sources without a tok_* folder: tokens are stored inside their own JSON/npy (4M's pose_tokenized, token_ids)
+EXTRA_TOKENS = {"human_poses": (1024, 8), "sam_instance": (1024, 16)}
+
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "steps": 20000, "batch_size": 32, "lr": 1e-4, "min_lr": 0.0, "warmup_steps": 500, "weight_decay": 0.05,
+    "betas": [0.9, 0.99], "grad_clip": 1.0, "codebook_weight": 1.0, "seed": 0, "crops_per_sample": 2,
+    "stored_crop_prob": 0.5, "min_crop_scale": 0.8, "hflip_prob": 0.5, "holdout_fraction": 0.1,
+    "shuffle_buffer": 256, "max_eval_items": 256, "log_every": 10, "checkpoint_every": 500, "n_pictures": 8,
+}
+
+
+def vocab_and_tokens(source: str) -> tuple[int, int, str | None]:
+    """(registry vocab size, tokens per crop, token modality or None) for a source modality."""
+    if source in TOKEN_OF:
+        spec = get_modality(TOKEN_OF[source])
+        return spec.vocab_size, spec.n_tokens, spec.name
+    if source in EXTRA_TOKENS:
+        v, n = EXTRA_TOKENS[source]
+        return v, n, None
+    raise ValueError(f"no tokenizer is defined for modality {source!r}; tokenizable: "
+                     f"{', '.join(sorted(list(TOKEN_OF) + list(EXTRA_TOKENS)))}")
+
+
+def _fsq_levels(vocab: int) -> list[int]:
+    """FSQ levels whose product is at most ``vocab`` (after the FSQ paper's level sets)."""
+    table = {64: [4, 4, 4], 256: [8, 6, 5], 1024: [8, 5, 5, 5], 4096: [8, 8, 8, 8], 8192: [8, 8, 8, 4, 4],
+             16384: [8, 8, 8, 8, 4]}
+    fits = [k for k in table if k <= vocab]
+    return table[max(fits)] if fits else [4, 4, 4]
+
+
+def default_config(source: str, preset: str = "base", quantizer: str | None = None,
+                   in_channels: int | None = None) -> dict[str, Any]:
+    """The model + train config of a preset for ``source`` (4M's architecture family and vocabulary for ``base``)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose {', '.join(PRESETS)}")
+    vocab, n_tokens, tok = vocab_and_tokens(source)
+    ad = adapter_for(source, in_channels)
+    train = dict(TRAIN_DEFAULTS)
+    if ad.model_family == "mlp":
+        width = {"tiny": 64, "small": 256, "base": 1024}[preset]
+        blocks = {"tiny": 1, "small": 2, "base": 6}[preset]
+        codes = {"tiny": 64, "small": min(vocab, 1024), "base": vocab}[preset]
+        qtype = quantizer or "memcodes"
+        if qtype == "memcodes":
+            q = {"type": "memcodes", "dim": n_tokens * (8 if preset == "tiny" else 64), "codebook_size": codes,
+                 "heads": n_tokens, "temperature": 1.0}
+        elif qtype == "vq":
+            q = {"type": "vq", "dim": 32, "codebook_size": codes, "decay": 0.99, "threshold_ema_dead_code": 2.0,
+                 "commitment_weight": 1.0}
+        else:
+            q = {"type": "fsq", "levels": _fsq_levels(codes)}
+        model = {"family": "mlp", "in_channels": ad.in_channels, "width": width, "blocks": blocks, "expansion": 4,
+                 "n_tokens": n_tokens, "quantizer": q}
+        train.update(crops_per_sample=1, min_crop_scale=0.2, stored_crop_prob=1.0)
+    else:
+        if source in ("clip", "dinov2", "imagebind"):
+            image_size, patch = ad.size, 1
+            train.update(min_crop_scale=0.2)
+        elif source == "sam_instance":
+            image_size, patch = 64, 16
+        else:
+            image_size, patch = 224, 16
+        dim, depth, heads = {"tiny": (64, 1, 2), "small": (384, 6, 6), "base": (768, 12, 12)}[preset]
+        codes = {"tiny": 256, "small": min(vocab, 4096), "base": vocab}[preset]
+        qtype = quantizer or "vq"
+        if qtype == "vq":
+            q = {"type": "vq", "dim": 16 if preset == "tiny" else 32, "codebook_size": codes,
+                 "decay": 0.99 if preset != "tiny" else 0.9, "threshold_ema_dead_code": 2.0,
+                 "commitment_weight": 1.0}
+        elif qtype == "fsq":
+            q = {"type": "fsq", "levels": _fsq_levels(codes)}
+        else:
+            raise ValueError("spatial tokenizers take a vq or fsq quantizer (memcodes is for vectors)")
+        model = {"family": "spatial", "in_channels": ad.in_channels, "out_channels": ad.out_channels,
+                 "image_size": image_size, "patch_size": patch, "dim": dim, "enc_depth": depth, "dec_depth": depth,
+                 "heads": heads, "mlp_ratio": 4.0, "post_mlp": True, "quantizer": q}
+    if preset == "tiny":
+        train.update(steps=200, batch_size=8, lr=2e-3, warmup_steps=20, weight_decay=0.0, checkpoint_every=100,
+                     max_eval_items=64, holdout_fraction=0.2)
+    elif preset == "small":
+        train.update(steps=5000, batch_size=16, lr=5e-4, warmup_steps=200)
+    return {"modality": source, "token_modality": tok, "vocab_size": vocab, "preset": preset, "model": model,
+            "train": train}
+
+
+def _merge(base: dict, override: dict, where: str = "config") -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (override or {}).items():
+        if k not in out:
+            raise ValueError(f"{where}: unknown key {k!r}; known: {', '.join(sorted(out))}")
+        if isinstance(out[k], dict) and isinstance(v, dict) and k != "quantizer":
+            out[k] = _merge(out[k], v, f"{where}.{k}")
+        else:
+            out[k] = v
+    return out
+
+
+def load_config_file(path: str) -> dict:
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such config file") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a tokenizer config is a mapping with 'model:' and/or 'train:' sections")
+    bad = sorted(set(data) - {"model", "train", "preset", "quantizer"})
+    if bad:
+        raise ValueError(f"{path}: unknown section(s) {bad}; use model:, train:, preset:, quantizer:")
+    return data
+
+
+def resolve_config(source: str, data: str, preset: str | None = None, overrides: dict | None = None,
+                   quantizer: str | None = None) -> dict[str, Any]:
+    """Preset defaults for ``source`` merged with ``overrides`` ({'model': ..., 'train': ...}), checked against the
+    registry (tokens per crop, vocabulary) and completed with the data's channel count where needed."""
+    from .data import TokenizerData
+
+    overrides = dict(overrides or {})
+    preset = overrides.pop("preset", None) or preset or "base"
+    quantizer = overrides.pop("quantizer", None) or quantizer
+    in_channels = None
+    if adapter_for(source, 1).kind in ("feature", "vector") and source != "human_poses":
+        first = TokenizerData(data, source, 0.0).first_label()
+        in_channels = int(np.asarray(first).shape[-1])
+    cfg = default_config(source, preset, quantizer, in_channels)
+    if "quantizer" in (overrides.get("model") or {}):
+        cfg["model"]["quantizer"] = dict(overrides["model"]["quantizer"])
+    cfg["model"] = _merge(cfg["model"], {k: v for k, v in (overrides.get("model") or {}).items()
+                                         if k != "quantizer"}, "model")
+    cfg["train"] = _merge(cfg["train"], overrides.get("train") or {}, "train")
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: dict[str, Any]) -> None:
+    from .quantizers import codebook_size_of
+
+    source = cfg["modality"]
+    vocab, n_tokens, _ = vocab_and_tokens(source)
+    m = cfg["model"]
+    size = codebook_size_of(m["quantizer"])
+    if size > vocab:
+        raise ValueError(f"{source}: the quantizer has {size} codes, more than the {vocab} the token modality allows")
+    if m["family"] == "spatial":
+        got = (m["image_size"] // m["patch_size"]) ** 2
+    else:
+        got = m["n_tokens"]
+    if got != n_tokens:
+        raise ValueError(f"{source}: this architecture makes {got} tokens per crop; 4M's layout needs {n_tokens}")
+
+
+# ---------------------------------------------------------------------- the loop
+
+
+def _lr_at(step: int, t: dict) -> float:
+    if step < t["warmup_steps"]:
+        return t["lr"] * (step + 1) / max(1, t["warmup_steps"])
+    progress = (step - t["warmup_steps"]) / max(1, t["steps"] - t["warmup_steps"])
+    return t["min_lr"] + 0.5 * (t["lr"] - t["min_lr"]) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _usage(indices, size: int) -> tuple[float, float, int]:
+    import torch
+
+    counts = torch.bincount(indices.reshape(-1).long(), minlength=size).double()
+    p = counts / counts.sum().clamp_min(1)
+    nz = p[p > 0]
+    perplexity = float(torch.exp(-(nz * nz.log()).sum()))
+    used = int((counts > 0).sum())
+    return used / size, perplexity, used
+
+
+def evaluate(model, adapter, targets, device, batch_size: int = 32) -> dict[str, Any]:
+    """Reconstruction metrics, codebook usage and perplexity on ``targets`` (eval mode, no state change)."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    all_idx = []
+    with torch.inference_mode():
+        for i in range(0, len(targets), batch_size):
+            t = targets[i:i + batch_size].to(device)
+            pred, q = model(adapter.to_input(t))
+            all_idx.append(q.indices.cpu())
+            for k, v in adapter.metrics(pred.float().cpu(), t.cpu()).items():
+                sums[k] = sums.get(k, 0.0) + v
+    model.train(was_training)
+    out = adapter.summarise(sums)
+    usage, ppl, used = _usage(torch.cat(all_idx), model.quantizer.codebook_size)
+    out.update(codebook_usage=usage, codes_used=used, codebook_size=model.quantizer.codebook_size,
+               perplexity=ppl, items=len(targets))
+    return out
+
+
+def baseline_metrics(adapter, targets) -> dict[str, Any]:
+    """The metrics of a trivial prediction (the held-out mean everywhere / the most frequent class)."""
+    pred = adapter.baseline(targets)
+    return adapter.summarise(adapter.metrics(pred, targets))
+
+
+def reconstruction_picture(model, adapter, targets, device, n: int) -> bytes | None:
+    """PNG: one row per held-out crop, original | reconstruction."""
+    import torch
+    from PIL import Image
+
+    if adapter.kind == "vector" or n <= 0:
+        return None
+    t = targets[:n].to(device)
+    with torch.inference_mode():
+        pred, _ = model.eval()(adapter.to_input(t))
+    rec = adapter.reconstruct(pred.float()).cpu()
+    rows = [np.concatenate([adapter.to_rgb(a.cpu()), np.full((a.shape[-2], 4, 3), 255, np.uint8),
+                            adapter.to_rgb(b)], axis=1) for a, b in zip(t, rec)]
+    pic = np.concatenate([np.concatenate([r, np.full((4, r.shape[1], 3), 255, np.uint8)]) for r in rows])
+    scale = max(1, 128 // targets.shape[-1])
+    img = Image.fromarray(pic)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return info
+
+
+def train_loop(loop: dict[str, Any]) -> None:
+    """The per-worker training function (Ray Train's ``train_loop_per_worker``, or called directly)."""
+    import torch
+
+    from .data import TokenizerData, holdout_items, train_batches
+    from .models import build_model
+
+    cfg, out, data_root = loop["config"], loop["out"], loop["data"]
+    t = cfg["train"]
+    use_ray = loop.get("ray", False)
+    if use_ray:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        device = ray.train.torch.get_device()
+        threads = int(os.environ.get("OMP_NUM_THREADS") or 0)
+        if threads > 0:
+            torch.set_num_threads(threads)
+    else:
+        rank, world = 0, 1
+        device = torch.device(loop.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    t0 = time.perf_counter()
+    adapter = adapter_for(cfg["modality"], cfg["model"].get("in_channels"))
+    data = TokenizerData(data_root, cfg["modality"], t["holdout_fraction"])
+    torch.manual_seed(t["seed"])
+    model = build_model(cfg["model"])
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or name.endswith(".pos") else decay).append(p)
+    optim = torch.optim.AdamW([{"params": decay, "weight_decay": t["weight_decay"]},
+                               {"params": no_decay, "weight_decay": 0.0}], lr=t["lr"], betas=tuple(t["betas"]))
+    start, extra = 0, {"history": [], "before": None, "train_seconds": 0.0}
+    state = ckpt.load_train_state(out)
+    if state is not None:
+        if _without_steps(state["config"]) != _without_steps(cfg):
+            raise ValueError(f"{out} holds a tokenizer trained with another config; use another --out or --force")
+        model.load_state_dict(state["model"])
+        optim.load_state_dict(state["optim"])
+        start, extra = state["step"], state["extra"]
+    model.to(device)
+    held = holdout_items(data, adapter, t["max_eval_items"]) if rank == 0 else None
+    if rank == 0 and extra.get("before") is None:
+        extra["before"] = evaluate(model, adapter, held, device)
+    net = model
+    if world > 1:
+        import ray.train.torch
+
+        net = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+    net.train()
+    batches = train_batches(data, adapter, batch_size=t["batch_size"], rank=rank, world=world,
+                            seed=t["seed"] + start, crops_per_sample=t["crops_per_sample"],
+                            stored_crop_prob=t["stored_crop_prob"], min_crop_scale=t["min_crop_scale"],
+                            hflip_prob=t["hflip_prob"], shuffle_buffer=t["shuffle_buffer"])
+    show = rank == 0 and loop.get("progress", True) and os.environ.get("TQDM_DISABLE") != "1"
+    if use_ray:
+        from ray.experimental.tqdm_ray import tqdm
+    else:
+        from tqdm.auto import tqdm
+    bar = tqdm(total=t["steps"], initial=start, desc=f"train {cfg['modality']}", unit="step", disable=not show) \
+        if show else None
+    window_idx: list = []
+    size = model.quantizer.codebook_size
+    run_t0 = time.perf_counter()
+    step = start
+    while step < t["steps"]:
+        target = next(batches).to(device)
+        for g in optim.param_groups:
+            g["lr"] = _lr_at(step, t)
+        pred, q = net(adapter.to_input(target))
+        rec_loss = adapter.loss(pred, target)
+        loss = rec_loss + t["codebook_weight"] * q.aux_loss
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        if t["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), t["grad_clip"])
+        optim.step()
+        step += 1
+        window_idx.append(q.indices.detach().cpu())
+        window_idx = window_idx[-20:]
+        if step % t["log_every"] == 0 or step == t["steps"]:
+            usage, ppl, _ = _usage(torch.cat(window_idx), size)
+            metrics = {"step": step, "loss": float(loss), "recon": float(rec_loss), "usage": usage,
+                       "perplexity": ppl, "lr": optim.param_groups[0]["lr"]}
+            extra["history"].append([step, round(float(loss), 6), round(float(rec_loss), 6), round(usage, 4)])
+            if bar is not None:
+                bar.set_postfix(loss=f"{float(loss):.4f}", recon=f"{float(rec_loss):.4f}", usage=f"{usage:.0%}")
+            if use_ray:
+                import ray.train
+
+                ray.train.report(metrics)
+        if bar is not None:
+            bar.update(1)
+        if rank == 0 and (step % t["checkpoint_every"] == 0 or step == t["steps"]):
+            extra["train_seconds"] = extra.get("train_seconds", 0.0) + time.perf_counter() - run_t0
+            run_t0 = time.perf_counter()
+            ckpt.save_train_state(out, model, optim, step, cfg, extra)
+    if bar is not None:
+        bar.close()
+    if rank != 0:
+        return
+    extra["train_seconds"] = extra.get("train_seconds", 0.0) + time.perf_counter() - run_t0
+    model.eval()
+    location = ckpt.save_tokenizer(model, export_config(cfg, data_root, step, world), out)
+    after = evaluate(model, adapter, held, device)
+    report = {
+        "modality": cfg["modality"], "token_modality": cfg["token_modality"], "checkpoint": location,
+        "checkpoint_hash": ckpt.checkpoint_hash(location), "preset": cfg["preset"],
+        "quantizer": cfg["model"]["quantizer"]["type"], "codebook_size": size, "steps": step, "workers": world,
+        "device": str(device), "train_seconds": round(extra["train_seconds"], 2),
+        "seconds_this_run": round(time.perf_counter() - t0, 2), "machine": machine(),
+        "held_out": {"samples": len(data.holdout), "items": int(len(held)), "of_samples": data.n_keys},
+        "before": extra["before"], "after": after, "baseline": baseline_metrics(adapter, held),
+        "history": extra["history"],
+    }
+    pic = reconstruction_picture(model, adapter, held, device, t["n_pictures"])
+    if pic is not None:
+        storage.write_bytes(storage.join(out, ckpt.PICTURE_FILE), pic)
+        report["picture"] = storage.join(out, ckpt.PICTURE_FILE)
+    storage.write_bytes(storage.join(out, ckpt.REPORT_FILE), json.dumps(report, indent=1, sort_keys=True).encode())
+
+
+def _without_steps(cfg: dict) -> dict:
+    c = copy.deepcopy(cfg)
+    c["train"].pop("steps", None)
+    return c
+
+
+def export_config(cfg: dict[str, Any], data_root: str, steps: int, world: int) -> dict[str, Any]:
+    ad = adapter_for(cfg["modality"], cfg["model"].get("in_channels"))
+    return {"format": ckpt.FORMAT, "modality": cfg["modality"], "token_modality": cfg["token_modality"],
+            "vocab_size": cfg["vocab_size"], "n_tokens": vocab_and_tokens(cfg["modality"])[1],
+            "input_size": ad.size, "normalisation": ad.normalisation(), "model": cfg["model"],
+            "training": {"data": data_root, "steps": steps, "workers": world, "preset": cfg["preset"],
+                         **{k: cfg["train"][k] for k in ("batch_size", "lr", "seed", "holdout_fraction")}}}
+
+
+# ---------------------------------------------------------------------- the driver
+
+
+def default_out(data: str, source: str) -> str:
+    return storage.join(data, "_modalmill", "tokenizers", source)
+
+
+def train_tokenizer(modality: str, data: str, out: str | None = None, *, config: dict | str | None = None,
+                    preset: str | None = None, quantizer: str | None = None, steps: int | None = None,
+                    workers: int = 1, use_gpu: bool = False, cpus_per_worker: float | None = None,
+                    address: str | None = None, use_ray: bool = True, force: bool = False,
+                    show_progress: bool = True, max_failures: int = 1) -> dict[str, Any]:
+    """Train (or resume) a tokenizer for ``modality`` on the labeled output ``data``; returns the report."""
+    if modality == "sam_instance":
+        raise ValueError("sam_instance tokenizer training needs the SAM labeler's instance masks (issue 3), which "
+                         "this tree does not produce yet; the model is modalmill.tokenize.models.SpatialVQVAE with "
+                         "default_config('sam_instance')")
+    overrides = load_config_file(config) if isinstance(config, str) else dict(config or {})
+    if steps is not None:
+        overrides.setdefault("train", {})
+        overrides["train"] = {**overrides["train"], "steps": int(steps)}
+    cfg = resolve_config(modality, data, preset, overrides, quantizer)
+    out = out or default_out(data, modality)
+    if force:
+        for name in (ckpt.STATE_FILE, ckpt.MODEL_FILE, ckpt.REPORT_FILE, ckpt.PICTURE_FILE, ckpt.CONFIG_FILE):
+            storage.remove(storage.join(out, name), missing_ok=True)
+    loop = {"config": cfg, "out": out, "data": data, "progress": show_progress}
+    if not use_ray:
+        train_loop(loop)
+    else:
+        _fit_on_ray(loop, workers, use_gpu, cpus_per_worker, address, max_failures)
+    return json.loads(storage.read_bytes(storage.join(out, ckpt.REPORT_FILE)))
+
+
+def _fit_on_ray(loop: dict, workers: int, use_gpu: bool, cpus_per_worker: float | None, address: str | None,
+                max_failures: int) -> None:
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ..pipeline.execute import init_ray
+
+    started = init_ray(address)
+    tmp = tempfile.mkdtemp(prefix="modalmill-train-")
+    try:
+        if cpus_per_worker is None:
+            total = ray.cluster_resources().get("CPU", 1)
+            cpus_per_worker = max(1, int(total // max(1, workers))) if not use_gpu else 1
+        trainer = TorchTrainer(
+            train_loop, train_loop_config={**loop, "ray": True},
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": cpus_per_worker,
+                                                               **({"GPU": 1} if use_gpu else {})}),
+            run_config=RunConfig(name=f"tokenizer-{loop['config']['modality']}-{random.getrandbits(32):08x}",
+                                 storage_path=tmp, failure_config=FailureConfig(max_failures=max_failures)))
+        result = trainer.fit()
+        if result.error is not None:
+            raise RuntimeError(f"tokenizer training failed: {result.error}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if started:
+            ray.shutdown()
+
+
+def format_report(r: dict[str, Any]) -> list[str]:
+    """A few lines summarising a training report."""
+    def fmt(m: dict) -> str:
+        keys = [k for k in ("mse", "psnr", "accuracy", "miou", "edge_f1", "cosine") if k in m]
+        return ", ".join(f"{k} {m[k]:.4g}" for k in keys)
+
+    a, b, base = r["after"], r["before"], r["baseline"]
+    return [
+        f"{r['modality']} tokenizer ({r['quantizer']}, {r['codebook_size']} codes, {r['steps']} steps, "
+        f"{r['workers']} worker(s), {r['train_seconds']:.0f} s training): {r['checkpoint']}",
+        f"  held-out ({r['held_out']['samples']} samples, {r['held_out']['items']} items): before {fmt(b)}",
+        f"  after {fmt(a)}  |  trivial baseline {fmt(base)}",
+        f"  codebook usage {a['codebook_usage']:.0%} ({a['codes_used']}/{a['codebook_size']}), perplexity "
+        f"{a['perplexity']:.1f} (before: {b['codebook_usage']:.0%}, {b['perplexity']:.1f})",
+    ] + ([f"  picture: {r['picture']}"] if r.get("picture") else [])

@@ -1,0 +1,225 @@
+"""The captioner (BLIP) and T5 caption embeddings: tiny random models of the real architectures with real
+tokenizers/processors saved locally, loaded through the real loading paths, run inside the Ray pipeline."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from modalmill.cli import main
+from modalmill.jobs.runner import EXIT_OK, run_job
+from modalmill.jobs.spec import job_from_dict
+from modalmill.labelers import get_labeler
+from modalmill.labelers.base import LabelFailure, LabelInput
+from modalmill.labelers.model import ModelLabeler
+from modalmill.labelers.weights import WeightsError, content_hash
+from modalmill.pipeline.manifest import read_manifest
+from modalmill.schemas.modalities import get_modality
+
+WORDS = ("a the of on in with and photo picture cat dog man woman person sitting standing red blue green white "
+         "tree house car street table cup coffee rocket sky space astronaut suit grass field").split()
+CORPUS = ["a photo of a cat sitting on the street", "a man riding a red bicycle", "two dogs playing in the green park",
+          "the astronaut in a white suit", "a cup of coffee on a wooden table", "a rocket on the launch pad"] * 20
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    import sentencepiece as spm
+    from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
+                              BlipProcessor, T5Config, T5EncoderModel)
+
+    d = tmp_path_factory.mktemp("text-weights")
+    # BLIP: model + processor (BERT WordPiece tokenizer, 32 px image processor), as Salesforce/blip-* repos
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
+    tok = BertTokenizer(vocab=vocab, do_lower_case=True)  # transformers 5 ignores vocab_file=: pass vocab=
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok)
+    cfg = BlipConfig(
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "encoder_hidden_size": 32, "max_position_embeddings": 64,
+                     "bos_token_id": 2, "sep_token_id": 3, "pad_token_id": 0, "eos_token_id": 3},
+        projection_dim=16)
+    torch.manual_seed(0)
+    BlipForConditionalGeneration(cfg).save_pretrained(d / "blip")
+    processor.save_pretrained(d / "blip")
+    # T5: a real SentencePiece model (spiece.model, as google/t5-v1_1-xxl ships) + a tiny encoder
+    t5 = d / "t5"
+    t5.mkdir()
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS), model_writer=buf, vocab_size=40,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   character_coverage=1.0, num_threads=1, minloglevel=2)
+    (t5 / "spiece.model").write_bytes(buf.getvalue())
+    (t5 / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer", "extra_ids": 0}))
+    T5EncoderModel(T5Config(vocab_size=40, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                            feed_forward_proj="gated-gelu")).save_pretrained(t5)
+    return {"caption": {"weights": str(d / "blip")}, "t5_caption": {"weights": str(t5)}, "dir": d}
+
+
+def tar_members(path) -> list[tuple[str, bytes]]:
+    with tarfile.open(path) as t:
+        return [(m.name, t.extractfile(m).read()) for m in t.getmembers()]
+
+
+def _inputs(n=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return [LabelInput(key=f"k{i}", image=rng.integers(0, 256, (40 + 10 * i, 60, 3), dtype=np.uint8),
+                       original_size=(60, 40 + 10 * i), crops=np.array([[0, 0, 40, 40, 0]])) for i in range(n)]
+
+
+# ---------------------------------------------------------------------- registry
+
+
+@pytest.mark.parametrize("name", ["caption", "t5_caption"])
+def test_registry_entry_is_complete_and_frozen(name):
+    cls = get_labeler(name)
+    assert issubclass(cls, ModelLabeler) and cls.stateful and cls.outputs == (name,)
+    for attr in ("version", "architecture", "weights", "weights_help", "license", "description"):
+        assert isinstance(getattr(cls, attr), str) and getattr(cls, attr).strip(), attr
+    fields = dataclasses.fields(cls.Config)
+    assert [(f.name, f.default) for f in fields[:3]] == [("weights", None), ("device", "auto"), ("dtype", "auto")]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cls.Config().weights = "elsewhere"
+    r = cls.default_resources
+    assert r.num_cpus >= 1 and 0 < r.num_gpus <= 1 and r.memory_mb > 0 and cls.default_batch_size >= 1
+    if name == "caption":
+        assert cls.weights == "Salesforce/blip-image-captioning-large" and cls.input_size == 384 and len(cls.mean) == 3
+        assert cls.make_config({"num_beams": 1}).num_beams == 1
+        with pytest.raises(ValueError, match="min_new_tokens"):
+            cls.make_config({"min_new_tokens": 50, "max_new_tokens": 10})
+    else:
+        assert cls.weights == "google/t5-v1_1-xxl" and cls.requires == ("caption",) and cls.Config().max_length == 77
+    out = CliRunner().invoke(main, ["labelers"]).output
+    row = next(line for line in out.splitlines() if line.startswith(name + " "))
+    assert cls.weights in row and cls.license in row and f"gpu={r.num_gpus:g}" in row
+
+
+# ---------------------------------------------------------------------- in the pipeline
+
+
+def test_captions_then_t5_embeddings_in_the_ray_pipeline(ray_local, demo_corpus, tiny, tmp_path):
+    """caption and t5_caption in one job (t5 reads the caption labels of the same job); then --only t5_caption
+    --force recomputes the embeddings from the stored captions and gets the same values."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "out"
+    data = {"input": os.path.join(demo_corpus, "shard-{00000..00001}.tar"), "output": str(out),
+            "modalities": ["rgb", "caption", "t5_caption"], "decode": {"max_size": 128},
+            "labelers": {n: {"config": {"weights": tiny[n]["weights"]}, "batch_size": 4,
+                             "resources": {"num_cpus": 0.5, "num_gpus": 0}} for n in ("caption", "t5_caption")}}
+    s = run_job(job_from_dict(data), show_progress=False)
+    assert s["exit_code"] == EXIT_OK and s["samples_written"] == 10, s
+
+    tok = AutoTokenizer.from_pretrained(tiny["t5_caption"]["weights"])
+    first = {}
+    for shard in ("shard-00000", "shard-00001"):
+        members = {m: tar_members(out / m / f"{shard}.tar") for m in ("rgb", "caption", "t5_caption")}
+        keys = [n.split(".", 1)[0] for n, _ in members["rgb"]]
+        assert len(keys) == 5
+        for m in ("caption", "t5_caption"):
+            assert [n.split(".", 1)[0] for n, _ in members[m]] == keys
+        for (cname, cap_b), (tname, t5_b) in zip(members["caption"], members["t5_caption"]):
+            assert cname.endswith(".json") and tname.endswith(".npz")
+            caps = json.loads(cap_b)
+            assert isinstance(caps, list) and len(caps) == 1 and isinstance(caps[0], str) and caps[0].strip()
+            assert all(w in WORDS for w in caps[0].split())  # words of the tiny vocabulary, special tokens removed
+            z = get_modality("t5_caption").decode(t5_b)
+            emb, mask = z["emb"], z["mask_valid"]
+            n_tok = len(tok(caps[0], truncation=True, max_length=77)["input_ids"])
+            assert emb.dtype == np.float16 and mask.dtype == np.bool_
+            assert emb.shape == (1, n_tok, 32) and mask.shape == (1, n_tok) and mask.all()
+            assert np.isfinite(emb).all() and emb.std() > 0.1
+            first[(shard, tname)] = emb
+
+    rows = read_manifest(str(out)).to_pylist()
+    assert len(rows) == 10 and all(r["status"] == "ok" for r in rows)
+    for r in rows:
+        prod = {p["modality"]: p for p in r["producers"]}
+        assert prod["caption"]["labeler"] == "caption" and prod["t5_caption"]["labeler"] == "t5_caption"
+        assert prod["caption"]["checkpoint"] == content_hash(tiny["caption"]["weights"])
+        assert prod["t5_caption"]["checkpoint"] == content_hash(tiny["t5_caption"]["weights"])
+
+    before = {m: (out / m / "shard-00000.tar").read_bytes() for m in ("rgb", "caption")}
+    s = run_job(job_from_dict(data), only=["t5_caption"], force=True, show_progress=False)
+    assert s["exit_code"] == EXIT_OK and s["shards_processed"] == 2, s
+    assert {m: (out / m / "shard-00000.tar").read_bytes() for m in ("rgb", "caption")} == before  # untouched
+    for shard in ("shard-00000", "shard-00001"):
+        for name, b in tar_members(out / "t5_caption" / f"{shard}.tar"):
+            again = get_modality("t5_caption").decode(b)["emb"]
+            np.testing.assert_allclose(again.astype(np.float32), first[(shard, name)].astype(np.float32),
+                                       rtol=1e-3, atol=1e-3)
+
+
+# ---------------------------------------------------------------------- in-process behaviour
+
+
+def test_captioning_is_deterministic_and_takes_a_prompt(tiny):
+    lab = get_labeler("caption")(tiny["caption"])
+    lab.setup()
+    batch = _inputs(3)
+    a, b = lab.process_batch(batch), lab.process_batch(batch)
+    assert a == b and all(isinstance(r["caption"][0], str) for r in a)
+    assert lab.process_batch(batch[1:2]) == a[1:2]  # batch composition does not change a caption
+    greedy = get_labeler("caption")({**tiny["caption"], "num_beams": 1, "max_new_tokens": 3, "min_new_tokens": 3})
+    greedy.setup()
+    short = greedy.process_batch(batch[:1])[0]["caption"][0]
+    assert 1 <= len(short.split()) <= 3
+    prompted = get_labeler("caption")({**tiny["caption"], "prompt": "a photo of"})
+    prompted.setup()
+    assert prompted.process_batch(batch[:1])[0]["caption"][0].startswith("a photo of")
+
+
+def test_t5_handles_caption_lists_and_reports_unusable_captions(tiny):
+    lab = get_labeler("t5_caption")(tiny["t5_caption"])
+    lab.setup()
+    batch = _inputs(5)
+    batch[0].labels = {"caption": ["a cat on the street", {"caption": "a red car"}, ""]}
+    batch[1].labels = {"caption": []}
+    batch[2].labels = {"caption": [42]}
+    batch[3].labels = {}
+    batch[4].labels = {"caption": "the astronaut in a white suit " * 30}  # longer than 77 tokens
+    res = lab.process_batch(batch)
+    z = res[0]["t5_caption"]
+    assert z["emb"].shape[0] == 3 and z["mask_valid"].shape == z["emb"].shape[:2]
+    lengths = z["mask_valid"].sum(axis=1)
+    assert lengths[2] == 1 and lengths[0] > lengths[1] > 1  # "" is just </s>
+    assert (z["emb"][~z["mask_valid"]] == 0).all()  # zeros past each caption's end
+    assert isinstance(res[1], LabelFailure) and "no caption" in res[1].reason
+    assert isinstance(res[2], LabelFailure) and "not a string" in res[2].reason
+    assert isinstance(res[3], LabelFailure)
+    assert res[4]["t5_caption"]["emb"].shape[1] == 77 and res[4]["t5_caption"]["mask_valid"].all()
+    alone = lab.process_batch([batch[0]])[0]["t5_caption"]
+    np.testing.assert_allclose(alone["emb"].astype(np.float32), z["emb"].astype(np.float32), rtol=1e-3, atol=1e-3)
+
+
+# ---------------------------------------------------------------------- weights errors
+
+
+def test_missing_weights_name_the_file_and_where_to_get_it(tmp_path):
+    for name, where in (("caption", "Salesforce/blip-image-captioning-large"), ("t5_caption", "google/t5-v1_1-xxl")):
+        missing = tmp_path / f"no-{name}"
+        with pytest.raises(WeightsError) as e:
+            get_labeler(name)({"weights": str(missing)}).setup()
+        assert str(missing) in str(e.value) and where in str(e.value)
+
+
+def test_mismatched_checkpoints_are_clear_errors(tiny, tmp_path):
+    with pytest.raises(WeightsError, match="holds a 'blip' model, expected t5"):
+        get_labeler("t5_caption")(tiny["caption"]).setup()
+    with pytest.raises(WeightsError, match="cannot load|does not fit"):
+        get_labeler("caption")(tiny["t5_caption"]).setup()  # a T5 encoder is no image-to-text model
+    no_tok = tmp_path / "t5-no-tokenizer"
+    no_tok.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (no_tok / f).write_bytes((tiny["dir"] / "t5" / f).read_bytes())
+    with pytest.raises(WeightsError, match="tokenizer"):
+        get_labeler("t5_caption")({"weights": str(no_tok)}).setup()
