@@ -26,7 +26,7 @@ import numpy as np
 
 from .base import LabelFailure, LabelInput, Resources, register_labeler
 from .dinov2 import load_pretrained, region_images
-from .model import ModelLabeler
+from .model import ModelConfig, ModelLabeler
 
 __all__ = ["CaptionLabeler", "T5CaptionLabeler", "caption_texts"]
 
@@ -78,10 +78,7 @@ class CaptionLabeler(ModelLabeler):
     description = "image captions (BLIP-large by default), deterministic beam search; JSON list of strings"
 
     @dataclass(frozen=True)
-    class Config:
-        weights: str | None = None  # model + processor directory: local, s3:// or hub id
-        device: str = "auto"
-        dtype: str = "auto"
+    class Config(ModelConfig):
         max_new_tokens: int = 30  # token budget per caption
         min_new_tokens: int = 5  # at least this many tokens (BLIP's captioning setting)
         num_beams: int = 3  # 1: greedy decoding; never sampling
@@ -196,10 +193,7 @@ class T5CaptionLabeler(ModelLabeler):
     description = "T5-XXL encoder embeddings of the captions (4M-21's t5_caption), npz emb float16 + mask_valid"
 
     @dataclass(frozen=True)
-    class Config:
-        weights: str | None = None  # model + tokenizer directory: local, s3:// or hub id
-        device: str = "auto"
-        dtype: str = "auto"  # auto: bf16 weights on GPU (XXL in fp32 is 19 GB), fp32 on CPU
+    class Config(ModelConfig):
         max_length: int = 77  # tokens per caption, </s> included (4M-21 reads at most 77)
 
         def __post_init__(self):

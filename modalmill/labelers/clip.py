@@ -22,7 +22,7 @@ from typing import Any
 
 from .base import LabelFailure, LabelInput, Resources, register_labeler
 from .dinov2 import IMAGENET_MEAN, IMAGENET_STD, check_region, region_images, to_float16
-from .model import ModelLabeler
+from .model import ModelConfig, ModelLabeler
 from .weights import WeightsError, load_into, load_state_dict
 
 __all__ = [
@@ -157,10 +157,7 @@ class CLIPLabeler(ModelLabeler):
     description = "CLIP ViT-B/16 projected patch features [14, 14, 512] and image embedding [512] at 224 (4M's teacher)"
 
     @dataclass(frozen=True)
-    class Config:
-        weights: str | None = None  # checkpoint file or directory: local, s3:// or hub id
-        device: str = "auto"
-        dtype: str = "auto"
+    class Config(ModelConfig):
         arch: str = "ViT-B-16-quickgelu"  # open_clip model name, or the path of an open_clip model-config .json
         region: str = "crop0"  # crop0: 4M's centre crop (crop_settings row 0) | full: the whole image, squashed
         normalize: str = "imagenet"  # imagenet: as 4M's tokenizer was trained | clip: OpenAI CLIP's mean/std

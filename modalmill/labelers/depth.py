@@ -52,6 +52,7 @@ __all__ = [
     "OmnidataNormalLabeler",
     "depth_to_uint16",
     "image_problem",
+    "split_usable",
     "load_pretrained",
     "normals_to_uint8",
     "omnidata_dpt_config",
@@ -74,6 +75,19 @@ def image_problem(image: Any) -> str | None:
     from .modelfree import _image_problem
 
     return _image_problem(image)
+
+
+def split_usable(batch: list[LabelInput]) -> tuple[list[Any], list[int]]:
+    """(results with a LabelFailure at every unusable image and None elsewhere, positions of the usable ones)."""
+    results: list[Any] = [None] * len(batch)
+    ok = []
+    for i, inp in enumerate(batch):
+        problem = image_problem(inp.image)
+        if problem:
+            results[i] = LabelFailure(problem)
+        else:
+            ok.append(i)
+    return results, ok
 
 
 def load_pretrained(model_cls, path: str, *, model_type: str, where: str, how_to_get: str = "", **kwargs):
@@ -363,6 +377,10 @@ class _OmnidataBase(ModelLabeler):
 
     out_channels: ClassVar[int] = 1
     official_file: ClassVar[str] = ""
+    input_size = 384
+    license = OMNIDATA_LICENSE
+    default_resources = Resources(num_cpus=1, num_gpus=0.25, memory_mb=3072)
+    default_batch_size = 16
 
     @dataclass(frozen=True)
     class Config(ModelConfig):
@@ -424,14 +442,7 @@ class _OmnidataBase(ModelLabeler):
 
     def _forward(self, batch: list[LabelInput]):
         """(valid positions, model output [B, C, s, s] float) for the usable images of ``batch``."""
-        results: list[Any] = [None] * len(batch)
-        ok = []
-        for i, inp in enumerate(batch):
-            problem = image_problem(inp.image)
-            if problem:
-                results[i] = LabelFailure(problem)
-            else:
-                ok.append(i)
+        results, ok = split_usable(batch)
         if not ok:
             return results, ok, None
         size = int(self.model.config.image_size)
@@ -461,18 +472,10 @@ class OmnidataDepthLabeler(_OmnidataBase):
     weights_help = ("download omnidata_dpt_depth_v2.ckpt from https://zenodo.org/records/10447888 "
                     "(EPFL-VILAB/omnidata tools/download_depth_models.sh) and set weights to its path, or convert "
                     "it once with `modalmill convert-weights omnidata_depth SRC DST` and set weights to DST")
-    input_size = 384
     mean = (0.5, 0.5, 0.5)
     std = (0.5, 0.5, 0.5)
-    license = OMNIDATA_LICENSE
-    default_resources = Resources(num_cpus=1, num_gpus=0.25, memory_mb=3072)
-    default_batch_size = 16
     out_channels = 1
     description = "Omnidata v2 DPT-Hybrid relative depth (4M-21's choice), per-image min/max to uint16, far = high"
-
-    @dataclass(frozen=True)
-    class Config(ModelConfig):
-        pass
 
     def predict(self, batch: list[LabelInput]) -> list[dict[str, Any] | LabelFailure]:
         results, ok, out = self._forward(batch)
@@ -503,18 +506,10 @@ class OmnidataNormalLabeler(_OmnidataBase):
     weights_help = ("download omnidata_dpt_normal_v2.ckpt from https://zenodo.org/records/10447888 "
                     "(EPFL-VILAB/omnidata tools/download_surface_normal_models.sh) and set weights to its path, or "
                     "convert it once with `modalmill convert-weights omnidata_normal SRC DST` and set weights to DST")
-    input_size = 384
     mean = (0.0, 0.0, 0.0)
     std = (1.0, 1.0, 1.0)
-    license = OMNIDATA_LICENSE
-    default_resources = Resources(num_cpus=1, num_gpus=0.25, memory_mb=3072)
-    default_batch_size = 16
     out_channels = 3
     description = "Omnidata v2 DPT-Hybrid surface normals (4M-21's choice), unit normals [-1, 1] -> 0..255"
-
-    @dataclass(frozen=True)
-    class Config(ModelConfig):
-        pass
 
     def predict(self, batch: list[LabelInput]) -> list[dict[str, Any] | LabelFailure]:
         results, ok, out = self._forward(batch)
@@ -574,14 +569,7 @@ class DepthAnythingLabeler(ModelLabeler):
                                where=f"{self.name} ({self.architecture})", how_to_get=self.weights_help)
 
     def predict(self, batch: list[LabelInput]) -> list[dict[str, Any] | LabelFailure]:
-        results: list[Any] = [None] * len(batch)
-        ok = []
-        for i, inp in enumerate(batch):
-            problem = image_problem(inp.image)
-            if problem:
-                results[i] = LabelFailure(problem)
-            else:
-                ok.append(i)
+        results, ok = split_usable(batch)
         if not ok:
             return results
         x = self.to_tensor([batch[i].image for i in ok], size=self.config.input_size)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .base import LabelFailure, LabelInput, Resources, register_labeler
-from .depth import IMAGENET_MEAN, IMAGENET_STD, image_problem, load_pretrained
+from .depth import IMAGENET_MEAN, IMAGENET_STD, load_pretrained, split_usable
 from .model import ModelConfig, ModelLabeler
 from .semseg import COCO_THING_CLASSES, check_class_names, letterbox
 
@@ -109,14 +109,7 @@ class DetrCocoLabeler(ModelLabeler):
         return model
 
     def predict(self, batch: list[LabelInput]) -> list[dict[str, Any] | LabelFailure]:
-        results: list[Any] = [None] * len(batch)
-        ok = []
-        for i, inp in enumerate(batch):
-            problem = image_problem(inp.image)
-            if problem:
-                results[i] = LabelFailure(problem)
-            else:
-                ok.append(i)
+        results, ok = split_usable(batch)
         if not ok:
             return results
         c = self.config

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from .base import LabelFailure, LabelInput, Resources, register_labeler
-from .model import ModelLabeler
+from .model import ModelConfig, ModelLabeler
 from .weights import WeightsError
 
 __all__ = [
@@ -155,10 +155,7 @@ class DINOv2Labeler(ModelLabeler):
     description = "DINOv2 ViT-B/14 patch features [16, 16, 768] and CLS embedding [768] at 224 (4M-21's teacher)"
 
     @dataclass(frozen=True)
-    class Config:
-        weights: str | None = None  # local dir, s3:// prefix or hub id; None: facebook/dinov2-base
-        device: str = "auto"  # auto | cpu | cuda | cuda:N
-        dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    class Config(ModelConfig):
         region: str = "crop0"  # crop0: 4M's centre crop (crop_settings row 0) | full: the whole image, squashed
         input_size: int = 224  # square input side; a multiple of the patch size (14): 224 -> 16 x 16 patches
 

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from .base import LabelFailure, LabelInput, Resources, register_labeler
-from .model import ModelLabeler
+from .model import ModelConfig, ModelLabeler
 from .sam import find_weights_file
 from .weights import WeightsError, load_into, load_state_dict
 
@@ -470,10 +470,7 @@ class Hmr2Labeler(ModelLabeler):
     description = "4D-Humans HMR 2.0 SMPL pose/shape/camera per detected person (needs det)"
 
     @dataclass(frozen=True)
-    class Config:
-        weights: str | None = None
-        device: str = "auto"
-        dtype: str = "auto"
+    class Config(ModelConfig):
         person_class: str = "person"  # det class_name taken as a person
         score_threshold: float = 0.5  # det score needed (HMR 2.0's demo keeps persons with score > 0.5)
         max_people: int = 0  # keep the highest-scoring N people per image; 0 = all

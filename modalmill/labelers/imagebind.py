@@ -56,7 +56,7 @@ from .clip import (
     visual_state_dict,
 )
 from .dinov2 import IMAGENET_MEAN, IMAGENET_STD, check_region, region_images, to_float16
-from .model import ModelLabeler
+from .model import ModelConfig, ModelLabeler
 from .weights import WeightsError, load_into, load_state_dict
 
 __all__ = ["IMAGEBIND_LN_EPS", "ImageBindLabeler", "imagebind_to_open_clip", "open_clip_to_imagebind"]
@@ -187,10 +187,7 @@ class ImageBindLabeler(ModelLabeler):
     description = "ImageBind-H/14 patch features [16, 16, 1280] and CLS feature [1280] at 224 (4M-21's teacher)"
 
     @dataclass(frozen=True)
-    class Config:
-        weights: str | None = None  # imagebind_huge.pth or a converted tower: local path or s3:// URL
-        device: str = "auto"
-        dtype: str = "auto"
+    class Config(ModelConfig):
         arch: str = "ViT-H-14"  # open_clip model name, or the path of an open_clip model-config .json
         region: str = "crop0"  # crop0: 4M's centre crop (crop_settings row 0) | full: the whole image, squashed
         normalize: str = "imagenet"  # imagenet: as 4M-21's tokenizers were trained | clip: ImageBind's own

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from .base import LabelFailure, LabelInput, Resources, register_labeler
-from .model import ModelLabeler
+from .model import ModelConfig, ModelLabeler
 from .weights import WeightsError, load_into, load_state_dict
 
 __all__ = ["SAM_VARIANTS", "SamLabeler", "build_sam", "find_weights_file", "infer_sam_encoder", "instance_edges",
@@ -222,10 +222,7 @@ class SamLabeler(ModelLabeler):
     description = "SAM ViT-H automatic instance masks: polygons/boxes/scores (sam_mask) and instance-map edges"
 
     @dataclass(frozen=True)
-    class Config:
-        weights: str | None = None
-        device: str = "auto"
-        dtype: str = "auto"
+    class Config(ModelConfig):
         model_type: str = "vit_h"  # vit_h | vit_l | vit_b | auto (encoder size read from the checkpoint)
         # SamAutomaticMaskGenerator settings (SAM's defaults, chosen by its authors for ViT-H)
         points_per_side: int = 32

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from .base import LabelFailure, LabelInput, Resources, register_labeler
-from .depth import IMAGENET_MEAN, IMAGENET_STD, image_problem, load_pretrained
+from .depth import IMAGENET_MEAN, IMAGENET_STD, load_pretrained, split_usable
 from .model import ModelConfig, ModelLabeler
 from .weights import WeightsError
 
@@ -140,14 +140,7 @@ class Mask2FormerCocoLabeler(ModelLabeler):
         return model
 
     def predict(self, batch: list[LabelInput]) -> list[dict[str, Any] | LabelFailure]:
-        results: list[Any] = [None] * len(batch)
-        ok = []
-        for i, inp in enumerate(batch):
-            problem = image_problem(inp.image)
-            if problem:
-                results[i] = LabelFailure(problem)
-            else:
-                ok.append(i)
+        results, ok = split_usable(batch)
         if not ok:
             return results
         size = self.config.input_size
