@@ -51,6 +51,9 @@ def _report(summary: dict) -> None:
 @click.version_option(__version__, prog_name="modalmill")
 def main():
     """modalmill: raw image corpora in, aligned 4M-style multimodal (token) datasets out."""
+    from .labelers import load_entry_points
+
+    load_entry_points()  # third-party labelers and their modalities, for every command (check, show, stats, ...)
 
 
 _common = [

@@ -25,95 +25,11 @@ from modalmill.labelers.semseg import COCO_PANOPTIC_CLASSES, COCO_THING_CLASSES,
 from modalmill.labelers.weights import WeightsError, content_hash
 from modalmill.pipeline import manifest
 from modalmill.schemas import get_modality
+from tests.tiny_models import (TEST_SETTINGS, save_official_omnidata, save_tiny_depth_anything, save_tiny_detr,
+                               save_tiny_mask2former, tiny_dpt)
 
 DENSE = ("omnidata_depth", "omnidata_normal", "depth_anything", "mask2former_coco", "detr_coco")
 CPU = {"num_cpus": 0.25, "num_gpus": 0, "memory_mb": 0}  # no GPU and no memory reservation on CI
-
-
-# ---------------------------------------------------------------------- tiny models (also used by the derived tests)
-
-
-def tiny_dpt_config():
-    from transformers import DPTConfig
-
-    # the DPT-Hybrid layout at toy size; 64-wide ViT (one 64-d head) and 32 BiT groups, as the official one
-    return DPTConfig(is_hybrid=True, hidden_size=64, num_hidden_layers=4, num_attention_heads=1,
-                     intermediate_size=128, image_size=64, patch_size=16, layer_norm_eps=1e-6,
-                     backbone_out_indices=[0, 1, 2, 3], reassemble_factors=[1, 1, 1, 0.5],
-                     neck_hidden_sizes=[128, 128, 32, 32], fusion_hidden_size=16, backbone_featmap_shape=[1, 128, 4, 4],
-                     backbone_config=dict(global_padding="same", layer_type="bottleneck", depths=[1, 1, 1],
-                                          hidden_sizes=[128, 128, 128], embedding_size=32, num_groups=32,
-                                          out_features=["stage1", "stage2", "stage3"], embedding_dynamic_padding=True))
-
-
-def tiny_dpt(out_channels: int, seed: int = 0):
-    torch.manual_seed(seed)
-    model = build_dpt(tiny_dpt_config(), out_channels).eval()
-    with torch.no_grad():  # random weights give ~0 after the head's ReLU: make the output vary around 0.5
-        model.head.head[4].weight.normal_(0, 3.0)
-        model.head.head[4].bias.fill_(0.5)
-    return model
-
-
-def save_official_omnidata(path: str, out_channels: int, seed: int = 0) -> str:
-    """A tiny DPT-Hybrid saved the way Omnidata's official .ckpt is: a Lightning dict, Omnidata's names."""
-    state = transformers_to_omnidata(tiny_dpt(out_channels, seed).state_dict())
-    state["model.pretrained.model.head.weight"] = torch.zeros(10, 64)  # timm's unused classifier, dropped
-    state["model.pretrained.model.head.bias"] = torch.zeros(10)
-    torch.save({"state_dict": state, "epoch": 3, "global_step": 1000}, path)
-    return path
-
-
-def save_tiny_depth_anything(path: str, seed: int = 0) -> str:
-    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
-
-    torch.manual_seed(seed)
-    backbone = Dinov2Config(image_size=56, patch_size=14, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                            intermediate_size=64, out_indices=[1, 2, 3, 4], reshape_hidden_states=False)
-    cfg = DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=32, patch_size=14,
-                              neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16, head_hidden_size=8,
-                              depth_estimation_type="relative")
-    model = DepthAnythingForDepthEstimation(cfg).eval()
-    with torch.no_grad():
-        model.head.conv3.bias.fill_(1.0)  # a positive disparity everywhere
-    model.save_pretrained(path)
-    return path
-
-
-def tiny_mask2former(n_labels: int = 133, names=COCO_PANOPTIC_CLASSES, seed: int = 0):
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
-
-    torch.manual_seed(seed)
-    swin = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
-                      window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"])
-    cfg = Mask2FormerConfig(backbone_config=swin, num_labels=n_labels, hidden_dim=32, mask_feature_size=32,
-                            feature_size=32, num_queries=10, encoder_layers=1, decoder_layers=2, dim_feedforward=64,
-                            num_attention_heads=2, encoder_feedforward_dim=64,
-                            id2label={i: names[i] for i in range(n_labels)} if names else None)
-    return Mask2FormerForUniversalSegmentation(cfg).eval()
-
-
-def save_tiny_mask2former(path: str, **kw) -> str:
-    tiny_mask2former(**kw).save_pretrained(path)
-    return path
-
-
-def tiny_detr(names=DETR_COCO_LABELS, seed: int = 0):
-    from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
-
-    torch.manual_seed(seed)
-    resnet = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], layer_type="basic",
-                          out_features=["stage4"])
-    cfg = DetrConfig(use_timm_backbone=False, backbone_config=resnet, use_pretrained_backbone=False, d_model=32,
-                     encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
-                     encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=20, num_labels=len(names),
-                     id2label=dict(enumerate(names)))
-    return DetrForObjectDetection(cfg).eval()
-
-
-def save_tiny_detr(path: str, **kw) -> str:
-    tiny_detr(**kw).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -129,16 +45,6 @@ def weights(tmp_path_factory):
         "mask2former_coco": save_tiny_mask2former(str(d / "mask2former")),
         "detr_coco": save_tiny_detr(str(d / "detr")),
     }
-
-
-# small inputs for the tiny models; the Omnidata labelers take the checkpoint's own input size (64 here)
-TEST_SETTINGS = {
-    "omnidata_depth": {},
-    "omnidata_normal": {},
-    "depth_anything": {"input_size": 56},
-    "mask2former_coco": {"input_size": 64},
-    "detr_coco": {"input_size": 64, "min_score": 0.0, "top_k": 5},
-}
 
 
 def labeler(name, weights, **extra):
@@ -468,7 +374,7 @@ def test_dense_labelers_in_the_pipeline(ray_local, demo_corpus, weights, tmp_pat
     assert all((out / m / "shard-00000.tar").read_bytes() == b for m, b in before.items())
     keys = keys_of(out / "rgb" / "shard-00000.tar")
     assert keys_of(out / "depth" / "shard-00000.tar") == keys
-    for name, b in tar_members(out / "depth" / "shard-00000.tar"):
+    for _name, b in tar_members(out / "depth" / "shard-00000.tar"):
         d = get_modality("depth").decode(b)
         assert d.dtype == np.uint16 and d.max() == 65535 and d.min() == 0
     rows = manifest.read_manifest(str(out)).to_pylist()

@@ -220,7 +220,7 @@ def keys_of(path):
 
 def test_only_metadata_with_the_derived_labeler_adds_the_fields_and_keeps_the_shard_aligned(
         ray_local, demo_corpus, tmp_path_factory):
-    from tests.test_labelers_dense import save_official_omnidata, save_tiny_detr, save_tiny_mask2former
+    from tests.tiny_models import save_official_omnidata, save_tiny_detr, save_tiny_mask2former
 
     w = tmp_path_factory.mktemp("derived-weights")
     cpu = {"num_cpus": 0.25, "num_gpus": 0, "memory_mb": 0}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import os
 import tarfile
 
@@ -26,55 +25,20 @@ from modalmill.labelers.model import ModelLabeler
 from modalmill.labelers.weights import WeightsError, content_hash, load_into
 from modalmill.pipeline.manifest import read_manifest
 from modalmill.schemas.modalities import get_modality
+from tests.tiny_models import IB_HEADS, save_tiny_clip, save_tiny_dinov2, save_tiny_imagebind
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FEATURE_LABELERS = ["dinov2", "clip", "imagebind"]
-# tiny members of the same open_clip ViT families: ViT-B/16 (QuickGELU, OpenAI CLIP) and ViT-H/14 (GELU, ImageBind)
-TINY_CLIP = {"embed_dim": 16, "quick_gelu": True,
-             "vision_cfg": {"image_size": 224, "layers": 2, "width": 32, "head_width": 16, "patch_size": 16},
-             "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}}
-TINY_IMAGEBIND = {"embed_dim": 24,
-                  "vision_cfg": {"image_size": 224, "layers": 2, "width": 40, "head_width": 20, "patch_size": 14},
-                  "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}}
-IB_HEADS = 2  # width 40 / head_width 20
 IB_P, IB_T, IB_H = "modality_preprocessors.vision.", "modality_trunks.vision.", "modality_heads.vision."
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """Tiny random checkpoints in the layouts the real weights come in."""
-    import open_clip
-    from safetensors.torch import save_file
-    from transformers import Dinov2Config, Dinov2Model
-
     d = tmp_path_factory.mktemp("weights")
-    torch.manual_seed(0)
-    dino = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                    image_size=56, patch_size=14))
-    dino.save_pretrained(d / "dinov2")  # config.json + model.safetensors, as facebook/dinov2-base
-
-    (d / "tiny-clip-b16.json").write_text(json.dumps(TINY_CLIP))
-    open_clip.add_model_config(str(d / "tiny-clip-b16.json"))
-    clip_model = open_clip.create_model("tiny-clip-b16", pretrained=None)  # the whole CLIP, as open_clip's hub file
-    save_file({k: v.contiguous() for k, v in clip_model.state_dict().items()}, d / "open_clip_model.safetensors")
-
-    (d / "tiny-imagebind-h14.json").write_text(json.dumps(TINY_IMAGEBIND))
-    open_clip.add_model_config(str(d / "tiny-imagebind-h14.json"))
-    ib_model = open_clip.create_model(
-        "tiny-imagebind-h14", pretrained=None,
-        vision_cfg={**TINY_IMAGEBIND["vision_cfg"], "norm_kwargs": {"eps": IMAGEBIND_LN_EPS}})
-    ib_state = open_clip_to_imagebind(ib_model.visual.state_dict())
-    # the official checkpoint holds every modality; the labeler must use the vision weights only
-    ib_state["modality_trunks.text.blocks.0.attn.in_proj_weight"] = torch.randn(48, 16)
-    ib_state["modality_postprocessors.text.1.log_logit_scale"] = torch.tensor(2.0)
-    torch.save(ib_state, d / "imagebind_huge.pth")  # a plain tensor dict, as the official .pth
-    return {
-        "dinov2": {"weights": str(d / "dinov2")},
-        "clip": {"weights": str(d / "open_clip_model.safetensors"), "arch": str(d / "tiny-clip-b16.json")},
-        "imagebind": {"weights": str(d / "imagebind_huge.pth"), "arch": str(d / "tiny-imagebind-h14.json")},
-        "dir": d,
-        "ib_state": ib_state,
-    }
+    imagebind, ib_state = save_tiny_imagebind(d)
+    return {"dinov2": {"weights": save_tiny_dinov2(d / "dinov2")}, "clip": save_tiny_clip(d), "imagebind": imagebind,
+            "dir": d, "ib_state": ib_state}
 
 
 def tar_members(path) -> list[tuple[str, bytes]]:
@@ -103,8 +67,10 @@ def imagebind_reference(ib: dict, x: torch.Tensor, heads: int):
     width = stem.shape[0]
     video = x.unsqueeze(2).repeat(1, 1, 2, 1, 1)  # PadIm2Video(pad_type="repeat", ntimes=2)
     t = F.conv3d(video, stem, stride=tuple(stem.shape[2:])).flatten(2).transpose(1, 2)
-    t = torch.cat([ib[IB_P + "cls_token"].expand(x.shape[0], -1, -1), t], dim=1) + ib[IB_P + "pos_embedding_helper.pos_embed"]
-    t = F.layer_norm(t, (width,), ib[IB_T + "pre_transformer_layer.0.weight"], ib[IB_T + "pre_transformer_layer.0.bias"], eps)
+    t = torch.cat([ib[IB_P + "cls_token"].expand(x.shape[0], -1, -1), t], dim=1)
+    t = t + ib[IB_P + "pos_embedding_helper.pos_embed"]
+    t = F.layer_norm(t, (width,), ib[IB_T + "pre_transformer_layer.0.weight"],
+                     ib[IB_T + "pre_transformer_layer.0.bias"], eps)
     t = t.transpose(0, 1)  # "b l d -> l b d"
     i = 0
     while f"{IB_T}blocks.{i}.norm_1.weight" in ib:
@@ -261,7 +227,8 @@ def test_imagebind_conversion_round_trip_and_reference_forward(tiny):
     load_into(src, state, where="test")
     ib = open_clip_to_imagebind(src.state_dict())
     assert ib[IB_P + "rgbt_stem.proj.1.weight"].shape == (40, 3, 2, 14, 14)
-    assert ib[IB_P + "cls_token"].shape == (1, 1, 40) and ib[IB_P + "pos_embedding_helper.pos_embed"].shape == (1, 257, 40)
+    assert ib[IB_P + "cls_token"].shape == (1, 1, 40)
+    assert ib[IB_P + "pos_embedding_helper.pos_embed"].shape == (1, 257, 40)
     assert ib[IB_H + "2.weight"].shape == (24, 40)
     assert {f"{IB_T}blocks.1.attn.in_proj_weight", f"{IB_T}blocks.1.mlp.fc2.bias", f"{IB_T}blocks.0.norm_2.weight",
             f"{IB_T}pre_transformer_layer.0.bias", IB_H + "0.weight"} <= set(ib)
@@ -304,7 +271,8 @@ def test_convert_weights_command_writes_a_tower_that_loads_the_same(tiny, tmp_pa
         lab.setup()
         outs.append(lab.process_batch(batch))
     for a, b in zip(*outs):
-        assert np.array_equal(a["imagebind"], b["imagebind"]) and np.array_equal(a["imagebind_global"], b["imagebind_global"])
+        assert np.array_equal(a["imagebind"], b["imagebind"])
+        assert np.array_equal(a["imagebind_global"], b["imagebind_global"])
     emb = get_labeler("imagebind")({**tiny["imagebind"], "global_embedding": "embedding"})
     emb.setup()
     g = emb.process_batch(batch[:1])[0]["imagebind_global"].astype(np.float32)

@@ -26,10 +26,10 @@ from modalmill.labelers.model import ModelLabeler
 from modalmill.labelers.weights import WeightsError, content_hash
 from modalmill.pipeline import manifest
 from modalmill.schemas import RecordError, get_modality
+from tests.tiny_models import HMR2_TINY as TINY
+from tests.tiny_models import save_tiny_hmr2, tiny_hmr2
 
 CPU = {"num_cpus": 0.25, "num_gpus": 0, "memory_mb": 0}
-TINY = {"backbone": {"embed_dim": 32, "depth": 2, "num_heads": 2},
-        "head": {"dim": 32, "depth": 2, "heads": 2, "dim_head": 8, "mlp_dim": 48, "context_dim": 32}}
 
 
 class CfgNode(dict):
@@ -56,22 +56,10 @@ class PersonBoxes(Labeler):
         return out
 
 
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    model = build_hmr2(TINY).eval()
-    with torch.no_grad():  # random, non-trivial values everywhere (the mean-parameter buffers too)
-        for t in model.state_dict().values():
-            t.normal_(0, 0.2)
-    return model
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("hmr2")
-    model = tiny_model()
-    path = str(d / "hmr2_tiny.safetensors")
-    humans.save_converted(model.state_dict(), path, TINY)
-    return model, path
+    model = tiny_hmr2()
+    return model, save_tiny_hmr2(tmp_path_factory.mktemp("hmr2") / "hmr2_tiny.safetensors", model)
 
 
 def _inp(image, det, key="k", original_size=None):
@@ -280,7 +268,7 @@ def test_missing_and_mismatched_weights(tmp_path):
     # weights whose recorded architecture does not match the tensors (a deeper backbone than the weights have)
     deeper = tmp_path / "deeper.safetensors"
     deeper_arch = {**TINY, "backbone": {**TINY["backbone"], "depth": 3}}
-    humans.save_converted(tiny_model().state_dict(), str(deeper), deeper_arch)
+    humans.save_converted(tiny_hmr2().state_dict(), str(deeper), deeper_arch)
     with pytest.raises(WeightsError, match="missing .*backbone.blocks.2"):
         cls({"weights": str(deeper)}).setup()
     broken = tmp_path / "broken.ckpt"

@@ -21,13 +21,11 @@ from modalmill.labelers.sam import SAM_VARIANTS, build_sam, infer_sam_encoder, i
 from modalmill.labelers.weights import WeightsError, content_hash
 from modalmill.pipeline import manifest
 from modalmill.schemas import RecordError, get_modality
+from tests.tiny_models import SAM_TINY as TINY
+from tests.tiny_models import TEST_SETTINGS, save_tiny_sam
 
 CPU = {"num_cpus": 0.25, "num_gpus": 0, "memory_mb": 0}
-TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2, "global_attn_indexes": (1,), "img_size": 128,
-        "window_size": 4}
-# random weights give no mask at SAM's default thresholds: open them up so that instances come out
-LOOSE = {"model_type": "auto", "points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0,
-         "box_nms_thresh": 0.95}
+LOOSE = TEST_SETTINGS["sam"]
 
 
 class PickledConfig:
@@ -36,10 +34,7 @@ class PickledConfig:
 
 @pytest.fixture(scope="module")
 def tiny_sam_file(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("sam") / "sam_tiny.pth"
-    torch.save(build_sam(TINY).state_dict(), path)  # a plain state dict, like the official sam_vit_*.pth
-    return str(path)
+    return save_tiny_sam(tmp_path_factory.mktemp("sam") / "sam_tiny.pth")
 
 
 def _inp(image, key="k"):

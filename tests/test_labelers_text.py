@@ -4,14 +4,12 @@ tokenizers/processors saved locally, loaded through the real loading paths, run 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import tarfile
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from modalmill.cli import main
@@ -23,46 +21,14 @@ from modalmill.labelers.model import ModelLabeler
 from modalmill.labelers.weights import WeightsError, content_hash
 from modalmill.pipeline.manifest import read_manifest
 from modalmill.schemas.modalities import get_modality
-
-WORDS = ("a the of on in with and photo picture cat dog man woman person sitting standing red blue green white "
-         "tree house car street table cup coffee rocket sky space astronaut suit grass field").split()
-CORPUS = ["a photo of a cat sitting on the street", "a man riding a red bicycle", "two dogs playing in the green park",
-          "the astronaut in a white suit", "a cup of coffee on a wooden table", "a rocket on the launch pad"] * 20
+from tests.tiny_models import WORDS, save_tiny_blip, save_tiny_t5
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    import sentencepiece as spm
-    from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
-                              BlipProcessor, T5Config, T5EncoderModel)
-
     d = tmp_path_factory.mktemp("text-weights")
-    # BLIP: model + processor (BERT WordPiece tokenizer, 32 px image processor), as Salesforce/blip-* repos
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
-    tok = BertTokenizer(vocab=vocab, do_lower_case=True)  # transformers 5 ignores vocab_file=: pass vocab=
-    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok)
-    cfg = BlipConfig(
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8},
-        text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                     "num_attention_heads": 2, "encoder_hidden_size": 32, "max_position_embeddings": 64,
-                     "bos_token_id": 2, "sep_token_id": 3, "pad_token_id": 0, "eos_token_id": 3},
-        projection_dim=16)
-    torch.manual_seed(0)
-    BlipForConditionalGeneration(cfg).save_pretrained(d / "blip")
-    processor.save_pretrained(d / "blip")
-    # T5: a real SentencePiece model (spiece.model, as google/t5-v1_1-xxl ships) + a tiny encoder
-    t5 = d / "t5"
-    t5.mkdir()
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS), model_writer=buf, vocab_size=40,
-                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-                                   character_coverage=1.0, num_threads=1, minloglevel=2)
-    (t5 / "spiece.model").write_bytes(buf.getvalue())
-    (t5 / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer", "extra_ids": 0}))
-    T5EncoderModel(T5Config(vocab_size=40, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                            feed_forward_proj="gated-gelu")).save_pretrained(t5)
-    return {"caption": {"weights": str(d / "blip")}, "t5_caption": {"weights": str(t5)}, "dir": d}
+    return {"caption": {"weights": save_tiny_blip(d / "blip")}, "t5_caption": {"weights": save_tiny_t5(d / "t5")},
+            "dir": d}
 
 
 def tar_members(path) -> list[tuple[str, bytes]]:

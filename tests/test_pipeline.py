@@ -203,3 +203,15 @@ def test_stored_rgb_is_the_image_labels_were_computed_on(ray_local, demo_corpus,
     lab.setup()
     res = lab.process_batch([LabelInput(key=key, image=img, original_size=(1, 1), crops=np.zeros((1, 5), np.int64))])
     assert get_modality("canny_edge").encode(res[0]["canny_edge"], key) == edges[f"{key}.png"]
+
+
+def test_labelers_run_after_the_labelers_they_need_whatever_the_listed_order():
+    from modalmill.jobs.runner import resolve_labelers
+
+    mods = ["rgb", "human_poses", "metadata", "det", "semseg_coco", "normal", "caption"]
+    spec = job_from_dict({"input": "/nonexistent/s-{0..1}.tar", "output": "/nonexistent/out", "modalities": mods,
+                          "labelers": {"metadata_derived_full": {}}})
+    order = [r.labeler for r in resolve_labelers(spec, mods, available=set(mods))]
+    assert order.index("hmr2") > order.index("detr_coco")
+    assert order.index("metadata_derived_full") > max(order.index(n) for n in
+                                                      ("detr_coco", "mask2former_coco", "omnidata_normal", "caption"))

@@ -66,8 +66,13 @@ def resolve_labelers(spec: JobSpec, modalities: list[str], available: set[str] =
     made = set(CORE) | set(available)
     pending = list(runs.values())
     while pending:
-        ready = [r for r in pending if set(r.labeler_class().requires) <= made | set(
-            m for o in ordered for m in o.outputs)]
+        done = made | {m for o in ordered for m in o.outputs}
+
+        def waits(r: LabelerRun) -> bool:  # a requirement that another pending run still has to (re)make
+            later = {m for o in pending if o is not r for m in o.outputs}
+            return bool(set(r.labeler_class().requires) & later)
+
+        ready = [r for r in pending if set(r.labeler_class().requires) <= done and not waits(r)]
         if not ready:
             missing = {r.labeler: sorted(set(r.labeler_class().requires) - made) for r in pending}
             raise JobSpecError(f"labelers need modalities that are neither requested nor in the output: {missing}")

@@ -148,12 +148,12 @@ def job_from_dict(data: dict, where: str = "job") -> JobSpec:
     if isinstance(mods, str):
         mods = [m.strip() for m in mods.split(",") if m.strip()]
     _typed(where, mods, list, "modalities")
+    load_entry_points()  # third-party labelers (entry points) may register modalities of their own
     for m in mods:
         if m not in MODALITIES:
             close = difflib.get_close_matches(str(m), list(MODALITIES), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise JobSpecError(f"{where}: unknown modality {m!r}{hint} (see `modalmill modalities`)")
-    load_entry_points()
     labelers = {}
     for name, settings in (data.get("labelers") or {}).items():
         if name not in LABELERS:

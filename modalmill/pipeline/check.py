@@ -230,7 +230,8 @@ def validate_value(spec: ModalitySpec, value: Any, key: str, image_hw: tuple[int
         if not isinstance(value, dict) or set(value) != {"emb", "mask_valid"}:
             raise spec._err(key, "type", f"expected arrays 'emb' and 'mask_valid', got {sorted(value)}")
         emb, mask = value["emb"], value["mask_valid"]
-        if emb.ndim != 3 or emb.shape[2] != spec.shape[2]:
+        width = spec.shape[2]  # an int, or a symbolic "C" (any width)
+        if emb.ndim != 3 or (isinstance(width, int) and emb.shape[2] != width):
             raise spec._err(key, "shape", f"emb must be [N, L, {spec.shape[2]}], got {emb.shape}")
         if mask.shape != emb.shape[:2]:
             raise spec._err(key, "shape", f"mask_valid must be {emb.shape[:2]}, got {mask.shape}")
