@@ -48,7 +48,8 @@ def cluster():
     try:
         subprocess.run([f"{BIN}/ray", "start", "--head", "--port", str(port), "--temp-dir", temp,
                         "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-                        "--dashboard-agent-listen-port", str(free_port()), *common], env=env, check=True, capture_output=True, timeout=180)
+                        "--dashboard-agent-listen-port", str(free_port()), *common],
+                       env=env, check=True, capture_output=True, timeout=180)
         subprocess.run([f"{BIN}/ray", "start", "--address", f"127.0.0.1:{port}",
                         "--dashboard-agent-listen-port", str(free_port()), *common], env=env, check=True,
                        capture_output=True, timeout=180)

@@ -68,7 +68,8 @@ def test_dataloader_with_two_workers_yields_every_sample_once_aligned(labeled):
         want = get_modality("rgb").decode(tar_member(labeled, "rgb", s["__shard__"], s["__key__"]))
         assert torch.equal(rgb, torch.from_numpy(want.copy()).permute(2, 0, 1))
         edge = get_modality("canny_edge").decode(tar_member(labeled, "canny_edge", s["__shard__"], s["__key__"]))
-        assert s["canny_edge"].shape == (1, *rgb.shape[1:]) and torch.equal(s["canny_edge"][0], torch.from_numpy(edge.copy()))
+        assert s["canny_edge"].shape == (1, *rgb.shape[1:])
+        assert torch.equal(s["canny_edge"][0], torch.from_numpy(edge.copy()))
         crops = get_modality("crop_settings").decode(tar_member(labeled, "crop_settings", s["__shard__"], s["__key__"]))
         assert s["crop_settings"].dtype == torch.long and np.array_equal(s["crop_settings"].numpy(), crops)
         meta = get_modality("metadata").decode(tar_member(labeled, "metadata", s["__shard__"], s["__key__"]))
@@ -199,6 +200,7 @@ def test_import_modalmill_stays_light_and_load_dataset_is_lazy():
     import sys
 
     code = ("import sys, modalmill; assert 'torch' not in sys.modules and 'webdataset' not in sys.modules; "
-            "f = modalmill.load_dataset; assert 'torch' in sys.modules and f.__module__ == 'modalmill.pipeline.dataset'")
+            "f = modalmill.load_dataset; "
+            "assert 'torch' in sys.modules and f.__module__ == 'modalmill.pipeline.dataset'")
     r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from modalmill.schemas import MODALITIES, RecordError, get_modality
-from modalmill.schemas.modalities import ARRAY, FEATURE_MAP, GLOBAL, IMAGE, PIXEL, TEXT, TOKENS
+from modalmill.schemas.modalities import FEATURE_MAP, GLOBAL, IMAGE, PIXEL, TOKENS
 
 FOUR_M_21 = ["rgb", "caption", "t5_caption", "det", "depth", "normal", "semseg_coco", "clip", "dinov2",
              "dinov2_global", "imagebind", "imagebind_global", "sam_instance", "sam_edge", "canny_edge",

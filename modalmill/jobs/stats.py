@@ -90,7 +90,7 @@ def _scan(spec: ModalitySpec | None, url: str) -> _Acc:
     acc = _Acc()
     if spec is not None and spec.kind == TOKENS and spec.vocab_size:
         acc.hist = np.zeros(spec.vocab_size, np.int64)
-    for key, members in iter_tar_groups(url):
+    for _key, members in iter_tar_groups(url):
         acc.samples += 1
         if spec is None:
             continue

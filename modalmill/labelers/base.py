@@ -94,7 +94,8 @@ class Labeler:
         unknown = sorted(set(config) - known)
         if unknown:
             raise ValueError(
-                f"labeler {cls.name!r}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known)) or 'none'}"
+                f"labeler {cls.name!r}: unknown setting(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(known)) or 'none'}"
             )
         try:
             return cls.Config(**config)
@@ -136,7 +137,8 @@ def register_labeler(cls: type[Labeler]) -> type[Labeler]:
     existing = LABELERS.get(cls.name)
     if existing is not None and existing is not cls:
         if f"{existing.__module__}.{existing.__qualname__}" != f"{cls.__module__}.{cls.__qualname__}":
-            raise ValueError(f"labeler name {cls.name!r} is already taken by {existing.__module__}.{existing.__qualname__}")
+            taken = f"{existing.__module__}.{existing.__qualname__}"
+            raise ValueError(f"labeler name {cls.name!r} is already taken by {taken}")
     LABELERS[cls.name] = cls
     return cls
 

@@ -126,7 +126,8 @@ class CaptionLabeler(ModelLabeler):
         kwargs: dict[str, Any] = {}
         if self.config.prompt:
             enc = self.processor.tokenizer([self.config.prompt] * len(ok), return_tensors="pt")
-            kwargs = {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device)}
+            kwargs = {"input_ids": enc["input_ids"].to(self.device),
+                      "attention_mask": enc["attention_mask"].to(self.device)}
         dtype = next(self.model.parameters()).dtype
         out = self.model.generate(pixel_values=pixel_values.to(dtype), do_sample=False, num_beams=self.config.num_beams,
                                   max_new_tokens=self.config.max_new_tokens, min_new_tokens=self.config.min_new_tokens,
@@ -160,7 +161,9 @@ def _simple_image_processor(ip) -> tuple[tuple[int, int], tuple, tuple] | None:
     except (TypeError, ValueError):
         return None
     if not (bicubic and rescale and getattr(ip, "do_resize", False) and getattr(ip, "do_rescale", False)
-            and getattr(ip, "do_normalize", False)) or getattr(ip, "do_center_crop", False) or getattr(ip, "do_pad", False):
+            and getattr(ip, "do_normalize", False)):
+        return None
+    if getattr(ip, "do_center_crop", False) or getattr(ip, "do_pad", False):
         return None
     mean, std = getattr(ip, "image_mean", None), getattr(ip, "image_std", None)
     if mean is None or std is None or len(mean) != 3 or len(std) != 3:

@@ -330,7 +330,8 @@ def omnidata_dpt_config(state: dict):
     if grid * grid != pos.shape[1] - 1:
         raise WeightsError(f"position embeddings {tuple(pos.shape)} are not a square grid plus a class token")
     n_layers = len({k.split(".")[3] for k in state if k.startswith("dpt.encoder.layer.")})
-    stages = sorted({int(k.split(".")[6]) for k in state if k.startswith("dpt.embeddings.backbone.bit.encoder.stages.")})
+    prefix = "dpt.embeddings.backbone.bit.encoder.stages."
+    stages = sorted({int(k.split(".")[6]) for k in state if k.startswith(prefix)})
     depths, widths = [], []
     for s in stages:
         prefix = f"dpt.embeddings.backbone.bit.encoder.stages.{s}.layers."
@@ -349,7 +350,8 @@ def omnidata_dpt_config(state: dict):
         use_batch_norm_in_fusion_residual=False, backbone_featmap_shape=[1, widths[-1], grid, grid],
         backbone_config={"model_type": "bit", "global_padding": "same", "layer_type": "bottleneck",
                          "depths": depths, "hidden_sizes": widths,
-                         "embedding_size": int(need("dpt.embeddings.backbone.bit.embedder.convolution.weight").shape[0]),
+                         "embedding_size": int(
+                             need("dpt.embeddings.backbone.bit.embedder.convolution.weight").shape[0]),
                          "num_groups": 32, "embedding_dynamic_padding": True,
                          "out_features": [f"stage{i + 1}" for i in range(len(stages))]},
     )

@@ -106,7 +106,8 @@ def load_pretrained(loader: Any, path: str, *, where: str, how_to_get: str, mode
     except Exception as e:  # noqa: BLE001 - any config problem is a weights problem here
         raise WeightsError(f"{where}: cannot read {os.path.join(path, 'config.json')}: {_one_line(e)}.{get}") from None
     if model_types and cfg.model_type not in model_types:
-        raise WeightsError(f"{where}: {path} holds a {cfg.model_type!r} model, expected {' or '.join(model_types)}.{get}")
+        expected = " or ".join(model_types)
+        raise WeightsError(f"{where}: {path} holds a {cfg.model_type!r} model, expected {expected}.{get}")
     try:
         model, info = loader.from_pretrained(path, local_files_only=True, output_loading_info=True, **kwargs)
     except Exception as e:  # noqa: BLE001

@@ -235,7 +235,8 @@ class ImageBindLabeler(ModelLabeler):
         visual = build_open_clip_visual(self.config.arch, vision_overrides={"norm_kwargs": {"eps": IMAGEBIND_LN_EPS}},
                                         where=where)
         ckpt = find_checkpoint(path, where=where, how_to_get=self.weights_help)
-        load_into(visual, self.open_clip_state(ckpt, where), where=f"{where} ({self.config.arch} image tower) from {ckpt}")
+        load_into(visual, self.open_clip_state(ckpt, where),
+                  where=f"{where} ({self.config.arch} image tower) from {ckpt}")
         return visual
 
     def predict(self, batch: list[LabelInput]) -> list[dict[str, Any] | LabelFailure]:
