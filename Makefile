@@ -26,8 +26,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m "not slow and not cluster"
 
+# the full suite writes benchmarks/RESULTS.md (< 15 min on 2 cores); `make bench BENCH_ARGS=--quick` for development
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check modalmill tests benchmarks

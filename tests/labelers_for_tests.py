@@ -24,6 +24,17 @@ class CaptionOrFail(Labeler):
                 else {"caption": [f"sample {inp.key}"]} for inp in batch]
 
 
+@register_labeler
+class BatchProbe(Labeler):
+    """Writes the size of the batch it was called with as each sample's caption (``n=<size>``)."""
+
+    name = "test_batch_probe"
+    outputs = ("caption",)
+
+    def process_batch(self, batch):
+        return [{"caption": [f"n={len(batch)}"]} for _ in batch]
+
+
 def _crash(how: str) -> None:
     import ctypes
     import os

@@ -215,3 +215,12 @@ def test_labelers_run_after_the_labelers_they_need_whatever_the_listed_order():
     assert order.index("hmr2") > order.index("detr_coco")
     assert order.index("metadata_derived_full") > max(order.index(n) for n in
                                                       ("detr_coco", "mask2former_coco", "omnidata_normal", "caption"))
+
+
+def test_each_labeler_is_called_with_its_own_batch_size(ray_local, demo_corpus, tmp_path):
+    out = tmp_path / "out"
+    s = run_job(spec(os.path.join(demo_corpus, "shard-00000.tar"), out, ["rgb", "caption"], batch_size=2,
+                     labelers={"test_batch_probe": {"batch_size": 3}}), show_progress=False)
+    assert s["exit_code"] == EXIT_OK
+    sizes = [json.loads(data)[0] for _, data in tar_members(out / "caption" / "shard-00000.tar")]
+    assert sizes == ["n=3", "n=3", "n=3", "n=2", "n=2"]  # 5 samples gathered past the job's 2, cut at the labeler's 3

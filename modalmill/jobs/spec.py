@@ -6,7 +6,7 @@ input: s3://bucket/raw/shard-{00000..00099}.tar   # a pattern, a list of pattern
 output: s3://bucket/4m/                            # local path or s3:// root
 modalities: [rgb, crop_settings, canny_edge, color_palette, metadata]
 seed: 0
-batch_size: 16
+batch_size: 16            # samples a shard task gathers before labelling (at least the labelers' own)
 shard_size: 1000          # images per shard when the input is a folder
 shards: "0-9,42"          # optional: only these output shards
 decode: {max_size: 768, jpeg_quality: 95}
@@ -14,7 +14,7 @@ crops: {n_crops: 4, scale_min: 0.8}
 labelers:                 # per-labeler settings, keyed by labeler name; a labeler listed here is
   canny_edge:             # preferred for the modalities it produces
     config: {low_threshold: 50, high_threshold: 150}
-    batch_size: 32
+    batch_size: 32        # samples per call of this labeler (default: the labeler's own)
     resources: {num_cpus: 1, num_gpus: 0, memory_mb: 0}
     workers: 1            # actor-pool size (model labelers)
 ray: {address: null, num_cpus: null, shard_cpus: 1, max_retries: 3}

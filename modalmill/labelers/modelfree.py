@@ -13,6 +13,7 @@ side) gets a :class:`~modalmill.labelers.base.LabelFailure` instead of an except
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -223,6 +224,40 @@ class ColorPaletteLabeler(Labeler):
 # ---------------------------------------------------------------------- metadata
 
 
+_LUMA1000 = (299, 587, 114)  # ITU-R BT.601 luma weights x 1000: integers, so luma sums stay exact
+_RG = (1, -1, 0)  # rg = R - G
+_YB2 = (1, 1, -2)  # 2 * yb = R + G - 2 B
+_MOMENT_CHUNK = 1 << 18  # pixels per step of _pixel_moments (bounds its memory at ~8 MiB)
+_M = np.arange(256, dtype=np.float64)
+# HSV saturation of a pixel from its (max, min) channel values, indexed by max * 256 + min
+_SATURATION = np.where(_M[:, None] > 0, 255.0 * (_M[:, None] - _M[None, :]) / np.maximum(_M[:, None], 1.0),
+                       0.0).ravel()
+
+
+def _pixel_moments(image: np.ndarray) -> tuple[list[list[int]], list[int], np.ndarray]:
+    """Exact pixel moments of an [H, W, 3] uint8 image: the 3x3 matrix of channel cross-product sums
+    (sum R*R, sum R*G, ...), the channel sums, and the 65536-bin histogram of max * 256 + min per pixel.
+
+    Sums of products are taken with one float64 matrix product per chunk of pixels (with a column of ones for
+    the plain sums): every product and partial sum is an integer below 2^53, so they are exact.
+    """
+    flat = np.ascontiguousarray(image).reshape(-1, 3)
+    gram = np.zeros((4, 4))
+    sat_hist = np.zeros(65536, np.int64)
+    buf = np.ones((min(len(flat), _MOMENT_CHUNK), 4))
+    for start in range(0, len(flat), _MOMENT_CHUNK):
+        c = flat[start:start + _MOMENT_CHUNK]
+        x = buf[:len(c)]
+        x[:, :3] = c
+        gram += x.T @ x
+        r, g, b = c[:, 0], c[:, 1], c[:, 2]
+        idx = np.maximum(np.maximum(r, g), b).astype(np.intp)
+        idx <<= 8
+        idx |= np.minimum(np.minimum(r, g), b)
+        sat_hist += np.bincount(idx, minlength=65536)
+    return [[int(v) for v in row[:3]] for row in gram[:3]], [int(v) for v in gram[3, :3]], sat_hist
+
+
 def _clip_round(name: str, value: float, decimals: int) -> float:
     lo, hi = METADATA_RANGES[name]
     v = min(max(float(value), lo), hi)
@@ -238,11 +273,11 @@ class MetadataLabeler(Labeler):
     - ``original_width``, ``original_height``: ``LabelInput.original_size`` (the source image before any
       resize), ints.
     - ``brightness`` (0..255): mean of the ITU-R BT.601 luma ``Y = 0.299 R + 0.587 G + 0.114 B`` (the
-      weights of OpenCV's RGB2GRAY and PIL's 'L'), computed in float.
+      weights of OpenCV's RGB2GRAY and PIL's 'L'), computed exactly (see ``stats``).
     - ``contrast`` (0..127): RMS contrast, the population standard deviation of Y (Peli 1990, "Contrast in
       complex images", JOSA A 7(10)). Its maximum is 127.5 (half black, half white), clipped to 4M's 127.
     - ``saturation`` (0..255): mean of the HSV saturation in OpenCV's 8-bit convention,
-      ``S = 255 * (max(R,G,B) - min(R,G,B)) / max(R,G,B)`` (0 where max = 0), computed in float.
+      ``S = 255 * (max(R,G,B) - min(R,G,B)) / max(R,G,B)`` (0 where max = 0), in float64.
     - ``colorfulness`` (0..150): Hasler & Süsstrunk, "Measuring colourfulness in natural images", SPIE Human
       Vision and Electronic Imaging VIII, 2003: ``rg = R - G``, ``yb = (R + G) / 2 - B``,
       ``M = sqrt(std(rg)^2 + std(yb)^2) + 0.3 * sqrt(mean(rg)^2 + mean(yb)^2)`` (population stds), clipped
@@ -285,23 +320,33 @@ class MetadataLabeler(Labeler):
         return out[0], out[1]
 
     def stats(self, image: np.ndarray) -> dict[str, float]:
-        """The image statistics, unclipped and unrounded."""
-        rgb = image.astype(np.float64)
-        r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-        y = 0.299 * r + 0.587 * g + 0.114 * b
-        mx, mn = rgb.max(axis=-1), rgb.min(axis=-1)
-        sat = np.where(mx > 0, 255.0 * (mx - mn) / np.maximum(mx, 1.0), 0.0)
-        rg = r - g
-        yb = 0.5 * (r + g) - b
-        colorfulness = (np.sqrt(rg.std() ** 2 + yb.std() ** 2)
-                        + 0.3 * np.sqrt(rg.mean() ** 2 + yb.mean() ** 2))
+        """The image statistics, unclipped and unrounded.
+
+        Every statistic but the entropy is a function of the pixel count N, the channel sums and the 3x3
+        matrix of channel cross-products, plus (saturation) the histogram of per-pixel (max, min) pairs.
+        These are exact integers (:func:`_pixel_moments`), so means and population variances are computed
+        exactly from them (``var = (N * sum(x^2) - sum(x)^2) / N^2`` in integer arithmetic) and converted to
+        float once: no float64 copy of the image and no per-pixel float work.
+        """
+        n = image.shape[0] * image.shape[1]
+        gram, sums, sat_hist = _pixel_moments(image)
+
+        def total(w):  # sum over pixels of w . (R, G, B)
+            return sum(a * s for a, s in zip(w, sums))
+
+        def var(w):  # population variance of w . (R, G, B)
+            sq = sum(w[i] * w[j] * gram[i][j] for i in range(3) for j in range(3))
+            return (n * sq - total(w) ** 2) / (n * n)
+
+        mean_rg, mean_yb = total(_RG) / n, total(_YB2) / (2 * n)
+        colorfulness = math.sqrt(var(_RG) + var(_YB2) / 4) + 0.3 * math.sqrt(mean_rg ** 2 + mean_yb ** 2)
         hist = np.bincount(_grey_u8(image).ravel(), minlength=256).astype(np.float64)
         p = hist[hist > 0] / hist.sum()
         entropy = max(0.0, float(-(p * np.log2(p)).sum()))
         return {
-            "brightness": float(y.mean()),
-            "contrast": float(y.std()),
-            "saturation": float(sat.mean()),
+            "brightness": total(_LUMA1000) / (1000 * n),
+            "contrast": math.sqrt(var(_LUMA1000) / 1e6),
+            "saturation": float(sat_hist @ _SATURATION) / n,
             "colorfulness": float(colorfulness),
             "entropy": entropy,
         }

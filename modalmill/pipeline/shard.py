@@ -71,6 +71,12 @@ class ShardTask:
     def shard(self) -> str:
         return self.source.name
 
+    @property
+    def gather(self) -> int:
+        """How many samples the task gathers before labelling them: the job's batch size, or more when a
+        labeler asks for bigger batches (each labeler is then called on chunks of its own ``batch_size``)."""
+        return max([self.batch_size] + [r.batch_size for r in self.labelers])
+
 
 def core_producers(decode: DecodeConfig, crops: CropConfig, seed: int) -> dict[str, dict]:
     def h(obj):
@@ -183,7 +189,10 @@ def _label_batch(task: ShardTask, items: list[_Item], call: Callable, stats: _St
         if not alive:
             break
         with stats.timed(f"label:{run.labeler}"):
-            results = label_isolated(lambda batch, run=run: call(run, batch), [it.input for it in alive])
+            results = []
+            for i in range(0, len(alive), max(1, run.batch_size)):
+                chunk = [it.input for it in alive[i:i + max(1, run.batch_size)]]
+                results += label_isolated(lambda batch, run=run: call(run, batch), chunk)
         survivors = []
         for it, res in zip(alive, results):
             if isinstance(res, LabelFailure):
@@ -257,7 +266,7 @@ def _process_full(task: ShardTask, call, progress, stats: _Stats) -> dict:
             if item is None:
                 continue
             pending.append(item)
-            if len(pending) >= task.batch_size:
+            if len(pending) >= task.gather:
                 flush()
         flush()
         with stats.timed("commit"):
@@ -406,7 +415,7 @@ def _process_update(task: ShardTask, call, progress, stats: _Stats) -> dict:
             size = (row.original_width or image.shape[1], row.original_height or image.shape[0])
             pending.append(_Item(row=row, input=LabelInput(key=key, image=image, original_size=size, crops=crops,
                                                            labels=labels)))
-            if len(pending) >= task.batch_size:
+            if len(pending) >= task.gather:
                 flush()
         flush()
         with stats.timed("commit"):

@@ -1,0 +1,145 @@
+"""Run every benchmark and write benchmarks/RESULTS.md (``make bench``).
+
+    python benchmarks/run.py            # the full suite (>= 2,000 images; under 15 minutes on 2 cores)
+    python benchmarks/run.py --quick    # a smoke run for development: 400 images, 200 for the model path
+                                        # (writes benchmarks/_work/RESULTS-quick.md unless --out is given)
+    python benchmarks/run.py --only 1,3 # some benchmarks (1, 2 and 4 always run together)
+
+Every figure is a ratio of runs made one after another in this one invocation, with its target and whether it is
+met. Each timed phase also records how much CPU other processes used meanwhile; a figure taken while they used
+a noticeable share of the machine says so in its note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+QUICK_ENV = {"MODALMILL_BENCH_SHARDS": "4", "MODALMILL_BENCH_MODEL_SHARDS": "2"}
+BUDGET_S = 15 * 60
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:.1f}"
+    return str(v)
+
+
+def _met(f) -> str:
+    if f.met is None:
+        return "not measured" if f.value is None else ("—" if not f.target else "n/a")
+    return "**met**" if f.met else "**NOT met**"
+
+
+def render(figs, info: dict) -> str:
+    m, v = info["machine"], info["versions"]
+    lines = [
+        "# modalmill benchmark results",
+        "",
+        f"Written by `{info['command']}` on {info['date']} in {info['duration_s'] / 60:.1f} minutes"
+        + (" (**quick mode: a development smoke run, not the reported figures**)" if info["quick"] else "") + ".",
+        "",
+        f"- Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, {m['os']}; "
+        f"load average {info['load_before']} before, {info['load_after']} after",
+        "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
+        f"- Corpus: {info['corpus']}",
+        "",
+        "Every ratio compares runs made one after another in this invocation. \"other processes\" in a note: other",
+        "users of this shared machine used that many cores on average during a timed phase (the figure is then",
+        "less reliable; rerun on a quiet machine).",
+        "",
+    ]
+    headline = [f for f in figs if f.target]
+    lines += ["## Summary", "", "| benchmark | figure | value | target | met |", "|---|---|---|---|---|"]
+    for f in headline:
+        lines.append(f"| {f.benchmark} | {f.name} | {_fmt(f.value)} {f.unit if f.value is not None else ''} | "
+                     f"{f.target} | {_met(f)} |")
+    lines.append("")
+    current = None
+    for f in figs:
+        if f.benchmark != current:
+            current = f.benchmark
+            lines += ["", f"## {current}", "", "| figure | value | target | met | note |", "|---|---|---|---|---|"]
+        note = f.note.replace("|", "/")
+        lines.append(f"| {f.name} | {_fmt(f.value)} {f.unit if f.value is not None else ''} | {f.target or '—'} | "
+                     f"{_met(f)} | {note} |")
+    lines += ["", "## How each figure is made", ""]
+    for mod in info["modules"]:
+        doc = (sys.modules[mod].__doc__ or "").strip()
+        lines += [f"### `{mod}`", "", "```", doc, "```", ""]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes, for development")
+    ap.add_argument("--only", default="1,2,3,4,5", help="benchmarks to run (1, 2 and 4 run together)")
+    ap.add_argument("--out", default=None, help="where to write the results (default benchmarks/RESULTS.md; "
+                                                "--quick: benchmarks/_work/RESULTS-quick.md)")
+    a = ap.parse_args(argv)
+    if a.quick:
+        for k, val in QUICK_ENV.items():
+            os.environ.setdefault(k, val)
+    sys.path.insert(0, os.path.dirname(HERE))
+    from benchmarks import common
+
+    common.bench_env()
+    from benchmarks import bench_gpu, bench_model, bench_modelfree
+
+    only = {int(x) for x in a.only.split(",") if x.strip()}
+    out = a.out or (os.path.join(common.WORK, "RESULTS-quick.md") if a.quick else os.path.join(HERE, "RESULTS.md"))
+    t0 = time.perf_counter()
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+    def log(msg):
+        print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", flush=True)
+
+    paths = common.ensure_corpus(log)
+    figs = []
+    modules = []
+    for nums, mod in (({1, 2, 4}, bench_modelfree), ({3}, bench_model), ({5}, bench_gpu)):
+        if not nums & only:
+            continue
+        modules.append(mod.__name__)
+        try:
+            figs += mod.run(log=log)
+        except Exception as e:  # noqa: BLE001 - one benchmark's failure must not hide the others' figures
+            log(f"{mod.__name__} failed: {e}")
+            figs.append(common.not_measured(mod.__name__, "all figures", f"{type(e).__name__}: {e}"[:400]))
+    duration = time.perf_counter() - t0
+    lo, hi = common.CORPUS_SIZE_RANGE
+    info = {
+        "command": "python benchmarks/run.py" + (" --quick" if a.quick else "") +
+                   (f" --only {a.only}" if a.only != "1,2,3,4,5" else ""),
+        "date": date, "duration_s": duration, "quick": a.quick, "machine": common.machine(),
+        "versions": common.versions(), "load_before": load_before,
+        "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "corpus": f"{common.count_images(paths)} JPEGs ({lo}-{hi} px longer side, derived from scikit-image's "
+                  f"photos by modalmill.jobs.democorpus.build_corpus) in {len(paths)} tar shards",
+        "modules": modules,
+    }
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        f.write(render(figs, info))
+    with open(os.path.join(common.WORK, "results.json"), "w") as f:
+        json.dump({"info": info, "figures": [x.as_dict() for x in figs]}, f, indent=1)
+    log(f"wrote {out} ({duration / 60:.1f} minutes)")
+    for x in figs:
+        if x.target:
+            print(f"  {x.benchmark} | {x.name}: {_fmt(x.value)} {x.unit} (target {x.target}: {_met(x)})")
+    if duration > BUDGET_S and not a.quick:
+        print(f"warning: the suite took {duration / 60:.1f} minutes, over the {BUDGET_S / 60:.0f}-minute budget",
+              file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
