@@ -145,13 +145,15 @@ def test_pose_tokenizer_makes_8_tokens_from_1024_codes_and_reads_4m_human_poses(
     cfg = default_config("human_poses", "base")
     assert cfg["vocab_size"] == 1024 and cfg["model"]["n_tokens"] == 8
     tiny = default_config("human_poses", "tiny")
+    torch.manual_seed(0)
     model = build_model(tiny["model"])
     adapter = adapter_for("human_poses")
     held = torch.tensor(_rotations(32, np.random.default_rng(5)).reshape(32, -1), dtype=torch.float32)
     with torch.inference_mode():
         assert model.eval().encode(held).shape == (32, 8)
+    # Memcodes' hard Gumbel sampling is noisy until the logits grow: it needs more steps than FSQ/VQ here
     _train(model, adapter, lambda s: torch.tensor(_rotations(32, rng).reshape(32, -1), dtype=torch.float32),
-           steps=150)
+           steps=400)
     after, base = _held_out_vs_baseline(model, adapter, held)
     assert after["mse"] < 0.8 * base["mse"], (after, base)
 

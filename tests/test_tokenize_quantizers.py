@@ -130,3 +130,21 @@ def test_a_file_that_is_not_a_tokenizer_is_refused(tmp_path):
         ckpt.load_tokenizer(str(tmp_path))
     with pytest.raises(WeightsError, match="not found"):
         ckpt.load_tokenizer(str(tmp_path / "nothing"))
+
+
+def test_checkpoint_headers_are_canonical_whatever_order_safetensors_writes(tmp_path):
+    """safetensors keeps __metadata__ in a hash map: the same checkpoint could come out with its metadata keys in
+    another order. modalmill rewrites the header sorted (same length, tensors untouched)."""
+    from safetensors.torch import load, save
+
+    blob = save({"b": torch.arange(3.0), "a": torch.ones(2, 2)}, metadata={"format": "x", "config": "{}"})
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    reordered = {"__metadata__": dict(reversed(list(header["__metadata__"].items())))}
+    reordered.update({k: header[k] for k in reversed([k for k in header if k != "__metadata__"])})
+    raw = json.dumps(reordered, separators=(",", ":")).encode()
+    other = blob[:8] + raw + b" " * (n - len(raw)) + blob[8 + n:]
+    assert other != blob  # reversing >= 2 keys always changes the order
+    assert ckpt.canonical_safetensors(other) == ckpt.canonical_safetensors(blob)
+    loaded = load(ckpt.canonical_safetensors(other))
+    assert torch.equal(loaded["a"], torch.ones(2, 2)) and torch.equal(loaded["b"], torch.arange(3.0))

@@ -23,4 +23,8 @@ def run_demo(workdir: str, force: bool = False, show_progress: bool = True) -> t
         f.write(files("modalmill.jobs").joinpath("demo.yaml").read_text())
     spec = load_job(job_path)
     summary = run_job(spec, force=force, show_progress=show_progress)
+    if summary["exit_code"] == 0:  # label -> train tiny tokenizers -> tokenize (token shards next to the labels)
+        from ..tokenize.encode import demo_tokenize
+
+        demo_tokenize(spec.output, force=force, show_progress=show_progress)
     return summary, spec.output

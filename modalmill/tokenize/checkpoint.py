@@ -59,6 +59,20 @@ def checkpoint_hash(location: str) -> str:
     return _HASH_CACHE[key]
 
 
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors blob with its JSON header keys in sorted order.
+
+    The safetensors writer keeps ``__metadata__`` in a hash map, so a file with several metadata entries can come
+    out with them in any order: re-serialise the header deterministically (same length, so the tensor offsets do
+    not move) to make identical checkpoints byte-identical."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    raw = header.encode()
+    if len(raw) > n:  # cannot happen for a header written compactly; keep the original rather than break it
+        return data
+    return data[:8] + raw + b" " * (n - len(raw)) + data[8 + n:]
+
+
 def _export_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()
             if not is_library_key(k)}
@@ -70,7 +84,7 @@ def save_tokenizer(model: torch.nn.Module, config: dict[str, Any], out_dir: str)
 
     meta = {"format": FORMAT, "config": json.dumps(config, sort_keys=True)}
     url = storage.join(out_dir, MODEL_FILE)
-    storage.write_bytes(url, save(_export_tensors(model), metadata=meta))
+    storage.write_bytes(url, canonical_safetensors(save(_export_tensors(model), metadata=meta)))
     storage.write_bytes(storage.join(out_dir, CONFIG_FILE), json.dumps(config, indent=1, sort_keys=True).encode())
     return url
 
@@ -129,7 +143,7 @@ def save_train_state(out_dir: str, model: torch.nn.Module, optimizer: torch.opti
             tensors[f"optim.{idx}.{name}"] = t.detach().to("cpu").contiguous().clone()
     meta = {"format": FORMAT + "/train-state", "step": str(int(step)), "config": json.dumps(config, sort_keys=True),
             "param_groups": json.dumps(opt["param_groups"]), "extra": json.dumps(extra, sort_keys=True)}
-    storage.write_bytes(storage.join(out_dir, STATE_FILE), save(tensors, metadata=meta))
+    storage.write_bytes(storage.join(out_dir, STATE_FILE), canonical_safetensors(save(tensors, metadata=meta)))
 
 
 def load_train_state(out_dir: str) -> dict[str, Any] | None:

@@ -33,24 +33,35 @@ def _last_spec(root: str) -> dict[str, Any]:
     return runs[-1]["spec"] if runs else {}
 
 
+def token_modalities(modalities: list[str]) -> list[str]:
+    """``["canny_edge", "tok_rgb@224", ...]`` (sources, labeler names or token modalities) -> token modalities."""
+    return list(dict.fromkeys(labeler_for_token_modality(m).outputs[0] for m in modalities))
+
+
 def tokenize_spec(data: str, modalities: list[str], tokenizers: dict[str, str] | None = None, *,
                   workers: int = 1, gpus_per_worker: float = 0.0, batch_size: int | None = None,
                   shards: str | None = None, device: str = "auto"):
-    """The job spec that writes ``modalities`` (sources or token modality names) with the given checkpoints."""
+    """The job spec that adds ``modalities`` (sources or token modality names) to the output ``data``.
+
+    It is the output's last recorded job (same input, decoding, crops, seed and labelers, so everything already
+    written stays valid) with the token modalities and their tokenizer labelers added; without a run record the
+    shard sources come from the completion markers."""
     tokenizers = dict(tokenizers or {})
     markers = manifest.list_markers(data)
     if not markers:
         raise ValueError(f"{data}: no completed shards to tokenize (label it first)")
     by_index = {int(m["index"]): (name, m) for name, m in markers.items()}
-    n = max(by_index) + 1
-    inputs = [by_index[i][1]["source"] if i in by_index else f"(no output for shard {i})" for i in range(n)]
     done = ",".join(str(i) for i in sorted(by_index))
+    have = {m for _, mk in by_index.values() for m in mk.get("modalities", {})}
     last = _last_spec(data)
     labelers: dict[str, Any] = {}
     token_mods: list[str] = []
     given = {labeler_for_token_modality(k).name: v for k, v in tokenizers.items()}
     for m in modalities:
         cls = labeler_for_token_modality(m)
+        if cls.source not in have:
+            raise ValueError(f"{data} has no {cls.source!r} labels to tokenize (it has {', '.join(sorted(have))}); "
+                             f"label it first")
         ckpt = given.pop(cls.name, None)
         if ckpt is None:
             guess = default_out(data, cls.source)
@@ -68,16 +79,22 @@ def tokenize_spec(data: str, modalities: list[str], tokenizers: dict[str, str] |
         labelers[cls.name] = settings
     if given:
         raise ValueError(f"--tokenizer given for {sorted(given)} but not asked for in --modalities")
-    spec = {
-        "name": f"{last.get('name', 'job')}-tokenize", "input": inputs, "output": data,
-        "modalities": token_mods, "seed": last.get("seed", 0), "batch_size": last.get("batch_size", 16),
-        "shards": shards or done, "labelers": labelers,
-    }
-    for section in ("decode", "crops"):
-        if isinstance(last.get(section), dict):
-            spec[section] = last[section]
-    ray = last.get("ray") if isinstance(last.get("ray"), dict) else {}
-    spec["ray"] = {k: ray[k] for k in ("num_cpus", "shard_cpus", "max_retries") if ray.get(k) is not None}
+    if last:
+        spec = {k: v for k, v in last.items() if k not in ("name", "modalities", "labelers", "shards", "output")}
+        mods = list(last.get("modalities") or [])
+        old_labelers = dict(last.get("labelers") or {})
+    else:
+        n = max(by_index) + 1
+        spec = {"input": [by_index[i][1]["source"] if i in by_index else f"(no output for shard {i})"
+                          for i in range(n)], "seed": 0}
+        mods, old_labelers = [], {}
+    # every modality the tokenizers read must be part of the job (as it is in the output)
+    sources = [labeler_for_token_modality(t).source for t in token_mods]
+    mods = list(dict.fromkeys(mods + [s for s in sources if s != "rgb"] + token_mods))
+    spec.update(name=f"{(last or {}).get('name', 'job').removesuffix('-tokenize')}-tokenize", output=data,
+                modalities=mods, shards=shards or done, labelers={**old_labelers, **labelers})
+    if isinstance(spec.get("ray"), dict):
+        spec["ray"] = {k: v for k, v in spec["ray"].items() if k != "address" and v is not None}
     return job_from_dict(spec, where="modalmill tokenize")
 
 
@@ -85,12 +102,39 @@ def tokenize_output(data: str, modalities: list[str], tokenizers: dict[str, str]
                     force: bool = False, address: str | None = None, shards: str | None = None,
                     workers: int = 1, gpus_per_worker: float = 0.0, batch_size: int | None = None,
                     device: str = "auto", show_progress: bool = True) -> dict:
-    """Tokenize an output root in place; returns the run summary (see ``run_job``)."""
+    """Tokenize an output root in place; returns the combined run summary (see ``run_job``), with the summary of
+    each modality's run under ``runs``.
+
+    One pipeline run per token modality: a run holds one tokenizer actor pool next to its shard tasks, so a
+    2-CPU machine is never asked for two 1-CPU tokenizer actors *and* a shard task at once."""
     from ..jobs.runner import run_job
 
-    spec = tokenize_spec(data, modalities, tokenizers, workers=workers, gpus_per_worker=gpus_per_worker,
-                         batch_size=batch_size, shards=shards, device=device)
-    return run_job(spec, only=list(spec.modalities), force=force, address=address, show_progress=show_progress)
+    tokenizers = dict(tokenizers or {})
+    given = {labeler_for_token_modality(k).outputs[0]: v for k, v in tokenizers.items()}
+    unknown = sorted(set(given) - set(token_modalities(modalities)))
+    if unknown:
+        raise ValueError(f"--tokenizer given for {unknown} but not asked for in --modalities")
+    summaries = []
+    for tok in token_modalities(modalities):
+        spec = tokenize_spec(data, [tok], {tok: given[tok]} if tok in given else None, workers=workers,
+                             gpus_per_worker=gpus_per_worker, batch_size=batch_size, shards=shards, device=device)
+        summaries.append(run_job(spec, only=[tok], force=force, address=address, show_progress=show_progress))
+    return combine_summaries(summaries)
+
+
+def combine_summaries(summaries: list[dict]) -> dict:
+    """Several run summaries of one output as one (counts added, worst exit code); ``runs`` holds them all."""
+    out = {"output": summaries[0]["output"], "runs": summaries,
+           "modalities": [m for s in summaries for m in (s.get("only") or [])],
+           "exit_code": max(s["exit_code"] for s in summaries), "errors_by_reason": {}, "failed_shards": []}
+    for k in ("shards_processed", "shards_skipped", "shards_failed", "samples_read", "samples_written",
+              "samples_failed", "samples_dropped", "seconds"):
+        out[k] = sum(s[k] for s in summaries)
+    for s in summaries:
+        out["failed_shards"] += s["failed_shards"]
+        for reason, n in s["errors_by_reason"].items():
+            out["errors_by_reason"][reason] = out["errors_by_reason"].get(reason, 0) + n
+    return out
 
 
 def parse_tokenizer_args(items) -> dict[str, str]:
@@ -111,20 +155,39 @@ DEMO_STEPS = 150
 
 def demo_tokenize(output: str, force: bool = False, show_progress: bool = True, steps: int = DEMO_STEPS) -> dict:
     """The demo's second half: train tiny tokenizers on the demo output (Ray Train, 1 worker) and tokenize it."""
-    from .train import default_out, format_report, train_tokenizer
+    print(f"\nlabel -> train-tokenizer -> tokenize: tiny tokenizers ({steps} steps on the CPU, about 0.2 M parameters "
+          f"each) trained on the demo's own labels. This shows the workflow; it is not a quality "
+          f"run (4M's tokenizers train for days on millions of images).", flush=True)
+    import ray
+
+    # one quiet embedded Ray for all of it (Ray Train's controller logs would drown the demo's own lines)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    try:
+        return _demo_tokenize(output, force, show_progress, steps)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _demo_tokenize(output: str, force: bool, show_progress: bool, steps: int) -> dict:
+    from .train import format_report, train_tokenizer
 
     checkpoints = {}
     for source, quantizer in DEMO_TOKENIZERS:
         print(f"training a tiny {source} tokenizer ({quantizer}, {steps} steps) on {output} ...", flush=True)
         report = train_tokenizer(source, output, preset="tiny", quantizer=quantizer, steps=steps, workers=1,
-                                 force=force, show_progress=show_progress)
+                                 cpus_per_worker=1, force=force, show_progress=show_progress)
         for line in format_report(report):
             print(line)
         checkpoints[source] = default_out(output, source)
     summary = tokenize_output(output, list(checkpoints), checkpoints, force=force, show_progress=show_progress)
-    mods = list(tokenize_spec(output, list(checkpoints), checkpoints).modalities)
     print(f"tokenized: {summary['shards_processed']} shard(s) written, {summary['shards_skipped']} already done")
-    for m in mods:
+    for m in token_modalities(list(checkpoints)):
         print(f"token shards: {storage.join(output, m)}/shard-*.tar  (int16 [n_crops, "
               f"{get_modality(m).n_tokens}] per sample)")
+    for source in checkpoints:
+        print(f"tokenizer: {checkpoints[source]}  (model.safetensors, config.json, report.json, "
+              f"reconstructions.png)")
     return summary

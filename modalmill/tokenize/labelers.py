@@ -91,8 +91,9 @@ class TokenizerLabeler(Labeler):
         if cfg.get("modality") != self.source:
             raise ValueError(f"{self.config.checkpoint}: a tokenizer for {cfg.get('modality')!r}, not {self.source!r}")
         if model.n_tokens != spec.n_tokens or model.quantizer.codebook_size > spec.vocab_size:
-            raise ValueError(f"{self.config.checkpoint}: makes {model.n_tokens} tokens from {model.quantizer.codebook_size}"
-                             f" codes; {out} needs {spec.n_tokens} tokens from at most {spec.vocab_size}")
+            raise ValueError(f"{self.config.checkpoint}: makes {model.n_tokens} tokens from "
+                             f"{model.quantizer.codebook_size} codes; {out} needs {spec.n_tokens} tokens from at "
+                             f"most {spec.vocab_size}")
         self.model, self.tokenizer_config = model, cfg
         self.adapter = adapter_for(self.source, cfg["model"].get("in_channels"))
 

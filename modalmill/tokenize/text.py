@@ -14,7 +14,10 @@ Serialisers (deterministic by default; pass a ``random.Random`` to get 4M's rand
 - :func:`det_to_text`: boxes with score >= 0.6, cut to a crop, flipped, ordered by distance to the origin:
   ``v0=xmin v1=ymin v2=xmax v3=ymax <class name>`` each, coordinates x 999;
 - :func:`human_poses_to_text`: ``human`` + box tokens, then the ``pose`` (8 pose-tokenizer ids), ``global``
-  (9 orientation values), ``camera`` (3) and ``shape`` (10 betas) groups as value tokens; ``none`` without people.
+  (9 orientation values), ``camera`` (3) and ``shape`` (10 betas) groups as value tokens; ``none`` without people;
+- :func:`sam_instance_to_text`: per instance its crop box and 16 SAM-instance-tokenizer ids as value tokens.
+
+:func:`encode_text` wraps a sequence in ``[SOS] ... [EOS]`` ids.
 """
 
 from __future__ import annotations
@@ -253,3 +256,39 @@ def human_poses_to_text(value: Any, original_size: tuple[int, int], crop=None,
         out.append(" ".join(["human", _v(0, b[0] * s), _v(1, b[1] * s), _v(2, b[2] * s), _v(3, b[3] * s)]
                             + [t for g in groups for t in g]))
     return " ".join(out) if out else "none"
+
+
+def _id_token(t: int) -> str:
+    """A 0..1023 code id as one value token: ``v0=id`` below 512, else ``v1=id-512`` (as for pose ids)."""
+    t = int(t)
+    if not 0 <= t < 1024:
+        raise ValueError(f"token id {t} outside 0..1023")
+    return f"v0={t}" if t < 512 else f"v1={t - 512}"
+
+
+def sam_instance_to_text(entry: dict, crop_size: int = 224, rng: random.Random | None = None) -> str:
+    """One crop of a ``sam_instance`` file (``bbox`` ``[N, 4]`` = ymin, xmin, ymax, xmax in crop pixels, ``token_ids``
+    ``[N, 16]``) as a sequence: per instance ``v0=xmin v1=ymin v2=xmax v3=ymax`` (x 999 / crop size) and its 16
+    ids as value tokens (:func:`_id_token`), instances ordered by distance to the origin (random with ``rng``);
+    ``none`` without instances. The order of the parts follows the pose sequence; it is not checked against
+    4M-21's own SAM-instance transform."""
+    boxes = np.asarray(entry.get("bbox", np.zeros((0, 4))), dtype=float).reshape(-1, 4)
+    ids = np.asarray(entry.get("token_ids", np.zeros((0, 16))), dtype=np.int64).reshape(len(boxes), 16)
+    s = (COORD_BINS - 1) / crop_size
+    items = [(b[1] * s, b[0] * s, b[3] * s, b[2] * s, tuple(int(t) for t in row)) for b, row in zip(boxes, ids)]
+    if rng is not None:
+        rng.shuffle(items)
+    else:
+        items.sort(key=lambda it: (it[0] ** 2 + it[1] ** 2, it[4]))
+    out = [" ".join([_v(0, x0), _v(1, y0), _v(2, x1), _v(3, y1)] + [_id_token(t) for t in row])
+           for x0, y0, x1, y1, row in items]
+    return " ".join(out) if out else "none"
+
+
+def encode_text(tokenizer, text: str, max_length: int | None = None) -> list[int]:
+    """``[SOS] pieces... [EOS]`` ids of ``text`` (truncated to ``max_length`` ids, ``[EOS]`` kept last)."""
+    vocab = tokenizer.get_vocab()
+    ids = [vocab["[SOS]"]] + tokenizer.encode(text, add_special_tokens=False).ids + [vocab["[EOS]"]]
+    if max_length is not None and len(ids) > max_length:
+        ids = ids[:max_length - 1] + [vocab["[EOS]"]]
+    return ids

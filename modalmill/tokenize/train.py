@@ -368,15 +368,10 @@ def train_loop(loop: dict[str, Any]) -> None:
         window_idx = window_idx[-20:]
         if step % t["log_every"] == 0 or step == t["steps"]:
             usage, ppl, _ = _usage(torch.cat(window_idx), size)
-            metrics = {"step": step, "loss": float(loss), "recon": float(rec_loss), "usage": usage,
-                       "perplexity": ppl, "lr": optim.param_groups[0]["lr"]}
-            extra["history"].append([step, round(float(loss), 6), round(float(rec_loss), 6), round(usage, 4)])
+            loss_v, rec_v = loss.item(), rec_loss.item()
+            extra["history"].append([step, round(loss_v, 6), round(rec_v, 6), round(usage, 4)])
             if bar is not None:
-                bar.set_postfix(loss=f"{float(loss):.4f}", recon=f"{float(rec_loss):.4f}", usage=f"{usage:.0%}")
-            if use_ray:
-                import ray.train
-
-                ray.train.report(metrics)
+                bar.set_postfix(loss=f"{loss_v:.4f}", recon=f"{rec_v:.4f}", usage=f"{usage:.0%}")
         if bar is not None:
             bar.update(1)
         if rank == 0 and (step % t["checkpoint_every"] == 0 or step == t["steps"]):
@@ -385,6 +380,11 @@ def train_loop(loop: dict[str, Any]) -> None:
             ckpt.save_train_state(out, model, optim, step, cfg, extra)
     if bar is not None:
         bar.close()
+    if use_ray:  # once, from every worker (Ray Train's report is collective): the last logged metrics
+        import ray.train
+
+        ray.train.report({"step": step, **({"loss": extra["history"][-1][1], "recon": extra["history"][-1][2],
+                                            "usage": extra["history"][-1][3]} if extra["history"] else {})})
     if rank != 0:
         return
     extra["train_seconds"] = extra.get("train_seconds", 0.0) + time.perf_counter() - run_t0
