@@ -224,3 +224,20 @@ def test_each_labeler_is_called_with_its_own_batch_size(ray_local, demo_corpus, 
     assert s["exit_code"] == EXIT_OK
     sizes = [json.loads(data)[0] for _, data in tar_members(out / "caption" / "shard-00000.tar")]
     assert sizes == ["n=3", "n=3", "n=3", "n=2", "n=2"]  # 5 samples gathered past the job's 2, cut at the labeler's 3
+
+
+def test_actor_pools_always_leave_room_for_a_shard_task():
+    from modalmill.labelers.base import Resources
+    from modalmill.pipeline.execute import _leave_room_for_shard_tasks
+
+    # two default 1-CPU model labelers on 2 CPUs would leave none for the shard task: defaults shrink
+    plans = [("a", Resources(num_cpus=1), 1, False), ("b", Resources(num_cpus=1), 1, False)]
+    _leave_room_for_shard_tasks(plans, shard_cpus=1.0, total_cpus=2.0)
+    assert sum(res.num_cpus for _, res, _, _ in plans) <= 1.0 and all(res.num_cpus > 0 for _, res, _, _ in plans)
+    # explicit requests are kept, and when they leave no room that is a clear error
+    plans = [("a", Resources(num_cpus=2), 1, True)]
+    with pytest.raises(ValueError, match="leaving none for the shard tasks"):
+        _leave_room_for_shard_tasks(plans, shard_cpus=1.0, total_cpus=2.0)
+    plans = [("a", Resources(num_cpus=0.5), 2, True), ("b", Resources(num_cpus=1), 1, False)]
+    _leave_room_for_shard_tasks(plans, shard_cpus=0.5, total_cpus=2.0)
+    assert plans[0][1].num_cpus == 0.5 and plans[1][1].num_cpus == 0.5

@@ -201,17 +201,46 @@ def fit_resources(name: str, defaults: Resources, overrides: dict | None, node: 
     return Resources(**{**res.__dict__, **fixes})
 
 
-def make_pools(runs: list[LabelerRun], settings: dict) -> dict[str, list]:
+def _leave_room_for_shard_tasks(plans: list, shard_cpus: float, total_cpus: float) -> None:
+    """Actor pools must leave at least one shard task's CPUs free, or the job waits forever. Default CPU
+    requests shrink (proportionally) to make room; explicit ones that leave no room are a clear error."""
+    need = sum(res.num_cpus * n for _, res, n, _ in plans)
+    room = total_cpus - shard_cpus
+    if need <= room + 1e-9:
+        return
+    fixed = sum(res.num_cpus * n for _, res, n, explicit in plans if explicit)
+    flexible = need - fixed
+    if flexible <= 0 or room - fixed <= 0:
+        names = ", ".join(f"{name} ({n} x {res.num_cpus:g})" for name, res, n, _ in plans)
+        raise ValueError(f"the labeler actors reserve {need:g} of the cluster's {total_cpus:g} CPUs ({names}), "
+                         f"leaving none for the shard tasks (ray.shard_cpus = {shard_cpus:g}): lower "
+                         "labelers.NAME.resources.num_cpus or labelers.NAME.workers, or ray.shard_cpus")
+    scale = (room - fixed) / flexible
+    for i, (name, res, n, explicit) in enumerate(plans):
+        if not explicit:
+            plans[i] = (name, Resources(**{**res.__dict__, "num_cpus": round(res.num_cpus * scale, 4)}), n, False)
+    print(f"modalmill: labeler actors' default CPU requests scaled by {scale:.2f} to leave {shard_cpus:g} CPU(s) "
+          f"of {total_cpus:g} for shard tasks", file=sys.stderr)
+
+
+def make_pools(runs: list[LabelerRun], settings: dict, shard_cpus: float = 1.0) -> dict[str, list]:
     """One actor pool per stateful labeler; waits until every actor is set up."""
     pools: dict[str, list] = {}
     node = _largest_node()
+    plans: list = []
     for run in runs:
-        if not run.stateful or run.labeler in pools:
+        if not run.stateful or any(p[0] == run.labeler for p in plans):
             continue
         cls = run.labeler_class()
         s = settings.get(run.labeler)
         res = fit_resources(run.labeler, cls.default_resources, s.resources if s else None, node)
-        n = max(1, s.workers if s else 1)
+        plans.append((run.labeler, res, max(1, s.workers if s else 1), bool(s and "num_cpus" in s.resources)))
+    _leave_room_for_shard_tasks(plans, shard_cpus, float(ray.cluster_resources().get("CPU", 0.0)))
+    by_name = {p[0]: p for p in plans}
+    for run in runs:
+        if run.labeler not in by_name or run.labeler in pools:
+            continue
+        _, res, n, _ = by_name[run.labeler]
         # a killed actor is restarted and its in-flight batch retried once; a batch that keeps killing it is
         # split by the shard task until the poisoned sample is isolated and recorded
         opts = {**res.ray_options(), "max_restarts": -1, "max_task_retries": 1}
@@ -238,7 +267,7 @@ def execute(tasks: list[ShardTask], runs: list[LabelerRun], labeler_settings: di
 
     if not tasks:
         return []
-    pools = make_pools(runs, labeler_settings)
+    pools = make_pools(runs, labeler_settings, shard_cpus)
     counter = ProgressCounter.remote()
     remote = ray.remote(_run_shard).options(num_cpus=shard_cpus, max_retries=max_retries)
     window = max(2, int(2 * ray.cluster_resources().get("CPU", 2) / max(shard_cpus, 0.01)))
