@@ -119,7 +119,8 @@ def run(job_file, output, address, only, force, shards, no_progress):
 @click.option("--only", default=None)
 @click.option("--force", is_flag=True)
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Wait for the job and print its logs.")
-@click.option("--pip", "pip_packages", default=None, help="Extra pip packages for the job's runtime env (comma-separated).")
+@click.option("--pip", "pip_packages", default=None,
+              help="Extra pip packages for the job's runtime env (comma-separated).")
 def submit(job_file, address, only, force, wait, pip_packages):
     """Submit a job spec to a running Ray cluster through the Ray Jobs API."""
     from .jobs.submit import submit_job
@@ -147,7 +148,8 @@ def status(output, as_json):
     click.echo(f"{output}")
     total = st["shards_total"]
     click.echo(f"  shards: {st['shards_done']} done, {st['shards_failed']} failed, "
-               f"{st['shards_pending'] if total is not None else '?'} pending (of {total if total is not None else '?'})")
+               f"{st['shards_pending'] if total is not None else '?'} pending "
+               f"(of {total if total is not None else '?'})")
     click.echo(f"  samples: {st['samples_read']} read, {st['samples_ok']} written, {st['samples_failed']} failed")
     click.echo(f"  modalities: {', '.join(f'{m} ({n} shards)' for m, n in sorted(st['modalities'].items()))}")
     for reason, n in sorted(st["errors_by_reason"].items(), key=lambda kv: -kv[1]):

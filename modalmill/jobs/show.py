@@ -91,6 +91,10 @@ class Context:
 # ============================================================================ drawing helpers
 
 
+def _cv_contours(contours) -> list:
+    """One instance's contour(s) as OpenCV point arrays."""
+    return [np.asarray(c, np.int32).reshape(-1, 1, 2) for c in (contours if isinstance(contours, list) else [contours])]
+
 def _font(size: int = 13) -> ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
@@ -328,7 +332,7 @@ def _r_tokens(spec, value, ctx):
         tiles = [Image.fromarray(d.astype(np.uint8)) for d in decoded[:4]]
         return _hstack([_fit(t, 150) for t in tiles]), f"decoded with the tokenizer, {len(v)} crop(s)"
     tiles = []
-    for i, row in enumerate(v[:4]):
+    for row in v[:4]:
         grid = _token_grid(row)
         tile = _fit(Image.fromarray(grid), 150, nearest=True)
         if len(row) <= 16:  # small grids: write the ids into the cells
@@ -385,7 +389,7 @@ def _r_det(spec, value, ctx):
     draw = ImageDraw.Draw(img)
     font = _font(12)
     kept = 0
-    for i, d in sorted(enumerate(inst), key=lambda t: t[1].get("score", 0)):
+    for _, d in sorted(enumerate(inst), key=lambda t: t[1].get("score", 0)):
         x0, y0, x1, y1 = d["boxes"]
         box = (x0 * img.width, y0 * img.height, x1 * img.width, y1 * img.height)
         if d.get("score", 0) >= SCORE_THRESHOLD:
@@ -505,12 +509,12 @@ def _r_sam(spec, value, ctx):
     overlay = base.copy()
     points = first.get("points", [])
     for i, contours in enumerate(points):
-        cs = [np.asarray(c, np.int32).reshape(-1, 1, 2) for c in (contours if isinstance(contours, list) else [contours])]
+        cs = _cv_contours(contours)
         colour = [int(c) for c in id_colours(np.array(i + 5))]
         cv2.fillPoly(overlay, cs, colour)
     out = (0.45 * base + 0.55 * overlay).astype(np.uint8)
-    for i, contours in enumerate(points):
-        cs = [np.asarray(c, np.int32).reshape(-1, 1, 2) for c in (contours if isinstance(contours, list) else [contours])]
+    for contours in points:
+        cs = _cv_contours(contours)
         cv2.polylines(out, cs, True, (255, 255, 255), 1)
     img = Image.fromarray(out)
     draw = ImageDraw.Draw(img)
@@ -728,7 +732,8 @@ def find_sample(root: str, key: str, shard: str | None = None) -> tuple[str, dic
         folders = sorted(layout.folders, key=lambda f: (f != "rgb", f))
         if folders:
             for name in sorted(layout.folders[folders[0]]):
-                if name.endswith(".tar") and any(k == key for k, _ in iter_tar_groups(layout.folders[folders[0]][name])):
+                url = layout.folders[folders[0]][name]
+                if name.endswith(".tar") and any(k == key for k, _ in iter_tar_groups(url)):
                     shard = name[: -len(".tar")]
                     break
     if shard is None:
