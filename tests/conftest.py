@@ -39,3 +39,14 @@ def demo_corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus")
     build_corpus(str(d), n_shards=2, per_shard=5, size_range=(200, 320))
     return str(d)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models train fastest on one torch thread (and 2-core CI machines are shared)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -26,12 +26,7 @@ N_CROPS = 3
 LABELS = ["rgb", "crop_settings", "canny_edge"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _members(path):

@@ -11,13 +11,7 @@ from modalmill.tokenize.models import MLPTokenizer, SpatialVQVAE, build_model
 from modalmill.tokenize.train import check_config, default_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models train fastest on one thread (and 2-core CI machines are shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _train(model, adapter, make_batch, steps, lr=2e-3):

@@ -13,12 +13,7 @@ from modalmill.tokenize.quantizers import (FSQQuantizer, MemcodesQuantizer, VQQu
 from modalmill.tokenize.train import default_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 QUANTIZERS = {
     "vq": lambda: VQQuantizer(16, 64, decay=0.9, threshold_ema_dead_code=1.0),

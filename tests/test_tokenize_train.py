@@ -4,7 +4,6 @@ import json
 import os
 
 import pytest
-import torch
 from PIL import Image
 
 from modalmill.jobs.runner import EXIT_OK, run_job
@@ -13,13 +12,7 @@ from modalmill.tokenize import checkpoint as ckpt
 from modalmill.tokenize.train import default_out, format_report, train_tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models train fastest on one thread (and 2-core CI machines are shared); Ray workers get 1 CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
