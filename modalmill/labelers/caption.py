@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .base import LabelFailure, LabelInput, Resources, register_labeler
-from .dinov2 import load_pretrained, region_images
+from .dinov2 import load_pretrained, split_regions
 from .model import ModelConfig, ModelLabeler
 
 __all__ = ["CaptionLabeler", "T5CaptionLabeler", "caption_texts"]
@@ -117,9 +117,7 @@ class CaptionLabeler(ModelLabeler):
         return inputs["pixel_values"].to(self.device)
 
     def predict(self, batch: list[LabelInput]) -> list[dict[str, Any] | LabelFailure]:
-        images = region_images(batch, self.config.region)
-        results: list[Any] = [LabelFailure(im) if isinstance(im, str) else None for im in images]
-        ok = [i for i, im in enumerate(images) if not isinstance(im, str)]
+        images, results, ok = split_regions(batch, self.config.region)
         if not ok:
             return results
         pixel_values = self._pixel_values([images[i] for i in ok])

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .base import LabelFailure, LabelInput, Resources, register_labeler
-from .dinov2 import IMAGENET_MEAN, IMAGENET_STD, check_region, region_images, to_float16
+from .dinov2 import IMAGENET_MEAN, IMAGENET_STD, check_region, split_regions, to_float16
 from .model import ModelConfig, ModelLabeler
 from .weights import WeightsError, load_into, load_state_dict
 
@@ -177,9 +177,7 @@ class CLIPLabeler(ModelLabeler):
         return visual
 
     def predict(self, batch: list[LabelInput]) -> list[dict[str, Any] | LabelFailure]:
-        images = region_images(batch, self.config.region)
-        results: list[Any] = [LabelFailure(im) if isinstance(im, str) else None for im in images]
-        ok = [i for i, im in enumerate(images) if not isinstance(im, str)]
+        images, results, ok = split_regions(batch, self.config.region)
         if not ok:
             return results
         mean, std = NORMALIZATIONS[self.config.normalize]

@@ -75,7 +75,7 @@ from typing import Any
 import numpy as np
 
 from ..schemas.modalities import get_modality
-from .base import Labeler, LabelFailure, LabelInput, Resources, register_labeler
+from .base import Labeler, LabelFailure, LabelInput, register_labeler
 from .modelfree import MetadataLabeler, _clip_round
 from .semseg import COCO_PANOPTIC_CLASSES, N_COCO_THINGS, UNLABELLED
 
@@ -196,9 +196,7 @@ class DerivedMetadataLabeler(Labeler):
     version = "1"
     outputs = ("metadata",)
     requires: tuple[str, ...] = ()
-    default_resources = Resources(num_cpus=1)
     default_batch_size = 32
-    stateful = False
     license = "n/a (model-free; derived from other modalities)"
 
     @dataclass(frozen=True)

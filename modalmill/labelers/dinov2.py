@@ -36,6 +36,7 @@ __all__ = [
     "DINOv2Labeler",
     "load_pretrained",
     "region_images",
+    "split_regions",
     "to_float16",
 ]
 
@@ -78,6 +79,14 @@ def region_images(batch: list[LabelInput], region: str) -> list[np.ndarray | str
                 img = img[:, ::-1]
         out.append(img)
     return out
+
+
+def split_regions(batch: list[LabelInput], region: str) -> tuple[list, list[Any], list[int]]:
+    """(region images, results with a LabelFailure where there is no usable region and None elsewhere, positions
+    of the usable ones)."""
+    images = region_images(batch, region)
+    results: list[Any] = [LabelFailure(im) if isinstance(im, str) else None for im in images]
+    return images, results, [i for i, im in enumerate(images) if not isinstance(im, str)]
 
 
 def to_float16(arr: np.ndarray) -> np.ndarray | None:
@@ -177,10 +186,7 @@ class DINOv2Labeler(ModelLabeler):
         return model
 
     def predict(self, batch: list[LabelInput]) -> list[dict[str, Any] | LabelFailure]:
-        images = region_images(batch, self.config.region)
-        ok = [i for i, im in enumerate(images) if not isinstance(im, str)]
-        results: list[dict[str, Any] | LabelFailure] = [LabelFailure(str(im)) if isinstance(im, str) else None
-                                                       for im in images]
+        images, results, ok = split_regions(batch, self.config.region)
         if not ok:
             return results
         size = self.config.input_size

@@ -55,7 +55,7 @@ from .clip import (
     open_clip_features,
     visual_state_dict,
 )
-from .dinov2 import IMAGENET_MEAN, IMAGENET_STD, check_region, region_images, to_float16
+from .dinov2 import IMAGENET_MEAN, IMAGENET_STD, check_region, split_regions, to_float16
 from .model import ModelConfig, ModelLabeler
 from .weights import WeightsError, load_into, load_state_dict
 
@@ -242,9 +242,7 @@ class ImageBindLabeler(ModelLabeler):
     def predict(self, batch: list[LabelInput]) -> list[dict[str, Any] | LabelFailure]:
         import torch.nn.functional as F
 
-        images = region_images(batch, self.config.region)
-        results: list[Any] = [LabelFailure(im) if isinstance(im, str) else None for im in images]
-        ok = [i for i, im in enumerate(images) if not isinstance(im, str)]
+        images, results, ok = split_regions(batch, self.config.region)
         if not ok:
             return results
         mean, std = NORMALIZATIONS[self.config.normalize]

@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from ..schemas.modalities import METADATA_RANGES
-from .base import Labeler, LabelFailure, LabelInput, Resources, register_labeler
+from .base import Labeler, LabelFailure, LabelInput, register_labeler
 
 __all__ = ["CannyEdgeLabeler", "ColorPaletteLabeler", "MetadataLabeler"]
 
@@ -68,9 +68,7 @@ class CannyEdgeLabeler(Labeler):
     name = "canny_edge"
     version = "1"
     outputs = ("canny_edge",)
-    default_resources = Resources(num_cpus=1)
     default_batch_size = 32
-    stateful = False
     description = "OpenCV Canny edge map of the greyscale image (0/255), at the stored rgb geometry"
 
     @dataclass(frozen=True)
@@ -171,9 +169,7 @@ class ColorPaletteLabeler(Labeler):
     name = "color_palette"
     version = "1"
     outputs = ("color_palette",)
-    default_resources = Resources(num_cpus=1)
     default_batch_size = 32
-    stateful = False
     description = "k-means RGB colour palettes for k = 1..7 (4M's color_palette JSON), largest cluster first"
 
     @dataclass(frozen=True)
@@ -292,9 +288,7 @@ class MetadataLabeler(Labeler):
     name = "metadata"
     version = "1"
     outputs = ("metadata",)
-    default_resources = Resources(num_cpus=1)
     default_batch_size = 32
-    stateful = False
     description = ("image-statistics metadata: original size, brightness, contrast, saturation, colorfulness, "
                    "entropy (4M-21 names and ranges)")
 
