@@ -186,7 +186,6 @@ def bare(name: str, weights: str, paths: list[str], s: Setup, data: str | None =
     import torch
 
     from benchmarks.bench_model import _full_inputs
-    from modalmill.labelers.dinov2 import region_images
 
     bs = BATCH[name]
     inputs = [i for shard in _full_inputs(paths) for i in shard]
@@ -195,7 +194,7 @@ def bare(name: str, weights: str, paths: list[str], s: Setup, data: str | None =
 
         lab = DINOv2Labeler({"weights": weights, "device": s.device, "dtype": s.dtype})
         lab.setup()
-        xs = [lab.to_tensor(region_images(inputs[i:i + bs], "crop0"), size=224) for i in range(0, len(inputs), bs)]
+        xs = [lab.to_tensor(list(lab.prepare(inputs[i:i + bs])), size=224) for i in range(0, len(inputs), bs)]
 
         def call(x):
             return lab.model(pixel_values=x).last_hidden_state
@@ -230,10 +229,11 @@ def bare(name: str, weights: str, paths: list[str], s: Setup, data: str | None =
             for k, _, b in iter_tar_members(os.path.join(data, "rgb", p)):
                 from modalmill.labelers.base import LabelInput
 
-                crops_of += lab._crops_of(LabelInput(key=k, image=decode_stored_rgb(b), original_size=None,
-                                                     crops=crops[k]))
+                crops_of += list(lab._crops_of(LabelInput(key=k, image=decode_stored_rgb(b), original_size=None,
+                                                          crops=crops[k])))
         inputs = crops_of
-        xs = [lab.adapter.to_input(torch.stack(crops_of[i:i + bs]).to(lab.device)) for i in range(0, len(crops_of), bs)]
+        xs = [lab.adapter.to_input(torch.from_numpy(np.stack(crops_of[i:i + bs])).to(lab.device))
+              for i in range(0, len(crops_of), bs)]
 
         def call(x):
             return lab.model.encode(x)

@@ -133,14 +133,12 @@ def bare_dinov2(paths: list[str], weights: str, out: str) -> dict:
     import numpy as np
     import torch
 
-    from modalmill.labelers.dinov2 import region_images
-
     torch.set_num_threads(1)
     lab = _dinov2_labeler(weights)
-    batches = []  # (keys, float tensor [B, 3, 224, 224])
+    batches = []  # (keys, float tensor [B, 3, 224, 224]) made by the labeler's own prepare + to_tensor
     for shard in _full_inputs(paths):
         for b in _batches(shard, BATCH):
-            batches.append(([i.key for i in b], lab.to_tensor(region_images(b, "crop0"), size=224)))
+            batches.append(([i.key for i in b], lab.to_tensor(list(lab.prepare(b)), size=224)))
     with torch.inference_mode():
         lab.model(pixel_values=batches[0][1][:2])  # warm-up, not timed
         cls = {}
@@ -175,11 +173,11 @@ def bare_tokenizer(data: str, checkpoint: str, shards: list[str], out: str, batc
                  for k, _, b in iter_tar_members(os.path.join(data, "crop_settings", f"{s}.tar"))}
         inputs = [LabelInput(key=k, image=decode_stored_rgb(b), original_size=None, crops=crops[k]) for k, _, b in rgb]
         for b in _batches(inputs, batch_size):
-            flat = [t for inp in b for t in lab._crops_of(inp)]
+            flat = np.concatenate([p[0] for p in lab.prepare(b)])  # the labeler's own preprocessing
             if len(flat) > step:
                 raise RuntimeError("bench: a shard batch spans several encoder calls; lower the batch size")
             batches.append(([inp.key for inp in b], [len(inp.crops) for inp in b],
-                            lab.adapter.to_input(torch.stack(flat))))
+                            lab.adapter.to_input(torch.from_numpy(flat))))
     with torch.inference_mode():
         lab.model.encode(batches[0][2][:2])  # warm-up, not timed
         tokens = {}

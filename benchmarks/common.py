@@ -151,6 +151,19 @@ def _busy_seconds() -> float:
     return sum(t) - idle - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
 
 
+def _title(p: psutil.Process) -> str:
+    """A short name for a process: a Ray worker's title (``ray::_run_shard``), else its program."""
+    try:
+        argv = p.cmdline()
+    except psutil.Error:
+        return "?"
+    if not argv:
+        return "?"
+    if argv[0].startswith("ray::"):
+        return argv[0].split()[0]
+    return os.path.basename(argv[0])
+
+
 def _role(p: psutil.Process) -> str:
     """'ray worker' (a Python worker: tasks and actors), 'ray daemon' (raylet, GCS, agents, monitors) or 'other'.
 
@@ -188,6 +201,7 @@ class Phase:
     machine_cpu_s: float = 0.0  # every process on the machine
     driver_peak_rss: int = 0
     worker_peak_rss: dict[int, int] = field(default_factory=dict)
+    cpu_by_process: dict[str, float] = field(default_factory=dict)  # CPU seconds by process (role: name)
 
     @property
     def own_cores(self) -> float:
@@ -205,16 +219,17 @@ class Phase:
     def as_dict(self) -> dict:
         return {"name": self.name, "wall_s": self.wall_s, "own_cpu_s": self.own_cpu_s,
                 "machine_cpu_s": self.machine_cpu_s, "driver_peak_rss": self.driver_peak_rss,
-                "worker_peak_rss": {str(k): v for k, v in self.worker_peak_rss.items()}}
+                "worker_peak_rss": {str(k): v for k, v in self.worker_peak_rss.items()},
+                "cpu_by_process": self.cpu_by_process}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Phase":
         return cls(d["name"], d["wall_s"], d["own_cpu_s"], d["machine_cpu_s"], d["driver_peak_rss"],
-                   {int(k): v for k, v in d["worker_peak_rss"].items()})
+                   {int(k): v for k, v in d["worker_peak_rss"].items()}, d.get("cpu_by_process", {}))
 
     def summary(self) -> dict:
         return {"wall_s": round(self.wall_s, 2), "cpu_s": round(self.own_cpu_s, 1), "cores": round(self.own_cores, 2),
-                "other_processes_cores": round(self.foreign_cores, 2)}
+                "other_processes_cores": round(self.foreign_cores, 2), "cpu_by_process": self.cpu_by_process}
 
 
 class Monitor:
@@ -231,6 +246,7 @@ class Monitor:
         self._me = psutil.Process()
         self._procs: dict[int, psutil.Process] = {}
         self._roles: dict[int, str] = {}
+        self._names: dict[int, str] = {}
         self._start: dict[int, float] = {}
         self._last: dict[int, float] = {}
         self._stop = threading.Event()
@@ -249,6 +265,8 @@ class Monitor:
                 self._roles[p.pid] = "driver"
             elif self._roles.get(p.pid) in (None, "other"):  # a starting worker's title changes later
                 self._roles[p.pid] = _role(self._procs[p.pid])
+            if self._names.get(p.pid, "").startswith(("ray::IDLE", "python", "?")) or p.pid not in self._names:
+                self._names[p.pid] = _title(self._procs[p.pid])
         self._listed = time.monotonic()
 
     def _sample(self):
@@ -295,6 +313,11 @@ class Monitor:
         self._list()
         self._sample()
         self.phase.own_cpu_s = sum(self._last[pid] - self._start.get(pid, 0.0) for pid in self._last)
+        by: dict[str, float] = {}
+        for pid in self._last:
+            what = f"{self._roles.get(pid, 'other')}: {self._names.get(pid, '?')}"
+            by[what] = round(by.get(what, 0.0) + self._last[pid] - self._start.get(pid, 0.0), 2)
+        self.phase.cpu_by_process = dict(sorted(by.items(), key=lambda kv: -kv[1]))
         self.phase.machine_cpu_s = machine1 - self._machine0
         return False
 

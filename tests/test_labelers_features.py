@@ -50,11 +50,13 @@ def tar_members(path) -> list[tuple[str, bytes]]:
 
 
 def crop0_tensor(rgb: np.ndarray, crops: np.ndarray, size: int) -> torch.Tensor:
+    """Crop 0, flipped, resized with PIL bicubic to uint8 (as torchvision's Resize on a PIL image), normalised."""
+    from PIL import Image
+
     top, left, h, w, flip = (int(v) for v in crops[0])
-    x = torch.from_numpy(np.array(rgb[top:top + h, left:left + w])).permute(2, 0, 1)[None].float() / 255
-    if flip:
-        x = x.flip(-1)
-    x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    crop = np.ascontiguousarray(rgb[top:top + h, left:left + w][:, ::-1] if flip else rgb[top:top + h, left:left + w])
+    small = np.asarray(Image.fromarray(crop).resize((size, size), Image.BICUBIC))
+    x = torch.from_numpy(small.copy()).permute(2, 0, 1)[None].float() / 255
     return (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
 

@@ -6,8 +6,13 @@ into labels of one or more output modalities. Its lifecycle follows NeMo Curator
 - a frozen ``Config`` dataclass of settings (its hash goes into the manifest);
 - declared :class:`Resources` (CPUs, GPUs, memory) that size the Ray actor pool it runs in;
 - ``setup()``: load models once per worker;
+- ``prepare(batch)`` (optional): the per-sample preprocessing that needs no model (cropping, resizing to the
+  model's input size). For a labeler in an actor pool it runs where the batch is assembled (the shard task, on a
+  CPU worker), overlapped with the model's work on the previous batch, so the model's process only runs the
+  model and a batch travels as small uint8 arrays instead of whole images;
 - ``process_batch(batch)``: one result per input sample, in order: a ``{modality: value}`` dict, or a
-  :class:`LabelFailure` for a sample that cannot be labelled (the pipeline drops and records it).
+  :class:`LabelFailure` for a sample that cannot be labelled (the pipeline drops and records it). It accepts
+  both the plain :class:`LabelInput` list and what ``prepare`` returned (a :class:`Prepared` list).
 
 Third-party labelers register through the ``modalmill.labelers`` entry-point group (each entry point
 names a Labeler subclass, or a module that registers some on import).
@@ -57,6 +62,11 @@ class LabelFailure:
     """A sample a labeler could not label; ``reason`` is one line."""
 
     reason: str
+
+
+class Prepared(list):
+    """What :meth:`Labeler.prepare` returns: one item per sample of the batch, in order (a labeler-specific
+    model input, or a :class:`LabelFailure` for a sample that cannot be prepared)."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +123,11 @@ class Labeler:
     # ------------------------------------------------------------------ lifecycle
     def setup(self) -> None:
         """Load models and other state; called once per worker before the first batch."""
+
+    def prepare(self, batch: list[LabelInput]) -> list:
+        """Model-free preprocessing, run before the batch is sent to the labeler's worker (see the module
+        docstring). Must not need :meth:`setup`; the default hands the batch on unchanged."""
+        return batch
 
     def process_batch(self, batch: list[LabelInput]) -> list[dict[str, Any] | LabelFailure]:
         raise NotImplementedError

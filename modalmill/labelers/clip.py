@@ -20,8 +20,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from .base import LabelFailure, LabelInput, Resources, register_labeler
-from .dinov2 import IMAGENET_MEAN, IMAGENET_STD, check_region, split_regions, to_float16
+from .base import LabelFailure, LabelInput, Prepared, Resources, register_labeler
+from .dinov2 import IMAGENET_MEAN, IMAGENET_STD, check_region, prepare_regions, split_prepared, to_float16
 from .model import ModelConfig, ModelLabeler
 from .weights import WeightsError, load_into, load_state_dict
 
@@ -84,6 +84,25 @@ def build_open_clip_visual(arch: str, *, vision_overrides: dict | None = None, w
     if {n for n, _ in visual.named_buffers()} - set(visual.state_dict()):
         raise ValueError(f"{where}: {arch!r} has non-persistent buffers; it cannot be built without initialisation")
     return visual.to_empty(device="cpu")
+
+
+def open_clip_image_size(arch: str) -> tuple[int, int]:
+    """The input size of open_clip architecture ``arch`` (a name or a model-config .json), read from its config
+    file without importing open_clip (and torch): the shard task resizes to it."""
+    import importlib.util
+    import json
+
+    if arch.endswith(".json"):
+        path = arch
+    else:
+        spec = importlib.util.find_spec("open_clip")
+        path = os.path.join(list(spec.submodule_search_locations)[0], "model_configs", f"{arch}.json")
+    try:
+        with open(path) as f:
+            size = json.load(f)["vision_cfg"].get("image_size", 224)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"open_clip architecture {arch!r}: cannot read its input size from {path}: {e}") from None
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def find_checkpoint(path: str, *, where: str, how_to_get: str = "") -> str:
@@ -176,8 +195,11 @@ class CLIPLabeler(ModelLabeler):
                   where=f"{where} ({self.config.arch} image tower) from {ckpt}")
         return visual
 
-    def predict(self, batch: list[LabelInput]) -> list[dict[str, Any] | LabelFailure]:
-        images, results, ok = split_regions(batch, self.config.region)
+    def prepare(self, batch: list[LabelInput]) -> Prepared:
+        return prepare_regions(batch, self.config.region, open_clip_image_size(self.config.arch))
+
+    def predict(self, batch: list) -> list[dict[str, Any] | LabelFailure]:
+        images, results, ok = split_prepared(batch)
         if not ok:
             return results
         mean, std = NORMALIZATIONS[self.config.normalize]

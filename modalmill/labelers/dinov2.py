@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import LabelFailure, LabelInput, Resources, register_labeler
+from .base import LabelFailure, LabelInput, Prepared, Resources, register_labeler
 from .model import ModelConfig, ModelLabeler
 from .weights import WeightsError
 
@@ -35,7 +35,9 @@ __all__ = [
     "REGIONS",
     "DINOv2Labeler",
     "load_pretrained",
+    "prepare_regions",
     "region_images",
+    "split_prepared",
     "split_regions",
     "to_float16",
 ]
@@ -87,6 +89,30 @@ def split_regions(batch: list[LabelInput], region: str) -> tuple[list, list[Any]
     images = region_images(batch, region)
     results: list[Any] = [LabelFailure(im) if isinstance(im, str) else None for im in images]
     return images, results, [i for i, im in enumerate(images) if not isinstance(im, str)]
+
+
+def prepare_regions(batch: list[LabelInput], region: str, size: int | tuple[int, int]) -> Prepared:
+    """The CPU side of a square-input feature labeler: per sample, its region (:func:`region_images`) resized to
+    ``size`` as uint8 ``[H, W, 3]`` (PIL bicubic, antialiased when shrinking, like torchvision's ``Resize``), or a
+    :class:`LabelFailure`. Runs in the shard task, so the model's process receives small uint8 arrays."""
+    from PIL import Image
+
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    out = Prepared()
+    for im in region_images(batch, region):
+        if isinstance(im, str):
+            out.append(LabelFailure(im))
+        elif im.shape[:2] == (h, w):
+            out.append(np.ascontiguousarray(im))
+        else:
+            out.append(np.asarray(Image.fromarray(np.ascontiguousarray(im)).resize((w, h), Image.BICUBIC)))
+    return out
+
+
+def split_prepared(items: list) -> tuple[list, list[Any], list[int]]:
+    """Like :func:`split_regions` for the items :func:`prepare_regions` made."""
+    results: list[Any] = [it if isinstance(it, LabelFailure) else None for it in items]
+    return items, results, [i for i, it in enumerate(items) if not isinstance(it, LabelFailure)]
 
 
 def to_float16(arr: np.ndarray) -> np.ndarray | None:
@@ -185,8 +211,11 @@ class DINOv2Labeler(ModelLabeler):
                                f"checkpoint's patch size {patch}")
         return model
 
-    def predict(self, batch: list[LabelInput]) -> list[dict[str, Any] | LabelFailure]:
-        images, results, ok = split_regions(batch, self.config.region)
+    def prepare(self, batch: list[LabelInput]) -> Prepared:
+        return prepare_regions(batch, self.config.region, self.config.input_size)
+
+    def predict(self, batch: list) -> list[dict[str, Any] | LabelFailure]:
+        images, results, ok = split_prepared(batch)
         if not ok:
             return results
         size = self.config.input_size

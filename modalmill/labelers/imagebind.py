@@ -46,16 +46,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .base import LabelFailure, LabelInput, Resources, register_labeler
+from .base import LabelFailure, LabelInput, Prepared, Resources, register_labeler
 from .clip import (
     NORMALIZATIONS,
     build_open_clip_visual,
     find_checkpoint,
     grid_of,
     open_clip_features,
+    open_clip_image_size,
     visual_state_dict,
 )
-from .dinov2 import IMAGENET_MEAN, IMAGENET_STD, check_region, split_regions, to_float16
+from .dinov2 import IMAGENET_MEAN, IMAGENET_STD, check_region, prepare_regions, split_prepared, to_float16
 from .model import ModelConfig, ModelLabeler
 from .weights import WeightsError, load_into, load_state_dict
 
@@ -239,10 +240,13 @@ class ImageBindLabeler(ModelLabeler):
                   where=f"{where} ({self.config.arch} image tower) from {ckpt}")
         return visual
 
-    def predict(self, batch: list[LabelInput]) -> list[dict[str, Any] | LabelFailure]:
+    def prepare(self, batch: list[LabelInput]) -> Prepared:
+        return prepare_regions(batch, self.config.region, open_clip_image_size(self.config.arch))
+
+    def predict(self, batch: list) -> list[dict[str, Any] | LabelFailure]:
         import torch.nn.functional as F
 
-        images, results, ok = split_regions(batch, self.config.region)
+        images, results, ok = split_prepared(batch)
         if not ok:
             return results
         mean, std = NORMALIZATIONS[self.config.normalize]

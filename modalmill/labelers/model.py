@@ -7,8 +7,11 @@ modalities, ``license``, ``default_resources``), gives its ``Config`` the common
 
 - ``build(path)``: build the real architecture from the real package and load the weights found at the
   resolved local ``path`` (through :mod:`modalmill.labelers.weights`: safetensors or weights-only torch);
-- ``predict(batch)``: one result per :class:`LabelInput` (called under ``torch.inference_mode()`` and, on a
-  GPU, bf16/fp16 autocast when the config asks for it).
+- ``predict(batch)``: one result per item of the batch (called under ``torch.inference_mode()`` and, on a
+  GPU, bf16/fp16 autocast when the config asks for it). The items are :class:`LabelInput` s, or what the
+  labeler's own ``prepare`` made of them: labelers whose model sees a fixed-size square crop (DINOv2, CLIP,
+  ImageBind) resize it on the CPU side with :func:`modalmill.labelers.dinov2.prepare_regions`, so the model's
+  process receives uint8 ``[S, S, 3]`` arrays and only normalises them on the device.
 
 ``setup()`` resolves the weights once per actor, builds the model, moves it to the device and records the
 checkpoint's content hash (it goes into the manifest as ``checkpoint``). Batches that fail are split by the
@@ -24,7 +27,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .base import LabelFailure, LabelInput, Labeler, Resources
+from .base import LabelFailure, LabelInput, Labeler, Prepared, Resources
 
 
 @dataclass(frozen=True)
@@ -97,13 +100,17 @@ class ModelLabeler(Labeler):
         amp = torch.float16 if dtype in ("float16", "fp16") else torch.bfloat16
         return torch.autocast(device_type="cuda", dtype=amp)
 
-    def process_batch(self, batch: list[LabelInput]) -> list[dict[str, Any] | LabelFailure]:
+    def prepare(self, batch: list[LabelInput]) -> Prepared:
+        return Prepared(batch)
+
+    def process_batch(self, batch: list) -> list[dict[str, Any] | LabelFailure]:
         import torch
 
+        items = batch if isinstance(batch, Prepared) else self.prepare(batch)
         if self.model is None:
             self.setup()
         with torch.inference_mode(), self.autocast():
-            return self.predict(batch)
+            return self.predict(list(items))
 
     # ------------------------------------------------------------------ helpers for subclasses
     def to_tensor(self, images: list[np.ndarray], size: int | tuple[int, int] | None = None,
@@ -111,6 +118,7 @@ class ModelLabeler(Labeler):
         """uint8 HWC images -> a normalised float NCHW batch on the device, resized (bicubic) to ``size``.
 
         The uint8 batch is moved to the device first and converted/resized there, so the host moves bytes.
+        Images that already have the target size (e.g. made by ``prepare``) are not resized again.
         """
         import torch
         import torch.nn.functional as F
@@ -118,19 +126,22 @@ class ModelLabeler(Labeler):
         size = size if size is not None else self.input_size
         mean = mean if mean is not None else self.mean
         std = std if std is not None else self.std
-        if size is None:
-            shapes = {im.shape for im in images}
-            if len(shapes) != 1:
-                raise ValueError("images of different sizes need a target size")
-        out = []
-        for im in images:
-            t = torch.from_numpy(np.ascontiguousarray(im)).to(self.device, non_blocking=True)
-            t = t.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
-            if size is not None:
-                hw = (size, size) if isinstance(size, int) else tuple(size)
-                t = F.interpolate(t, size=hw, mode="bicubic", align_corners=False, antialias=True).clamp_(0, 1)
-            out.append(t)
-        x = torch.cat(out)
+        shapes = {im.shape for im in images}
+        if size is None and len(shapes) != 1:
+            raise ValueError("images of different sizes need a target size")
+        hw = None if size is None else ((size, size) if isinstance(size, int) else tuple(size))
+        if len(shapes) == 1 and (hw is None or next(iter(shapes))[:2] == hw):  # one copy of the whole batch
+            x = torch.from_numpy(np.ascontiguousarray(np.stack(images))).to(self.device, non_blocking=True)
+            x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        else:
+            out = []
+            for im in images:
+                t = torch.from_numpy(np.ascontiguousarray(im)).to(self.device, non_blocking=True)
+                t = t.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+                if hw is not None and tuple(t.shape[-2:]) != hw:
+                    t = F.interpolate(t, size=hw, mode="bicubic", align_corners=False, antialias=True).clamp_(0, 1)
+                out.append(t)
+            x = torch.cat(out)
         if mean is not None and std is not None:
             m = torch.tensor(mean, device=self.device).view(1, -1, 1, 1)
             s = torch.tensor(std, device=self.device).view(1, -1, 1, 1)

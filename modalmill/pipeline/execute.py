@@ -121,15 +121,23 @@ def _run_shard(task: ShardTask, pools: dict[str, list], counter, isolate: bool =
     model-free labelers run in a throw-away process per batch, so a sample that kills its process is split
     off and recorded as failed instead of taking the shard down again."""
 
+    preparers: dict[str, Any] = {}  # per pooled labeler, an instance (never set up) that runs its ``prepare``
+
     def call(run: LabelerRun, inputs):
         if run.stateful and run.labeler in pools:
             handles = pools[run.labeler]
             call.n = getattr(call, "n", task.source.index) + 1
             actor = handles[call.n % len(handles)]
-            return _actor_get(lambda: actor.process_batch.remote(inputs), run.labeler, ping=actor.ready.remote)
+            if run.labeler not in preparers:
+                preparers[run.labeler] = run.instance()
+            batch = preparers[run.labeler].prepare(inputs)  # here, on the shard task's CPU, not the model's
+            return _actor_get(lambda: actor.process_batch.remote(batch), run.labeler, ping=actor.ready.remote)
         if isolate:
             return _actor_get(lambda: _isolated_call.options(num_cpus=0).remote(run, inputs), run.labeler)
         return call_local(run, inputs)
+
+    # a batch waits for model actors: label it in the background while the task reads and decodes the next one
+    call.overlap = any(run.stateful and run.labeler in pools for run in task.labelers)
 
     def checkpoint(run: LabelerRun) -> str:
         if run.stateful and run.labeler in pools:
