@@ -37,15 +37,52 @@ feature maps (``clip``, ``dinov2``, ...)    ``torch.float16`` ``[h, w, C]`` (lay
 global embeddings                           ``torch.float16`` ``[C]``
 ``crop_settings``                           ``torch.long`` ``[n_crops, 5]`` (top, left, height, width, hflip)
 ``t5_caption``                              ``{"emb": float16 tensor, "mask_valid": bool tensor}``
-JSON / text (caption, det, metadata, ...)   the Python object (``json.loads``)
+JSON / text (caption, det, metadata, ...)   the Python object (``json.loads``); with ``text_tokenizer``
+                                            see below
+``sam_instance``                            the stored object array; with ``text_tokenizer`` see below
 ========================================== =========================================================
 
 Images differ in size between samples, so batch with a collate function that crops (``crop_settings``) or
 use ``DataLoader(batch_size=None)``. ``decode=False`` yields each modality's raw member bytes instead.
+
+**Text-like modalities as token ids** (``text_tokenizer=``: a ``tokenizers.Tokenizer``, the path of a
+``text_tokenizer.json`` or of a directory holding one, local or ``s3://``, or ``True`` for the one
+``modalmill train-tokenizer --modality caption --data ROOT`` writes to ``ROOT/_modalmill/tokenizers/text``). Each
+of ``caption``, ``det``, ``metadata``, ``color_palette``, ``human_poses`` and ``sam_instance`` that is requested
+is serialised to 4M-21's text sequence (:func:`modalmill.tokenize.text.serialise_label`, following fourm's
+``modality_transforms.py``) and encoded as 4M's masking does (``ids + [EOS]``, no ``[SOS]``;
+:func:`~modalmill.tokenize.text.encode_sequence`). The sample then holds:
+
+========================= ==================================================================================
+key                       value
+========================= ==================================================================================
+``<modality>``            ``torch.long`` 1-D token ids (``text_max_tokens``: an int or ``{modality: int}``
+                          cuts them by 4M's rule; default: not cut)
+``<modality>.text``       the serialised sequence 4M's transform returns: a ``str``, for ``metadata`` a list
+                          of ``v1=<id> v0=<bin>`` chunks (what fourm's chunked span masking takes)
+``<modality>.raw``        the decoded label, as without ``text_tokenizer``
+``__crop__``              (when ``crop`` is set) the ``crop_settings`` row used: crop the image modalities
+                          with ``crop_settings[__crop__]`` and take row ``__crop__`` of every ``tok_*``
+========================= ==================================================================================
+
+``crop``: None (default) serialises in the frame of the whole stored image (``sam_instance``, which only exists
+per crop, uses crop 0, the centre crop); an int picks that row of ``crop_settings`` for every sample; ``"random"``
+picks a row per sample as 4M's ``PreTokenizedImageAugmenter`` does. With a crop, ``det`` boxes are cut to it and
+flipped with it, ``human_poses`` boxes cut to it (4M does not flip them), the ``caption`` list entry of that crop
+and the ``sam_instance`` entry of that crop are used. ``crop_settings`` (and, for ``det`` with a crop and for
+``human_poses``, the stored ``rgb``, of which only the size is read) are read alongside even when not requested.
+
+``text_augment`` (default True) makes 4M's random choices: metadata chunk order, colour palette size 1..7, the
+order of the human-pose groups, the SAM-instance order, a caption drawn when there are fewer captions than crops;
+``det`` keeps 4M's distance-to-origin order and 0.6 score threshold. Every random choice, and the ``"random"``
+crop, is seeded by ``(seed, epoch, key)`` (and the modality), so it does not depend on the worker, the rank or the
+shard order: two passes with the same seed and epoch yield the same ids. ``text_augment=False`` gives canonical
+sequences (metadata in id order, 7 colours, fixed group order).
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import random
@@ -62,6 +99,7 @@ from torch.utils.data import IterableDataset
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ..schemas.modalities import IMAGE, PIXEL, TOKENS, ModalitySpec, get_modality
+from ..tokenize.text import TEXT_MODALITIES
 from . import manifest, storage
 from .check import accepted_exts, decode_member
 
@@ -130,7 +168,9 @@ class ModalDataset(IterableDataset):
 
     def __init__(self, root: str, modalities: list[str] | tuple[str, ...], *, shuffle_shards: bool = True,
                  seed: int = 0, epoch: int = 0, rank: int | None = None, world_size: int | None = None,
-                 shuffle_buffer: int = 0, decode: bool = True):
+                 shuffle_buffer: int = 0, decode: bool = True, text_tokenizer: Any = None,
+                 crop: int | str | None = None, text_augment: bool = True,
+                 text_max_tokens: int | dict[str, int] | None = None):
         super().__init__()
         if isinstance(modalities, str):
             modalities = [m.strip() for m in modalities.split(",") if m.strip()]
@@ -147,6 +187,33 @@ class ModalDataset(IterableDataset):
         self.shuffle_shards, self.seed, self.epoch = bool(shuffle_shards), int(seed), int(epoch)
         self.shuffle_buffer, self.decode = int(shuffle_buffer), bool(decode)
         self.rank, self.world_size = _resolve_rank(rank, world_size)
+        self.crop = _check_crop(crop)
+        self.text_augment = bool(text_augment)
+        self._text_tok: Any = None
+        self._text_tok_json: str | None = None
+        self.text_modalities: list[str] = []
+        self.text_max_tokens: dict[str, int | None] = {}
+        if text_tokenizer is not None and text_tokenizer is not False:
+            if not self.decode:
+                raise ValueError("text_tokenizer needs decode=True (decode=False yields the raw member bytes)")
+            from ..tokenize.text import as_text_tokenizer
+
+            if text_tokenizer is True:
+                text_tokenizer = storage.join(root, manifest.META_DIR, "tokenizers", "text")
+            self._text_tok = as_text_tokenizer(text_tokenizer)
+            self._text_tok_json = self._text_tok.to_str()  # what DataLoader workers rebuild it from
+            self.text_modalities = [m for m in self.modalities if m in TEXT_MODALITIES]
+            self.text_max_tokens = _max_tokens(text_max_tokens, self.text_modalities)
+        # modalities read alongside the requested ones (not yielded unless requested)
+        needed: dict[str, str] = {}
+        if self.crop is not None:
+            needed["crop_settings"] = f"crop={self.crop!r}"
+        if any(m == "human_poses" or (m == "det" and self.crop is not None) for m in self.text_modalities):
+            needed["rgb"] = "the stored rgb's size (human_poses boxes, det with a crop)"
+        self._aux = {m: why for m, why in needed.items() if m not in self.modalities}
+        self._read = self.modalities + list(self._aux)
+        for m in self._aux:
+            self.specs[m] = get_modality(m)
 
         markers = manifest.list_markers(root)
         if not markers:
@@ -154,11 +221,12 @@ class ModalDataset(IterableDataset):
                                     f"`modalmill status {root}` says what is pending")
         missing: dict[str, list[str]] = {}
         for name, mk in sorted(markers.items()):
-            for m in self.modalities:
+            for m in self._read:
                 if m not in mk.get("modalities", {}):
                     missing.setdefault(m, []).append(name)
         if missing:
-            parts = [f"{m} missing in {len(s)} of {len(markers)} shard(s): {', '.join(s[:8])}"
+            parts = [f"{m}{f' (read for {self._aux[m]})' if m in self._aux else ''} missing in {len(s)} of "
+                     f"{len(markers)} shard(s): {', '.join(s[:8])}"
                      + (f" ... (+{len(s) - 8})" if len(s) > 8 else "") for m, s in missing.items()]
             raise ValueError(f"{root}: requested modalities are not in every completed shard: " + "; ".join(parts)
                              + " (add them with `modalmill run JOB.yaml --only ...`)")
@@ -190,8 +258,28 @@ class ModalDataset(IterableDataset):
         return sum(len(s.keys) for s in self.rank_shards(epoch))
 
     def __repr__(self) -> str:
+        tok = self.text_tokenizer
+        text = f", text_tokenizer=<{tok.get_vocab_size()} tokens>, crop={self.crop!r}" if tok is not None else ""
         return (f"ModalDataset({self.root!r}, modalities={self.modalities}, shards={len(self.shards)}, "
-                f"samples={self.total_samples}, rank={self.rank}/{self.world_size}, epoch={self.epoch})")
+                f"samples={self.total_samples}, rank={self.rank}/{self.world_size}, epoch={self.epoch}{text})")
+
+    def __getstate__(self) -> dict:  # DataLoader workers (spawn) rebuild the tokenizer from its JSON
+        state = dict(self.__dict__)
+        state["_text_tok"] = None
+        return state
+
+    @property
+    def text_tokenizer(self):
+        """The ``tokenizers.Tokenizer`` text-like modalities are encoded with (None without one)."""
+        if self._text_tok is None and self._text_tok_json is not None:
+            from tokenizers import Tokenizer
+
+            self._text_tok = Tokenizer.from_str(self._text_tok_json)
+        return self._text_tok
+
+    def _rng(self, purpose: str, key: str) -> random.Random:
+        """Seeded by (seed, epoch, key, purpose) alone: the same on every worker and rank, in any shard order."""
+        return random.Random(f"modalmill-{purpose}:{self.seed}:{self.epoch}:{key}")
 
     # ------------------------------------------------------------------ pipeline stages
     def _shard_source(self) -> Iterator[ShardRef]:
@@ -205,7 +293,7 @@ class ModalDataset(IterableDataset):
             yield from self._zip_one(shard)
 
     def _zip_one(self, shard: ShardRef) -> Iterator[dict]:
-        urls = {m: storage.join(self.root, m, f"{shard.name}.tar") for m in self.modalities}
+        urls = {m: storage.join(self.root, m, f"{shard.name}.tar") for m in self._read}
         with ExitStack() as stack:
             streams = {m: _modality_stream(url, stack) for m, url in urls.items()}
             pos = 0
@@ -244,21 +332,70 @@ class ModalDataset(IterableDataset):
         raise ValueError(f"{self.root}: {m}/{shard.name}.tar, key {s['__key__']!r}: no member with extension "
                          f".{self.specs[m].ext} (found .{', .'.join(exts)})")
 
+    def _where(self, m: str, sample: dict) -> str:
+        return f"{self.root}: {m}/{sample['__shard__']}.tar, key {sample['__key__']!r}"
+
+    def _decode_member(self, m: str, sample: dict) -> Any:
+        ext, data = sample[m]
+        try:
+            return decode_member(self.specs[m], ext, data)
+        except Exception as e:  # name the member whatever the codec raised
+            raise ValueError(f"{self._where(m, sample)}: cannot decode the .{ext} member: {e}") from e
+
     def _decode_sample(self, sample: dict) -> dict:
         out = {"__key__": sample["__key__"], "__shard__": sample["__shard__"]}
+        if not self.decode:
+            out.update((m, sample[m][1]) for m in self.modalities)
+            return out
+        decoded = {m: self._decode_member(m, sample) for m in self.modalities}
         for m in self.modalities:
-            ext, data = sample[m]
-            if not self.decode:
-                out[m] = data
-                continue
-            spec = self.specs[m]
-            try:
-                value = decode_member(spec, ext, data)
-            except Exception as e:  # name the member whatever the codec raised
-                raise ValueError(f"{self.root}: {m}/{sample['__shard__']}.tar, key {sample['__key__']!r}: cannot "
-                                 f"decode the .{ext} member: {e}") from e
-            out[m] = to_torch(spec, value)
+            out[m] = to_torch(self.specs[m], decoded[m])
+        if self.crop is None and not self.text_modalities:
+            return out
+        crop_row, crop_index = None, None
+        if self.crop is not None:
+            crops = decoded["crop_settings"] if "crop_settings" in decoded else self._decode_member("crop_settings",
+                                                                                                     sample)
+            crops = np.asarray(crops).reshape(-1, 5)
+            if self.crop == "random":
+                crop_index = self._rng("crop", sample["__key__"]).randrange(len(crops))
+            elif self.crop >= len(crops):
+                raise ValueError(f"{self._where('crop_settings', sample)}: crop={self.crop} but the sample has "
+                                 f"{len(crops)} crop(s)")
+            else:
+                crop_index = self.crop
+            crop_row = [int(c) for c in crops[crop_index]]
+            out["__crop__"] = crop_index
+        if self.text_modalities:
+            self._add_text(out, decoded, sample, crop_row, crop_index)
         return out
+
+    def _image_hw(self, decoded: dict, sample: dict) -> tuple[int, int]:
+        if "rgb" in decoded:
+            return tuple(np.asarray(decoded["rgb"]).shape[:2])
+        from PIL import Image
+
+        with Image.open(io.BytesIO(sample["rgb"][1])) as img:  # the header only: no pixels are decoded
+            return img.height, img.width
+
+    def _add_text(self, out: dict, decoded: dict, sample: dict, crop_row: list[int] | None,
+                  crop_index: int | None) -> None:
+        from ..tokenize.text import encode_sequence, serialise_label
+
+        image_hw = self._image_hw(decoded, sample) if "rgb" in self._read else None
+        tok = self.text_tokenizer
+        for m in self.text_modalities:
+            rng = self._rng(f"text:{m}", sample["__key__"]) if self.text_augment else None
+            try:
+                text = serialise_label(m, decoded[m], crop=crop_row, crop_index=crop_index, image_hw=image_hw,
+                                       rng=rng)
+            except (ValueError, KeyError, TypeError, IndexError) as e:
+                raise ValueError(f"{self._where(m, sample)}: cannot serialise the label to 4M's text sequence: "
+                                 f"{e}") from e
+            ids = encode_sequence(tok, text, self.text_max_tokens.get(m))
+            out[f"{m}.raw"] = out[m]
+            out[f"{m}.text"] = text
+            out[m] = torch.tensor(ids, dtype=torch.long)
 
     def _pipeline(self) -> wds.DataPipeline:
         stages: list[Any] = [self._shard_source, self._split_by_rank, wds.split_by_worker, self._zip_shards]
@@ -279,11 +416,42 @@ class ModalDataset(IterableDataset):
 
 def load_dataset(root: str, modalities: list[str] | tuple[str, ...] | str, *, shuffle_shards: bool = True,
                  seed: int = 0, epoch: int = 0, rank: int | None = None, world_size: int | None = None,
-                 shuffle_buffer: int = 0, decode: bool = True) -> ModalDataset:
+                 shuffle_buffer: int = 0, decode: bool = True, text_tokenizer: Any = None,
+                 crop: int | str | None = None, text_augment: bool = True,
+                 text_max_tokens: int | dict[str, int] | None = None) -> ModalDataset:
     """Stream the completed shards of the output ``root`` (local path or ``s3://`` URL) as aligned samples.
 
-    ``modalities``: the modality folders to read (a list, or a comma-separated string). See the
-    :mod:`modalmill.pipeline.dataset` docstring for ordering, splitting and what a sample holds.
+    ``modalities``: the modality folders to read (a list, or a comma-separated string). ``text_tokenizer``
+    (a ``tokenizers.Tokenizer``, a path, or True for ``ROOT/_modalmill/tokenizers/text``) turns the text-like
+    modalities into 4M's token ids; ``crop`` (None, a row index, or ``"random"``) picks the ``crop_settings`` row
+    they are serialised for. See the :mod:`modalmill.pipeline.dataset` docstring for ordering, splitting and
+    what a sample holds.
     """
     return ModalDataset(root, modalities, shuffle_shards=shuffle_shards, seed=seed, epoch=epoch, rank=rank,
-                        world_size=world_size, shuffle_buffer=shuffle_buffer, decode=decode)
+                        world_size=world_size, shuffle_buffer=shuffle_buffer, decode=decode,
+                        text_tokenizer=text_tokenizer, crop=crop, text_augment=text_augment,
+                        text_max_tokens=text_max_tokens)
+
+
+def _check_crop(crop: Any) -> int | str | None:
+    if crop is None or crop == "random":
+        return crop
+    if isinstance(crop, (int, np.integer)) and not isinstance(crop, bool) and crop >= 0:
+        return int(crop)
+    raise ValueError(f"crop must be None, a crop_settings row index >= 0 or 'random', got {crop!r}")
+
+
+def _max_tokens(value: Any, modalities: list[str]) -> dict[str, int | None]:
+    if value is None or isinstance(value, int):
+        limits = {m: value for m in modalities}
+    elif isinstance(value, dict):
+        unknown = sorted(set(value) - set(TEXT_MODALITIES))
+        if unknown:
+            raise ValueError(f"text_max_tokens: {', '.join(unknown)} not text-like ({', '.join(TEXT_MODALITIES)})")
+        limits = {m: value.get(m) for m in modalities}
+    else:
+        raise ValueError(f"text_max_tokens must be an int or {{modality: int}}, got {value!r}")
+    for m, n in limits.items():
+        if n is not None and (not isinstance(n, int) or n < 1):
+            raise ValueError(f"text_max_tokens for {m} must be a positive int, got {n!r}")
+    return limits
