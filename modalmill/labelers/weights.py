@@ -1,18 +1,26 @@
 """Finding and loading model weights safely.
 
-A weights location is a local file or directory, an ``s3://`` URL (file or prefix, downloaded once into a
-local cache), or a model-hub id (``org/name``, only when online; with ``HF_HUB_OFFLINE=1`` it must already
-be in the local hub cache). State dicts load from ``.safetensors`` or with ``torch.load(weights_only=True)``
-only: nothing is ever unpickled as arbitrary objects.
+A weights location is a local file or directory, an ``s3://`` URL (file or prefix, downloaded into a local
+cache, ``MODALMILL_WEIGHTS_CACHE``, keyed by the URL and the objects' ETag/size/LastModified, so a replaced
+object is fetched again and an unchanged one is not; when S3 cannot be reached, the newest cached copy is
+used, with a warning), or a model-hub id (``org/name``, only when online; with ``HF_HUB_OFFLINE=1`` it must
+already be in the local hub cache). State dicts load from ``.safetensors`` or with
+``torch.load(weights_only=True)`` only: nothing is ever unpickled as arbitrary objects.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import re
+import shutil
+import tempfile
 
 from ..pipeline import storage
+
+logger = logging.getLogger(__name__)
 
 CACHE_DIR = os.environ.get("MODALMILL_WEIGHTS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "modalmill",
                                                                    "weights"))
@@ -39,31 +47,89 @@ def resolve(location: str, *, expected: str = "", how_to_get: str = "") -> str:
 
 
 def _from_s3(url: str, hint: str) -> str:
-    dest = os.path.join(CACHE_DIR, hashlib.sha256(url.encode()).hexdigest()[:24])
-    done = os.path.join(dest, ".complete")
-    if os.path.exists(done):
-        return _single_or_dir(dest)
-    files = [url] if _is_object(url) else storage.list_files(url)
-    if not files:
-        raise WeightsError(f"weights not found at {url!r} (no such object or prefix).{hint}")
-    prefix = url.rstrip("/") + "/"
-    for f in files:
-        rel = os.path.basename(f) if f == url else f[len(prefix):]
-        target = os.path.join(dest, rel)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        with storage.open_read(f) as src, storage.atomic_write(target) as dst:
-            while chunk := src.read(8 << 20):
-                dst.write(chunk)
-    storage.write_bytes(done, b"")
-    return _single_or_dir(dest)
+    """The local copy of the weights at ``url`` (an object or a prefix), keyed by the URL *and* the version of
+    what is there (every object's ETag, size and LastModified): an unchanged object is used from the cache, a
+    replaced one is downloaded again. A version is downloaded into a staging directory and renamed into place
+    in one step, so a cached version is always complete, even when several processes fetch it at once."""
+    url_dir = os.path.join(CACHE_DIR, "s3", hashlib.sha256(url.encode()).hexdigest()[:24])
+    for _attempt in range(3):
+        try:
+            objects = _s3_version(url)
+        except ConnectionError as e:
+            cached = _newest_version(url_dir)
+            if cached is None:
+                raise WeightsError(f"cannot reach S3 for {url!r} and no copy is cached ({e}).{hint}") from None
+            logger.warning("%s: S3 unreachable (%s); using the cached copy %s, which may be out of date",
+                           url, e, cached)
+            return _single_or_dir(cached)
+        except PermissionError as e:
+            raise WeightsError(f"cannot read the weights at {url!r}: {e}.{hint}") from None
+        if not objects:
+            raise WeightsError(f"weights not found at {url!r} (no such object or prefix).{hint}")
+        dest = os.path.join(url_dir, hashlib.sha256(json.dumps(objects, sort_keys=True).encode()).hexdigest()[:16])
+        if os.path.isdir(dest):
+            return _single_or_dir(dest)
+        os.makedirs(url_dir, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".tmp-", dir=url_dir)
+        try:
+            for obj in objects:
+                if os.path.isabs(obj["path"]) or ".." in obj["path"].split("/"):
+                    raise WeightsError(f"{obj['url']}: refusing an S3 key that would land outside the cache")
+                target = os.path.join(staging, obj["path"])
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                with storage.open_read(obj["url"]) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 8 << 20)
+            if _s3_version(url) != objects:  # replaced while we read it: what we have may be a mix
+                logger.warning("%s changed while it was downloaded; downloading it again", url)
+                continue
+            with open(os.path.join(staging, ".source.json"), "w") as f:
+                json.dump({"url": url, "objects": objects}, f, indent=1, sort_keys=True)
+            try:
+                os.rename(staging, dest)  # atomic; fails when another process installed this version first
+            except OSError:
+                if not os.path.isdir(dest):
+                    raise
+            return _single_or_dir(dest)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    raise WeightsError(f"{url!r} kept changing while it was downloaded (3 attempts); try again later.{hint}")
 
 
-def _is_object(url: str) -> bool:
+def _s3_version(url: str) -> list[dict]:
+    """What is at ``url`` now: the object itself or every object under the prefix, each with the path it gets in
+    the cache and its ETag, size and LastModified (sorted by path); empty when there is nothing."""
+    from botocore.exceptions import ClientError
+
+    bucket, _, key = url[5:].partition("/")
+    client = storage.s3_client()
+    with storage._s3_errors(url, "read the weights' metadata"):  # botocore errors -> clear built-in errors
+        if key and not key.endswith("/"):
+            try:
+                head = client.head_object(Bucket=bucket, Key=key)
+                return [{"url": url, "path": os.path.basename(key), "etag": head.get("ETag", ""),
+                         "size": int(head["ContentLength"]), "modified": str(head.get("LastModified", ""))}]
+            except ClientError as e:
+                if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 404:
+                    raise
+        prefix = key.rstrip("/") + "/" if key else ""
+        out = []
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for o in page.get("Contents", ()):
+                if not o["Key"].endswith("/"):
+                    out.append({"url": f"s3://{bucket}/{o['Key']}", "path": o["Key"][len(prefix):],
+                                "etag": o.get("ETag", ""), "size": int(o["Size"]),
+                                "modified": str(o.get("LastModified", ""))})
+    return sorted(out, key=lambda o: o["path"])
+
+
+def _newest_version(url_dir: str) -> str | None:
+    """The most recently installed cached version of a URL (None when there is none)."""
     try:
-        storage.size(url)
-        return True
-    except (FileNotFoundError, IsADirectoryError, OSError):
-        return False
+        versions = [os.path.join(url_dir, d) for d in os.listdir(url_dir) if not d.startswith(".")]
+    except FileNotFoundError:
+        return None
+    versions = [v for v in versions if os.path.isdir(v)]
+    return max(versions, key=os.path.getmtime) if versions else None
 
 
 def _single_or_dir(dest: str) -> str:

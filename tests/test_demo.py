@@ -1,0 +1,64 @@
+"""The demo job adds MediaPipe's real-model labelers exactly when mediapipe is usable, and says which it did.
+
+Runs in every environment: where mediapipe (the optional extra, numpy<2 / protobuf<5) is installed, the first
+test checks that the demo picks its labelers up; where it is not, that the demo leaves them out and prints how to
+get them. The extra's own labels are tested in tests/test_labelers_mediapipe.py."""
+
+import importlib
+import sys
+from importlib.resources import files
+
+import pytest
+
+from modalmill.jobs.demo import MEDIAPIPE_LABELERS, demo_job, mediapipe_status
+from modalmill.jobs.spec import load_job
+
+HINT = "pip install 'modalmill[mediapipe]'"
+
+
+def _importable() -> bool:
+    try:
+        importlib.import_module("mediapipe")
+    except ImportError:
+        return False
+    return True
+
+
+def _has_mediapipe_labelers(spec) -> bool:
+    labelers = {n for n in MEDIAPIPE_LABELERS if n in spec.labelers}
+    modalities = {m for m in MEDIAPIPE_LABELERS.values() if m in spec.modalities}
+    assert len(labelers) in (0, 2) and len(modalities) == len(labelers), (spec.labelers, spec.modalities)
+    return bool(labelers)
+
+
+def test_demo_spec_has_the_mediapipe_labelers_iff_mediapipe_imports(tmp_path):
+    have = _importable()
+    spec, path, note = demo_job(str(tmp_path))
+    assert _has_mediapipe_labelers(spec) == have
+    assert mediapipe_status()[0] == have
+    if have:
+        assert note.startswith("mediapipe found") and "mediapipe_pose -> pose_keypoints" in note
+    else:
+        assert HINT in note and "\n" not in note
+    assert load_job(path) == spec  # the job file written next to the corpus is the job that runs
+    assert spec.output == str(tmp_path / "output") and "canny_edge" in spec.modalities
+
+
+def test_without_mediapipe_the_demo_says_how_to_get_real_model_labels(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mediapipe", None)  # `import mediapipe` now raises ImportError
+    usable, note = mediapipe_status()
+    assert not usable and HINT in note and "\n" not in note
+    spec, path, note2 = demo_job(str(tmp_path))
+    assert note2 == note and not _has_mediapipe_labelers(spec)
+    with open(path) as f:  # the packaged job, unchanged (comments included)
+        assert f.read() == files("modalmill.jobs").joinpath("demo.yaml").read_text()
+
+
+@pytest.mark.parametrize("wanted", [True, False])
+def test_the_labelers_can_be_asked_for_or_left_out(tmp_path, wanted):
+    spec, path, note = demo_job(str(tmp_path), mediapipe=wanted)
+    assert _has_mediapipe_labelers(spec) == wanted and load_job(path) == spec
+    assert note == f"MediaPipe labelers {'added' if wanted else 'left out'} on request"
+    if wanted:  # appended after the packaged modalities, with default settings (checked by the job loader)
+        assert spec.modalities[-2:] == ("pose_keypoints", "person_mask")
+        assert all(spec.labelers[n].config == {} for n in MEDIAPIPE_LABELERS)
