@@ -10,6 +10,8 @@ Each phase runs in a fresh Python process (so the driver's memory is the pipelin
 :class:`benchmarks.common.Monitor`:
 
   loop        OpenCV on one thread: one core's worth of the work
+  2 loops     two such loops side by side in two processes (alternate shards each; no Ray, no bookkeeping):
+              the most that this machine's two cores give for this work, the ceiling for any pipeline
   modalmill   ``modalmill label`` (the real CLI, called in-process) on an embedded Ray with 2 CPUs started just
               before (Ray's own start is reported, not timed; worker start-up and imports are timed)
   small       the same on the first 1/10 of the corpus (memory only)
@@ -55,6 +57,18 @@ def run_modalmill_cli(pattern: str, out: str, modalities=MODELFREE, extra=()) ->
     return record
 
 
+def _loop_part(paths: list[str], out: str, barrier) -> None:
+    """One of the '2 loops' processes: import everything, wait for the start, run the plain loop."""
+    import cv2
+
+    from benchmarks import baselines
+
+    cv2.setNumThreads(1)
+    baselines.make_labelers()  # imports and set-up before the start, as the single loop has them
+    barrier.wait()
+    baselines.plain_loop(paths, out, MODELFREE)
+
+
 def _phase(kind: str, n_shards: int, out: str) -> dict:
     import ray
 
@@ -68,6 +82,21 @@ def _phase(kind: str, n_shards: int, out: str) -> dict:
         cv2.setNumThreads(1)
         with Monitor(kind) as ph:
             extra["images"] = baselines.plain_loop(paths, out, MODELFREE)
+    elif kind == "2 loops":
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        barrier = ctx.Barrier(3)
+        procs = [ctx.Process(target=_loop_part, args=(paths[i::2], os.path.join(out, f"part{i}"), barrier))
+                 for i in range(2)]
+        for p in procs:
+            p.start()
+        barrier.wait(timeout=300)
+        with Monitor(kind) as ph:
+            for p in procs:
+                p.join()
+        if any(p.exitcode for p in procs):
+            raise RuntimeError(f"a loop process failed: exit codes {[p.exitcode for p in procs]}")
     elif kind in ("modalmill", "small"):
         extra["ray_start_s"] = start_ray(2)
         try:
@@ -147,10 +176,11 @@ def run(log=print) -> list[Figure]:
     shards = [f"shard-{i:05d}" for i in range(len(paths))]
     base = os.path.join(WORK, "modelfree")
     shutil.rmtree(base, ignore_errors=True)
-    out = {k: os.path.join(base, k.replace(" ", "")) for k in ("loop", "modalmill", "small", "ray data")}
+    out = {k: os.path.join(base, k.replace(" ", "")) for k in ("loop", "2 loops", "modalmill", "small", "ray data")}
 
     log(f"model-free path: {n_images} images in {len(paths)} shards (memory: also {small_images} in {n_small})")
     loop, _ = run_phase("loop", len(paths), out["loop"], log)
+    loops2, _ = run_phase("2 loops", len(paths), out["2 loops"], log)
     mm, mm_x = run_phase("modalmill", len(paths), out["modalmill"], log)
     small, small_x = run_phase("small", n_small, out["small"], log)
     rd, rd_x = run_phase("ray data", len(paths), out["ray data"], log)
@@ -177,6 +207,15 @@ def run(log=print) -> list[Figure]:
     figs.append(Figure(B1, "CPU time of modalmill (all its processes) / CPU time of the loop", round(cpu_ratio, 3),
                        "x", "<= 1.15", met=bool(same and cpu_ratio <= 1.15),
                        note=f"Ray + bookkeeping = {100 * (cpu_ratio - 1):+.1f}% of the work's CPU time"))
+    loops2_rate = n_images / loops2.wall_s
+    figs.append(Figure(B1, "two plain loops side by side (no Ray) / one plain loop", round(loops2_rate / loop_rate, 3),
+                       "x", note=_join("this machine's own ceiling for the work on 2 cores: the same loop in two "
+                                       f"processes at once ({loops2.own_cores:.2f} cores used; CPU time "
+                                       f"{loops2.own_cpu_s / loop.own_cpu_s:.2f} x the single loop's)",
+                                       _disturbance(loops2)),
+                       detail={"2 loops": loops2.summary()}))
+    figs.append(Figure(B1, "modalmill (2 workers) / two plain loops side by side", round(mm_rate / loops2_rate, 3), "x",
+                       note="how much of the machine's ceiling modalmill reaches"))
     avail = max(1e-9, 2 * mm.wall_s - max(0.0, mm.machine_cpu_s - mm.own_cpu_s))
     figs.append(Figure(B1, "modalmill's use of the CPU other processes left free", round(mm.own_cpu_s / avail, 3),
                        note="1.0: both cores busy with modalmill whenever nobody else used them"))
@@ -208,7 +247,7 @@ if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--phase", choices=["loop", "modalmill", "small", "ray data"])
+    ap.add_argument("--phase", choices=["loop", "2 loops", "modalmill", "small", "ray data"])
     ap.add_argument("--shards", type=int)
     ap.add_argument("--out")
     a = ap.parse_args()

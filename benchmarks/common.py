@@ -281,7 +281,7 @@ class Monitor:
             except psutil.Error:
                 self._procs.pop(pid, None)
                 continue
-            cpu = t.user + t.system + t.children_user + t.children_system
+            cpu = t.user + t.system  # descendants are sampled themselves (children_* would count them twice)
             # processes found after the start began during the phase: all their CPU time is the phase's
             self._start.setdefault(pid, cpu if self._opening else 0.0)
             self._last[pid] = cpu

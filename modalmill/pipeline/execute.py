@@ -48,11 +48,32 @@ class ProgressCounter:
         return self.samples
 
 
+def limit_threads() -> int:
+    """Size this worker's thread pools to the CPUs Ray gave it. Ray sets ``OMP_NUM_THREADS`` (torch follows it),
+    but OpenCV ignores it and starts one thread per core in every worker: two 1-CPU shard tasks on a 2-core machine
+    would then run four busy threads (measured: more CPU time for the same work). Returns the thread count."""
+    try:
+        cpus = float(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))
+    except Exception:  # noqa: BLE001 - outside a Ray worker
+        cpus = 1.0
+    n = max(1, int(cpus))
+    try:
+        import cv2
+
+        cv2.setNumThreads(n)
+    except ImportError:
+        pass
+    if "torch" in sys.modules:  # never import torch just for this
+        sys.modules["torch"].set_num_threads(n)
+    return n
+
+
 @ray.remote
 class LabelerActor:
     """Holds one model labeler, set up once; serves batches from shard tasks."""
 
     def __init__(self, run: LabelerRun):
+        limit_threads()
         self.labeler = local_labeler(run)
 
     def ready(self) -> str:
@@ -120,6 +141,7 @@ def _run_shard(task: ShardTask, pools: dict[str, list], counter, isolate: bool =
     """One shard task. With ``isolate`` (after the shard's worker died more often than its retries allow),
     model-free labelers run in a throw-away process per batch, so a sample that kills its process is split
     off and recorded as failed instead of taking the shard down again."""
+    limit_threads()
 
     preparers: dict[str, Any] = {}  # per pooled labeler, an instance (never set up) that runs its ``prepare``
 
