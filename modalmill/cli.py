@@ -292,18 +292,24 @@ def demo(workdir, force, no_progress):
 @click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else an embedded Ray).")
 @click.option("--in-process", is_flag=True, help="Train in this process, without Ray.")
 @click.option("--force", is_flag=True, help="Start over instead of resuming from the last training state.")
+@click.option("--vocab-size", type=int, default=None,
+              help="Text tokenizer only (--modality caption): WordPiece vocabulary size (default 30000, as 4M).")
 @click.option("--no-progress", is_flag=True)
 def train_tokenizer_cmd(modality, data, config_file, out, preset, quantizer, steps, workers, gpu, address,
-                        in_process, force, no_progress):
+                        in_process, force, vocab_size, no_progress):
     """Train (or resume) a tokenizer for MODALITY on the labeled shards of DATA; report held-out quality."""
     from .tokenize.train import default_out, format_report, train_tokenizer
 
     if modality in ("caption", "text"):
         from .tokenize.text import train_text_tokenizer_on_output
 
-        info = train_text_tokenizer_on_output(data, out or default_out(data, "text"))
+        info = train_text_tokenizer_on_output(data, out or default_out(data, "text"),
+                                              vocab_size=30_000 if vocab_size is None else vocab_size)
         click.echo(f"text tokenizer: {info['path']} ({info['vocab_size']} tokens, {info['captions']} captions)")
         return
+    if vocab_size is not None:
+        raise click.UsageError("--vocab-size is for the text tokenizer (--modality caption); the size of the other "
+                               "tokenizers' codebooks comes from --preset / --config")
     report = train_tokenizer(modality, data, out, config=config_file, preset=preset, quantizer=quantizer,
                              steps=steps, workers=workers, use_gpu=gpu, address=address, use_ray=not in_process,
                              force=force, show_progress=not no_progress)

@@ -79,13 +79,20 @@ def test_structured_labels_serialise_to_value_tokens(tok):
     hp = human_poses_to_text(people, original_size=(200, 400))
     assert hp.startswith("human v0=50 v1=50 v2=549 v3=549 pose v0=5 v1=88 v1=511")
     assert human_poses_to_text([], (10, 10)) == "none"
-    sam = {"bbox": np.array([[10, 20, 60, 120], [0, 0, 5, 5]], dtype=np.float32),
+    def box(x0, y0, x1, y1):
+        return [np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.int32).reshape(-1, 1, 2)]
+
+    sam = {"points": [box(20, 10, 120, 60), box(0, 0, 5, 5)],
+           "bbox": np.array([[10, 20, 60, 120], [0, 0, 5, 5]], dtype=np.float32),
            "token_ids": np.arange(32).reshape(2, 16) * 30}
-    st = sam_instance_to_text(sam)
-    assert st.split()[:5] == ["v0=0", "v1=0", "v2=22", "v3=22", "v0=480"] and len(st.split()) == 40
-    assert sam_instance_to_text({"bbox": np.zeros((0, 4)), "token_ids": np.zeros((0, 16))}) == "none"
+    st = sam_instance_to_text(sam, points=[(50, 30), (3, 3), (200, 200)])  # 4M's layout: query points first
+    assert st.split()[:8] == ["point", "v0=30", "v1=50", "polygon", "v0=20", "v1=10", "v2=120", "v3=60"]
+    assert len(st.split()) == 3 * 3 + 2 * 21 + 1 and st.endswith("point v0=200 v1=200 none")
+    empty = {"points": [], "bbox": np.zeros((0, 4)), "token_ids": np.zeros((0, 16))}
+    assert sam_instance_to_text(empty, points=[(1, 2)]) == "point v0=2 v1=1 none"
     with pytest.raises(ValueError, match="outside 0..1023"):
-        sam_instance_to_text({"bbox": np.zeros((1, 4)), "token_ids": np.full((1, 16), 1024)})
+        sam_instance_to_text({"points": [box(0, 0, 9, 9)], "bbox": np.array([[0, 0, 9, 9]]),
+                              "token_ids": np.full((1, 16), 1024)}, points=[(1, 1)])
     for seq in (text, pal, d, flipped, hp, st, metadata_to_text(meta, rng=random.Random(0))):
         ids = _ids(tok, seq)
         value_ids = [vocab[w] for w in seq.split() if re.fullmatch(r"v[0-3]=\d+", w)]

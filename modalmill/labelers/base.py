@@ -181,9 +181,10 @@ def get_labeler(name: str) -> type[Labeler]:
 
 
 def labeler_for(modality: str) -> type[Labeler]:
-    """The default labeler that produces ``modality`` (the first registered one)."""
+    """The default labeler that produces ``modality`` (the first registered one; never one that needs it as input,
+    such as the pose tokenizer, which rewrites ``human_poses`` in place)."""
     load_entry_points()
     for cls in LABELERS.values():
-        if modality in cls.outputs:
+        if modality in cls.outputs and modality not in cls.requires:
             return cls
     raise KeyError(f"no labeler produces modality {modality!r}")

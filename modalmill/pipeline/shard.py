@@ -19,6 +19,7 @@ import hashlib
 import json
 import time
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -218,6 +219,40 @@ def _label_batch(task: ShardTask, items: list[_Item], call: Callable, stats: _St
     return alive
 
 
+class _Labelling:
+    """Labels gathered batches in order and hands each, with its survivors, to ``done(batch, alive)``.
+
+    With ``call.overlap`` (some labeler runs in a model actor pool) a batch is labelled on a background thread
+    while the task reads and decodes the next one, so the model actors do not wait for this task between
+    batches. At most one batch is in flight, and ``done`` always runs on the task's own thread, in batch order.
+    """
+
+    def __init__(self, task: ShardTask, call: Callable, stats: _Stats, done: Callable):
+        self.label = lambda items: _label_batch(task, items, call, stats)
+        self.done = done
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="modalmill-label") if getattr(call, "overlap", False) \
+            else None
+        self.inflight = None
+
+    def submit(self, items: list[_Item]) -> None:
+        items = list(items)
+        self.wait()
+        if self.pool is None:
+            self.done(items, self.label(items))
+        else:
+            self.inflight = (items, self.pool.submit(self.label, items))
+
+    def wait(self) -> None:
+        if self.inflight is not None:
+            items, future = self.inflight
+            self.inflight = None
+            self.done(items, future.result())
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+
 def _summary(task: ShardTask, rows: list[SampleRow], status: str = "done", **extra) -> dict:
     failed = [r for r in rows if r.status == FAILED]
     return {
@@ -236,11 +271,11 @@ def _process_full(task: ShardTask, call, progress, stats: _Stats) -> dict:
     keys: list[str] = []
     truncated = None
     writers = ShardWriterSet(out, shard, {m: get_modality(m).ext for m in task.write})
+    labelling: _Labelling | None = None
     try:
         pending: list[_Item] = []
 
-        def flush():
-            alive = _label_batch(task, pending, call, stats)
+        def done(batch: list[_Item], alive: list[_Item]) -> None:
             with stats.timed("write"):
                 for it in alive:
                     writers.write_sample(it.row.key, {m: it.payloads[m] for m in task.write})
@@ -248,8 +283,14 @@ def _process_full(task: ShardTask, call, progress, stats: _Stats) -> dict:
                     it.row.producers = producer_rows
                     keys.append(it.row.key)
             if progress:
-                progress(len(pending))
-            pending.clear()
+                progress(len(batch))
+
+        labelling = _Labelling(task, call, stats, done)
+
+        def flush():
+            if pending:
+                labelling.submit(pending)
+                pending.clear()
 
         source_iter = iter_samples(task.source)
         while True:
@@ -269,11 +310,15 @@ def _process_full(task: ShardTask, call, progress, stats: _Stats) -> dict:
             if len(pending) >= task.gather:
                 flush()
         flush()
+        labelling.wait()
         with stats.timed("commit"):
             infos = writers.commit()
     except BaseException:
         writers.abort()
         raise
+    finally:
+        if labelling is not None:
+            labelling.close()
 
     # modalities an earlier run added (--only) that this run did not rewrite: keep them only if still aligned
     prev = manifest.read_marker(out, shard)
@@ -365,10 +410,11 @@ def _process_update(task: ShardTask, call, progress, stats: _Stats) -> dict:
     prev_rows = {(r.key, r.position): r for r in manifest.read_rows(out, shard)}
     rows_by_key = {r.key: r for r in prev_rows.values() if r.status == OK}
     producers = labeler_producers(task.labelers, getattr(call, "checkpoint", None))
-    needed = set()
+    needed, in_place = set(), set()
     for run in task.labelers:
         needed |= set(run.labeler_class().requires)
-    read_mods = ["rgb", "crop_settings"] + sorted((needed - set(task.write)) - set(CORE))
+        in_place |= set(run.labeler_class().requires) & set(run.outputs)  # rewrites what it reads (pose tokens)
+    read_mods = ["rgb", "crop_settings"] + sorted(((needed - set(task.write)) | in_place) - set(CORE))
     for m in read_mods:
         if m not in prev["modalities"]:
             raise RuntimeError(f"{shard}: {m!r} is needed but the output has no {m!r} yet")
@@ -377,21 +423,27 @@ def _process_update(task: ShardTask, call, progress, stats: _Stats) -> dict:
     ok_keys: list[str] = []
     newly_failed: dict[str, SampleRow] = {}
     writers = ShardWriterSet(out, shard, {m: get_modality(m).ext for m in task.write})
+    labelling: _Labelling | None = None
     try:
         pending: list[_Item] = []
 
-        def flush():
-            alive = _label_batch(task, pending, call, stats)
+        def done(batch: list[_Item], alive: list[_Item]) -> None:
             with stats.timed("write"):
                 for it in alive:
                     writers.write_sample(it.row.key, {m: it.payloads[m] for m in task.write})
                     ok_keys.append(it.row.key)
-            for it in pending:
+            for it in batch:
                 if it.row.status == FAILED:
                     newly_failed[it.row.key] = it.row
             if progress:
-                progress(len(pending))
-            pending.clear()
+                progress(len(batch))
+
+        labelling = _Labelling(task, call, stats, done)
+
+        def flush():
+            if pending:
+                labelling.submit(pending)
+                pending.clear()
 
         zipped = _zip_output(out, shard, read_mods)
         while True:
@@ -418,11 +470,15 @@ def _process_update(task: ShardTask, call, progress, stats: _Stats) -> dict:
             if len(pending) >= task.gather:
                 flush()
         flush()
+        labelling.wait()
         with stats.timed("commit"):
             infos = writers.commit()
     except BaseException:
         writers.abort()
         raise
+    finally:
+        if labelling is not None:
+            labelling.close()
 
     ok_set = set(ok_keys)
     final_keys = [k for k in prev_keys if k in ok_set]

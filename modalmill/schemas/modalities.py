@@ -130,12 +130,53 @@ def _jpg_decode(spec: ModalitySpec, data: bytes):
 def _npy_encode(spec: ModalitySpec, value, key, image_hw):
     arr = spec.check_array(value, key, image_hw)
     buf = io.BytesIO()
+    if spec.dtype == "object":  # 4M's pickled object arrays (sam_instance): validated, then pickled by np.save
+        _OBJECT_VALIDATORS[spec.name](spec, arr, key)
+        np.save(buf, arr, allow_pickle=True)
+        return buf.getvalue()
     np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
     return buf.getvalue()
 
 
 def _npy_decode(spec: ModalitySpec, data: bytes):
+    if spec.dtype == "object":
+        arr = load_object_npy(data)
+        _OBJECT_VALIDATORS[spec.name](spec, arr, None)
+        return arr
     return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+# what an object .npy may reference: numpy's array reconstruction and nothing else (no code runs on load)
+_SAFE_PICKLE_GLOBALS = {
+    ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"), ("numpy.core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+}
+
+
+def load_object_npy(data: bytes) -> np.ndarray:
+    """Read a pickled object ``.npy`` (4M's ``sam_instance`` files) without running arbitrary pickles: the
+    unpickler only resolves numpy's array/dtype/scalar reconstruction (plus dicts, lists, strings, numbers)."""
+    import pickle
+
+    class _Restricted(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) not in _SAFE_PICKLE_GLOBALS:
+                raise pickle.UnpicklingError(f"refusing to load {module}.{name} from an object .npy")
+            return super().find_class(module, name)
+
+    fp = io.BytesIO(data)
+    version = np.lib.format.read_magic(fp)
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in read_header:
+        raise ValueError(f"unsupported .npy format version {version}")
+    shape, _fortran, dtype = read_header[version](fp)
+    if not dtype.hasobject:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    arr = _Restricted(fp).load()
+    if not isinstance(arr, np.ndarray) or arr.shape != tuple(shape):
+        raise ValueError(f"object .npy holds {type(arr).__name__}, not an array of shape {tuple(shape)}")
+    return arr
 
 
 def _json_encode(spec: ModalitySpec, value, key, image_hw):
@@ -291,7 +332,7 @@ _R(ModalitySpec("sam_edge", PIXEL, "png", "uint8", ("H", "W"), "boundaries of SA
 for _teacher, _dim in (("clip", "C"), ("dinov2", "C"), ("imagebind", "C")):
     _R(ModalitySpec(_teacher, FEATURE_MAP, "npy", "float16", ("h", "w", _dim), f"{_teacher} patch features [h, w, C]"))
     _R(ModalitySpec(f"{_teacher}_global", GLOBAL, "npy", "float16", (_dim,), f"{_teacher} global embedding [C]"))
-_R(ModalitySpec("sam_instance", ARRAY, "npy", None, ("n_crops",),
+_R(ModalitySpec("sam_instance", ARRAY, "npy", "object", ("n_crops",),
                 "per crop: contours, token ids and boxes of SAM instances (4M's pickled object array)"))
 _R(ModalitySpec("human_poses", TEXT, "json", None, (), "per person: bbox, SMPL params, camera, pose tokens"))
 _R(ModalitySpec("color_palette", TEXT, "json", None, (), "k-means palettes for k = 1..7, 4M's JSON layout"))
@@ -424,6 +465,41 @@ def _validate_pose_keypoints(spec, value, key):
         if vis.min() < 0 or vis.max() > 1:
             raise spec._err(key, f"people[{i}].keypoints", "visibility must lie in [0, 1]")
 
+
+def _validate_sam_instance(spec, arr, key):
+    """4M's ``sam_instance`` file: an object array with one dict per crop, {"points": per instance a list of
+    OpenCV contours ``(P, 1, 2)`` (x, y), "token_ids": ``[N, 16]`` ints in [0, 1024), "bbox": ``[N, 4]``
+    (ymin, xmin, ymax, xmax)}, all in pixels of the crop."""
+    if arr.dtype != object or arr.ndim != 1:
+        raise spec._err(key, "type", f"expected a 1-d object array (one entry per crop), got {arr.dtype} {arr.shape}")
+    for c, entry in enumerate(arr):
+        where = f"[{c}]"
+        if not isinstance(entry, dict) or not {"points", "token_ids", "bbox"} <= set(entry):
+            raise spec._err(key, where, "each crop is a dict with 'points', 'token_ids' and 'bbox'")
+        ids, box, points = entry["token_ids"], entry["bbox"], entry["points"]
+        if not (isinstance(ids, np.ndarray) and ids.ndim == 2 and ids.shape[1] == 16
+                and np.issubdtype(ids.dtype, np.integer)):
+            raise spec._err(key, f"{where}.token_ids", f"expected an integer array [N, 16], got "
+                                                       f"{getattr(ids, 'dtype', type(ids).__name__)} "
+                                                       f"{getattr(ids, 'shape', '')}")
+        if ids.size and (ids.min() < 0 or ids.max() >= 1024):
+            raise spec._err(key, f"{where}.token_ids", f"ids must lie in [0, 1024), got [{ids.min()}, {ids.max()}]")
+        n = ids.shape[0]
+        if not (isinstance(box, np.ndarray) and box.shape == (n, 4) and np.issubdtype(box.dtype, np.number)):
+            got = getattr(box, "shape", box)
+            raise spec._err(key, f"{where}.bbox", f"expected a numeric array [{n}, 4], got {got}")
+        if box.size and ((box[:, 2] < box[:, 0]).any() or (box[:, 3] < box[:, 1]).any()):
+            raise spec._err(key, f"{where}.bbox", "boxes are [ymin, xmin, ymax, xmax] with min <= max")
+        if not isinstance(points, (list, tuple)) or len(points) != n:
+            raise spec._err(key, f"{where}.points", f"expected one list of contours per instance ({n})")
+        for i, contours in enumerate(points):
+            if not (isinstance(contours, (list, tuple)) and contours and all(
+                    isinstance(ct, np.ndarray) and ct.ndim == 3 and ct.shape[1:] == (1, 2) and ct.shape[0] >= 1
+                    for ct in contours)):
+                raise spec._err(key, f"{where}.points[{i}]", "expected a non-empty list of OpenCV contours (P, 1, 2)")
+
+
+_OBJECT_VALIDATORS = {"sam_instance": _validate_sam_instance}
 
 _JSON_VALIDATORS.update({"sam_mask": _validate_sam_mask, "human_poses": _validate_human_poses,
                          "pose_keypoints": _validate_pose_keypoints})

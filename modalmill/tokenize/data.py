@@ -3,7 +3,9 @@
 Only completed shards (with a marker) that hold the source modality are read. For every sample the source
 label is read together with its ``crop_settings`` (and the stored ``rgb``, whose size maps crops onto teacher
 feature maps) from the shard's tars in lockstep, and cut into crops resized to the tokenizer's input size by
-the modality's :class:`~modalmill.tokenize.adapters.Adapter` - the same code that writes tokens later.
+the modality's :class:`~modalmill.tokenize.adapters.Adapter` - the same code that writes tokens later. A crop
+gives one item, except for the SAM-instance tokenizer (source ``sam_instance``, labels read from ``sam_mask``):
+every instance left in the crop is one 64x64 mask in its own box; and body poses give one 207-d vector per person.
 
 Held-out samples are chosen by key, deterministically (the ``ceil(fraction * n)`` keys with the smallest
 sha256), so they are never trained on, whatever the number of workers. Training crops are, per draw, one of the
@@ -35,6 +37,11 @@ class DataError(ValueError):
     pass
 
 
+# tokenizers whose training labels are stored under another modality: the SAM-instance tokenizer learns from the
+# raw instances of `sam_mask` (4M's sam_instance file is what it writes)
+STORED_LABELS = {"sam_instance": "sam_mask"}
+
+
 @dataclass
 class Sample:
     key: str
@@ -59,15 +66,17 @@ class TokenizerData:
 
     def __init__(self, root: str, source: str, holdout_fraction: float = 0.2):
         self.root, self.source = root, source
+        self.label_modality = STORED_LABELS.get(source, source)
         markers = manifest.list_markers(root)
         if not markers:
             raise DataError(f"{root}: no completed shards (no markers under _modalmill/shards/)")
-        need = {source, "crop_settings"} if source != "rgb" else {"rgb", "crop_settings"}
+        need = {self.label_modality, "crop_settings"}
         self.shards = sorted(n for n, m in markers.items() if need <= set(m.get("modalities", {})))
         if not self.shards:
             have = sorted({k for m in markers.values() for k in m.get("modalities", {})})
-            raise DataError(f"{root}: no shard has {source!r} (the output has {', '.join(have)}); label it first: "
-                            f"modalmill label ... --only {source}")
+            lab = self.label_modality
+            raise DataError(f"{root}: no shard has {lab!r} (the output has {', '.join(have)}); label it first: "
+                            f"modalmill label ... --only {lab}")
         keys = [k for n in self.shards for k in markers[n]["keys"]]
         n_hold = math.ceil(holdout_fraction * len(keys)) if holdout_fraction > 0 else 0
         if len(keys) >= 2:
@@ -80,18 +89,18 @@ class TokenizerData:
             return ["rgb", "crop_settings"]
         if self.source in ("human_poses",) or get_modality(self.source).kind == "global":
             return [self.source, "crop_settings"]
-        return [self.source, "crop_settings", "rgb"]
+        return [self.label_modality, "crop_settings", "rgb"]
 
     def samples(self, shard: str) -> Iterator[Sample]:
         mods = self.read_modalities()
-        spec = get_modality(self.source)
+        spec = get_modality(self.label_modality)
         for key, files in _zip_output(self.root, shard, mods):
             crops = get_modality("crop_settings").decode(files["crop_settings"])
             if self.source == "rgb":
                 img = get_modality("rgb").decode(files["rgb"])
                 yield Sample(key, [img], crops, img.shape[:2])
                 continue
-            label = spec.decode(files[self.source])
+            label = spec.decode(files[self.label_modality])
             if self.source == "human_poses":
                 poses = body_poses(label)
                 if poses:
@@ -137,12 +146,14 @@ def train_batches(data: TokenizerData, adapter: Adapter, *, batch_size: int, ran
                 for label in s.labels:
                     for _ in range(crops_per_sample):
                         crop = draw_crop(rng, s, stored_crop_prob, min_crop_scale, hflip_prob)
-                        buffer.append(adapter.prepare(label, crop, s.image_hw))
-                        produced += 1
+                        got = adapter.items(label, crop, s.image_hw)  # several per crop for SAM instances
+                        buffer.extend(got)
+                        produced += len(got)
                 while len(buffer) >= max(shuffle_buffer, batch_size):
                     yield _pop_batch(buffer, batch_size, rng)
         if produced == 0:
-            raise DataError(f"{data.root}: every {data.source!r} sample is held out; lower holdout_fraction")
+            raise DataError(f"{data.root}: nothing to train the {data.source!r} tokenizer on: every sample is held "
+                            f"out (lower holdout_fraction) or has no items (e.g. no SAM instances / people)")
         while len(buffer) >= batch_size:
             yield _pop_batch(buffer, batch_size, rng)
         epoch += 1
@@ -163,9 +174,9 @@ def holdout_items(data: TokenizerData, adapter: Adapter, max_items: int = 256) -
             for label in s.labels:
                 crops = s.crops if s.image_hw != (0, 0) else s.crops[:1]
                 for crop in crops:
-                    items.append(adapter.prepare(label, crop, s.image_hw))
+                    items.extend(adapter.items(label, crop, s.image_hw))
                     if len(items) >= max_items:
-                        return torch.stack(items)
+                        return torch.stack(items[:max_items])
     if not items:
         raise DataError(f"{data.root}: no held-out {data.source!r} samples (raise holdout_fraction)")
     return torch.stack(items)

@@ -6,10 +6,16 @@ labelers (:mod:`modalmill.tokenize.labelers`) with their checkpoints, and calls
 :func:`modalmill.jobs.runner.run_job` with ``only=[tok_...]``. The runner's update tasks read each shard's stored
 ``rgb``, ``crop_settings`` and source modality in lockstep and write ``tok_X@224/shard-N.tar`` aligned with the
 other modalities; reruns skip what is done, and tokens made with another checkpoint need ``force=True``.
+
+``sam_instance`` (from ``sam_mask``) is written as 4M's own file, and ``human_poses`` is rewritten in place with
+``pose_tokenized`` filled: shards whose ``human_poses`` still comes from its labeler (HMR 2.0) are rewritten without
+``force``; after that the file's producer is ``tok_human_poses``, so re-running the original labeling job over the
+same output asks for ``--force`` on ``human_poses`` (use ``--only`` to add other modalities).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -17,7 +23,7 @@ from ..jobs.spec import job_from_dict
 from ..pipeline import manifest, storage
 from ..schemas.modalities import get_modality
 from .checkpoint import model_location
-from .labelers import labeler_for_token_modality
+from .labelers import in_place, labeler_for_token_modality
 from .train import default_out
 
 
@@ -64,11 +70,12 @@ def tokenize_spec(data: str, modalities: list[str], tokenizers: dict[str, str] |
                              f"label it first")
         ckpt = given.pop(cls.name, None)
         if ckpt is None:
-            guess = default_out(data, cls.source)
+            tm = cls.tok_modality()
+            guess = default_out(data, tm)
             if storage.exists(model_location(guess)):
                 ckpt = guess
             else:
-                raise ValueError(f"no tokenizer given for {cls.source!r}: pass --tokenizer {cls.source}=PATH "
+                raise ValueError(f"no tokenizer given for {tm!r}: pass --tokenizer {tm}=PATH "
                                  f"(or train one into {guess})")
         token_mods.append(cls.outputs[0])
         settings: dict[str, Any] = {"config": {"checkpoint": _abs(ckpt), "device": device}, "workers": workers}
@@ -91,8 +98,11 @@ def tokenize_spec(data: str, modalities: list[str], tokenizers: dict[str, str] |
     # every modality the tokenizers read must be part of the job (as it is in the output)
     sources = [labeler_for_token_modality(t).source for t in token_mods]
     mods = list(dict.fromkeys(mods + [s for s in sources if s != "rgb"] + token_mods))
+    # the tokenizer labelers come first: the runner picks the first listed labeler that makes a modality, and the
+    # pose tokenizer makes human_poses as HMR 2.0 does
     spec.update(name=f"{(last or {}).get('name', 'job').removesuffix('-tokenize')}-tokenize", output=data,
-                modalities=mods, shards=shards or done, labelers={**old_labelers, **labelers})
+                modalities=mods, shards=shards or done,
+                labelers={**labelers, **{k: v for k, v in old_labelers.items() if k not in labelers}})
     if isinstance(spec.get("ray"), dict):
         spec["ray"] = {k: v for k, v in spec["ray"].items() if k != "address" and v is not None}
     return job_from_dict(spec, where="modalmill tokenize")
@@ -118,8 +128,43 @@ def tokenize_output(data: str, modalities: list[str], tokenizers: dict[str, str]
     for tok in token_modalities(modalities):
         spec = tokenize_spec(data, [tok], {tok: given[tok]} if tok in given else None, workers=workers,
                              gpus_per_worker=gpus_per_worker, batch_size=batch_size, shards=shards, device=device)
+        cls = labeler_for_token_modality(tok)
+        if in_place(cls) and not force:
+            # human_poses still as its labeler wrote it is not "made with other settings": adding pose_tokenized
+            # is this step's job, so those shards are rewritten (force) and the ones already tokenized with this
+            # checkpoint are skipped; ones tokenized with another checkpoint need --force
+            todo = _untokenized_shards(spec, cls)
+            if todo:
+                summaries.append(run_job(dataclasses.replace(spec, shards=",".join(map(str, todo))), only=[tok],
+                                         force=True, address=address, show_progress=show_progress))
+                rest = [i for i in _selected(spec) if i not in todo]
+                if not rest:
+                    continue
+                spec = dataclasses.replace(spec, shards=",".join(map(str, rest)))
         summaries.append(run_job(spec, only=[tok], force=force, address=address, show_progress=show_progress))
     return combine_summaries(summaries)
+
+
+def _selected(spec) -> list[int]:
+    from ..jobs.spec import parse_shard_selection
+
+    markers = manifest.list_markers(spec.output)
+    n = max(int(m["index"]) for m in markers.values()) + 1
+    done = {int(m["index"]) for m in markers.values()}
+    return [i for i in parse_shard_selection(spec.shards, n) if i in done]
+
+
+def _untokenized_shards(spec, cls) -> list[int]:
+    """Shards whose ``cls.outputs[0]`` was written by another labeler (not yet tokenized in place)."""
+    out = cls.outputs[0]
+    wanted = set(_selected(spec))
+    todo = []
+    for m in manifest.list_markers(spec.output).values():
+        i = int(m["index"])
+        prod = (m.get("modalities") or {}).get(out)
+        if i in wanted and prod is not None and prod.get("labeler") != cls.name:
+            todo.append(i)
+    return sorted(todo)
 
 
 def combine_summaries(summaries: list[dict]) -> dict:

@@ -6,10 +6,15 @@ the input), runs in a Ray actor pool (``stateful``) and is configured with the t
 (a local path or ``s3://``, the directory written by ``modalmill train-tokenizer`` or its ``model.safetensors``).
 
 For every sample it cuts each crop of the sample's ``crop_settings`` out of the decoded source label, flips and
-resizes it to the tokenizer's input size exactly as training did (:mod:`modalmill.tokenize.adapters`), encodes
-all crops of the batch under ``torch.inference_mode()`` in float32 and returns ``{"tok_X@224": int16
-[n_crops, n_tokens]}``. ``config_hash()`` contains the checkpoint's content hash, so tokens made with another
-checkpoint are stale (the pipeline asks for ``--force``); ``checkpoint_id()`` is that hash.
+resizes it to the tokenizer's input size exactly as training did (:mod:`modalmill.tokenize.adapters`; this is
+``prepare``, which runs in the shard task, needing only the checkpoint's config), encodes all crops of the
+batch under ``torch.inference_mode()`` in float32 and returns ``{"tok_X@224": int16 [n_crops, n_tokens]}``.
+``config_hash()`` contains the checkpoint's content hash, so tokens made with another checkpoint are stale (the
+pipeline asks for ``--force``); ``checkpoint_id()`` is that hash.
+
+Two tokenizers write into 4M's own files instead of a ``tok_*`` folder: ``tok_sam_instance`` (``sam_mask`` ->
+``sam_instance``: per crop the instances' contours in the 224 crop, 16 ids and a box each) and ``tok_human_poses``
+(``human_poses`` rewritten with ``pose_tokenized``, 8 ids per person).
 
 Global embeddings have no geometry: every crop row of ``tok_*_global`` holds the tokens of the sample's one
 stored vector (4M computes the teacher per crop; modalmill stores one global vector per image).
@@ -24,7 +29,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..labelers.base import LabelFailure, LabelInput, Labeler, Resources, register_labeler
+from ..labelers.base import LabelFailure, LabelInput, Labeler, Prepared, Resources, register_labeler
 from ..schemas.modalities import TOKEN_MODALITIES, get_modality
 
 
@@ -42,7 +47,12 @@ class TokenizerLabeler(Labeler):
     default_resources = Resources(num_cpus=1, num_gpus=0)
     default_batch_size = 8
     license = "yours (a tokenizer trained with `modalmill train-tokenizer`)"
-    source: ClassVar[str] = ""
+    source: ClassVar[str] = ""  # the stored modality the labeler reads
+    tokenizer_modality: ClassVar[str] = ""  # the tokenizer's own modality (its checkpoint's "modality"); = source
+
+    @classmethod
+    def tok_modality(cls) -> str:
+        return cls.tokenizer_modality or cls.source
 
     def __init__(self, config: Any = None):
         super().__init__(config)
@@ -54,9 +64,9 @@ class TokenizerLabeler(Labeler):
     # ------------------------------------------------------------------ identity
     def _need_checkpoint(self) -> str:
         if not self.config.checkpoint:
+            m = self.tok_modality()
             raise ValueError(f"labeler {self.name!r} needs a tokenizer checkpoint: train one with `modalmill "
-                             f"train-tokenizer --modality {self.source} --data OUT` and pass "
-                             f"--tokenizer {self.source}=PATH")
+                             f"train-tokenizer --modality {m} --data OUT` and pass --tokenizer {m}=PATH")
         return self.config.checkpoint
 
     def config_hash(self) -> str:
@@ -77,6 +87,7 @@ class TokenizerLabeler(Labeler):
 
         from .adapters import adapter_for
         from .checkpoint import load_tokenizer
+        from .train import vocab_and_tokens
 
         dev = self.config.device
         if dev == "auto":
@@ -86,54 +97,74 @@ class TokenizerLabeler(Labeler):
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
         model, cfg = load_tokenizer(self._need_checkpoint(), self.device)
-        out = self.outputs[0]
-        spec = get_modality(out)
-        if cfg.get("modality") != self.source:
-            raise ValueError(f"{self.config.checkpoint}: a tokenizer for {cfg.get('modality')!r}, not {self.source!r}")
-        if model.n_tokens != spec.n_tokens or model.quantizer.codebook_size > spec.vocab_size:
+        out, tm = self.outputs[0], self.tok_modality()
+        vocab, n_tokens, _ = vocab_and_tokens(tm)
+        if cfg.get("modality") != tm:
+            raise ValueError(f"{self.config.checkpoint}: a tokenizer for {cfg.get('modality')!r}, not {tm!r}")
+        if model.n_tokens != n_tokens or model.quantizer.codebook_size > vocab:
             raise ValueError(f"{self.config.checkpoint}: makes {model.n_tokens} tokens from "
-                             f"{model.quantizer.codebook_size} codes; {out} needs {spec.n_tokens} tokens from at "
-                             f"most {spec.vocab_size}")
+                             f"{model.quantizer.codebook_size} codes; {out} needs {n_tokens} tokens from at "
+                             f"most {vocab}")
         self.model, self.tokenizer_config = model, cfg
-        self.adapter = adapter_for(self.source, cfg["model"].get("in_channels"))
+        self.adapter = adapter_for(tm, cfg["model"].get("in_channels"))
 
-    def _crops_of(self, inp: LabelInput) -> list:
+    def _adapter(self):
+        """The checkpoint's input adapter; needs only its config.json (``prepare`` runs without the model)."""
+        if self.adapter is None:
+            from .adapters import adapter_for
+            from .checkpoint import read_config
+
+            cfg = read_config(self._need_checkpoint())
+            self.adapter = adapter_for(self.tok_modality(), cfg["model"].get("in_channels"))
+        return self.adapter
+
+    def _crops_of(self, inp: LabelInput) -> np.ndarray:
+        adapter = self._adapter()
         label = inp.image if self.source == "rgb" else inp.labels[self.source]
         hw = inp.image.shape[:2]
-        if self.adapter.kind == "vector":
-            return [self.adapter.prepare(label, None, hw)]
-        return [self.adapter.prepare(label, crop, hw) for crop in inp.crops]
+        if adapter.kind == "vector":
+            return adapter.prepare(label, None, hw).unsqueeze(0).numpy()
+        return np.stack([adapter.prepare(label, crop, hw).numpy() for crop in inp.crops])
 
-    def process_batch(self, batch: list[LabelInput]) -> list[dict[str, Any] | LabelFailure]:
-        import torch
-
-        if self.model is None:
-            self.setup()
-        prepared: list[list | LabelFailure] = []
+    def prepare(self, batch: list[LabelInput]) -> Prepared:
+        """Per sample ``(inputs [k, ...] float32, n_crops)`` in the tokenizer's input space, or a LabelFailure."""
+        if type(self).process_batch is not TokenizerLabeler.process_batch:
+            return batch  # a subclass with its own process_batch prepares its inputs itself
+        out = Prepared()
         for inp in batch:
             try:
-                prepared.append(self._crops_of(inp))
+                out.append((self._crops_of(inp), len(inp.crops)))
             except (ValueError, KeyError) as e:
-                prepared.append(LabelFailure(f"{self.source}: {e}"))
-        flat = [t for p in prepared if not isinstance(p, LabelFailure) for t in p]
+                out.append(LabelFailure(f"{self.source}: {e}"))
+        return out
+
+    def process_batch(self, batch: list) -> list[dict[str, Any] | LabelFailure]:
+        import torch
+
+        prepared = batch if isinstance(batch, Prepared) else self.prepare(batch)
+        if self.model is None:
+            self.setup()
+        flat = [p[0] for p in prepared if not isinstance(p, LabelFailure)]
+        flat = torch.from_numpy(np.concatenate(flat)) if flat else None
         tokens = []
         step = max(1, int(self.config.crops_per_forward))
         with torch.inference_mode():
-            for i in range(0, len(flat), step):
-                x = self.adapter.to_input(torch.stack(flat[i:i + step]).to(self.device))
+            for i in range(0, 0 if flat is None else len(flat), step):
+                x = self.adapter.to_input(flat[i:i + step].to(self.device))
                 tokens.append(self.model.encode(x).cpu())
         ids = torch.cat(tokens).numpy() if tokens else np.zeros((0, 0))
         dtype = get_modality(self.outputs[0]).dtype
         out: list[dict[str, Any] | LabelFailure] = []
         pos = 0
-        for inp, p in zip(batch, prepared):
+        for p in prepared:
             if isinstance(p, LabelFailure):
                 out.append(p)
                 continue
-            arr = ids[pos:pos + len(p)].astype(dtype)
-            pos += len(p)
+            k, n_crops = len(p[0]), p[1]
+            arr = ids[pos:pos + k].astype(dtype)
+            pos += k
             if self.adapter.kind == "vector":
-                arr = np.repeat(arr, len(inp.crops), axis=0)
+                arr = np.repeat(arr, n_crops, axis=0)
             out.append({self.outputs[0]: np.ascontiguousarray(arr)})
         return out
 
@@ -154,6 +185,127 @@ for _tok, (_src, _vocab, _n) in TOKEN_MODALITIES.items():
     })
     globals()[_cls_name] = register_labeler(_cls)
     TOKENIZER_LABELERS[_tok] = _cls
+
+
+def _encode_all(model, adapter, items: list, device, step: int):
+    """Token ids ``[len(items), n_tokens]`` (int64 numpy) of a list of targets, ``step`` per forward pass."""
+    import torch
+
+    if not items:
+        return np.zeros((0, model.n_tokens), dtype=np.int64)
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(items), max(1, step)):
+            x = adapter.to_input(torch.stack(items[i:i + max(1, step)]).to(device))
+            out.append(model.encode(x).cpu())
+    return torch.cat(out).numpy()
+
+
+@register_labeler
+class SamInstanceTokenizer(TokenizerLabeler):
+    """``sam_mask`` (+ crop_settings) -> 4M's ``sam_instance`` file with the SAM-instance tokenizer.
+
+    Per crop of the sample's ``crop_settings``: the instances cut to the crop resized to 224x224 (flipped with the
+    crop; tiny ones dropped; see :func:`modalmill.tokenize.adapters.crop_instances`), each encoded from its 64x64
+    in-box mask into 16 ids. The value is an object array ``[n_crops]`` of dicts ``{"points": per instance a list
+    of int32 OpenCV contours (P, 1, 2) (x, y) in the 224 crop, largest first; "token_ids": int16 [N, 16];
+    "bbox": int32 [N, 4] = ymin, xmin, ymax, xmax in crop pixels}`` (instances in the ``sam_mask`` order)."""
+
+    name = "tok_sam_instance"
+    outputs = ("sam_instance",)
+    requires = ("sam_mask",)
+    source = "sam_mask"
+    tokenizer_modality = "sam_instance"
+    description = ("sam_mask -> sam_instance (per crop: contours in the 224 crop, 16 token ids and a box per "
+                   "instance) with a trained SAM-instance tokenizer")
+
+    def process_batch(self, batch: list[LabelInput]) -> list[dict[str, Any] | LabelFailure]:
+        if self.model is None:
+            self.setup()
+        per_sample: list[list[list[dict]] | LabelFailure] = []
+        masks = []
+        for inp in batch:
+            try:
+                crops = [self.adapter.instances(inp.labels["sam_mask"], crop, inp.image.shape[:2])
+                         for crop in inp.crops]
+            except (ValueError, KeyError, TypeError) as e:
+                per_sample.append(LabelFailure(f"sam_mask: {e}"))
+                continue
+            per_sample.append(crops)
+            masks += [self.adapter.prepare(inst["mask"]) for insts in crops for inst in insts]
+        ids = _encode_all(self.model, self.adapter, masks, self.device, self.config.crops_per_forward)
+        out: list[dict[str, Any] | LabelFailure] = []
+        pos = 0
+        for crops in per_sample:
+            if isinstance(crops, LabelFailure):
+                out.append(crops)
+                continue
+            value = np.empty(len(crops), dtype=object)
+            for c, insts in enumerate(crops):
+                n = len(insts)
+                value[c] = {"points": [list(inst["contours"]) for inst in insts],
+                            "token_ids": np.ascontiguousarray(ids[pos:pos + n].astype(np.int16)).reshape(n, -1),
+                            "bbox": np.stack([inst["bbox"] for inst in insts]).astype(np.int32).reshape(n, 4)}
+                pos += n
+            out.append({"sam_instance": value})
+        return out
+
+
+@register_labeler
+class PoseTokenizer(TokenizerLabeler):
+    """``human_poses`` -> ``human_poses`` with ``pose_tokenized`` filled: the 8 pose-tokenizer ids of every
+    person's 207-d body pose (4M's layout: one list per person, in the label's person order). The rest of the
+    label is kept as stored; ``[]`` (no people) stays ``[]``. The file is rewritten in place (``--only
+    human_poses``), and its producer becomes this labeler."""
+
+    name = "tok_human_poses"
+    outputs = ("human_poses",)
+    requires = ("human_poses",)
+    source = "human_poses"
+    tokenizer_modality = "human_poses"
+    description = "human_poses -> human_poses with pose_tokenized (8 ids per person) from a trained pose tokenizer"
+
+    def process_batch(self, batch: list[LabelInput]) -> list[dict[str, Any] | LabelFailure]:
+        import torch
+
+        from .adapters import body_poses
+
+        if self.model is None:
+            self.setup()
+        poses: list[list | LabelFailure] = []
+        for inp in batch:
+            try:
+                poses.append(body_poses(inp.labels["human_poses"]))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                poses.append(LabelFailure(f"human_poses: {e}"))
+        flat = [torch.from_numpy(p) for ps in poses if not isinstance(ps, LabelFailure) for p in ps]
+        ids = _encode_all(self.model, self.adapter, flat, self.device, self.config.crops_per_forward)
+        out: list[dict[str, Any] | LabelFailure] = []
+        pos = 0
+        for inp, ps in zip(batch, poses):
+            if isinstance(ps, LabelFailure):
+                out.append(ps)
+                continue
+            value = inp.labels["human_poses"]
+            tokens = [[int(t) for t in row] for row in ids[pos:pos + len(ps)]]
+            pos += len(ps)
+            if not ps:
+                out.append({"human_poses": value})
+            elif not isinstance(value, dict):
+                out.append(LabelFailure("human_poses: expected 4M's dict of per-person lists"))
+            else:
+                out.append({"human_poses": {**value, "pose_tokenized": tokens}})
+        return out
+
+
+# tokens stored inside another modality's file (4M's sam_instance token_ids, human_poses' pose_tokenized)
+TOKENIZER_LABELERS["sam_instance"] = SamInstanceTokenizer
+TOKENIZER_LABELERS["human_poses"] = PoseTokenizer
+
+
+def in_place(cls: type[TokenizerLabeler]) -> bool:
+    """Whether the labeler rewrites the modality it reads (the pose tokenizer: ``human_poses``)."""
+    return cls.outputs[0] in cls.requires
 
 
 def labeler_for_token_modality(name: str) -> type[TokenizerLabeler]:

@@ -15,13 +15,28 @@ Serialisers (deterministic by default; pass a ``random.Random`` to get 4M's rand
   ``v0=xmin v1=ymin v2=xmax v3=ymax <class name>`` each, coordinates x 999;
 - :func:`human_poses_to_text`: ``human`` + box tokens, then the ``pose`` (8 pose-tokenizer ids), ``global``
   (9 orientation values), ``camera`` (3) and ``shape`` (10 betas) groups as value tokens; ``none`` without people;
-- :func:`sam_instance_to_text`: per instance its crop box and 16 SAM-instance-tokenizer ids as value tokens.
+- :func:`sam_instance_to_text`: per query point ``point v0=y v1=x``, then ``polygon`` + box + 16
+  SAM-instance-tokenizer ids of each instance containing it (or ``none``), as 4M-21's ``SAMInstanceTokTransform``.
 
-:func:`encode_text` wraps a sequence in ``[SOS] ... [EOS]`` ids.
+:func:`encode_text` wraps a sequence in ``[SOS] ... [EOS]`` ids. What the trainer-side loader
+(:func:`modalmill.load_dataset` with ``text_tokenizer=``) uses instead follows 4M's own loader
+(``fourm/data/modality_transforms.py`` for the text, ``fourm/data/masking.py`` for the ids):
+
+- :func:`serialise_label` turns one decoded label of a text-like modality (:data:`TEXT_MODALITIES`) into the
+  string 4M's transform returns, for one crop of ``crop_settings`` or the whole image: ``caption`` is the entry
+  aligned with the crop; ``det`` is cut to the crop, flipped with it, boxes scoring below 0.6 dropped and ordered
+  by distance to the origin (never random, as in 4M); ``metadata`` is a *list* of ``v1=<id> v0=<bin>`` chunks
+  (4M's ``return_chunks``, for chunked span masking) in shuffled order; ``color_palette`` uses a random palette
+  size 1..7; ``human_poses`` shuffles its four groups; ``sam_instance`` takes the crop's entry. Random choices come
+  from the ``rng`` passed in; without one they are canonical (metadata in id order, 7 colours, fixed groups).
+- :func:`encode_sequence`: ``tokenizer.encode(text).ids + [EOS]`` (no ``[SOS]``, as 4M's masking does; chunks
+  are encoded one by one and concatenated), optionally cut to ``max_tokens`` by 4M's rule.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
 import random
 from typing import Any, Iterable, Iterator
 
@@ -66,8 +81,14 @@ def fixed_tokens() -> list[str]:
             + [f"v{j}={i}" for j in range(4) for i in range(COORD_BINS)] + list(COCO_CLASSES))
 
 
+# plain words the serialisers write besides value tokens and class names: always trained on, so a vocabulary
+# learned from captions alone still encodes every sequence without [UNK]
+SEQUENCE_WORDS = ("human", "pose", "global", "camera", "shape", "none", "point", "polygon")
+
+
 def train_text_tokenizer(texts: Iterable[str], vocab_size: int = 30_000, lowercase: bool = True):
-    """Train 4M's WordPiece text tokenizer on ``texts`` (an iterable of strings); returns a ``tokenizers.Tokenizer``."""
+    """Train 4M's WordPiece text tokenizer on ``texts`` (an iterable of strings) plus one line of
+    :data:`SEQUENCE_WORDS`; returns a ``tokenizers.Tokenizer``."""
     from tokenizers import AddedToken, Tokenizer, decoders, trainers
     from tokenizers.models import WordPiece
     from tokenizers.normalizers import BertNormalizer
@@ -85,7 +106,7 @@ def train_text_tokenizer(texts: Iterable[str], vocab_size: int = 30_000, lowerca
     specials += [AddedToken(c, single_word=True, normalized=True) for c in COCO_CLASSES]
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=0, show_progress=False,
                                         continuing_subword_prefix="##", special_tokens=specials)
-    tok.train_from_iterator(iter(texts), trainer=trainer)
+    tok.train_from_iterator(itertools.chain(texts, [" ".join(SEQUENCE_WORDS)]), trainer=trainer)
     vocab = tok.get_vocab()
     for i, t in enumerate(fixed_tokens()):
         if vocab.get(t) != i:
@@ -93,10 +114,45 @@ def train_text_tokenizer(texts: Iterable[str], vocab_size: int = 30_000, lowerca
     return tok
 
 
+TOKENIZER_FILE = "text_tokenizer.json"
+
+
 def load_text_tokenizer(path: str):
+    """The tokenizer saved at ``path``: a ``text_tokenizer.json`` file or a directory holding one, local or ``s3://``."""
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(path)
+    from ..pipeline import storage
+
+    url = str(path)
+    if not url.endswith(".json"):
+        url = storage.join(url, TOKENIZER_FILE)
+    try:
+        data = storage.read_bytes(url)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{url}: no text tokenizer here (train one with `modalmill train-tokenizer "
+                                f"--modality caption --data OUT`)") from None
+    try:
+        return Tokenizer.from_str(data.decode("utf-8"))
+    except Exception as e:  # the tokenizers library raises a bare Exception on malformed JSON
+        raise ValueError(f"{url}: not a Hugging Face tokenizers JSON file: {e}") from None
+
+
+def as_text_tokenizer(tokenizer):
+    """A ``tokenizers.Tokenizer`` from a tokenizer object or a path (see :func:`load_text_tokenizer`).
+
+    The tokenizer must hold 4M's fixed tokens at their ids (``[PAD] [UNK] [SOS] [EOS]``, sentinels, values, ...)."""
+    from tokenizers import Tokenizer
+
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_text_tokenizer(os.fspath(tokenizer))
+    if not isinstance(tokenizer, Tokenizer):
+        raise TypeError(f"text_tokenizer must be a path or a tokenizers.Tokenizer, got {type(tokenizer).__name__}")
+    vocab = tokenizer.get_vocab()
+    for i, t in enumerate(fixed_tokens()):
+        if vocab.get(t) != i:
+            raise ValueError(f"text tokenizer: token {t!r} has id {vocab.get(t)}, 4M's layout puts it at {i} "
+                             "(train it with modalmill.tokenize.text.train_text_tokenizer)")
+    return tokenizer
 
 
 def caption_texts(root: str) -> Iterator[str]:
@@ -127,7 +183,7 @@ def train_text_tokenizer_on_output(root: str, out: str, vocab_size: int = 30_000
     if not texts:
         raise ValueError(f"{root}: no captions to train the text tokenizer on (label 'caption' first)")
     tok = train_text_tokenizer(texts, vocab_size=vocab_size)
-    url = storage.join(out, "text_tokenizer.json")
+    url = storage.join(out, TOKENIZER_FILE)
     storage.write_bytes(url, tok.to_str().encode())
     return {"path": url, "vocab_size": tok.get_vocab_size(), "captions": len(texts),
             "learned_pieces": tok.get_vocab_size() - len(fixed_tokens())}
@@ -206,7 +262,7 @@ def det_to_text(value: dict, crop=None, image_hw: tuple[int, int] | None = None,
     if rng is not None:
         rng.shuffle(boxes)
     else:
-        boxes.sort(key=lambda b: (b[0] ** 2 + b[1] ** 2, b[4]))
+        boxes.sort(key=lambda b: b[0] ** 2 + b[1] ** 2)  # stable: ties keep the stored order, as in 4M
     s = COORD_BINS - 1
     return " ".join(f"{_v(0, x0 * s)} {_v(1, y0 * s)} {_v(2, x1 * s)} {_v(3, y1 * s)} {name}"
                     for x0, y0, x1, y1, name in boxes)
@@ -226,24 +282,47 @@ def _people(value: Any) -> list[dict]:
             for i in range(n)]
 
 
+def _pose_box(box_xyxy, original_size, crop, image_hw):
+    """A person box as 4M's ``HumanPoseTransform`` cuts it to a crop: normalised by the image size, moved into the
+    crop (albumentations' ``bbox_crop``), dropped when all its x (or all its y) lie below 0 or above 1, else
+    clipped to [0, 1]. The crop's flip is ignored, as 4M ignores it for poses. None when dropped."""
+    ow, oh = original_size
+    b = np.array([box_xyxy[0] / ow, box_xyxy[1] / oh, box_xyxy[2] / ow, box_xyxy[3] / oh], dtype=float)
+    if crop is not None:
+        if image_hw is None:
+            raise ValueError("human_poses: cutting boxes to a crop needs the stored rgb's size (image_hw)")
+        top, left, h, w = (int(c) for c in crop[:4])
+        rows, cols = image_hw
+        b = np.array([(b[0] * cols - left) / w, (b[1] * rows - top) / h, (b[2] * cols - left) / w,
+                      (b[3] * rows - top) / h])
+    xs, ys = b[0::2], b[1::2]
+    if (ys < 0).all() or (xs < 0).all() or (ys > 1).all() or (xs > 1).all():
+        return None
+    return np.clip(b, 0.0, 1.0)
+
+
 def human_poses_to_text(value: Any, original_size: tuple[int, int], crop=None,
                         image_hw: tuple[int, int] | None = None, rng: random.Random | None = None) -> str:
-    """4M-21's human-pose sequence; ``original_size`` is (width, height) of the image ``bbox_xyxy`` refers to.
+    """4M-21's human-pose sequence (``HumanPoseTransform``); ``original_size`` is (width, height) of the image
+    ``bbox_xyxy`` refers to, ``crop`` a ``crop_settings`` row in pixels of the stored rgb (``image_hw``).
 
-    Needs ``pose_tokenized`` (the pose tokenizer's 8 ids per person; see :func:`modalmill.tokenize.labelers`)."""
-    crop_norm, flip = _crop_norm(crop, image_hw)
-    ow, oh = original_size
+    Per person (in stored order) ``human v0=xmin v1=ymin v2=xmax v3=ymax`` (box cut to the crop by
+    :func:`_pose_box`, x 999) and four groups, shuffled with ``rng`` (canonical order without): ``pose`` + the 8
+    ``pose_tokenized`` ids (``v0=id`` below 512, else ``v1=id-512``), ``global`` + 9 ``v0=round(499.5 g + 499.5)``,
+    ``camera`` + 3 ``v0=round(49.95 c + 49.95)`` with c clipped to [-1, 19], ``shape`` + 10
+    ``v0=round(166.5 b + 499.5)``; ``none`` when no person is left. One deliberate difference: values are clamped to
+    0..999 (4M would emit tokens outside its vocabulary for betas beyond +-3).
+    Needs ``pose_tokenized`` (the pose tokenizer's 8 ids per person: ``modalmill tokenize -m human_poses``)."""
     s = COORD_BINS - 1
     out = []
     for p in _people(value):
-        x0, y0, x1, y1 = p["bbox_xyxy"]
-        b = _crop_box((x0 / ow, y0 / oh, x1 / ow, y1 / oh), crop_norm, False)
+        b = _pose_box(p["bbox_xyxy"], original_size, crop, image_hw)
         if b is None:
             continue
         tokens = p.get("pose_tokenized")
         if tokens is None:
             raise ValueError("human_poses_to_text needs pose_tokenized (the pose tokenizer's ids) for every person")
-        pose = ["pose"] + [f"v0={int(t)}" if t < 512 else f"v1={int(t) - 512}" for t in tokens]
+        pose = ["pose"] + [_id_token(t) for t in tokens]
         glob = ["global"] + [_v(0, 499.5 * g + 499.5) for g in np.asarray(p["pred_smpl_params"]["global_orient"],
                                                                           dtype=float).ravel()]
         cam = ["camera"] + [_v(0, 49.95 * min(max(c, -1.0), 19.0) + 49.95) for c in np.asarray(p["pred_cam"],
@@ -266,23 +345,55 @@ def _id_token(t: int) -> str:
     return f"v0={t}" if t < 512 else f"v1={t - 512}"
 
 
-def sam_instance_to_text(entry: dict, crop_size: int = 224, rng: random.Random | None = None) -> str:
-    """One crop of a ``sam_instance`` file (``bbox`` ``[N, 4]`` = ymin, xmin, ymax, xmax in crop pixels, ``token_ids``
-    ``[N, 16]``) as a sequence: per instance ``v0=xmin v1=ymin v2=xmax v3=ymax`` (x 999 / crop size) and its 16
-    ids as value tokens (:func:`_id_token`), instances ordered by distance to the origin (random with ``rng``);
-    ``none`` without instances. The order of the parts follows the pose sequence; it is not checked against
-    4M-21's own SAM-instance transform."""
+SAM_QUERY_POINTS = 7  # 4M-21's SAMInstanceTokTransform(points_per_side=7): 7 random points, or a 7x7 grid
+
+
+def sam_query_points(crop_size: int = 224, rng: random.Random | None = None,
+                     points_per_side: int = SAM_QUERY_POINTS) -> list[tuple[int, int]]:
+    """4M's query points (x, y) in crop pixels: with ``rng`` ``points_per_side`` random points (x and y uniform in
+    0..crop_size-1, 4M's ``point_order='random'``); without, the ``points_per_side`` x ``points_per_side`` grid of
+    4M's ``point_order='grid'`` (``linspace(0, crop_size, n + 2)[1:-1]`` truncated, x-major)."""
+    if rng is not None:
+        return [(rng.randrange(crop_size), rng.randrange(crop_size)) for _ in range(points_per_side)]
+    ticks = [int(v) for v in np.linspace(0, crop_size, points_per_side + 2)[1:-1]]
+    return [(x, y) for x in ticks for y in ticks]
+
+
+def sam_instance_to_text(entry: dict, crop_size: int = 224, rng: random.Random | None = None,
+                         points: list[tuple[int, int]] | None = None) -> str:
+    """One crop of a ``sam_instance`` file as 4M-21's ``SAMInstanceTokTransform`` writes it.
+
+    ``entry``: ``points`` (per instance its OpenCV contours in the crop), ``bbox`` ``[N, 4]`` = ymin, xmin, ymax,
+    xmax in crop pixels, ``token_ids`` ``[N, 16]``. For each query point (x, y) (:func:`sam_query_points`, or
+    ``points``): ``point v0=<y> v1=<x>``, then every instance whose first contour contains the point
+    (``cv2.pointPolygonTest >= 0``) as ``polygon v0=xmin v1=ymin v2=xmax v3=ymax`` (crop pixels as ints, not
+    rescaled) and its 16 ids (``v0=id`` below 512, else ``v1=id-512``), or ``none`` when no instance contains
+    it. With ``rng`` the points are random and their order and each point's instance order are shuffled, as in
+    4M's training; without, the 7x7 grid in order and instances in stored order (canonical)."""
+    import cv2
+
     boxes = np.asarray(entry.get("bbox", np.zeros((0, 4))), dtype=float).reshape(-1, 4)
     ids = np.asarray(entry.get("token_ids", np.zeros((0, 16))), dtype=np.int64).reshape(len(boxes), 16)
-    s = (COORD_BINS - 1) / crop_size
-    items = [(b[1] * s, b[0] * s, b[3] * s, b[2] * s, tuple(int(t) for t in row)) for b, row in zip(boxes, ids)]
+    contours = [np.asarray(c[0], dtype=np.int32).reshape(-1, 1, 2) for c in entry.get("points", [])]
+    if len(contours) != len(boxes):
+        raise ValueError(f"sam_instance: {len(contours)} contour lists for {len(boxes)} boxes")
+    queries = list(dict.fromkeys(points if points is not None else sam_query_points(crop_size, rng)))
     if rng is not None:
-        rng.shuffle(items)
-    else:
-        items.sort(key=lambda it: (it[0] ** 2 + it[1] ** 2, it[4]))
-    out = [" ".join([_v(0, x0), _v(1, y0), _v(2, x1), _v(3, y1)] + [_id_token(t) for t in row])
-           for x0, y0, x1, y1, row in items]
-    return " ".join(out) if out else "none"
+        rng.shuffle(queries)
+    parts: list[str] = []
+    for x, y in queries:
+        parts += ["point", f"v0={int(y)}", f"v1={int(x)}"]
+        hits = [i for i, c in enumerate(contours)
+                if cv2.pointPolygonTest(c, (float(x), float(y)), measureDist=True) >= 0]
+        if rng is not None:
+            rng.shuffle(hits)
+        if not hits:
+            parts.append("none")
+        for i in hits:
+            ymin, xmin, ymax, xmax = boxes[i].astype(np.int32)
+            parts += ["polygon", f"v0={xmin}", f"v1={ymin}", f"v2={xmax}", f"v3={ymax}"]
+            parts += [_id_token(t) for t in ids[i]]
+    return " ".join(parts)
 
 
 def encode_text(tokenizer, text: str, max_length: int | None = None) -> list[int]:
@@ -292,3 +403,73 @@ def encode_text(tokenizer, text: str, max_length: int | None = None) -> list[int
     if max_length is not None and len(ids) > max_length:
         ids = ids[:max_length - 1] + [vocab["[EOS]"]]
     return ids
+
+
+# ---------------------------------------------------------------------- what the trainer-side loader uses
+
+TEXT_MODALITIES = ("caption", "det", "metadata", "color_palette", "human_poses", "sam_instance")
+
+
+def pick_caption(value: Any, crop_index: int | None = None, rng: random.Random | None = None) -> str:
+    """4M's ``CaptionTransform`` (aligned captions): a string as is; from a list the entry of the crop (entry 0
+    without a crop). A list shorter than the crop index holds captions to sample from: a random one with ``rng``
+    (4M's unaligned mode), else the first. ``{"caption": str}`` entries give their string."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError("caption: empty list")
+        i = crop_index or 0
+        value = value[i] if i < len(value) else (rng.choice(value) if rng is not None else value[0])
+    if isinstance(value, dict):
+        value = value.get("caption")
+    if not isinstance(value, str):
+        raise ValueError(f"caption: expected a string or a {{'caption': str}} entry, got {type(value).__name__}")
+    return value
+
+
+def serialise_label(modality: str, value: Any, *, crop: Any = None, crop_index: int | None = None,
+                    image_hw: tuple[int, int] | None = None, rng: random.Random | None = None) -> str | list[str]:
+    """The text 4M's transform makes of one decoded label (see the module docstring).
+
+    ``crop``: the crop's ``(top, left, height, width, hflip)`` row of ``crop_settings`` (pixels of the stored rgb)
+    or None for the whole image; ``crop_index``: its row number; ``image_hw``: (height, width) of the stored rgb,
+    needed for ``det`` with a crop and for ``human_poses``; ``rng``: 4M's random choices (None: canonical)."""
+    if modality == "caption":
+        return pick_caption(value, crop_index, rng)
+    if modality == "det":
+        if crop is not None and image_hw is None:
+            raise ValueError("det: cutting boxes to a crop needs the stored rgb's size (image_hw)")
+        return det_to_text(value, crop=crop, image_hw=image_hw)  # 4M orders boxes by distance, never at random
+    if modality == "metadata":
+        return metadata_to_text(value, rng=rng, chunks=True)
+    if modality == "color_palette":
+        return color_palette_to_text(value, rng=rng)
+    if modality == "human_poses":
+        if image_hw is None:
+            raise ValueError("human_poses: bbox_xyxy is in pixels of the stored rgb; its size (image_hw) is needed")
+        return human_poses_to_text(value, original_size=(image_hw[1], image_hw[0]), crop=crop, image_hw=image_hw,
+                                   rng=rng)
+    if modality == "sam_instance":
+        entries = value if isinstance(value, (list, tuple, np.ndarray)) else [value]
+        i = crop_index or 0
+        if i >= len(entries):
+            raise ValueError(f"sam_instance: no entry for crop {i} ({len(entries)} stored)")
+        return sam_instance_to_text(entries[i], rng=rng)
+    raise ValueError(f"{modality!r} is not a text-like modality ({', '.join(TEXT_MODALITIES)})")
+
+
+def encode_sequence(tokenizer, text: str | list[str], max_tokens: int | None = None) -> list[int]:
+    """Ids as 4M's masking makes them: ``encode(text).ids + [EOS]`` (no ``[SOS]``), truncated to ``max_tokens``.
+
+    A list of chunks (``metadata``) is encoded chunk by chunk and concatenated, ``[EOS]`` as a last chunk, and
+    truncated by dropping whole chunks from the end that pass ``max_tokens``, as 4M's chunked masking does."""
+    eos = tokenizer.token_to_id("[EOS]")
+    if isinstance(text, str):
+        ids = tokenizer.encode(text, add_special_tokens=False).ids + [eos]
+        return ids[:max_tokens] if max_tokens is not None else ids
+    chunks = [tokenizer.encode(c, add_special_tokens=False).ids for c in text] + [[eos]]  # no rayon threads
+    out: list[int] = []
+    for c in chunks:
+        if max_tokens is not None and len(out) + len(c) > max_tokens:
+            break
+        out.extend(c)
+    return out

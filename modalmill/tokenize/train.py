@@ -10,6 +10,10 @@ model on held-out samples: reconstruction error (MSE/PSNR; accuracy/mIoU for cla
 codebook usage (% of codes used) and perplexity, before vs after training and against a trivial baseline, saved
 as ``report.json`` beside a picture of originals and reconstructions (``reconstructions.png``).
 
+``sam_instance`` trains the SAM-instance tokenizer on every instance of the ``sam_mask`` labels (each instance cut to
+a crop resized to 224, then filled into a 64x64 mask spanning its own box: 16 tokens per instance, 1024 codes in
+``base``); ``human_poses`` trains the MLP pose tokenizer on every person's 207-d body pose (8 tokens, 1024 codes).
+
 Presets (``tiny`` for tests and the demo, ``small``, ``base`` = 4M's sizes and vocabularies) are merged with a
 config file (YAML or JSON with ``model:`` and ``train:`` sections).
 """
@@ -285,6 +289,40 @@ def machine() -> dict[str, Any]:
     return info
 
 
+class _ReadLog:
+    """The training data as one worker reads it, noting the shards it reads and how many training (not held-out)
+    samples it read through; everything else is the wrapped :class:`TokenizerData`."""
+
+    def __init__(self, data):
+        self._data, self.shards_read, self.samples_read = data, [], 0
+
+    def __getattr__(self, name: str):
+        return getattr(self._data, name)
+
+    def samples(self, shard: str):
+        first = shard not in self.shards_read
+        if first:
+            self.shards_read.append(shard)
+        n = 0
+        for s in self._data.samples(shard):
+            n += s.key not in self._data.holdout
+            yield s
+        if first:  # counted once per shard, when its first pass ends
+            self.samples_read += n
+
+
+def _params_digest(model) -> str:
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def train_loop(loop: dict[str, Any]) -> None:
     """The per-worker training function (Ray Train's ``train_loop_per_worker``, or called directly)."""
     import torch
@@ -336,7 +374,8 @@ def train_loop(loop: dict[str, Any]) -> None:
 
         net = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     net.train()
-    batches = train_batches(data, adapter, batch_size=t["batch_size"], rank=rank, world=world,
+    read_log = _ReadLog(data)
+    batches = train_batches(read_log, adapter, batch_size=t["batch_size"], rank=rank, world=world,
                             seed=t["seed"] + start, crops_per_sample=t["crops_per_sample"],
                             stored_crop_prob=t["stored_crop_prob"], min_crop_scale=t["min_crop_scale"],
                             hflip_prob=t["hflip_prob"], shuffle_buffer=t["shuffle_buffer"])
@@ -380,6 +419,15 @@ def train_loop(loop: dict[str, Any]) -> None:
             ckpt.save_train_state(out, model, optim, step, cfg, extra)
     if bar is not None:
         bar.close()
+    # what each worker trained on, and a digest of its parameters (equal on every rank: DDP averages gradients)
+    workers_info = [{"rank": rank, "shards": read_log.shards_read, "samples_read": read_log.samples_read,
+                     "steps": step - start, "params_sha256": _params_digest(model)}]
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, workers_info[0])
+        workers_info = sorted(gathered, key=lambda w: w["rank"])
     if use_ray:  # once, from every worker (Ray Train's report is collective): the last logged metrics
         import ray.train
 
@@ -399,7 +447,7 @@ def train_loop(loop: dict[str, Any]) -> None:
         "seconds_this_run": round(time.perf_counter() - t0, 2), "machine": machine(),
         "held_out": {"samples": len(data.holdout), "items": int(len(held)), "of_samples": data.n_keys},
         "before": extra["before"], "after": after, "baseline": baseline_metrics(adapter, held),
-        "history": extra["history"],
+        "history": extra["history"], "data": {"per_worker": workers_info},
     }
     pic = reconstruction_picture(model, adapter, held, device, t["n_pictures"])
     if pic is not None:
@@ -436,10 +484,8 @@ def train_tokenizer(modality: str, data: str, out: str | None = None, *, config:
                     address: str | None = None, use_ray: bool = True, force: bool = False,
                     show_progress: bool = True, max_failures: int = 1) -> dict[str, Any]:
     """Train (or resume) a tokenizer for ``modality`` on the labeled output ``data``; returns the report."""
-    if modality == "sam_instance":
-        raise ValueError("sam_instance tokenizer training needs the SAM labeler's instance masks (issue 3), which "
-                         "this tree does not produce yet; the model is modalmill.tokenize.models.SpatialVQVAE with "
-                         "default_config('sam_instance')")
+    if modality == "sam_mask":  # the SAM-instance tokenizer trains on the sam_mask labels
+        modality = "sam_instance"
     overrides = load_config_file(config) if isinstance(config, str) else dict(config or {})
     if steps is not None:
         overrides.setdefault("train", {})
@@ -457,6 +503,24 @@ def train_tokenizer(modality: str, data: str, out: str | None = None, *, config:
     return json.loads(storage.read_bytes(storage.join(out, ckpt.REPORT_FILE)))
 
 
+def _worker_cpus(workers: int, use_gpu: bool, cpus_per_worker: float | None, cluster: dict) -> float:
+    """CPUs per Ray Train worker. The default shares the cluster's CPUs (whole CPUs while there are enough, else
+    a fraction each); a request the cluster can never meet is a clear error, not a run that waits forever."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    total, gpus = float(cluster.get("CPU", 0.0)), float(cluster.get("GPU", 0.0))
+    if use_gpu and workers > gpus:
+        raise ValueError(f"{workers} worker(s) with one GPU each, but the Ray cluster has {gpus:g} GPU(s)")
+    if cpus_per_worker is None:
+        if use_gpu or total >= workers:
+            return float(max(1, int(total // workers))) if not use_gpu else 1.0
+        return max(0.01, math.floor(100 * total / workers) / 100)  # more workers than CPUs: a fraction each
+    if cpus_per_worker <= 0 or workers * cpus_per_worker > total + 1e-9:
+        raise ValueError(f"{workers} worker(s) x {cpus_per_worker:g} CPU(s) do not fit the Ray cluster's {total:g} "
+                         "CPU(s): lower cpus_per_worker or workers")
+    return float(cpus_per_worker)
+
+
 def _fit_on_ray(loop: dict, workers: int, use_gpu: bool, cpus_per_worker: float | None, address: str | None,
                 max_failures: int) -> None:
     import ray
@@ -468,9 +532,7 @@ def _fit_on_ray(loop: dict, workers: int, use_gpu: bool, cpus_per_worker: float 
     started = init_ray(address)
     tmp = tempfile.mkdtemp(prefix="modalmill-train-")
     try:
-        if cpus_per_worker is None:
-            total = ray.cluster_resources().get("CPU", 1)
-            cpus_per_worker = max(1, int(total // max(1, workers))) if not use_gpu else 1
+        cpus_per_worker = _worker_cpus(workers, use_gpu, cpus_per_worker, ray.cluster_resources())
         trainer = TorchTrainer(
             train_loop, train_loop_config={**loop, "ray": True},
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
