@@ -35,6 +35,31 @@ class BatchProbe(Labeler):
         return [{"caption": [f"n={len(batch)}"]} for _ in batch]
 
 
+@register_labeler
+class WherePrepared(Labeler):
+    """A stateful (actor pool) labeler whose caption says which process ran ``prepare`` and which ran the model
+    step: ``["prepared in <pid>", "labelled in <pid>", "<key>"]``."""
+
+    name = "test_where_prepared"
+    outputs = ("caption",)
+    stateful = True
+
+    def prepare(self, batch):
+        import os
+
+        from modalmill.labelers.base import Prepared
+
+        return Prepared((inp.key, os.getpid()) for inp in batch)
+
+    def process_batch(self, batch):
+        import os
+
+        from modalmill.labelers.base import Prepared
+
+        items = batch if isinstance(batch, Prepared) else self.prepare(batch)
+        return [{"caption": [f"prepared in {pid}", f"labelled in {os.getpid()}", key]} for key, pid in items]
+
+
 def _crash(how: str) -> None:
     import ctypes
     import os

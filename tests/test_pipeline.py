@@ -226,6 +226,21 @@ def test_each_labeler_is_called_with_its_own_batch_size(ray_local, demo_corpus, 
     assert sizes == ["n=3", "n=3", "n=3", "n=2", "n=2"]  # 5 samples gathered past the job's 2, cut at the labeler's 3
 
 
+def test_model_labelers_prepare_in_the_shard_task_and_label_in_their_actor(ray_local, demo_corpus, tmp_path):
+    """``prepare`` runs where the batch is assembled (the shard task), the model step in the labeler's actor; with
+    the shard task labelling one batch in the background while it reads the next, order and alignment hold."""
+    out = tmp_path / "out"
+    s = run_job(spec(os.path.join(demo_corpus, "shard-00000.tar"), out, ["rgb", "caption"], batch_size=2,
+                     labelers={"test_where_prepared": {"batch_size": 2}}), show_progress=False)
+    assert s["exit_code"] == EXIT_OK and s["samples_written"] == 5
+    captions = [json.loads(data) for _, data in tar_members(out / "caption" / "shard-00000.tar")]
+    assert [c[2] for c in captions] == tar_keys(out / "rgb" / "shard-00000.tar")  # in order, aligned
+    prepared = {c[0] for c in captions}
+    labelled = {c[1] for c in captions}
+    assert len(prepared) == 1 and len(labelled) == 1  # one shard task, one actor
+    assert prepared.pop().split()[-1] != labelled.pop().split()[-1]  # two different processes
+
+
 def test_actor_pools_always_leave_room_for_a_shard_task():
     from modalmill.labelers.base import Resources
     from modalmill.pipeline.execute import _leave_room_for_shard_tasks
