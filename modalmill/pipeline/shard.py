@@ -230,13 +230,28 @@ class _Labelling:
     def __init__(self, task: ShardTask, call: Callable, stats: _Stats, done: Callable):
         self.label = lambda items: _label_batch(task, items, call, stats)
         self.done = done
+        self.gather = task.gather
+        self.pending: list[_Item] = []
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="modalmill-label") if getattr(call, "overlap", False) \
             else None
         self.inflight = None
 
-    def submit(self, items: list[_Item]) -> None:
-        items = list(items)
+    def add(self, item: _Item) -> None:
+        """Gather ``item``; a full batch is sent off."""
+        self.pending.append(item)
+        if len(self.pending) >= self.gather:
+            self.submit()
+
+    def finish(self) -> None:
+        """Send off what is gathered and wait until every batch is done."""
+        self.submit()
         self.wait()
+
+    def submit(self) -> None:
+        items, self.pending = self.pending, []
+        self.wait()
+        if not items:
+            return
         if self.pool is None:
             self.done(items, self.label(items))
         else:
@@ -273,8 +288,6 @@ def _process_full(task: ShardTask, call, progress, stats: _Stats) -> dict:
     writers = ShardWriterSet(out, shard, {m: get_modality(m).ext for m in task.write})
     labelling: _Labelling | None = None
     try:
-        pending: list[_Item] = []
-
         def done(batch: list[_Item], alive: list[_Item]) -> None:
             with stats.timed("write"):
                 for it in alive:
@@ -286,11 +299,6 @@ def _process_full(task: ShardTask, call, progress, stats: _Stats) -> dict:
                 progress(len(batch))
 
         labelling = _Labelling(task, call, stats, done)
-
-        def flush():
-            if pending:
-                labelling.submit(pending)
-                pending.clear()
 
         source_iter = iter_samples(task.source)
         while True:
@@ -306,11 +314,8 @@ def _process_full(task: ShardTask, call, progress, stats: _Stats) -> dict:
             item = _prepare_full(task, raw, row, stats)
             if item is None:
                 continue
-            pending.append(item)
-            if len(pending) >= task.gather:
-                flush()
-        flush()
-        labelling.wait()
+            labelling.add(item)
+        labelling.finish()
         with stats.timed("commit"):
             infos = writers.commit()
     except BaseException:
@@ -425,8 +430,6 @@ def _process_update(task: ShardTask, call, progress, stats: _Stats) -> dict:
     writers = ShardWriterSet(out, shard, {m: get_modality(m).ext for m in task.write})
     labelling: _Labelling | None = None
     try:
-        pending: list[_Item] = []
-
         def done(batch: list[_Item], alive: list[_Item]) -> None:
             with stats.timed("write"):
                 for it in alive:
@@ -439,11 +442,6 @@ def _process_update(task: ShardTask, call, progress, stats: _Stats) -> dict:
                 progress(len(batch))
 
         labelling = _Labelling(task, call, stats, done)
-
-        def flush():
-            if pending:
-                labelling.submit(pending)
-                pending.clear()
 
         zipped = _zip_output(out, shard, read_mods)
         while True:
@@ -465,12 +463,9 @@ def _process_update(task: ShardTask, call, progress, stats: _Stats) -> dict:
                 crops = get_modality("crop_settings").decode(files["crop_settings"])
                 labels = {m: get_modality(m).decode(files[m]) for m in read_mods if m not in CORE}
             size = (row.original_width or image.shape[1], row.original_height or image.shape[0])
-            pending.append(_Item(row=row, input=LabelInput(key=key, image=image, original_size=size, crops=crops,
-                                                           labels=labels)))
-            if len(pending) >= task.gather:
-                flush()
-        flush()
-        labelling.wait()
+            labelling.add(_Item(row=row, input=LabelInput(key=key, image=image, original_size=size, crops=crops,
+                                                          labels=labels)))
+        labelling.finish()
         with stats.timed("commit"):
             infos = writers.commit()
     except BaseException:

@@ -145,14 +145,8 @@ class TokenizerLabeler(Labeler):
         if self.model is None:
             self.setup()
         flat = [p[0] for p in prepared if not isinstance(p, LabelFailure)]
-        flat = torch.from_numpy(np.concatenate(flat)) if flat else None
-        tokens = []
-        step = max(1, int(self.config.crops_per_forward))
-        with torch.inference_mode():
-            for i in range(0, 0 if flat is None else len(flat), step):
-                x = self.adapter.to_input(flat[i:i + step].to(self.device))
-                tokens.append(self.model.encode(x).cpu())
-        ids = torch.cat(tokens).numpy() if tokens else np.zeros((0, 0))
+        flat = torch.from_numpy(np.concatenate(flat)) if flat else []
+        ids = _encode_all(self.model, self.adapter, flat, self.device, self.config.crops_per_forward)
         dtype = get_modality(self.outputs[0]).dtype
         out: list[dict[str, Any] | LabelFailure] = []
         pos = 0
@@ -187,16 +181,19 @@ for _tok, (_src, _vocab, _n) in TOKEN_MODALITIES.items():
     TOKENIZER_LABELERS[_tok] = _cls
 
 
-def _encode_all(model, adapter, items: list, device, step: int):
-    """Token ids ``[len(items), n_tokens]`` (int64 numpy) of a list of targets, ``step`` per forward pass."""
+def _encode_all(model, adapter, items, device, step: int):
+    """Token ids ``[len(items), n_tokens]`` (int64 numpy) of targets (a list of tensors, or one stacked tensor),
+    ``step`` per forward pass."""
     import torch
 
-    if not items:
+    if len(items) == 0:
         return np.zeros((0, model.n_tokens), dtype=np.int64)
     out = []
+    step = max(1, int(step))
     with torch.inference_mode():
-        for i in range(0, len(items), max(1, step)):
-            x = adapter.to_input(torch.stack(items[i:i + max(1, step)]).to(device))
+        for i in range(0, len(items), step):
+            chunk = items[i:i + step]
+            x = adapter.to_input((chunk if isinstance(chunk, torch.Tensor) else torch.stack(chunk)).to(device))
             out.append(model.encode(x).cpu())
     return torch.cat(out).numpy()
 
