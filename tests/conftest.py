@@ -41,6 +41,22 @@ def demo_corpus(tmp_path_factory):
     return str(d)
 
 
+@pytest.fixture(scope="session")
+def labeled_edges(ray_local, demo_corpus, tmp_path_factory):
+    """The demo corpus labelled with rgb, crop_settings and canny_edge (2 crops, 256 px): tokenizer training input.
+    Shared by the tokenizer-training test files; tests write their tokenizers elsewhere or under its
+    ``_modalmill/tokenizers/``, never into its shards."""
+    from modalmill.jobs.runner import EXIT_OK, run_job
+    from modalmill.jobs.spec import job_from_dict
+
+    out = tmp_path_factory.mktemp("labeled_edges") / "out"
+    spec = job_from_dict({"input": os.path.join(demo_corpus, "shard-{00000..00001}.tar"), "output": str(out),
+                          "modalities": ["rgb", "crop_settings", "canny_edge"], "batch_size": 5,
+                          "crops": {"n_crops": 2}, "decode": {"max_size": 256}})
+    assert run_job(spec, show_progress=False)["exit_code"] == EXIT_OK
+    return str(out)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models train fastest on one torch thread (and 2-core CI machines are shared)."""

@@ -5,8 +5,6 @@ import os
 
 import pytest
 
-from modalmill.jobs.runner import EXIT_OK, run_job
-from modalmill.jobs.spec import job_from_dict
 from modalmill.pipeline import manifest
 from modalmill.tokenize import checkpoint as ckpt
 from modalmill.tokenize.data import TokenizerData
@@ -15,14 +13,9 @@ from modalmill.tokenize.train import _worker_cpus, train_tokenizer
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def labeled(ray_local, demo_corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tok_train_multi") / "out"
-    spec = job_from_dict({"input": os.path.join(demo_corpus, "shard-{00000..00001}.tar"), "output": str(out),
-                          "modalities": ["rgb", "crop_settings", "canny_edge"], "batch_size": 5,
-                          "crops": {"n_crops": 2}, "decode": {"max_size": 256}})
-    assert run_job(spec, show_progress=False)["exit_code"] == EXIT_OK
-    return str(out)
+@pytest.fixture
+def labeled(labeled_edges):
+    return labeled_edges
 
 
 def test_two_workers_read_disjoint_shards_and_stay_in_sync(labeled, tmp_path):
