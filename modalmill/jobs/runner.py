@@ -116,8 +116,10 @@ def plan_job(spec: JobSpec, only: list[str] | None = None, force: bool = False) 
                             f"{src.url!r} to it")
             continue
         have = marker.get("modalities", {}) if marker else {}
+        # a modality refined in place (human_poses + pose_tokenized) still counts as made by what it refines
         stale = [m for m in (requested_only if only else requested)
-                 if m in have and have[m].get("config_hash") != expected[m]["config_hash"]]
+                 if m in have and expected[m]["config_hash"] not in
+                 (have[m].get("config_hash"), (have[m].get("refines") or {}).get("config_hash"))]
         if only:
             if not marker:
                 problems.append(f"{src.name} has no output yet: run the job without --only first")

@@ -483,6 +483,12 @@ def _process_update(task: ShardTask, call, progress, stats: _Stats) -> dict:
     modalities = dict(prev["modalities"])
     for m in task.write:
         modalities[m] = {**producers[m], **infos[m]}
+        if m in in_place and m in prev["modalities"]:
+            # rewritten from itself (pose tokens added to human_poses): remember what first made it, so the job
+            # that made it still sees it as its own output (see jobs.runner.plan_job)
+            before = prev["modalities"][m]
+            modalities[m]["refines"] = before.get("refines") or {
+                k: before.get(k, "") for k in ("labeler", "version", "config_hash", "checkpoint")}
     with stats.timed("realign"):
         if final_keys != prev_keys:
             for m in modalities:

@@ -9,8 +9,8 @@ other modalities; reruns skip what is done, and tokens made with another checkpo
 
 ``sam_instance`` (from ``sam_mask``) is written as 4M's own file, and ``human_poses`` is rewritten in place with
 ``pose_tokenized`` filled: shards whose ``human_poses`` still comes from its labeler (HMR 2.0) are rewritten without
-``force``; after that the file's producer is ``tok_human_poses``, so re-running the original labeling job over the
-same output asks for ``--force`` on ``human_poses`` (use ``--only`` to add other modalities).
+``force``; after that the file's producer is ``tok_human_poses`` and the marker records what it ``refines`` (HMR
+2.0's producer), so re-running the original labeling job over the same output still finds ``human_poses`` done.
 """
 
 from __future__ import annotations

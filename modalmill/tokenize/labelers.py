@@ -216,27 +216,36 @@ class SamInstanceTokenizer(TokenizerLabeler):
     description = ("sam_mask -> sam_instance (per crop: contours in the 224 crop, 16 token ids and a box per "
                    "instance) with a trained SAM-instance tokenizer")
 
-    def process_batch(self, batch: list[LabelInput]) -> list[dict[str, Any] | LabelFailure]:
-        if self.model is None:
-            self.setup()
-        per_sample: list[list[list[dict]] | LabelFailure] = []
-        masks = []
+    def prepare(self, batch: list[LabelInput]) -> Prepared:
+        """Per sample: its crops' instances (contours, boxes) and their 64x64 in-box masks as the tokenizer's
+        targets (float32 numpy), or a LabelFailure; made in the shard task, so the actor only encodes."""
+        adapter = self._adapter()
+        out = Prepared()
         for inp in batch:
             try:
-                crops = [self.adapter.instances(inp.labels["sam_mask"], crop, inp.image.shape[:2])
-                         for crop in inp.crops]
+                crops = [adapter.instances(inp.labels["sam_mask"], crop, inp.image.shape[:2]) for crop in inp.crops]
             except (ValueError, KeyError, TypeError) as e:
-                per_sample.append(LabelFailure(f"sam_mask: {e}"))
+                out.append(LabelFailure(f"sam_mask: {e}"))
                 continue
-            per_sample.append(crops)
-            masks += [self.adapter.prepare(inst["mask"]) for insts in crops for inst in insts]
+            masks = [adapter.prepare(inst.pop("mask")).numpy() for insts in crops for inst in insts]
+            out.append((crops, masks))
+        return out
+
+    def process_batch(self, batch: list) -> list[dict[str, Any] | LabelFailure]:
+        import torch
+
+        per_sample = batch if isinstance(batch, Prepared) else self.prepare(batch)
+        if self.model is None:
+            self.setup()
+        masks = [torch.from_numpy(m) for p in per_sample if not isinstance(p, LabelFailure) for m in p[1]]
         ids = _encode_all(self.model, self.adapter, masks, self.device, self.config.crops_per_forward)
         out: list[dict[str, Any] | LabelFailure] = []
         pos = 0
-        for crops in per_sample:
-            if isinstance(crops, LabelFailure):
-                out.append(crops)
+        for p in per_sample:
+            if isinstance(p, LabelFailure):
+                out.append(p)
                 continue
+            crops = p[0]
             value = np.empty(len(crops), dtype=object)
             for c, insts in enumerate(crops):
                 n = len(insts)
