@@ -184,6 +184,49 @@ def test_marker_mismatch_and_unfinished_shard(out):
     assert "_marker shard-00001 -: no completion marker: the shard is unfinished (modalmill's loader skips it)" in got
 
 
+def _sam_entry(n_inst):
+    contour = np.array([[10, 20], [60, 20], [60, 90], [10, 90]], np.int32).reshape(-1, 1, 2)
+    return {"points": [[contour] for _ in range(n_inst)], "token_ids": np.full((n_inst, 16), 3, np.int16),
+            "bbox": np.tile(np.array([[20, 10, 90, 60]], np.int32), (n_inst, 1))}
+
+
+def _add_sam_instance(out, n_entries):
+    """A sam_instance folder written as the tokenize stage writes it (aligned, recorded in the markers);
+    ``n_entries(key)`` entries per sample."""
+    spec = get_modality("sam_instance")
+    for shard, marker in manifest.list_markers(str(out)).items():
+        w = TarShardWriter(str(out / "sam_instance" / f"{shard}.tar"))
+        for key in marker["keys"]:
+            value = np.empty(n_entries(key), dtype=object)
+            for i in range(len(value)):
+                value[i] = _sam_entry(i % 2)
+            w.write(key, spec.ext, spec.encode(value, key))
+        marker["modalities"]["sam_instance"] = {"labeler": "test", **w.commit()}
+        manifest.write_marker(str(out), shard, marker)
+
+
+def test_sam_instance_entries_and_token_rows_must_match_the_crops(out):
+    _add_sam_instance(out, lambda key: 2)  # one entry per crop: clean
+    report = check_output(str(out))
+    assert report.ok and "sam_instance" in report.modalities, lines(report)
+
+    keys = manifest.read_marker(str(out), "shard-00001")["keys"]
+    _add_sam_instance(out, lambda key: {keys[0]: 3, keys[4]: 1}.get(key, 2))
+    path = out / TOK / "shard-00000.tar"
+    members = read_members(path)
+    tok_key = members[1][0].split(".")[0]
+    members[1] = (members[1][0], npy(np.zeros((1, 196), np.int16)))
+    write_members(path, members)
+    got = lines(check_output(str(out)))
+    assert f"sam_instance shard-00001 {keys[0]}: 3 sam_instance entries but crop_settings has 2 crops " \
+           "(entry i = crop i)" in got, got
+    assert f"sam_instance shard-00001 {keys[4]}: 1 sam_instance entries but crop_settings has 2 crops " \
+           "(entry i = crop i)" in got, got
+    assert f"{TOK} shard-00000 {tok_key}: 1 token rows but crop_settings has 2 crops (row i = crop i)" in got, got
+    # and nothing else but the edited token tar's hash, which no longer matches its marker
+    assert len(got) == 4 and any(x.startswith(f"{TOK} shard-00000 -: sha256 of the tar") for x in got), got
+
+
 def test_missing_output_is_a_one_line_error(tmp_path):
     r = CliRunner().invoke(main, ["check", str(tmp_path / "nothing")])
     assert r.exit_code == 1 and "no modality folders" in r.output

@@ -72,7 +72,7 @@ def work(ray_local, demo_corpus, tmp_path_factory, one_torch_thread):
     assert res.exit_code == 0, res.output
     pose_report = json.loads(open(os.path.join(pose_ck, "report.json")).read())
     return {"out": out, "dir": d, "sam_ck": sam_ck, "pose_ck": pose_ck, "sam_report": sam_report,
-            "pose_report": pose_report, "raw_poses": dict(decoded(out, "human_poses"))}
+            "pose_report": pose_report, "raw_poses": dict(decoded(out, "human_poses")), "job": job}
 
 
 def test_tokenizers_train_on_every_instance_and_person(work):
@@ -173,6 +173,14 @@ def test_tokenize_writes_4m_files_aligned_recorded_idempotent_and_deterministic(
     assert again["shards_processed"] == 0 and again["shards_skipped"] == 2, again
     assert {m: (out / m / f"{SHARD}.tar").read_bytes() for m in written} == written
 
+    # the labeling job that made human_poses still finds it done: pose tokens refine HMR 2.0's output in place
+    marker = manifest.read_marker(str(out), SHARD)
+    assert marker["modalities"]["human_poses"]["labeler"] == "tok_human_poses"
+    assert marker["modalities"]["human_poses"]["refines"]["labeler"] == "hmr2"
+    relabel = run_job(job_from_dict(work["job"]), show_progress=False)
+    assert relabel["exit_code"] == EXIT_OK and relabel["shards_processed"] == 0, relabel
+    assert {m: (out / m / f"{SHARD}.tar").read_bytes() for m in written} == written
+
     # another pose checkpoint: the poses were tokenized with a different one, so it asks for --force
     other = str(work["dir"] / "tok-pose-2")
     train_tokenizer("human_poses", str(out), other, preset="tiny", steps=3, use_ray=False, show_progress=False,
@@ -218,6 +226,56 @@ def test_text_of_real_outputs_uses_4m_layouts(work):
             humans = words.count("human")
             assert humans >= 1 and len(words) == humans * (5 + 9 + 10 + 4 + 11)
             assert all(0 <= int(v) <= 999 for v in VALUE.findall(text))
+
+
+def test_load_dataset_gives_sam_instance_token_ids_in_4m_layout(work):
+    """A trainer reads the real ``sam_instance`` file through ``load_dataset`` with a small WordPiece vocabulary
+    trained on this output's own serialised labels: the ids of crop 0 spell 4M-21's sequence for that entry."""
+    import modalmill
+    from modalmill.tokenize.text import det_to_text, fixed_tokens, train_text_tokenizer
+
+    out = work["out"]
+    if not (out / "sam_instance" / f"{SHARD}.tar").exists():  # this test run alone
+        tokenize_output(str(out), ["sam_instance"], {"sam_instance": work["sam_ck"]}, show_progress=False)
+    texts = [det_to_text(v, threshold=0.0) for _, v in decoded(out, "det")]
+    texts += [sam_instance_to_text(e) for _, v in decoded(out, "sam_instance") for e in v]
+    tok = train_text_tokenizer(texts, vocab_size=len(fixed_tokens()) + 256)  # room for every word of these texts
+    vocab, eos = tok.get_vocab_size(), tok.token_to_id("[EOS]")
+    ds = modalmill.load_dataset(str(out), ["sam_instance", "det"], text_tokenizer=tok, crop=0, shuffle_shards=False)
+    samples = list(ds)
+    assert [s["__key__"] for s in samples] == [k for k, _ in decoded(out, "rgb")]
+    polygons = 0
+    for s in samples:
+        assert s["__crop__"] == 0
+        for m in ("sam_instance", "det"):
+            ids = s[m]
+            assert ids.dtype == torch.long and ids.ndim == 1 and 0 <= int(ids.min()) and int(ids.max()) < vocab
+            assert int(ids[-1]) == eos and tok.token_to_id("[UNK]") not in ids.tolist()
+        entry, text = s["sam_instance.raw"][0], s["sam_instance.text"]  # crop 0's entry of the stored file
+        words = text.split()
+        assert [tok.id_to_token(i) for i in s["sam_instance"].tolist()] == words + ["[EOS]"]  # one id per word
+        boxes = {(int(b[1]), int(b[0]), int(b[3]), int(b[2])): row.tolist()  # xmin, ymin, xmax, ymax -> ids
+                 for b, row in zip(entry["bbox"], entry["token_ids"])}
+        # point v0=<y> v1=<x>, then "none" or per containing instance: polygon v0=xmin v1=ymin v2=xmax v3=ymax + 16 ids
+        i, points = 0, 0
+        while i < len(words):
+            assert words[i] == "point" and re.fullmatch(r"v0=\d+", words[i + 1]) and \
+                re.fullmatch(r"v1=\d+", words[i + 2]), words[i:i + 3]
+            assert all(0 <= int(w.split("=")[1]) <= 223 for w in words[i + 1:i + 3])
+            points, i = points + 1, i + 3
+            if words[i] == "none":
+                i += 1
+                continue
+            assert words[i] == "polygon"
+            while i < len(words) and words[i] == "polygon":
+                box = tuple(int(w.split("=")[1]) for w in words[i + 1:i + 5])
+                assert [w.split("=")[0] for w in words[i + 1:i + 5]] == ["v0", "v1", "v2", "v3"]
+                ids16 = [int(w[3:]) + (512 if w.startswith("v1=") else 0) for w in words[i + 5:i + 21]]
+                assert all(w[:3] in ("v0=", "v1=") for w in words[i + 5:i + 21])
+                assert box in boxes and ids16 == boxes[box], (box, sorted(boxes))
+                polygons, i = polygons + 1, i + 21
+        assert 1 <= points <= 7  # 4M's 7 random query points (duplicates merge)
+    assert polygons > 0  # some query point fell inside an instance
 
 
 # ---------------------------------------------------------------------- pieces without Ray

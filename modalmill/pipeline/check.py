@@ -9,7 +9,8 @@ What :func:`check_output` verifies (``../shared/4m-format.md``):
   contain no dots (4M takes the key up to the first dot), no key appears twice, one member per key;
 - **members**: every member decodes with its modality's codec and matches its spec: dtype and shape, pixel
   labels at the geometry of the sample's stored ``rgb``, ``crop_settings`` inside the rgb image (crop 0 an
-  unflipped square of the shorter side), token ids inside the vocabulary and one token row per crop;
+  unflipped square of the shorter side), token ids inside the vocabulary, and one token row (``tok_*``) or
+  one entry (``sam_instance``) per ``crop_settings`` row;
 - **markers** (when ``_modalmill/shards/*.json`` exist): every shard has one, its key list equals the tars'
   and its per-modality sha256 equals the tar's bytes.
 
@@ -320,8 +321,11 @@ def _scan_tar(url: str, folder: str, spec: ModalitySpec | None, ctx: _ShardConte
                 problem = _check_crops(value, hw)
                 if problem:
                     v(key, problem, pos)
-        elif spec.kind == TOKENS and key in ctx.n_crops and value.shape[0] != ctx.n_crops[key]:
-            v(key, f"{value.shape[0]} token rows but crop_settings has {ctx.n_crops[key]} crops (row i = crop i)", pos)
+        elif spec.shape[:1] == ("n_crops",) and key in ctx.n_crops and len(value) != ctx.n_crops[key]:
+            # one token row / one sam_instance entry per crop_settings row
+            what = "token rows" if spec.kind == TOKENS else f"{spec.name} entries"
+            v(key, f"{len(value)} {what} but crop_settings has {ctx.n_crops[key]} crops "
+                   f"({'row' if spec.kind == TOKENS else 'entry'} i = crop i)", pos)
 
     current: tuple[str, dict[str, bytes]] | None = None
     pos = 0

@@ -48,6 +48,20 @@ class ProgressCounter:
         return self.samples
 
 
+def local_s3_env(*locations: str) -> dict[str, str]:
+    """The S3 settings Ray workers get from this process when some of ``locations`` are on S3 and Ray runs only on
+    this machine: workers inherit the environment Ray was started with, so a Ray started before the S3 settings
+    were made (a notebook, a test session) would otherwise not reach the bucket. Workers on other machines use
+    their own S3 configuration: credentials never leave this machine."""
+    if not any(storage.is_s3(loc) for loc in locations if loc):
+        return {}
+    here = ray.util.get_node_ip_address()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if not nodes or any(n.get("NodeManagerAddress") != here for n in nodes):
+        return {}
+    return storage.s3_env_vars()
+
+
 def limit_threads() -> int:
     """Size this worker's thread pools to the CPUs Ray gave it. Ray sets ``OMP_NUM_THREADS`` (torch follows it),
     but OpenCV ignores it and starts one thread per core in every worker: two 1-CPU shard tasks on a 2-core machine
@@ -253,8 +267,10 @@ def _leave_room_for_shard_tasks(plans: list, shard_cpus: float, total_cpus: floa
           f"of {total_cpus:g} for shard tasks", file=sys.stderr)
 
 
-def make_pools(runs: list[LabelerRun], settings: dict, shard_cpus: float = 1.0) -> dict[str, list]:
-    """One actor pool per stateful labeler; waits until every actor is set up."""
+def make_pools(runs: list[LabelerRun], settings: dict, shard_cpus: float = 1.0,
+               env: dict[str, str] | None = None) -> dict[str, list]:
+    """One actor pool per stateful labeler (``env``: extra environment variables); waits until every actor is
+    set up."""
     pools: dict[str, list] = {}
     node = _largest_node()
     plans: list = []
@@ -274,6 +290,8 @@ def make_pools(runs: list[LabelerRun], settings: dict, shard_cpus: float = 1.0) 
         # a killed actor is restarted and its in-flight batch retried once; a batch that keeps killing it is
         # split by the shard task until the poisoned sample is isolated and recorded
         opts = {**res.ray_options(), "max_restarts": -1, "max_task_retries": 1}
+        if env:
+            opts["runtime_env"] = {"env_vars": env}
         pools[run.labeler] = [LabelerActor.options(**opts).remote(run) for _ in range(n)]
     pending = {h.ready.remote(): name for name, handles in pools.items() for h in handles}
     waited = 0.0
@@ -297,9 +315,13 @@ def execute(tasks: list[ShardTask], runs: list[LabelerRun], labeler_settings: di
 
     if not tasks:
         return []
-    pools = make_pools(runs, labeler_settings, shard_cpus)
+    # input, output and s3:// weights: a Ray started before this process' S3 settings must still reach them
+    env = local_s3_env(*[loc for t in tasks[:1] for loc in (t.output, t.source.url)],
+                       *[str(v) for r in runs for v in r.config.values() if isinstance(v, str)])
+    pools = make_pools(runs, labeler_settings, shard_cpus, env)
     counter = ProgressCounter.remote()
-    remote = ray.remote(_run_shard).options(num_cpus=shard_cpus, max_retries=max_retries)
+    remote = ray.remote(_run_shard).options(num_cpus=shard_cpus, max_retries=max_retries,
+                                            **({"runtime_env": {"env_vars": env}} if env else {}))
     window = max(2, int(2 * ray.cluster_resources().get("CPU", 2) / max(shard_cpus, 0.01)))
     disable = not show_progress or os.environ.get("TQDM_DISABLE") == "1"
     shard_bar = tqdm(total=len(tasks), unit="shard", desc="shards", position=0, disable=disable)

@@ -62,6 +62,7 @@ __all__ = [
     "read_bytes",
     "remove",
     "s3_client",
+    "s3_env_vars",
     "size",
     "write_bytes",
 ]
@@ -243,6 +244,13 @@ _DENIED_CODES = {
     "403",
     "Forbidden",
 }
+
+
+def s3_env_vars() -> dict[str, str]:
+    """This process' S3 settings from the environment (``AWS_*``, ``MODALMILL_S3_*``, credentials included): what a
+    worker process on this machine that did not inherit them (a Ray started before they were set) needs to reach
+    the same storage the same way."""
+    return {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "MODALMILL_S3_"))}
 
 
 def _secrets() -> list[str]:

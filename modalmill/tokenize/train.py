@@ -2,13 +2,15 @@
 
 ``train_tokenizer(modality, data=OUT)`` trains a tokenizer for one source modality on the labeled shards of
 ``OUT`` with Ray Train's ``TorchTrainer`` (``workers`` data-parallel workers on the embedded Ray, on CPU or
-GPU, or on a cluster via ``address``), or in this process with ``use_ray=False``. The loop streams random
-crops (:mod:`modalmill.tokenize.data`), shows a tqdm bar with loss, reconstruction error and codebook usage, and
-writes a resumable training state every ``checkpoint_every`` steps: running the same command again continues
-from the last state (``force=True`` starts over). At the end rank 0 exports the checkpoint and evaluates the
-model on held-out samples: reconstruction error (MSE/PSNR; accuracy/mIoU for class maps; cosine for features),
-codebook usage (% of codes used) and perplexity, before vs after training and against a trivial baseline, saved
-as ``report.json`` beside a picture of originals and reconstructions (``reconstructions.png``).
+GPU, or on a cluster via ``address``), or in this process with ``use_ray=False``; ``OUT`` and the checkpoint
+directory may be local or ``s3://`` (on a Ray that runs only on this machine the workers get this process' S3
+settings, see :func:`_storage_env`). The loop streams random crops (:mod:`modalmill.tokenize.data`), shows a
+tqdm bar with loss, reconstruction error and codebook usage, and writes a resumable training state every
+``checkpoint_every`` steps: running the same command again continues from the last state (``force=True`` starts
+over). At the end rank 0 exports the checkpoint and evaluates the model on held-out samples: reconstruction
+error (MSE/PSNR; accuracy/mIoU for class maps; cosine for features), codebook usage (% of codes used) and
+perplexity, before vs after training and against a trivial baseline, saved as ``report.json`` beside a picture
+of originals and reconstructions (``reconstructions.png``).
 
 ``sam_instance`` trains the SAM-instance tokenizer on every instance of the ``sam_mask`` labels (each instance cut to
 a crop resized to 224, then filled into a 64x64 mask spanning its own box: 16 tokens per instance, 1024 codes in
@@ -533,13 +535,15 @@ def _fit_on_ray(loop: dict, workers: int, use_gpu: bool, cpus_per_worker: float 
     tmp = tempfile.mkdtemp(prefix="modalmill-train-")
     try:
         cpus_per_worker = _worker_cpus(workers, use_gpu, cpus_per_worker, ray.cluster_resources())
+        env = _storage_env(loop)
         trainer = TorchTrainer(
             train_loop, train_loop_config={**loop, "ray": True},
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": cpus_per_worker,
                                                                **({"GPU": 1} if use_gpu else {})}),
             run_config=RunConfig(name=f"tokenizer-{loop['config']['modality']}-{random.getrandbits(32):08x}",
-                                 storage_path=tmp, failure_config=FailureConfig(max_failures=max_failures)))
+                                 storage_path=tmp, failure_config=FailureConfig(max_failures=max_failures),
+                                 worker_runtime_env={"env_vars": env} if env else None))
         result = trainer.fit()
         if result.error is not None:
             raise RuntimeError(f"tokenizer training failed: {result.error}")
@@ -547,6 +551,14 @@ def _fit_on_ray(loop: dict, workers: int, use_gpu: bool, cpus_per_worker: float 
         shutil.rmtree(tmp, ignore_errors=True)
         if started:
             ray.shutdown()
+
+
+def _storage_env(loop: dict) -> dict[str, str]:
+    """The S3 settings the training workers get from this process (see
+    :func:`modalmill.pipeline.execute.local_s3_env`) when the data or the checkpoint is on S3."""
+    from ..pipeline.execute import local_s3_env
+
+    return local_s3_env(loop["data"], loop["out"])
 
 
 def format_report(r: dict[str, Any]) -> list[str]:
