@@ -98,3 +98,17 @@ def test_structured_labels_serialise_to_value_tokens(tok):
         value_ids = [vocab[w] for w in seq.split() if re.fullmatch(r"v[0-3]=\d+", w)]
         assert [i for i in ids if 204 <= i < 4204] == value_ids, seq  # each value token is exactly its own id
     assert json.loads(tok.to_str())["model"]["type"] == "WordPiece"
+
+
+def test_a_small_vocabulary_keeps_sequence_words_whole():
+    from modalmill.tokenize.text import SEQUENCE_WORDS
+
+    small = train_text_tokenizer(CAPTIONS, vocab_size=len(fixed_tokens()) + len(SEQUENCE_WORDS) + 40)
+    for word in SEQUENCE_WORDS:
+        ids = small.encode(word, add_special_tokens=False).ids
+        assert len(ids) == 1 and ids[0] != 1, (word, small.encode(word, add_special_tokens=False).tokens)
+    # a trained word that merely starts with one of them stays whole: the added tokens match single words only
+    assert train_text_tokenizer(["a humane cat"] * 4, vocab_size=len(fixed_tokens()) + 60).encode(
+        "humane", add_special_tokens=False).tokens == ["humane"]
+    with pytest.raises(ValueError, match="vocab_size"):
+        train_text_tokenizer(CAPTIONS, vocab_size=len(fixed_tokens()) + 1)

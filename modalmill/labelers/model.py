@@ -22,6 +22,7 @@ smaller sizes before anything is marked failed.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -136,7 +137,7 @@ class ModelLabeler(Labeler):
         else:
             out = []
             for im in images:
-                t = torch.from_numpy(np.ascontiguousarray(im)).to(self.device, non_blocking=True)
+                t = _borrow(np.ascontiguousarray(im)).to(self.device, non_blocking=True)
                 t = t.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
                 if hw is not None and tuple(t.shape[-2:]) != hw:
                     t = F.interpolate(t, size=hw, mode="bicubic", align_corners=False, antialias=True).clamp_(0, 1)
@@ -147,3 +148,15 @@ class ModelLabeler(Labeler):
             s = torch.tensor(std, device=self.device).view(1, -1, 1, 1)
             x = (x - m) / s
         return x
+
+
+def _borrow(arr: np.ndarray):
+    """A tensor sharing ``arr``'s memory, read-only arrays included (images from Ray's object store are): callers
+    only read it (the next step, ``.float()``, copies), so torch's not-writable warning does not apply."""
+    import torch
+
+    if arr.flags.writeable:
+        return torch.from_numpy(arr)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(arr)

@@ -35,7 +35,6 @@ Serialisers (deterministic by default; pass a ``random.Random`` to get 4M's rand
 
 from __future__ import annotations
 
-import itertools
 import os
 import random
 from typing import Any, Iterable, Iterator
@@ -81,32 +80,33 @@ def fixed_tokens() -> list[str]:
             + [f"v{j}={i}" for j in range(4) for i in range(COORD_BINS)] + list(COCO_CLASSES))
 
 
-# plain words the serialisers write besides value tokens and class names: always trained on, so a vocabulary
-# learned from captions alone still encodes every sequence without [UNK]
+# plain words the serialisers write besides value tokens and class names: whole tokens right after the fixed head,
+# so even a small vocabulary learned from captions alone encodes each of them as one id (never pieces, never [UNK])
 SEQUENCE_WORDS = ("human", "pose", "global", "camera", "shape", "none", "point", "polygon")
 
 
 def train_text_tokenizer(texts: Iterable[str], vocab_size: int = 30_000, lowercase: bool = True):
-    """Train 4M's WordPiece text tokenizer on ``texts`` (an iterable of strings) plus one line of
-    :data:`SEQUENCE_WORDS`; returns a ``tokenizers.Tokenizer``."""
+    """Train 4M's WordPiece text tokenizer on ``texts`` (an iterable of strings); the fixed head
+    (:func:`fixed_tokens`) and :data:`SEQUENCE_WORDS` are whole tokens. Returns a ``tokenizers.Tokenizer``."""
     from tokenizers import AddedToken, Tokenizer, decoders, trainers
     from tokenizers.models import WordPiece
     from tokenizers.normalizers import BertNormalizer
     from tokenizers.pre_tokenizers import BertPreTokenizer
 
     n_fixed = len(fixed_tokens())
-    if vocab_size <= n_fixed:
-        raise ValueError(f"vocab_size must exceed the {n_fixed} fixed tokens, got {vocab_size}")
+    if vocab_size <= n_fixed + len(SEQUENCE_WORDS):
+        raise ValueError(f"vocab_size must exceed the {n_fixed + len(SEQUENCE_WORDS)} fixed tokens and sequence "
+                         f"words, got {vocab_size}")
     tok = Tokenizer(WordPiece(unk_token="[UNK]"))
     tok.normalizer = BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
                                     lowercase=lowercase)
     tok.pre_tokenizer = BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
     specials = [AddedToken(t, single_word=True, normalized=False) for t in fixed_tokens()[:-len(COCO_CLASSES)]]
-    specials += [AddedToken(c, single_word=True, normalized=True) for c in COCO_CLASSES]
+    specials += [AddedToken(c, single_word=True, normalized=True) for c in COCO_CLASSES + SEQUENCE_WORDS]
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=0, show_progress=False,
                                         continuing_subword_prefix="##", special_tokens=specials)
-    tok.train_from_iterator(itertools.chain(texts, [" ".join(SEQUENCE_WORDS)]), trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     vocab = tok.get_vocab()
     for i, t in enumerate(fixed_tokens()):
         if vocab.get(t) != i:
