@@ -269,11 +269,13 @@ def convert_weights(labeler, src, dst):
 @click.option("--workdir", default=".demo", show_default=True, help="Where the demo corpus and output go.")
 @click.option("--force", is_flag=True, help="Rebuild the corpus and recompute the output.")
 @click.option("--no-progress", is_flag=True)
-def demo(workdir, force, no_progress):
+@click.option("--tokenizer-steps", type=click.IntRange(min=1), default=None,
+              help="Training steps of the demo's tiny tokenizers (default 150).")
+def demo(workdir, force, no_progress, tokenizer_steps):
     """Build a small corpus from real photos (scikit-image) and run the demo job end to end."""
     from .jobs.demo import run_demo
 
-    summary, out = run_demo(workdir, force=force, show_progress=not no_progress)
+    summary, out = run_demo(workdir, force=force, show_progress=not no_progress, tokenizer_steps=tokenizer_steps)
     _report(summary)
     click.echo(f"demo output: {out}")
     click.echo(f"  look at it: modalmill status {out}")

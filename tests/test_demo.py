@@ -62,3 +62,25 @@ def test_the_labelers_can_be_asked_for_or_left_out(tmp_path, wanted):
     if wanted:  # appended after the packaged modalities, with default settings (checked by the job loader)
         assert spec.modalities[-2:] == ("pose_keypoints", "person_mask")
         assert all(spec.labelers[n].config == {} for n in MEDIAPIPE_LABELERS)
+
+
+@pytest.mark.slow
+def test_the_demo_command_runs_end_to_end_with_its_progress_bars(tmp_path):
+    """`modalmill demo` as `make demo` runs it, progress bars on (the suite otherwise sets TQDM_DISABLE, which
+    once hid a bar that crashed the demo's tokenizer training): label -> train -> tokenize, exit 0, and it
+    prints where the output is. Fewer training steps than the default keep it short."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    work = tmp_path / "demo"
+    r = subprocess.run([sys.executable, "-m", "modalmill", "demo", "--workdir", str(work), "--tokenizer-steps", "5"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    out = work / "output"
+    assert f"demo output: {out}" in r.stdout
+    assert "shards: 100%" in r.stderr  # the labelling job drew its bars
+    for m in ("rgb", "canny_edge", "tok_rgb@224", "tok_canny_edge@224"):
+        assert sorted(p.name for p in (out / m).iterdir()) == ["shard-00000.tar", "shard-00001.tar"], m
+    for m in ("rgb", "canny_edge"):
+        assert (out / "_modalmill" / "tokenizers" / m / "reconstructions.png").stat().st_size > 0

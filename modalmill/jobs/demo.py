@@ -68,7 +68,7 @@ def demo_job(workdir: str, mediapipe: bool | None = None) -> tuple[JobSpec, str,
 
 
 def run_demo(workdir: str, force: bool = False, show_progress: bool = True,
-             mediapipe: bool | None = None) -> tuple[dict, str]:
+             mediapipe: bool | None = None, tokenizer_steps: int | None = None) -> tuple[dict, str]:
     workdir = os.path.abspath(workdir)
     corpus = os.path.join(workdir, "corpus")
     if force:
@@ -79,7 +79,7 @@ def run_demo(workdir: str, force: bool = False, show_progress: bool = True,
     print(note, flush=True)
     summary = run_job(spec, force=force, show_progress=show_progress)
     if summary["exit_code"] == 0:  # label -> train tiny tokenizers -> tokenize (token shards next to the labels)
-        from ..tokenize.encode import demo_tokenize
+        from ..tokenize.encode import DEMO_STEPS, demo_tokenize
 
-        demo_tokenize(spec.output, force=force, show_progress=show_progress)
+        demo_tokenize(spec.output, force=force, show_progress=show_progress, steps=tokenizer_steps or DEMO_STEPS)
     return summary, spec.output

@@ -382,12 +382,7 @@ def train_loop(loop: dict[str, Any]) -> None:
                             stored_crop_prob=t["stored_crop_prob"], min_crop_scale=t["min_crop_scale"],
                             hflip_prob=t["hflip_prob"], shuffle_buffer=t["shuffle_buffer"])
     show = rank == 0 and loop.get("progress", True) and os.environ.get("TQDM_DISABLE") != "1"
-    if use_ray:
-        from ray.experimental.tqdm_ray import tqdm
-    else:
-        from tqdm.auto import tqdm
-    bar = tqdm(total=t["steps"], initial=start, desc=f"train {cfg['modality']}", unit="step", disable=not show) \
-        if show else None
+    bar = _StepBar(f"train {cfg['modality']}", t["steps"], start, use_ray) if show else None
     window_idx: list = []
     size = model.quantizer.codebook_size
     run_t0 = time.perf_counter()
@@ -412,7 +407,7 @@ def train_loop(loop: dict[str, Any]) -> None:
             loss_v, rec_v = loss.item(), rec_loss.item()
             extra["history"].append([step, round(loss_v, 6), round(rec_v, 6), round(usage, 4)])
             if bar is not None:
-                bar.set_postfix(loss=f"{loss_v:.4f}", recon=f"{rec_v:.4f}", usage=f"{usage:.0%}")
+                bar.show(f"loss {loss_v:.4f} recon {rec_v:.4f} usage {usage:.0%}")
         if bar is not None:
             bar.update(1)
         if rank == 0 and (step % t["checkpoint_every"] == 0 or step == t["steps"]):
@@ -503,6 +498,31 @@ def train_tokenizer(modality: str, data: str, out: str | None = None, *, config:
     else:
         _fit_on_ray(loop, workers, use_gpu, cpus_per_worker, address, max_failures)
     return json.loads(storage.read_bytes(storage.join(out, ckpt.REPORT_FILE)))
+
+
+class _StepBar:
+    """The training progress bar: tqdm in this process, Ray's tqdm in a Ray Train worker (the driver draws it).
+    Ray's bar has no ``initial`` and no ``set_postfix``: a resumed run starts it with ``update(start)`` and the
+    figures go into the description, the same for both."""
+
+    def __init__(self, desc: str, total: int, start: int, use_ray: bool):
+        if use_ray:
+            from ray.experimental.tqdm_ray import tqdm
+        else:
+            from tqdm.auto import tqdm
+        self.desc = desc
+        self.bar = tqdm(desc=desc, total=total, unit="step")
+        if start:
+            self.bar.update(start)
+
+    def show(self, figures: str) -> None:
+        self.bar.set_description(f"{self.desc} ({figures})")
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _worker_cpus(workers: int, use_gpu: bool, cpus_per_worker: float | None, cluster: dict) -> float:
