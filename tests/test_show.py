@@ -272,4 +272,5 @@ def test_stats_json_matches_independent_counts(output):
 
     r = CliRunner().invoke(main, ["stats", str(output)])
     assert r.exit_code == 0 and "label:test_caption_or_fail: chosen to fail" in r.output
-    assert f"codebook usage {tok['used']}/16384" in r.output
+    assert "tokenizer" not in tok  # no run record names a checkpoint: usage is of the vocabulary
+    assert f"ids used {tok['used']}/16384" in r.output

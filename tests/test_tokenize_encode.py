@@ -17,6 +17,7 @@ from modalmill.jobs.spec import job_from_dict
 from modalmill.pipeline import manifest
 from modalmill.pipeline.check import check_output
 from modalmill.schemas import get_modality
+from modalmill.jobs.stats import corpus_stats
 from modalmill.tokenize import checkpoint as ckpt
 from modalmill.tokenize.adapters import adapter_for
 from modalmill.tokenize.encode import parse_tokenizer_args, tokenize_output
@@ -130,6 +131,15 @@ def test_token_shards_are_aligned_valid_recorded_and_idempotent(work):
     assert manifest.read_marker(out, "shard-00000")["modalities"]["tok_canny_edge@224"]["checkpoint"] == \
         ckpt.checkpoint_hash(work["ck"]["edge2"])
     assert check_output(out).ok
+
+    # stats: codebook usage counts against the codes of the checkpoint that wrote the tokens (the newest run's)
+    st = corpus_stats(out)["modalities"]
+    for m, ck_name, n_codes in (("tok_canny_edge@224", "edge2", 240), ("tok_rgb@224", "rgb", 256)):
+        ids = np.concatenate([np.load(io.BytesIO(d)).ravel() for shard in ("shard-00000", "shard-00001")
+                              for _, d in _members(os.path.join(out, m, f"{shard}.tar"))])
+        assert st[m]["tokenizer"] == {"checkpoint": work["ck"][ck_name], "codebook_size": n_codes}
+        assert st[m]["used"] == len(np.unique(ids)) and st[m]["usage"] == pytest.approx(len(np.unique(ids)) / n_codes)
+        assert st[m]["vocab_size"] == get_modality(m).vocab_size
 
 
 def test_cli_tokenize_gives_byte_identical_token_shards(work):

@@ -6,9 +6,11 @@ without markers, every shard of its folder layout) and reports:
 - samples read / written / failed and the failure reasons, from the parquet manifests
   (``stage: reason``, the reason up to its first colon, as ``modalmill status`` groups them);
 - per modality: samples and shards;
-- ``tok_*``: the token histogram over the vocabulary, codebook usage (the fraction of ids that occur),
+- ``tok_*``: the token histogram over the vocabulary, codebook usage (the fraction of the codes of the
+  tokenizer that wrote the tokens that occur; of the modality's vocabulary when that tokenizer is not known),
   perplexity ``exp(H)`` of the empirical id distribution (natural log; equals the vocabulary size when
-  every id is equally frequent), and the ten most frequent ids;
+  every id is equally frequent), and the ten most frequent ids. The tokenizer is the checkpoint that the run
+  records name for the tok labeler, if its hash is the one every marker records;
 - pixel labels, feature maps and global embeddings: min / max / mean over all values;
 - ``rgb``: width and height ranges; ``metadata``: min / max / mean of every numeric field;
   ``det``/``sam_mask``: instances per sample; ``human_poses``/``pose_keypoints``: people per sample;
@@ -140,15 +142,54 @@ def _add(spec: ModalitySpec, value: Any, acc: _Acc) -> None:
         acc.rng("instances").add(len(value.get("instances", [])))
 
 
-def _token_summary(hist: np.ndarray) -> dict:
+def _token_summary(hist: np.ndarray, tokenizer: dict | None = None) -> dict:
+    """``usage``: the fraction of the tokenizer's codes used (``codebook_size`` of ``tokenizer``), else of the
+    vocabulary; ``used`` counts the distinct ids that occur."""
     total = int(hist.sum())
     used = int((hist > 0).sum())
     p = hist[hist > 0] / total if total else np.zeros(0)
     entropy = float(-(p * np.log(p)).sum()) if total else 0.0
     top = np.argsort(-hist, kind="stable")[:10]
-    return {"vocab_size": len(hist), "tokens": total, "used": used, "usage": used / len(hist),
-            "perplexity": math.exp(entropy) if total else 0.0, "entropy_nats": entropy,
-            "top": [[int(i), int(hist[i])] for i in top if hist[i] > 0], "histogram": hist.tolist()}
+    codes = int(tokenizer["codebook_size"]) if tokenizer else len(hist)
+    out = {"vocab_size": len(hist), "codebook_size": codes, "tokens": total, "used": used,
+           "usage": used / codes if codes else 0.0, "perplexity": math.exp(entropy) if total else 0.0,
+           "entropy_nats": entropy, "top": [[int(i), int(hist[i])] for i in top if hist[i] > 0],
+           "histogram": hist.tolist()}
+    if tokenizer:
+        out["tokenizer"] = tokenizer
+    return out
+
+
+def _tokenizer_codes(root: str, markers: dict, modalities: list[str]) -> dict[str, dict]:
+    """{token modality: {"checkpoint": location, "codebook_size": n}} for the token modalities whose shards were
+    all written by one tokenizer checkpoint that a run record of ``root`` still locates (same content hash)."""
+    from ..tokenize.checkpoint import checkpoint_hash, read_config
+    from ..tokenize.quantizers import codebook_size_of
+
+    runs = None
+    out: dict[str, dict] = {}
+    for m in modalities:
+        producers = {(p.get("labeler"), p.get("checkpoint")) for mk in markers.values()
+                     for k, p in (mk.get("modalities") or {}).items() if k == m}
+        if len(producers) != 1:
+            continue
+        labeler, digest = producers.pop()
+        if not labeler or not digest:
+            continue
+        if runs is None:
+            runs = sorted(manifest.list_runs(root), key=lambda r: r.get("run_id", ""), reverse=True)
+        locations = dict.fromkeys(
+            ((r.get("spec") or {}).get("labelers") or {}).get(labeler, {}).get("config", {}).get("checkpoint")
+            for r in runs)
+        for loc in (x for x in locations if isinstance(x, str) and x):
+            try:
+                if checkpoint_hash(loc) != digest:
+                    continue
+                out[m] = {"checkpoint": loc, "codebook_size": codebook_size_of(read_config(loc)["model"]["quantizer"])}
+            except Exception:  # noqa: BLE001 - moved or unreadable: usage falls back to the vocabulary
+                continue
+            break
+    return out
 
 
 def corpus_stats(root: str, modalities: list[str] | None = None, workers: int = 4) -> dict:
@@ -185,6 +226,7 @@ def corpus_stats(root: str, modalities: list[str] | None = None, workers: int = 
         accs.setdefault(m, _Acc()).merge(part)
         shards.setdefault(m, set()).add(shard)
 
+    codes = _tokenizer_codes(root, markers, [m for m in accs if accs[m].hist is not None])
     per_modality = {}
     for m in sorted(accs):
         acc, spec = accs[m], spec_for_folder(m)
@@ -192,7 +234,7 @@ def corpus_stats(root: str, modalities: list[str] | None = None, workers: int = 
         if acc.undecodable:
             d["undecodable"] = acc.undecodable
         if acc.hist is not None:
-            d.update(_token_summary(acc.hist))
+            d.update(_token_summary(acc.hist, codes.get(m)))
             d["out_of_vocab"] = int(acc.ranges["out_of_vocab"].total) if "out_of_vocab" in acc.ranges else 0
         if spec is not None and spec.kind in (PIXEL, FEATURE_MAP, GLOBAL):
             d["values"] = acc.values.to_dict()
@@ -239,8 +281,13 @@ def format_stats(st: dict) -> list[str]:
         parts = []
         if "usage" in d:
             top = ", ".join(f"{i}({n})" for i, n in d["top"][:5])
-            parts.append(f"codebook usage {d['used']}/{d['vocab_size']} ({d['usage']:.1%}), perplexity "
-                         f"{d['perplexity']:.1f}, top ids {top}")
+            if "tokenizer" in d:
+                usage = (f"codebook usage {d['used']}/{d['codebook_size']} of its tokenizer's codes ({d['usage']:.1%}; "
+                         f"vocabulary {d['vocab_size']})")
+            else:
+                usage = (f"ids used {d['used']}/{d['vocab_size']} ({d['usage']:.1%} of the vocabulary; tokenizer "
+                         "not found)")
+            parts.append(f"{usage}, perplexity {d['perplexity']:.1f}, top ids {top}")
             if d.get("out_of_vocab"):
                 parts.append(f"{d['out_of_vocab']} ids outside the vocabulary")
         if "values" in d:
