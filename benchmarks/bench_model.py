@@ -47,7 +47,7 @@ DINOV2_SIZES = {"vits14": dict(hidden_size=384, num_hidden_layers=12, num_attent
 # the largest that fits the 15-minute suite on 2 cores: ViT-S/14 (one thread: ~0.15-0.2 s an image)
 DINOV2_SIZE = os.environ.get("MODALMILL_BENCH_DINOV2", "vits14")
 TOKENIZER_PRESET = os.environ.get("MODALMILL_BENCH_TOKENIZER", "small")  # modalmill.tokenize.train presets
-MODEL_SHARDS = int(os.environ.get("MODALMILL_BENCH_MODEL_SHARDS", "3"))  # shards of 100 images (--quick: 2)
+MODEL_SHARDS = int(os.environ.get("MODALMILL_BENCH_MODEL_SHARDS", "5"))  # shards of 100 images (--quick: 2)
 # Ray CPUs per shard task in the model jobs (the job spec's ray.shard_cpus)
 SHARD_CPUS = float(os.environ.get("MODALMILL_BENCH_SHARD_CPUS", "1"))
 
