@@ -160,3 +160,29 @@ def test_missing_object_and_unreachable_endpoint(s3_env, cache, monkeypatch, cap
             resolve(f"s3://{bucket}/other.pt")
     finally:
         storage.clear_s3_client_cache()
+
+
+def test_versions_unused_for_the_keep_time_are_removed_once_another_is_in_use(s3_env, cache, monkeypatch):
+    server, bucket = s3_env
+    url = f"s3://{bucket}/models/kept.pt"
+    _put(server, bucket, "models/kept.pt", _ckpt(1.0))
+    v1 = os.path.dirname(resolve(url))
+    _put(server, bucket, "models/kept.pt", _ckpt(2.0))
+    v2 = os.path.dirname(resolve(url))
+    assert v1 != v2 and os.path.isdir(v1)  # v1 was used moments ago: kept (a running job may still load it)
+    # a staging directory of a killed download and a half-deleted version (killed while removing it)
+    stale, half = os.path.join(os.path.dirname(v1), ".tmp-killed"), os.path.join(os.path.dirname(v1), ".gone-x-1")
+    os.makedirs(stale)
+    os.makedirs(half)
+    week_ago = os.path.getmtime(v1) - weights.KEEP_UNUSED_S - 60
+    os.utime(v1, (week_ago, week_ago))
+    os.utime(stale, (week_ago, week_ago))
+    assert resolve(url) == os.path.join(v2, "kept.pt")  # the cached v2, used again: v1 and the leftovers go
+    assert sorted(os.listdir(os.path.dirname(v2))) == [os.path.basename(v2)]
+    # what was used recently is what the offline fallback picks
+    assert weights._newest_version(os.path.dirname(v2)) == v2
+    monkeypatch.setattr(weights, "KEEP_UNUSED_S", 0.0)
+    _put(server, bucket, "models/kept.pt", _ckpt(3.0))
+    v3 = os.path.dirname(resolve(url))
+    assert os.listdir(os.path.dirname(v3)) == [os.path.basename(v3)] and load_state_dict(
+        os.path.join(v3, "kept.pt"))["w"].sum() == 48

@@ -2,9 +2,10 @@
 
 A weights location is a local file or directory, an ``s3://`` URL (file or prefix, downloaded into a local
 cache, ``MODALMILL_WEIGHTS_CACHE``, keyed by the URL and the objects' ETag/size/LastModified, so a replaced
-object is fetched again and an unchanged one is not; when S3 cannot be reached, the newest cached copy is
-used, with a warning), or a model-hub id (``org/name``, only when online; with ``HF_HUB_OFFLINE=1`` it must
-already be in the local hub cache). State dicts load from ``.safetensors`` or with
+object is fetched again and an unchanged one is not; when S3 cannot be reached, the most recently used cached
+copy is used, with a warning; a cached version unused for ``MODALMILL_WEIGHTS_CACHE_KEEP_DAYS`` (default 7) is
+removed once the URL holds another version), or a model-hub id (``org/name``, only when online; with
+``HF_HUB_OFFLINE=1`` it must already be in the local hub cache). State dicts load from ``.safetensors`` or with
 ``torch.load(weights_only=True)`` only: nothing is ever unpickled as arbitrary objects.
 """
 
@@ -17,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 
 from ..pipeline import storage
 
@@ -24,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 CACHE_DIR = os.environ.get("MODALMILL_WEIGHTS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "modalmill",
                                                                    "weights"))
+# a cached version of an s3:// URL that has not been used for this long is removed when another version is in use
+KEEP_UNUSED_S = float(os.environ.get("MODALMILL_WEIGHTS_CACHE_KEEP_DAYS", "7")) * 86400
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -68,7 +72,7 @@ def _from_s3(url: str, hint: str) -> str:
             raise WeightsError(f"weights not found at {url!r} (no such object or prefix).{hint}")
         dest = os.path.join(url_dir, hashlib.sha256(json.dumps(objects, sort_keys=True).encode()).hexdigest()[:16])
         if os.path.isdir(dest):
-            return _single_or_dir(dest)
+            return _in_use(dest)
         os.makedirs(url_dir, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".tmp-", dir=url_dir)
         try:
@@ -89,7 +93,7 @@ def _from_s3(url: str, hint: str) -> str:
             except OSError:
                 if not os.path.isdir(dest):
                     raise
-            return _single_or_dir(dest)
+            return _in_use(dest)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     raise WeightsError(f"{url!r} kept changing while it was downloaded (3 attempts); try again later.{hint}")
@@ -122,8 +126,34 @@ def _s3_version(url: str) -> list[dict]:
     return sorted(out, key=lambda o: o["path"])
 
 
+def _in_use(dest: str) -> str:
+    """Mark the cached version ``dest`` as used now, remove the URL's other versions (and staging directories of
+    killed downloads) unused for :data:`KEEP_UNUSED_S`, and return the path to load. A version is first renamed
+    to a hidden name, in one step, then deleted: no process ever sees half of one; a process that has it open
+    keeps reading it (POSIX)."""
+    os.utime(dest)
+    url_dir, now = os.path.dirname(dest), time.time()
+    for name in os.listdir(url_dir):
+        old = os.path.join(url_dir, name)
+        if old == dest:
+            continue
+        if name.startswith(".gone-"):  # left by a process killed while deleting it
+            shutil.rmtree(old, ignore_errors=True)
+            continue
+        try:
+            if not os.path.isdir(old) or now - os.path.getmtime(old) <= KEEP_UNUSED_S:
+                continue
+            gone = os.path.join(url_dir, f".gone-{name}-{os.getpid()}")
+            os.rename(old, gone)
+        except OSError:  # another process removed or renamed it first
+            continue
+        logger.info("weights cache: removed %s (unused for %.0f days)", old, KEEP_UNUSED_S / 86400)
+        shutil.rmtree(gone, ignore_errors=True)
+    return _single_or_dir(dest)
+
+
 def _newest_version(url_dir: str) -> str | None:
-    """The most recently installed cached version of a URL (None when there is none)."""
+    """The most recently used cached version of a URL (None when there is none)."""
     try:
         versions = [os.path.join(url_dir, d) for d in os.listdir(url_dir) if not d.startswith(".")]
     except FileNotFoundError:
