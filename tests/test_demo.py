@@ -79,7 +79,8 @@ def test_the_demo_command_runs_end_to_end_with_its_progress_bars(tmp_path):
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     out = work / "output"
     assert f"demo output: {out}" in r.stdout
-    assert "shards: 100%" in r.stderr  # the labelling job drew its bars
+    assert "shards: 100%" in r.stderr  # the labelling job drew its bars, and the driver the training bars
+    assert all(f"train {m}: 100%" in r.stderr and "5/5" in r.stderr for m in ("rgb", "canny_edge")), r.stderr[-3000:]
     for m in ("rgb", "canny_edge", "tok_rgb@224", "tok_canny_edge@224"):
         assert sorted(p.name for p in (out / m).iterdir()) == ["shard-00000.tar", "shard-00001.tar"], m
     for m in ("rgb", "canny_edge"):

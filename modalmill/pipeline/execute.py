@@ -21,8 +21,10 @@ from . import manifest, storage
 from .shard import LabelerRun, ShardTask, call_local, local_labeler, process_shard
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Connect to ``address`` (or ``RAY_ADDRESS``) or start an embedded Ray. Returns True if we started it."""
+def init_ray(address: str | None = None, num_cpus: int | None = None, quiet_embedded: bool = False) -> bool:
+    """Connect to ``address`` (or ``RAY_ADDRESS``) or start an embedded Ray. Returns True if we started it.
+    ``quiet_embedded``: an embedded Ray does not print its workers' logs here (for commands that draw their own
+    progress and report errors themselves); a cluster's logs are always shown."""
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -32,6 +34,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         ray.init(address=address, **kwargs)
     else:
         # "local": always a fresh embedded Ray, never silently attach to a `ray start` cluster on this machine
+        kwargs["log_to_driver"] = not quiet_embedded
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
     return True
 

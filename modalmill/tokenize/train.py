@@ -31,6 +31,7 @@ import platform
 import random
 import shutil
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -382,7 +383,10 @@ def train_loop(loop: dict[str, Any]) -> None:
                             stored_crop_prob=t["stored_crop_prob"], min_crop_scale=t["min_crop_scale"],
                             hflip_prob=t["hflip_prob"], shuffle_buffer=t["shuffle_buffer"])
     show = rank == 0 and loop.get("progress", True) and os.environ.get("TQDM_DISABLE") != "1"
-    bar = _StepBar(f"train {cfg['modality']}", t["steps"], start, use_ray) if show else None
+    if loop.get("progress_actor") is not None:  # the driver draws the bar (Ray Train)
+        bar = _RemoteBar(loop["progress_actor"], start) if rank == 0 else None
+    else:
+        bar = _StepBar(f"train {cfg['modality']}", t["steps"], start) if show else None
     window_idx: list = []
     size = model.quantizer.codebook_size
     run_t0 = time.perf_counter()
@@ -501,28 +505,98 @@ def train_tokenizer(modality: str, data: str, out: str | None = None, *, config:
 
 
 class _StepBar:
-    """The training progress bar: tqdm in this process, Ray's tqdm in a Ray Train worker (the driver draws it).
-    Ray's bar has no ``initial`` and no ``set_postfix``: a resumed run starts it with ``update(start)`` and the
-    figures go into the description, the same for both."""
+    """The training progress bar where the training runs in this process."""
 
-    def __init__(self, desc: str, total: int, start: int, use_ray: bool):
-        if use_ray:
-            from ray.experimental.tqdm_ray import tqdm
-        else:
-            from tqdm.auto import tqdm
-        self.desc = desc
-        self.bar = tqdm(desc=desc, total=total, unit="step")
-        if start:
-            self.bar.update(start)
+    def __init__(self, desc: str, total: int, start: int):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(desc=desc, total=total, initial=start, unit="step")
 
     def show(self, figures: str) -> None:
-        self.bar.set_description(f"{self.desc} ({figures})")
+        self.bar.set_postfix_str(figures)
 
     def update(self, n: int) -> None:
         self.bar.update(n)
 
     def close(self) -> None:
         self.bar.close()
+
+
+class _RemoteBar:
+    """Rank 0's side of the bar of a Ray Train run: the step and the latest figures go to a small actor (calls
+    not waited for), and the driver draws them (:func:`_fit_on_ray`), so the bar works wherever the worker runs
+    and whether or not worker logs reach the driver."""
+
+    def __init__(self, actor, start: int):
+        self.actor, self.step, self.figures = actor, start, ""
+        actor.begin.remote(start)
+
+    def show(self, figures: str) -> None:
+        self.figures = figures
+
+    def update(self, n: int) -> None:
+        self.step += n
+        self.actor.set.remote(self.step, self.figures)
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_actor():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class TrainProgress:
+        def __init__(self):
+            self.start, self.step, self.figures = None, 0, ""
+
+        def begin(self, start: int) -> None:
+            self.start = self.step = start
+
+        def set(self, step: int, figures: str) -> None:
+            self.step, self.figures = step, figures
+
+        def get(self) -> tuple[int | None, int, str]:
+            return self.start, self.step, self.figures
+
+    return TrainProgress.remote()
+
+
+def _fit_with_bar(fit, actor, desc: str, total: int):
+    """Run ``fit()`` on a thread while this thread draws the bar from ``actor``; returns what ``fit`` returns."""
+    import ray
+    from tqdm.auto import tqdm
+
+    box: dict[str, Any] = {}
+
+    def run():
+        try:
+            box["result"] = fit()
+        except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=run, name="modalmill-train-fit", daemon=True)
+    thread.start()
+    with tqdm(desc=desc, total=total, unit="step") as bar:
+        started = False
+        while True:
+            alive = thread.is_alive()
+            try:
+                start, step, figures = ray.get(actor.get.remote(), timeout=5)
+                if not started and start is not None:  # a resumed run starts where it left off: not progress
+                    bar.initial = bar.n = start
+                    started = True
+                bar.update(max(0, step - bar.n))
+                if figures:
+                    bar.set_postfix_str(figures, refresh=False)
+            except (ray.exceptions.RayError, TimeoutError):
+                pass
+            if not alive:
+                break
+            thread.join(0.5)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 def _worker_cpus(workers: int, use_gpu: bool, cpus_per_worker: float | None, cluster: dict) -> float:
@@ -551,23 +625,34 @@ def _fit_on_ray(loop: dict, workers: int, use_gpu: bool, cpus_per_worker: float 
 
     from ..pipeline.execute import init_ray
 
-    started = init_ray(address)
+    show = loop.get("progress", True) and os.environ.get("TQDM_DISABLE") != "1"
+    # an embedded Ray's worker logs (Ray Train's controller chatter) stay out of the way of the bar; errors come
+    # back in the result
+    started = init_ray(address, quiet_embedded=show)
     tmp = tempfile.mkdtemp(prefix="modalmill-train-")
+    actor = None
     try:
         cpus_per_worker = _worker_cpus(workers, use_gpu, cpus_per_worker, ray.cluster_resources())
         env = _storage_env(loop)
+        actor = _progress_actor() if show else None
         trainer = TorchTrainer(
-            train_loop, train_loop_config={**loop, "ray": True},
+            train_loop, train_loop_config={**loop, "ray": True, "progress_actor": actor},
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": cpus_per_worker,
                                                                **({"GPU": 1} if use_gpu else {})}),
             run_config=RunConfig(name=f"tokenizer-{loop['config']['modality']}-{random.getrandbits(32):08x}",
                                  storage_path=tmp, failure_config=FailureConfig(max_failures=max_failures),
                                  worker_runtime_env={"env_vars": env} if env else None))
-        result = trainer.fit()
+        if actor is None:
+            result = trainer.fit()
+        else:
+            result = _fit_with_bar(trainer.fit, actor, f"train {loop['config']['modality']}",
+                                   loop["config"]["train"]["steps"])
         if result.error is not None:
             raise RuntimeError(f"tokenizer training failed: {result.error}")
     finally:
+        if actor is not None:
+            ray.kill(actor)
         shutil.rmtree(tmp, ignore_errors=True)
         if started:
             ray.shutdown()
