@@ -18,7 +18,8 @@ the one-off start (Ray workers, imports, model load) cancels out. GPU utilisatio
 ``nvidia-smi -lms 100`` during every timed phase (mean, and the share of samples at 0 %: idle gaps).
 
 Without a GPU every figure is "not measured: no GPU in this session". ``--smoke`` runs the same code with tiny
-models on the CPU (a check of the script, not a benchmark).
+models on the CPU, on 2 shards unless ``--shards`` says otherwise (a check of the script, not a benchmark; a few
+minutes on 2 cores).
 
     python -m benchmarks.bench_gpu [--models dinov2_vitb14,sam_vit_h] [--shards 20] [--smoke]
 """
@@ -338,8 +339,8 @@ def run(log=print, models=MODELS, shards: int | None = None, smoke: bool = False
         return figs
     s = Setup(smoke=smoke)
     paths = ensure_corpus(log)
-    if shards:
-        paths = paths[:shards]
+    if shards or smoke:  # a smoke run checks the script: 2 shards unless told otherwise
+        paths = paths[:shards or 2]
     small = paths[:max(1, len(paths) // 4)]
     device_name = what if ok and not smoke else "CPU (smoke test: tiny models, not a benchmark)"
     log(f"GPU benchmark on {device_name}: {count_images(paths)} images ({count_images(small)} for the small run)")
@@ -384,7 +385,7 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--shards", type=int, default=None, help="corpus shards of 100 images to use (default: all)")
+    ap.add_argument("--shards", type=int, default=None, help="corpus shards of 100 images to use (default: all; 2 with --smoke)")
     ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU: check the script, measure nothing")
     ap.add_argument("--phase", choices=["bare", "pipeline"])
     ap.add_argument("--args", default="{}")
