@@ -385,7 +385,8 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--shards", type=int, default=None, help="corpus shards of 100 images to use (default: all; 2 with --smoke)")
+    ap.add_argument("--shards", type=int, default=None,
+                    help="corpus shards of 100 images to use (default: all; 2 with --smoke)")
     ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU: check the script, measure nothing")
     ap.add_argument("--phase", choices=["bare", "pipeline"])
     ap.add_argument("--args", default="{}")

@@ -527,8 +527,10 @@ class _RemoteBar:
     not waited for), and the driver draws them (:func:`_fit_on_ray`), so the bar works wherever the worker runs
     and whether or not worker logs reach the driver."""
 
+    EVERY_S = 0.2  # at most five calls a second, however fast the steps
+
     def __init__(self, actor, start: int):
-        self.actor, self.step, self.figures = actor, start, ""
+        self.actor, self.step, self.figures, self.sent = actor, start, "", 0.0
         actor.begin.remote(start)
 
     def show(self, figures: str) -> None:
@@ -536,10 +538,12 @@ class _RemoteBar:
 
     def update(self, n: int) -> None:
         self.step += n
-        self.actor.set.remote(self.step, self.figures)
+        if time.monotonic() - self.sent >= self.EVERY_S:
+            self.close()
 
     def close(self) -> None:
-        pass
+        self.actor.set.remote(self.step, self.figures)
+        self.sent = time.monotonic()
 
 
 def _progress_actor():
