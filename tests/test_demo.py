@@ -81,7 +81,16 @@ def test_the_demo_command_runs_end_to_end_with_its_progress_bars(tmp_path):
     assert f"demo output: {out}" in r.stdout
     assert "shards: 100%" in r.stderr  # the labelling job drew its bars, and the driver the training bars
     assert all(f"train {m}: 100%" in r.stderr and "5/5" in r.stderr for m in ("rgb", "canny_edge")), r.stderr[-3000:]
-    for m in ("rgb", "canny_edge", "tok_rgb@224", "tok_canny_edge@224"):
+    for m in ("rgb", "canny_edge", "ocr", "tok_rgb@224", "tok_canny_edge@224"):
         assert sorted(p.name for p in (out / m).iterdir()) == ["shard-00000.tar", "shard-00001.tar"], m
+    # the real model read the text of the scanned page (one of the demo's photos)
+    import json
+    import tarfile
+
+    texts = []
+    for shard in ("shard-00000.tar", "shard-00001.tar"):
+        with tarfile.open(out / "ocr" / shard) as t:
+            texts += [line["text"] for m in t.getmembers() for line in json.loads(t.extractfile(m).read())["lines"]]
+    assert "Region-based segmentation" in texts, texts
     for m in ("rgb", "canny_edge"):
         assert (out / "_modalmill" / "tokenizers" / m / "reconstructions.png").stat().st_size > 0

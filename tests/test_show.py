@@ -58,6 +58,9 @@ TEXT_EXAMPLES = {
          "predicted_iou": 0.8, "stability_score": 0.9}]},
     "pose_keypoints": {"height": H, "width": W, "people": [{"keypoints": [
         [40 + 2 * (i % 11), 10 + 2.5 * i, 0.0, 0.9] for i in range(33)]}]},
+    "ocr": {"height": H, "width": W, "lines": [
+        {"polygon": [[10, 10], [150, 12], [150, 40], [10, 38]], "text": "Region-based segmentation", "score": 0.99},
+        {"polygon": [[20, 60], [90, 60], [90, 80], [20, 80]], "text": "markers", "score": 0.8}]},
 }
 
 

@@ -1,6 +1,7 @@
 """The demo: build a corpus from real photos, run the packaged demo job on the embedded Ray.
 
-The packaged job (``demo.yaml``) makes only model-free modalities. When the optional MediaPipe extra is
+The packaged job (``demo.yaml``) makes the model-free modalities and ``ocr``, the text RapidOCR's PP-OCRv6
+reads in the photos (real weights inside the ``rapidocr`` wheel, a dependency). When the optional MediaPipe extra is
 usable (``pip install 'modalmill[mediapipe]'``: ``mediapipe==0.10.21`` ships real models inside its wheel),
 the demo adds its two labelers, so a new user sees real model labels: ``mediapipe_pose`` -> ``pose_keypoints``
 and ``mediapipe_person_mask`` -> ``person_mask``. Either way the demo says which it did in one line.
@@ -32,7 +33,7 @@ def mediapipe_status() -> tuple[bool, str]:
         import mediapipe  # noqa: F401
     except ImportError:
         return False, (f"real-model labels: {INSTALL_HINT}; the demo then adds MediaPipe's pose keypoints and "
-                       "person masks (without it, the demo's labels are model-free)")
+                       "person masks (without it, RapidOCR is the demo's only model)")
     except Exception as e:  # noqa: BLE001 - e.g. a protobuf/numpy mismatch raising at import time
         return False, f"mediapipe is installed but does not import ({type(e).__name__}: {e}); {INSTALL_HINT}"
     try:

@@ -11,8 +11,8 @@ registry's codec and draws one panel per modality:
 - ``det``: boxes on the rgb (score >= 0.6 bold and coloured, the rest thin grey, as 4M's trainer filters);
   ``human_poses``: each person's box (scaled from the original image) with its 8 pose token ids (a skeleton
   from the SMPL parameters would need the SMPL body model, which modalmill does not ship);
-  ``pose_keypoints``: the 33 MediaPipe landmarks and their skeleton; ``sam_mask``: each instance's polygons
-  filled on the rgb; ``person_mask``: the mask tinted over the rgb;
+  ``pose_keypoints``: the 33 MediaPipe landmarks and their skeleton; ``ocr``: text-line polygons and their
+  text; ``sam_mask``: each instance's polygons filled on the rgb; ``person_mask``: the mask tinted over the rgb;
 - ``color_palette``: swatches, one row per k = 1..7; ``caption`` and ``metadata``: text;
 - feature maps (``clip``, ``dinov2``, ``imagebind`` ``[h, w, C]``): the first three principal components as
   RGB; ``t5_caption``: the same over the token embeddings (one row per caption, padding grey); global
@@ -465,6 +465,24 @@ def _r_keypoints(spec, value, ctx):
     return img, f"{len(people)} person(s), landmarks with visibility >= 0.5"
 
 
+def _r_ocr(spec, value, ctx):
+    lines = value.get("lines", []) if isinstance(value, dict) else []
+    img = Image.fromarray(_rgb_or_blank(ctx, value.get("height", 224) if isinstance(value, dict) else 224,
+                                        value.get("width", 224) if isinstance(value, dict) else 224))
+    scale = PANEL / max(img.size)
+    img = _fit(img)
+    draw = ImageDraw.Draw(img)
+    font = _font(11)
+    for line in lines:
+        pts = [(x * scale, y * scale) for x, y in line.get("polygon", [])]
+        if len(pts) >= 3:
+            draw.polygon(pts, outline=(255, 40, 40), width=2)
+            _draw_label(draw, (min(x for x, _ in pts), max(y for _, y in pts) + 1), line.get("text", "")[:40],
+                        (255, 40, 40), font)
+    texts = " | ".join(line.get("text", "") for line in lines[:3])
+    return img, f"{len(lines)} text line(s)" + (f": {texts[:60]}" if texts else "")
+
+
 def _r_sam_mask(spec, value, ctx):
     inst = value.get("instances", []) if isinstance(value, dict) else []
     h, w = (value.get("height", 224), value.get("width", 224)) if isinstance(value, dict) else (224, 224)
@@ -578,6 +596,7 @@ RENDERERS: dict[str, Renderer] = {
     "sam_instance": _r_sam,
     "human_poses": _r_poses,
     "pose_keypoints": _r_keypoints,
+    "ocr": _r_ocr,
     "sam_mask": _r_sam_mask,
     "person_mask": _r_mask,
     "color_palette": _r_palette,

@@ -15,6 +15,7 @@ from . import caption  # noqa: F401  (BLIP captions, T5-XXL caption embeddings)
 from . import sam  # noqa: F401  (SAM ViT-H instances + instance edges)
 from . import humans  # noqa: F401  (4D-Humans HMR 2.0 SMPL poses of detected people)
 from . import mediapipe_labelers  # noqa: F401  (MediaPipe pose keypoints, person masks: optional extra)
+from . import ocr  # noqa: F401  (RapidOCR PP-OCRv6 text lines: real weights bundled in rapidocr)
 
 __all__ = ["LABELERS", "LabelFailure", "LabelInput", "Labeler", "Resources", "get_labeler", "labeler_for",
            "load_entry_points", "register_labeler"]

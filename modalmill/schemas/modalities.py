@@ -499,10 +499,26 @@ def _validate_sam_instance(spec, arr, key):
                 raise spec._err(key, f"{where}.points[{i}]", "expected a non-empty list of OpenCV contours (P, 1, 2)")
 
 
+def _validate_ocr(spec, value, key):
+    """{"height", "width", "lines": [{"polygon": 4 x [x, y], "text": str, "score": [0, 1]}]}."""
+    if not isinstance(value, dict) or not isinstance(value.get("lines"), list):
+        raise spec._err(key, "lines", "ocr must be {'height', 'width', 'lines': [...]}")
+    _image_size_fields(spec, value, key)
+    for i, line in enumerate(value["lines"]):
+        if not isinstance(line, dict) or not isinstance(line.get("text"), str):
+            raise spec._err(key, f"lines[{i}]", "each line is {'polygon', 'text', 'score'} with text a string")
+        poly = line.get("polygon")
+        if not isinstance(poly, list) or _nested_shape(poly) != (4, 2):
+            raise spec._err(key, f"lines[{i}].polygon", "expected 4 x [x, y] numbers (the text line's corners)")
+        score = line.get("score")
+        if not isinstance(score, (int, float)) or not 0.0 <= float(score) <= 1.0:
+            raise spec._err(key, f"lines[{i}].score", f"expected a number in [0, 1], got {score!r}")
+
+
 _OBJECT_VALIDATORS = {"sam_instance": _validate_sam_instance}
 
 _JSON_VALIDATORS.update({"sam_mask": _validate_sam_mask, "human_poses": _validate_human_poses,
-                         "pose_keypoints": _validate_pose_keypoints})
+                         "pose_keypoints": _validate_pose_keypoints, "ocr": _validate_ocr})
 _R(ModalitySpec("sam_mask", TEXT, "json", None, (),
                 "raw SAM instances: outer-contour polygons, inclusive xyxy box, area, predicted IoU and stability "
                 "score, in stored-rgb pixels (input of the SAM-instance tokenizer)"))
@@ -510,3 +526,6 @@ _R(ModalitySpec("pose_keypoints", TEXT, "json", None, (),
                 "2D body keypoints per person: 33 MediaPipe pose landmarks [x, y, z, visibility], x/y/z in "
                 "stored-rgb pixels"))
 _R(ModalitySpec("person_mask", PIXEL, "png", "uint8", ("H", "W"), "person segmentation mask (0 or 255)"))
+_R(ModalitySpec("ocr", TEXT, "json", None, (),
+                "text lines read in the image: corner polygon in stored-rgb pixels, text, recognition score "
+                "(not a 4M-21 modality)"))
