@@ -17,7 +17,7 @@ from modalmill.jobs.spec import job_from_dict
 from modalmill.labelers import LabelFailure, LabelInput, get_labeler
 from modalmill.labelers.model import ModelLabeler
 from modalmill.labelers.ocr import rapidocr_model_files
-from modalmill.labelers.weights import WeightsError
+from modalmill.labelers.weights import WeightsError, files_hash
 from modalmill.pipeline import manifest
 from modalmill.pipeline.check import check_output
 from modalmill.schemas import RecordError, get_modality
@@ -104,6 +104,7 @@ def test_rapidocr_in_the_ray_pipeline(ray_local, ocr, tmp_path):
     assert members[1][1]["lines"] == []
     marker = manifest.read_marker(str(out), "shard-00000")
     prod = marker["modalities"]["ocr"]
-    assert prod["labeler"] == "rapidocr" and prod["checkpoint"] == ocr.checkpoint_id() != ""
+    assert prod["labeler"] == "rapidocr"
+    assert prod["checkpoint"] == ocr.checkpoint_id() == files_hash(rapidocr_model_files())
     report = check_output(str(out))
     assert report.ok, [v.line() for v in report.violations]

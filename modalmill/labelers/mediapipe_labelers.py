@@ -41,7 +41,7 @@ import numpy as np
 
 from .base import LabelFailure, LabelInput, Resources, register_labeler
 from .model import ModelLabeler
-from .weights import WeightsError, content_hash
+from .weights import WeightsError, files_hash
 
 __all__ = ["POSE_LANDMARKS", "MediaPipePersonMaskLabeler", "MediaPipePoseLabeler", "mediapipe_model_files"]
 
@@ -108,7 +108,7 @@ class _MediaPipeLabeler(ModelLabeler):
             raise WeightsError(f"labeler {self.name!r} uses the models bundled in mediapipe=={MEDIAPIPE_VERSION}; "
                                f"leave `weights` unset (got {self.config.weights!r})")
         files = mediapipe_model_files(self.files())
-        self._checkpoint = _hash_files(files)
+        self._checkpoint = files_hash(files)
         self.mp = _import_mediapipe()
         self.model = self.build(files[0])
 
@@ -126,16 +126,6 @@ class _MediaPipeLabeler(ModelLabeler):
 
     def label(self, image: np.ndarray) -> dict[str, Any]:
         raise NotImplementedError
-
-
-def _hash_files(files: list[str]) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for f in files:
-        h.update(os.path.basename(f).encode())
-        h.update(content_hash(f).encode())
-    return h.hexdigest()[:16]
 
 
 @dataclass(frozen=True)

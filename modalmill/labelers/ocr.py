@@ -16,7 +16,6 @@ rapidocr by path, so it never downloads anything, and their content hash is the 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ import numpy as np
 
 from .base import LabelFailure, LabelInput, Resources, register_labeler
 from .model import ModelLabeler
-from .weights import WeightsError, content_hash
+from .weights import WeightsError, files_hash
 
 __all__ = ["RapidOCRLabeler", "rapidocr_model_files"]
 
@@ -91,10 +90,7 @@ class RapidOCRLabeler(ModelLabeler):
             raise WeightsError(f"labeler {self.name!r} uses the models bundled in rapidocr=={RAPIDOCR_VERSION}; "
                                f"leave `weights` unset (got {self.config.weights!r})")
         files = rapidocr_model_files()
-        h = hashlib.sha256()
-        for f in files:
-            h.update(os.path.basename(f).encode() + content_hash(f).encode())
-        self._checkpoint = h.hexdigest()[:16]
+        self._checkpoint = files_hash(files)
         self.model = self.build(files)
 
     def build(self, files: list[str]):

@@ -229,3 +229,13 @@ def content_hash(path: str) -> str:
             while chunk := fh.read(8 << 20):
                 h.update(chunk)
     return h.hexdigest()[:16]
+
+
+def files_hash(files: list[str]) -> str:
+    """One id (sha256, 16 hex) for weights that are several files found apart (e.g. models bundled in a package):
+    over each file's name and :func:`content_hash`, in the order given."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(os.path.basename(f).encode())
+        h.update(content_hash(f).encode())
+    return h.hexdigest()[:16]
