@@ -444,13 +444,19 @@ POSE_EDGES = ((0, 1), (1, 2), (2, 3), (3, 7), (0, 4), (4, 5), (5, 6), (6, 8), (9
               (29, 31), (30, 32), (27, 31), (28, 32))
 
 
-def _r_keypoints(spec, value, ctx):
-    people = value.get("people", []) if isinstance(value, dict) else []
-    img = Image.fromarray(_rgb_or_blank(ctx, value.get("height", 224) if isinstance(value, dict) else 224,
-                                        value.get("width", 224) if isinstance(value, dict) else 224))
+def _sized_canvas(value, ctx):
+    """The rgb (or a blank of the label's own ``height`` x ``width``) fitted to the panel, a drawing context on it,
+    and the scale from stored-rgb pixels to the panel: for labels in stored-rgb pixels."""
+    size = value if isinstance(value, dict) else {}
+    img = Image.fromarray(_rgb_or_blank(ctx, size.get("height", 224), size.get("width", 224)))
     scale = PANEL / max(img.size)
     img = _fit(img)
-    draw = ImageDraw.Draw(img)
+    return img, ImageDraw.Draw(img), scale
+
+
+def _r_keypoints(spec, value, ctx):
+    people = value.get("people", []) if isinstance(value, dict) else []
+    img, draw, scale = _sized_canvas(value, ctx)
     for i, person in enumerate(people):
         kp = np.asarray(person.get("keypoints", []), np.float32)  # [33, >= 4]: x, y, z, visibility, ...
         kp = kp.reshape(len(kp), -1) if kp.size else np.zeros((0, 4), np.float32)
@@ -467,11 +473,7 @@ def _r_keypoints(spec, value, ctx):
 
 def _r_ocr(spec, value, ctx):
     lines = value.get("lines", []) if isinstance(value, dict) else []
-    img = Image.fromarray(_rgb_or_blank(ctx, value.get("height", 224) if isinstance(value, dict) else 224,
-                                        value.get("width", 224) if isinstance(value, dict) else 224))
-    scale = PANEL / max(img.size)
-    img = _fit(img)
-    draw = ImageDraw.Draw(img)
+    img, draw, scale = _sized_canvas(value, ctx)
     font = _font(11)
     for line in lines:
         pts = [(x * scale, y * scale) for x, y in line.get("polygon", [])]
