@@ -40,6 +40,8 @@ def example(spec, h=6, w=8):
         "metadata": {"brightness": 12.5, "original_width": 640},
         "color_palette": [{str(k): [10] * (3 * k) for k in range(1, 8)}],
         "human_poses": [],
+        "ocr": {"height": h, "width": w, "lines": [{"polygon": [[0, 0], [8, 0], [8, 3], [0, 3]], "text": "EXIT",
+                                                    "score": 0.97}]},
     }.get(spec.name)
 
 
