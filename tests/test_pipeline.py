@@ -256,3 +256,26 @@ def test_actor_pools_always_leave_room_for_a_shard_task():
     plans = [("a", Resources(num_cpus=0.5), 2, True), ("b", Resources(num_cpus=1), 1, False)]
     _leave_room_for_shard_tasks(plans, shard_cpus=0.5, total_cpus=2.0)
     assert plans[0][1].num_cpus == 0.5 and plans[1][1].num_cpus == 0.5
+
+
+def test_workers_size_their_thread_pools_to_their_ray_cpus(ray_local):
+    """assigned_cpus / limit_threads: the whole CPUs Ray gave the worker (at least 1); outside a worker 1, and
+    asking never starts a Ray."""
+    import subprocess
+    import sys
+
+    from modalmill.labelers.base import assigned_cpus
+    from modalmill.pipeline.execute import limit_threads
+
+    def probe():
+        import cv2
+
+        n = limit_threads()
+        return assigned_cpus(), n, cv2.getNumThreads()
+
+    f = ray_local.remote(probe)
+    assert ray_local.get(f.options(num_cpus=2).remote()) == (2, 2, 2)
+    assert ray_local.get(f.options(num_cpus=0.5).remote()) == (1, 1, 1)
+    r = subprocess.run([sys.executable, "-c", "import ray; from modalmill.labelers.base import assigned_cpus; "
+                        "print(assigned_cpus(), ray.is_initialized())"], capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["1", "False"], r.stdout + r.stderr

@@ -46,6 +46,20 @@ class Resources:
         return opts
 
 
+def assigned_cpus() -> int:
+    """Whole CPUs Ray gave the worker this runs in (at least 1); 1 outside a Ray worker. Never starts a Ray."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return 1
+    try:
+        cpus = float(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))
+    except Exception:  # noqa: BLE001 - a driver, not a worker
+        cpus = 1.0
+    return max(1, int(cpus))
+
+
 @dataclass
 class LabelInput:
     """One sample as a labeler sees it."""

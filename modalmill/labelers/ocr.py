@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import LabelFailure, LabelInput, Resources, register_labeler
+from .base import LabelFailure, LabelInput, Resources, assigned_cpus, register_labeler
 from .model import ModelLabeler
 from .weights import WeightsError, files_hash
 
@@ -98,7 +98,7 @@ class RapidOCRLabeler(ModelLabeler):
             from rapidocr import RapidOCR
         except ImportError as e:
             raise WeightsError(f"cannot import rapidocr ({e}): {INSTALL_HINT}") from None
-        threads = int(self.config.threads) or _ray_cpus()
+        threads = int(self.config.threads) or assigned_cpus()
         det, rec, cls = files
         return RapidOCR(params={
             "Global.log_level": "error",  # not a warning for every image without text
@@ -135,16 +135,3 @@ class RapidOCRLabeler(ModelLabeler):
                 lines.append({"polygon": np.round(poly.reshape(4, 2), 1).tolist(), "text": str(text),
                               "score": round(float(np.clip(score, 0.0, 1.0)), 5)})
         return {"height": int(h), "width": int(w), "lines": lines}
-
-
-def _ray_cpus() -> int:
-    """Whole CPUs Ray gave this worker (1 outside Ray)."""
-    import ray
-
-    if not ray.is_initialized():  # (asking for the runtime context would start a Ray here)
-        return 1
-    try:
-        cpus = float(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))
-    except Exception:  # noqa: BLE001 - a driver, not a worker
-        cpus = 1.0
-    return max(1, int(cpus))

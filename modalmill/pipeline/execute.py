@@ -16,7 +16,7 @@ from typing import Any
 
 import ray
 
-from ..labelers.base import Resources
+from ..labelers.base import Resources, assigned_cpus
 from . import manifest, storage
 from .shard import LabelerRun, ShardTask, call_local, local_labeler, process_shard
 
@@ -69,11 +69,7 @@ def limit_threads() -> int:
     """Size this worker's thread pools to the CPUs Ray gave it. Ray sets ``OMP_NUM_THREADS`` (torch follows it),
     but OpenCV ignores it and starts one thread per core in every worker: two 1-CPU shard tasks on a 2-core machine
     would then run four busy threads (measured: more CPU time for the same work). Returns the thread count."""
-    try:
-        cpus = float(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))
-    except Exception:  # noqa: BLE001 - outside a Ray worker
-        cpus = 1.0
-    n = max(1, int(cpus))
+    n = assigned_cpus()
     try:
         import cv2
 
