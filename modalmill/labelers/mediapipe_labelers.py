@@ -41,6 +41,7 @@ import numpy as np
 
 from .base import LabelFailure, LabelInput, Resources, register_labeler
 from .model import ModelLabeler
+from .modelfree import _image_problem
 from .weights import WeightsError, files_hash
 
 __all__ = ["POSE_LANDMARKS", "MediaPipePersonMaskLabeler", "MediaPipePoseLabeler", "mediapipe_model_files"]
@@ -82,14 +83,6 @@ def _import_mediapipe():
     except ImportError as e:
         raise WeightsError(f"cannot import mediapipe ({e}): {INSTALL_HINT}") from None
     return mp
-
-
-def _image_problem(im: Any) -> str | None:
-    if not (isinstance(im, np.ndarray) and im.dtype == np.uint8 and im.ndim == 3 and im.shape[2] == 3
-            and min(im.shape[:2]) >= 1):
-        got = f"{getattr(im, 'dtype', type(im).__name__)} {getattr(im, 'shape', '')}"
-        return f"image must be [H, W, 3] uint8, got {got}"
-    return None
 
 
 class _MediaPipeLabeler(ModelLabeler):

@@ -25,6 +25,7 @@ import numpy as np
 
 from .base import LabelFailure, LabelInput, Resources, assigned_cpus, register_labeler
 from .model import ModelLabeler
+from .modelfree import _image_problem
 from .weights import WeightsError, files_hash
 
 __all__ = ["RapidOCRLabeler", "rapidocr_model_files"]
@@ -116,12 +117,8 @@ class RapidOCRLabeler(ModelLabeler):
     def predict(self, batch: list[LabelInput]) -> list[dict[str, Any] | LabelFailure]:
         out: list[dict[str, Any] | LabelFailure] = []
         for inp in batch:
-            im = inp.image
-            if not (isinstance(im, np.ndarray) and im.dtype == np.uint8 and im.ndim == 3 and im.shape[2] == 3):
-                out.append(LabelFailure(f"image must be [H, W, 3] uint8, got {getattr(im, 'dtype', type(im))} "
-                                        f"{getattr(im, 'shape', '')}"))
-                continue
-            out.append({"ocr": self.read(im)})
+            problem = _image_problem(inp.image)
+            out.append(LabelFailure(problem) if problem else {"ocr": self.read(inp.image)})
         return out
 
     def read(self, rgb: np.ndarray) -> dict[str, Any]:
