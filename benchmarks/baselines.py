@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 
 from modalmill.labelers.base import LabelInput, get_labeler
-from modalmill.pipeline.crops import CropConfig, make_crop_settings
-from modalmill.pipeline.decode import DecodeConfig, decode_image
-from modalmill.pipeline.readers import iter_tar, pick_image_member, shard_name
-from modalmill.pipeline.writers import ShardWriterSet
+from modalmill.io.crops import CropConfig, make_crop_settings
+from modalmill.io.decode import DecodeConfig, decode_image
+from modalmill.io.readers import iter_tar, pick_image_member, shard_name
+from modalmill.io.writers import ShardWriterSet
 from modalmill.schemas.modalities import get_modality
 
 LABELERS = ("canny_edge", "color_palette", "metadata")

@@ -216,8 +216,8 @@ def bare(name: str, weights: str, paths: list[str], s: Setup, data: str | None =
         def call(x):
             return lab.model.image_encoder(x)
     elif name == "tok_rgb_vitb":
-        from modalmill.pipeline.decode import decode_stored_rgb
-        from modalmill.pipeline.writers import iter_tar_members
+        from modalmill.io.decode import decode_stored_rgb
+        from modalmill.io.writers import iter_tar_members
         from modalmill.schemas.modalities import get_modality
         from modalmill.tokenize.labelers import labeler_for_token_modality
 
@@ -266,7 +266,7 @@ def pipeline(name: str, weights: str, paths: list[str], out: str, s: Setup) -> d
     extra = {"ray_start_s": start_ray(os.cpu_count())}
     try:
         if name == "tok_rgb_vitb":
-            from modalmill.tokenize.encode import tokenize_output
+            from modalmill.jobs.tokenize import tokenize_output
 
             spec = job_from_dict({"input": shard_pattern(paths), "output": out, "modalities": ["rgb", "crop_settings"],
                                   "batch_size": BATCH[name]}, where="bench")

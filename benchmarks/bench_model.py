@@ -4,7 +4,7 @@
     loading path) through the full pipeline (``modalmill run`` on a job with the ``dinov2`` labeler: read, decode,
     crop settings, the labeler's crop + resize, Ray actor, float16 features, npy encoding, tar writing, markers,
     manifests) against a bare loop that only calls the same model on already decoded, already batched tensors.
-3b. The tokenize stage (:func:`modalmill.tokenize.encode.tokenize_output`, the ``--only tok_rgb@224`` update run
+3b. The tokenize stage (:func:`modalmill.jobs.tokenize.tokenize_output`, the ``--only tok_rgb@224`` update run
     that ``modalmill tokenize`` is meant to call: read the stored rgb and crop_settings tars, decode, crop + resize,
     Ray actor, encoder + quantizer, int16 tokens, tar writing, realigned markers) against a bare loop that only
     calls the same tokenizer's ``encode`` on already prepared, already batched crops.
@@ -112,9 +112,9 @@ def _batches(items: list, size: int):
 def _full_inputs(paths: list[str]):
     """Per shard, the LabelInputs a full-mode shard task makes (stored rgb decode + crop settings)."""
     from modalmill.labelers.base import LabelInput
-    from modalmill.pipeline.crops import CropConfig, make_crop_settings
-    from modalmill.pipeline.decode import DecodeConfig, decode_image
-    from modalmill.pipeline.readers import iter_tar, pick_image_member
+    from modalmill.io.crops import CropConfig, make_crop_settings
+    from modalmill.io.decode import DecodeConfig, decode_image
+    from modalmill.io.readers import iter_tar, pick_image_member
 
     out = []
     for p in paths:
@@ -159,8 +159,8 @@ def bare_tokenizer(data: str, checkpoint: str, shards: list[str], out: str, batc
     import torch
 
     from modalmill.labelers.base import LabelInput
-    from modalmill.pipeline.decode import decode_stored_rgb
-    from modalmill.pipeline.writers import iter_tar_members
+    from modalmill.io.decode import decode_stored_rgb
+    from modalmill.io.writers import iter_tar_members
     from modalmill.schemas.modalities import get_modality
 
     torch.set_num_threads(1)
@@ -244,7 +244,7 @@ def pipeline_tokenize(data: str, checkpoint: str) -> dict:
     """``tokenize_output(DATA, ["rgb"], ...)`` (the --only tok_rgb@224 run) on an embedded Ray of 2 CPUs."""
     import ray
 
-    from modalmill.tokenize.encode import tokenize_output
+    from modalmill.jobs.tokenize import tokenize_output
 
     extra = {"ray_start_s": start_ray(2)}
     try:
@@ -294,7 +294,7 @@ def _same_dinov2(out: str, bare_out: str, shards: list[str]) -> tuple[int, int, 
     """(samples compared, bit-identical dinov2_global, max |difference|) of the pipeline's output vs the bare loop."""
     import numpy as np
 
-    from modalmill.pipeline.writers import iter_tar_members
+    from modalmill.io.writers import iter_tar_members
     from modalmill.schemas.modalities import get_modality
 
     bare = np.load(os.path.join(bare_out, "cls.npz"))
@@ -313,7 +313,7 @@ def _same_dinov2(out: str, bare_out: str, shards: list[str]) -> tuple[int, int, 
 def _same_tokens(data: str, bare_out: str, shards: list[str]) -> tuple[int, int]:
     import numpy as np
 
-    from modalmill.pipeline.writers import iter_tar_members
+    from modalmill.io.writers import iter_tar_members
     from modalmill.schemas.modalities import get_modality
 
     bare = np.load(os.path.join(bare_out, "tokens.npz"))

@@ -143,7 +143,7 @@ def run_phase(kind: str, n_shards: int, out: str, log=print) -> tuple[Phase, dic
 
 def _same_as_loop(rd_out: str, loop_out: str, shards: list[str]) -> bool:
     from benchmarks.baselines import ray_data_members
-    from modalmill.pipeline.writers import iter_tar_members
+    from modalmill.io.writers import iter_tar_members
 
     got = ray_data_members(rd_out)
     n = 0

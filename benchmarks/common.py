@@ -92,7 +92,7 @@ def shard_pattern(paths: list[str]) -> str:
 
 
 def count_images(paths: list[str]) -> int:
-    from modalmill.pipeline.readers import iter_tar
+    from modalmill.io.readers import iter_tar
 
     return sum(1 for p in paths for _ in iter_tar(p))
 

@@ -165,7 +165,7 @@ def status(output, as_json):
 @click.option("--workers", type=int, default=4, show_default=True, help="Shards checked in parallel.")
 def check(output, as_json, no_parse, workers):
     """Verify the 4M contract on OUTPUT (any 4M-layout root): one line per violation; exit 1 if any."""
-    from .pipeline.check import check_output
+    from .jobs.check import check_output
 
     report = check_output(output, parse=not no_parse, workers=workers)
     if as_json:
@@ -332,7 +332,7 @@ def train_tokenizer_cmd(modality, data, config_file, out, preset, quantizer, ste
 @click.option("--no-progress", is_flag=True)
 def tokenize(data, modalities, tokenizers, force, address, shards, workers, gpus_per_worker, no_progress):
     """Write tok_*@224 shards for DATA with trained tokenizers (the pipeline's --only mode)."""
-    from .tokenize.encode import parse_tokenizer_args, tokenize_output
+    from .jobs.tokenize import parse_tokenizer_args, tokenize_output
 
     summary = tokenize_output(data, _csv(modalities), parse_tokenizer_args(tokenizers), force=force, address=address,
                               shards=shards, workers=workers, gpus_per_worker=gpus_per_worker,

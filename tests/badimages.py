@@ -1,7 +1,7 @@
 """Bad and odd image files, generated in memory (nothing binary is committed).
 
 ``CASES`` maps a case name to a zero-argument function returning the file's bytes; ``EXPECTED`` maps the same name
-to the expected outcome of ``modalmill.pipeline.decode.decode_image`` with the default ``DecodeConfig``: ``"ok"``,
+to the expected outcome of ``modalmill.io.decode.decode_image`` with the default ``DecodeConfig``: ``"ok"``,
 or the prefix of the ``DecodeError.reason``. Each function also carries it as ``fn.expected``. The reliability suite
 reuses these to build corrupt tar shards: ``[(name, CASES[name]()) for name in BAD_CASES]``.
 

@@ -120,7 +120,7 @@ def _point_env_at(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], tmp_dir:
 
 
 def _clear_client_cache() -> None:
-    from modalmill.pipeline import storage
+    from modalmill.io import storage
 
     storage.clear_s3_client_cache()
 

@@ -17,8 +17,8 @@ from modalmill.jobs.spec import job_from_dict
 from modalmill.labelers import LABELERS
 from modalmill.labelers.derived import SOURCES
 from modalmill.labelers.weights import content_hash
-from modalmill.pipeline import manifest
-from modalmill.pipeline.check import check_output
+from modalmill.io import manifest
+from modalmill.jobs.check import check_output
 from modalmill.schemas.modalities import get_modality
 from tests.tiny_models import (TEST_SETTINGS, save_official_omnidata, save_tiny_blip, save_tiny_clip,
                                save_tiny_detr, save_tiny_dinov2, save_tiny_hmr2, save_tiny_imagebind,

@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from modalmill.cli import main
 from modalmill.jobs.runner import run_job
 from modalmill.jobs.spec import job_from_dict
-from modalmill.pipeline import manifest
-from modalmill.pipeline.check import check_output
-from modalmill.pipeline.writers import TarShardWriter
+from modalmill.io import manifest
+from modalmill.jobs.check import check_output
+from modalmill.io.writers import TarShardWriter
 from modalmill.schemas import get_modality
 
 MODS = ["rgb", "crop_settings", "canny_edge", "color_palette", "metadata"]

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from modalmill.pipeline.crops import CropConfig, make_crop_settings, validate_crop_settings
+from modalmill.io.crops import CropConfig, make_crop_settings, validate_crop_settings
 
 
 @pytest.mark.parametrize("hw", [(300, 451), (512, 512), (20, 10000), (1, 1), (7, 3)])

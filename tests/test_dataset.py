@@ -15,8 +15,8 @@ import tests.labelers_for_tests  # noqa: F401  (registers the test labelers)
 from modalmill.jobs.democorpus import build_corpus
 from modalmill.jobs.runner import run_job
 from modalmill.jobs.spec import job_from_dict
-from modalmill.pipeline import manifest
-from modalmill.pipeline.dataset import AlignmentError
+from modalmill.io import manifest
+from modalmill.dataset.loader import AlignmentError
 from modalmill.schemas import get_modality
 
 MODS = ["rgb", "crop_settings", "canny_edge", "color_palette", "metadata"]
@@ -185,7 +185,7 @@ def test_reading_from_s3_gives_the_same_samples(labeled, s3_env):
     # check, stats and show read the same S3 output too
     from modalmill.jobs.show import show_sample
     from modalmill.jobs.stats import corpus_stats
-    from modalmill.pipeline.check import check_output
+    from modalmill.jobs.check import check_output
 
     report = check_output(f"s3://{bucket}/out")
     assert report.ok and report.samples == 10 and report.markers == 2, [v.line() for v in report.violations]
@@ -201,6 +201,6 @@ def test_import_modalmill_stays_light_and_load_dataset_is_lazy():
 
     code = ("import sys, modalmill; assert 'torch' not in sys.modules and 'webdataset' not in sys.modules; "
             "f = modalmill.load_dataset; "
-            "assert 'torch' in sys.modules and f.__module__ == 'modalmill.pipeline.dataset'")
+            "assert 'torch' in sys.modules and f.__module__ == 'modalmill.dataset.loader'")
     r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""modalmill.pipeline.decode: bytes of one image file -> the stored rgb JPEG and its pixels."""
+"""modalmill.io.decode: bytes of one image file -> the stored rgb JPEG and its pixels."""
 
 import io
 import pickle
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, JpegImagePlugin
 
-from modalmill.pipeline.decode import DecodeConfig, DecodedImage, DecodeError, decode_image, decode_stored_rgb
+from modalmill.io.decode import DecodeConfig, DecodedImage, DecodeError, decode_image, decode_stored_rgb
 from tests import badimages as bi
 from tests.badimages import BAD_CASES, CASES, EXPECTED, OK_CASES
 
@@ -180,7 +180,7 @@ def test_other_formats_match_pillow(name):
 
 
 def test_rare_modes_convert_to_rgb():
-    from modalmill.pipeline.decode import _to_rgb
+    from modalmill.io.decode import _to_rgb
 
     bg = (255, 255, 255)
     base = Image.new("RGB", (4, 2), (200, 30, 60))

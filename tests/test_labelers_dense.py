@@ -23,7 +23,7 @@ from modalmill.labelers.detection import DETR_COCO_LABELS, detections_from_logit
 from modalmill.labelers.model import ModelLabeler
 from modalmill.labelers.semseg import COCO_PANOPTIC_CLASSES, COCO_THING_CLASSES, semantic_map
 from modalmill.labelers.weights import WeightsError, content_hash
-from modalmill.pipeline import manifest
+from modalmill.io import manifest
 from modalmill.schemas import get_modality
 from tests.tiny_models import (TEST_SETTINGS, save_official_omnidata, save_tiny_depth_anything, save_tiny_detr,
                                save_tiny_mask2former, tiny_dpt)

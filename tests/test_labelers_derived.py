@@ -17,7 +17,7 @@ from modalmill.labelers.derived import (SOURCES, WALKABLE_CLASSES, DerivedMetada
                                         derived_metadata_labeler, geometric_complexity, occlusion_score,
                                         semseg_stats)
 from modalmill.labelers.semseg import COCO_PANOPTIC_CLASSES
-from modalmill.pipeline import manifest
+from modalmill.io import manifest
 from modalmill.schemas import get_modality
 from modalmill.schemas.modalities import METADATA_RANGES
 

@@ -24,7 +24,7 @@ from modalmill.labelers.base import Labeler, register_labeler
 from modalmill.labelers.humans import IMAGENET_MEAN, IMAGENET_STD, build_hmr2, rot6d_to_rotmat, to_official_names
 from modalmill.labelers.model import ModelLabeler
 from modalmill.labelers.weights import WeightsError, content_hash
-from modalmill.pipeline import manifest
+from modalmill.io import manifest
 from modalmill.schemas import RecordError, get_modality
 from tests.tiny_models import HMR2_TINY as TINY
 from tests.tiny_models import save_tiny_hmr2, tiny_hmr2

@@ -170,7 +170,7 @@ def test_mediapipe_labelers_in_the_pipeline(ray_local, demo_corpus, tmp_path):
     pytest.importorskip("mediapipe", reason=NEEDS_MEDIAPIPE)
     from modalmill.jobs.runner import EXIT_OK, run_job
     from modalmill.jobs.spec import job_from_dict
-    from modalmill.pipeline import manifest
+    from modalmill.io import manifest
 
     out = tmp_path / "out"
     mods = ["rgb", "crop_settings", "pose_keypoints", "person_mask"]

@@ -18,8 +18,8 @@ from modalmill.labelers import LabelFailure, LabelInput, get_labeler
 from modalmill.labelers.model import ModelLabeler
 from modalmill.labelers.ocr import rapidocr_model_files
 from modalmill.labelers.weights import WeightsError, files_hash
-from modalmill.pipeline import manifest
-from modalmill.pipeline.check import check_output
+from modalmill.io import manifest
+from modalmill.jobs.check import check_output
 from modalmill.schemas import RecordError, get_modality
 
 # the first lines of scikit-image's `page` (a scanned page of its own documentation)

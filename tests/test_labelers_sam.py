@@ -19,7 +19,7 @@ from modalmill.labelers import LabelFailure, LabelInput, get_labeler
 from modalmill.labelers.model import ModelLabeler
 from modalmill.labelers.sam import SAM_VARIANTS, build_sam, infer_sam_encoder, instance_edges, mask_polygons, variant_of
 from modalmill.labelers.weights import WeightsError, content_hash
-from modalmill.pipeline import manifest
+from modalmill.io import manifest
 from modalmill.schemas import RecordError, get_modality
 from tests.tiny_models import SAM_TINY as TINY
 from tests.tiny_models import TEST_SETTINGS, save_tiny_sam

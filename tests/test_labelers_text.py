@@ -19,7 +19,7 @@ from modalmill.labelers import get_labeler
 from modalmill.labelers.base import LabelFailure, LabelInput
 from modalmill.labelers.model import ModelLabeler
 from modalmill.labelers.weights import WeightsError, content_hash
-from modalmill.pipeline.manifest import read_manifest
+from modalmill.io.manifest import read_manifest
 from modalmill.schemas.modalities import get_modality
 from tests.tiny_models import WORDS, save_tiny_blip, save_tiny_t5
 

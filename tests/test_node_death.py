@@ -12,7 +12,7 @@ import tests.labelers_for_tests  # noqa: F401
 from modalmill.jobs.democorpus import build_corpus
 from modalmill.jobs.runner import run_job
 from modalmill.jobs.spec import job_from_dict
-from modalmill.pipeline import manifest
+from modalmill.io import manifest
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

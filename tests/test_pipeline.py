@@ -15,7 +15,7 @@ import tests.labelers_for_tests  # noqa: F401  (registers the test labelers)
 from modalmill.jobs.democorpus import jpeg_bytes, photos, write_shard
 from modalmill.jobs.runner import EXIT_OK, EXIT_SAMPLES_FAILED, JobError, run_job
 from modalmill.jobs.spec import job_from_dict
-from modalmill.pipeline import manifest
+from modalmill.io import manifest
 from modalmill.schemas import get_modality
 
 MODEL_FREE = ["rgb", "crop_settings", "canny_edge", "color_palette", "metadata"]

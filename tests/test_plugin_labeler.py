@@ -100,7 +100,7 @@ def test_installed_plugin_works_in_every_command(demo_corpus, plugin_env, tmp_pa
     assert r.returncode == 0 and "grayscale (2 shards)" in r.stdout, r.stdout
 
     # the manifest names the plugin as the producer; a job file can set its config, and --only recomputes it
-    from modalmill.pipeline import manifest
+    from modalmill.io import manifest
 
     first = manifest.read_marker(str(out), "shard-00000")
     assert first["keys"] == keys_by_shard["shard-00000"] and first["modalities"]["grayscale"]["labeler"] == "grayscale"

@@ -17,7 +17,7 @@ import tests.labelers_for_tests  # noqa: F401  (registers the fault-injecting la
 from modalmill.jobs.democorpus import build_corpus, jpeg_bytes, photos, write_shard
 from modalmill.jobs.runner import EXIT_OK, EXIT_SAMPLES_FAILED, EXIT_SHARDS_FAILED, run_job
 from modalmill.jobs.spec import job_from_dict
-from modalmill.pipeline import manifest
+from modalmill.io import manifest
 from modalmill.schemas import get_modality
 from tests.badimages import CASES, EXPECTED
 

@@ -17,8 +17,8 @@ from modalmill.cli import main
 from modalmill.jobs.runner import run_job
 from modalmill.jobs.show import PANEL, Context, render_values, renderer_for, show_sample
 from modalmill.jobs.spec import job_from_dict
-from modalmill.pipeline import manifest
-from modalmill.pipeline.writers import TarShardWriter
+from modalmill.io import manifest
+from modalmill.io.writers import TarShardWriter
 from modalmill.schemas import MODALITIES, get_modality
 from modalmill.schemas.modalities import ARRAY, FEATURE_MAP, GLOBAL, IMAGE, PIXEL, TEXT, TOKENS
 

@@ -1,4 +1,4 @@
-"""modalmill.pipeline.storage against the local filesystem and real S3 servers (SeaweedFS, moto).
+"""modalmill.io.storage against the local filesystem and real S3 servers (SeaweedFS, moto).
 
 The S3 tests run against ``weed mini`` with credentials enforced (fixtures in tests/fixtures_s3.py); the
 fault-injection tests go through a loopback proxy that answers 503 SlowDown / 500 or cuts GET bodies.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from modalmill.pipeline import storage
+from modalmill.io import storage
 
 
 def _tmp_leftovers(directory: Path) -> list[str]:

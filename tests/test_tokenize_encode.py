@@ -14,13 +14,13 @@ from click.testing import CliRunner
 from modalmill.cli import main
 from modalmill.jobs.runner import EXIT_OK, JobError, run_job
 from modalmill.jobs.spec import job_from_dict
-from modalmill.pipeline import manifest
-from modalmill.pipeline.check import check_output
+from modalmill.io import manifest
+from modalmill.jobs.check import check_output
 from modalmill.schemas import get_modality
 from modalmill.jobs.stats import corpus_stats
 from modalmill.tokenize import checkpoint as ckpt
 from modalmill.tokenize.adapters import adapter_for
-from modalmill.tokenize.encode import parse_tokenizer_args, tokenize_output
+from modalmill.jobs.tokenize import parse_tokenizer_args, tokenize_output
 from modalmill.tokenize.train import train_tokenizer
 
 N_CROPS = 3

@@ -16,8 +16,8 @@ import torch
 from modalmill.jobs.runner import EXIT_OK, run_job
 from modalmill.jobs.spec import job_from_dict
 from modalmill.labelers import weights
-from modalmill.pipeline import manifest
-from modalmill.pipeline.check import check_output
+from modalmill.io import manifest
+from modalmill.jobs.check import check_output
 from modalmill.schemas import get_modality
 from modalmill.tokenize import checkpoint as ckpt
 from modalmill.tokenize.adapters import adapter_for

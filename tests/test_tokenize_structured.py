@@ -21,12 +21,12 @@ from click.testing import CliRunner
 from modalmill.cli import main
 from modalmill.jobs.runner import EXIT_OK, JobError, run_job
 from modalmill.jobs.spec import job_from_dict
-from modalmill.pipeline import manifest
-from modalmill.pipeline.check import check_output
+from modalmill.io import manifest
+from modalmill.jobs.check import check_output
 from modalmill.schemas import RecordError, get_modality
 from modalmill.tokenize.adapters import MIN_BOX_FRACTION, adapter_for, body_poses, crop_instances
 from modalmill.tokenize.checkpoint import checkpoint_hash, load_tokenizer
-from modalmill.tokenize.encode import tokenize_output
+from modalmill.jobs.tokenize import tokenize_output
 from modalmill.tokenize.text import human_poses_to_text, sam_instance_to_text
 from modalmill.tokenize.train import train_tokenizer
 from tests.tiny_models import TEST_SETTINGS, save_tiny_detr, save_tiny_hmr2, save_tiny_sam

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from modalmill.pipeline import manifest
+from modalmill.io import manifest
 from modalmill.tokenize import checkpoint as ckpt
 from modalmill.tokenize.data import TokenizerData
 from modalmill.tokenize.train import _worker_cpus, train_tokenizer

@@ -10,7 +10,7 @@ import torch
 
 from modalmill.labelers import weights
 from modalmill.labelers.weights import WeightsError, load_state_dict, resolve
-from modalmill.pipeline import storage
+from modalmill.io import storage
 
 pytestmark = pytest.mark.s3
 

@@ -80,7 +80,7 @@ def run_demo(workdir: str, force: bool = False, show_progress: bool = True,
     print(note, flush=True)
     summary = run_job(spec, force=force, show_progress=show_progress)
     if summary["exit_code"] == 0:  # label -> train tiny tokenizers -> tokenize (token shards next to the labels)
-        from ..tokenize.encode import DEMO_STEPS, demo_tokenize
+        from .tokenize import DEMO_STEPS, demo_tokenize
 
         demo_tokenize(spec.output, force=force, show_progress=show_progress, steps=tokenizer_steps or DEMO_STEPS)
     return summary, spec.output

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 from .. import __version__
 from ..labelers.base import LABELERS, get_labeler, labeler_for, load_entry_points
-from ..pipeline import manifest
-from ..pipeline.readers import ShardSource, plan_sources
+from ..io import manifest
+from ..io.readers import ShardSource, plan_sources
 from ..pipeline.shard import CORE, FULL, UPDATE, LabelerRun, ShardTask, core_producers, labeler_producers
 from .spec import JobSpec, JobSpecError
 
@@ -166,7 +166,8 @@ def plan_job(spec: JobSpec, only: list[str] | None = None, force: bool = False) 
 def run_job(spec: JobSpec, only: list[str] | None = None, force: bool = False, address: str | None = None,
             show_progress: bool = True) -> dict:
     """Plan, execute and record one run; returns the run summary (also written under _modalmill/runs/)."""
-    from ..pipeline.execute import execute, init_ray
+    from ..io.cluster import init_ray
+    from ..pipeline.execute import execute
 
     t0 = time.time()
     plan = plan_job(spec, only=only, force=force)

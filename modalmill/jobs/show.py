@@ -42,8 +42,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..pipeline import manifest
-from ..pipeline.check import decode_member, iter_tar_groups, scan_layout, spec_for_folder
+from ..io import manifest
+from ..io.tars import decode_member, iter_tar_groups, scan_layout, spec_for_folder
 from ..schemas.modalities import ARRAY, FEATURE_MAP, GLOBAL, IMAGE, MODALITIES, PIXEL, TEXT, TOKENS, ModalitySpec
 
 PANEL = 320  # the picture area of a panel (square)

@@ -32,8 +32,8 @@ from typing import Any
 
 import yaml
 
-from ..pipeline.crops import CropConfig
-from ..pipeline.decode import DecodeConfig
+from ..io.crops import CropConfig
+from ..io.decode import DecodeConfig
 
 
 class JobSpecError(ValueError):

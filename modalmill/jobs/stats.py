@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from ..pipeline import manifest
-from ..pipeline.check import decode_member, iter_tar_groups, scan_layout, spec_for_folder
+from ..io import manifest
+from ..io.tars import decode_member, iter_tar_groups, scan_layout, spec_for_folder
 from ..schemas.modalities import FEATURE_MAP, GLOBAL, IMAGE, PIXEL, TOKENS, ModalitySpec
 
 

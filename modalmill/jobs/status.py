@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from ..pipeline import manifest, storage
+from ..io import manifest, storage
 
 
 def output_status(root: str) -> dict:

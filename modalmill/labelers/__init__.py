@@ -1,9 +1,12 @@
-"""Labelers: one module per model family, all registered by name in :data:`LABELERS`."""
+"""Labelers: one module per model family, all registered by name in :data:`LABELERS`.
+
+The tokenizer labelers (``tok_*``, :mod:`modalmill.tokenize.labelers`) sit a layer above and register the way a
+third-party plugin does: through the ``modalmill.labelers`` entry point group (``pyproject.toml``), which
+:func:`get_labeler`, :func:`labeler_for` and :func:`load_entry_points` load."""
 
 from .base import (LABELERS, LabelFailure, LabelInput, Labeler, Resources, get_labeler, labeler_for,
                    load_entry_points, register_labeler)
 from . import modelfree  # noqa: F401  (registers the model-free labelers)
-from ..tokenize import labelers as _tokenizers  # noqa: F401,E402  (tok_* : tokenizers as derived labelers)
 from . import depth  # noqa: F401  (Omnidata depth + normals, Depth Anything)
 from . import semseg  # noqa: F401  (Mask2Former COCO-panoptic semseg)
 from . import detection  # noqa: F401  (DETR COCO boxes)

@@ -219,7 +219,7 @@ class ImageBindLabeler(ModelLabeler):
         local or s3://); ``src`` is a local path or s3:// URL. Returns ``dst``."""
         from safetensors.torch import save
 
-        from ..pipeline import storage
+        from ..io import storage
         from .weights import resolve
 
         if not dst.endswith(".safetensors"):

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import time
 
-from ..pipeline import storage
+from ..io import storage
 
 logger = logging.getLogger(__name__)
 

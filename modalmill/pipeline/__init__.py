@@ -1,1 +1,1 @@
-"""The pipeline: readers, decoding, crops, labelling shards on Ray, writers, manifests and resume."""
+"""Execution of a job: shard tasks and labeler actor pools on Ray."""

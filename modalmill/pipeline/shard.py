@@ -27,11 +27,11 @@ from .. import __version__
 from ..labelers.base import LabelFailure, LabelInput, get_labeler
 from ..schemas.manifest import FAILED, OK, SampleRow
 from ..schemas.modalities import RecordError, get_modality
-from . import manifest, storage
-from .crops import CropConfig, make_crop_settings
-from .decode import DecodeConfig, DecodeError, decode_image, decode_stored_rgb
-from .readers import RawSample, ShardSource, ShardTruncated, iter_samples, iter_tar, pick_image_member
-from .writers import ShardWriterSet, filter_tar
+from ..io import manifest, storage
+from ..io.crops import CropConfig, make_crop_settings
+from ..io.decode import DecodeConfig, DecodeError, decode_image, decode_stored_rgb
+from ..io.readers import RawSample, ShardSource, ShardTruncated, iter_samples, pick_image_member, zip_output
+from ..io.writers import ShardWriterSet, filter_tar
 
 FULL, UPDATE = "full", "update"
 CORE = ("rgb", "crop_settings")
@@ -386,27 +386,6 @@ def _commit_marker(task: ShardTask, keys: list[str], modalities: dict, summary: 
     manifest.clear_failure(task.output, task.shard)
 
 
-def _zip_output(out: str, shard: str, modalities: list[str]):
-    """Iterate several of a shard's output tars in lockstep: yields (key, {modality: bytes})."""
-    iters = {m: iter_tar(storage.join(out, m, f"{shard}.tar")) for m in modalities}
-    while True:
-        batch = {m: next(it, None) for m, it in iters.items()}
-        present = {m: s for m, s in batch.items() if s is not None}
-        if not present:
-            return
-        if len(present) != len(batch):
-            raise RuntimeError(f"{shard}: modalities {sorted(set(batch) - set(present))} end early; "
-                               f"run `modalmill check {out}`")
-        for m, s in present.items():
-            if isinstance(s, ShardTruncated) or s.error:
-                raise RuntimeError(f"{shard}/{m}: {getattr(s, 'reason', None) or s.error}")
-        ks = {s.key for s in present.values()}
-        if len(ks) != 1:
-            raise RuntimeError(f"{shard}: keys diverge across modalities ({sorted(ks)}); run `modalmill check {out}`")
-        key = ks.pop()
-        yield key, {m: next(iter(s.members.values())) for m, s in present.items()}
-
-
 def _process_update(task: ShardTask, call, progress, stats: _Stats) -> dict:
     out, shard = task.output, task.shard
     prev = manifest.read_marker(out, shard)
@@ -443,7 +422,7 @@ def _process_update(task: ShardTask, call, progress, stats: _Stats) -> dict:
 
         labelling = _Labelling(task, call, stats, done)
 
-        zipped = _zip_output(out, shard, read_mods)
+        zipped = zip_output(out, shard, read_mods)
         while True:
             with stats.timed("read"):
                 nxt = next(zipped, None)

@@ -9,8 +9,8 @@ Adding a modality to a 4M-style dataset is: label it, train a tokenizer on the l
 - :mod:`.checkpoint`  safetensors + JSON checkpoints and resumable training state (never pickles)
 - :mod:`.data`        streaming training crops from an output root, held-out split by key
 - :mod:`.train`       presets, the training loop, Ray Train's TorchTrainer, evaluation report + picture
-- :mod:`.labelers`    tokenizers as derived stateful labelers (``tok_rgb``, ``tok_canny_edge``, ...)
-- :mod:`.encode`      ``modalmill tokenize``: the pipeline's ``--only`` mode with tokenizer labelers
+- :mod:`.labelers`    tokenizers as derived stateful labelers (``tok_rgb``, ``tok_canny_edge``, ...), registered
+  through the ``modalmill.labelers`` entry point (``modalmill tokenize`` itself is :mod:`modalmill.jobs.tokenize`)
 - :mod:`.text`        4M's WordPiece text tokenizer and the serialisers of structured labels
 
 Heavy dependencies (torch, Ray) are imported by the submodules that need them, not here.

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..labelers.weights import WeightsError, content_hash, resolve
-from ..pipeline import storage
+from ..io import storage
 from .quantizers import is_library_key
 
 FORMAT = "modalmill-tokenizer/1"

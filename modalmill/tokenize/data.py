@@ -26,9 +26,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from ..pipeline import manifest
-from ..pipeline.crops import random_resized_crop
-from ..pipeline.shard import _zip_output
+from ..io import manifest
+from ..io.crops import random_resized_crop
+from ..io.readers import zip_output
 from ..schemas.modalities import get_modality
 from .adapters import Adapter, body_poses
 
@@ -94,7 +94,7 @@ class TokenizerData:
     def samples(self, shard: str) -> Iterator[Sample]:
         mods = self.read_modalities()
         spec = get_modality(self.label_modality)
-        for key, files in _zip_output(self.root, shard, mods):
+        for key, files in zip_output(self.root, shard, mods):
             crops = get_modality("crop_settings").decode(files["crop_settings"])
             if self.source == "rgb":
                 img = get_modality("rgb").decode(files["rgb"])

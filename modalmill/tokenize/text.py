@@ -121,7 +121,7 @@ def load_text_tokenizer(path: str):
     """The tokenizer saved at ``path``: a ``text_tokenizer.json`` file or a directory holding one, local or ``s3://``."""
     from tokenizers import Tokenizer
 
-    from ..pipeline import storage
+    from ..io import storage
 
     url = str(path)
     if not url.endswith(".json"):
@@ -157,8 +157,8 @@ def as_text_tokenizer(tokenizer):
 
 def caption_texts(root: str) -> Iterator[str]:
     """Every caption string in an output root's ``caption`` tars (completed shards only)."""
-    from ..pipeline import manifest, storage
-    from ..pipeline.readers import ShardTruncated, iter_tar
+    from ..io import manifest, storage
+    from ..io.readers import ShardTruncated, iter_tar
     from ..schemas.modalities import get_modality
 
     spec = get_modality("caption")
@@ -177,7 +177,7 @@ def caption_texts(root: str) -> Iterator[str]:
 
 def train_text_tokenizer_on_output(root: str, out: str, vocab_size: int = 30_000) -> dict[str, Any]:
     """Train the WordPiece tokenizer on an output's captions; writes ``out/text_tokenizer.json``."""
-    from ..pipeline import storage
+    from ..io import storage
 
     texts = list(caption_texts(root))
     if not texts:

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from ..pipeline import storage
+from ..io import storage
 from ..schemas.modalities import TOKEN_MODALITIES, get_modality
 from . import checkpoint as ckpt
 from .adapters import adapter_for
@@ -627,7 +627,7 @@ def _fit_on_ray(loop: dict, workers: int, use_gpu: bool, cpus_per_worker: float 
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ..pipeline.execute import init_ray
+    from ..io.cluster import init_ray
 
     show = loop.get("progress", True) and os.environ.get("TQDM_DISABLE") != "1"
     # an embedded Ray's worker logs (Ray Train's controller chatter) stay out of the way of the bar; errors come
@@ -664,8 +664,8 @@ def _fit_on_ray(loop: dict, workers: int, use_gpu: bool, cpus_per_worker: float 
 
 def _storage_env(loop: dict) -> dict[str, str]:
     """The S3 settings the training workers get from this process (see
-    :func:`modalmill.pipeline.execute.local_s3_env`) when the data or the checkpoint is on S3."""
-    from ..pipeline.execute import local_s3_env
+    :func:`modalmill.io.cluster.local_s3_env`) when the data or the checkpoint is on S3."""
+    from ..io.cluster import local_s3_env
 
     return local_s3_env(loop["data"], loop["out"])
 

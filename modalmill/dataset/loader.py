@@ -100,8 +100,8 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ..schemas.modalities import IMAGE, PIXEL, TOKENS, ModalitySpec, get_modality
 from ..tokenize.text import TEXT_MODALITIES
-from . import manifest, storage
-from .check import accepted_exts, decode_member
+from ..io import manifest, storage
+from ..io.tars import accepted_exts, decode_member
 
 logger = logging.getLogger(__name__)
 
@@ -424,7 +424,7 @@ def load_dataset(root: str, modalities: list[str] | tuple[str, ...] | str, *, sh
     ``modalities``: the modality folders to read (a list, or a comma-separated string). ``text_tokenizer``
     (a ``tokenizers.Tokenizer``, a path, or True for ``ROOT/_modalmill/tokenizers/text``) turns the text-like
     modalities into 4M's token ids; ``crop`` (None, a row index, or ``"random"``) picks the ``crop_settings`` row
-    they are serialised for. See the :mod:`modalmill.pipeline.dataset` docstring for ordering, splitting and
+    they are serialised for. See the :mod:`modalmill.dataset.loader` docstring for ordering, splitting and
     what a sample holds.
     """
     return ModalDataset(root, modalities, shuffle_shards=shuffle_shards, seed=seed, epoch=epoch, rank=rank,

@@ -14,7 +14,7 @@ import tarfile
 from typing import Iterable, Iterator
 
 from . import storage
-from .readers import iter_tar, ShardTruncated
+from .readers import ShardTruncated, iter_tar
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:

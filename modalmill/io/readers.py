@@ -200,3 +200,24 @@ def pick_image_member(members: dict[str, bytes]) -> tuple[str, bytes] | None:
     if "" in members:
         return "", members[""]
     return None
+
+
+def zip_output(out: str, shard: str, modalities: list[str]):
+    """Iterate several of a shard's output tars in lockstep: yields (key, {modality: bytes})."""
+    iters = {m: iter_tar(storage.join(out, m, f"{shard}.tar")) for m in modalities}
+    while True:
+        batch = {m: next(it, None) for m, it in iters.items()}
+        present = {m: s for m, s in batch.items() if s is not None}
+        if not present:
+            return
+        if len(present) != len(batch):
+            raise RuntimeError(f"{shard}: modalities {sorted(set(batch) - set(present))} end early; "
+                               f"run `modalmill check {out}`")
+        for m, s in present.items():
+            if isinstance(s, ShardTruncated) or s.error:
+                raise RuntimeError(f"{shard}/{m}: {getattr(s, 'reason', None) or s.error}")
+        ks = {s.key for s in present.values()}
+        if len(ks) != 1:
+            raise RuntimeError(f"{shard}: keys diverge across modalities ({sorted(ks)}); run `modalmill check {out}`")
+        key = ks.pop()
+        yield key, {m: next(iter(s.members.values())) for m, s in present.items()}

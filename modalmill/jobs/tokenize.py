@@ -19,12 +19,12 @@ import dataclasses
 import os
 from typing import Any
 
-from ..jobs.spec import job_from_dict
-from ..pipeline import manifest, storage
+from .spec import job_from_dict
+from ..io import manifest, storage
 from ..schemas.modalities import get_modality
-from .checkpoint import model_location
-from .labelers import in_place, labeler_for_token_modality
-from .train import default_out
+from ..tokenize.checkpoint import model_location
+from ..tokenize.labelers import in_place, labeler_for_token_modality
+from ..tokenize.train import default_out
 
 
 def _abs(location: str) -> str:
@@ -117,7 +117,7 @@ def tokenize_output(data: str, modalities: list[str], tokenizers: dict[str, str]
 
     One pipeline run per token modality: a run holds one tokenizer actor pool next to its shard tasks, so a
     2-CPU machine is never asked for two 1-CPU tokenizer actors *and* a shard task at once."""
-    from ..jobs.runner import run_job
+    from .runner import run_job
 
     tokenizers = dict(tokenizers or {})
     given = {labeler_for_token_modality(k).outputs[0]: v for k, v in tokenizers.items()}
@@ -146,7 +146,7 @@ def tokenize_output(data: str, modalities: list[str], tokenizers: dict[str, str]
 
 
 def _selected(spec) -> list[int]:
-    from ..jobs.spec import parse_shard_selection
+    from .spec import parse_shard_selection
 
     markers = manifest.list_markers(spec.output)
     n = max(int(m["index"]) for m in markers.values()) + 1
@@ -217,7 +217,7 @@ def demo_tokenize(output: str, force: bool = False, show_progress: bool = True, 
 
 
 def _demo_tokenize(output: str, force: bool, show_progress: bool, steps: int) -> dict:
-    from .train import format_report, train_tokenizer
+    from ..tokenize.train import format_report, train_tokenizer
 
     checkpoints = {}
     for source, quantizer in DEMO_TOKENIZERS:

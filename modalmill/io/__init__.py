@@ -1,0 +1,1 @@
+"""The on-disk format and storage: local and s3:// I/O, input readers, tar writers, crops, decoding, manifests."""
