@@ -88,7 +88,8 @@ def test_4m21_choices_are_the_defaults_and_the_cli_lists_every_entry():
     from modalmill.labelers.base import labeler_for
 
     assert labeler_for("depth").name == "omnidata_depth" and labeler_for("normal").name == "omnidata_normal"
-    assert labeler_for("semseg_coco").name == "mask2former_coco" and labeler_for("det").name == "detr_coco"
+    # det: D-FINE-X (near 4M-21's ViTDet-H) is the default, DETR-R50 the light option (tests/test_detection_default.py)
+    assert labeler_for("semseg_coco").name == "mask2former_coco" and labeler_for("det").name == "dfine_coco"
     assert labeler_for("metadata").name == "metadata"  # the model-free one stays the default
     out = CliRunner().invoke(main, ["labelers"]).output
     for cls in MINE:

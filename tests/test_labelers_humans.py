@@ -83,7 +83,10 @@ def test_registry_entry_is_complete_and_frozen():
     assert cls.outputs == ("human_poses",) and cls.requires == ("det",)
     for attr in ("architecture", "weights", "weights_help", "license", "description"):
         assert isinstance(getattr(cls, attr), str) and getattr(cls, attr), attr
-    assert cls.weights.endswith("hmr2_data.tar.gz") and "epoch=35-step=1000000.ckpt" in cls.weights_help
+    # the default: the official checkpoint, a member of 4D-Humans' data tarball (downloaded once, member extracted)
+    assert cls.weights.endswith("hmr2_data.tar.gz#logs/train/multiruns/hmr2/0/checkpoints/epoch=35-step=1000000.ckpt")
+    assert "epoch=35-step=1000000.ckpt" in cls.weights_help and cls.weights_pin.sha256 is None
+    assert "no published sha256" in cls.weights_pin.note
     assert cls.input_size == (256, 192) and cls.mean == IMAGENET_MEAN and cls.std == IMAGENET_STD
     r = cls.default_resources
     assert r.num_cpus >= 1 and 0 < r.num_gpus <= 1 and r.memory_mb > 0 and cls.default_batch_size >= 1

@@ -40,6 +40,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -857,6 +858,20 @@ def _upload_file(path: str, bucket: str, key: str, url: str) -> None:
     )
     with _s3_errors(url, "upload"):
         s3_client().upload_file(path, bucket, key, Config=config)
+
+
+def upload_file(path: str, url: str) -> None:
+    """Copy the local file ``path`` to ``url`` (local path or s3://; multipart on S3 above the threshold). The copy
+    appears whole or not at all: a local target is written through :func:`atomic_write`, an S3 object is only
+    visible once its upload completed."""
+    if is_s3(url):
+        bucket, key = _split_s3(url)
+        if not key or key.endswith("/"):
+            raise ValueError(f"{url}: an S3 object URL needs a key (s3://bucket/key)")
+        _upload_file(path, bucket, key, url)
+        return
+    with open(path, "rb") as src, atomic_write(url) as dst:
+        shutil.copyfileobj(src, dst, 8 << 20)
 
 
 def write_bytes(url: str, data: bytes) -> None:

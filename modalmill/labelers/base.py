@@ -101,6 +101,7 @@ class Labeler:
     description: ClassVar[str] = ""
     weights: ClassVar[str | None] = None  # default weights location (None: model-free)
     license: ClassVar[str] = "n/a (model-free)"
+    quality: ClassVar[str] = ""  # a published accuracy figure of the default weights, with its source
 
     def __init__(self, config: Any = None):
         self.config = self.make_config(config)

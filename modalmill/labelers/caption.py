@@ -27,6 +27,7 @@ import numpy as np
 from .base import LabelFailure, LabelInput, Resources, register_labeler
 from .dinov2 import load_pretrained, split_regions
 from .model import ModelConfig, ModelLabeler
+from .weights import Pin
 
 __all__ = ["CaptionLabeler", "T5CaptionLabeler", "caption_texts"]
 
@@ -66,6 +67,8 @@ class CaptionLabeler(ModelLabeler):
     outputs = ("caption",)
     architecture = "BLIP ViT-L captioning model (transformers BlipForConditionalGeneration; any image-to-text model)"
     weights = "Salesforce/blip-image-captioning-large"
+    weights_pin = Pin(note="no published sha256 of its weights file was found; the hub's own checksum checks "
+                          "the download")
     weights_help = ("the model-hub repo Salesforce/blip-image-captioning-large (model + processor files), or any "
                     "directory holding an image-to-text model and its processor (save_pretrained of both), given as "
                     "a local path, an s3:// prefix or a hub id")
@@ -182,6 +185,8 @@ class T5CaptionLabeler(ModelLabeler):
     requires = ("caption",)
     architecture = "T5 v1.1 XXL encoder (transformers T5EncoderModel), last hidden state"
     weights = "google/t5-v1_1-xxl"
+    weights_pin = Pin(note="no published sha256 of its weights file was found; the hub's own checksum checks "
+                          "the download")
     weights_help = ("the model-hub repo google/t5-v1_1-xxl (config, weights and spiece.model tokenizer; only the "
                     "encoder is loaded), or any directory written by T5EncoderModel/T5Model.save_pretrained plus its "
                     "tokenizer, given as a local path, an s3:// prefix or a hub id")

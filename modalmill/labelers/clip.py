@@ -23,7 +23,7 @@ from typing import Any
 from .base import LabelFailure, LabelInput, Prepared, Resources, register_labeler
 from .dinov2 import IMAGENET_MEAN, IMAGENET_STD, check_region, prepare_regions, split_prepared, to_float16
 from .model import ModelConfig, ModelLabeler
-from .weights import WeightsError, load_into, load_state_dict
+from .weights import Pin, WeightsError, load_into, load_state_dict
 
 __all__ = [
     "OPENAI_CLIP_MEAN",
@@ -163,6 +163,8 @@ class CLIPLabeler(ModelLabeler):
     outputs = ("clip", "clip_global")
     architecture = "OpenAI CLIP ViT-B/16 image tower (open_clip ViT-B-16-quickgelu), ln_post patch tokens @ proj"
     weights = "timm/vit_base_patch16_clip_224.openai"
+    weights_pin = Pin(note="no published sha256 of its weights file was found; the hub's own checksum checks "
+                          "the download")
     weights_help = ("open_clip's copy of OpenAI's CLIP ViT-B/16 weights, the model-hub repo "
                     "timm/vit_base_patch16_clip_224.openai (open_clip_model.safetensors), or any open_clip state dict "
                     "(.safetensors, or a weights-only torch file) of the configured arch; OpenAI's TorchScript "

@@ -44,7 +44,7 @@ import numpy as np
 
 from .base import LabelFailure, LabelInput, Resources, register_labeler
 from .model import ModelConfig, ModelLabeler
-from .weights import WeightsError, load_into, load_state_dict
+from .weights import Pin, WeightsError, load_into, load_state_dict
 
 __all__ = [
     "DepthAnythingLabeler",
@@ -470,6 +470,9 @@ class OmnidataDepthLabeler(_OmnidataBase):
     outputs = ("depth",)
     architecture = "DPT-Hybrid (ViT-B/16 on ResNet-50/BiT), transformers DPTForDepthEstimation, 1-channel head"
     weights = f"{_ZENODO}/omnidata_dpt_depth_v2.ckpt"
+    weights_pin = Pin(sha256="a0fab23fee64aa9e4bbe0b520b18b196ea7594a7f719c1d8c10cf11dcb6e4a1e", size=1947430832,
+                      source="the LFS pointers of two Hugging Face mirrors of the Zenodo file, and a project that "
+                      "verified the Zenodo download (Zenodo itself lists an md5)")
     official_file = "omnidata_dpt_depth_v2.ckpt"
     weights_help = ("download omnidata_dpt_depth_v2.ckpt from https://zenodo.org/records/10447888 "
                     "(EPFL-VILAB/omnidata tools/download_depth_models.sh) and set weights to its path, or convert "
@@ -504,6 +507,9 @@ class OmnidataNormalLabeler(_OmnidataBase):
     outputs = ("normal",)
     architecture = "DPT-Hybrid (ViT-B/16 on ResNet-50/BiT), transformers DPTForDepthEstimation, 3-channel head"
     weights = f"{_ZENODO}/omnidata_dpt_normal_v2.ckpt"
+    weights_pin = Pin(sha256="38db3f7d952f48f900f0b32d6cce6749e41641045ebc5713cf29618f54aff3bb", size=1947430960,
+                      source="the LFS pointers of two Hugging Face mirrors of the Zenodo file, and a project that "
+                      "verified the Zenodo download (Zenodo itself lists an md5)")
     official_file = "omnidata_dpt_normal_v2.ckpt"
     weights_help = ("download omnidata_dpt_normal_v2.ckpt from https://zenodo.org/records/10447888 "
                     "(EPFL-VILAB/omnidata tools/download_surface_normal_models.sh) and set weights to its path, or "
@@ -542,6 +548,8 @@ class DepthAnythingLabeler(ModelLabeler):
     outputs = ("depth",)
     architecture = "Depth Anything V2 (DINOv2 ViT-S/14 + DPT head), transformers AutoModelForDepthEstimation"
     weights = "depth-anything/Depth-Anything-V2-Small-hf"
+    weights_pin = Pin(sha256="3152477ce0d8d6978d76b995120de97cb5b928701fd0f817769f59e249a16b70",
+                      file="model.safetensors", source="the hub's LFS pointer of model.safetensors")
     weights_help = ("the hub id depth-anything/Depth-Anything-V2-Small-hf (online), or a local/s3:// copy of "
                     "that directory (config.json + model.safetensors)")
     input_size = 518

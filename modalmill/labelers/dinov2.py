@@ -27,7 +27,7 @@ import numpy as np
 
 from .base import LabelFailure, LabelInput, Prepared, Resources, register_labeler
 from .model import ModelConfig, ModelLabeler
-from .weights import WeightsError
+from .weights import Pin, WeightsError
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -180,6 +180,8 @@ class DINOv2Labeler(ModelLabeler):
     outputs = ("dinov2", "dinov2_global")
     architecture = "DINOv2 ViT-B/14 (transformers Dinov2Model), final-LayerNorm patch tokens + CLS token"
     weights = "facebook/dinov2-base"
+    weights_pin = Pin(sha256="d73036b56966966d07975d696bde331762f37297e2f095de8cea0040c3aa0841",
+                      file="model.safetensors", source="the hub's LFS pointer of model.safetensors")
     weights_help = ("the model-hub repo facebook/dinov2-base (config.json + model.safetensors), or any directory "
                     "written by Dinov2Model.save_pretrained, given as a local path, an s3:// prefix or a hub id")
     input_size = 224

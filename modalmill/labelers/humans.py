@@ -51,7 +51,7 @@ import numpy as np
 from .base import LabelFailure, LabelInput, Resources, register_labeler
 from .model import ModelConfig, ModelLabeler
 from .sam import find_weights_file
-from .weights import WeightsError, load_into, load_state_dict
+from .weights import Pin, WeightsError, load_into, load_state_dict, read_lightning_state_dict
 
 __all__ = ["HMR2_ARCHITECTURE", "Hmr2Labeler", "build_hmr2", "convert_checkpoint", "convert_hmr2_state_dict",
            "crop_boxes", "load_hmr2_weights", "read_lightning_state_dict", "rot6d_to_rotmat", "save_converted",
@@ -332,37 +332,6 @@ def to_official_names(ours: dict) -> dict:
     return out
 
 
-def read_lightning_state_dict(path: str) -> dict:
-    """The ``state_dict`` of a PyTorch-Lightning checkpoint, read without running any code from the file.
-
-    Lightning checkpoints pickle more than tensors (4D-Humans' holds its yacs ``CfgNode`` config under
-    ``hyper_parameters``), so a plain ``torch.load(weights_only=True)`` refuses them. They are read here with
-    torch's weights-only unpickler all the same: every non-tensor global the file names (listed beforehand by
-    ``torch.serialization.get_unsafe_globals_in_checkpoint``) is read as a plain ``OrderedDict`` stand-in, so
-    no class or function from the file is imported or called; only ``state_dict`` is kept.
-    """
-    from collections import OrderedDict
-
-    import torch
-
-    try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception as e:  # noqa: BLE001
-        raise WeightsError(f"{path}: not a torch checkpoint ({type(e).__name__}: {e})") from None
-    stand_ins = [(OrderedDict, n) for n in names]
-    try:
-        with torch.serialization.safe_globals(stand_ins):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise WeightsError(f"{path}: cannot read it as a checkpoint with only tensors and plain containers "
-                           f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
-    state = obj.get("state_dict") if isinstance(obj, dict) else None
-    if not isinstance(state, dict):
-        found = sorted(map(str, obj))[:10] if isinstance(obj, dict) else type(obj).__name__
-        raise WeightsError(f"{path}: no 'state_dict' in the checkpoint (found: {found})")
-    return dict(state)
-
-
 def load_hmr2_weights(path: str) -> tuple[dict, dict | None]:
     """(state dict in modalmill's names, architecture or None for the official one) from any accepted file.
 
@@ -457,10 +426,15 @@ class Hmr2Labeler(ModelLabeler):
     requires = ("det",)
     architecture = ("HMR 2.0: ViTPose ViT-H/16 backbone (256x192 crop) + SMPL transformer-decoder head "
                     "(6 layers, cross-attention to the image tokens, 6D rotations)")
-    weights = HMR2_DATA_URL
-    weights_help = (f"download {HMR2_DATA_URL} (4D-Humans), extract {OFFICIAL_CKPT} and pass its path (or an s3:// "
-                    "URL) as the labeler's `weights`, or first convert it: `modalmill convert-weights hmr2 SRC "
-                    "DST.safetensors`")
+    # the official checkpoint inside 4D-Humans' data tarball (the tarball is downloaded once, the member extracted)
+    weights = f"{HMR2_DATA_URL}#{OFFICIAL_CKPT}"
+    weights_pin = Pin(note="no published sha256 or size of hmr2_data.tar.gz was found (4D-Humans publishes none); "
+                      "it is used as downloaded, its sha256 recorded in the weights cache and shown by `modalmill "
+                      "weights`")
+    weights_help = (f"the default downloads {HMR2_DATA_URL} (4D-Humans) and extracts {OFFICIAL_CKPT}; offline, "
+                    "stage it with `modalmill weights fetch hmr2 --to DIR|s3://PREFIX`, or extract it yourself and "
+                    "pass its path (or an s3:// URL) as the labeler's `weights`, or first convert it: `modalmill "
+                    "convert-weights hmr2 SRC DST.safetensors`")
     input_size = (256, 192)
     mean = IMAGENET_MEAN
     std = IMAGENET_STD

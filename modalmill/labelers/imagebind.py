@@ -58,7 +58,7 @@ from .clip import (
 )
 from .dinov2 import IMAGENET_MEAN, IMAGENET_STD, check_region, prepare_regions, split_prepared, to_float16
 from .model import ModelConfig, ModelLabeler
-from .weights import WeightsError, load_into, load_state_dict
+from .weights import Pin, WeightsError, load_into, load_state_dict
 
 __all__ = ["IMAGEBIND_LN_EPS", "ImageBindLabeler", "imagebind_to_open_clip", "open_clip_to_imagebind"]
 
@@ -175,6 +175,9 @@ class ImageBindLabeler(ModelLabeler):
     architecture = ("ImageBind-Huge vision encoder ViT-H/14 (open_clip ViT-H-14, LayerNorm eps 1e-6), "
                     "final tokens after the head LayerNorm; CLS token as the global feature")
     weights = "https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth"
+    weights_pin = Pin(sha256="d6f6c22bedcc90708448d5d2fbb7b2db9c73f505dc89bd0b2e09b23af1b62157", size=4803584173,
+                      source="the LFS pointers of three Hugging Face mirrors of imagebind_huge.pth, and a project "
+                      "that verified the official download (Meta publishes no checksum)")
     weights_help = ("download imagebind_huge.pth (CC-BY-NC 4.0) from "
                     "https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth and pass its local path or an s3:// "
                     "copy as weights (the full multimodal checkpoint works: its vision weights are converted on load), "

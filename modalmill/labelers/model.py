@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .base import LabelFailure, LabelInput, Labeler, Prepared, Resources
+from .weights import Pin
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class ModelLabeler(Labeler):
     Config = ModelConfig
     architecture: ClassVar[str] = ""
     weights: ClassVar[str | None] = None  # default weights location
+    weights_pin: ClassVar[Pin | None] = None  # what is known of the default (sha256, size; or why no hash is known)
     weights_help: ClassVar[str] = ""  # where to get them (shown when missing)
     input_size: ClassVar[int | tuple[int, int] | None] = None
     mean: ClassVar[tuple[float, ...] | None] = None
@@ -77,7 +79,7 @@ class ModelLabeler(Labeler):
         from .weights import content_hash, resolve
 
         path = resolve(self.weights_location(), expected=f"{self.architecture} weights for labeler {self.name!r}",
-                       how_to_get=self.weights_help)
+                       how_to_get=self.weights_help, pin=None if self.config.weights else self.weights_pin)
         self._checkpoint = content_hash(path)
         dev = self.config.device
         if dev == "auto":

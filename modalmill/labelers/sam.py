@@ -43,7 +43,7 @@ import numpy as np
 
 from .base import LabelFailure, LabelInput, Resources, register_labeler
 from .model import ModelConfig, ModelLabeler
-from .weights import WeightsError, load_into, load_state_dict
+from .weights import Pin, WeightsError, load_into, load_state_dict
 
 __all__ = ["SAM_VARIANTS", "SamLabeler", "build_sam", "find_weights_file", "infer_sam_encoder", "instance_edges",
            "mask_polygons", "variant_of"]
@@ -210,6 +210,9 @@ class SamLabeler(ModelLabeler):
     architecture = ("segment-anything Sam (ViT-H image encoder, prompt encoder, mask decoder) + "
                     "SamAutomaticMaskGenerator")
     weights = SAM_URLS["vit_h"]
+    weights_pin = Pin(sha256="a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e", size=2564550879,
+                      source="sha256 of sam_vit_h_4b8939.pth as published by independent projects that verify it "
+                      "(Meta publishes the md5 prefix 4b8939 in the file name only)")
     weights_help = ("download sam_vit_h_4b8939.pth (or sam_vit_l_0b3195.pth / sam_vit_b_01ec64.pth with model_type "
                     "vit_l / vit_b) from https://github.com/facebookresearch/segment-anything#model-checkpoints and "
                     "pass its local path or s3:// URL as the labeler's `weights`")

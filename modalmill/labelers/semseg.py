@@ -31,7 +31,7 @@ import numpy as np
 from .base import LabelFailure, LabelInput, Resources, register_labeler
 from .depth import IMAGENET_MEAN, IMAGENET_STD, load_pretrained, split_usable
 from .model import ModelConfig, ModelLabeler
-from .weights import WeightsError
+from .weights import Pin, WeightsError
 
 __all__ = ["COCO_PANOPTIC_CLASSES", "COCO_THING_CLASSES", "N_COCO_THINGS", "Mask2FormerCocoLabeler", "letterbox",
            "semantic_map"]
@@ -108,6 +108,8 @@ class Mask2FormerCocoLabeler(ModelLabeler):
     outputs = ("semseg_coco",)
     architecture = "Mask2Former (Swin-B backbone), transformers Mask2FormerForUniversalSegmentation, 133 classes"
     weights = "facebook/mask2former-swin-base-coco-panoptic"
+    weights_pin = Pin(note="no published sha256 of its weights file was found; the hub's own checksum checks "
+                          "the download")
     weights_help = ("the hub id facebook/mask2former-swin-base-coco-panoptic (online), or a local/s3:// copy of "
                     "that directory (config.json + model.safetensors)")
     input_size = 800

@@ -1,16 +1,30 @@
-"""Finding and loading model weights safely.
+"""Finding, fetching and loading model weights safely.
 
-A weights location is a local file or directory, an ``s3://`` URL (file or prefix, downloaded into a local
-cache, ``MODALMILL_WEIGHTS_CACHE``, keyed by the URL and the objects' ETag/size/LastModified, so a replaced
-object is fetched again and an unchanged one is not; when S3 cannot be reached, the most recently used cached
-copy is used, with a warning; a cached version unused for ``MODALMILL_WEIGHTS_CACHE_KEEP_DAYS`` (default 7) is
-removed once the URL holds another version), or a model-hub id (``org/name``, only when online; with
-``HF_HUB_OFFLINE=1`` it must already be in the local hub cache). State dicts load from ``.safetensors`` or with
-``torch.load(weights_only=True)`` only: nothing is ever unpickled as arbitrary objects.
+A weights location is one of:
+
+- a local file or directory (``file://`` optional);
+- an ``s3://`` URL (file or prefix), downloaded into a local cache, ``MODALMILL_WEIGHTS_CACHE``, keyed by the URL
+  and the objects' ETag/size/LastModified, so a replaced object is fetched again and an unchanged one is not;
+  when S3 cannot be reached, the most recently used cached copy is used, with a warning; a cached version unused
+  for ``MODALMILL_WEIGHTS_CACHE_KEEP_DAYS`` (default 7) is removed once the URL holds another version;
+- an ``https://`` (or ``http://``) URL, downloaded once into the same cache (:func:`_from_http`): verified
+  against the pinned sha256 when one is known (a mismatch is an error naming the file and both hashes), written
+  to a partial file that a later run resumes (HTTP ``Range``) after an interruption, and renamed into place in
+  one step, so a cached file is always complete and verified, even when several processes fetch it at once;
+- a model-hub id, ``org/name`` or ``org/name@revision`` (only when online; with ``HF_HUB_OFFLINE=1`` it must
+  already be in the local hub cache); a pinned file of the snapshot is checked against its sha256;
+- any of these naming a tarball (``.tar``, ``.tar.gz``, ``.tgz``, ``.tar.bz2``, ``.tar.xz``) followed by
+  ``#member/path``: that one member, extracted (streaming, once) into the cache.
+
+A default location carries a :class:`Pin` (what is known of it: sha256, size, licence notes). State dicts load
+from ``.safetensors``, with ``torch.load(weights_only=True)``, or, for PyTorch-Lightning ``.ckpt`` files, with
+:func:`read_lightning_state_dict` (the weights-only unpickler with plain stand-ins for Lightning's own objects):
+nothing is ever unpickled as arbitrary objects.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -19,6 +33,7 @@ import re
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 
 from ..io import storage
 
@@ -28,26 +43,165 @@ CACHE_DIR = os.environ.get("MODALMILL_WEIGHTS_CACHE", os.path.join(os.path.expan
                                                                    "weights"))
 # a cached version of an s3:// URL that has not been used for this long is removed when another version is in use
 KEEP_UNUSED_S = float(os.environ.get("MODALMILL_WEIGHTS_CACHE_KEEP_DAYS", "7")) * 86400
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+# https downloads: attempts (each resumes where the last one stopped) and the pause before the next one
+HTTP_ATTEMPTS = int(os.environ.get("MODALMILL_WEIGHTS_HTTP_ATTEMPTS", "4"))
+HTTP_BACKOFF_S = float(os.environ.get("MODALMILL_WEIGHTS_HTTP_BACKOFF_S", "2"))
+HTTP_TIMEOUT_S = float(os.environ.get("MODALMILL_WEIGHTS_HTTP_TIMEOUT_S", "60"))
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
+_TAR_EXTS = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class WeightsError(RuntimeError):
     """Weights are missing or do not fit the model; the message says what was expected and where to get it."""
 
 
-def resolve(location: str, *, expected: str = "", how_to_get: str = "") -> str:
-    """A local path holding the weights at ``location`` (downloaded/cached when remote)."""
+@dataclass(frozen=True)
+class Pin:
+    """What is known of a labeler's default weights, checked when they are fetched.
+
+    ``sha256`` is of the file the location names (an https:// file, the tarball of a ``#member`` location) or, for
+    a hub id, of ``file`` in the snapshot; None when no published hash could be found (``note`` says so: the file is
+    then used as downloaded and its sha256 recorded in the cache). ``size`` in bytes when known; ``source`` says
+    where the hash comes from.
+    """
+
+    sha256: str | None = None
+    size: int | None = None
+    file: str | None = None  # hub ids: the snapshot file whose sha256 is pinned (e.g. model.safetensors)
+    source: str = ""  # where the hash was taken from
+    note: str = ""  # e.g. why there is no hash
+
+    def __post_init__(self):
+        if self.sha256 is not None and not _SHA256.match(self.sha256):
+            raise ValueError(f"a pinned sha256 is 64 lowercase hex digits, got {self.sha256!r}")
+
+
+def split_member(location: str) -> tuple[str, str | None]:
+    """``(tarball location, member)`` for ``...tar.gz#path/in/tar``; ``(location, None)`` otherwise."""
+    base, sep, member = location.partition("#")
+    if sep and member and base.lower().endswith(_TAR_EXTS):
+        return base, member
+    return location, None
+
+
+def offline() -> bool:
+    """No downloads at all (https or hub): ``MODALMILL_WEIGHTS_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``."""
+    return os.environ.get("MODALMILL_WEIGHTS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def is_http(location: str) -> bool:
+    return location.startswith(("https://", "http://"))
+
+
+def is_hub_id(location: str) -> bool:
+    return bool(_HUB_ID.match(location)) and not location.startswith((".", "/")) and not os.path.exists(location)
+
+
+def resolve(location: str, *, expected: str = "", how_to_get: str = "", pin: Pin | None = None) -> str:
+    """A local path holding the weights at ``location`` (downloaded, verified and cached when remote).
+
+    ``pin`` (the registry's knowledge of a default location) is checked: the sha256 of an https:// file or tarball,
+    or of ``pin.file`` in a hub snapshot."""
     hint = (f" Expected: {expected}." if expected else "") + (f" Get it: {how_to_get}." if how_to_get else "")
     if not location:
         raise WeightsError(f"no weights location given.{hint}")
+    base, member = split_member(location)
+    if member is not None:
+        tarball = resolve(base, expected=expected, how_to_get=how_to_get, pin=pin)
+        return _tar_member(tarball, member, hint)
     if storage.is_s3(location):
         return _from_s3(location, hint)
+    if is_http(location):
+        return _from_http(location, pin, hint)
+    path = os.path.expanduser(location[7:] if location.startswith("file://") else location)
+    if os.path.exists(path):
+        if pin is not None and pin.sha256 and os.path.isfile(path):
+            check_sha256(path, pin.sha256, what=location)
+        return path
+    if is_hub_id(location):
+        return _from_hub(location, pin, hint)
+    raise WeightsError(f"weights not found at {location!r}.{hint}")
+
+
+def cached(location: str, pin: Pin | None = None) -> str | None:
+    """The local path of ``location`` if it is already here (local, or in the weights/hub cache), else None.
+    Never touches the network."""
+    if not location:
+        return None
+    base, member = split_member(location)
+    if member is not None:
+        tarball = cached(base, pin)
+        if tarball is None:
+            return None
+        final = os.path.join(_member_dir(tarball, member), os.path.basename(member))
+        return final if os.path.isfile(final) else None
+    if storage.is_s3(location):
+        v = _newest_version(os.path.join(CACHE_DIR, "s3", hashlib.sha256(location.encode()).hexdigest()[:24]))
+        return _single_or_dir(v) if v else None
+    if is_http(location):
+        final = _http_paths(location, pin)[2]
+        return final if os.path.isfile(final) and os.path.isfile(_http_marker(final)) else None
     path = os.path.expanduser(location[7:] if location.startswith("file://") else location)
     if os.path.exists(path):
         return path
-    if _HUB_ID.match(location) and not location.startswith((".", "/")):
-        return _from_hub(location, hint)
-    raise WeightsError(f"weights not found at {location!r}.{hint}")
+    if is_hub_id(location):
+        try:
+            from huggingface_hub import snapshot_download
+
+            repo, _, rev = location.partition("@")
+            return snapshot_download(repo, revision=rev or None, local_files_only=True)
+        except Exception:  # noqa: BLE001 - not in the hub cache
+            return None
+    return None
+
+
+# ---------------------------------------------------------------------- sha256
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verified_sha256(path: str) -> str:
+    """sha256 of the file at ``path``, remembered in the cache by (real path, size, mtime): a large checkpoint is
+    hashed once, not at every worker start."""
+    marker, stamp = _stamp(path)
+    with contextlib.suppress(OSError, ValueError):
+        with open(marker) as f:
+            known = json.load(f)
+        if {k: known.get(k) for k in stamp} == stamp and _SHA256.match(str(known.get("sha256", ""))):
+            return known["sha256"]
+    digest = sha256_file(path)
+    _remember_sha256(path, digest)
+    return digest
+
+
+def _stamp(path: str) -> tuple[str, dict]:
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    marker = os.path.join(CACHE_DIR, "verified", hashlib.sha256(real.encode()).hexdigest()[:24] + ".json")
+    return marker, {"path": real, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _remember_sha256(path: str, digest: str) -> None:
+    marker, stamp = _stamp(path)
+    with contextlib.suppress(OSError):
+        os.makedirs(os.path.dirname(marker), exist_ok=True)
+        with storage.atomic_write(marker) as f:
+            f.write(json.dumps({**stamp, "sha256": digest}).encode())
+
+
+def check_sha256(path: str, sha256: str, *, what: str = "") -> None:
+    """Raise a WeightsError naming the file and both hashes unless ``path`` has the sha256 ``sha256``."""
+    got = verified_sha256(path)
+    if got != sha256:
+        raise WeightsError(f"{os.path.basename(path)}{' (' + what + ')' if what else ''}: sha256 mismatch: expected "
+                           f"{sha256}, got {got} ({path}); not the pinned weights")
 
 
 def _from_s3(url: str, hint: str) -> str:
@@ -168,24 +322,281 @@ def _single_or_dir(dest: str) -> str:
         else dest
 
 
-def _from_hub(repo_id: str, hint: str) -> str:
+def _from_hub(location: str, pin: Pin | None, hint: str) -> str:
+    repo_id, _, revision = location.partition("@")
+    local_only = offline()
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(repo_id, local_files_only=os.environ.get("HF_HUB_OFFLINE") == "1")
+        # weights of other frameworks are never read here: do not download them
+        path = snapshot_download(repo_id, revision=revision or None, local_files_only=local_only,
+                                 ignore_patterns=["*.h5", "*.msgpack", "*.ot", "*.onnx", "*.tflite", "flax_model*",
+                                                  "tf_model*", "rust_model*", "coreml/*", "onnx/*", "openvino/*"])
     except Exception as e:  # noqa: BLE001 - any hub failure is "not available here"
-        offline = " (HF_HUB_OFFLINE=1: only the local hub cache is used)" if os.environ.get("HF_HUB_OFFLINE") else ""
-        raise WeightsError(f"cannot get {repo_id!r} from the model hub{offline}: {type(e).__name__}.{hint}") from None
+        why = " (downloads are off: only the local hub cache is used)" if local_only else ""
+        raise WeightsError(f"cannot get {location!r} from the model hub{why}: {type(e).__name__}.{hint}") from None
+    if pin is not None and pin.sha256:
+        file = os.path.join(path, pin.file or "model.safetensors")
+        if not os.path.isfile(file):
+            raise WeightsError(f"{location}: the pinned file {pin.file or 'model.safetensors'} is not in the hub "
+                               f"snapshot {path}.{hint}")
+        check_sha256(file, pin.sha256, what=location)
+    return path
+
+
+# ---------------------------------------------------------------------- https://
+
+
+def _url_filename(url: str) -> str:
+    from urllib.parse import unquote, urlsplit
+
+    name = os.path.basename(unquote(urlsplit(url).path)) or "download"
+    return re.sub(r"[^\w.=+-]", "_", name)
+
+
+def _http_paths(url: str, pin: Pin | None) -> tuple[str, str, str]:
+    """(directory of the URL in the cache, directory of this version, the cached file)."""
+    url_dir = os.path.join(CACHE_DIR, "https", hashlib.sha256(url.encode()).hexdigest()[:24])
+    version = os.path.join(url_dir, pin.sha256[:16] if pin is not None and pin.sha256 else "unpinned")
+    return url_dir, version, os.path.join(version, _url_filename(url))
+
+
+def _http_marker(final: str) -> str:
+    return os.path.join(os.path.dirname(final), ".source.json")
+
+
+@contextlib.contextmanager
+def _locked(path: str):
+    """An exclusive lock (flock) on ``path``: one process downloads a file, the others wait and then use it."""
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _from_http(url: str, pin: Pin | None, hint: str) -> str:
+    """The cached, verified local copy of the file at ``url`` (downloaded once; see the module docstring)."""
+    url_dir, version, final = _http_paths(url, pin)
+    if os.path.isfile(final) and os.path.isfile(_http_marker(final)):
+        return final
+    if offline():
+        raise WeightsError(f"{url} is not in the weights cache ({CACHE_DIR}) and downloads are off "
+                           f"(HF_HUB_OFFLINE=1 or MODALMILL_WEIGHTS_OFFLINE=1).{hint}")
+    os.makedirs(url_dir, exist_ok=True)
+    key = os.path.basename(version)
+    with _locked(os.path.join(url_dir, f".lock-{key}")):
+        if os.path.isfile(final) and os.path.isfile(_http_marker(final)):  # another process finished it meanwhile
+            return final
+        partial = os.path.join(url_dir, f".partial-{key}")
+        _download(url, partial, pin.size if pin is not None else None, hint)
+        digest = sha256_file(partial)
+        if pin is not None and pin.sha256 and digest != pin.sha256:
+            size = os.path.getsize(partial)
+            os.remove(partial)  # a wrong file is not resumed from
+            raise WeightsError(f"{os.path.basename(final)} ({url}): sha256 mismatch: expected {pin.sha256}, got "
+                               f"{digest} ({size} bytes downloaded, removed); not the pinned weights.{hint}")
+        if pin is None or not pin.sha256:
+            logger.warning("%s: no pinned sha256 is known; downloaded %s (sha256 %s) is used as it is", url,
+                           os.path.basename(final), digest)
+        staging = tempfile.mkdtemp(prefix=".tmp-", dir=url_dir)
+        try:
+            os.rename(partial, os.path.join(staging, os.path.basename(final)))
+            with open(os.path.join(staging, ".source.json"), "w") as f:
+                json.dump({"url": url, "sha256": digest, "size": os.path.getsize(os.path.join(staging, os.path.basename(
+                    final))), "pinned": bool(pin is not None and pin.sha256), "fetched": time.time()}, f, indent=1)
+            if os.path.isdir(version):  # an incomplete version (no marker) from an older, killed layout
+                shutil.rmtree(version, ignore_errors=True)
+            os.rename(staging, version)  # atomic: the version appears complete and verified, or not at all
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        _remember_sha256(final, digest)  # so that later checks of this file cost nothing
+    return final
+
+
+def _download(url: str, partial: str, size: int | None, hint: str) -> None:
+    """Download ``url`` into ``partial``, resuming what is already there (HTTP Range); retried on connection errors,
+    each attempt resuming. A server that ignores Range gets the file from the start again."""
+    import http.client
+    import urllib.error
+    import urllib.request
+
+    from tqdm.auto import tqdm
+
+    last: BaseException | None = None
+    for attempt in range(max(1, HTTP_ATTEMPTS)):
+        if attempt:
+            time.sleep(HTTP_BACKOFF_S * attempt)
+        have = os.path.getsize(partial) if os.path.exists(partial) else 0
+        if size is not None and have == size:
+            return
+        if size is not None and have > size:
+            os.remove(partial)
+            have = 0
+        headers = {"User-Agent": "modalmill-weights"}
+        if have:
+            headers["Range"] = f"bytes={have}-"
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=HTTP_TIMEOUT_S) as r:
+                resumed = have > 0 and r.status == 206
+                if have and not resumed:
+                    logger.info("%s: the server does not resume (HTTP %s); downloading from the start", url, r.status)
+                    have = 0
+                length = r.headers.get("Content-Length")
+                total = have + int(length) if length is not None else size
+                if resumed:
+                    logger.info("%s: resuming at byte %d", url, have)
+                with open(partial, "ab" if resumed else "wb") as f, \
+                        tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
+                             desc=f"weights {os.path.basename(url)[:40]}", leave=False) as bar:
+                    while chunk := r.read(1 << 20):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+            got = os.path.getsize(partial)
+            if total is not None and got < total:
+                raise http.client.IncompleteRead(b"", total - got)
+            if size is not None and got != size:
+                raise WeightsError(f"{url}: downloaded {got} bytes, the pinned size is {size}.{hint}")
+            return
+        except urllib.error.HTTPError as e:
+            if e.code == 416 and have:  # asked past the end: what we have is no prefix of this file; start over
+                os.remove(partial)
+                last = e
+                continue
+            if e.code in (401, 403, 404, 410):
+                raise WeightsError(f"cannot download {url}: HTTP {e.code} {e.reason}.{hint}") from None
+            last = e
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, OSError) as e:
+            last = e
+            logger.warning("%s: download interrupted (%s: %s); %d bytes kept, resuming", url, type(e).__name__, e,
+                           os.path.getsize(partial) if os.path.exists(partial) else 0)
+    kept = os.path.getsize(partial) if os.path.exists(partial) else 0
+    raise WeightsError(f"cannot download {url} ({HTTP_ATTEMPTS} attempts; last: {type(last).__name__}: {last}); "
+                       f"{kept} bytes are kept in the cache and the next run resumes from there.{hint}")
+
+
+# ---------------------------------------------------------------------- tarball members
+
+
+def _member_dir(tarball: str, member: str) -> str:
+    st = os.stat(tarball)
+    key = f"{os.path.realpath(tarball)}|{st.st_size}|{st.st_mtime_ns}|{_norm_member(member)}"
+    return os.path.join(CACHE_DIR, "members", hashlib.sha256(key.encode()).hexdigest()[:24])
+
+
+def _norm_member(name: str) -> str:
+    name = name.replace("\\", "/")
+    while name.startswith("./"):
+        name = name[2:]
+    return name.strip("/")
+
+
+def _tar_member(tarball: str, member: str, hint: str) -> str:
+    """The file ``member`` of the local ``tarball``, extracted once (streaming; nothing else is written) into the
+    cache and renamed into place in one step."""
+    import tarfile
+
+    want = _norm_member(member)
+    if not want or ".." in want.split("/"):
+        raise WeightsError(f"{tarball}: refusing the tarball member {member!r}")
+    dest = _member_dir(tarball, member)
+    final = os.path.join(dest, os.path.basename(want))
+    if os.path.isfile(final):
+        return final
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(dest))
+    seen = []
+    try:
+        try:
+            with tarfile.open(tarball, "r|*") as tf:
+                for m in tf:
+                    name = _norm_member(m.name)
+                    if name != want:
+                        if len(seen) < 8 and m.isfile():
+                            seen.append(name)
+                        continue
+                    if not m.isfile():
+                        raise WeightsError(f"{tarball}: member {member!r} is not a regular file.{hint}")
+                    src = tf.extractfile(m)
+                    with open(os.path.join(staging, os.path.basename(want)), "wb") as dst:
+                        shutil.copyfileobj(src, dst, 8 << 20)
+                    break
+                else:
+                    raise WeightsError(f"{tarball}: no member {member!r} in the tarball (it holds e.g. "
+                                       f"{seen}).{hint}")
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise WeightsError(f"{tarball}: cannot read it as a tarball ({type(e).__name__}: {e}).{hint}") from None
+        try:
+            os.rename(staging, dest)
+        except OSError:
+            if not os.path.isfile(final):
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+# ---------------------------------------------------------------------- loading
+
+
+def read_lightning_state_dict(path: str) -> dict:
+    """The ``state_dict`` of a PyTorch-Lightning checkpoint, read without running any code from the file.
+
+    Lightning checkpoints pickle more than tensors (callbacks such as ``ModelCheckpoint``, configs such as yacs'
+    ``CfgNode`` under ``hyper_parameters``), so a plain ``torch.load(weights_only=True)`` refuses them. They are
+    read here with torch's weights-only unpickler all the same: every non-tensor global the file names (listed
+    beforehand by ``torch.serialization.get_unsafe_globals_in_checkpoint``, or, for the legacy non-zip format, as
+    the unpickler reports them) is read as a plain ``OrderedDict`` stand-in, so no class or function from the file
+    is imported or called; only ``state_dict`` is kept.
+    """
+    from collections import OrderedDict
+
+    import torch
+
+    try:
+        names = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except ValueError as e:  # not a zip: torch's legacy format (a pickle) or no checkpoint at all
+        with open(path, "rb") as f:
+            if f.read(1) != b"\x80":  # every pickle of protocol >= 2 starts with PROTO
+                raise WeightsError(f"{path}: not a torch checkpoint ({e})") from None
+        names = []  # learn the names from the unpickler's refusals
+    except Exception as e:  # noqa: BLE001
+        raise WeightsError(f"{path}: not a torch checkpoint ({type(e).__name__}: {e})") from None
+    for _ in range(64):
+        try:
+            with torch.serialization.safe_globals([(OrderedDict, n) for n in names]):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+            break
+        except Exception as e:  # noqa: BLE001
+            m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+            if m and m.group(1) not in names:
+                names.append(m.group(1))
+                continue
+            raise WeightsError(f"{path}: cannot read it as a checkpoint with only tensors and plain containers "
+                               f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})") from None
+    else:
+        raise WeightsError(f"{path}: names too many non-tensor objects to be a model checkpoint")
+    state = obj.get("state_dict") if isinstance(obj, dict) else None
+    if not isinstance(state, dict):
+        found = sorted(map(str, obj))[:10] if isinstance(obj, dict) else type(obj).__name__
+        raise WeightsError(f"{path}: no 'state_dict' in the checkpoint (found: {found})")
+    return dict(state)
 
 
 def load_state_dict(path: str) -> dict:
-    """A flat ``{name: tensor}`` from ``.safetensors`` or a ``torch.save`` file (``weights_only=True``)."""
+    """A flat ``{name: tensor}`` from ``.safetensors``, a Lightning ``.ckpt`` (:func:`read_lightning_state_dict`)
+    or a ``torch.save`` file (``weights_only=True``)."""
     import torch
 
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
         return load_file(path)
+    if path.endswith(".ckpt"):
+        return read_lightning_state_dict(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
