@@ -232,17 +232,65 @@ def modalities():
 
 @main.command()
 def labelers():
-    """Every registered labeler with its modalities, default weights, licence and resources."""
+    """Every registered labeler with its modalities, default weights, licence, resources and published quality."""
     from .labelers import LABELERS, load_entry_points
 
     load_entry_points()
-    rows = [("name", "outputs", "weights", "licence", "resources", "runs in")]
+    rows = [("name", "outputs", "weights", "licence", "resources", "runs in", "quality")]
     for cls in LABELERS.values():
         r = cls.default_resources
         res = f"cpu={r.num_cpus:g} gpu={r.num_gpus:g}" + (f" mem={r.memory_mb}MiB" if r.memory_mb else "")
         rows.append((cls.name, ",".join(cls.outputs), cls.weights or "-", cls.license, res,
-                     "actor pool" if cls.stateful else "shard task"))
+                     "actor pool" if cls.stateful else "shard task", cls.quality or "-"))
     _table(rows)
+
+
+@main.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (with where each hash comes from).")
+@click.pass_context
+def weights(ctx, as_json):
+    """Every labeler's default weights: source, licence, size, sha256, and whether they are cached here.
+
+    `modalmill weights fetch [LABELER ...] --to DIR|s3://PREFIX` downloads them once (verified against the pinned
+    sha256) and stages them for workers without internet; a job then sets `weights_from: PREFIX`."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from .jobs.weights import human_size, table
+
+    rows = table()
+    if as_json:
+        click.echo(json.dumps([r.as_dict() for r in rows], indent=1))
+        return
+    out = [("labeler", "source", "licence", "size", "sha256", "cached")]
+    for r in rows:
+        sha = r.sha256 or "not pinned (no published hash)"
+        if r.sha256 and r.pinned_file:
+            sha = f"{r.sha256} ({r.pinned_file})"
+        here = "bundled" if r.cached == "bundled" else ("yes: " + r.cached if r.cached else "no")
+        out.append((r.labeler, r.source, r.licence, human_size(r.size) if r.kind != "bundled" else "-",
+                    sha if r.kind != "bundled" else "-", here))
+    _table(out)
+
+
+@weights.command("fetch")
+@click.argument("labelers", nargs=-1)
+@click.option("--to", "to", default=None, metavar="DIR|s3://PREFIX",
+              help="Also stage the weights at DIR/<labeler> (a job reads them with `weights_from: DIR`).")
+def weights_fetch(labelers, to):
+    """Download the default weights of LABELERS (default: all downloadable ones) into the local weights cache,
+    checked against their pinned sha256; with --to, copy them to DIR/<labeler> for clusters without internet."""
+    from .jobs.weights import fetch
+    from .labelers.weights import WeightsError
+
+    try:
+        done, errors = fetch(list(labelers) or None, to, echo=click.echo)
+    except (WeightsError, KeyError) as e:
+        raise click.ClickException(str(e).strip("'\"")) from None
+    if to and done:
+        click.echo(f"staged {len(done)} labeler(s) under {to}; run jobs with `weights_from: {to}` "
+                   f"(or MODALMILL_WEIGHTS_FROM={to})")
+    if errors:
+        raise click.ClickException(f"{len(errors)} labeler(s) failed: " + "; ".join(errors))
 
 
 @main.command("convert-weights")

@@ -15,7 +15,7 @@ import os
 import torch
 
 from modalmill.labelers.detection import DETR_COCO_LABELS
-from modalmill.labelers.semseg import COCO_PANOPTIC_CLASSES
+from modalmill.labelers.semseg import COCO_PANOPTIC_CLASSES, COCO_THING_CLASSES
 
 # labeler settings that suit the tiny models (small inputs; thresholds opened up for random weights)
 TEST_SETTINGS = {
@@ -24,6 +24,7 @@ TEST_SETTINGS = {
     "depth_anything": {"input_size": 56},
     "mask2former_coco": {"input_size": 64},
     "detr_coco": {"input_size": 64, "min_score": 0.0, "top_k": 5},
+    "dfine_coco": {"input_size": 64, "min_score": 0.0, "top_k": 5},
     # random SAM weights give no mask at SAM's default thresholds: open them up so that instances come out
     "sam": {"model_type": "auto", "points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0,
             "box_nms_thresh": 0.95},
@@ -165,6 +166,36 @@ def tiny_detr(names=DETR_COCO_LABELS, seed: int = 0, favour: str | None = None):
 
 def save_tiny_detr(path: str, **kw) -> str:
     tiny_detr(**kw).save_pretrained(path)
+    return path
+
+
+def tiny_dfine(names=COCO_THING_CLASSES, seed: int = 0, favour: str | None = None):
+    """A tiny D-FINE (HGNetV2 backbone, hybrid encoder, FDR decoder) with COCO's 80 classes; ``favour`` raises one
+    class's logit in every decoder layer's classifier so that a random detector finds that class (people for
+    HMR 2.0)."""
+    from transformers import DFineConfig, DFineForObjectDetection, HGNetV2Config
+
+    torch.manual_seed(seed)
+    backbone = HGNetV2Config(embedding_size=8, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
+                             stem_channels=[3, 8, 8], stage_in_channels=[8, 16, 32, 64],
+                             stage_mid_channels=[8, 8, 16, 16], stage_out_channels=[16, 32, 64, 128],
+                             stage_num_blocks=[1, 1, 1, 1], stage_numb_of_layers=[1, 1, 1, 1],
+                             stage_downsample=[False, True, True, True], stage_light_block=[False, False, True, True],
+                             stage_kernel_size=[3, 3, 5, 5], out_features=["stage2", "stage3", "stage4"])
+    cfg = DFineConfig(backbone_config=backbone, encoder_in_channels=[32, 64, 128], encoder_hidden_dim=32, d_model=32,
+                      encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2, decoder_attention_heads=2,
+                      decoder_layers=2, num_queries=12, hidden_expansion=0.5, decoder_n_points=2, num_denoising=0,
+                      decoder_in_channels=[32, 32, 32], num_labels=len(names), id2label=dict(enumerate(names)))
+    model = DFineForObjectDetection(cfg).eval()
+    if favour is not None:
+        with torch.no_grad():
+            for head in model.model.decoder.class_embed:
+                head.bias[list(names).index(favour)] += 8.0
+    return model
+
+
+def save_tiny_dfine(path: str, **kw) -> str:
+    tiny_dfine(**kw).save_pretrained(path)
     return path
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 import uuid
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 
 from .. import __version__
 from ..labelers.base import LABELERS, get_labeler, labeler_for, load_entry_points
+from ..labelers.weights import mirror_location
 from ..io import manifest
 from ..io.readers import ShardSource, plan_sources
 from ..pipeline.shard import CORE, FULL, UPDATE, LabelerRun, ShardTask, core_producers, labeler_producers
@@ -55,10 +57,14 @@ def resolve_labelers(spec: JobSpec, modalities: list[str], available: set[str] =
             raise JobSpecError(f"no labeler produces modality {m!r}; see `modalmill labelers`") from None
         chosen.setdefault(cls.name, []).append(m)
     runs: dict[str, LabelerRun] = {}
+    mirror = spec.weights_from or os.environ.get("MODALMILL_WEIGHTS_FROM") or None
     for name, outs in chosen.items():
         cls = get_labeler(name)
         s = spec.labelers.get(name)
-        runs[name] = LabelerRun(labeler=name, config=dict(s.config) if s else {}, outputs=tuple(outs),
+        config = dict(s.config) if s else {}
+        if mirror and not config.get("weights") and "weights" in {f.name for f in dataclasses.fields(cls.Config)}:
+            config["weights"] = mirror_location(mirror, name)  # weights staged by `modalmill weights fetch`
+        runs[name] = LabelerRun(labeler=name, config=config, outputs=tuple(outs),
                                 batch_size=(s.batch_size if s and s.batch_size else cls.default_batch_size),
                                 stateful=cls.stateful, cls=cls)
     # order so that a labeler runs after the labelers of the modalities it requires

@@ -18,6 +18,9 @@ labelers:                 # per-labeler settings, keyed by labeler name; a label
     resources: {num_cpus: 1, num_gpus: 0, memory_mb: 0}
     workers: 1            # actor-pool size (model labelers)
 ray: {address: null, num_cpus: null, shard_cpus: 1, max_retries: 3}
+weights_from: s3://bucket/weights/   # optional: every model labeler without a `weights` setting of its own reads
+                                     # PREFIX/<labeler> (staged by `modalmill weights fetch --to PREFIX`);
+                                     # MODALMILL_WEIGHTS_FROM does the same for every job
 ```
 Every key is checked: an unknown or mistyped key is an error that names it and suggests the closest one.
 """
@@ -70,6 +73,7 @@ class JobSpec:
     crops: CropConfig = CropConfig()
     labelers: dict[str, LabelerSettings] = field(default_factory=dict)
     ray: RaySettings = RaySettings()
+    weights_from: str | None = None  # staged weights: PREFIX/<labeler> for each model labeler without its own
 
     def with_overrides(self, **kw) -> "JobSpec":
         return dataclasses.replace(self, **{k: v for k, v in kw.items() if v is not None})
@@ -180,6 +184,8 @@ def job_from_dict(data: dict, where: str = "job") -> JobSpec:
         crops=_build(f"{where}: crops", CropConfig, data.get("crops")),
         labelers=labelers,
         ray=_build(f"{where}: ray", RaySettings, data.get("ray")),
+        weights_from=None if data.get("weights_from") in (None, "") else _typed(where, data["weights_from"], str,
+                                                                                 "weights_from"),
     )
     if spec.batch_size < 1 or spec.shard_size < 1:
         raise JobSpecError(f"{where}: batch_size and shard_size must be >= 1")

@@ -85,6 +85,12 @@ def split_member(location: str) -> tuple[str, str | None]:
     return location, None
 
 
+def mirror_location(prefix: str, labeler: str) -> str:
+    """Where ``modalmill weights fetch --to PREFIX`` stages a labeler's default weights: ``PREFIX/<labeler>``."""
+    return storage.join(prefix, labeler) if storage.is_s3(prefix) else os.path.join(os.path.expanduser(prefix),
+                                                                                     labeler)
+
+
 def offline() -> bool:
     """No downloads at all (https or hub): ``MODALMILL_WEIGHTS_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``."""
     return os.environ.get("MODALMILL_WEIGHTS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
