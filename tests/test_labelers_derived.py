@@ -21,7 +21,7 @@ from modalmill.io import manifest
 from modalmill.schemas import get_modality
 from modalmill.schemas.modalities import METADATA_RANGES
 
-VARIANTS = ("metadata_derived", "metadata_derived_geometry", "metadata_derived_full")
+VARIANTS = ("metadata_derived", "metadata_derived_geometry", "metadata_derived_full", "metadata_derived_4m21")
 ID = {name: i for i, name in enumerate(COCO_PANOPTIC_CLASSES)}
 
 
@@ -139,12 +139,16 @@ def _sample(key="k", seed=0, with_caption=True):
               "det": {"instances": [inst((0, 0, 0.6, 0.6), "person", 0.95), inst((0.4, 0.4, 1, 1), "couch", 0.8)]}}
     if with_caption:
         labels["caption"] = ["A person on a couch. Cozy."]
+    labels["sam_mask"] = {"height": 24, "width": 32, "instances": [
+        {"polygons": [[[0, 0], [5, 0], [5, 5]]], "bbox_xyxy": [0, 0, 5, 5], "area": 15, "predicted_iou": 0.9,
+         "stability_score": 0.96}] * 3}
     return LabelInput(key=key, image=img, original_size=(64, 48), crops=np.zeros((1, 5), np.int64), labels=labels)
 
 
 def test_the_variants_are_registered_with_their_requirements():
     assert [get_labeler(n).requires for n in VARIANTS] == [
-        ("semseg_coco", "det"), ("semseg_coco", "det", "normal"), ("semseg_coco", "det", "normal", "caption")]
+        ("semseg_coco", "det"), ("semseg_coco", "det", "normal"), ("semseg_coco", "det", "normal", "caption"),
+        ("semseg_coco", "det", "normal", "caption", "sam_mask")]
     for n in VARIANTS:
         cls = get_labeler(n)
         assert issubclass(cls, DerivedMetadataLabeler) and cls.outputs == ("metadata",) and not cls.stateful
@@ -174,6 +178,9 @@ def test_each_variant_adds_exactly_its_fields_on_top_of_the_image_statistics(nam
         assert meta["geometric_complexity"] == 0.0
     if "caption" in cls.requires:
         assert (meta["caption_n_chars"], meta["caption_n_words"], meta["caption_n_sentences"]) == (26, 6, 2)
+    assert ("n_sam_instances" in meta) == ("sam_mask" in cls.requires)
+    if "sam_mask" in cls.requires:
+        assert meta["n_sam_instances"] == 3 and isinstance(meta["n_sam_instances"], int)
 
 
 def test_values_are_clipped_into_4m_ranges_and_missing_inputs_fail_the_sample():
@@ -204,6 +211,13 @@ def test_the_factory_makes_other_combinations():
     assert {"caption_n_words", "brightness"} <= set(res["metadata"]) and "n_humans" not in res["metadata"]
     with pytest.raises(ValueError, match="derived metadata can be computed from"):
         derived_metadata_labeler("bad", ("depth",), register=False)
+    sam_only = derived_metadata_labeler("metadata_from_sam_test", ("sam_mask",), register=False)
+    empty, garbled = _sample("empty"), _sample("garbled")
+    empty.labels["sam_mask"] = {"height": 24, "width": 32, "instances": []}
+    garbled.labels["sam_mask"] = {"height": 24, "width": 32, "instances": "three"}
+    res = sam_only().process_batch([_sample(), empty, garbled])
+    assert res[0]["metadata"]["n_sam_instances"] == 3 and res[1]["metadata"]["n_sam_instances"] == 0
+    assert isinstance(res[2], LabelFailure) and "unreadable" in res[2].reason and "n_coco" not in str(res[0])
 
 
 # ---------------------------------------------------------------------- in the pipeline

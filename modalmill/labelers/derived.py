@@ -21,6 +21,8 @@ labeler                         requires                                    adds
 ``metadata_derived_geometry``   semseg_coco, det, normal                    the above + geometric_complexity
 ``metadata_derived_full``       semseg_coco, det, normal, caption           the above + caption_n_chars,
                                                                             caption_n_words, caption_n_sentences
+``metadata_derived_4m21``       semseg_coco, det, normal, caption,          the above + n_sam_instances: every
+                                sam_mask                                    4M-21 field modalmill computes
 ==============================  ==========================================  =========================================
 
 Pick one in the job spec (``labelers: {metadata_derived_geometry: {}}``) and run ``--only metadata --force``
@@ -62,7 +64,12 @@ From ``caption`` (its first entry: a string, or ``{"caption": str}``):
   words; ``caption_n_sentences``: the number of non-blank pieces left by splitting at runs of ``.``, ``!``
   or ``?``. An empty caption list gives zeros.
 
-Counts are ints; fractions are rounded to ``decimals`` places. ``n_sam_instances``, ``watermark_score`` and
+From ``sam_mask`` (the SAM labeler's raw instances, before the tokenize stage crops them):
+
+- ``n_sam_instances``: the number of instances SAM's automatic mask generator kept for the whole stored image
+  (after its own IoU/stability/NMS filtering, the instances 4M's ``sam_instance`` modality is made from).
+
+Counts are ints; fractions are rounded to ``decimals`` places. ``watermark_score`` and
 ``aesthetic_score`` are not computed here (they need the SAM labeler's output and scoring models).
 """
 
@@ -88,6 +95,7 @@ __all__ = [
     "det_stats",
     "geometric_complexity",
     "occlusion_score",
+    "sam_stats",
     "semseg_stats",
 ]
 
@@ -103,6 +111,7 @@ SOURCES: dict[str, tuple[str, ...]] = {
     "semseg_coco": ("semantic_diversity", "objectness", "walkability"),
     "normal": ("geometric_complexity",),
     "caption": ("caption_n_chars", "caption_n_words", "caption_n_sentences"),
+    "sam_mask": ("n_sam_instances",),
 }
 
 
@@ -183,6 +192,14 @@ def caption_stats(caption: Any) -> dict[str, int]:
     }
 
 
+def sam_stats(sam_mask: Any) -> int:
+    """n_sam_instances of a ``sam_mask`` record: its number of instances."""
+    instances = sam_mask["instances"]
+    if not isinstance(instances, list):
+        raise TypeError(f"sam_mask instances must be a list, got {type(instances).__name__}")
+    return len(instances)
+
+
 # ---------------------------------------------------------------------- the labeler
 
 
@@ -224,6 +241,8 @@ class DerivedMetadataLabeler(Labeler):
             out["geometric_complexity"] = geometric_complexity(labels["normal"])
         if "caption" in self.requires:
             out.update(caption_stats(labels["caption"]))
+        if "sam_mask" in self.requires:
+            out["n_sam_instances"] = sam_stats(labels["sam_mask"])
         return out
 
     def process_batch(self, batch: list[LabelInput]) -> list[dict[str, Any] | LabelFailure]:
@@ -255,7 +274,7 @@ class DerivedMetadataLabeler(Labeler):
 def derived_metadata_labeler(name: str, requires: tuple[str, ...] | list[str], register: bool = True,
                              description: str = "") -> type[DerivedMetadataLabeler]:
     """A :class:`DerivedMetadataLabeler` named ``name`` that reads ``requires`` (any of det, semseg_coco,
-    normal, caption), registered under ``name`` unless ``register`` is False."""
+    normal, caption, sam_mask), registered under ``name`` unless ``register`` is False."""
     requires = tuple(dict.fromkeys(requires))
     unknown = [m for m in requires if m not in SOURCES]
     if not requires or unknown:
@@ -278,3 +297,5 @@ def derived_metadata_labeler(name: str, requires: tuple[str, ...] | list[str], r
 MetadataDerived = derived_metadata_labeler("metadata_derived", ("semseg_coco", "det"))
 MetadataDerivedGeometry = derived_metadata_labeler("metadata_derived_geometry", ("semseg_coco", "det", "normal"))
 MetadataDerivedFull = derived_metadata_labeler("metadata_derived_full", ("semseg_coco", "det", "normal", "caption"))
+MetadataDerived4M21 = derived_metadata_labeler("metadata_derived_4m21",
+                                               ("semseg_coco", "det", "normal", "caption", "sam_mask"))
