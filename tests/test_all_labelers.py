@@ -21,16 +21,17 @@ from modalmill.io import manifest
 from modalmill.jobs.check import check_output
 from modalmill.schemas.modalities import get_modality
 from tests.tiny_models import (TEST_SETTINGS, save_official_omnidata, save_tiny_blip, save_tiny_clip,
-                               save_tiny_detr, save_tiny_dinov2, save_tiny_hmr2, save_tiny_imagebind,
+                               save_tiny_dfine, save_tiny_dinov2, save_tiny_hmr2, save_tiny_imagebind,
                                save_tiny_mask2former, save_tiny_sam, save_tiny_t5)
 
 # no GPU, no memory reservation, and small CPU shares: eleven actor pools and two shard tasks fit 2 CPUs
 CPU = {"num_cpus": 0.1, "num_gpus": 0, "memory_mb": 0}
-DERIVED = "metadata_derived_full"  # the derived metadata variant that reads det, semseg_coco, normal and caption
+DERIVED = "metadata_derived_4m21"  # the derived metadata variant that reads det, semseg_coco, normal, caption, sam_mask
 # modality -> the labeler that must have produced it. Labelers that read other modalities (t5_caption: caption;
-# hmr2: det; the derived metadata: det, semseg_coco, normal, caption) are listed after those.
+# hmr2: det; the derived metadata: det, semseg_coco, normal, caption, sam_mask) are listed after those. det: the
+# default detector (D-FINE).
 PRODUCER = {
-    "canny_edge": "canny_edge", "color_palette": "color_palette", "caption": "caption", "det": "detr_coco",
+    "canny_edge": "canny_edge", "color_palette": "color_palette", "caption": "caption", "det": "dfine_coco",
     "depth": "omnidata_depth", "normal": "omnidata_normal", "semseg_coco": "mask2former_coco",
     "clip": "clip", "clip_global": "clip", "dinov2": "dinov2", "dinov2_global": "dinov2",
     "imagebind": "imagebind", "imagebind_global": "imagebind", "sam_mask": "sam", "sam_edge": "sam",
@@ -50,8 +51,8 @@ def weights(tmp_path_factory):
         "dinov2": {"weights": save_tiny_dinov2(d / "dinov2")},
         "imagebind": imagebind,
         "clip": save_tiny_clip(d),
-        # a tiny DETR that sees people, so that HMR 2.0 has persons to regress
-        "detr_coco": {"weights": save_tiny_detr(str(d / "detr"), favour="person"), **TEST_SETTINGS["detr_coco"]},
+        # a tiny D-FINE (the default detector) that sees people, so that HMR 2.0 has persons to regress
+        "dfine_coco": {"weights": save_tiny_dfine(str(d / "dfine"), favour="person"), **TEST_SETTINGS["dfine_coco"]},
         "hmr2": {"weights": save_tiny_hmr2(d / "hmr2_tiny.safetensors")},
         "omnidata_depth": {"weights": save_official_omnidata(str(d / "omnidata_dpt_depth_v2.ckpt"), 1)},
         "omnidata_normal": {"weights": save_official_omnidata(str(d / "omnidata_dpt_normal_v2.ckpt"), 3, seed=1)},
@@ -104,8 +105,9 @@ def test_one_job_with_every_labeler(ray_local, demo_corpus, weights, tmp_path):
             assert len(poses["bbox_xyxy"] if poses else []) == len(det_people)
             people += len(det_people)
             sam_instances += len(labels["sam_mask"]["instances"])
-            derived = {f for src in ("det", "semseg_coco", "normal", "caption") for f in SOURCES[src]}
+            derived = {f for src in ("det", "semseg_coco", "normal", "caption", "sam_mask") for f in SOURCES[src]}
             assert derived <= set(labels["metadata"]), sorted(derived - set(labels["metadata"]))
+            assert labels["metadata"]["n_sam_instances"] == len(labels["sam_mask"]["instances"])
             assert labels["metadata"]["caption_n_words"] == len(labels["caption"][0].split())
             assert labels["t5_caption"]["emb"].shape[0] == len(labels["caption"])
             assert labels["clip"].ndim == 3 and labels["dinov2_global"].ndim == 1

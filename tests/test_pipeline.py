@@ -212,9 +212,9 @@ def test_labelers_run_after_the_labelers_they_need_whatever_the_listed_order():
     spec = job_from_dict({"input": "/nonexistent/s-{0..1}.tar", "output": "/nonexistent/out", "modalities": mods,
                           "labelers": {"metadata_derived_full": {}}})
     order = [r.labeler for r in resolve_labelers(spec, mods, available=set(mods))]
-    assert order.index("hmr2") > order.index("detr_coco")
+    assert order.index("hmr2") > order.index("dfine_coco")  # the default detector
     assert order.index("metadata_derived_full") > max(order.index(n) for n in
-                                                      ("detr_coco", "mask2former_coco", "omnidata_normal", "caption"))
+                                                      ("dfine_coco", "mask2former_coco", "omnidata_normal", "caption"))
 
 
 def test_each_labeler_is_called_with_its_own_batch_size(ray_local, demo_corpus, tmp_path):
