@@ -269,3 +269,39 @@ def test_a_member_of_a_tarball_default(server, cache, tmp_path, monkeypatch, cap
         resolve(f"{server.url}/4dhumans/hmr2_data.tar.gz#logs/missing.ckpt")
     with pytest.raises(WeightsError, match="refusing the tarball member"):
         resolve(f"{server.url}/4dhumans/hmr2_data.tar.gz#../../etc/passwd")
+
+
+def _fake_hub_snapshot(hub_cache, repo: str, files: dict[str, bytes], revision: str = "a" * 40) -> str:
+    """A model in the local hub cache, laid out as huggingface_hub lays it out (refs/main -> snapshots/<rev>)."""
+    root = hub_cache / ("models--" + repo.replace("/", "--"))
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(revision)
+    snap = root / "snapshots" / revision
+    snap.mkdir(parents=True)
+    for name, blob in files.items():
+        (snap / name).write_bytes(blob)
+    return str(snap)
+
+
+def test_hub_default_with_a_pinned_file(tmp_path, monkeypatch):
+    """A hub id resolves through huggingface_hub (here from its local cache: HF_HUB_OFFLINE=1) and the pinned
+    file of the snapshot is checked: a different model.safetensors is an error naming it and both hashes."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(W, "CACHE_DIR", str(tmp_path / "weights-cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    blob = b"safetensors bytes"
+    snap = _fake_hub_snapshot(tmp_path / "hub", "org/detector", {"config.json": b"{}", "model.safetensors": blob})
+    good = Pin(sha256=_sha(blob), file="model.safetensors")
+    assert resolve("org/detector", pin=good) == snap
+    assert resolve("org/detector@" + "a" * 40, pin=good) == snap  # a pinned revision
+    assert W.cached("org/detector", good) == snap
+    bad = Pin(sha256="1" * 64, file="model.safetensors")
+    with pytest.raises(WeightsError) as e:
+        resolve("org/detector", pin=bad, how_to_get="the hub id org/detector")
+    msg = str(e.value)
+    assert "model.safetensors" in msg and "1" * 64 in msg and _sha(blob) in msg and "org/detector" in msg
+    with pytest.raises(WeightsError, match="the pinned file weights.bin is not in the hub snapshot"):
+        resolve("org/detector", pin=Pin(sha256=_sha(blob), file="weights.bin"))
+    with pytest.raises(WeightsError, match="cannot get 'org/missing' from the model hub .downloads are off"):
+        resolve("org/missing")
