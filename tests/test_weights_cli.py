@@ -92,8 +92,10 @@ def test_fetch_stages_to_s3_and_a_job_reads_it(s3_env, server, online_cache, tmp
     spec2 = job_from_dict({"input": "/x/s.tar", "output": "/x/out", "modalities": mods,
                            "labelers": {"sam": {"config": {"weights": src}}}})
     assert resolve_labelers(spec2, mods)[0].config == {"weights": src}
-    spec3 = job_from_dict({"input": "/x/s.tar", "output": "/x/out", "modalities": mods})
-    assert resolve_labelers(spec3, mods)[0].config == {"weights": str(tmp_path / "elsewhere" / "sam")}
+    spec3 = job_from_dict({"input": "/x/s.tar", "output": "/x/out", "modalities": [*mods, "ocr", "canny_edge"]})
+    configs = {r.labeler: r.config for r in resolve_labelers(spec3, [*mods, "ocr", "canny_edge"])}
+    assert configs["sam"] == {"weights": str(tmp_path / "elsewhere" / "sam")}
+    assert configs["rapidocr"] == {} and configs["canny_edge"] == {}  # bundled weights / model-free: untouched
     assert resolve(f"{prefix}/sam") == resolve(f"{prefix}/sam")  # cached by object version
 
 

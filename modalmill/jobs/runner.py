@@ -26,6 +26,7 @@ from ..io import manifest
 from ..io.readers import ShardSource, plan_sources
 from ..pipeline.shard import CORE, FULL, UPDATE, LabelerRun, ShardTask, core_producers, labeler_producers
 from .spec import JobSpec, JobSpecError
+from .weights import downloadable
 
 EXIT_OK, EXIT_SAMPLES_FAILED, EXIT_SHARDS_FAILED = 0, 3, 4
 
@@ -62,7 +63,8 @@ def resolve_labelers(spec: JobSpec, modalities: list[str], available: set[str] =
         cls = get_labeler(name)
         s = spec.labelers.get(name)
         config = dict(s.config) if s else {}
-        if mirror and not config.get("weights") and "weights" in {f.name for f in dataclasses.fields(cls.Config)}:
+        if mirror and not config.get("weights") and downloadable(cls) \
+                and "weights" in {f.name for f in dataclasses.fields(cls.Config)}:
             config["weights"] = mirror_location(mirror, name)  # weights staged by `modalmill weights fetch`
         runs[name] = LabelerRun(labeler=name, config=config, outputs=tuple(outs),
                                 batch_size=(s.batch_size if s and s.batch_size else cls.default_batch_size),
