@@ -334,10 +334,14 @@ def _from_hub(location: str, pin: Pin | None, hint: str) -> str:
     try:
         from huggingface_hub import snapshot_download
 
-        # weights of other frameworks are never read here: do not download them
+        # weights of other frameworks are never read here: do not download them; nor pickled copies of weights the
+        # pin says are read from safetensors
+        ignore = ["*.h5", "*.msgpack", "*.ot", "*.onnx", "*.tflite", "flax_model*", "tf_model*", "rust_model*",
+                  "coreml/*", "onnx/*", "openvino/*"]
+        if pin is not None and (pin.file or "").endswith(".safetensors"):
+            ignore += ["*.bin", "*.pt", "*.pth", "*.ckpt"]
         path = snapshot_download(repo_id, revision=revision or None, local_files_only=local_only,
-                                 ignore_patterns=["*.h5", "*.msgpack", "*.ot", "*.onnx", "*.tflite", "flax_model*",
-                                                  "tf_model*", "rust_model*", "coreml/*", "onnx/*", "openvino/*"])
+                                 ignore_patterns=ignore)
     except Exception as e:  # noqa: BLE001 - any hub failure is "not available here"
         why = " (downloads are off: only the local hub cache is used)" if local_only else ""
         raise WeightsError(f"cannot get {location!r} from the model hub{why}: {type(e).__name__}.{hint}") from None
