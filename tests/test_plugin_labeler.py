@@ -1,4 +1,4 @@
-"""The worked example of README "Adding a new pseudo-labeled modality": examples/third_party_labeler is pip-installed
+"""The worked example of docs/adding-a-modality.md: examples/third_party_labeler is pip-installed
 (into a temporary folder put on PYTHONPATH), and the modalmill command, unchanged, finds its labeler through the
 ``modalmill.labelers`` entry point, lists it, writes its ``grayscale`` modality aligned with rgb, and checks it."""
 

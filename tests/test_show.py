@@ -277,3 +277,24 @@ def test_stats_json_matches_independent_counts(output):
     assert r.exit_code == 0 and "label:test_caption_or_fail: chosen to fail" in r.output
     assert "tokenizer" not in tok  # no run record names a checkpoint: usage is of the vocabulary
     assert f"ids used {tok['used']}/16384" in r.output
+
+
+def test_a_plugin_modality_is_drawn_by_its_kind_until_it_registers_a_renderer():
+    """The registry of renderers: by name, else by kind; `renders` lets a package add its own picture."""
+    from modalmill.jobs.show import KIND_RENDERERS, RENDERERS, renders
+    from modalmill.schemas import ModalitySpec
+
+    spec = ModalitySpec("test_show_plugin_grey", PIXEL, "png", "uint8", ("H", "W"), "a plugin's pixel label")
+    value = np.tile(np.arange(W, dtype=np.uint8), (H, 1))
+    assert renderer_for(spec) is KIND_RENDERERS[PIXEL]
+    try:
+        @renders(spec.name)
+        def draw(spec, value, ctx):
+            return Image.new("RGB", (40, 30), (255, 0, 0)), "drawn by the plugin"
+
+        assert renderer_for(spec) is draw
+        pic, subtitle = renderer_for(spec)(spec, value, Context())
+        assert subtitle == "drawn by the plugin" and pic.size == (40, 30)
+    finally:
+        RENDERERS.pop(spec.name, None)
+    assert renderer_for(spec) is KIND_RENDERERS[PIXEL]

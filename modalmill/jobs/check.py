@@ -1,6 +1,6 @@
 """Verify the 4M on-disk contract on any output root (local or ``s3://``), written by modalmill or not.
 
-What :func:`check_output` verifies (``../shared/4m-format.md``):
+What :func:`check_output` verifies (``docs/format.md``):
 
 - **layout**: every modality folder holds ``shard-NNNNN.tar`` files, zero-padded to one width, numbered
   contiguously from 0, and every folder has the same shard numbers;

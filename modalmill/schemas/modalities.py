@@ -269,7 +269,7 @@ _JSON_VALIDATORS = {
     "caption": _validate_caption,
 }
 
-# 4M-21 metadata names and the trainer's binning ranges (../shared/4m-format.md).
+# 4M-21 metadata names and the trainer's binning ranges (docs/format.md).
 METADATA_RANGES: dict[str, tuple[float, float]] = {
     "original_width": (1, 1e9),
     "original_height": (1, 1e9),
