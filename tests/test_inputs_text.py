@@ -9,6 +9,7 @@ import io
 import json
 import os
 import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -401,18 +402,69 @@ def test_folder_input_reads_the_text_and_json_beside_each_image(ray_local, tmp_p
 # ---------------------------------------------------------------------------------------------- 4M's own code
 
 
+@pytest.fixture(scope="module")
+def with_t5(ray_local, img2dataset_shard, tmp_path_factory):
+    """The img2dataset shard with captions from its text and their T5 embeddings (a tiny T5 of the real class)."""
+    from tests.tiny_models import save_tiny_t5
+
+    d = tmp_path_factory.mktemp("t5")
+    path, _ = img2dataset_shard
+    out = d / "out"
+    t5 = {"config": {"weights": save_tiny_t5(d / "t5")}, "resources": {"num_cpus": 0.5, "num_gpus": 0}}
+    s = run_job(job(path, out, modalities=["rgb", "crop_settings", "caption", "t5_caption"],
+                    labelers={"t5_caption": t5}), show_progress=False)
+    assert s["exit_code"] == EXIT_SAMPLES_FAILED and s["samples_written"] == 4
+    return out
+
+
+def test_t5_embeds_a_caption_repeated_per_crop_once(with_t5):
+    """The caption list repeats one text per crop row; t5_caption holds that text's sequence once (4M's
+    CaptionEmbTransform uses a single sequence for any crop), and check accepts both against 3 crops."""
+    for name, data in tar_members(with_t5 / "t5_caption" / "shard-00000.tar"):
+        with np.load(io.BytesIO(data)) as z:
+            assert z["emb"].shape[0] == 1 and z["mask_valid"].shape[0] == 1, name
+    assert rows(with_t5)["000005"]["caption_source"] == "input"
+    report = check_output(str(with_t5))
+    assert report.ok, [v.line() for v in report.violations]
+
+
 @pytest.mark.skipif(not os.path.exists(os.path.join(ML4M, "READY")),
                     reason="apple/ml-4m is not set up here (outside CI)")
-def test_ml4m_caption_transform_reads_every_crop_row(ray_local, img2dataset_shard, tmp_path):
-    """ml-4m's own CaptionTransform(aligned_captions=True) reads the stored caption for every crop row."""
-    path, _ = img2dataset_shard
-    out = tmp_path / "out"
-    run_job(job(path, out), show_progress=False)
+def test_ml4m_caption_transform_reads_every_crop_row(with_t5):
+    """ml-4m's own loader and CaptionTransform(aligned_captions=True) / CaptionEmbTransform read the stored caption and
+    its T5 embedding for every crop row (scripts/check_captions_with_ml4m.py, run in ml-4m's environment)."""
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
                           "check_captions_with_ml4m.py")
-    r = subprocess.run([os.path.join(ML4M, "venv", "bin", "python"), script, str(out), "--ml4m", f"{ML4M}/src"],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run([os.path.join(ML4M, "venv", "bin", "python"), script, str(with_t5), "--ml4m", f"{ML4M}/src"],
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     report = json.loads(r.stdout.strip().splitlines()[-1])
-    assert report["samples"] == 4 and report["crop_rows_read"] == 4 * N_CROPS and report["errors"] == []
+    assert report["samples"] == 4 and report["errors"] == []
+    assert report["crop_rows_read"] == report["t5_rows_read"] == 4 * N_CROPS
     assert report["captions"] == {k: WANT[k] for k in sorted(WANT)}
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_parquet_from_s3_equals_the_local_parquet_run(ray_local, s3_env, same_corpus_two_ways, tmp_path):
+    """A parquet corpus in a bucket (SeaweedFS, a glob over the bucket) is read with ranged GETs into the same output
+    as the local files."""
+    server, bucket = s3_env
+    d = same_corpus_two_ways
+    client = server.client()
+    for name in sorted(os.listdir(d / "pq")):
+        client.upload_file(str(d / "pq" / name), bucket, f"pq/{name}")
+    mods = ["rgb", "crop_settings", "caption"]
+    cols = {"image_column": "image", "text_column": "caption", "id_column": "key"}
+    local = tmp_path / "local"
+    run_job(job(str(d / "pq" / "train-*.parquet"), local, modalities=mods, shard_size=3, parquet=cols),
+            show_progress=False)
+    cmd = [sys.executable, "-m", "modalmill", "label", f"s3://{bucket}/pq/train-*.parquet", str(tmp_path / "remote"),
+           "-m", ",".join(mods), "--image-column", "image", "--text-column", "caption", "--id-column", "key",
+           "--shard-size", "3", "--n-crops", str(N_CROPS), "--max-size", "128", "--no-progress", "--num-cpus", "2"]
+    r = subprocess.run(cmd, env={**os.environ, **server.env()}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == EXIT_SAMPLES_FAILED, r.stderr[-3000:]
+    for shard in ("shard-00000", "shard-00001"):
+        for m in mods:
+            assert (tmp_path / "remote" / m / f"{shard}.tar").read_bytes() == (local / m / f"{shard}.tar").read_bytes()
+    assert rows(tmp_path / "remote")["s000"]["source"] == f"s3://{bucket}/pq/train-00000-of-00002.parquet#rows=0-2"
