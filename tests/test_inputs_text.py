@@ -428,6 +428,16 @@ def test_t5_embeds_a_caption_repeated_per_crop_once(with_t5):
     assert report.ok, [v.line() for v in report.violations]
 
 
+def test_the_text_tokenizer_trains_on_the_input_captions(with_t5, tmp_path):
+    from modalmill.tokenize.text import encode_text, load_text_tokenizer, train_text_tokenizer_on_output
+
+    info = train_text_tokenizer_on_output(str(with_t5), str(tmp_path / "text"))
+    assert info["captions"] == 4  # each sample's caption once, not once per crop row
+    tok = load_text_tokenizer(info["path"])
+    for text in WANT.values():
+        assert 1 not in encode_text(tok, text)  # no [UNK]: the word pieces were learned from these captions
+
+
 @pytest.mark.skipif(not os.path.exists(os.path.join(ML4M, "READY")),
                     reason="apple/ml-4m is not set up here (outside CI)")
 def test_ml4m_caption_transform_reads_every_crop_row(with_t5):

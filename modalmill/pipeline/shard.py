@@ -534,13 +534,14 @@ def _process_update(task: ShardTask, call, progress, stats: _Stats) -> dict:
                                                    labels=labels))
             if input_texts is not None:
                 text, problem = input_texts.get(key, (None, "caption text: the sample is no longer in the input"))
-                try:
-                    if problem:
-                        raise RecordError("caption", key, "input", problem)
-                    if text is not None:
+                stage = "read"
+                if problem is None and text is not None:
+                    try:
                         _give_caption(item, text)
-                except RecordError as e:
-                    row.fail("read" if problem else "validate:caption", problem or str(e))
+                    except RecordError as e:
+                        stage, problem = "validate:caption", str(e)
+                if problem:
+                    row.fail(stage, problem)
                     newly_failed[key] = row
                     continue
             labelling.add(item)
