@@ -78,20 +78,33 @@ def _with_common(f):
               help="Comma-separated modalities to write.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--shard-size", type=int, default=1000, show_default=True, help="Images per shard for folder input.")
+@click.option("--shard-size", type=int, default=1000, show_default=True,
+              help="Images per shard for folder input; rows per shard of each parquet file.")
 @click.option("--max-size", type=int, default=None, help="Cap the stored image's longer side (pixels).")
 @click.option("--n-crops", type=int, default=1, show_default=True, help="Crops per sample in crop_settings.")
 @click.option("--num-cpus", type=int, default=None, help="CPUs of the embedded Ray (default: all).")
+@click.option("--caption-source", type=click.Choice(["input", "model", "input_or_model"]), default="input",
+              show_default=True, help="caption from the samples' own text, from the captioning model, or the "
+                                      "input's text with the model only where a sample has none.")
+@click.option("--text-member", default="txt", show_default=True, help="Member extension holding a sample's text.")
+@click.option("--text-json-key", default="caption", show_default=True,
+              help="Else the field of the sample's .json holding its text ('' for none).")
+@click.option("--image-column", default="image", show_default=True,
+              help="Parquet input: the column with the image bytes (or {'bytes', 'path'} structs).")
+@click.option("--text-column", default=None, help="Parquet input: the column with the text (caption).")
+@click.option("--id-column", default=None, help="Parquet input: the column with the sample keys (default: row).")
 @_with_common
-def label(input_spec, output, modalities, seed, batch_size, shard_size, max_size, n_crops, num_cpus, address, only,
-          force, shards, no_progress):
-    """Label INPUT (tar shard pattern, s3:// pattern or image folder) into OUTPUT (local or s3:// root)."""
+def label(input_spec, output, modalities, seed, batch_size, shard_size, max_size, n_crops, num_cpus, caption_source,
+          text_member, text_json_key, image_column, text_column, id_column, address, only, force, shards, no_progress):
+    """Label INPUT (tar shard pattern, parquet pattern, s3:// pattern or image folder) into OUTPUT (local or s3://)."""
     from .jobs.runner import run_job
     from .jobs.spec import job_from_dict
 
     data = {"input": input_spec, "output": output, "modalities": _csv(modalities), "seed": seed,
             "batch_size": batch_size, "shard_size": shard_size, "shards": shards,
-            "decode": {"max_size": max_size}, "crops": {"n_crops": n_crops}, "ray": {"num_cpus": num_cpus}}
+            "decode": {"max_size": max_size}, "crops": {"n_crops": n_crops}, "ray": {"num_cpus": num_cpus},
+            "text": {"caption_source": caption_source, "member": text_member, "json_key": text_json_key or None},
+            "parquet": {"image_column": image_column, "text_column": text_column, "id_column": id_column}}
     spec = job_from_dict(data, where="modalmill label")
     summary = run_job(spec, only=_csv(only), force=force, address=address, show_progress=not no_progress)
     _report(summary)

@@ -94,3 +94,11 @@ def test_the_demo_command_runs_end_to_end_with_its_progress_bars(tmp_path):
     assert "Region-based segmentation" in texts, texts
     for m in ("rgb", "canny_edge"):
         assert (out / "_modalmill" / "tokenizers" / m / "reconstructions.png").stat().st_size > 0
+    # caption is the corpus' own text (each photo's hand-written .txt), once per crop row; the text tokenizer learned it
+    from modalmill.jobs.democorpus import DESCRIPTIONS
+
+    with tarfile.open(out / "caption" / "shard-00000.tar") as t:
+        first = json.loads(t.extractfile(t.getmembers()[0]).read())
+    assert first == [DESCRIPTIONS["astronaut"]] * 4
+    assert (out / "_modalmill" / "tokenizers" / "text" / "text_tokenizer.json").stat().st_size > 0
+    assert "word pieces learned from 18 captions" in r.stdout

@@ -210,7 +210,7 @@ def test_labelers_run_after_the_labelers_they_need_whatever_the_listed_order():
 
     mods = ["rgb", "human_poses", "metadata", "det", "semseg_coco", "normal", "caption"]
     spec = job_from_dict({"input": "/nonexistent/s-{0..1}.tar", "output": "/nonexistent/out", "modalities": mods,
-                          "labelers": {"metadata_derived_full": {}}})
+                          "labelers": {"metadata_derived_full": {}}, "text": {"caption_source": "model"}})
     order = [r.labeler for r in resolve_labelers(spec, mods, available=set(mods))]
     assert order.index("hmr2") > order.index("dfine_coco")  # the default detector
     assert order.index("metadata_derived_full") > max(order.index(n) for n in

@@ -95,7 +95,8 @@ def read_manifest(root: str):
     tables = []
     for url in storage.list_files(meta_url(root, "manifest"), suffix=".parquet"):
         tables.append(pq.read_table(io.BytesIO(storage.read_bytes(url)), use_threads=False))
-    return pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()
+    # manifests written before a column was added lack it: promote (missing columns read as null)
+    return pa.concat_tables(tables, promote_options="default") if tables else MANIFEST_SCHEMA.empty_table()
 
 
 def list_markers(root: str) -> dict[str, dict]:

@@ -1,14 +1,34 @@
-"""Readers: webdataset tar shards (local or s3://) and plain image folders, streamed sample by sample.
+"""Readers: webdataset tar shards (local or s3://), image folders and parquet files, streamed sample by sample.
 
 The shard is the unit of work: :func:`plan_sources` turns an input spec into an ordered list of
 :class:`ShardSource` (input shard i becomes output shard i), and :func:`iter_samples` streams one
 source as :class:`RawSample` records, never holding more than one sample's bytes in memory. Problems
 with a single sample (unsafe or duplicate key, truncated member) come back as a sample whose ``error`` is
 set; a tar that is cut short yields the samples before the cut and then a :class:`ShardTruncated` marker.
+
+Every kind of input gives a sample the same members, so everything downstream is the same: the image under
+its extension, the text under the job's text member (``txt``), the source metadata as ``json``.
+
+- **tar**: the members of the sample (webdataset / img2dataset layout: ``KEY.jpg``, ``KEY.txt``, ``KEY.json``).
+- **folder**: each image file, plus the files next to it with the same stem and the text member's extension
+  or ``.json`` (img2dataset's folder layout: ``00000/000000001.jpg``, ``000000001.txt``, ``000000001.json``).
+- **parquet** (a pattern whose files end in ``.parquet``): one sample per row. The image column holds the bytes
+  (binary) or Hugging Face's ``{"bytes": ..., "path": ...}`` struct; the optional text column (string or binary)
+  becomes the text member; every other column that is not binary becomes a field of the ``json`` member. Keys
+  come from the optional id column (dots become ``_``, as 4M cuts keys at the first dot), else
+  ``<file stem>_<row in file, 9 digits>``. Files are read with pyarrow one row group at a time (never a whole
+  file); only the footer is read when planning.
+
+Shard boundaries of parquet input (so a rerun maps the same rows to the same output shard): the pattern's files
+in sorted order, each cut into consecutive chunks of ``shard_size`` rows (row ``r`` of a file is in its chunk
+``r // shard_size``; the last chunk of a file may be shorter; a shard never spans two files). Output shard
+numbers count these chunks in that order, and a shard's source is ``FILE#rows=START-END`` (END inclusive),
+recorded in its marker: a rerun with another ``shard_size`` or other files is refused instead of mixing rows.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import re
@@ -23,12 +43,32 @@ _KEY_OK = re.compile(r"^[^\x00-\x1f\\]+$")
 
 
 @dataclass(frozen=True)
+class ParquetColumns:
+    """Which columns of a parquet corpus hold what (the job's ``parquet:`` section)."""
+
+    image_column: str = "image"
+    text_column: str | None = None
+    id_column: str | None = None
+
+    def __post_init__(self):
+        for name in ("image_column", "text_column", "id_column"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise ValueError(f"{name} must be a column name, got {v!r}")
+        if self.image_column in (self.text_column, self.id_column):
+            raise ValueError(f"image_column {self.image_column!r} is also the text or id column")
+
+
+@dataclass(frozen=True)
 class ShardSource:
     index: int  # output shard number
-    url: str  # the input tar, or a description of a folder chunk
-    kind: str  # "tar" or "folder"
-    files: tuple[str, ...] = ()  # folder chunks: the image files, in order
+    url: str  # the input tar, or a description of a folder chunk / parquet row range
+    kind: str  # "tar", "folder" or "parquet"
+    files: tuple[str, ...] = ()  # folder chunks: the image files, in order; parquet: the one file
     root: str = ""  # folder chunks: the folder the keys are relative to
+    rows: tuple[int, int] = (0, 0)  # parquet: rows [start, stop) of the file
+    columns: ParquetColumns = ParquetColumns()  # parquet: which column is what
+    text_member: str = "txt"  # folder sidecars and parquet text: the member name text goes under
 
     @property
     def name(self) -> str:
@@ -79,15 +119,17 @@ def key_problem(key: str) -> str | None:
 # ---------------------------------------------------------------------- planning
 
 
-def plan_sources(inputs: str | list[str], shard_size: int = 1000) -> list[ShardSource]:
+def plan_sources(inputs: str | list[str], shard_size: int = 1000, parquet: ParquetColumns = ParquetColumns(),
+                 text_member: str = "txt") -> list[ShardSource]:
     """Expand the input spec(s) into ordered shard sources.
 
-    Each input is a tar shard pattern (``shard-{00000..00009}.tar``, globs, ``s3://...``) or a local image
-    folder. Folders are split into chunks of ``shard_size`` images in sorted path order.
+    Each input is a tar shard pattern (``shard-{00000..00009}.tar``, globs, ``s3://...``), a parquet pattern
+    (its files end in ``.parquet``) or a local image folder. Folders are split into chunks of ``shard_size``
+    images in sorted path order; parquet files into chunks of ``shard_size`` rows (see the module docstring).
     """
     if isinstance(inputs, str):
         inputs = [inputs]
-    urls: list[tuple[str, str, tuple[str, ...], str]] = []
+    out: list[dict] = []
     for spec in inputs:
         if not storage.is_s3(spec) and os.path.isdir(spec):
             files = _list_images(spec)
@@ -95,13 +137,43 @@ def plan_sources(inputs: str | list[str], shard_size: int = 1000) -> list[ShardS
                 raise FileNotFoundError(f"{spec}: no image files ({', '.join(IMAGE_EXTS)}) in this folder")
             for start in range(0, len(files), shard_size):
                 chunk = tuple(files[start:start + shard_size])
-                urls.append((f"{spec}#{start}-{start + len(chunk) - 1}", "folder", chunk, spec))
+                out.append(dict(url=f"{spec}#{start}-{start + len(chunk) - 1}", kind="folder", files=chunk,
+                                root=spec))
         else:
             expanded = storage.expand(spec)
             if not expanded:
                 raise FileNotFoundError(f"{spec}: no input shards match")
-            urls.extend((u, "tar", (), "") for u in expanded)
-    return [ShardSource(index=i, url=u, kind=k, files=f, root=r) for i, (u, k, f, r) in enumerate(urls)]
+            if all(u.lower().endswith(".parquet") for u in expanded):
+                for u in expanded:
+                    n = _parquet_rows(u, parquet)
+                    for start in range(0, n, shard_size):
+                        stop = min(n, start + shard_size)
+                        out.append(dict(url=f"{u}#rows={start}-{stop - 1}", kind="parquet", files=(u,),
+                                        rows=(start, stop), columns=parquet))
+            elif any(u.lower().endswith(".parquet") for u in expanded):
+                raise ValueError(f"{spec}: matches both parquet files and other files; give one kind per pattern")
+            else:
+                out.extend(dict(url=u, kind="tar") for u in expanded)
+    return [ShardSource(index=i, text_member=text_member, **d) for i, d in enumerate(out)]
+
+
+def _parquet_rows(url: str, columns: ParquetColumns) -> int:
+    """The row count of a parquet file (its footer only); checks that the named columns exist."""
+    import pyarrow.parquet as pq
+
+    try:
+        with storage.open_read(url) as f:
+            pf = pq.ParquetFile(f)
+            names = pf.schema_arrow.names
+            n = pf.metadata.num_rows
+    except (FileNotFoundError, PermissionError):
+        raise
+    except Exception as e:  # noqa: BLE001 - pyarrow's errors for a file that is not parquet
+        raise ValueError(f"{url}: not a readable parquet file ({type(e).__name__}: {e})") from None
+    for what, col in (("image", columns.image_column), ("text", columns.text_column), ("id", columns.id_column)):
+        if col is not None and col not in names:
+            raise ValueError(f"{url}: no {what} column {col!r} (its columns: {', '.join(names)})")
+    return n
 
 
 def _list_images(folder: str) -> list[str]:
@@ -128,6 +200,8 @@ def folder_key(root: str, path: str) -> str:
 def iter_samples(source: ShardSource) -> Iterator[RawSample | ShardTruncated]:
     if source.kind == "folder":
         yield from _iter_folder(source)
+    elif source.kind == "parquet":
+        yield from _iter_parquet(source)
     else:
         yield from iter_tar(source.url)
 
@@ -137,12 +211,103 @@ def _iter_folder(source: ShardSource) -> Iterator[RawSample]:
         key = folder_key(source.root, path)
         ext = path.rsplit(".", 1)[-1].lower()
         sample = RawSample(key=key, position=pos)
+        stem = path.rsplit(".", 1)[0]
         try:
             with open(path, "rb") as f:
                 sample.members[ext] = f.read()
+            for side in (source.text_member, "json"):  # img2dataset's folder layout: KEY.txt, KEY.json beside it
+                if os.path.isfile(f"{stem}.{side}"):
+                    with open(f"{stem}.{side}", "rb") as f:
+                        sample.members[side] = f.read()
         except OSError as e:
             sample.error = f"cannot read {path}: {e.strerror or e}"
         yield sample
+
+
+PARQUET_BATCH_ROWS = 64  # rows per record batch read from a row group
+
+
+def _iter_parquet(source: ShardSource) -> Iterator[RawSample]:
+    """Rows ``source.rows`` of one parquet file as samples, reading only the row groups that hold them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    url, (start, stop), cols = source.files[0], source.rows, source.columns
+    stem = posixpath.basename(url).rsplit(".", 1)[0].replace(".", "_")
+    seen: set[str] = set()
+    with storage.open_read(url) as f:
+        pf = pq.ParquetFile(f)
+        schema = pf.schema_arrow
+        skip = {cols.image_column, cols.text_column, cols.id_column}
+        meta_cols = [fld.name for fld in schema
+                     if fld.name not in skip and not (pa.types.is_binary(fld.type) or pa.types.is_large_binary(fld.type)
+                                                       or pa.types.is_fixed_size_binary(fld.type))]
+        meta_cols += [c for c in (cols.text_column, cols.id_column) if c is not None and c not in meta_cols
+                      and not pa.types.is_binary(schema.field(c).type)]
+        read_cols = list(dict.fromkeys([cols.image_column] + [c for c in (cols.text_column, cols.id_column) if c]
+                                       + meta_cols))
+        first = 0  # first row of the current row group
+        for rg in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(rg).num_rows
+            if first + n <= start:
+                first += n
+                continue
+            if first >= stop:
+                break
+            row = first
+            for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[rg], columns=read_cols,
+                                         use_threads=False):
+                data = batch.to_pydict()
+                for i in range(batch.num_rows):
+                    r = row + i
+                    if r < start or r >= stop:
+                        continue
+                    yield _parquet_sample(data, i, r, r - start, stem, cols, meta_cols, source.text_member, seen)
+                row += batch.num_rows
+            first += n
+
+
+def _parquet_sample(data: dict, i: int, row: int, pos: int, stem: str, cols: ParquetColumns, meta_cols: list[str],
+                    text_member: str, seen: set[str]) -> RawSample:
+    where = f"parquet row {row}"
+    if cols.id_column is not None:
+        ident = data[cols.id_column][i]
+        key = "" if ident is None else str(ident).replace(".", "_")
+    else:
+        key = f"{stem}_{row:09d}"
+    sample = RawSample(key=key, position=pos)
+    if cols.id_column is not None and data[cols.id_column][i] is None:
+        sample.error = f"{where}: id column {cols.id_column!r} is null"
+    image = data[cols.image_column][i]
+    ext = ""
+    if isinstance(image, dict):  # Hugging Face's Image feature: {"bytes": ..., "path": ...}
+        path = image.get("path") or ""
+        tail = path.rsplit(".", 1)[-1].lower() if "." in path else ""
+        ext = tail if tail in IMAGE_EXTS else ""
+        image = image.get("bytes")
+    if isinstance(image, (bytes, bytearray)) and image:
+        sample.members[ext] = bytes(image)
+    elif sample.error is None:
+        sample.error = (f"{where}: image column {cols.image_column!r} holds no image bytes "
+                        f"({'null' if image is None else type(image).__name__})")
+    if cols.text_column is not None:
+        text = data[cols.text_column][i]
+        if isinstance(text, str):
+            sample.members[text_member] = text.encode("utf-8")
+        elif isinstance(text, (bytes, bytearray)):
+            sample.members[text_member] = bytes(text)  # decoded strictly later: bad bytes are that sample's error
+    meta = {c: data[c][i] for c in meta_cols}
+    if meta:
+        sample.members["json"] = json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                                            default=str).encode("utf-8")
+    if sample.error is None:
+        problem = key_problem(key)
+        if problem:
+            sample.error = f"{where}: unusable key {key!r}: {problem}"
+        elif key in seen:
+            sample.error = f"{where}: duplicate key {key!r} in this shard (an earlier row has the same id)"
+    seen.add(key)
+    return sample
 
 
 def iter_tar(url: str) -> Iterator[RawSample | ShardTruncated]:

@@ -10,7 +10,8 @@ What :func:`check_output` verifies (``docs/format.md``):
 - **members**: every member decodes with its modality's codec and matches its spec: dtype and shape, pixel
   labels at the geometry of the sample's stored ``rgb``, ``crop_settings`` inside the rgb image (crop 0 an
   unflipped square of the shorter side), token ids inside the vocabulary, and one token row (``tok_*``) or
-  one entry (``sam_instance``) per ``crop_settings`` row;
+  one entry (``sam_instance``) per ``crop_settings`` row, and ``caption`` lists / ``t5_caption`` sequences that
+  4M's aligned-caption transforms can index by every crop row;
 - **markers** (when ``_modalmill/shards/*.json`` exist): every shard has one, its key list equals the tars'
   and its per-modality sha256 equals the tar's bytes.
 
@@ -113,6 +114,34 @@ def _check_crops(crops: np.ndarray, hw: tuple[int, int]) -> str | None:
     return None
 
 
+PER_CROP_LISTS = ("caption", "t5_caption")
+
+
+def per_crop_problem(modality: str, value: Any, n_crops: int | None) -> str | None:
+    """Why 4M's trainer cannot index ``value`` by every crop row, or None.
+
+    ``caption``: ``CaptionTransform(aligned_captions=True)`` takes ``val[rand_aug_idx]`` of a list, so a list needs
+    an entry for every ``crop_settings`` row (a plain string works with any row). ``t5_caption``:
+    ``CaptionEmbTransform`` indexes ``emb`` by the row only when it holds more than one sequence, so N is 1 or at
+    least the number of rows."""
+    if modality == "caption":
+        if isinstance(value, list):
+            if not value:
+                return "empty caption list (4M's CaptionTransform has no entry to pick)"
+            if n_crops is not None and len(value) < n_crops:
+                return (f"{len(value)} caption entries but crop_settings has {n_crops} crops: 4M's aligned captions "
+                        f"read entry i for crop i (IndexError for crops {len(value)}..{n_crops - 1})")
+        return None
+    if modality == "t5_caption" and n_crops is not None:
+        n = int(value["emb"].shape[0])
+        if n == 0:
+            return "t5_caption holds no sequence"
+        if 1 < n < n_crops:
+            return (f"{n} T5 sequences but crop_settings has {n_crops} crops: 4M reads sequence i for crop i when "
+                    "there is more than one (IndexError)")
+    return None
+
+
 # ============================================================================ one tar
 
 
@@ -179,6 +208,10 @@ def _scan_tar(url: str, folder: str, spec: ModalitySpec | None, ctx: _ShardConte
             what = "token rows" if spec.kind == TOKENS else f"{spec.name} entries"
             v(key, f"{len(value)} {what} but crop_settings has {ctx.n_crops[key]} crops "
                    f"({'row' if spec.kind == TOKENS else 'entry'} i = crop i)", pos)
+        elif spec.name in PER_CROP_LISTS:
+            problem = per_crop_problem(spec.name, value, ctx.n_crops.get(key))
+            if problem:
+                v(key, problem, pos)
 
     current: tuple[str, dict[str, bytes]] | None = None
     pos = 0

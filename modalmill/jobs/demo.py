@@ -1,10 +1,12 @@
 """The demo: build a corpus from real photos, run the packaged demo job on the embedded Ray.
 
-The packaged job (``demo.yaml``) makes the model-free modalities and ``ocr``, the text RapidOCR's PP-OCRv6
-reads in the photos (real weights inside the ``rapidocr`` wheel, a dependency). When the optional MediaPipe extra is
-usable (``pip install 'modalmill[mediapipe]'``: ``mediapipe==0.10.21`` ships real models inside its wheel),
-the demo adds its two labelers, so a new user sees real model labels: ``mediapipe_pose`` -> ``pose_keypoints``
-and ``mediapipe_person_mask`` -> ``person_mask``. Either way the demo says which it did in one line.
+The packaged job (``demo.yaml``) makes the model-free modalities, ``caption`` from the corpus' own text (each
+photo's ``.txt``, a description written by a person; a WordPiece text tokenizer in 4M's layout is then trained on
+these captions) and ``ocr``, the text RapidOCR's PP-OCRv6 reads in the photos (real weights inside the
+``rapidocr`` wheel, a dependency). When the optional MediaPipe extra is usable (``pip install
+'modalmill[mediapipe]'``: ``mediapipe==0.10.21`` ships real models inside its wheel), the demo adds its two
+labelers, so a new user sees real model labels: ``mediapipe_pose`` -> ``pose_keypoints`` and
+``mediapipe_person_mask`` -> ``person_mask``. Either way the demo says which it did in one line.
 """
 
 from __future__ import annotations
@@ -83,4 +85,17 @@ def run_demo(workdir: str, force: bool = False, show_progress: bool = True,
         from .tokenize import DEMO_STEPS, demo_tokenize
 
         demo_tokenize(spec.output, force=force, show_progress=show_progress, steps=tokenizer_steps or DEMO_STEPS)
+        if "caption" in spec.modalities:
+            demo_text_tokenizer(spec.output)
     return summary, spec.output
+
+
+def demo_text_tokenizer(output: str) -> dict:
+    """Train 4M's WordPiece text tokenizer layout on the demo's captions (the corpus' own descriptions)."""
+    from ..tokenize.text import train_text_tokenizer_on_output
+    from ..tokenize.train import default_out
+
+    info = train_text_tokenizer_on_output(output, default_out(output, "text"))
+    print(f"text tokenizer: {info['path']} (4M's WordPiece layout: {info['vocab_size']} tokens, "
+          f"{info['learned_pieces']} word pieces learned from {info['captions']} captions)", flush=True)
+    return info

@@ -24,7 +24,9 @@ from ..labelers.base import LABELERS, get_labeler, labeler_for, load_entry_point
 from ..labelers.weights import mirror_location
 from ..io import manifest
 from ..io.readers import ShardSource, plan_sources
-from ..pipeline.shard import CORE, FULL, UPDATE, LabelerRun, ShardTask, core_producers, labeler_producers
+from ..io.text import INPUT
+from ..pipeline.shard import (CORE, FULL, UPDATE, LabelerRun, ShardTask, core_producers, labeler_producers,
+                              with_caption_source)
 from .spec import JobSpec, JobSpecError
 from .weights import downloadable
 
@@ -49,8 +51,8 @@ def resolve_labelers(spec: JobSpec, modalities: list[str], available: set[str] =
     load_entry_points()
     chosen: dict[str, list[str]] = {}
     for m in modalities:
-        if m in CORE:
-            continue
+        if m in CORE or (m == "caption" and spec.text.caption_source == INPUT):
+            continue  # made by the shard task itself (captions: read from the input samples)
         cls = next((LABELERS[n] for n in spec.labelers if m in LABELERS[n].outputs), None)
         try:
             cls = cls or labeler_for(m)
@@ -91,7 +93,7 @@ def resolve_labelers(spec: JobSpec, modalities: list[str], available: set[str] =
 
 
 def plan_job(spec: JobSpec, only: list[str] | None = None, force: bool = False) -> Plan:
-    sources = plan_sources(spec.input, spec.shard_size)
+    sources = plan_sources(spec.input, spec.shard_size, parquet=spec.parquet, text_member=spec.text.member)
     if not sources:
         raise JobError(f"no input shards in {spec.input!r}")
     selected = [sources[i] for i in spec.selected_shards(len(sources))]
@@ -109,10 +111,12 @@ def plan_job(spec: JobSpec, only: list[str] | None = None, force: bool = False) 
         if unknown:
             requested = list(dict.fromkeys(requested + unknown))
     all_runs = resolve_labelers(spec, requested, available=set(requested))
-    expected = {**core_producers(spec.decode, spec.crops, spec.seed), **labeler_producers(tuple(all_runs))}
+    expected = with_caption_source({**core_producers(spec.decode, spec.crops, spec.seed),
+                                    **labeler_producers(tuple(all_runs))}, spec.text, requested)
     plan = Plan(spec=spec, sources=sources, runs=[])
     problems: list[str] = []
-    base = dict(output=spec.output, decode=spec.decode, crops=spec.crops, seed=spec.seed, batch_size=spec.batch_size)
+    base = dict(output=spec.output, decode=spec.decode, crops=spec.crops, seed=spec.seed, batch_size=spec.batch_size,
+                text=spec.text)
 
     def runs_for(mods: list[str], have: set[str]) -> tuple[LabelerRun, ...]:
         return tuple(resolve_labelers(spec, mods, available=have))

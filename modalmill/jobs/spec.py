@@ -2,12 +2,18 @@
 
 ```yaml
 name: my-corpus
-input: s3://bucket/raw/shard-{00000..00099}.tar   # a pattern, a list of patterns, or an image folder
+input: s3://bucket/raw/shard-{00000..00099}.tar   # a pattern (tars or .parquet files), a list of them, or a folder
 output: s3://bucket/4m/                            # local path or s3:// root
-modalities: [rgb, crop_settings, canny_edge, color_palette, metadata]
+modalities: [rgb, crop_settings, caption, canny_edge, color_palette, metadata]
 seed: 0
 batch_size: 16            # samples a shard task gathers before labelling (at least the labelers' own)
-shard_size: 1000          # images per shard when the input is a folder
+shard_size: 1000          # images per shard when the input is a folder; rows per shard of a parquet file
+text:                     # the samples' own text (img2dataset: KEY.txt, or a field of KEY.json)
+  caption_source: input   # input | model | input_or_model (default: input, or model when `labelers:` names a
+                          # labeler that writes caption)
+  member: txt             # the member extension holding the text
+  json_key: caption       # else this field of the sample's json (null: do not look there)
+parquet: {image_column: image, text_column: null, id_column: null}   # parquet input only
 shards: "0-9,42"          # optional: only these output shards
 decode: {max_size: 768, jpeg_quality: 95}
 crops: {n_crops: 4, scale_min: 0.8}
@@ -37,6 +43,8 @@ import yaml
 
 from ..io.crops import CropConfig
 from ..io.decode import DecodeConfig
+from ..io.readers import ParquetColumns
+from ..io.text import INPUT, MODEL, TextConfig
 
 
 class JobSpecError(ValueError):
@@ -74,6 +82,8 @@ class JobSpec:
     labelers: dict[str, LabelerSettings] = field(default_factory=dict)
     ray: RaySettings = RaySettings()
     weights_from: str | None = None  # staged weights: PREFIX/<labeler> for each model labeler without its own
+    text: TextConfig = TextConfig()
+    parquet: ParquetColumns = ParquetColumns()
 
     def with_overrides(self, **kw) -> "JobSpec":
         return dataclasses.replace(self, **{k: v for k, v in kw.items() if v is not None})
@@ -171,6 +181,10 @@ def job_from_dict(data: dict, where: str = "job") -> JobSpec:
         except (TypeError, ValueError) as e:
             raise JobSpecError(f"{where}: labelers.{name}.config: {e}") from None
         labelers[name] = ls
+    text = dict(data.get("text") or {}) if isinstance(data.get("text") or {}, dict) else data.get("text")
+    if isinstance(text, dict) and text.get("caption_source") is None:
+        # default: the input's text, unless the job configures a labeler that writes captions
+        text["caption_source"] = MODEL if any("caption" in LABELERS[n].outputs for n in labelers) else INPUT
     spec = JobSpec(
         input=inp,
         output=_typed(where, data["output"], str, "output"),
@@ -186,6 +200,8 @@ def job_from_dict(data: dict, where: str = "job") -> JobSpec:
         ray=_build(f"{where}: ray", RaySettings, data.get("ray")),
         weights_from=None if data.get("weights_from") in (None, "") else _typed(where, data["weights_from"], str,
                                                                                  "weights_from"),
+        text=_build(f"{where}: text", TextConfig, text),
+        parquet=_build(f"{where}: parquet", ParquetColumns, data.get("parquet")),
     )
     if spec.batch_size < 1 or spec.shard_size < 1:
         raise JobSpecError(f"{where}: batch_size and shard_size must be >= 1")

@@ -14,7 +14,7 @@ without markers, every shard of its folder layout) and reports:
 - pixel labels, feature maps and global embeddings: min / max / mean over all values;
 - ``rgb``: width and height ranges; ``metadata``: min / max / mean of every numeric field;
   ``det``/``sam_mask``: instances per sample; ``human_poses``/``pose_keypoints``: people per sample;
-  ``caption``: captions per sample and characters per caption; ``crop_settings``: crops per sample.
+  ``caption``: distinct captions per sample and characters per caption; ``crop_settings``: crops per sample.
 
 Members that do not decode are counted under ``undecodable`` (``modalmill check`` says why).
 """
@@ -127,9 +127,9 @@ def _add(spec: ModalitySpec, value: Any, acc: _Acc) -> None:
         acc.classes.update(d.get("class_name", "?") for d in inst)
     elif spec.name == "caption":
         items = value if isinstance(value, list) else [value]
-        acc.rng("captions").add(len(items))
-        for c in items:
-            text = c.get("caption", "") if isinstance(c, dict) else str(c)
+        texts = list(dict.fromkeys(c.get("caption", "") if isinstance(c, dict) else str(c) for c in items))
+        acc.rng("captions").add(len(texts))  # distinct captions (the list repeats a caption once per crop row)
+        for text in texts:
             acc.rng("chars").add(len(text))
     elif spec.name == "crop_settings":
         acc.rng("n_crops").add(len(value))

@@ -5,11 +5,16 @@ pseudo-labelling table lists no captioner. For corpora without text, modalmill w
 BLIP (``Salesforce/blip-image-captioning-large``) by default; any transformers image-to-text model whose
 processor takes images (+ an optional text prompt) and whose ``generate`` takes ``pixel_values`` (BLIP,
 BLIP-2, GIT, ...) can be selected with ``weights``. Generation is deterministic (greedy or beam search, no
-sampling, a fixed token budget). The file is 4M's caption JSON: a list with one string per sample.
+sampling, a fixed token budget). The labeler returns one caption per sample; the pipeline stores 4M's caption
+JSON, a list with that caption once per ``crop_settings`` row (4M's ``CaptionTransform(aligned_captions=True)``
+picks entry i for crop i; see ``schemas.modalities.captions_for_crops``). Captions that come with the corpus (its
+alt-text, which is what 4M trained on) are read from the input instead: the job's ``text.caption_source``.
 
 ``t5_caption``: 4M-21's ``t5_caption`` modality holds the T5-XXL encoder states of the caption
 (``google/t5-v1_1-xxl``, ``T5EncoderModel``): an npz with ``emb`` ``[N, L, C]`` float16 (C = 4096 for XXL)
-and ``mask_valid`` ``[N, L]`` bool, one row per caption in the sample's caption list, at most 77 tokens (the
+and ``mask_valid`` ``[N, L]`` bool, one row per caption in the sample's caption list (N = 1 when every entry is the
+same text, as for one caption repeated per crop row: 4M's ``CaptionEmbTransform`` uses a single sequence for every
+crop, and it is stored once instead of once per crop), at most 77 tokens (the
 ``max_tokens`` 4M-21 reads), padded to the longest caption of the sample with zeros where ``mask_valid`` is
 False. It ``requires`` the ``caption`` modality: it runs after the captioner in the same job, or later on an
 existing output with ``--only t5_caption`` (reading the stored captions).
@@ -249,6 +254,8 @@ class T5CaptionLabeler(ModelLabeler):
                 results.append(LabelFailure(t))
                 rows.append((0, 0))
                 continue
+            if len(set(t)) == 1:
+                t = t[:1]  # one caption for every crop row: one sequence, which 4M uses for any crop
             rows.append((len(texts), len(t)))
             texts.extend(t)
             results.append(None)

@@ -10,6 +10,12 @@ labels are always computed from exactly what is stored. Samples that fail the ne
 from every other tar of the shard too (streamed filter, no recomputation), so the shard stays aligned.
 
 The marker written last (``_modalmill/shards/shard-N.json``) is the commit point.
+
+Captions from the input (``ShardTask.text``, see :mod:`modalmill.io.text`): with ``caption_source`` ``input`` or
+``input_or_model`` the shard task reads the sample's own text and stores it as ``caption`` (one entry per crop
+row) before any labeler runs; a labeler whose outputs a sample already has is not called for that sample, so
+with ``input_or_model`` the captioner sees only the samples without text. The manifest row says where each
+caption came from (``caption_source``) and keeps the sample's source json (``source_json``, ``source_url``).
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from ..io import manifest, storage
 from ..io.crops import CropConfig, make_crop_settings
 from ..io.decode import DecodeConfig, DecodeError, decode_image, decode_stored_rgb
 from ..io.readers import RawSample, ShardSource, ShardTruncated, iter_samples, pick_image_member, zip_output
+from ..io.text import INPUT, INPUT_OR_MODEL, MODEL, TextConfig, TextError, input_text, source_metadata
+from ..schemas.modalities import fit_to_crops
 from ..io.writers import ShardWriterSet, filter_tar
 
 FULL, UPDATE = "full", "update"
@@ -67,6 +75,7 @@ class ShardTask:
     crops: CropConfig
     seed: int
     batch_size: int = 16
+    text: TextConfig = TextConfig(caption_source=MODEL)  # where ``caption`` comes from (the job's ``text:``)
 
     @property
     def shard(self) -> str:
@@ -89,6 +98,33 @@ def core_producers(decode: DecodeConfig, crops: CropConfig, seed: int) -> dict[s
         "crop_settings": {"labeler": "modalmill.crops", "version": "1",
                           "config_hash": h({**dataclasses.asdict(crops), "seed": seed}), "checkpoint": ""},
     }
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def input_caption_producer(text: TextConfig) -> dict:
+    """The producer of captions read from the input samples' own text."""
+    return {"labeler": "modalmill.input_text", "version": "1",
+            "config_hash": _hash({"member": text.member, "json_key": text.json_key}), "checkpoint": ""}
+
+
+def with_caption_source(producers: dict[str, dict], text: TextConfig, modalities) -> dict[str, dict]:
+    """``producers`` with the ``caption`` entry the job's caption source gives: the input's text (``input``), the
+    captioning labeler (``model``), or both (``input_or_model``: one entry whose config hash covers both, so a
+    changed caption source or text setting makes earlier captions stale)."""
+    if "caption" not in modalities or text.caption_source == MODEL:
+        return producers
+    inp = input_caption_producer(text)
+    out = dict(producers)
+    if text.caption_source == INPUT or "caption" not in producers:
+        out["caption"] = inp
+    else:
+        model = producers["caption"]
+        out["caption"] = {**model, "labeler": f"{inp['labeler']}+{model['labeler']}",
+                          "config_hash": _hash([inp["config_hash"], model["config_hash"]])}
+    return out
 
 
 def labeler_producers(runs: tuple[LabelerRun, ...], checkpoint_of: Callable | None = None) -> dict[str, dict]:
@@ -150,6 +186,7 @@ class _Item:
     row: SampleRow
     input: LabelInput
     payloads: dict[str, bytes] = field(default_factory=dict)
+    provided: set[str] = field(default_factory=set)  # modalities the input itself gave (no labeler runs for them)
 
 
 class _Stats:
@@ -189,13 +226,20 @@ def _label_batch(task: ShardTask, items: list[_Item], call: Callable, stats: _St
     for run in task.labelers:
         if not alive:
             break
+        # samples whose input already gave this labeler's outputs (captions from the input) skip it
+        todo = [it for it in alive if not set(run.outputs) <= it.provided]
         with stats.timed(f"label:{run.labeler}"):
             results = []
-            for i in range(0, len(alive), max(1, run.batch_size)):
-                chunk = [it.input for it in alive[i:i + max(1, run.batch_size)]]
+            for i in range(0, len(todo), max(1, run.batch_size)):
+                chunk = [it.input for it in todo[i:i + max(1, run.batch_size)]]
                 results += label_isolated(lambda batch, run=run: call(run, batch), chunk)
+        by_item = {id(it): res for it, res in zip(todo, results)}
         survivors = []
-        for it, res in zip(alive, results):
+        for it in alive:
+            if id(it) not in by_item:
+                survivors.append(it)
+                continue
+            res = by_item[id(it)]
             if isinstance(res, LabelFailure):
                 it.row.fail(f"label:{run.labeler}", res.reason)
                 continue
@@ -208,9 +252,12 @@ def _label_batch(task: ShardTask, items: list[_Item], call: Callable, stats: _St
                     for m in run.outputs:
                         if m not in res:
                             raise RecordError(m, it.row.key, "output", f"labeler {run.labeler!r} returned no {m!r}")
+                        value = fit_to_crops(m, res[m], len(it.input.crops), it.row.key)  # captions: one per crop
                         if m in task.write:
-                            it.payloads[m] = get_modality(m).encode(res[m], it.row.key, hw)
-                        it.input.labels[m] = res[m]
+                            it.payloads[m] = get_modality(m).encode(value, it.row.key, hw)
+                            if m == "caption":
+                                it.row.caption_source = "model"
+                        it.input.labels[m] = value
             except RecordError as e:
                 it.row.fail(f"validate:{e.modality}", str(e))
                 continue
@@ -279,9 +326,13 @@ def _summary(task: ShardTask, rows: list[SampleRow], status: str = "done", **ext
 
 def _process_full(task: ShardTask, call, progress, stats: _Stats) -> dict:
     out, shard = task.output, task.shard
-    producers = {**core_producers(task.decode, task.crops, task.seed),
-                 **labeler_producers(task.labelers, getattr(call, "checkpoint", None))}
+    made_by = labeler_producers(task.labelers, getattr(call, "checkpoint", None))
+    producers = with_caption_source({**core_producers(task.decode, task.crops, task.seed), **made_by},
+                                    task.text, task.write)
     producer_rows = [{"modality": m, **producers[m]} for m in task.write]
+    # with input_or_model, a caption read from the input names the input as its producer, one from the model the model
+    caption_rows = {"input": {"modality": "caption", **input_caption_producer(task.text)},
+                    "model": {"modality": "caption", **made_by.get("caption", {})}}
     rows: list[SampleRow] = []
     keys: list[str] = []
     truncated = None
@@ -294,6 +345,9 @@ def _process_full(task: ShardTask, call, progress, stats: _Stats) -> dict:
                     writers.write_sample(it.row.key, {m: it.payloads[m] for m in task.write})
                     it.row.modalities = list(task.write)
                     it.row.producers = producer_rows
+                    if task.text.caption_source == INPUT_OR_MODEL and it.row.caption_source in caption_rows:
+                        it.row.producers = [caption_rows[it.row.caption_source] if p["modality"] == "caption" else p
+                                            for p in producer_rows]
                     keys.append(it.row.key)
             if progress:
                 progress(len(batch))
@@ -345,7 +399,29 @@ def _process_full(task: ShardTask, call, progress, stats: _Stats) -> dict:
     return summary
 
 
+def _input_caption(task: ShardTask, members: dict[str, bytes]) -> tuple[str | None, str | None]:
+    """(the sample's caption text from the input or None, a failure reason for the sample or None)."""
+    if "caption" not in task.write or not task.text.uses_input:
+        return None, None
+    try:
+        text, why = input_text(members, task.text)
+    except TextError as e:
+        return None, f"caption text: {e}"
+    if text is None and task.text.caption_source == INPUT:
+        return None, f"caption_source is 'input' but the sample has {why}"
+    return text, None
+
+
+def _give_caption(item: _Item, text: str) -> None:
+    value = fit_to_crops("caption", text, len(item.input.crops), item.row.key)
+    item.payloads["caption"] = get_modality("caption").encode(value, item.row.key)
+    item.input.labels["caption"] = value
+    item.provided.add("caption")
+    item.row.caption_source = "input"
+
+
 def _prepare_full(task: ShardTask, raw: RawSample, row: SampleRow, stats: _Stats) -> _Item | None:
+    row.source_json, row.source_url, row.source_json_error = source_metadata(raw.members)
     if raw.error:
         row.fail("read", raw.error)
         return None
@@ -353,6 +429,10 @@ def _prepare_full(task: ShardTask, raw: RawSample, row: SampleRow, stats: _Stats
     if picked is None:
         found = ", ".join(sorted(e or "(no extension)" for e in raw.members)) or "nothing"
         row.fail("read", f"no image member (found: {found})")
+        return None
+    text, problem = _input_caption(task, raw.members)
+    if problem:
+        row.fail("read", problem)
         return None
     with stats.timed("decode"):
         try:
@@ -369,6 +449,12 @@ def _prepare_full(task: ShardTask, raw: RawSample, row: SampleRow, stats: _Stats
         item.payloads["rgb"] = dec.stored_bytes
     if "crop_settings" in task.write:
         item.payloads["crop_settings"] = get_modality("crop_settings").encode(crops, raw.key)
+    if text is not None:
+        try:
+            _give_caption(item, text)
+        except RecordError as e:
+            row.fail("validate:caption", str(e))
+            return None
     return item
 
 
@@ -393,7 +479,9 @@ def _process_update(task: ShardTask, call, progress, stats: _Stats) -> dict:
         raise RuntimeError(f"{shard}: no completed output to update")
     prev_rows = {(r.key, r.position): r for r in manifest.read_rows(out, shard)}
     rows_by_key = {r.key: r for r in prev_rows.values() if r.status == OK}
-    producers = labeler_producers(task.labelers, getattr(call, "checkpoint", None))
+    made_by = labeler_producers(task.labelers, getattr(call, "checkpoint", None))
+    producers = with_caption_source(made_by, task.text, task.write)
+    input_texts = _input_captions_of(task)  # --only caption with captions from the input: re-read the input's text
     needed, in_place = set(), set()
     for run in task.labelers:
         needed |= set(run.labeler_class().requires)
@@ -442,8 +530,21 @@ def _process_update(task: ShardTask, call, progress, stats: _Stats) -> dict:
                 crops = get_modality("crop_settings").decode(files["crop_settings"])
                 labels = {m: get_modality(m).decode(files[m]) for m in read_mods if m not in CORE}
             size = (row.original_width or image.shape[1], row.original_height or image.shape[0])
-            labelling.add(_Item(row=row, input=LabelInput(key=key, image=image, original_size=size, crops=crops,
-                                                          labels=labels)))
+            item = _Item(row=row, input=LabelInput(key=key, image=image, original_size=size, crops=crops,
+                                                   labels=labels))
+            if input_texts is not None:
+                text, problem = input_texts.get(key, (None, "caption text: the sample is no longer in the input"))
+                stage = "read"
+                if problem is None and text is not None:
+                    try:
+                        _give_caption(item, text)
+                    except RecordError as e:
+                        stage, problem = "validate:caption", str(e)
+                if problem:
+                    row.fail(stage, problem)
+                    newly_failed[key] = row
+                    continue
+            labelling.add(item)
         labelling.finish()
         with stats.timed("commit"):
             infos = writers.commit()
@@ -476,6 +577,10 @@ def _process_update(task: ShardTask, call, progress, stats: _Stats) -> dict:
 
     # manifest: earlier rows stay; rows of newly failed samples change status; ok rows gain the modalities
     new_producers = {m: {"modality": m, **producers[m]} for m in task.write}
+    sources = {}  # key -> where its caption came from, for the rows of samples that got one now
+    if "caption" in task.write:
+        sources = {k: ("input" if input_texts is not None and input_texts.get(k, (None,))[0] is not None
+                       else "model") for k in ok_set}
     rows = []
     for r in sorted(prev_rows.values(), key=lambda r: r.position):
         if r.key in newly_failed and r.status == OK:
@@ -485,6 +590,13 @@ def _process_update(task: ShardTask, call, progress, stats: _Stats) -> dict:
             mods = [m for m in r.modalities if m not in task.write] + list(task.write)
             prods = [p for p in r.producers if p["modality"] not in task.write] + list(new_producers.values())
             r = dataclasses.replace(r, modalities=mods, producers=prods)
+            if r.key in sources:
+                r.caption_source = sources[r.key]
+                if task.text.caption_source == INPUT_OR_MODEL:
+                    own = (input_caption_producer(task.text) if sources[r.key] == "input"
+                           else made_by.get("caption", {}))
+                    r.producers = [{"modality": "caption", **own} if p["modality"] == "caption" else p
+                                   for p in r.producers]
         rows.append(r)
     summary = _summary(task, [r for r in rows if r.key in ok_set or r.key in newly_failed])
     summary["n_dropped"] = len(prev_keys) - len(final_keys)
@@ -493,3 +605,17 @@ def _process_update(task: ShardTask, call, progress, stats: _Stats) -> dict:
         _commit_marker(task, final_keys, modalities, summary, stats)
     return summary
 
+
+
+def _input_captions_of(task: ShardTask) -> dict[str, tuple[str | None, str | None]] | None:
+    """For an update that writes ``caption`` from the input: key -> (text, failure) read from the shard's input
+    (only the text members are kept); None when the update takes no caption from the input."""
+    if "caption" not in task.write or not task.text.uses_input:
+        return None
+    out: dict[str, tuple[str | None, str | None]] = {}
+    for raw in iter_samples(task.source):
+        if isinstance(raw, ShardTruncated):
+            break
+        if raw.error is None and raw.key not in out:
+            out[raw.key] = _input_caption(task, raw.members)
+    return out

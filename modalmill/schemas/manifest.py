@@ -28,6 +28,10 @@ MANIFEST_SCHEMA = pa.schema([
     ("width", pa.int32()),  # the stored rgb image
     ("height", pa.int32()),
     ("producers", pa.list_(PRODUCER)),
+    ("caption_source", pa.string()),  # where this sample's caption came from: "input", "model", or null (none)
+    ("source_url", pa.string()),  # the "url" field of the sample's source json (img2dataset), if any
+    ("source_json", pa.string()),  # the sample's source json (canonical: sorted keys), if any
+    ("source_json_error", pa.string()),  # why the sample's json member could not be read (the sample still goes on)
 ])
 
 OK, FAILED = "ok", "failed"
@@ -48,10 +52,15 @@ class SampleRow:
     width: int | None = None
     height: int | None = None
     producers: list[dict] = field(default_factory=list)
+    caption_source: str | None = None
+    source_url: str | None = None
+    source_json: str | None = None
+    source_json_error: str | None = None
 
     def fail(self, stage: str, error: str) -> "SampleRow":
         self.status, self.stage, self.error = FAILED, stage, error
         self.modalities = []
+        self.caption_source = None
         return self
 
     @property

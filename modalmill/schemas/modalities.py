@@ -262,6 +262,36 @@ def _validate_caption(spec, value, key):
             raise spec._err(key, f"[{i}]", "captions must be strings or {'caption': str}")
 
 
+def captions_for_crops(value: Any, n_crops: int, key: str | None = None) -> list:
+    """The caption list 4M's trainer reads for a sample with ``n_crops`` rows of ``crop_settings``.
+
+    4M's ``CaptionTransform(aligned_captions=True)`` returns ``val[rand_aug_idx]`` for a list (the entry of the crop
+    row its augmenter picked) and then takes ``["caption"]`` of a dict entry. So the stored list holds one entry
+    (a string or ``{"caption": str}``) per crop row: a string, or a one-entry list, is repeated for every row; a
+    list with at least ``n_crops`` entries is kept as it is; a shorter list (which would make 4M's trainer raise
+    IndexError) or an empty one is a RecordError."""
+    spec = MODALITIES["caption"]
+    items = value if isinstance(value, list) else [value]
+    _validate_caption(spec, items, key)
+    if not items:
+        raise spec._err(key, "length", "an empty caption list")
+    if len(items) == 1:
+        return [items[0]] * max(1, int(n_crops))
+    if len(items) < n_crops:
+        raise spec._err(key, "length", f"{len(items)} captions for {n_crops} crop_settings rows: 4M's aligned "
+                                       "captions need one entry per crop row")
+    return list(items)
+
+
+def fit_to_crops(modality: str, value: Any, n_crops: int, key: str | None = None) -> Any:
+    """``value`` as stored for a sample with ``n_crops`` crop rows: the per-crop caption list for ``caption``;
+    every other modality unchanged (their labelers already write one row / entry per crop where 4M indexes by
+    crop)."""
+    if modality == "caption":
+        return captions_for_crops(value, n_crops, key)
+    return value
+
+
 _JSON_VALIDATORS = {
     "metadata": _validate_metadata,
     "color_palette": _validate_color_palette,
@@ -319,7 +349,8 @@ _R = register_modality
 _R(ModalitySpec("rgb", IMAGE, "jpg", "uint8", ("H", "W", 3), "the upright photograph, JPEG"))
 _R(ModalitySpec("crop_settings", ARRAY, "npy", "int64", ("n_crops", 5),
                 "(top, left, height, width, hflip) per crop in pixels of the stored rgb; crop 0 = centre square"))
-_R(ModalitySpec("caption", TEXT, "json", None, (), "a JSON list of captions (or {'caption': str} entries)"))
+_R(ModalitySpec("caption", TEXT, "json", None, (),
+                "a JSON list with one caption per crop_settings row (strings or {'caption': str} entries)"))
 _R(ModalitySpec("t5_caption", ARRAY, "npz", "float16", ("N", "L", "C"),
                 "T5 encoder states of each caption (C = 4096 for 4M-21's T5-XXL)"))
 _R(ModalitySpec("det", TEXT, "json", None, (), "detections: normalised xyxy boxes, class names, scores (unfiltered)"))

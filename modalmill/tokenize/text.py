@@ -156,7 +156,8 @@ def as_text_tokenizer(tokenizer):
 
 
 def caption_texts(root: str) -> Iterator[str]:
-    """Every caption string in an output root's ``caption`` tars (completed shards only)."""
+    """Every caption string in an output root's ``caption`` tars (completed shards only), each distinct caption of a
+    sample once."""
     from ..io import manifest, storage
     from ..io.readers import ShardTruncated, iter_tar
     from ..schemas.modalities import get_modality
@@ -169,9 +170,11 @@ def caption_texts(root: str) -> Iterator[str]:
             if isinstance(s, ShardTruncated) or s.error:
                 continue
             value = spec.decode(next(iter(s.members.values())))
+            seen = set()  # a caption repeated for each crop row counts once
             for c in value if isinstance(value, list) else [value]:
                 text = c.get("caption") if isinstance(c, dict) else c
-                if isinstance(text, str) and text.strip():
+                if isinstance(text, str) and text.strip() and text not in seen:
+                    seen.add(text)
                     yield text
 
 

@@ -21,6 +21,8 @@ def _captions(value) -> list[str]:
 @renders("caption")
 def _r_caption(spec, value, ctx):
     caps = _captions(value)
+    if len(caps) > 1 and len(set(caps)) == 1:  # one caption stored once per crop row
+        return _text([caps[0]]), f"1 caption (x{len(caps)}, one per crop row)"
     return _text([f"{i + 1}. {c}" for i, c in enumerate(caps)]), f"{len(caps)} caption(s)"
 
 
