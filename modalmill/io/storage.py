@@ -44,7 +44,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, BinaryIO, NoReturn, cast
 from urllib.parse import urlsplit
 
@@ -58,6 +58,9 @@ __all__ = [
     "is_s3",
     "join",
     "list_files",
+    "list_pages",
+    "io_workers",
+    "read_many",
     "open_read",
     "read_bytes",
     "remove",
@@ -192,7 +195,7 @@ def _make_client() -> Any:
         retries={"max_attempts": attempts, "mode": mode},
         connect_timeout=10,
         read_timeout=60,
-        max_pool_connections=max(16, UPLOAD_CONCURRENCY * 4),
+        max_pool_connections=max(16, UPLOAD_CONCURRENCY * 4, io_workers(True) + 8),
         tcp_keepalive=True,
     )
     endpoint = os.environ.get("MODALMILL_S3_ENDPOINT") or None  # None: boto3 resolves AWS_ENDPOINT_URL[_S3]
@@ -699,6 +702,92 @@ def _list_s3(prefix: str, suffix: str = "", raw_prefix: bool = False) -> list[st
                 if k.endswith(suffix) and not k.endswith("/"):
                     out.append(f"s3://{bucket}/{k}")
     return sorted(out)
+
+
+def list_pages(prefix: str, suffix: str = "", page_size: int = 1000) -> Iterator[list[tuple[str, str]]]:
+    """The files directly or deeper below the directory ``prefix`` whose names end with ``suffix``, one listing
+    page at a time: lists of ``(url, version)`` in key order. On S3 a page is one ListObjectsV2 answer (up to
+    1,000 keys) and the version is the object's ETag (the MD5 of a single-PUT object's content); locally pages
+    of ``page_size`` files in sorted order and the version is ``inode:size:mtime_ns`` (an atomic write replaces
+    the inode, so a rewritten file never keeps its version). A version changes whenever the content does; it is
+    what a cache of file contents is validated with (``io.index``). A missing directory gives no pages."""
+    if is_s3(prefix):
+        bucket, key = _split_s3(prefix)
+        if key and not key.endswith("/"):
+            key += "/"
+        with _s3_errors(prefix, "list"):
+            paginator = s3_client().get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=bucket, Prefix=key, PaginationConfig={"PageSize": page_size}):
+                out = [(f"s3://{bucket}/{o['Key']}", str(o.get("ETag", "")).strip('"') + f":{o.get('Size', '')}")
+                       for o in page.get("Contents", ()) if o["Key"].endswith(suffix) and not o["Key"].endswith("/")]
+                yield out
+        return
+    root = _local_path(prefix)
+    scheme = prefix[:7] if _is_file_url(prefix) else ""
+    found: list[tuple[str, str]] = []
+
+    def walk(d: str) -> None:
+        try:
+            entries = list(os.scandir(d))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for e in entries:
+            if e.is_dir(follow_symlinks=False):
+                walk(e.path)
+            elif e.name.endswith(suffix) and not _TMP_NAME.match(e.name):
+                try:
+                    st = e.stat()
+                except FileNotFoundError:  # removed while listing
+                    continue
+                found.append((scheme + e.path, f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"))
+
+    walk(root)
+    found.sort()
+    for i in range(0, len(found), page_size):
+        yield found[i:i + page_size]
+
+
+def io_workers(s3: bool) -> int:
+    """How many requests the bookkeeping readers keep in flight (``MODALMILL_IO_WORKERS``; default 32 on S3,
+    where each request waits out the store's latency, 4 locally)."""
+    return max(1, _env_int("MODALMILL_IO_WORKERS", 32 if s3 else 4))
+
+
+def read_many(urls: Iterable[str], workers: int | None = None) -> Iterator[tuple[str, bytes | None]]:
+    """``(url, content)`` for every url, in the order given, read with at most ``workers`` requests in flight
+    (default :func:`io_workers`); a missing file gives ``None``. Lazy: urls are taken from the iterable only as
+    the window has room, so a long (or generated) list is never read ahead by more than the window."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    it = iter(urls)
+    first = next(it, None)
+    if first is None:
+        return
+    n = workers or io_workers(is_s3(first))
+
+    def get(url: str) -> bytes | None:
+        try:
+            return read_bytes(url)
+        except FileNotFoundError:
+            return None
+
+    if n <= 1:
+        yield first, get(first)
+        for u in it:
+            yield u, get(u)
+        return
+    pending: deque = deque()
+    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="modalmill-read") as pool:
+        pending.append((first, pool.submit(get, first)))
+        for u in it:
+            while len(pending) >= 2 * n:
+                url, fut = pending.popleft()
+                yield url, fut.result()
+            pending.append((u, pool.submit(get, u)))
+        while pending:
+            url, fut = pending.popleft()
+            yield url, fut.result()
 
 
 def expand(pattern: str) -> list[str]:
