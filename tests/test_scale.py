@@ -257,3 +257,37 @@ def test_planning_streams_tasks_before_the_listing_ends(tmp_path, monkeypatch):
     assert len(listed) <= 1 + 4 + 1 < 12  # the listing runs a few pages ahead (prefetch), not to the end
     rest = list(pages)
     assert len(listed) == 12 and sum(len(p.problems) for p in rest) == 4 and not any(p.tasks for p in rest)
+
+
+def _manifest_checks(root, dest):
+    want = manifest.read_manifest(root)
+    assert want.num_rows == 7 and want.column("status").to_pylist().count("failed") == 1
+    assert manifest.export_manifest(root, dest) == want.num_rows
+    import pyarrow.parquet as pq
+
+    with storage.open_read(dest) as f:
+        assert pq.read_table(f, use_threads=False).to_pylist() == want.to_pylist()
+    ds = manifest.manifest_dataset(root)
+    got = ds.to_table(use_threads=False)
+    assert sorted(got.to_pylist(), key=lambda r: (r["shard"], r["position"])) == \
+        sorted(want.to_pylist(), key=lambda r: (r["shard"], r["position"]))
+    import pyarrow.compute as pc
+
+    failed = ds.to_table(columns=["key", "stage"], filter=pc.field("status") == "failed", use_threads=False)
+    assert failed.to_pylist() == [{"key": "bad", "stage": "decode"}]
+    streamed = list(manifest.iter_manifest(root, columns=["key"]))
+    assert len(streamed) == 3 and sum(t.num_rows for t in streamed) == 7
+
+
+def test_whole_manifest_as_one_dataset_local(ray_local, tmp_path):
+    root = str(tmp_path / "out")
+    run_job(job(make_corpus(tmp_path, n_shards=3), root), show_progress=False)
+    _manifest_checks(root, str(tmp_path / "all.parquet"))
+
+
+@pytest.mark.s3
+def test_whole_manifest_as_one_dataset_s3(ray_local, s3_env, tmp_path):
+    _server, bucket = s3_env
+    root = f"s3://{bucket}/out"
+    run_job(job(make_corpus(tmp_path, n_shards=3), root), show_progress=False)
+    _manifest_checks(root, f"s3://{bucket}/exports/manifest.parquet")

@@ -51,6 +51,7 @@ from urllib.parse import urlsplit
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "arrow_filesystem",
     "atomic_write",
     "clear_s3_client_cache",
     "exists",
@@ -788,6 +789,27 @@ def read_many(urls: Iterable[str], workers: int | None = None) -> Iterator[tuple
         while pending:
             url, fut = pending.popleft()
             yield url, fut.result()
+
+
+def arrow_filesystem(urls: list[str]) -> tuple[Any, list[str]]:
+    """A ``pyarrow.fs`` filesystem and the paths in it for ``urls`` (all local or all ``s3://``): for pyarrow's
+    dataset readers. On S3 it is configured like :func:`s3_client` (endpoint, region, the credentials boto3
+    resolved), path-style addressing for custom endpoints."""
+    import pyarrow.fs as pafs
+
+    if not urls or not is_s3(urls[0]):
+        return pafs.LocalFileSystem(), [_local_path(u) for u in urls]
+    client = s3_client()
+    creds = client._request_signer._credentials  # the credentials boto3 resolved (env, profile, role)
+    frozen = creds.get_frozen_credentials() if creds is not None else None
+    endpoint = client.meta.endpoint_url
+    options: dict[str, Any] = {"region": client.meta.region_name or "us-east-1"}
+    if frozen is not None:
+        options.update(access_key=frozen.access_key, secret_key=frozen.secret_key, session_token=frozen.token)
+    if endpoint and not _is_aws_host(endpoint):
+        parts = urlsplit(endpoint)
+        options.update(endpoint_override=parts.netloc, scheme=parts.scheme or "https", force_virtual_addressing=False)
+    return pafs.S3FileSystem(**options), [u[5:] for u in urls]
 
 
 def expand(pattern: str) -> list[str]:
