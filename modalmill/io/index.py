@@ -81,6 +81,7 @@ class Snapshot:
     markers: dict[str, MarkerInfo] = field(default_factory=dict)
     manifests: dict[str, ManifestInfo] = field(default_factory=dict)
     changed: bool = False  # differs from what is stored
+    has_manifests: bool = True  # False: loaded without the manifest part (planning, the loader)
 
 
 _interned: dict[str, dict] = {}
@@ -130,40 +131,61 @@ def manifest_info(shard: str, version: str, data: bytes) -> ManifestInfo:
 # ---------------------------------------------------------------------- the stored snapshot
 
 
-def load_snapshot(root: str) -> Snapshot:
-    """The stored snapshot, or an empty one when there is none or it cannot be read (it is only a cache)."""
+_MARKER_COLS = ["marker_version", "source", "n_samples", "marker_body"]
+_MANIFEST_COLS = ["manifest_version", "n_read", "n_ok", "n_failed", "reasons", "stages"]
+
+
+def load_snapshot(root: str, with_manifests: bool = True) -> Snapshot:
+    """The stored snapshot, or an empty one when there is none or it cannot be read (it is only a cache).
+    ``with_manifests=False`` loads only the marker part (what planning and the loader need)."""
     import pyarrow.parquet as pq
 
+    columns = ["shard"] + _MARKER_COLS + (_MANIFEST_COLS if with_manifests else [])
+    empty = Snapshot(has_manifests=with_manifests)
     try:
         data = storage.read_bytes(index_url(root))
-        t = pq.read_table(io.BytesIO(data), use_threads=False)
-        if (t.schema.metadata or {}).get(b"modalmill_index") != str(INDEX_VERSION).encode():
-            return Snapshot(changed=True)
+        pf = pq.ParquetFile(io.BytesIO(data))
+        if (pf.schema_arrow.metadata or {}).get(b"modalmill_index") != str(INDEX_VERSION).encode():
+            empty.changed = True
+            return empty
+        t = pf.read(columns=columns, use_threads=False)
         cols = {name: t.column(name).to_pylist() for name in t.column_names}
     except FileNotFoundError:
-        return Snapshot()
+        return empty
     except Exception:  # noqa: BLE001 - a corrupt cache is rebuilt from the files
-        return Snapshot(changed=True)
-    snap = Snapshot()
-    bodies: dict[str, dict] = {}
+        empty.changed = True
+        return empty
+    snap = Snapshot(has_manifests=with_manifests)
+    cache: dict[str, object] = {}  # equal JSON texts (producer bodies, failure reasons) are parsed once
+
+    def parsed(text: str, make):
+        got = cache.get(text)
+        if got is None:
+            got = cache[text] = make(json.loads(text))
+        return got
+
+    def pairs(v):
+        return tuple(map(tuple, v))
+
+    markers, manifests = snap.markers, snap.manifests
     for i, shard in enumerate(cols["shard"]):
         if cols["marker_version"][i] is not None:
-            text = cols["marker_body"][i]
-            body = bodies.get(text)
-            if body is None:
-                body = bodies[text] = _intern(json.loads(text))
-            snap.markers[shard] = MarkerInfo(shard, cols["marker_version"][i], cols["source"][i],
-                                             cols["n_samples"][i], body)
-        if cols["manifest_version"][i] is not None:
-            snap.manifests[shard] = ManifestInfo(
-                shard, cols["manifest_version"][i], cols["n_read"][i], cols["n_ok"][i], cols["n_failed"][i],
-                tuple(map(tuple, json.loads(cols["reasons"][i]))), tuple(map(tuple, json.loads(cols["stages"][i]))))
+            markers[shard] = MarkerInfo(shard, cols["marker_version"][i], cols["source"][i], cols["n_samples"][i],
+                                        parsed(cols["marker_body"][i], _intern))
+        if with_manifests and cols["manifest_version"][i] is not None:
+            manifests[shard] = ManifestInfo(shard, cols["manifest_version"][i], cols["n_read"][i], cols["n_ok"][i],
+                                            cols["n_failed"][i], parsed(cols["reasons"][i], pairs),
+                                            parsed(cols["stages"][i], pairs))
     return snap
 
 
 def write_snapshot(root: str, snap: Snapshot) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    if not snap.has_manifests:  # loaded without its manifest part: keep the stored one
+        snap.manifests = load_snapshot(root).manifests
+        snap.has_manifests = True
 
     shards = sorted(set(snap.markers) | set(snap.manifests))
     mk = [snap.markers.get(s) for s in shards]
@@ -313,7 +335,10 @@ def scan(root: str, with_manifests: bool = True, write: bool = False, workers: i
     """Everything the index knows about ``root``, brought up to date with the files. ``write``: store the
     refreshed snapshot when it changed (only a run, the output's one writer, does that). ``snap``: a snapshot
     already loaded (else the stored one); ``with_markers=False`` leaves its markers as they are."""
-    snap = snap if snap is not None else load_snapshot(root)
+    snap = snap if snap is not None else load_snapshot(root, with_manifests=with_manifests or write)
+    if with_manifests and not snap.has_manifests:
+        snap.manifests = load_snapshot(root).manifests
+        snap.has_manifests = True
     result: dict = {}
     thread = None
     if with_manifests:  # the manifest listing and reads overlap the markers'

@@ -190,7 +190,7 @@ def plan_pages(job: JobPlan, snap: index.Snapshot | None = None) -> Iterator[Pla
     """Decide every selected shard, streaming: one page per page of the marker listing (1,000 markers), so the
     first shard tasks can start while the rest is planned. Markers come from the output's shard index where the
     listing shows them unchanged, else are read with bounded parallel requests (only the selected shards')."""
-    snap = snap if snap is not None else index.load_snapshot(job.spec.output)
+    snap = snap if snap is not None else index.load_snapshot(job.spec.output, with_manifests=False)
     todo = sorted(job.selected, key=lambda s: s.name + ".json")  # listing order
     wanted = {s.name for s in todo}
     pos = 0
@@ -264,7 +264,7 @@ def run_job(spec: JobSpec, only: list[str] | None = None, force: bool = False, a
 
     t0 = time.time()
     job = prepare_job(spec, only=only, force=force)
-    snap = index.load_snapshot(spec.output)
+    snap = index.load_snapshot(spec.output, with_manifests=False)  # the manifest part is loaded at the end if needed
     pages = plan_pages(job, snap)
     problems: list[str] = []
     skipped: list[str] = []
