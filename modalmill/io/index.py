@@ -17,7 +17,7 @@ after another, is hours at an object store's 20-50 ms per request. Instead:
 - **Who writes it.** Runs (the only writers of an output): after planning when planning had to read markers,
   and at the end of a run. Read-only commands (``status``, ``stats``, ``load_dataset``) use it and never write.
 
-What the index keeps per marker is what deciding a shard needs: the marker minus ``keys``, ``seconds``,
+What the index keeps per marker is what deciding a shard needs: the marker minus ``keys``, ``index``, ``seconds``,
 ``updated`` and ``stats``, and minus each modality's tar ``sha256``/``bytes``/``n`` (``check`` reads the markers
 themselves). The producer dicts are the same for almost every shard and are shared (interned), so the driver
 holds about 200 bytes per shard.
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from . import manifest, storage
 
 INDEX_VERSION = 1
-_DROP_TOP = ("keys", "seconds", "updated", "stats")
+_DROP_TOP = ("keys", "seconds", "updated", "stats", "index")  # index: the number in the shard name
 _DROP_MODALITY = ("sha256", "bytes", "n")
 
 
