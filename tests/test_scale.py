@@ -291,3 +291,16 @@ def test_whole_manifest_as_one_dataset_s3(ray_local, s3_env, tmp_path):
     root = f"s3://{bucket}/out"
     run_job(job(make_corpus(tmp_path, n_shards=3), root), show_progress=False)
     _manifest_checks(root, f"s3://{bucket}/exports/manifest.parquet")
+
+
+def test_a_long_run_record_keeps_its_shard_list_beside_it(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(manifest, "RUN_SHARDS_INLINE", 2)
+    shards = [{"shard": f"shard-{i:05d}", "mode": "full", "n_read": 2, "n_ok": 2, "n_failed": 0,
+               "seconds": {"total": 0.5}} for i in range(5)]
+    manifest.write_run(str(tmp_path), "20260101T000000Z-abc", {"run_id": "20260101T000000Z-abc", "shards": shards})
+    (rec,) = manifest.list_runs(str(tmp_path))
+    assert rec["shards"] == shards[:2] and rec["shards_file"] == "20260101T000000Z-abc.shards.parquet"
+    table = pq.read_table(tmp_path / "_modalmill" / "runs" / rec["shards_file"])
+    assert table.column("shard").to_pylist() == [s["shard"] for s in shards]

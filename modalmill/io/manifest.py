@@ -4,7 +4,9 @@
   is the commit point. It lists the shard's key order and, per modality, what produced the tar.
 - ``shards/shard-NNNNN.failed.json``: why the last attempt at a shard failed (removed once it is done).
 - ``manifest/shard-NNNNN.parquet``: one row per sample read (see ``schemas.manifest``).
-- ``runs/<time>-<id>.json``: one summary per run of a job.
+- ``runs/<time>-<id>.json``: one summary per run of a job (its per-shard list in ``<time>-<id>.shards.parquet``
+  when the run processed more than 1,000 shards).
+- ``index/shards.parquet``: the shard index, a cache of what the markers and manifests say (see ``io.index``).
 """
 
 from __future__ import annotations
@@ -162,8 +164,26 @@ def list_failures(root: str) -> dict[str, dict]:
             for url, data in storage.read_many(urls) if data is not None}
 
 
+#: A run record lists at most this many shards inline; a longer list goes to ``runs/<id>.shards.parquet``, so
+#: the record that ``status`` reads stays small whatever the number of shards a run processed.
+RUN_SHARDS_INLINE = 1000
+
+
 def write_run(root: str, run_id: str, summary: dict) -> str:
     url = meta_url(root, "runs", f"{run_id}.json")
+    shards = summary.get("shards") or []
+    if len(shards) > RUN_SHARDS_INLINE:
+        import pyarrow as pa
+
+        table = pa.table({"shard": [s.get("shard") for s in shards], "mode": [s.get("mode") for s in shards],
+                          "n_read": [s.get("n_read") for s in shards], "n_ok": [s.get("n_ok") for s in shards],
+                          "n_failed": [s.get("n_failed") for s in shards],
+                          "seconds": [json.dumps(s.get("seconds"), sort_keys=True) for s in shards]})
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        name = f"{run_id}.shards.parquet"
+        storage.write_bytes(meta_url(root, "runs", name), buf.getvalue())
+        summary = {**summary, "shards": shards[:RUN_SHARDS_INLINE], "shards_file": name}
     _write_json(url, summary)
     return url
 
