@@ -328,7 +328,8 @@ def run_job(spec: JobSpec, only: list[str] | None = None, force: bool = False, a
         results.sort(key=lambda r: r.get("index", 0))
     seconds_planning = time.time() - t0 if not first else None  # without tasks, planning was the whole run
     try:  # bring the shard index up to date with what this run wrote (and what planning had to read)
-        index.scan(spec.output, snap=snap, with_markers=bool(first) or snap.changed, write=True)
+        if first or snap.changed:  # a no-op rerun that found the index up to date touches nothing
+            index.scan(spec.output, snap=snap, with_markers=bool(first), write=True)
     except Exception as e:  # noqa: BLE001 - the index is a cache: the next reader re-reads what it lacks
         print(f"modalmill: warning: could not update the shard index: {type(e).__name__}: {e}", file=sys.stderr)
     done = [r for r in results if r.get("status") == "done"]
