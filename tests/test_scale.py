@@ -304,3 +304,48 @@ def test_a_long_run_record_keeps_its_shard_list_beside_it(tmp_path, monkeypatch)
     assert rec["shards"] == shards[:2] and rec["shards_file"] == "20260101T000000Z-abc.shards.parquet"
     table = pq.read_table(tmp_path / "_modalmill" / "runs" / rec["shards_file"])
     assert table.column("shard").to_pylist() == [s["shard"] for s in shards]
+
+
+def test_tasks_start_while_later_pages_are_planned_and_new_pools_come_after(ray_local, tmp_path, monkeypatch):
+    """A real run over 1-marker listing pages that are slow to list: the first task is handed to Ray before the
+    marker listing is done. Shards 2-3 need a model labeler (an actor pool) that the first page's task did not:
+    they run after the stream, with their own pool, and every shard ends up complete."""
+    import time
+
+    import tests.labelers_for_tests  # noqa: F401  (registers test_where_prepared, a stateful labeler)
+
+    root = str(tmp_path / "out")
+    inp = make_corpus(tmp_path, n_shards=4)
+    base = _spec_dict(job(inp, root))
+    run_job(job(inp, root), show_progress=False)
+    with_caption = {**base, "modalities": MODS + ["caption"], "labelers": {"test_where_prepared": {}}}
+    run_job(job_from_dict({**with_caption, "shards": "0-1"}), show_progress=False)  # captions on shards 0-1
+    spec = job_from_dict({**with_caption, "modalities": MODS + ["caption", "color_palette"]})
+
+    listed, at_first_submit, submitted = [], [], []
+    real = storage.list_pages
+
+    def slow_pages(prefix, suffix="", page_size=1000):
+        for page in real(prefix, suffix, page_size=1):
+            if prefix.rstrip("/").endswith("shards"):
+                time.sleep(0.5)
+                listed.append(page[0][0])
+            yield page
+
+    monkeypatch.setattr(storage, "list_pages", slow_pages)
+
+    def on_submit(task):
+        if not at_first_submit:
+            at_first_submit.append(len(listed))
+        submitted.append((task.shard, task.write))
+
+    s = run_job(spec, show_progress=False, on_submit=on_submit)
+    assert s["shards_processed"] == 4 and s["exit_code"] in (0, 3)
+    assert at_first_submit[0] < 4  # the first task ran before the last marker was listed
+    assert s["planning"]["deferred"] == 2  # shards 2-3 waited for the caption labeler's pool
+    assert sorted(submitted) == [("shard-00000", ("color_palette",)), ("shard-00001", ("color_palette",)),
+                                 ("shard-00002", ("caption", "color_palette")),
+                                 ("shard-00003", ("caption", "color_palette"))]
+    markers = manifest.list_markers(root)
+    assert all({"caption", "color_palette"} <= set(m["modalities"]) for m in markers.values())
+    assert all(m["modalities"]["caption"]["labeler"] == "test_where_prepared" for m in markers.values())

@@ -287,7 +287,7 @@ def run_job(spec: JobSpec, only: list[str] | None = None, force: bool = False, a
             absorb(page)
         raise JobError(_problem_message(problems))
     seconds_planning_first = time.time() - t0
-    pooled = {r.labeler for r in _runs_of(first)}
+    pooled = {r.labeler for r in _runs_of(first) if r.stateful}  # the labelers whose actor pools execute starts
     deferred: list[ShardTask] = []
 
     def stream() -> Iterator[ShardTask]:
@@ -297,7 +297,7 @@ def run_job(spec: JobSpec, only: list[str] | None = None, force: bool = False, a
             if problems:
                 continue  # no new submissions; keep planning to report every problem
             for t in tasks:
-                if {r.labeler for r in t.labelers} <= pooled:
+                if {r.labeler for r in t.labelers if r.stateful} <= pooled:
                     yield t
                 else:  # needs a labeler whose actors this execution did not start: run after it
                     deferred.append(t)
@@ -352,7 +352,7 @@ def run_job(spec: JobSpec, only: list[str] | None = None, force: bool = False, a
         "failed_shards": [{k: r.get(k) for k in ("shard", "source", "error")} for r in failed],
         "shards": [{k: r.get(k) for k in ("shard", "mode", "n_read", "n_ok", "n_failed", "seconds")} for r in done],
         "seconds": round(time.time() - t0, 3),
-        "planning": {"markers_read": counts["markers_read"],
+        "planning": {"markers_read": counts["markers_read"], "deferred": len(deferred),
                      "seconds_to_first_task": round(first_submit[0], 3) if first_submit else None,
                      "seconds_planning_first_page": round(seconds_planning_first, 3),
                      "seconds_planning": round(seconds_planning, 3) if seconds_planning is not None else None},
