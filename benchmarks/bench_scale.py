@@ -20,6 +20,8 @@ Timed, one after another, on each output:
 - ``no-op rerun``: ``run_job`` of the same job (every shard done): listings + the index, nothing read;
 - ``status``: ``output_status``; ``stats``: ``corpus_stats`` (this one reads every tar: it grows with the data);
 - ``load_dataset start-up``: ``load_dataset(root, ["rgb"])`` until it returns, and until the first sample;
+The quick figures (no-op rerun, status, load_dataset, first task planned) are each the median of 3 timings.
+
 - ``time to first shard task``: ``run_job`` of the job with one more modality (every shard needs an update
   task), from the call until the first task is handed to Ray (Ray's own start included); the run is then
   stopped.
@@ -44,6 +46,7 @@ if ROOT not in sys.path:
 
 START, END = "<!-- bench-scale: start -->", "<!-- bench-scale: end -->"
 TEMPLATE_SHARDS = 4
+REPEAT = 3  # the quick figures are the median of 3 timings
 TARGET_S = 15.0  # no-op rerun and status of 10k shards at 20 ms, each
 
 
@@ -134,22 +137,27 @@ def measure(root: str, inp_dir: str, n: int) -> dict[str, float]:
     spec = job(pattern, root)
     res: dict[str, float] = {}
 
-    def timed(name, fn):
-        t = time.perf_counter()
-        out = fn()
-        res[name] = time.perf_counter() - t
-        log(f"  {name}: {res[name]:.2f} s")
+    def timed(name, fn, repeat: int = 1):
+        """The median of ``repeat`` timings (the machine is shared: one slow outlier must not be the figure)."""
+        times = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t)
+        res[name] = sorted(times)[len(times) // 2]
+        log(f"  {name}: {res[name]:.2f} s" + (f" (median of {', '.join(f'{x:.2f}' for x in times)})"
+                                              if repeat > 1 else ""))
         return out
 
     storage.remove(index.index_url(root))
     s = timed("index_cold", lambda: run_job(spec, show_progress=False))
     assert s["shards_skipped"] == n and s["planning"]["markers_read"] == n, s["planning"]
-    s = timed("noop_rerun", lambda: run_job(spec, show_progress=False))
+    s = timed("noop_rerun", lambda: run_job(spec, show_progress=False), REPEAT)
     assert s["shards_skipped"] == n and s["planning"]["markers_read"] == 0, s["planning"]
-    st = timed("status", lambda: output_status(root))
+    st = timed("status", lambda: output_status(root), REPEAT)
     assert st["shards_done"] == n and st["shards_pending"] == 0, st
     timed("stats", lambda: corpus_stats(root))
-    ds = timed("load_dataset", lambda: load_dataset(root, ["rgb"], decode=False))
+    ds = timed("load_dataset", lambda: load_dataset(root, ["rgb"], decode=False), REPEAT)
     assert len(ds.shards) == n
     t = time.perf_counter()
     next(iter(load_dataset(root, ["rgb"], decode=False)))
@@ -158,12 +166,12 @@ def measure(root: str, inp_dir: str, n: int) -> dict[str, float]:
 
     from modalmill.jobs.runner import plan_pages, prepare_job
 
-    t = time.perf_counter()
-    for page in plan_pages(prepare_job(job(pattern, root, extra=("canny_edge",)))):
-        if page.tasks:
-            break
-    res["first_task_planned"] = time.perf_counter() - t
-    log(f"  first_task_planned: {res['first_task_planned']:.2f} s")
+    def first_planned():
+        for page in plan_pages(prepare_job(job(pattern, root, extra=("canny_edge",)))):
+            if page.tasks:
+                return
+
+    timed("first_task_planned", first_planned, REPEAT)
 
     t = time.perf_counter()
 
