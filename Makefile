@@ -31,7 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 # corpus-scale bookkeeping at 1k and 10k output shards, local and on loopback S3 with 20 ms per request (about
-# 20-40 min on 2 cores; its own section of benchmarks/RESULTS.md). SCALE_ARGS="--sizes 1000" for a shorter run
+# 12-25 min on 2 cores; its own section of benchmarks/RESULTS.md; docs/scaling.md). SCALE_ARGS="--sizes 1000": shorter
 bench-scale: $(STAMP)
 	$(BIN)/python benchmarks/bench_scale.py $(SCALE_ARGS)
 

@@ -238,7 +238,11 @@ def render(results: dict, info: dict) -> str:
              "Outputs of N shards of 2 tiny images (rgb + crop_settings), cloned from a real run (see "
              "`benchmarks/bench_scale.py`). S3: SeaweedFS on loopback behind the tests' FlakyProxy with "
              f"{info['latency_ms']:g} ms added to every request; local: the local disk. \"per 1k\": seconds per "
-             "1,000 shards. \"flat\": the 10k figure per 1k shards is at most 1.5 x the 1k one.", "",
+             "1,000 shards. \"flat\": the 10k figure per 1k shards is at most 1.5 x the 1k one. The quick figures "
+             "are medians of 3 timings. For comparison, the one-request-per-shard code this replaced took, for "
+             "1,000 shards and *without* added latency, 1.1 s (no-op rerun) and 2.7 s (`status`) locally, 4.0 s and "
+             "10.4 s on this S3 server (issue 17). \"submitted\" is dominated by Ray's start on this loaded "
+             "machine, which does not depend on the shard count.", "",
              "| backend | figure | 1k shards | 10k shards | per 1k at 1k | per 1k at 10k | target | met |",
              "|---|---|---|---|---|---|---|---|"]
     for backend in ("s3", "local"):
@@ -254,7 +258,7 @@ def render(results: dict, info: dict) -> str:
             if key in ("noop_rerun", "status") and backend == "s3" and v10 is not None:
                 ok = v10 < TARGET_S and (p1 is None or p10 <= 1.5 * p1)
                 met = "**met**" if ok else "**not met**"
-            elif target.startswith("flat") and p1 is not None and p10 is not None:
+            elif target != "—" and p1 is not None and p10 is not None:
                 met = "**met**" if p10 <= 1.5 * p1 else "**not met**"
             shown_target = target if (backend == "s3" or not target.startswith("<")) else "flat per 1k"
 
@@ -284,7 +288,14 @@ def main(argv=None) -> int:
     ap.add_argument("--latency-ms", type=float, default=20.0)
     ap.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
     ap.add_argument("--json", default=os.path.join(HERE, "_work", "scale.json"))
+    ap.add_argument("--render", action="store_true", help="only rewrite the RESULTS.md section from --json")
     a = ap.parse_args(argv)
+    if a.render:
+        with open(a.json) as f:
+            saved = json.load(f)
+        results = {b: {int(n): r for n, r in by_n.items()} for b, by_n in saved["results"].items()}
+        write_results(render(results, saved["info"]), a.out)
+        return 0
     from benchmarks import common
 
     common.bench_env()
