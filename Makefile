@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: venv demo test test-fast bench lint clean
+.PHONY: venv demo test test-fast bench bench-scale lint clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,11 @@ test-fast: $(STAMP)
 # the full suite writes benchmarks/RESULTS.md (< 15 min on 2 cores); `make bench BENCH_ARGS=--quick` for development
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
+
+# corpus-scale bookkeeping at 1k and 10k output shards, local and on loopback S3 with 20 ms per request (about
+# 12-25 min on 2 cores; its own section of benchmarks/RESULTS.md; docs/scaling.md). SCALE_ARGS="--sizes 1000": shorter
+bench-scale: $(STAMP)
+	$(BIN)/python benchmarks/bench_scale.py $(SCALE_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check modalmill tests benchmarks

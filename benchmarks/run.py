@@ -127,8 +127,13 @@ def main(argv=None) -> int:
         "modules": modules,
     }
     os.makedirs(os.path.dirname(out), exist_ok=True)
+    text = render(figs, info)
+    keep = "<!-- bench-scale: start -->", "<!-- bench-scale: end -->"  # `make bench-scale`'s own section stays
+    old = open(out).read() if os.path.exists(out) else ""
+    if keep[0] in old and keep[1] in old:
+        text = text.rstrip() + "\n\n" + keep[0] + old.split(keep[0], 1)[1].split(keep[1], 1)[0] + keep[1] + "\n"
     with open(out, "w") as f:
-        f.write(render(figs, info))
+        f.write(text)
     with open(os.path.join(common.WORK, "results.json"), "w") as f:
         json.dump({"info": info, "figures": [x.as_dict() for x in figs]}, f, indent=1)
     log(f"wrote {out} ({duration / 60:.1f} minutes)")

@@ -218,7 +218,7 @@ def show(output, key, out_file, shard, modalities, tokenizers):
 @click.argument("output")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (includes full token histograms).")
 @click.option("--modalities", "-m", default=None, help="Only these modalities (comma-separated).")
-@click.option("--workers", type=int, default=4, show_default=True, help="Tars read in parallel.")
+@click.option("--workers", type=int, default=None, help="Tars read in parallel [default: 32 on s3://, 4 locally].")
 def stats(output, as_json, modalities, workers):
     """Per-modality counts, failure reasons, token usage and value ranges of OUTPUT."""
     from .jobs.stats import corpus_stats, format_stats

@@ -10,7 +10,9 @@ Fixtures:
 * ``moto_s3`` (session) / ``moto_env`` (function): the same over moto's ``ThreadedMotoServer`` (starts
   instantly; does not check credentials).
 * ``flaky_s3`` (function): a :class:`FlakyProxy` in front of ``seaweed_s3`` that injects 503 SlowDown,
-  500 InternalError and GET bodies cut after K bytes; env points at the proxy; yields ``(proxy, bucket)``.
+  500 InternalError, GET bodies cut after K bytes and added latency (``proxy.delay``, every request held
+  that long before it is forwarded, as a distant object store would); env points at the proxy; yields
+  ``(proxy, bucket)``.
 
 No test here talks to the network: everything listens on 127.0.0.1.
 """
@@ -428,6 +430,8 @@ class FlakyProxy:
     _httpd: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
     _open_sockets: set = field(default_factory=set)
+    latency_s: float = 0.0  # added to every request before it is forwarded (see ``delay``)
+    record: bool = True  # keep every request in ``requests`` (a benchmark of 100k requests turns this off)
 
     # -- the S3Server interface
     @property
@@ -468,6 +472,12 @@ class FlakyProxy:
         """Forward the next ``times`` matching requests but cut the connection after ``after_bytes`` bytes
         of the response body (the headers announce the full Content-Length)."""
         self._add(Fault("drop", times, method, path_contains, after_bytes=after_bytes))
+
+    def delay(self, seconds: float) -> None:
+        """Hold every request ``seconds`` before forwarding it (0: none): the latency of a real object store
+        (20-50 ms a request) on a loopback server. Requests are served on their own threads, so concurrent
+        requests wait concurrently, as they would on a real store."""
+        self.latency_s = max(0.0, float(seconds))
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -570,8 +580,11 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         body, chunked = self._read_body()
         record = ProxiedRequest(self.command, self.path, dict(self.headers.items()))
-        with self.owner._lock:
-            self.owner.requests.append(record)
+        if self.owner.record:
+            with self.owner._lock:
+                self.owner.requests.append(record)
+        if self.owner.latency_s:
+            time.sleep(self.owner.latency_s)
         fault = self.owner._take_fault(self.command, self.path)
         if fault is not None and fault.kind in ("slowdown", "error"):
             record.outcome = "slowdown" if fault.kind == "slowdown" else f"error {fault.status}"

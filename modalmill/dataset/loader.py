@@ -100,7 +100,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ..schemas.modalities import IMAGE, PIXEL, TOKENS, ModalitySpec, get_modality
 from ..tokenize.text import TEXT_MODALITIES
-from ..io import manifest, storage
+from ..io import index, manifest, storage
 from ..io.tars import accepted_exts, decode_member
 
 logger = logging.getLogger(__name__)
@@ -115,7 +115,8 @@ class AlignmentError(RuntimeError):
 @dataclass(frozen=True)
 class ShardRef:
     name: str  # "shard-00003"
-    keys: tuple[str, ...]  # the marker's key list
+    n_samples: int  # the marker's sample count
+    keys: tuple[str, ...] | None = None  # the marker's key list; None: read from the marker when the shard is read
 
 
 def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -215,14 +216,16 @@ class ModalDataset(IterableDataset):
         for m in self._aux:
             self.specs[m] = get_modality(m)
 
-        markers = manifest.list_markers(root)
+        # the shard index (listings + a snapshot the runs keep): no marker is read here unless the index lacks it,
+        # and key lists are read by the worker that opens the shard, so start-up does not grow with samples
+        markers = index.scan(root, with_manifests=False).markers
         if not markers:
             raise FileNotFoundError(f"{root}: no completed shards (no {manifest.META_DIR}/shards/*.json markers); "
                                     f"`modalmill status {root}` says what is pending")
         missing: dict[str, list[str]] = {}
         for name, mk in sorted(markers.items()):
             for m in self._read:
-                if m not in mk.get("modalities", {}):
+                if m not in mk.modalities:
                     missing.setdefault(m, []).append(name)
         if missing:
             parts = [f"{m}{f' (read for {self._aux[m]})' if m in self._aux else ''} missing in {len(s)} of "
@@ -230,7 +233,7 @@ class ModalDataset(IterableDataset):
                      + (f" ... (+{len(s) - 8})" if len(s) > 8 else "") for m, s in missing.items()]
             raise ValueError(f"{root}: requested modalities are not in every completed shard: " + "; ".join(parts)
                              + " (add them with `modalmill run JOB.yaml --only ...`)")
-        self.shards = [ShardRef(name, tuple(mk.get("keys", []))) for name, mk in sorted(markers.items())]
+        self.shards = [ShardRef(name, mk.n_samples) for name, mk in sorted(markers.items())]
 
     # ------------------------------------------------------------------ order
     def set_epoch(self, epoch: int) -> None:
@@ -251,11 +254,11 @@ class ModalDataset(IterableDataset):
     @property
     def total_samples(self) -> int:
         """Samples in all completed shards (all ranks together)."""
-        return sum(len(s.keys) for s in self.shards)
+        return sum(s.n_samples for s in self.shards)
 
     def num_samples(self, epoch: int | None = None) -> int:
         """Samples this rank yields in this epoch."""
-        return sum(len(s.keys) for s in self.rank_shards(epoch))
+        return sum(s.n_samples for s in self.rank_shards(epoch))
 
     def __repr__(self) -> str:
         tok = self.text_tokenizer
@@ -292,14 +295,24 @@ class ModalDataset(IterableDataset):
         for shard in src:
             yield from self._zip_one(shard)
 
+    def _shard_keys(self, shard: ShardRef) -> tuple[str, ...]:
+        if shard.keys is not None:
+            return shard.keys
+        marker = manifest.read_marker(self.root, shard.name)
+        if marker is None:
+            raise FileNotFoundError(f"{self.root}: {shard.name}'s marker disappeared after the dataset was built "
+                                    f"(is a run rewriting this output?)")
+        return tuple(marker.get("keys", []))
+
     def _zip_one(self, shard: ShardRef) -> Iterator[dict]:
+        order = self._shard_keys(shard)
         urls = {m: storage.join(self.root, m, f"{shard.name}.tar") for m in self._read}
         with ExitStack() as stack:
             streams = {m: _modality_stream(url, stack) for m, url in urls.items()}
             pos = 0
             while True:
                 row = {m: self._next(urls[m], it) for m, it in streams.items()}
-                expected = shard.keys[pos] if pos < len(shard.keys) else None
+                expected = order[pos] if pos < len(order) else None
                 keys = {m: (s["__key__"] if s is not None else None) for m, s in row.items()}
                 if all(k is None for k in keys.values()) and expected is None:
                     return

@@ -129,7 +129,9 @@ def _make_client() -> Any:
         retries={"max_attempts": attempts, "mode": mode},
         connect_timeout=10,
         read_timeout=60,
-        max_pool_connections=MAX_POOL_CONNECTIONS,
+        # also room for the bookkeeping readers' parallel GETs (storage.read_many: MODALMILL_IO_WORKERS, 32)
+        max_pool_connections=max(MAX_POOL_CONNECTIONS,
+                                 int(os.environ.get("MODALMILL_IO_WORKERS", "32") or 32) + 8),
         tcp_keepalive=True,
     )
     endpoint = os.environ.get("MODALMILL_S3_ENDPOINT") or None  # None: boto3 resolves AWS_ENDPOINT_URL[_S3]

@@ -37,15 +37,17 @@ import fnmatch
 import os
 import re
 import shutil
-from collections.abc import Iterator
-from typing import BinaryIO
+from collections.abc import Iterable, Iterator
+from typing import Any, BinaryIO
+from urllib.parse import urlsplit
 
 from . import localfs, s3
 from .s3 import READ_BACKOFF_CAP as READ_BACKOFF_CAP  # the S3 reader's tuning constants, re-exported
 from .s3 import READ_BUFFER_SIZE as READ_BUFFER_SIZE
-from .s3 import clear_s3_client_cache, is_s3, s3_client, s3_env_vars
+from .s3 import _is_aws_host, clear_s3_client_cache, is_s3, s3_client, s3_env_vars
 
 __all__ = [
+    "arrow_filesystem",
     "atomic_write",
     "clear_s3_client_cache",
     "exists",
@@ -53,6 +55,9 @@ __all__ = [
     "is_s3",
     "join",
     "list_files",
+    "list_pages",
+    "io_workers",
+    "read_many",
     "open_read",
     "read_bytes",
     "remove",
@@ -142,6 +147,113 @@ def list_files(prefix: str, suffix: str = "") -> list[str]:
     if is_s3(prefix):
         return s3.list_files(prefix, suffix)
     return localfs.list_files(prefix, suffix)
+
+
+def list_pages(prefix: str, suffix: str = "", page_size: int = 1000) -> Iterator[list[tuple[str, str]]]:
+    """The files directly or deeper below the directory ``prefix`` whose names end with ``suffix``, one listing
+    page at a time: lists of ``(url, version)`` in key order. On S3 a page is one ListObjectsV2 answer (up to
+    1,000 keys) and the version is the object's ETag (the MD5 of a single-PUT object's content); locally pages
+    of ``page_size`` files in sorted order and the version is ``inode:size:mtime_ns`` (an atomic write replaces
+    the inode, so a rewritten file never keeps its version). A version changes whenever the content does; it is
+    what a cache of file contents is validated with (``io.index``). A missing directory gives no pages."""
+    if is_s3(prefix):
+        bucket, key = _split_s3(prefix)
+        if key and not key.endswith("/"):
+            key += "/"
+        with _s3_errors(prefix, "list"):
+            paginator = s3_client().get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=bucket, Prefix=key, PaginationConfig={"PageSize": page_size}):
+                out = [(f"s3://{bucket}/{o['Key']}", str(o.get("ETag", "")).strip('"') + f":{o.get('Size', '')}")
+                       for o in page.get("Contents", ()) if o["Key"].endswith(suffix) and not o["Key"].endswith("/")]
+                yield out
+        return
+    root = _local_path(prefix)
+    scheme = prefix[:7] if _is_file_url(prefix) else ""
+    found: list[tuple[str, str]] = []
+
+    def walk(d: str) -> None:
+        try:
+            entries = list(os.scandir(d))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for e in entries:
+            if e.is_dir(follow_symlinks=False):
+                walk(e.path)
+            elif e.name.endswith(suffix) and not _TMP_NAME.match(e.name):
+                try:
+                    st = e.stat()
+                except FileNotFoundError:  # removed while listing
+                    continue
+                found.append((scheme + e.path, f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"))
+
+    walk(root)
+    found.sort()
+    for i in range(0, len(found), page_size):
+        yield found[i:i + page_size]
+
+
+def io_workers(s3: bool) -> int:
+    """How many requests the bookkeeping readers keep in flight (``MODALMILL_IO_WORKERS``; default 32 on S3,
+    where each request waits out the store's latency, 4 locally)."""
+    return max(1, _env_int("MODALMILL_IO_WORKERS", 32 if s3 else 4))
+
+
+def read_many(urls: Iterable[str], workers: int | None = None) -> Iterator[tuple[str, bytes | None]]:
+    """``(url, content)`` for every url, in the order given, read with at most ``workers`` requests in flight
+    (default :func:`io_workers`); a missing file gives ``None``. Lazy: urls are taken from the iterable only as
+    the window has room, so a long (or generated) list is never read ahead by more than the window."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    it = iter(urls)
+    first = next(it, None)
+    if first is None:
+        return
+    n = workers or io_workers(is_s3(first))
+
+    def get(url: str) -> bytes | None:
+        try:
+            return read_bytes(url)
+        except FileNotFoundError:
+            return None
+
+    if n <= 1:
+        yield first, get(first)
+        for u in it:
+            yield u, get(u)
+        return
+    pending: deque = deque()
+    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="modalmill-read") as pool:
+        pending.append((first, pool.submit(get, first)))
+        for u in it:
+            while len(pending) >= 2 * n:
+                url, fut = pending.popleft()
+                yield url, fut.result()
+            pending.append((u, pool.submit(get, u)))
+        while pending:
+            url, fut = pending.popleft()
+            yield url, fut.result()
+
+
+def arrow_filesystem(urls: list[str]) -> tuple[Any, list[str]]:
+    """A ``pyarrow.fs`` filesystem and the paths in it for ``urls`` (all local or all ``s3://``): for pyarrow's
+    dataset readers. On S3 it is configured like :func:`s3_client` (endpoint, region, the credentials boto3
+    resolved), path-style addressing for custom endpoints."""
+    import pyarrow.fs as pafs
+
+    if not urls or not is_s3(urls[0]):
+        return pafs.LocalFileSystem(), [_local_path(u) for u in urls]
+    client = s3_client()
+    creds = client._request_signer._credentials  # the credentials boto3 resolved (env, profile, role)
+    frozen = creds.get_frozen_credentials() if creds is not None else None
+    endpoint = client.meta.endpoint_url
+    options: dict[str, Any] = {"region": client.meta.region_name or "us-east-1"}
+    if frozen is not None:
+        options.update(access_key=frozen.access_key, secret_key=frozen.secret_key, session_token=frozen.token)
+    if endpoint and not _is_aws_host(endpoint):
+        parts = urlsplit(endpoint)
+        options.update(endpoint_override=parts.netloc, scheme=parts.scheme or "https", force_virtual_addressing=False)
+    return pafs.S3FileSystem(**options), [u[5:] for u in urls]
 
 
 def expand(pattern: str) -> list[str]:

@@ -17,12 +17,13 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from .. import __version__
 from ..labelers.base import LABELERS, get_labeler, labeler_for, load_entry_points
+from ..io import index, manifest
 from ..labelers.weights import mirror_location
-from ..io import manifest
 from ..io.readers import ShardSource, plan_sources
 from ..io.text import INPUT
 from ..pipeline.shard import (CORE, FULL, UPDATE, LabelerRun, ShardTask, core_producers, labeler_producers,
@@ -92,12 +93,34 @@ def resolve_labelers(spec: JobSpec, modalities: list[str], available: set[str] =
     return ordered
 
 
-def plan_job(spec: JobSpec, only: list[str] | None = None, force: bool = False) -> Plan:
+@dataclass
+class JobPlan:
+    """What every shard of a job is decided against: the requested modalities and who must have made them."""
+
+    spec: JobSpec
+    only: list[str] | None
+    force: bool
+    sources: list[ShardSource]
+    selected: list[ShardSource]
+    requested: list[str]
+    requested_only: list[str]
+    all_runs: list[LabelerRun]
+    expected: dict[str, dict]  # modality -> the producer this job would record (labeler, version, config_hash)
+    base: dict
+
+    def runs_for(self, mods: list[str], have: set[str]) -> tuple[LabelerRun, ...]:
+        return tuple(resolve_labelers(self.spec, mods, available=have))
+
+
+def prepare_job(spec: JobSpec, only: list[str] | None = None, force: bool = False) -> JobPlan:
+    """Everything planning needs besides the markers: the input shards (one listing per pattern, or none for a
+    brace pattern), the selection, the labelers and the producers they record."""
     sources = plan_sources(spec.input, spec.shard_size, parquet=spec.parquet, text_member=spec.text.member)
     if not sources:
         raise JobError(f"no input shards in {spec.input!r}")
     selected = [sources[i] for i in spec.selected_shards(len(sources))]
     requested = list(dict.fromkeys(list(CORE) + list(spec.modalities)))
+    requested_only: list[str] = []
     if only:
         unknown = [m for m in only if m not in spec.modalities and m not in CORE]
         for m in only:
@@ -113,88 +136,214 @@ def plan_job(spec: JobSpec, only: list[str] | None = None, force: bool = False) 
     all_runs = resolve_labelers(spec, requested, available=set(requested))
     expected = with_caption_source({**core_producers(spec.decode, spec.crops, spec.seed),
                                     **labeler_producers(tuple(all_runs))}, spec.text, requested)
-    plan = Plan(spec=spec, sources=sources, runs=[])
-    problems: list[str] = []
     base = dict(output=spec.output, decode=spec.decode, crops=spec.crops, seed=spec.seed, batch_size=spec.batch_size,
                 text=spec.text)
+    return JobPlan(spec, only, force, sources, selected, requested, requested_only, all_runs, expected, base)
 
-    def runs_for(mods: list[str], have: set[str]) -> tuple[LabelerRun, ...]:
-        return tuple(resolve_labelers(spec, mods, available=have))
 
-    for src in selected:
-        marker = manifest.read_marker(spec.output, src.name)
-        if marker and marker.get("source") != src.url:
-            problems.append(f"{src.name} was made from {marker.get('source')!r} but the input now maps "
-                            f"{src.url!r} to it")
-            continue
-        have = marker.get("modalities", {}) if marker else {}
-        # a modality refined in place (human_poses + pose_tokenized) still counts as made by what it refines
-        stale = [m for m in (requested_only if only else requested)
-                 if m in have and expected[m]["config_hash"] not in
-                 (have[m].get("config_hash"), (have[m].get("refines") or {}).get("config_hash"))]
-        if only:
-            if not marker:
-                problems.append(f"{src.name} has no output yet: run the job without --only first")
-                continue
-            if any(m in CORE for m in requested_only):
-                problems.append(f"--only cannot recompute {sorted(set(requested_only) & set(CORE))}: "
-                                "they define the shard; rerun the job with --force instead")
-                continue
-            todo = [m for m in requested_only if force or m not in have or m in stale]
-            if stale and not force:
-                problems.append(f"{src.name}: {stale} were made with other settings; add --force to recompute")
-                continue
-            if todo:
-                plan.tasks.append(ShardTask(source=src, mode=UPDATE, write=tuple(todo),
-                                            labelers=runs_for(todo, set(have) | set(todo)), **base))
+def stale_modalities(job: JobPlan, marker: dict, mods: list[str]) -> list[str]:
+    """The modalities of ``mods`` that ``marker`` records as made otherwise than this job would make them: the
+    one "is this shard's output still what the job asks for" check of planning (a modality refined in place,
+    human_poses + pose_tokenized, still counts as made by what it refines)."""
+    have = marker.get("modalities", {})
+    return [m for m in mods if m in have and job.expected[m]["config_hash"] not in
+            (have[m].get("config_hash"), (have[m].get("refines") or {}).get("config_hash"))]
+
+
+SKIP = "skip"
+
+
+def decide_shard(job: JobPlan, src: ShardSource, marker: dict | None) -> ShardTask | str:
+    """What shard ``src`` needs, from its marker (None: no marker; a marker without its key list is enough):
+    a ShardTask, ``SKIP``, or a problem (any other str) that stops the job until the user decides."""
+    only, force = job.only, job.force
+    if marker and marker.get("source") != src.url:
+        return (f"{src.name} was made from {marker.get('source')!r} but the input now maps "
+                f"{src.url!r} to it")
+    have = marker.get("modalities", {}) if marker else {}
+    stale = stale_modalities(job, marker, job.requested_only if only else job.requested) if marker else []
+    if only:
+        if not marker:
+            return f"{src.name} has no output yet: run the job without --only first"
+        if any(m in CORE for m in job.requested_only):
+            return (f"--only cannot recompute {sorted(set(job.requested_only) & set(CORE))}: "
+                    "they define the shard; rerun the job with --force instead")
+        todo = [m for m in job.requested_only if force or m not in have or m in stale]
+        if stale and not force:
+            return f"{src.name}: {stale} were made with other settings; add --force to recompute"
+        if todo:
+            return ShardTask(source=src, mode=UPDATE, write=tuple(todo),
+                             labelers=job.runs_for(todo, set(have) | set(todo)), **job.base)
+        return SKIP
+    if force or not marker:
+        return ShardTask(source=src, mode=FULL, write=tuple(job.requested), labelers=tuple(job.all_runs),
+                         **job.base)
+    if stale:
+        return (f"{src.name}: {stale} were made with other settings; add --force to recompute "
+                f"(or --only {','.join(stale)} --force for just those)")
+    missing = [m for m in job.requested if m not in have]
+    if missing:
+        return ShardTask(source=src, mode=UPDATE, write=tuple(missing),
+                         labelers=job.runs_for(missing, set(have) | set(missing)), **job.base)
+    return SKIP
+
+
+@dataclass
+class PlanPage:
+    """The decisions for the selected shards one marker-listing page covers (in listing order)."""
+
+    tasks: list[ShardTask] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    markers_read: int = 0
+
+
+def plan_pages(job: JobPlan, snap: index.Snapshot | None = None) -> Iterator[PlanPage]:
+    """Decide every selected shard, streaming: one page per page of the marker listing (1,000 markers), so the
+    first shard tasks can start while the rest is planned. Markers come from the output's shard index where the
+    listing shows them unchanged, else are read with bounded parallel requests (only the selected shards')."""
+    snap = snap if snap is not None else index.load_snapshot(job.spec.output, with_manifests=False)
+    todo = sorted(job.selected, key=lambda s: s.name + ".json")  # listing order
+    wanted = {s.name for s in todo}
+    pos = 0
+
+    def decide(upto: str | None, markers: dict) -> PlanPage:
+        nonlocal pos
+        page = PlanPage()
+        while pos < len(todo) and (upto is None or todo[pos].name + ".json" <= upto):
+            src = todo[pos]
+            pos += 1
+            info = markers.get(src.name)
+            got = decide_shard(job, src, info.as_marker() if info is not None else None)
+            if isinstance(got, ShardTask):
+                page.tasks.append(got)
+            elif got == SKIP:
+                page.skipped.append(src.name)
             else:
-                plan.skipped.append(src.name)
-            continue
-        if force or not marker:
-            plan.tasks.append(ShardTask(source=src, mode=FULL, write=tuple(requested),
-                                        labelers=tuple(all_runs), **base))
-            continue
-        if stale:
-            problems.append(f"{src.name}: {stale} were made with other settings; add --force to recompute "
-                            f"(or --only {','.join(stale)} --force for just those)")
-            continue
-        missing = [m for m in requested if m not in have]
-        if missing:
-            plan.tasks.append(ShardTask(source=src, mode=UPDATE, write=tuple(missing),
-                                        labelers=runs_for(missing, set(have) | set(missing)), **base))
-        else:
-            plan.skipped.append(src.name)
+                page.problems.append(got)
+        return page
+
+    for mp in index.marker_pages(job.spec.output, snap, want=wanted.__contains__):
+        page = decide(mp.last, mp.markers)
+        page.markers_read = mp.read
+        yield page
+    yield decide(None, {})
+
+
+def plan_job(spec: JobSpec, only: list[str] | None = None, force: bool = False) -> Plan:
+    """The whole plan at once (every page of :func:`plan_pages`); raises JobError listing the problems."""
+    job = prepare_job(spec, only, force)
+    plan = Plan(spec=spec, sources=job.sources, runs=[])
+    problems: list[str] = []
+    for page in plan_pages(job):
+        plan.tasks += page.tasks
+        plan.skipped += page.skipped
+        problems += page.problems
     if problems:
-        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise JobError("cannot run this job on the existing output:\n  " + "\n  ".join(problems[:10]) + more)
-    seen: dict[str, LabelerRun] = {}
-    for t in plan.tasks:
-        for r in t.labelers:
-            seen.setdefault(r.labeler, r)
-    plan.runs = list(seen.values())
+        raise JobError(_problem_message(problems))
+    plan.tasks.sort(key=lambda t: t.source.index)
+    plan.runs = _runs_of(plan.tasks)
     return plan
 
 
+def _problem_message(problems: list[str], done_before: int = 0) -> str:
+    more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+    head = "cannot run this job on the existing output:\n  "
+    tail = (f"\n  ({done_before} shard task(s) planned before the first problem was found ran and are recorded)"
+            if done_before else "")
+    return head + "\n  ".join(problems[:10]) + more + tail
+
+
+def _runs_of(tasks: list[ShardTask]) -> list[LabelerRun]:
+    seen: dict[str, LabelerRun] = {}
+    for t in tasks:
+        for r in t.labelers:
+            seen.setdefault(r.labeler, r)
+    return list(seen.values())
+
+
 def run_job(spec: JobSpec, only: list[str] | None = None, force: bool = False, address: str | None = None,
-            show_progress: bool = True) -> dict:
-    """Plan, execute and record one run; returns the run summary (also written under _modalmill/runs/)."""
+            show_progress: bool = True, on_submit: Callable[[ShardTask], None] | None = None) -> dict:
+    """Plan, execute and record one run; returns the run summary (also written under _modalmill/runs/).
+
+    Planning streams (:func:`plan_pages`): the shard tasks of the first marker-listing page that has any start
+    while later pages are still being planned. A problem (a modality made with other settings, ...) found on
+    that first page stops the job before anything runs, listing every problem of the whole output, as before;
+    one found later stops new submissions, lets the running shard tasks commit, records the run and then raises
+    the same error. ``on_submit(task)`` is called as each shard task is handed to Ray (benchmarks)."""
     from ..io.cluster import init_ray
     from ..pipeline.execute import execute
 
     t0 = time.time()
-    plan = plan_job(spec, only=only, force=force)
+    job = prepare_job(spec, only=only, force=force)
+    snap = index.load_snapshot(spec.output, with_manifests=False)  # the manifest part is loaded at the end if needed
+    pages = plan_pages(job, snap)
+    problems: list[str] = []
+    skipped: list[str] = []
+    counts = {"tasks": 0, "markers_read": 0}
+
+    def absorb(page: PlanPage) -> list[ShardTask]:
+        skipped.extend(page.skipped)
+        problems.extend(page.problems)
+        counts["markers_read"] += page.markers_read
+        counts["tasks"] += len(page.tasks)
+        return page.tasks
+
+    first: list[ShardTask] = []
+    for page in pages:  # up to the first page with something to do (or a problem)
+        first += absorb(page)
+        if first or problems:
+            break
+    if problems:
+        for page in pages:  # every problem of the output, in one message, before anything runs
+            absorb(page)
+        raise JobError(_problem_message(problems))
+    seconds_planning_first = time.time() - t0
+    pooled = {r.labeler for r in _runs_of(first) if r.stateful}  # the labelers whose actor pools execute starts
+    deferred: list[ShardTask] = []
+
+    def stream() -> Iterator[ShardTask]:
+        yield from first
+        for page in pages:
+            tasks = absorb(page)
+            if problems:
+                continue  # no new submissions; keep planning to report every problem
+            for t in tasks:
+                if {r.labeler for r in t.labelers if r.stateful} <= pooled:
+                    yield t
+                else:  # needs a labeler whose actors this execution did not start: run after it
+                    deferred.append(t)
+
+    first_submit: list[float] = []
+
+    def submitted(task: ShardTask) -> None:
+        if not first_submit:
+            first_submit.append(time.time() - t0)
+        if on_submit is not None:
+            on_submit(task)
+
     started = False
     results: list[dict] = []
-    if plan.tasks:
+    if first:
         started = init_ray(address or spec.ray.address, spec.ray.num_cpus)
         try:
-            results = execute(plan.tasks, plan.runs, spec.labelers, shard_cpus=spec.ray.shard_cpus,
-                              max_retries=spec.ray.max_retries, show_progress=show_progress)
+            opts = dict(shard_cpus=spec.ray.shard_cpus, max_retries=spec.ray.max_retries,
+                        show_progress=show_progress, on_submit=submitted)
+            results = execute(index.prefetch(stream(), depth=4096), _runs_of(first), spec.labelers, **opts)
+            if deferred:
+                results += execute(deferred, _runs_of(deferred), spec.labelers, **opts)
         finally:
             if started:
                 import ray
 
                 ray.shutdown()
+        results.sort(key=lambda r: r.get("index", 0))
+    seconds_planning = time.time() - t0 if not first else None  # without tasks, planning was the whole run
+    try:  # bring the shard index up to date with what this run wrote (and what planning had to read)
+        if first or snap.changed:  # a no-op rerun that found the index up to date touches nothing
+            index.scan(spec.output, snap=snap, with_markers=bool(first), write=True)
+    except Exception as e:  # noqa: BLE001 - the index is a cache: the next reader re-reads what it lacks
+        print(f"modalmill: warning: could not update the shard index: {type(e).__name__}: {e}", file=sys.stderr)
     done = [r for r in results if r.get("status") == "done"]
     failed = [r for r in results if r.get("status") != "done"]
     errors: dict[str, int] = {}
@@ -205,8 +354,8 @@ def run_job(spec: JobSpec, only: list[str] | None = None, force: bool = False, a
     summary = {
         "run_id": run_id, "job": spec.name, "output": spec.output, "modalmill_version": __version__,
         "only": only, "force": force, "modalities": list(spec.modalities),
-        "shards_total": len(plan.sources), "shards_selected": len(plan.tasks) + len(plan.skipped),
-        "shards_processed": len(done), "shards_skipped": len(plan.skipped), "shards_failed": len(failed),
+        "shards_total": len(job.sources), "shards_selected": counts["tasks"] + len(skipped),
+        "shards_processed": len(done), "shards_skipped": len(skipped), "shards_failed": len(failed),
         "samples_read": sum(r.get("n_read", 0) for r in done),
         "samples_written": sum(r.get("n_ok", 0) for r in done),
         "samples_failed": sum(r.get("n_failed", 0) for r in done),
@@ -215,6 +364,10 @@ def run_job(spec: JobSpec, only: list[str] | None = None, force: bool = False, a
         "failed_shards": [{k: r.get(k) for k in ("shard", "source", "error")} for r in failed],
         "shards": [{k: r.get(k) for k in ("shard", "mode", "n_read", "n_ok", "n_failed", "seconds")} for r in done],
         "seconds": round(time.time() - t0, 3),
+        "planning": {"markers_read": counts["markers_read"], "deferred": len(deferred),
+                     "seconds_to_first_task": round(first_submit[0], 3) if first_submit else None,
+                     "seconds_planning_first_page": round(seconds_planning_first, 3),
+                     "seconds_planning": round(seconds_planning, 3) if seconds_planning is not None else None},
         "spec": json.loads(json.dumps(dataclasses.asdict(spec), default=str)),
     }
     summary["exit_code"] = (EXIT_SHARDS_FAILED if failed else
@@ -224,4 +377,7 @@ def run_job(spec: JobSpec, only: list[str] | None = None, force: bool = False, a
     except OSError as e:  # e.g. the disk filled up: the shards' own results are already recorded (or failed)
         summary["run_record_error"] = f"could not write the run record: {type(e).__name__}: {e}"
         print(f"modalmill: warning: {summary['run_record_error']}", file=sys.stderr)
+    if problems:
+        summary["problems"] = problems
+        raise JobError(_problem_message(problems, done_before=len(results)))
     return summary

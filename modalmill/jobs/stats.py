@@ -3,7 +3,8 @@
 ``corpus_stats(root)`` reads every completed shard (the shards with a completion marker; for an output
 without markers, every shard of its folder layout) and reports:
 
-- samples read / written / failed and the failure reasons, from the parquet manifests
+- samples read / written / failed and the failure reasons, from the parquet manifests' counts in the shard
+  index (``io.index``: listings plus a snapshot the runs keep; no manifest row is held in memory)
   (``stage: reason``, the reason up to its first colon, as ``modalmill status`` groups them);
 - per modality: samples and shards;
 - ``tok_*``: the token histogram over the vocabulary, codebook usage (the fraction of the codes of the
@@ -22,14 +23,14 @@ Members that do not decode are counted under ``undecodable`` (``modalmill check`
 from __future__ import annotations
 
 import math
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ..io import manifest
+from ..io import index, manifest, storage
 from ..io.tars import decode_member, iter_tar_groups, scan_layout, spec_for_folder
 from ..schemas.modalities import FEATURE_MAP, GLOBAL, IMAGE, PIXEL, TOKENS, ModalitySpec
 
@@ -192,9 +193,10 @@ def _tokenizer_codes(root: str, markers: dict, modalities: list[str]) -> dict[st
     return out
 
 
-def corpus_stats(root: str, modalities: list[str] | None = None, workers: int = 4) -> dict:
+def corpus_stats(root: str, modalities: list[str] | None = None, workers: int | None = None) -> dict:
     """Statistics of the output ``root`` (see the module docstring). ``modalities`` restricts what is read."""
-    markers = manifest.list_markers(root)
+    scanned = index.scan(root, with_manifests=True, write=False)  # listings + the shard index, no row is held
+    markers = {name: {"modalities": mk.modalities} for name, mk in scanned.markers.items()}
     layout = scan_layout(root)
     tasks: list[tuple[str, str, str]] = []  # (modality, shard, url)
     if markers:
@@ -218,13 +220,26 @@ def corpus_stats(root: str, modalities: list[str] | None = None, workers: int = 
             raise ValueError(f"{root}: no shards of {', '.join(unknown)}")
         tasks = [t for t in tasks if t[0] in modalities]
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        partials = list(pool.map(lambda t: _scan(spec_for_folder(t[0]), t[2]), tasks))
+    if workers is None:
+        workers = storage.io_workers(True) if storage.is_s3(root) else 4
     accs: dict[str, _Acc] = {}
     shards: dict[str, set] = {}
-    for (m, shard, _), part in zip(tasks, partials):  # fixed order: the sums are deterministic
-        accs.setdefault(m, _Acc()).merge(part)
-        shards.setdefault(m, set()).add(shard)
+    # a bounded window of tars in flight, merged in task order as they finish (the sums are deterministic and
+    # only the window's partial results are held, whatever the number of shards)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        window: deque = deque()
+
+        def merge_oldest() -> None:
+            (m, shard, _), fut = window.popleft()
+            accs.setdefault(m, _Acc()).merge(fut.result())
+            shards.setdefault(m, set()).add(shard)
+
+        for t in tasks:
+            if len(window) >= 2 * max(1, workers):
+                merge_oldest()
+            window.append((t, pool.submit(_scan, spec_for_folder(t[0]), t[2])))
+        while window:
+            merge_oldest()
 
     codes = _tokenizer_codes(root, markers, [m for m in accs if accs[m].hist is not None])
     per_modality = {}
@@ -245,19 +260,23 @@ def corpus_stats(root: str, modalities: list[str] | None = None, workers: int = 
             d["classes"] = dict(sorted(acc.classes.items(), key=lambda kv: (-kv[1], kv[0])))
         per_modality[m] = d
 
-    table = manifest.read_manifest(root)
-    rows = table.select(["status", "stage", "error"]).to_pylist() if table.num_rows else []
-    failed = [r for r in rows if r["status"] == "failed"]
+    counts = list(scanned.manifests.values())
+    reasons: Counter = Counter()
+    stages: Counter = Counter()
+    for mf in counts:  # merged in shard order: ties in most_common() keep the order of first occurrence
+        for k, n in mf.reasons:
+            reasons[k] += n
+        for k, n in mf.stages:
+            stages[k] += n
     return {
         "output": root,
         "shards_from": source,
         "shards": len({s for _, s, _ in tasks}),
-        "samples_read": len(rows),
-        "samples_ok": sum(r["status"] == "ok" for r in rows),
-        "samples_failed": len(failed),
-        "failures_by_reason": dict(Counter(f"{r['stage']}: {(r['error'] or '').split(':')[0].strip()}"
-                                           for r in failed).most_common()),
-        "failures_by_stage": dict(Counter(r["stage"] for r in failed).most_common()),
+        "samples_read": sum(m.n_read for m in counts),
+        "samples_ok": sum(m.n_ok for m in counts),
+        "samples_failed": sum(m.n_failed for m in counts),
+        "failures_by_reason": dict(reasons.most_common()),
+        "failures_by_stage": dict(stages.most_common()),
         "modalities": per_modality,
     }
 

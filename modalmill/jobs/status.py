@@ -1,35 +1,50 @@
-"""What an output root holds: shards done, failed and pending; samples written and failed, by reason."""
+"""What an output root holds: shards done, failed and pending; samples written and failed, by reason.
+
+Answered from listings and the shard index (``io.index``): one LIST per 1,000 markers / manifests / run records,
+plus reads of only the markers and manifests the index does not know at their listed version (bounded parallel),
+the failure records of failed shards and the newest run record. Nothing is written.
+"""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
-from ..io import manifest, storage
+from ..io import index, manifest, storage
 
 
 def output_status(root: str) -> dict:
     if not storage.exists(manifest.meta_url(root, "shards")) and not storage.list_files(manifest.meta_url(root)):
         raise FileNotFoundError(f"{root}: not a modalmill output (no {manifest.META_DIR}/ folder)")
-    markers = manifest.list_markers(root)
-    failures = {k: v for k, v in manifest.list_failures(root).items() if k not in markers}
-    runs = sorted(manifest.list_runs(root), key=lambda r: r.get("run_id", ""))
-    total = runs[-1]["shards_total"] if runs else None
-    table = manifest.read_manifest(root)
-    status = table.column("status").to_pylist() if table.num_rows else []
-    failed_rows = [r for r in table.to_pylist() if r["status"] == "failed"] if table.num_rows else []
-    reasons = Counter(f"{r['stage']}: {(r['error'] or '').split(':')[0].strip()}" for r in failed_rows)
-    mods = Counter(m for mk in markers.values() for m in mk.get("modalities", {}))
+    scanned = index.scan(root, with_manifests=True, write=False)
+    markers = scanned.markers
+    failed_names = [s for s in scanned.failures if s not in markers]
+    failures = {}
+    urls = [manifest.failed_url(root, s) for s in failed_names]
+    for (_url, data), name in zip(storage.read_many(urls), failed_names):
+        if data is not None:
+            failures[name] = json.loads(data)
+    run_urls = [u for page in storage.list_pages(manifest.meta_url(root, "runs"), suffix=".json") for u, _ in page]
+    last_run = None
+    for url in sorted(run_urls, key=lambda u: u.rsplit("/", 1)[-1], reverse=True)[:1]:
+        last_run = json.loads(storage.read_bytes(url))
+    total = last_run["shards_total"] if last_run else None
+    reasons: Counter = Counter()
+    for mf in scanned.manifests.values():
+        for reason, n in mf.reasons:
+            reasons[reason] += n
+    mods = Counter(m for mk in markers.values() for m in mk.modalities)
     return {
         "output": root,
         "shards_total": total,
         "shards_done": len(markers),
         "shards_failed": len(failures),
         "shards_pending": None if total is None else max(0, total - len(markers) - len(failures)),
-        "samples_read": len(status),
-        "samples_ok": sum(s == "ok" for s in status),
-        "samples_failed": sum(s == "failed" for s in status),
+        "samples_read": sum(m.n_read for m in scanned.manifests.values()),
+        "samples_ok": sum(m.n_ok for m in scanned.manifests.values()),
+        "samples_failed": sum(m.n_failed for m in scanned.manifests.values()),
         "errors_by_reason": dict(reasons),
         "modalities": dict(mods),
         "failures": {k: v.get("error", "") for k, v in failures.items()},
-        "runs": len(runs),
+        "runs": len(run_urls),
     }

@@ -12,6 +12,7 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import ray
@@ -276,15 +277,23 @@ def make_pools(runs: list[LabelerRun], settings: dict, shard_cpus: float = 1.0,
     return pools
 
 
-def execute(tasks: list[ShardTask], runs: list[LabelerRun], labeler_settings: dict, *, shard_cpus: float = 1.0,
-            max_retries: int = 3, show_progress: bool = True) -> list[dict]:
-    """Run the shard tasks on the connected Ray cluster; returns one summary per task."""
+def execute(tasks: Iterable[ShardTask], runs: list[LabelerRun], labeler_settings: dict, *, shard_cpus: float = 1.0,
+            max_retries: int = 3, show_progress: bool = True,
+            on_submit: Callable[[ShardTask], None] | None = None) -> list[dict]:
+    """Run the shard tasks on the connected Ray cluster; returns one summary per task.
+
+    ``tasks`` may be a stream (a generator that is still planning): it is pulled only as the window of tasks in
+    flight has room, so the first tasks run while later ones are planned. ``runs``: the labelers whose actor
+    pools are started (every stateful labeler the tasks use must be among them). ``on_submit(task)`` is called
+    as each task is handed to Ray."""
     from tqdm.auto import tqdm
 
-    if not tasks:
+    source = iter(tasks)
+    first = next(source, None)
+    if first is None:
         return []
     # input, output and s3:// weights: a Ray started before this process' S3 settings must still reach them
-    env = local_s3_env(*[loc for t in tasks[:1] for loc in (t.output, t.source.url)],
+    env = local_s3_env(first.output, first.source.url,
                        *[str(v) for r in runs for v in r.config.values() if isinstance(v, str)])
     pools = make_pools(runs, labeler_settings, shard_cpus, env)
     counter = ProgressCounter.remote()
@@ -292,16 +301,35 @@ def execute(tasks: list[ShardTask], runs: list[LabelerRun], labeler_settings: di
                                             **({"runtime_env": {"env_vars": env}} if env else {}))
     window = max(2, int(2 * ray.cluster_resources().get("CPU", 2) / max(shard_cpus, 0.01)))
     disable = not show_progress or os.environ.get("TQDM_DISABLE") == "1"
-    shard_bar = tqdm(total=len(tasks), unit="shard", desc="shards", position=0, disable=disable)
+    total = len(tasks) if isinstance(tasks, (list, tuple)) else None
+    shard_bar = tqdm(total=total, unit="shard", desc="shards", position=0, disable=disable)
     sample_bar = tqdm(unit="sample", desc="samples", position=1, disable=disable)
     results: list[dict] = []
-    queue = [(t, False) for t in tasks]
+    retry: list[tuple[ShardTask, bool]] = []
+    pending: list[ShardTask | None] = [first]  # the next task pulled from the stream (None: the stream ended)
     running: dict = {}
+
+    def next_task() -> tuple[ShardTask, bool] | None:
+        if retry:
+            return retry.pop(0)
+        if pending[0] is None:
+            return None
+        t = pending[0]
+        pending[0] = next(source, None)
+        return t, False
+
     try:
-        while queue or running:
-            while queue and len(running) < window:
-                t, isolate = queue.pop(0)
+        while True:
+            while len(running) < window:
+                nxt = next_task()
+                if nxt is None:
+                    break
+                t, isolate = nxt
                 running[remote.remote(t, pools, counter, isolate)] = (t, isolate)
+                if not isolate and on_submit is not None:
+                    on_submit(t)
+            if not running:
+                break
             done, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
             for ref in done:
                 task, isolated = running.pop(ref)
@@ -309,7 +337,7 @@ def execute(tasks: list[ShardTask], runs: list[LabelerRun], labeler_settings: di
                     res = ray.get(ref)
                 except Exception as e:  # noqa: BLE001 - the shard's worker died more often than max_retries
                     if not isolated:  # once more, with labelers in throw-away processes
-                        queue.append((task, True))
+                        retry.append((task, True))
                         continue
                     res = {"shard": task.shard, "index": task.source.index, "source": task.source.url,
                            "mode": task.mode, "status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]}
@@ -331,18 +359,17 @@ def execute(tasks: list[ShardTask], runs: list[LabelerRun], labeler_settings: di
             for h in handles:
                 ray.kill(h)
         ray.kill(counter)
-        remove_stale_temp_files(tasks)
+        remove_stale_temp_files(first.output)
     return sorted(results, key=lambda r: r["index"])
 
 
-def remove_stale_temp_files(tasks: list[ShardTask]) -> None:
-    """Remove temporary files that killed workers (or a killed earlier driver) left in local output folders.
+def remove_stale_temp_files(root: str) -> None:
+    """Remove temporary files that killed workers (or a killed earlier driver) left in the local output ``root``.
 
     Only called when no task of this run is running; S3 outputs never have any (uploads are all-or-nothing).
     """
-    if not tasks or storage.is_s3(tasks[0].output):
+    if storage.is_s3(root):
         return
-    root = tasks[0].output
     for dirpath, _, files in os.walk(root):
         for f in files:
             if f.startswith(".") and ".tmp-" in f:
