@@ -4,7 +4,8 @@
   labelers' ``process_batch``, modality encoders and tar writer as a modalmill shard task, and nothing else
   (no Ray, no failure isolation, no manifests or markers). Its tars are byte-identical to modalmill's.
 - :func:`ray_data_script`: what a user would write instead with Ray Data: ``read_webdataset`` ->
-  ``map_batches`` with an actor pool doing the same per-image work -> ``write_webdataset``.
+  ``map_batches`` with an actor pool doing the same per-image work -> ``write_webdataset``. Its actors size
+  OpenCV's and torch's thread pools to their Ray CPUs exactly as modalmill's shard tasks do (``limit_threads``).
 """
 
 from __future__ import annotations
@@ -92,7 +93,11 @@ class RayDataLabeling:
 
     def __init__(self, write: tuple[str, ...], decode: DecodeConfig | None = None, crops: CropConfig | None = None,
                  seed: int = 0):
-        # OpenCV keeps its default thread count, as in modalmill's shard tasks
+        # Same thread settings as modalmill's shard tasks and actors: OpenCV and torch sized to this worker's Ray
+        # CPUs (left at its default, OpenCV starts one thread per core in every actor)
+        from modalmill.pipeline.execute import limit_threads
+
+        self.threads = limit_threads()
         decode, crops = decode or DecodeConfig(), crops or CropConfig()
         self.write, self.decode, self.crops, self.seed = write, decode, crops, seed
         self.labelers = make_labelers([n for n in LABELERS if n in write])

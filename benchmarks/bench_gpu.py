@@ -16,6 +16,9 @@ on an embedded Ray with every CPU of the machine (one 1-GPU actor; shard tasks d
 small and on the full corpus: the pipeline's rate is the marginal one, (N_full - N_small) / (T_full - T_small), so
 the one-off start (Ray workers, imports, model load) cancels out. GPU utilisation is sampled with
 ``nvidia-smi -lms 100`` during every timed phase (mean, and the share of samples at 0 %: idle gaps).
+Before a ratio is reported, the pipeline's output is checked against what the bare loop computed (saved after
+timing): every sample present, features within 5 % of the largest value (bf16 on the GPU, batches composed
+differently), token ids at least 99.9 % equal; a ratio whose outputs differ is marked INVALID and not met.
 
 Without a GPU every figure is "not measured: no GPU in this session". ``--smoke`` runs the same code with tiny
 models on the CPU, on 2 shards unless ``--shards`` says otherwise (a check of the script, not a benchmark; a few
@@ -182,8 +185,9 @@ def _autocast(s: Setup, enabled: bool = True):
     return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
 
 
-def bare(name: str, weights: str, paths: list[str], s: Setup, data: str | None = None) -> dict:
-    """Time only the model calls on batches made (by the labeler's own preprocessing) and moved beforehand."""
+def bare(name: str, weights: str, paths: list[str], s: Setup, data: str | None = None, out: str | None = None) -> dict:
+    """Time only the model calls on batches made (by the labeler's own preprocessing) and moved beforehand; the
+    outputs are saved to ``out`` (npz, per key) after timing, for the same-work check."""
     import torch
 
     from benchmarks.bench_model import _full_inputs
@@ -196,9 +200,13 @@ def bare(name: str, weights: str, paths: list[str], s: Setup, data: str | None =
         lab = DINOv2Labeler({"weights": weights, "device": s.device, "dtype": s.dtype})
         lab.setup()
         xs = [lab.to_tensor(list(lab.prepare(inputs[i:i + bs])), size=224) for i in range(0, len(inputs), bs)]
+        keys = [[inp.key for inp in inputs[i:i + bs]] for i in range(0, len(inputs), bs)]
 
         def call(x):
             return lab.model(pixel_values=x).last_hidden_state
+
+        def keep(y):  # the class token: what the pipeline stores as dinov2_global
+            return y[:, 0].float().cpu().numpy()
     elif name == "sam_vit_h":
         lab = BenchSamEncoder({"weights": weights, "device": s.device, "dtype": s.dtype,
                                "model_type": "auto" if s.smoke else "vit_h"})
@@ -212,9 +220,13 @@ def bare(name: str, weights: str, paths: list[str], s: Setup, data: str | None =
                 x = torch.as_tensor(t, device=lab.device).permute(2, 0, 1).contiguous()[None]
                 parts.append(lab.model.preprocess(x))
             xs.append(torch.cat(parts))
+        keys = [[inp.key for inp in inputs[i:i + bs]] for i in range(0, len(inputs), bs)]
 
         def call(x):
             return lab.model.image_encoder(x)
+
+        def keep(y):  # the mean-pooled embedding: what the pipeline stores as bench_sam_pooled
+            return y.float().mean(dim=(2, 3)).cpu().numpy()
     elif name == "tok_rgb_vitb":
         from modalmill.io.decode import decode_stored_rgb
         from modalmill.io.writers import iter_tar_members
@@ -223,32 +235,47 @@ def bare(name: str, weights: str, paths: list[str], s: Setup, data: str | None =
 
         lab = labeler_for_token_modality("tok_rgb@224")({"checkpoint": weights, "device": s.device})
         lab.setup()
-        crops_of = []
+        crops_of, crop_keys = [], []
         for p in sorted(os.listdir(os.path.join(data, "rgb"))):
             crops = {k: get_modality("crop_settings").decode(b)
                      for k, _, b in iter_tar_members(os.path.join(data, "crop_settings", p))}
             for k, _, b in iter_tar_members(os.path.join(data, "rgb", p)):
                 from modalmill.labelers.base import LabelInput
 
-                crops_of += list(lab._crops_of(LabelInput(key=k, image=decode_stored_rgb(b), original_size=None,
-                                                          crops=crops[k])))
+                mine = list(lab._crops_of(LabelInput(key=k, image=decode_stored_rgb(b), original_size=None,
+                                                     crops=crops[k])))
+                crops_of += mine
+                crop_keys += [k] * len(mine)
         inputs = crops_of
         xs = [lab.adapter.to_input(torch.from_numpy(np.stack(crops_of[i:i + bs])).to(lab.device))
               for i in range(0, len(crops_of), bs)]
+        keys = [crop_keys[i:i + bs] for i in range(0, len(crops_of), bs)]
 
         def call(x):
             return lab.model.encode(x)
+
+        def keep(y):  # token ids, one row per crop
+            return y.cpu().numpy().reshape(y.shape[0], -1)
     else:
         raise ValueError(name)
     with torch.inference_mode(), _autocast(s, enabled=name != "tok_rgb_vitb"):
         call(xs[0])  # warm-up (kernels, cuDNN/cuBLAS autotuning), not timed
         _sync(s.device)
+        ys = []
         with GpuSampler() as gpu:
             t = time.perf_counter()
             for x in xs:
-                call(x)
+                ys.append(call(x))
             _sync(s.device)
             wall = time.perf_counter() - t
+        # after timing: what the bare loop computed, per key, for the comparison with the pipeline's output
+        results: dict[str, list] = {}
+        for ks, y in zip(keys, ys):
+            for k, row in zip(ks, keep(y)):
+                results.setdefault(k, []).append(row)
+    if out:
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        np.savez(out, **{k: np.stack(v) for k, v in results.items()})
     return {"images": len(inputs), "wall_s": wall, **gpu.summary()}
 
 
@@ -296,7 +323,7 @@ def _phase(kind: str, a: dict) -> dict:
     s = Setup(smoke=a["smoke"])
     paths = ensure_corpus()[:a["shards"]]
     if kind == "bare":
-        return bare(a["model"], a["weights"], paths, s, a.get("data"))
+        return bare(a["model"], a["weights"], paths, s, a.get("data"), a.get("bare_out"))
     return pipeline(a["model"], a["weights"], paths, a["out"], s)
 
 
@@ -313,6 +340,46 @@ def run_phase(kind: str, args: dict, log=print) -> dict:
     log(f"  {args['model']:14s} {kind:9s} {args['shards']:3d} shards: {r['images']} images in {r['wall_s']:.1f} s, "
         f"GPU util {r.get('gpu_util_mean')} % (idle share {r.get('gpu_idle_share')})")
     return r
+
+
+# ---------------------------------------------------------------------- same work
+
+
+OUTPUT_OF = {"dinov2_vitb14": "dinov2_global", "dinov2_vitl14": "dinov2_global", "sam_vit_h": "bench_sam_pooled",
+             "tok_rgb_vitb": "tok_rgb@224"}
+ID_AGREEMENT = 0.999  # token ids: batch composition may flip a near-tie on the GPU
+FLOAT_RTOL = 0.05  # bf16 features: |pipeline - bare| <= 5 % of the largest |bare| value
+
+
+def same_work(model: str, bare_npz: str, out: str) -> tuple[bool, str]:
+    """Whether the pipeline's output (``out``) equals the bare loop's, within the stated tolerance."""
+    from modalmill.io.writers import iter_tar_members
+    from modalmill.schemas.modalities import get_modality
+
+    modality = OUTPUT_OF[model]
+    bare = np.load(bare_npz)
+    spec = get_modality(modality)
+    seen, agree, total, worst = set(), 0, 0, 0.0
+    folder = os.path.join(out, modality)
+    for tar in sorted(os.listdir(folder)):
+        for key, _, blob in iter_tar_members(os.path.join(folder, tar)):
+            got, ref = np.asarray(spec.decode(blob)), bare[key]
+            got = got.reshape(ref.shape) if got.size == ref.size else got.reshape(-1, ref.shape[-1])[:ref.shape[0]]
+            seen.add(key)
+            if model == "tok_rgb_vitb":
+                agree += int((got.astype(np.int64) == ref.astype(np.int64)).sum())
+                total += ref.size
+            else:
+                scale = float(np.abs(ref).max()) or 1.0
+                worst = max(worst, float(np.abs(got.astype(np.float32) - ref.astype(np.float32)).max()) / scale)
+    missing = set(bare.files) - seen
+    if missing or not seen:
+        return False, f"INVALID: {len(missing)} of the bare loop's {len(bare.files)} samples missing from the pipeline"
+    if model == "tok_rgb_vitb":
+        share = agree / max(1, total)
+        return share >= ID_AGREEMENT, f"token ids equal to the bare loop's: {share:.4%} (need {ID_AGREEMENT:.1%})"
+    return worst <= FLOAT_RTOL, (f"{modality} within {worst:.2%} of the bare loop's (largest difference / largest "
+                                 f"value; need <= {FLOAT_RTOL:.0%}) for all {len(seen)} samples")
 
 
 # ---------------------------------------------------------------------- the benchmark
@@ -354,7 +421,11 @@ def run(log=print, models=MODELS, shards: int | None = None, smoke: bool = False
             common = {"model": m, "weights": weights, "smoke": smoke}
             p_small = run_phase("pipeline", {**common, "shards": len(small), "out": os.path.join(base, "small")}, log)
             p_full = run_phase("pipeline", {**common, "shards": len(paths), "out": os.path.join(base, "full")}, log)
-            b = run_phase("bare", {**common, "shards": len(paths), "data": os.path.join(base, "full")}, log)
+            bare_npz = os.path.join(base, "bare.npz")
+            b = run_phase("bare", {**common, "shards": len(paths), "data": os.path.join(base, "full"),
+                                   "bare_out": bare_npz}, log)
+            valid, same_note = same_work(m, bare_npz, os.path.join(base, "full"))
+            log(f"  {m}: {same_note}")
             d_n, d_t = p_full["images"] - p_small["images"], p_full["wall_s"] - p_small["wall_s"]
             rate = d_n / d_t if d_t > 0 else float("nan")
             bare_rate = b["images"] / b["wall_s"]
@@ -369,8 +440,9 @@ def run(log=print, models=MODELS, shards: int | None = None, smoke: bool = False
                                note=f"({p_full['images']} - {p_small['images']}) images / ({p_full['wall_s']:.1f} - "
                                     f"{p_small['wall_s']:.1f}) s", detail={"small": p_small, "full": p_full}))
             figs.append(Figure(B5, f"{m}: pipeline / bare model", round(rate / bare_rate, 3), "x", f">= {TARGET}",
-                               met=None if smoke else bool(rate / bare_rate >= TARGET),
-                               note="smoke test on the CPU: not a benchmark figure" if smoke else ""))
+                               met=None if smoke else bool(valid and rate / bare_rate >= TARGET),
+                               note="; ".join(x for x in (same_note, "smoke test on the CPU: not a benchmark figure"
+                                                          if smoke else "") if x)))
             figs.append(Figure(B5, f"{m}: GPU utilisation during the pipeline", p_full["gpu_util_mean"], "%",
                                note=f"share of 100 ms samples at 0 %: {p_full['gpu_idle_share']}"))
         except Exception as e:  # noqa: BLE001 - one model's failure is reported, the others still run

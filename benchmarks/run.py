@@ -1,9 +1,13 @@
 """Run every benchmark and write benchmarks/RESULTS.md (``make bench``).
 
     python benchmarks/run.py            # the full suite (>= 2,000 images; under 15 minutes on 2 cores)
-    python benchmarks/run.py --quick    # a smoke run for development: 400 images, 200 for the model path
+    python benchmarks/run.py --quick    # a smoke run for development: 400 images, one repetition each
                                         # (writes benchmarks/_work/RESULTS-quick.md unless --out is given)
     python benchmarks/run.py --only 1,3 # some benchmarks (1, 2 and 4 always run together)
+
+Benchmarks: 1, 2, 4 model-free pipeline vs a plain loop and a Ray Data script, and memory (bench_modelfree);
+3 the model path vs the bare model (bench_model); 5 a real GPU (bench_gpu; "not measured" without one);
+6 a simulated accelerator that any CPU machine can run (bench_device).
 
 Every figure is a ratio of runs made one after another in this one invocation, with its target and whether it is
 met. Each timed phase also records how much CPU other processes used meanwhile; a figure taken while they used
@@ -20,7 +24,8 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-QUICK_ENV = {"MODALMILL_BENCH_SHARDS": "4", "MODALMILL_BENCH_MODEL_SHARDS": "2"}
+QUICK_ENV = {"MODALMILL_BENCH_SHARDS": "4", "MODALMILL_BENCH_MODEL_SHARDS": "2", "MODALMILL_BENCH_REPEATS": "1",
+             "MODALMILL_BENCH_DEVICE_SHARDS": "1", "MODALMILL_BENCH_DEVICE_SWEEP": "20,320"}
 BUDGET_S = 15 * 60
 
 
@@ -80,7 +85,7 @@ def render(figs, info: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes, for development")
-    ap.add_argument("--only", default="1,2,3,4,5", help="benchmarks to run (1, 2 and 4 run together)")
+    ap.add_argument("--only", default="1,2,3,4,5,6", help="benchmarks to run (1, 2 and 4 run together)")
     ap.add_argument("--out", default=None, help="where to write the results (default benchmarks/RESULTS.md; "
                                                 "--quick: benchmarks/_work/RESULTS-quick.md)")
     a = ap.parse_args(argv)
@@ -91,7 +96,7 @@ def main(argv=None) -> int:
     from benchmarks import common
 
     common.bench_env()
-    from benchmarks import bench_gpu, bench_model, bench_modelfree
+    from benchmarks import bench_device, bench_gpu, bench_model, bench_modelfree
 
     only = {int(x) for x in a.only.split(",") if x.strip()}
     out = a.out or (os.path.join(common.WORK, "RESULTS-quick.md") if a.quick else os.path.join(HERE, "RESULTS.md"))
@@ -105,7 +110,7 @@ def main(argv=None) -> int:
     paths = common.ensure_corpus(log)
     figs = []
     modules = []
-    for nums, mod in (({1, 2, 4}, bench_modelfree), ({3}, bench_model), ({5}, bench_gpu)):
+    for nums, mod in (({1, 2, 4}, bench_modelfree), ({3}, bench_model), ({5}, bench_gpu), ({6}, bench_device)):
         if not nums & only:
             continue
         modules.append(mod.__name__)
@@ -118,7 +123,7 @@ def main(argv=None) -> int:
     lo, hi = common.CORPUS_SIZE_RANGE
     info = {
         "command": "python benchmarks/run.py" + (" --quick" if a.quick else "") +
-                   (f" --only {a.only}" if a.only != "1,2,3,4,5" else ""),
+                   (f" --only {a.only}" if a.only != "1,2,3,4,5,6" else ""),
         "date": date, "duration_s": duration, "quick": a.quick, "machine": common.machine(),
         "versions": common.versions(), "load_before": load_before,
         "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg()),

@@ -21,7 +21,7 @@ labelers:                 # per-labeler settings, keyed by labeler name; a label
   canny_edge:             # preferred for the modalities it produces
     config: {low_threshold: 50, high_threshold: 150}
     batch_size: 32        # samples per call of this labeler (default: the labeler's own)
-    resources: {num_cpus: 1, num_gpus: 0, memory_mb: 0}
+    resources: {num_cpus: 1, num_gpus: 0, memory_mb: 0, custom: {}}  # custom: Ray custom resources
     workers: 1            # actor-pool size (model labelers)
 ray: {address: null, num_cpus: null, shard_cpus: 1, max_retries: 3}
 weights_from: s3://bucket/weights/   # optional: every model labeler without a `weights` setting of its own reads
@@ -175,7 +175,12 @@ def job_from_dict(data: dict, where: str = "job") -> JobSpec:
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise JobSpecError(f"{where}: labelers: unknown labeler {name!r}{hint} (see `modalmill labelers`)")
         ls = _build(f"{where}: labelers.{name}", LabelerSettings, settings)
-        _check_keys(f"{where}: labelers.{name}.resources", ls.resources, ["num_cpus", "num_gpus", "memory_mb"])
+        _check_keys(f"{where}: labelers.{name}.resources", ls.resources,
+                    ["num_cpus", "num_gpus", "memory_mb", "custom"])
+        custom = ls.resources.get("custom", {})
+        if not isinstance(custom, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in custom.values()):
+            raise JobSpecError(f"{where}: labelers.{name}.resources.custom must map Ray resource names to amounts "
+                               f"(e.g. {{TPU: 1}}), got {custom!r}")
         try:
             LABELERS[name].make_config(ls.config)
         except (TypeError, ValueError) as e:

@@ -38,11 +38,16 @@ class Resources:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     memory_mb: int = 0  # 0: no reservation
+    # Ray custom resources per worker, e.g. {"TPU": 1} or an accelerator a cluster declares with `ray start
+    # --resources`; fractions pack several workers on one unit, as num_gpus does
+    custom: dict[str, float] = field(default_factory=dict)
 
     def ray_options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
         if self.memory_mb:
             opts["memory"] = int(self.memory_mb) * 1024 * 1024
+        if self.custom:
+            opts["resources"] = {str(k): float(v) for k, v in self.custom.items()}
         return opts
 
 

@@ -203,6 +203,12 @@ def fit_resources(name: str, defaults: Resources, overrides: dict | None, node: 
             raise ValueError(f"labeler {name!r} asks for {res.num_cpus:g} CPUs per worker but the largest node "
                              f"has {node['CPU']:g}")
         fixes["num_cpus"] = node["CPU"]
+    for k, v in (res.custom or {}).items():
+        have = float(ray.cluster_resources().get(k, 0.0))
+        if float(v) > have:
+            raise ValueError(f"labeler {name!r} asks for {float(v):g} {k!r} per worker but this Ray cluster has "
+                             f"{have:g} (declare it with `ray start --resources` or lower "
+                             f"labelers.{name}.resources.custom)")
     if res.memory_mb and res.memory_mb * 1024 * 1024 > node["memory"]:
         if "memory_mb" in overrides:
             raise ValueError(f"labeler {name!r} reserves {res.memory_mb} MB per worker but the largest node "
