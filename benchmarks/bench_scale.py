@@ -229,7 +229,7 @@ FIGURES = [  # (key, label, target for 10k at 20 ms)
 
 
 def render(results: dict, info: dict) -> str:
-    lines = [START, "## 6. corpus-scale bookkeeping (`make bench-scale`)", "",
+    lines = [START, "## 7. corpus-scale bookkeeping (`make bench-scale`)", "",
              f"Written by `{info['command']}` on {info['date']} in {info['duration_s'] / 60:.1f} minutes "
              f"(modalmill {info['commit']}). "
              f"Machine: {info['machine']}; load average {info['load_before']} before, {info['load_after']} after. "
