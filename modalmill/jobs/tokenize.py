@@ -28,7 +28,9 @@ from ..tokenize.train import default_out
 
 
 def _abs(location: str) -> str:
-    if storage.is_s3(location) or "://" in location:
+    from ..tokenize.hub import is_hub_id
+
+    if storage.is_s3(location) or "://" in location or is_hub_id(location):
         return location
     return os.path.abspath(os.path.expanduser(location))
 

@@ -45,6 +45,10 @@ def local_checkpoint(location: str) -> str:
     """A local path of the checkpoint file (downloaded once and cached when it is on S3)."""
     if not location:
         raise WeightsError("no tokenizer checkpoint given")
+    from . import hub
+
+    if hub.is_hub_id(str(location)):  # a 4M tokenizer on the model hub
+        return os.path.join(hub.folder(str(location)), MODEL_FILE)
     return resolve(model_location(location), expected="a modalmill tokenizer checkpoint (model.safetensors)",
                    how_to_get="train one with `modalmill train-tokenizer --modality M --data OUT`")
 

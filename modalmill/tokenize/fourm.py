@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -489,6 +490,36 @@ class Memcodes(nn.Module):
 # ---------------------------------------------------------------------- the tokenizer
 
 
+@dataclass(frozen=True)
+class FourMSpec:
+    """What a 4M tokenizer takes and makes, read from its config alone (no weights)."""
+
+    image_size: int
+    patch_size: int
+    n_channels: int
+    n_labels: int | None
+    patch_proj: bool
+    is_global: bool
+    codebook_size: int
+    num_codebooks: int
+    kind: str
+
+    @classmethod
+    def of(cls, config: dict[str, Any]) -> FourMSpec:
+        c = {**VQ_DEFAULTS, **config}
+        return cls(int(c["image_size"]), int(c["patch_size"]), int(c["n_channels"]),
+                   None if c["n_labels"] is None else int(c["n_labels"]), bool(c["patch_proj"]),
+                   "MLP" in str(c["enc_type"]), int(c["codebook_size"]), int(c["num_codebooks"]), model_kind(config))
+
+    @property
+    def grid(self) -> int:
+        return 1 if self.is_global else self.image_size // self.patch_size
+
+    @property
+    def n_tokens(self) -> int:
+        return self.grid * self.grid * max(1, self.num_codebooks)
+
+
 def model_kind(config: dict[str, Any]) -> str:
     """'VQVAE' or 'DiVAE' (a diffusion decoder: UNet/UViT ``dec_type`` or diffusion settings in the config)."""
     dec = str(config.get("dec_type") or "")
@@ -573,7 +604,7 @@ class FourMTokenizer(nn.Module):
         """Tokens per side of the input (1 for MLP tokenizers)."""
         if self.is_global:
             return 1
-        return self.image_size // self.patch_size if self.patch_proj else self.image_size // self.patch_size
+        return self.image_size // self.patch_size
 
     @property
     def n_tokens(self) -> int:

@@ -84,7 +84,7 @@ class FourMInput:
         img = TF.crop(img, top, left, h, w).resize((self.size, self.size), resample=resample)
         return img, flip
 
-    def prepare(self, label: Any, crop, image_hw, index: int | None = None) -> torch.Tensor:
+    def prepare(self, label: Any, crop=None, image_hw=None, index: int | None = None) -> torch.Tensor:
         import torchvision.transforms.functional as TF
         from PIL import Image
 
@@ -154,11 +154,21 @@ class FourMInput:
         raise ValueError(f"no 4M preprocessing for {self.source!r}")
 
     def to_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind in ("pose", "global") and x.ndim == 2:  # [B, C] vectors -> [B, C, 1, 1]
+            return x[:, :, None, None]
         return x
+
+    def instances(self, label, crop, image_hw) -> list[dict]:
+        """SAM instances of a ``sam_mask`` label inside one crop, with their in-box masks (see
+        :func:`modalmill.tokenize.adapters.crop_instances`)."""
+        from .adapters import crop_instances
+
+        return crop_instances(label, crop, image_hw, 224, self.size)
 
 
 def fourm_input_for(source: str, model, resample: str = "bilinear") -> FourMInput:
-    """The preprocessing of ``source`` for a loaded 4M-format tokenizer (its input size and channels)."""
+    """The preprocessing of ``source`` for a 4M-format tokenizer (a loaded model or its
+    :class:`~modalmill.tokenize.fourm.FourMSpec`: input size, channels, kind)."""
     if source not in KINDS:
         raise ValueError(f"no 4M tokenizer input is defined for modality {source!r}")
     if resample not in RESAMPLE_MODES:

@@ -35,7 +35,8 @@ from ..schemas.modalities import TOKEN_MODALITIES, get_modality
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    checkpoint: str = ""  # local path or s3:// of a tokenizer trained by `modalmill train-tokenizer`
+    checkpoint: str = ""  # a 4M-format tokenizer: hub id, local or s3:// folder (config.json + model.safetensors)
+    resample: str = "bilinear"  # 4M tokenizers: PIL resampling of image crops (save_vq_tokens' --resample_mode)
     device: str = "auto"  # auto (cuda when the actor has a GPU) | cpu | cuda | cuda:N  (not part of the hash)
     crops_per_forward: int = 64  # encoder batch size (not part of the hash)
 
@@ -72,14 +73,42 @@ class TokenizerLabeler(Labeler):
     def config_hash(self) -> str:
         from .checkpoint import checkpoint_hash
 
-        blob = json.dumps({"labeler": self.name, "version": self.version,
-                           "checkpoint": checkpoint_hash(self._need_checkpoint())}, sort_keys=True)
+        ident = {"labeler": self.name, "version": self.version, "checkpoint": checkpoint_hash(self._need_checkpoint())}
+        if self._is_fourm():
+            ident["resample"] = self.config.resample
+        blob = json.dumps(ident, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def checkpoint_id(self) -> str:
         from .checkpoint import checkpoint_hash
 
         return checkpoint_hash(self.config.checkpoint) if self.config.checkpoint else ""
+
+    def _is_fourm(self) -> bool:
+        from . import hub
+
+        if getattr(self, "_fourm", None) is None:
+            self._fourm = hub.is_fourm_folder(self._need_checkpoint())
+        return self._fourm
+
+    def _setup_fourm(self) -> None:
+        """A tokenizer in 4M's hub layout: encoder + quantizer, and 4M's preprocessing of the source modality."""
+        from . import hub
+        from .fourm_inputs import fourm_input_for
+        from .train import vocab_and_tokens
+
+        model, cfg = hub.load(self._need_checkpoint(), self.device)
+        out, tm = self.outputs[0], self.tok_modality()
+        vocab, n_tokens, _ = vocab_and_tokens(tm)
+        if model.n_tokens != n_tokens or model.codebook_size > vocab:
+            raise ValueError(f"{self.config.checkpoint}: makes {model.n_tokens} tokens from {model.codebook_size} "
+                             f"codes; {out} needs {n_tokens} tokens from at most {vocab}")
+        mine = (cfg.get("modalmill") or {}).get("modality")
+        if mine and mine != tm:
+            raise ValueError(f"{self.config.checkpoint}: a tokenizer for {mine!r}, not {tm!r}")
+        self.model, self.tokenizer_config = model, cfg
+        self.adapter = fourm_input_for(self.source if self.source != "sam_mask" else "sam_instance", model,
+                                       self.config.resample)
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self) -> None:
@@ -96,6 +125,8 @@ class TokenizerLabeler(Labeler):
         if self.device.type == "cuda":  # identical tokens on every GPU: no TF32 shortcuts
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
+        if self._is_fourm():
+            return self._setup_fourm()
         model, cfg = load_tokenizer(self._need_checkpoint(), self.device)
         out, tm = self.outputs[0], self.tok_modality()
         vocab, n_tokens, _ = vocab_and_tokens(tm)
@@ -110,6 +141,14 @@ class TokenizerLabeler(Labeler):
 
     def _adapter(self):
         """The checkpoint's input adapter; needs only its config.json (``prepare`` runs without the model)."""
+        if self.adapter is None and self._is_fourm():
+            from . import hub
+            from .fourm import FourMSpec
+            from .fourm_inputs import fourm_input_for
+
+            spec = FourMSpec.of(hub.read_config(self._need_checkpoint()))
+            self.adapter = fourm_input_for(self.source if self.source != "sam_mask" else "sam_instance", spec,
+                                           self.config.resample)
         if self.adapter is None:
             from .adapters import adapter_for
             from .checkpoint import read_config
@@ -124,6 +163,8 @@ class TokenizerLabeler(Labeler):
         hw = inp.image.shape[:2]
         if adapter.kind == "vector":
             return adapter.prepare(label, None, hw).unsqueeze(0).numpy()
+        if getattr(adapter, "per_crop", False):  # 4M tokenizers: crop i of per-crop labels is their row i
+            return np.stack([adapter.prepare(label, crop, hw, i).numpy() for i, crop in enumerate(inp.crops)])
         return np.stack([adapter.prepare(label, crop, hw).numpy() for crop in inp.crops])
 
     def prepare(self, batch: list[LabelInput]) -> Prepared:
@@ -194,7 +235,7 @@ def _encode_all(model, adapter, items, device, step: int):
         for i in range(0, len(items), step):
             chunk = items[i:i + step]
             x = adapter.to_input((chunk if isinstance(chunk, torch.Tensor) else torch.stack(chunk)).to(device))
-            out.append(model.encode(x).cpu())
+            out.append((model.tokenize(x) if hasattr(model, "tokenize") else model.encode(x)).cpu())
     return torch.cat(out).numpy()
 
 
