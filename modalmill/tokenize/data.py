@@ -119,7 +119,8 @@ class TokenizerData:
 def draw_crop(rng: random.Random, sample: Sample, stored_prob: float, min_scale: float,
               flip_prob: float) -> np.ndarray:
     if sample.image_hw == (0, 0) or rng.random() < stored_prob:
-        return sample.crops[rng.randrange(len(sample.crops))]
+        i = rng.randrange(len(sample.crops))  # a stored crop carries its row number (per-crop labels)
+        return np.append(np.asarray(sample.crops[i], dtype=np.int64)[:5], i)
     h, w = sample.image_hw
     nprng = np.random.default_rng(rng.getrandbits(64))
     top, left, ch, cw = random_resized_crop(nprng, h, w, (min_scale, 1.0), (3 / 4, 4 / 3))
@@ -172,9 +173,11 @@ def holdout_items(data: TokenizerData, adapter: Adapter, max_items: int = 256) -
             if s.key not in data.holdout:
                 continue
             for label in s.labels:
-                crops = s.crops if s.image_hw != (0, 0) else s.crops[:1]
-                for crop in crops:
-                    items.extend(adapter.items(label, crop, s.image_hw))
+                for i, crop in enumerate(s.crops):
+                    items.extend(adapter.items(label, np.append(np.asarray(crop, dtype=np.int64)[:5], i),
+                                               s.image_hw))
+                    if getattr(adapter, "kind", "") == "vector" and adapter.source == "human_poses":
+                        break  # a body pose is the same in every crop
                     if len(items) >= max_items:
                         return torch.stack(items[:max_items])
     if not items:

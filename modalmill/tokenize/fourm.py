@@ -490,6 +490,13 @@ class Memcodes(nn.Module):
 # ---------------------------------------------------------------------- the tokenizer
 
 
+@dataclass
+class QuantOut:
+    indices: torch.Tensor
+    aux_loss: torch.Tensor
+
+
+
 @dataclass(frozen=True)
 class FourMSpec:
     """What a 4M tokenizer takes and makes, read from its config alone (no weights)."""
@@ -659,7 +666,14 @@ class FourMTokenizer(nn.Module):
         self._need_decoder()
         return self.decode_quant(self.quantize.indices_to_embedding(self.ids_to_grid(ids)))
 
+    @property
+    def quantizer(self) -> nn.Module:
+        return self.quantize
+
+    def decode_indices(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.decode_tokens(ids)
+
     def forward(self, x: torch.Tensor):
-        """Training: (reconstruction, codebook loss)."""
-        quant, loss, _ = self.encode(x)
-        return self.decode_quant(quant), loss
+        """Training: (reconstruction, :class:`QuantOut` with the ids and the quantizer's loss)."""
+        quant, loss, ids = self.encode(x)
+        return self.decode_quant(quant), QuantOut(ids, loss.sum())
