@@ -486,17 +486,22 @@ def export_config(cfg: dict[str, Any], data_root: str, steps: int, world: int) -
 
 
 def modality_info_entry(source: str, spec, token_modality: str | None) -> dict[str, Any]:
-    """What 4M's ``MODALITY_INFO`` needs to register this token modality (``fourm/data/modality_info.py``)."""
-    if spec.is_global:
-        return {"type": "img", "vocab_size": spec.codebook_size, "patch_size": 1, "input_size": 1,
-                "num_channels": 1, "min_tokens": 0, "max_tokens": spec.n_tokens,
-                "encoder_embedding": "ImageTokenEncoderEmbedding", "decoder_embedding": "ImageTokenDecoderEmbedding",
-                "tokenizer_path": None, "pretokenized": True, "name": token_modality or f"tok_{source}"}
-    return {"type": "img", "vocab_size": spec.codebook_size, "patch_size": 1 if not spec.patch_proj else spec.patch_size,
-            "input_size": spec.image_size if spec.patch_proj else spec.grid, "num_channels": 1,
-            "min_tokens": 0, "max_tokens": spec.n_tokens, "encoder_embedding": "ImageTokenEncoderEmbedding",
-            "decoder_embedding": "ImageTokenDecoderEmbedding", "pretokenized": True,
-            "name": token_modality or f"tok_{source}"}
+    """The entry 4M's ``MODALITY_INFO`` (``fourm/data/modality_info.py``) needs to register this token modality:
+    an ``img`` modality at input size 224 whose ``n_tokens`` ids form a square grid (patch size 224 / side, as
+    4M's own: 16 for 196 tokens, 14 for 256, 56 for the 16 global tokens, which take no sin-cos position
+    embedding); the embeddings are ``ImageTokenEncoderEmbedding`` / ``ImageTokenDecoderEmbedding`` with these
+    keyword arguments."""
+    side = int(round(math.sqrt(spec.n_tokens)))
+    if side * side != spec.n_tokens:
+        raise ValueError(f"{source}: {spec.n_tokens} tokens do not form a square grid 4M's embeddings can take")
+    kwargs = {"vocab_size": spec.codebook_size, **({"sincos_pos_emb": False} if spec.is_global else {})}
+    entry = {"type": "img", "vocab_size": spec.codebook_size, "patch_size": 224 // side, "min_tokens": 0,
+             "max_tokens": spec.n_tokens, "encoder_embedding": ["ImageTokenEncoderEmbedding", kwargs],
+             "decoder_embedding": ["ImageTokenDecoderEmbedding", kwargs], "pretokenized": True,
+             "name": token_modality or f"tok_{source}"}
+    if not spec.is_global:
+        entry["input_size"] = 224
+    return entry
 
 
 def save_fourm(model, config: dict[str, Any], out: str) -> str:
