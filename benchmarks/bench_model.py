@@ -74,15 +74,14 @@ def tokenizer_dir(preset: str = TOKENIZER_PRESET) -> str:
     """A randomly initialised (seed 0) rgb tokenizer of a modalmill.tokenize preset, saved as a checkpoint."""
     import torch
 
-    from modalmill.tokenize.checkpoint import save_tokenizer
-    from modalmill.tokenize.models import build_model
-    from modalmill.tokenize.train import default_config, export_config
+    from modalmill.tokenize.fourm import FourMTokenizer
+    from modalmill.tokenize.train import default_config, export_config, save_fourm
 
     d = os.path.join(WORK, "models", f"tok_rgb-{preset}-random")
     if not os.path.exists(os.path.join(d, "model.safetensors")):
         torch.manual_seed(0)
         cfg = default_config("rgb", preset)
-        save_tokenizer(build_model(cfg["model"]), export_config(cfg, "(random initialisation, untrained)", 0, 1), d)
+        save_fourm(FourMTokenizer(cfg["model"]), export_config(cfg, "(random initialisation, untrained)", 0, 1), d)
     return d
 
 
