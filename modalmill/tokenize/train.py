@@ -112,7 +112,7 @@ def default_config(source: str, preset: str = "base", quantizer: str | None = No
         train.update(crops_per_sample=1, min_crop_scale=0.2, stored_crop_prob=1.0)
     else:
         dims = {"tiny": (64, 1, 2), "small": (384, 6, 6), "base": (768, 12, 12)}[preset]
-        codes = {"tiny": 256, "small": min(vocab, 4096), "base": vocab}[preset]
+        codes = {"tiny": 64, "small": min(vocab, 4096), "base": vocab}[preset]
         if _quantizer(quantizer, "lucid") != "lucid":
             raise ValueError(f"{source}: spatial tokenizers use the lucid quantizer (memcodes is for vectors)")
         model = {"enc_type": vit_name(*dims, "enc"), "dec_type": vit_name(*dims, "dec"), "image_size": 224,
