@@ -196,7 +196,7 @@ def parse_tokenizer_args(items) -> dict[str, str]:
     return out
 
 
-DEMO_TOKENIZERS = (("rgb", "vq"), ("canny_edge", "fsq"))  # (source modality, quantizer) trained by `make demo`
+DEMO_TOKENIZERS = (("rgb", "lucid"), ("canny_edge", "lucid"))  # (source modality, quantizer) trained by `make demo`
 DEMO_STEPS = 150
 
 
