@@ -106,7 +106,7 @@ class TokenizerLabeler(Labeler):
         out, tm = self.outputs[0], self.tok_modality()
         vocab, n_tokens, _ = vocab_and_tokens(tm)
         mine = (cfg.get("modalmill") or {}).get("modality")
-        if mine and mine != tm:
+        if mine and mine != tm and {mine, tm} != {"canny_edge", "sam_edge"}:  # 4M: one edge tokenizer for both
             raise ValueError(f"{self.config.checkpoint}: a tokenizer for {mine!r}, not {tm!r}")
         if model.n_tokens != n_tokens or model.codebook_size > vocab:
             raise ValueError(f"{self.config.checkpoint}: makes {model.n_tokens} tokens from {model.codebook_size} "
