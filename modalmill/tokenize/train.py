@@ -147,7 +147,7 @@ def _merge(base: dict, override: dict, where: str = "config") -> dict:
     for k, v in (override or {}).items():
         if k not in out and not (where == "model" and k in MODEL_KEYS):
             raise ValueError(f"{where}: unknown key {k!r}; known: {', '.join(sorted(out))}")
-        if isinstance(out[k], dict) and isinstance(v, dict):
+        if isinstance(out.get(k), dict) and isinstance(v, dict):
             out[k] = _merge(out[k], v, f"{where}.{k}")
         else:
             out[k] = v
