@@ -118,7 +118,10 @@ def default_config(source: str, preset: str = "base", quantizer: str | None = No
         model = {"enc_type": vit_name(*dims, "enc"), "dec_type": vit_name(*dims, "dec"), "image_size": 224,
                  "patch_size": 16, "quant_type": "lucid", "codebook_size": codes,
                  "latent_dim": 16 if preset == "tiny" else 32, "norm_codes": True, "post_mlp": True,
-                 "ema_decay": 0.9 if preset == "tiny" else 0.99, "threshold_ema_dead_code": 2.0,
+                 # tiny: 8 crops x 196 tokens per batch over 64 codes; a code used fewer than 8 times per batch
+                 # (EMA) is re-seeded from the batch's latents, which keeps the small codebook in use
+                 "ema_decay": 0.9 if preset == "tiny" else 0.99,
+                 "threshold_ema_dead_code": 8.0 if preset == "tiny" else 2.0,
                  "commitment_weight": 1.0, "sync_codebook": False}
         if kind in ("rgb", "normal"):
             model["n_channels"] = 3
