@@ -228,6 +228,9 @@ def _demo_tokenize(output: str, force: bool, show_progress: bool, steps: int) ->
                                  cpus_per_worker=1, force=force, show_progress=show_progress)
         for line in format_report(report):
             print(line)
+        used, size = report["after"]["codes_used"], report["codebook_size"]
+        print(f"{source}: held-out codebook usage {used}/{size} codes"
+              + ("" if 2 * used >= size else " - BELOW HALF: this tokenizer has collapsed onto a few codes"))
         checkpoints[source] = default_out(output, source)
     summary = tokenize_output(output, list(checkpoints), checkpoints, force=force, show_progress=show_progress)
     print(f"tokenized: {summary['shards_processed']} shard(s) written, {summary['shards_skipped']} already done")
