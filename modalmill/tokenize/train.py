@@ -488,12 +488,14 @@ def export_config(cfg: dict[str, Any], data_root: str, steps: int, world: int) -
                      **{k: cfg["train"][k] for k in ("batch_size", "lr", "seed", "holdout_fraction")}}}}
 
 
-def modality_info_entry(source: str, spec, token_modality: str | None) -> dict[str, Any]:
+def modality_info_entry(source: str, spec, token_modality: str | None) -> dict[str, Any] | None:
     """The entry 4M's ``MODALITY_INFO`` (``fourm/data/modality_info.py``) needs to register this token modality:
     an ``img`` modality at input size 224 whose ``n_tokens`` ids form a square grid (patch size 224 / side, as
     4M's own: 16 for 196 tokens, 14 for 256, 56 for the 16 global tokens, which take no sin-cos position
     embedding); the embeddings are ``ImageTokenEncoderEmbedding`` / ``ImageTokenDecoderEmbedding`` with these
     keyword arguments."""
+    if token_modality is None:  # pose / SAM-instance ids live inside 4M's human_poses / sam_instance sequences
+        return None
     side = int(round(math.sqrt(spec.n_tokens)))
     if side * side != spec.n_tokens:
         raise ValueError(f"{source}: {spec.n_tokens} tokens do not form a square grid 4M's embeddings can take")
