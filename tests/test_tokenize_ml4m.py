@@ -170,3 +170,22 @@ def test_wrong_modality_and_missing_folder_are_clear(data, tmp_path):
 def test_fixtures_are_small():
     total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(FIX) for f in fs)
     assert total < 20e6
+
+
+def test_previous_modalmill_format_is_refused_with_the_retrain_command(tmp_path):
+    """A checkpoint of modalmill's previous format (its own ViT/FSQ models: safetensors metadata
+    ``modalmill-tokenizer/1``) cannot be converted; loading it names the command that replaces it."""
+    from safetensors.torch import save_file
+
+    from modalmill.tokenize import checkpoint as ckpt
+
+    old = tmp_path / "old"
+    old.mkdir()
+    config = {"format": ckpt.FORMAT, "modality": "canny_edge", "model": {"family": "spatial"}}
+    save_file({"patch_embed.weight": torch.zeros(2, 1, 16, 16)}, str(old / "model.safetensors"),
+              metadata={"format": ckpt.FORMAT, "config": json.dumps(config)})
+    (old / "config.json").write_text(json.dumps(config))
+    for call in (ckpt.load_tokenizer, ckpt.read_config):
+        with pytest.raises(WeightsError, match=r"modalmill train-tokenizer --modality canny_edge --data OUT --force"):
+            call(str(old))
+    assert not hub.is_fourm_folder(str(old))
