@@ -77,7 +77,7 @@ def test_train_and_tokenize_an_s3_output(ray_local, s3_env, demo_corpus, tmp_pat
     stored_report = json.loads(client.get_object(Bucket=bucket, Key=prefix + ckpt.REPORT_FILE)["Body"].read())
     assert stored_report == remote
     config = json.loads(client.get_object(Bucket=bucket, Key=prefix + ckpt.CONFIG_FILE)["Body"].read())
-    assert ckpt.read_config(where) == config and config["training"]["data"] == out
+    assert ckpt.read_config(where) == config and config["modalmill"]["training"]["data"] == out
     model, _ = ckpt.load_tokenizer(where)
     assert model.quantizer.codebook_size == remote["codebook_size"] == 64 and not model.training
     assert ckpt.checkpoint_hash(where) == remote["checkpoint_hash"]
