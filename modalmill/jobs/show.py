@@ -714,7 +714,8 @@ class TokenDecoder:
         except ImportError:
             raise TokenizerUnavailable(
                 f"--tokenizer {modality}={path}: decoding tokens into pictures needs modalmill.tokenize's tokenizer "
-                "loader, which is not available yet; without --tokenizer, token modalities are shown as id grids") from None
+                "loader, which is not available yet; without --tokenizer, token modalities are shown as id grids"
+            ) from None
         model, config = load_tokenizer(path)
         mine = config.get("modalmill") or {}
         made_for = mine.get("token_modality")
