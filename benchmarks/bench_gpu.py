@@ -98,12 +98,11 @@ def model_dir(name: str, smoke: bool) -> str:
         sam = build_sam(enc)
         save_file({k: v.contiguous() for k, v in sam.state_dict().items()}, os.path.join(d, "sam.safetensors"))
     elif name == "tok_rgb_vitb":
-        from modalmill.tokenize.checkpoint import save_tokenizer
-        from modalmill.tokenize.models import build_model
-        from modalmill.tokenize.train import default_config, export_config
+        from modalmill.tokenize.fourm import FourMTokenizer
+        from modalmill.tokenize.train import default_config, export_config, save_fourm
 
         cfg = default_config("rgb", "tiny" if smoke else "base")
-        save_tokenizer(build_model(cfg["model"]), export_config(cfg, "(random initialisation, untrained)", 0, 1), d)
+        save_fourm(FourMTokenizer(cfg["model"]), export_config(cfg, "(random initialisation, untrained)", 0, 1), d)
     else:
         raise ValueError(name)
     open(done, "w").close()
@@ -252,7 +251,7 @@ def bare(name: str, weights: str, paths: list[str], s: Setup, data: str | None =
         keys = [crop_keys[i:i + bs] for i in range(0, len(crops_of), bs)]
 
         def call(x):
-            return lab.model.encode(x)
+            return lab.model.tokenize(x)
 
         def keep(y):  # token ids, one row per crop
             return y.cpu().numpy().reshape(y.shape[0], -1)

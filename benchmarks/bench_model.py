@@ -78,15 +78,14 @@ def tokenizer_dir(preset: str = TOKENIZER_PRESET) -> str:
     """A randomly initialised (seed 0) rgb tokenizer of a modalmill.tokenize preset, saved as a checkpoint."""
     import torch
 
-    from modalmill.tokenize.checkpoint import save_tokenizer
-    from modalmill.tokenize.models import build_model
-    from modalmill.tokenize.train import default_config, export_config
+    from modalmill.tokenize.fourm import FourMTokenizer
+    from modalmill.tokenize.train import default_config, export_config, save_fourm
 
     d = os.path.join(WORK, "models", f"tok_rgb-{preset}-random")
     if not os.path.exists(os.path.join(d, "model.safetensors")):
         torch.manual_seed(0)
         cfg = default_config("rgb", preset)
-        save_tokenizer(build_model(cfg["model"]), export_config(cfg, "(random initialisation, untrained)", 0, 1), d)
+        save_fourm(FourMTokenizer(cfg["model"]), export_config(cfg, "(random initialisation, untrained)", 0, 1), d)
     return d
 
 
@@ -157,7 +156,7 @@ def bare_dinov2(paths: list[str], weights: str, out: str) -> dict:
 
 
 def bare_tokenizer(data: str, checkpoint: str, shards: list[str], out: str, batch_size: int) -> dict:
-    """Time only ``model.encode(x)`` over the crops the tokenize run prepares, in its batches (``batch_size``
+    """Time only ``model.tokenize(x)`` over the crops the tokenize run prepares, in its batches (``batch_size``
     samples of a shard, all their crops in one encoder call)."""
     import numpy as np
     import torch
@@ -183,11 +182,11 @@ def bare_tokenizer(data: str, checkpoint: str, shards: list[str], out: str, batc
             batches.append(([inp.key for inp in b], [len(inp.crops) for inp in b],
                             lab.adapter.to_input(torch.from_numpy(flat))))
     with torch.inference_mode():
-        lab.model.encode(batches[0][2][:2])  # warm-up, not timed
+        lab.model.tokenize(batches[0][2][:2])  # warm-up, not timed
         tokens = {}
         with Monitor("tokenize bare") as ph:
             for keys, counts, x in batches:
-                ids = lab.model.encode(x).numpy()
+                ids = lab.model.tokenize(x).numpy()
                 pos = 0
                 for k, n in zip(keys, counts):
                     tokens[k] = ids[pos:pos + n]
@@ -452,11 +451,11 @@ def run(log=print) -> list[Figure]:
         same_note = (f"tokens identical to the bare loop's for all {n} images in every repetition" if valid else
                      f"INVALID: {same}/{n} token arrays identical to the bare loop's")
         with open(os.path.join(ckpt, "config.json")) as f:
-            m = json.load(f)["model"]
+            m = json.load(f)  # ml-4m's VQVAE arguments
         # the tokenize run sends the labeler batches of the job's batch_size (it keeps the labelled run's)
         figs += _pair_figures(what, reps, valid, same_note,
-                              f"modalmill.tokenize '{TOKENIZER_PRESET}' ViT VQ encoder (dim {m['dim']}, "
-                              f"{m['enc_depth']} blocks, {m['quantizer'].get('codebook_size')} codes), random "
+                              f"modalmill.tokenize '{TOKENIZER_PRESET}' 4M-format ViT VQ encoder ({m['enc_type']}, "
+                              f"{m['quant_type']} quantizer, {m['codebook_size']} codes), random "
                               f"weights, batch {BATCH}, float32")
     except Exception as e:  # noqa: BLE001
         log(f"tokenize benchmark failed: {e}")

@@ -201,7 +201,7 @@ def check(output, as_json, no_parse, workers):
 @click.option("--shard", default=None, help="Look only in this shard (e.g. shard-00003).")
 @click.option("--modalities", "-m", default=None, help="Only these modalities (comma-separated).")
 @click.option("--tokenizer", "tokenizers", multiple=True, metavar="M=PATH",
-              help="Decode token modality M with the tokenizer at PATH (needs modalmill.tokenize, issue 4).")
+              help="Decode token modality M with the 4M-format tokenizer at PATH (VQ-VAE decoders).")
 def show(output, key, out_file, shard, modalities, tokenizers):
     """Render every modality of one sample of OUTPUT into one PNG and print its path."""
     from .jobs.show import parse_tokenizers, show_sample
@@ -348,7 +348,8 @@ def demo(workdir, force, no_progress, tokenizer_steps):
 @click.option("--config", "config_file", default=None, help="YAML/JSON with model:/train: overrides.")
 @click.option("--out", default=None, help="Checkpoint directory (default: DATA/_modalmill/tokenizers/MODALITY).")
 @click.option("--preset", type=click.Choice(["tiny", "small", "base"]), default=None, help="Default: base (4M sizes).")
-@click.option("--quantizer", type=click.Choice(["vq", "fsq", "memcodes"]), default=None)
+@click.option("--quantizer", type=click.Choice(["lucid", "vq", "memcodes", "fsq"]), default=None,
+              help="lucid (spatial; 'vq' is the same) or memcodes (vectors): 4M's quantizers. fsq is refused.")
 @click.option("--steps", type=int, default=None, help="Training steps (overrides the config).")
 @click.option("--workers", type=int, default=1, show_default=True, help="Ray Train workers (data parallel).")
 @click.option("--gpu", is_flag=True, help="One GPU per worker.")
@@ -383,8 +384,9 @@ def train_tokenizer_cmd(modality, data, config_file, out, preset, quantizer, ste
 @main.command()
 @click.option("--data", required=True, help="The labeled output root to add token shards to.")
 @click.option("--modalities", "-m", required=True, help="Sources or token modalities, e.g. rgb,canny_edge.")
-@click.option("--tokenizer", "tokenizers", multiple=True, metavar="M=PATH",
-              help="Checkpoint per modality (default: DATA/_modalmill/tokenizers/M).")
+@click.option("--tokenizer", "tokenizers", multiple=True, metavar="M=REF",
+              help="Tokenizer per modality in 4M's layout: a hub id (EPFL-VILAB/4M_tokenizers_rgb_16k_224-448), a "
+                   "local or s3:// folder (config.json + model.safetensors); default: DATA/_modalmill/tokenizers/M.")
 @click.option("--force", is_flag=True, help="Recompute tokens made with another checkpoint.")
 @click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else an embedded Ray).")
 @click.option("--shards", default=None, help="Only these output shards, e.g. '0-9,42'.")
@@ -392,7 +394,7 @@ def train_tokenizer_cmd(modality, data, config_file, out, preset, quantizer, ste
 @click.option("--gpus-per-worker", type=float, default=0.0, show_default=True)
 @click.option("--no-progress", is_flag=True)
 def tokenize(data, modalities, tokenizers, force, address, shards, workers, gpus_per_worker, no_progress):
-    """Write tok_*@224 shards for DATA with trained tokenizers (the pipeline's --only mode)."""
+    """Write tok_*@224 shards for DATA with 4M-format tokenizers (the pipeline's --only mode)."""
     from .jobs.tokenize import parse_tokenizer_args, tokenize_output
 
     summary = tokenize_output(data, _csv(modalities), parse_tokenizer_args(tokenizers), force=force, address=address,

@@ -94,6 +94,10 @@ def test_the_demo_command_runs_end_to_end_with_its_progress_bars(tmp_path):
     assert "Region-based segmentation" in texts, texts
     for m in ("rgb", "canny_edge"):
         assert (out / "_modalmill" / "tokenizers" / m / "reconstructions.png").stat().st_size > 0
+        # the demo's tokenizers are in 4M's format (ml-4m's VQVAE arguments; lucid quantizer) and say their usage
+        cfg = json.loads((out / "_modalmill" / "tokenizers" / m / "config.json").read_text())
+        assert cfg["quant_type"] == "lucid" and cfg["enc_type"].startswith("vit_") and cfg["modalmill"]["modality"] == m
+        assert f"{m}: held-out codebook usage" in r.stdout
     # caption is the corpus' own text (each photo's hand-written .txt), once per crop row; the text tokenizer learned it
     from modalmill.jobs.democorpus import DESCRIPTIONS
 

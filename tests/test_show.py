@@ -215,24 +215,32 @@ def test_show_cli_default_path_tokenizer_hook_and_unknown_key(output, tmp_path, 
     assert r.exit_code == 1 and "no sample with key 'no-such-key'" in r.output
 
 
-def test_tokenizer_hook_decodes_tokens_with_a_modalmill_tokenize_checkpoint(tmp_path):
-    """With issue 4's tokenizers present: a (tiny, untrained) real checkpoint decodes ids into pictures."""
+def test_tokenizer_hook_decodes_tokens_with_a_4m_format_tokenizer(tmp_path):
+    """A (tiny, untrained) 4M-format tokenizer written by train-tokenizer's exporter decodes ids into pictures;
+    ml-4m's own VQ-VAE folder (tests/fixtures/ml4m_tokenizers/rgb) too; a DiVAE is refused in one line."""
+    import os
+
     train = pytest.importorskip("modalmill.tokenize.train")
-    checkpoint = pytest.importorskip("modalmill.tokenize.checkpoint")
-    models = pytest.importorskip("modalmill.tokenize.models")
-    from modalmill.jobs.show import load_tokenizers
+    from modalmill.jobs.show import TokenizerUnavailable, load_tokenizers
+    from modalmill.tokenize.fourm import FourMTokenizer
 
     config = train.default_config("canny_edge", "tiny")
-    url = checkpoint.save_tokenizer(models.build_model(config["model"]), config, str(tmp_path / "tok"))
+    url = train.save_fourm(FourMTokenizer(config["model"]), train.export_config(config, "(none)", 0, 1),
+                           str(tmp_path / "tok"))
     name = config["token_modality"]
     decoders = load_tokenizers({name: url})
-    ids = np.random.default_rng(0).integers(0, config["model"]["quantizer"]["codebook_size"], (2, 196))
+    ids = np.random.default_rng(0).integers(0, config["model"]["codebook_size"], (2, 196))
     pictures = decoders[name].decode_tokens(ids)
     assert pictures.shape == (2, 224, 224, 3) and pictures.dtype == np.uint8
     res = render_values({name: ids.astype(np.int16)}, ctx=Context(tokenizers=decoders))
     assert res.panels[0].ok and "decoded with the tokenizer" in res.panels[0].subtitle
     with pytest.raises(ValueError, match="this checkpoint makes"):
         load_tokenizers({"tok_rgb@224": url})
+    fixtures = os.path.join(os.path.dirname(__file__), "fixtures", "ml4m_tokenizers")
+    rgb = load_tokenizers({"tok_rgb@224": os.path.join(fixtures, "rgb")})["tok_rgb@224"]
+    assert rgb.decode_tokens(ids).shape == (2, 224, 224, 3)
+    with pytest.raises(TokenizerUnavailable, match="DiVAE.decode_tokens"):
+        load_tokenizers({"tok_canny_edge@224": os.path.join(fixtures, "edge")})
 
 
 # ============================================================================ stats

@@ -19,7 +19,7 @@ from modalmill.jobs.check import check_output
 from modalmill.schemas import get_modality
 from modalmill.jobs.stats import corpus_stats
 from modalmill.tokenize import checkpoint as ckpt
-from modalmill.tokenize.adapters import adapter_for
+from modalmill.tokenize.fourm_inputs import fourm_input_for
 from modalmill.jobs.tokenize import parse_tokenizer_args, tokenize_output
 from modalmill.tokenize.train import train_tokenizer
 
@@ -49,9 +49,9 @@ def work(ray_local, demo_corpus, tmp_path_factory):
                           "decode": {"max_size": 256}})
     assert run_job(spec, show_progress=False)["exit_code"] == EXIT_OK
     ck = {}
-    # a few steps: an untrained FSQ tokenizer maps every patch to the middle code
-    for name, source, quantizer, seed, steps in (("edge", "canny_edge", "fsq", 0, 12),
-                                                 ("edge2", "canny_edge", "fsq", 1, 8), ("rgb", "rgb", "vq", 0, 2)):
+    # a few steps of 4M-format (lucid) tokenizers
+    for name, source, quantizer, seed, steps in (("edge", "canny_edge", "lucid", 0, 12),
+                                                 ("edge2", "canny_edge", "lucid", 1, 8), ("rgb", "rgb", "lucid", 0, 2)):
         ck[name] = str(root / "ck" / name)
         train_tokenizer(source, str(labeled), ck[name], preset="tiny", quantizer=quantizer, steps=steps, use_ray=False,
                         show_progress=False, config={"train": {"seed": seed}})
@@ -70,7 +70,7 @@ def test_token_shards_are_aligned_valid_recorded_and_idempotent(work):
                                                                "rgb": work["ck"]["rgb"]}, show_progress=False)
     assert s["exit_code"] == EXIT_OK and s["shards_processed"] == 4 and s["samples_written"] == 20
     toks = ["tok_canny_edge@224", "tok_rgb@224"]
-    codes = {"tok_canny_edge@224": 240, "tok_rgb@224": 256}
+    codes = {"tok_canny_edge@224": 64, "tok_rgb@224": 64}
     models = {"tok_canny_edge@224": ckpt.load_tokenizer(work["ck"]["edge"])[0]}
     for shard in ("shard-00000", "shard-00001"):
         members = {m: _members(os.path.join(out, m, f"{shard}.tar")) for m in LABELS + toks}
@@ -100,10 +100,10 @@ def test_token_shards_are_aligned_valid_recorded_and_idempotent(work):
         key = keys[2]
         crops = get_modality("crop_settings").decode(crops_of[f"{key}.npy"])
         edge = get_modality("canny_edge").decode(edge_of[f"{key}.png"])
-        ad = adapter_for("canny_edge")
-        x = torch.stack([ad.prepare(edge, c, edge.shape[:2]) for c in crops])
+        ad = fourm_input_for("canny_edge", models["tok_canny_edge@224"])
+        x = torch.stack([ad.prepare(edge, c, edge.shape[:2], i) for i, c in enumerate(crops)])
         with torch.inference_mode():
-            expect = models["tok_canny_edge@224"].encode(ad.to_input(x)).numpy()
+            expect = models["tok_canny_edge@224"].tokenize(x).numpy()
         assert np.array_equal(np.load(io.BytesIO(tok_of[f"{key}.npy"])), expect)
     rows = manifest.read_manifest(out).to_pylist()
     assert len(rows) == 10
@@ -134,7 +134,7 @@ def test_token_shards_are_aligned_valid_recorded_and_idempotent(work):
 
     # stats: codebook usage counts against the codes of the checkpoint that wrote the tokens (the newest run's)
     st = corpus_stats(out)["modalities"]
-    for m, ck_name, n_codes in (("tok_canny_edge@224", "edge2", 240), ("tok_rgb@224", "rgb", 256)):
+    for m, ck_name, n_codes in (("tok_canny_edge@224", "edge2", 64), ("tok_rgb@224", "rgb", 64)):
         ids = np.concatenate([np.load(io.BytesIO(d)).ravel() for shard in ("shard-00000", "shard-00001")
                               for _, d in _members(os.path.join(out, m, f"{shard}.tar"))])
         assert st[m]["tokenizer"] == {"checkpoint": work["ck"][ck_name], "codebook_size": n_codes}
@@ -168,8 +168,8 @@ def test_cli_tokenize_gives_byte_identical_token_shards(work):
 def test_cli_train_tokenizer_in_process(work, tmp_path):
     out = str(tmp_path / "tok")
     res = CliRunner().invoke(main, ["train-tokenizer", "--modality", "canny_edge", "--data", work["labeled"], "--out",
-                                    out, "--preset", "tiny", "--quantizer", "fsq", "--steps", "2", "--in-process",
+                                    out, "--preset", "tiny", "--quantizer", "lucid", "--steps", "2", "--in-process",
                                     "--no-progress"])
     assert res.exit_code == 0, res.output
-    assert "canny_edge tokenizer (fsq, 240 codes, 2 steps" in res.output and "codebook usage" in res.output
+    assert "canny_edge tokenizer (lucid, 64 codes, 2 steps" in res.output and "codebook usage" in res.output
     assert os.path.exists(os.path.join(out, ckpt.MODEL_FILE))

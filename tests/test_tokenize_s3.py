@@ -20,7 +20,7 @@ from modalmill.io import manifest
 from modalmill.jobs.check import check_output
 from modalmill.schemas import get_modality
 from modalmill.tokenize import checkpoint as ckpt
-from modalmill.tokenize.adapters import adapter_for
+from modalmill.tokenize.fourm_inputs import fourm_input_for
 from modalmill.tokenize.train import _storage_env, default_out, train_tokenizer
 
 # slow: besides the session's Ray, `modalmill tokenize` starts its own (its tasks must see the S3 settings)
@@ -63,7 +63,7 @@ def test_train_and_tokenize_an_s3_output(ray_local, s3_env, demo_corpus, tmp_pat
     # S3 settings the same way)
     assert _storage_env({"data": out, "out": str(tmp_path)})["AWS_ENDPOINT_URL"] == server.endpoint_url
     assert _storage_env({"data": str(tmp_path), "out": str(tmp_path)}) == {}
-    remote = train_tokenizer("canny_edge", out, preset="tiny", quantizer="fsq", steps=6, workers=1,
+    remote = train_tokenizer("canny_edge", out, preset="tiny", steps=6, workers=1,
                              cpus_per_worker=1, show_progress=False)
     where = default_out(out, "canny_edge")
     assert where == f"{out}/_modalmill/tokenizers/canny_edge"
@@ -77,9 +77,9 @@ def test_train_and_tokenize_an_s3_output(ray_local, s3_env, demo_corpus, tmp_pat
     stored_report = json.loads(client.get_object(Bucket=bucket, Key=prefix + ckpt.REPORT_FILE)["Body"].read())
     assert stored_report == remote
     config = json.loads(client.get_object(Bucket=bucket, Key=prefix + ckpt.CONFIG_FILE)["Body"].read())
-    assert ckpt.read_config(where) == config and config["training"]["data"] == out
+    assert ckpt.read_config(where) == config and config["modalmill"]["training"]["data"] == out
     model, _ = ckpt.load_tokenizer(where)
-    assert model.quantizer.codebook_size == remote["codebook_size"] == 240 and not model.training
+    assert model.quantizer.codebook_size == remote["codebook_size"] == 64 and not model.training
     assert ckpt.checkpoint_hash(where) == remote["checkpoint_hash"]
     assert ckpt.load_train_state(where)["step"] == 6
     for o in client.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"]:  # no temporary objects left
@@ -92,24 +92,24 @@ def test_train_and_tokenize_an_s3_output(ray_local, s3_env, demo_corpus, tmp_pat
     # the same seed on one CPU thread gives the very same weights as the Ray Train worker (in-process training
     # takes the GPU when there is one)
     local_dir = str(tmp_path / "edge_tok")
-    local = train_tokenizer("canny_edge", out, local_dir, preset="tiny", quantizer="fsq", steps=6, use_ray=False,
+    local = train_tokenizer("canny_edge", out, local_dir, preset="tiny", steps=6, use_ray=False,
                             show_progress=False)
     assert local["checkpoint"] == os.path.join(local_dir, ckpt.MODEL_FILE)
     for name in FILES:
         assert os.path.getsize(os.path.join(local_dir, name)) > 0, name
-    assert ckpt.load_tokenizer(local_dir)[1]["training"]["data"] == out
+    assert ckpt.load_tokenizer(local_dir)[1]["modalmill"]["training"]["data"] == out
     if not torch.cuda.is_available():
         assert local["data"]["per_worker"][0]["params_sha256"] == worker["params_sha256"]
         assert local["checkpoint_hash"] == remote["checkpoint_hash"]
     # the same command again resumes from the training state on S3: nothing left to train, same checkpoint
-    again = train_tokenizer("canny_edge", out, preset="tiny", quantizer="fsq", steps=6, use_ray=False,
+    again = train_tokenizer("canny_edge", out, preset="tiny", steps=6, use_ray=False,
                             show_progress=False)
     assert again["history"] == remote["history"] and again["checkpoint_hash"] == remote["checkpoint_hash"]
 
     # token shards written into the bucket, with the checkpoint found under the output's _modalmill/tokenizers/
     said = _run(["tokenize", "--data", out, "--modalities", "canny_edge"], env)
     assert "2 shard(s) processed" in said and server.secret_key not in said, said
-    ad = adapter_for("canny_edge")
+    ad = fourm_input_for("canny_edge", model)
     for shard in ("shard-00000", "shard-00001"):
         toks = _tar(client, bucket, f"out/tok_canny_edge@224/{shard}.tar")
         edges = dict(_tar(client, bucket, f"out/canny_edge/{shard}.tar"))
@@ -119,13 +119,13 @@ def test_train_and_tokenize_an_s3_output(ray_local, s3_env, demo_corpus, tmp_pat
         for name, data in toks:
             key = name.split(".", 1)[0]
             ids = np.load(io.BytesIO(data), allow_pickle=False)
-            assert ids.dtype == np.int16 and ids.shape == (N_CROPS, 196) and 0 <= ids.min() <= ids.max() < 240
+            assert ids.dtype == np.int16 and ids.shape == (N_CROPS, 196) and 0 <= ids.min() <= ids.max() < 64
             # row i is stored crop i of the stored edge map, encoded by the checkpoint on S3
             edge = get_modality("canny_edge").decode(edges[f"{key}.png"])
-            x = torch.stack([ad.prepare(edge, c, edge.shape[:2])
-                             for c in get_modality("crop_settings").decode(crops[f"{key}.npy"])])
+            x = torch.stack([ad.prepare(edge, c, edge.shape[:2], i)
+                             for i, c in enumerate(get_modality("crop_settings").decode(crops[f"{key}.npy"]))])
             with torch.inference_mode():
-                assert np.array_equal(ids, model.encode(ad.to_input(x)).numpy()), key
+                assert np.array_equal(ids, model.tokenize(x).numpy()), key
         rec = manifest.read_marker(out, shard)["modalities"]["tok_canny_edge@224"]
         assert rec["checkpoint"] == remote["checkpoint_hash"] and rec["n"] == 5
     report = check_output(out)

@@ -24,7 +24,7 @@ from modalmill.jobs.spec import job_from_dict
 from modalmill.io import manifest
 from modalmill.jobs.check import check_output
 from modalmill.schemas import RecordError, get_modality
-from modalmill.tokenize.adapters import MIN_BOX_FRACTION, adapter_for, body_poses, crop_instances
+from modalmill.tokenize.adapters import MIN_BOX_FRACTION, body_poses, crop_instances
 from modalmill.tokenize.checkpoint import checkpoint_hash, load_tokenizer
 from modalmill.jobs.tokenize import tokenize_output
 from modalmill.tokenize.text import human_poses_to_text, sam_instance_to_text
@@ -87,11 +87,13 @@ def test_tokenizers_train_on_every_instance_and_person(work):
     assert sam["after"]["mse"] < sam["before"]["mse"]  # 40 steps on the masks of 4 photos improve on random init
     assert os.path.getsize(sam["picture"]) > 0  # originals beside reconstructions (64x64 in-box masks)
     cfg = json.loads(open(os.path.join(work["sam_ck"], "config.json")).read())
-    assert cfg["modality"] == "sam_instance" and cfg["n_tokens"] == 16 and cfg["model"]["image_size"] == 64
+    assert cfg["modalmill"]["modality"] == "sam_instance" and cfg["modalmill"]["n_tokens"] == 16
+    assert cfg["image_size"] == 64 and cfg["n_channels"] == 1 and cfg["out_conv"] is True  # 4M's SAM tokenizer
     assert pose["modality"] == "human_poses" and pose["steps"] == 40 and "picture" not in pose
     assert pose["after"]["mse"] < pose["before"]["mse"]
     cfg = json.loads(open(os.path.join(work["pose_ck"], "config.json")).read())
-    assert cfg["n_tokens"] == 8 and cfg["model"]["in_channels"] == 207
+    assert cfg["modalmill"]["n_tokens"] == 8 and cfg["n_channels"] == 207 and cfg["quant_type"] == "memcodes"
+    assert cfg["num_codebooks"] == 8 and cfg["enc_type"].startswith("BottleneckMLP/")
     # resume: the same command continues from the saved state (already at its last step: nothing to train)
     again = train_tokenizer("sam_instance", str(out), work["sam_ck"], preset="tiny", steps=40, use_ray=False,
                             show_progress=False)
@@ -112,7 +114,9 @@ def test_tokenize_writes_4m_files_aligned_recorded_idempotent_and_deterministic(
     sam_mask = dict(decoded(out, "sam_mask"))
     sam_model, _ = load_tokenizer(work["sam_ck"], "cpu")
     pose_model, _ = load_tokenizer(work["pose_ck"], "cpu")
-    adapter = adapter_for("sam_instance")
+    from modalmill.tokenize.fourm_inputs import fourm_input_for
+
+    adapter = fourm_input_for("sam_instance", sam_model)
 
     sam_instance = decoded(out, "sam_instance")
     assert [k for k, _ in sam_instance] == keys  # aligned with every other modality
@@ -136,8 +140,8 @@ def test_tokenize_writes_4m_files_aligned_recorded_idempotent_and_deterministic(
             assert [i["bbox"].tolist() for i in insts] == bbox.tolist()
             if n:
                 with torch.inference_mode():
-                    x = adapter.to_input(torch.stack([adapter.prepare(i["mask"]) for i in insts]))
-                    np.testing.assert_array_equal(sam_model.encode(x).numpy(), ids)
+                    x = torch.stack([adapter.prepare(i["mask"]) for i in insts])  # 0/1 masks, as 4M
+                    np.testing.assert_array_equal(sam_model.tokenize(x).numpy(), ids)
             total += n
     assert total > 0
 
@@ -151,7 +155,7 @@ def test_tokenize_writes_4m_files_aligned_recorded_idempotent_and_deterministic(
         assert value == raw  # everything else as HMR 2.0 stored it
         assert len(tokens) == len(raw["bbox_xyxy"]) and all(len(t) == 8 for t in tokens)
         with torch.inference_mode():
-            direct = pose_model.encode(torch.from_numpy(np.stack(body_poses(raw)))).numpy()
+            direct = pose_model.tokenize(torch.from_numpy(np.stack(body_poses(raw)))[:, :, None, None]).numpy()
         assert tokens == direct.tolist() and 0 <= direct.min() and direct.max() < pose_model.quantizer.codebook_size
         people += len(tokens)
     assert people > 0

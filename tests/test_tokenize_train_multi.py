@@ -20,7 +20,7 @@ def labeled(labeled_edges):
 
 def test_two_workers_read_disjoint_shards_and_stay_in_sync(labeled, tmp_path):
     out = str(tmp_path / "edge_tok")
-    report = train_tokenizer("canny_edge", labeled, out, preset="tiny", quantizer="fsq", steps=12, workers=2,
+    report = train_tokenizer("canny_edge", labeled, out, preset="tiny", steps=12, workers=2,
                              cpus_per_worker=1, show_progress=False)
     assert report["workers"] == 2 and report["steps"] == 12
 
@@ -34,7 +34,7 @@ def test_two_workers_read_disjoint_shards_and_stay_in_sync(labeled, tmp_path):
     assert shards[0] | shards[1] == set(markers) and len(markers) == 2
     keys = [{k for s in w for k in markers[s]["keys"]} for w in shards]
     assert not keys[0] & keys[1]
-    held = TokenizerData(labeled, "canny_edge", config["training"]["holdout_fraction"]).holdout
+    held = TokenizerData(labeled, "canny_edge", config["modalmill"]["training"]["holdout_fraction"]).holdout
     assert len(held) == report["held_out"]["samples"] >= 1
     for w, own in zip(per_worker, keys):
         assert w["samples_read"] == len(own - held) > 0  # every training sample of its shards, no held-out one
@@ -48,7 +48,7 @@ def test_two_workers_read_disjoint_shards_and_stay_in_sync(labeled, tmp_path):
     assert json.load(open(os.path.join(out, ckpt.REPORT_FILE))) == report
     assert report["checkpoint_hash"] == ckpt.checkpoint_hash(out)
     model, config = ckpt.load_tokenizer(out)
-    assert config["training"]["workers"] == 2 and config["training"]["steps"] == 12
+    assert config["modalmill"]["training"]["workers"] == 2 and config["modalmill"]["training"]["steps"] == 12
     assert model.quantizer.codebook_size == report["codebook_size"] and not model.training
     assert ckpt.load_train_state(out)["step"] == 12
     assert {"mse", "psnr", "codebook_usage"} <= set(report["after"])

@@ -164,8 +164,7 @@ def _token_summary(hist: np.ndarray, tokenizer: dict | None = None) -> dict:
 def _tokenizer_codes(root: str, markers: dict, modalities: list[str]) -> dict[str, dict]:
     """{token modality: {"checkpoint": location, "codebook_size": n}} for the token modalities whose shards were
     all written by one tokenizer checkpoint that a run record of ``root`` still locates (same content hash)."""
-    from ..tokenize.checkpoint import checkpoint_hash, read_config
-    from ..tokenize.quantizers import codebook_size_of
+    from ..tokenize.checkpoint import checkpoint_hash, tokenizer_info
 
     runs = None
     out: dict[str, dict] = {}
@@ -186,7 +185,7 @@ def _tokenizer_codes(root: str, markers: dict, modalities: list[str]) -> dict[st
             try:
                 if checkpoint_hash(loc) != digest:
                     continue
-                out[m] = {"checkpoint": loc, "codebook_size": codebook_size_of(read_config(loc)["model"]["quantizer"])}
+                out[m] = {"checkpoint": loc, "codebook_size": tokenizer_info(loc)["codebook_size"]}
             except Exception:  # noqa: BLE001 - moved or unreadable: usage falls back to the vocabulary
                 continue
             break

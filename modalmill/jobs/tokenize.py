@@ -28,7 +28,9 @@ from ..tokenize.train import default_out
 
 
 def _abs(location: str) -> str:
-    if storage.is_s3(location) or "://" in location:
+    from ..tokenize.hub import is_hub_id
+
+    if storage.is_s3(location) or "://" in location or is_hub_id(location):
         return location
     return os.path.abspath(os.path.expanduser(location))
 
@@ -194,7 +196,7 @@ def parse_tokenizer_args(items) -> dict[str, str]:
     return out
 
 
-DEMO_TOKENIZERS = (("rgb", "vq"), ("canny_edge", "fsq"))  # (source modality, quantizer) trained by `make demo`
+DEMO_TOKENIZERS = (("rgb", "lucid"), ("canny_edge", "lucid"))  # (source modality, quantizer) trained by `make demo`
 DEMO_STEPS = 150
 
 
@@ -226,6 +228,9 @@ def _demo_tokenize(output: str, force: bool, show_progress: bool, steps: int) ->
                                  cpus_per_worker=1, force=force, show_progress=show_progress)
         for line in format_report(report):
             print(line)
+        used, size = report["after"]["codes_used"], report["codebook_size"]
+        print(f"{source}: held-out codebook usage {used}/{size} codes"
+              + ("" if 2 * used >= size else " - BELOW HALF: this tokenizer has collapsed onto a few codes"))
         checkpoints[source] = default_out(output, source)
     summary = tokenize_output(output, list(checkpoints), checkpoints, force=force, show_progress=show_progress)
     print(f"tokenized: {summary['shards_processed']} shard(s) written, {summary['shards_skipped']} already done")

@@ -1,17 +1,18 @@
-"""Tokenizer checkpoints: ``safetensors`` weights + a JSON config, never pickles.
+"""Tokenizer checkpoints in 4M's hub layout: ``safetensors`` weights + a JSON config, never pickles.
 
-A trained tokenizer lives in a directory (local or ``s3://``)::
+A tokenizer lives in a directory (local or ``s3://``; or a model-hub id for 4M's published ones)::
 
-    model.safetensors     the exported weights; its safetensors metadata holds the full JSON config
-    config.json           the same config, readable: architecture, quantizer, vocab size, input modality,
-                          normalisation, training data and steps
-    train_state.safetensors  resumable training state (all weights incl. the quantizer library's EMA buffers,
-                          AdamW moments; step, optimizer groups and history as JSON metadata)
+    model.safetensors     the weights under ml-4m's parameter names (``encoder.*``, ``quant_proj.*``,
+                          ``quantize.*``, ``post_quant_proj.*``, ``decoder.*``)
+    config.json           ml-4m's constructor arguments (``VQVAE(**config)``); tokenizers trained by modalmill
+                          add a ``modalmill`` entry (source modality, token modality, the MODALITY_INFO entry,
+                          training data and steps) that ml-4m ignores
+    train_state.safetensors  resumable training state (weights, AdamW moments; step and history as metadata)
     report.json, reconstructions.png   evaluation on held-out samples
 
 The *checkpoint* of a tokenizer is ``model.safetensors`` (a directory location means the file inside it); its
-content hash identifies the tokens it makes. Exported weights hold only the wrapper-owned tensors (see
-:mod:`modalmill.tokenize.quantizers`), so loading does not depend on the quantizer library's internals.
+content hash identifies the tokens it makes. Checkpoints of modalmill's previous format (``modalmill-tokenizer/1``)
+are refused with the command that replaces them (their architecture cannot be converted).
 """
 
 from __future__ import annotations
@@ -24,9 +25,7 @@ import torch
 
 from ..labelers.weights import WeightsError, content_hash, resolve
 from ..io import storage
-from .quantizers import is_library_key
-
-FORMAT = "modalmill-tokenizer/1"
+FORMAT = "modalmill-tokenizer/1"  # the previous format (refused with the command that replaces it)
 MODEL_FILE, CONFIG_FILE, STATE_FILE = "model.safetensors", "config.json", "train_state.safetensors"
 REPORT_FILE, PICTURE_FILE = "report.json", "reconstructions.png"
 
@@ -45,6 +44,10 @@ def local_checkpoint(location: str) -> str:
     """A local path of the checkpoint file (downloaded once and cached when it is on S3)."""
     if not location:
         raise WeightsError("no tokenizer checkpoint given")
+    from . import hub
+
+    if hub.is_hub_id(str(location)):  # a 4M tokenizer on the model hub
+        return os.path.join(hub.folder(str(location)), MODEL_FILE)
     return resolve(model_location(location), expected="a modalmill tokenizer checkpoint (model.safetensors)",
                    how_to_get="train one with `modalmill train-tokenizer --modality M --data OUT`")
 
@@ -73,53 +76,70 @@ def canonical_safetensors(data: bytes) -> bytes:
     return data[:8] + raw + b" " * (n - len(raw)) + data[8 + n:]
 
 
-def _export_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()
-            if not is_library_key(k)}
+OLD_FORMAT_HELP = ("it was written by an older modalmill (format {fmt!r}: its own ViT/FSQ architecture, which 4M's "
+                   "code cannot read); retrain it in 4M's format: `modalmill train-tokenizer --modality {m} --data "
+                   "OUT --force`")
 
 
-def save_tokenizer(model: torch.nn.Module, config: dict[str, Any], out_dir: str) -> str:
-    """Write ``model.safetensors`` (+ ``config.json``) into ``out_dir``; returns the checkpoint's location."""
-    from safetensors.torch import save
+def _old_format(location: str) -> dict | None:
+    """The config of a checkpoint in modalmill's previous format (safetensors metadata ``modalmill-tokenizer/1``),
+    or None."""
+    from safetensors import safe_open
 
-    meta = {"format": FORMAT, "config": json.dumps(config, sort_keys=True)}
-    url = storage.join(out_dir, MODEL_FILE)
-    storage.write_bytes(url, canonical_safetensors(save(_export_tensors(model), metadata=meta)))
-    storage.write_bytes(storage.join(out_dir, CONFIG_FILE), json.dumps(config, indent=1, sort_keys=True).encode())
-    return url
+    try:
+        path = local_checkpoint(location)
+    except WeightsError:
+        return None
+    if not os.path.isfile(path):
+        return None
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") == FORMAT and "config" in meta:
+        return json.loads(meta["config"])
+    return None
+
+
+def _refuse_old(location: str) -> None:
+    old = _old_format(location)
+    if old is not None:
+        raise WeightsError(f"{location}: " + OLD_FORMAT_HELP.format(fmt=FORMAT, m=old.get("modality", "M")))
 
 
 def read_config(location: str) -> dict[str, Any]:
-    from safetensors import safe_open
+    """config.json of a tokenizer in 4M's layout (ml-4m's constructor arguments, + ``modalmill`` for tokenizers
+    modalmill trained). Checkpoints of modalmill's previous format are refused with the command that replaces
+    them."""
+    from . import hub
 
-    path = local_checkpoint(location)
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format") != FORMAT or "config" not in meta:
-        raise WeightsError(f"{location}: not a modalmill tokenizer checkpoint (no {FORMAT!r} metadata)")
-    return json.loads(meta["config"])
+    _refuse_old(location)
+    return hub.read_config(_folder_of(location))
 
 
-def load_tokenizer(location: str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Build the tokenizer a checkpoint describes and load its weights (eval mode); returns (model, config)."""
-    from safetensors.torch import load_file
+def _folder_of(location: str) -> str:
+    location = str(location)
+    return location.rsplit("/", 1)[0] if location.endswith(".safetensors") else location
 
-    from .models import build_model
 
-    config = read_config(location)
-    model = build_model(config["model"])
-    state = load_file(local_checkpoint(location))
-    own = {k for k in model.state_dict() if not is_library_key(k)}
-    missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
-    bad_shape = [k for k in own & set(state) if tuple(state[k].shape) != tuple(model.state_dict()[k].shape)]
-    if missing or unexpected or bad_shape:
-        raise WeightsError(f"{location}: checkpoint does not fit its config: missing {missing[:5]}, unexpected "
-                           f"{unexpected[:5]}, mis-shaped {bad_shape[:5]}")
-    model.load_state_dict(state, strict=False)
-    for m in model.modules():
-        if hasattr(m, "after_load"):
-            m.after_load()
-    return model.to(device).eval(), config
+def tokenizer_info(location: str) -> dict[str, Any]:
+    """``{"codebook_size", "n_tokens", "modality", "token_modality"}`` of a tokenizer (the last two None for
+    tokenizers made elsewhere, e.g. 4M's own)."""
+    from .fourm import FourMSpec
+
+    cfg = read_config(location)
+    spec = FourMSpec.of(cfg)
+    mine = cfg.get("modalmill") or {}
+    return {"codebook_size": spec.codebook_size, "n_tokens": spec.n_tokens, "modality": mine.get("modality"),
+            "token_modality": mine.get("token_modality")}
+
+
+def load_tokenizer(location: str, device: str | torch.device = "cpu", with_decoder: bool = True
+                   ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The 4M-format tokenizer at ``location`` (hub id, local or s3:// folder, or its model.safetensors) in eval
+    mode, with its decoder unless ``with_decoder=False``; returns (model, config.json)."""
+    from . import hub
+
+    _refuse_old(location)
+    return hub.load(_folder_of(location), device, with_decoder=with_decoder)
 
 
 # ---------------------------------------------------------------------- resumable training state

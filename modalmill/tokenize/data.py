@@ -3,7 +3,7 @@
 Only completed shards (with a marker) that hold the source modality are read. For every sample the source
 label is read together with its ``crop_settings`` (and the stored ``rgb``, whose size maps crops onto teacher
 feature maps) from the shard's tars in lockstep, and cut into crops resized to the tokenizer's input size by
-the modality's :class:`~modalmill.tokenize.adapters.Adapter` - the same code that writes tokens later. A crop
+4M's preprocessing (:mod:`modalmill.tokenize.fourm_inputs`) - the same code that writes tokens later. A crop
 gives one item, except for the SAM-instance tokenizer (source ``sam_instance``, labels read from ``sam_mask``):
 every instance left in the crop is one 64x64 mask in its own box; and body poses give one 207-d vector per person.
 
@@ -30,7 +30,7 @@ from ..io import manifest
 from ..io.crops import random_resized_crop
 from ..io.readers import zip_output
 from ..schemas.modalities import get_modality
-from .adapters import Adapter, body_poses
+from .adapters import body_poses
 
 
 class DataError(ValueError):
@@ -119,14 +119,15 @@ class TokenizerData:
 def draw_crop(rng: random.Random, sample: Sample, stored_prob: float, min_scale: float,
               flip_prob: float) -> np.ndarray:
     if sample.image_hw == (0, 0) or rng.random() < stored_prob:
-        return sample.crops[rng.randrange(len(sample.crops))]
+        i = rng.randrange(len(sample.crops))  # a stored crop carries its row number (per-crop labels)
+        return np.append(np.asarray(sample.crops[i], dtype=np.int64)[:5], i)
     h, w = sample.image_hw
     nprng = np.random.default_rng(rng.getrandbits(64))
     top, left, ch, cw = random_resized_crop(nprng, h, w, (min_scale, 1.0), (3 / 4, 4 / 3))
     return np.array([top, left, ch, cw, int(rng.random() < flip_prob)], dtype=np.int64)
 
 
-def train_batches(data: TokenizerData, adapter: Adapter, *, batch_size: int, rank: int = 0, world: int = 1,
+def train_batches(data: TokenizerData, adapter, *, batch_size: int, rank: int = 0, world: int = 1,
                   seed: int = 0, crops_per_sample: int = 2, stored_crop_prob: float = 0.5,
                   min_crop_scale: float = 0.8, hflip_prob: float = 0.5, shuffle_buffer: int = 256
                   ) -> Iterator[torch.Tensor]:
@@ -164,7 +165,7 @@ def _pop_batch(buffer: list, n: int, rng: random.Random) -> torch.Tensor:
     return torch.stack([buffer.pop(i) for i in picks])
 
 
-def holdout_items(data: TokenizerData, adapter: Adapter, max_items: int = 256) -> torch.Tensor:
+def holdout_items(data: TokenizerData, adapter, max_items: int = 256) -> torch.Tensor:
     """Every stored crop of every held-out sample (deterministic order), as one tensor of targets."""
     items: list[torch.Tensor] = []
     for shard in data.shards:
@@ -172,9 +173,11 @@ def holdout_items(data: TokenizerData, adapter: Adapter, max_items: int = 256) -
             if s.key not in data.holdout:
                 continue
             for label in s.labels:
-                crops = s.crops if s.image_hw != (0, 0) else s.crops[:1]
-                for crop in crops:
-                    items.extend(adapter.items(label, crop, s.image_hw))
+                for i, crop in enumerate(s.crops):
+                    items.extend(adapter.items(label, np.append(np.asarray(crop, dtype=np.int64)[:5], i),
+                                               s.image_hw))
+                    if getattr(adapter, "kind", "") == "vector" and adapter.source == "human_poses":
+                        break  # a body pose is the same in every crop
                     if len(items) >= max_items:
                         return torch.stack(items[:max_items])
     if not items:

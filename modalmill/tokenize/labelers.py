@@ -2,13 +2,16 @@
 
 One labeler per token modality of 4M (``tok_rgb``, ``tok_canny_edge``, ``tok_semseg``, ``tok_dinov2_global``,
 ...), registered by name. Each ``requires`` its source modality (nothing extra for ``rgb``: the stored image is
-the input), runs in a Ray actor pool (``stateful``) and is configured with the tokenizer ``checkpoint`` to use
-(a local path or ``s3://``, the directory written by ``modalmill train-tokenizer`` or its ``model.safetensors``).
+the input), runs in a Ray actor pool (``stateful``) and is configured with the tokenizer ``checkpoint`` to use:
+a tokenizer in 4M's hub layout (config.json + model.safetensors): a model-hub id such as
+``EPFL-VILAB/4M_tokenizers_rgb_16k_224-448``, or a local or ``s3://`` folder (4M's own, or one written by
+``modalmill train-tokenizer``).
 
-For every sample it cuts each crop of the sample's ``crop_settings`` out of the decoded source label, flips and
-resizes it to the tokenizer's input size exactly as training did (:mod:`modalmill.tokenize.adapters`; this is
-``prepare``, which runs in the shard task, needing only the checkpoint's config), encodes all crops of the
-batch under ``torch.inference_mode()`` in float32 and returns ``{"tok_X@224": int16 [n_crops, n_tokens]}``.
+For every sample it prepares each crop of the sample's ``crop_settings`` from the decoded source label exactly as
+4M's ``save_vq_tokens.py`` does (:mod:`modalmill.tokenize.fourm_inputs`; per-crop labels such as teacher
+features are indexed by the crop's row; this is ``prepare``, which runs in the shard task, needing only the
+checkpoint's config), tokenizes all crops of the batch with the encoder + quantizer under
+``torch.inference_mode()`` in float32 and returns ``{"tok_X@224": int16 [n_crops, n_tokens]}``.
 ``config_hash()`` contains the checkpoint's content hash, so tokens made with another checkpoint are stale (the
 pipeline asks for ``--force``); ``checkpoint_id()`` is that hash.
 
@@ -16,8 +19,8 @@ Two tokenizers write into 4M's own files instead of a ``tok_*`` folder: ``tok_sa
 ``sam_instance``: per crop the instances' contours in the 224 crop, 16 ids and a box each) and ``tok_human_poses``
 (``human_poses`` rewritten with ``pose_tokenized``, 8 ids per person).
 
-Global embeddings have no geometry: every crop row of ``tok_*_global`` holds the tokens of the sample's one
-stored vector (4M computes the teacher per crop; modalmill stores one global vector per image).
+Global embeddings are tokenized per crop, from the teacher's vector of that crop (row c of the stored
+``[n_crops, C]`` label), as 4M does.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from ..schemas.modalities import TOKEN_MODALITIES, get_modality
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    checkpoint: str = ""  # local path or s3:// of a tokenizer trained by `modalmill train-tokenizer`
+    checkpoint: str = ""  # a 4M-format tokenizer: hub id, local or s3:// folder (config.json + model.safetensors)
+    resample: str = "bilinear"  # 4M tokenizers: PIL resampling of image crops (save_vq_tokens' --resample_mode)
     device: str = "auto"  # auto (cuda when the actor has a GPU) | cpu | cuda | cuda:N  (not part of the hash)
     crops_per_forward: int = 64  # encoder batch size (not part of the hash)
 
@@ -72,8 +76,10 @@ class TokenizerLabeler(Labeler):
     def config_hash(self) -> str:
         from .checkpoint import checkpoint_hash
 
-        blob = json.dumps({"labeler": self.name, "version": self.version,
-                           "checkpoint": checkpoint_hash(self._need_checkpoint())}, sort_keys=True)
+        ident = {"labeler": self.name, "version": self.version, "checkpoint": checkpoint_hash(self._need_checkpoint())}
+        if self.config.resample != "bilinear":  # (bilinear tokens keep the hash they always had)
+            ident["resample"] = self.config.resample
+        blob = json.dumps(ident, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def checkpoint_id(self) -> str:
@@ -81,12 +87,12 @@ class TokenizerLabeler(Labeler):
 
         return checkpoint_hash(self.config.checkpoint) if self.config.checkpoint else ""
 
-    # ------------------------------------------------------------------ lifecycle
     def setup(self) -> None:
+        """Load the encoder + quantizer of the 4M-format tokenizer and 4M's preprocessing of the source."""
         import torch
 
-        from .adapters import adapter_for
         from .checkpoint import load_tokenizer
+        from .fourm_inputs import fourm_input_for
         from .train import vocab_and_tokens
 
         dev = self.config.device
@@ -96,26 +102,27 @@ class TokenizerLabeler(Labeler):
         if self.device.type == "cuda":  # identical tokens on every GPU: no TF32 shortcuts
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
-        model, cfg = load_tokenizer(self._need_checkpoint(), self.device)
+        model, cfg = load_tokenizer(self._need_checkpoint(), self.device, with_decoder=False)
         out, tm = self.outputs[0], self.tok_modality()
         vocab, n_tokens, _ = vocab_and_tokens(tm)
-        if cfg.get("modality") != tm:
-            raise ValueError(f"{self.config.checkpoint}: a tokenizer for {cfg.get('modality')!r}, not {tm!r}")
-        if model.n_tokens != n_tokens or model.quantizer.codebook_size > vocab:
-            raise ValueError(f"{self.config.checkpoint}: makes {model.n_tokens} tokens from "
-                             f"{model.quantizer.codebook_size} codes; {out} needs {n_tokens} tokens from at "
-                             f"most {vocab}")
+        mine = (cfg.get("modalmill") or {}).get("modality")
+        if mine and mine != tm and {mine, tm} != {"canny_edge", "sam_edge"}:  # 4M: one edge tokenizer for both
+            raise ValueError(f"{self.config.checkpoint}: a tokenizer for {mine!r}, not {tm!r}")
+        if model.n_tokens != n_tokens or model.codebook_size > vocab:
+            raise ValueError(f"{self.config.checkpoint}: makes {model.n_tokens} tokens from {model.codebook_size} "
+                             f"codes; {out} needs {n_tokens} tokens from at most {vocab}")
         self.model, self.tokenizer_config = model, cfg
-        self.adapter = adapter_for(tm, cfg["model"].get("in_channels"))
+        self.adapter = fourm_input_for(tm, model, self.config.resample)
 
     def _adapter(self):
-        """The checkpoint's input adapter; needs only its config.json (``prepare`` runs without the model)."""
+        """4M's preprocessing for the checkpoint; needs only its config.json (``prepare`` runs without the model)."""
         if self.adapter is None:
-            from .adapters import adapter_for
             from .checkpoint import read_config
+            from .fourm import FourMSpec
+            from .fourm_inputs import fourm_input_for
 
-            cfg = read_config(self._need_checkpoint())
-            self.adapter = adapter_for(self.tok_modality(), cfg["model"].get("in_channels"))
+            spec = FourMSpec.of(read_config(self._need_checkpoint()))
+            self.adapter = fourm_input_for(self.tok_modality(), spec, self.config.resample)
         return self.adapter
 
     def _crops_of(self, inp: LabelInput) -> np.ndarray:
@@ -124,6 +131,8 @@ class TokenizerLabeler(Labeler):
         hw = inp.image.shape[:2]
         if adapter.kind == "vector":
             return adapter.prepare(label, None, hw).unsqueeze(0).numpy()
+        if getattr(adapter, "per_crop", False):  # 4M tokenizers: crop i of per-crop labels is their row i
+            return np.stack([adapter.prepare(label, crop, hw, i).numpy() for i, crop in enumerate(inp.crops)])
         return np.stack([adapter.prepare(label, crop, hw).numpy() for crop in inp.crops])
 
     def prepare(self, batch: list[LabelInput]) -> Prepared:
@@ -194,7 +203,7 @@ def _encode_all(model, adapter, items, device, step: int):
         for i in range(0, len(items), step):
             chunk = items[i:i + step]
             x = adapter.to_input((chunk if isinstance(chunk, torch.Tensor) else torch.stack(chunk)).to(device))
-            out.append(model.encode(x).cpu())
+            out.append((model.tokenize(x) if hasattr(model, "tokenize") else model.encode(x)).cpu())
     return torch.cat(out).numpy()
 
 

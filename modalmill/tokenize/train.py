@@ -40,10 +40,15 @@ import numpy as np
 from ..io import storage
 from ..schemas.modalities import TOKEN_MODALITIES, get_modality
 from . import checkpoint as ckpt
-from .adapters import adapter_for
+from .fourm import VQ_DEFAULTS, VQVAE_DEFAULTS
+from .fourm_inputs import KINDS
+
+MODEL_KEYS = set(VQ_DEFAULTS) | set(VQVAE_DEFAULTS)
 
 PRESETS = ("tiny", "small", "base")
 
+SEMSEG_LABELS = 134  # COCO-panoptic ids 0..132 shifted by one; 0 = unlabelled (4M's semseg tokenizer input)
+FEATURE_PATCH = {"clip": 16, "dinov2": 14, "imagebind": 14}  # teacher patch size: 224 / p tokens per side
 # source modality -> token modality (4M's folder names)
 TOKEN_OF = {src: tok for tok, (src, _v, _n) in TOKEN_MODALITIES.items()}
 # sources without a tok_* folder: tokens are stored inside their own JSON/npy (4M's pose_tokenized, token_ids)
@@ -69,60 +74,68 @@ def vocab_and_tokens(source: str) -> tuple[int, int, str | None]:
                      f"{', '.join(sorted(list(TOKEN_OF) + list(EXTRA_TOKENS)))}")
 
 
-def _fsq_levels(vocab: int) -> list[int]:
-    """FSQ levels whose product is at most ``vocab`` (after the FSQ paper's level sets)."""
-    table = {64: [4, 4, 4], 256: [8, 6, 5], 1024: [8, 5, 5, 5], 4096: [8, 8, 8, 8], 8192: [8, 8, 8, 4, 4],
-             16384: [8, 8, 8, 8, 4]}
-    fits = [k for k in table if k <= vocab]
-    return table[max(fits)] if fits else [4, 4, 4]
+QUANTIZERS = ("lucid", "memcodes")  # 4M's quantizers; "vq" is accepted for lucid
+
+
+def _quantizer(quantizer: str | None, default: str) -> str:
+    q = {"vq": "lucid"}.get(quantizer or default, quantizer or default)
+    if q == "fsq":
+        raise ValueError("FSQ tokenizers are gone: modalmill now trains 4M's architecture and format (ml-4m loads "
+                         "them), whose quantizers are lucid (EMA vector quantizer with normalised codes) and memcodes")
+    if q not in QUANTIZERS:
+        raise ValueError(f"unknown quantizer {quantizer!r}: lucid (spatial; also 'vq') or memcodes (vectors)")
+    return q
 
 
 def default_config(source: str, preset: str = "base", quantizer: str | None = None,
                    in_channels: int | None = None) -> dict[str, Any]:
-    """The model + train config of a preset for ``source`` (4M's architecture family and vocabulary for ``base``)."""
+    """The model + train config of a preset for ``source``. ``model`` is the constructor arguments of ml-4m's
+    ``VQVAE`` (4M's architecture and checkpoint format); ``base`` is 4M's own size and vocabulary."""
+    from .fourm import vit_name
+    from .fourm_inputs import KINDS
+
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose {', '.join(PRESETS)}")
     vocab, n_tokens, tok = vocab_and_tokens(source)
-    ad = adapter_for(source, in_channels)
+    kind = KINDS.get(source)
     train = dict(TRAIN_DEFAULTS)
-    if ad.model_family == "mlp":
+    if kind in ("global", "pose"):
         width = {"tiny": 64, "small": 256, "base": 1024}[preset]
         blocks = {"tiny": 1, "small": 2, "base": 6}[preset]
         codes = {"tiny": 64, "small": min(vocab, 1024), "base": vocab}[preset]
-        qtype = quantizer or "memcodes"
-        if qtype == "memcodes":
-            q = {"type": "memcodes", "dim": n_tokens * (8 if preset == "tiny" else 64), "codebook_size": codes,
-                 "heads": n_tokens, "temperature": 1.0}
-        elif qtype == "vq":
-            q = {"type": "vq", "dim": 32, "codebook_size": codes, "decay": 0.99, "threshold_ema_dead_code": 2.0,
-                 "commitment_weight": 1.0}
-        else:
-            q = {"type": "fsq", "levels": _fsq_levels(codes)}
-        model = {"family": "mlp", "in_channels": ad.in_channels, "width": width, "blocks": blocks, "expansion": 4,
-                 "n_tokens": n_tokens, "quantizer": q}
+        if _quantizer(quantizer, "memcodes") != "memcodes":
+            raise ValueError(f"{source}: vector tokenizers use memcodes (one code per head)")
+        mlp = f"BottleneckMLP/B_{blocks}-Wi_{width}"
+        model = {"enc_type": mlp, "dec_type": mlp, "n_channels": 207 if kind == "pose" else int(in_channels or 0),
+                 "image_size": 224, "quant_type": "memcodes", "codebook_size": codes, "num_codebooks": n_tokens,
+                 "latent_dim": n_tokens * (4 if preset == "tiny" else 64)}
         train.update(crops_per_sample=1, min_crop_scale=0.2, stored_crop_prob=1.0)
     else:
-        if source in ("clip", "dinov2", "imagebind"):
-            image_size, patch = ad.size, 1
-            train.update(min_crop_scale=0.2)
-        elif source == "sam_instance":
-            image_size, patch = 64, 16
+        dims = {"tiny": (64, 1, 2), "small": (384, 6, 6), "base": (768, 12, 12)}[preset]
+        codes = {"tiny": 64, "small": min(vocab, 4096), "base": vocab}[preset]
+        if _quantizer(quantizer, "lucid") != "lucid":
+            raise ValueError(f"{source}: spatial tokenizers use the lucid quantizer (memcodes is for vectors)")
+        model = {"enc_type": vit_name(*dims, "enc"), "dec_type": vit_name(*dims, "dec"), "image_size": 224,
+                 "patch_size": 16, "quant_type": "lucid", "codebook_size": codes,
+                 "latent_dim": 16 if preset == "tiny" else 32, "norm_codes": True, "post_mlp": True,
+                 # tiny: 8 crops x 196 tokens per batch over 64 codes; a code used fewer than 8 times per batch
+                 # (EMA) is re-seeded from the batch's latents, which keeps the small codebook in use
+                 "ema_decay": 0.9 if preset == "tiny" else 0.99,
+                 "threshold_ema_dead_code": 8.0 if preset == "tiny" else 2.0,
+                 "commitment_weight": 1.0, "sync_codebook": False}
+        if kind in ("rgb", "normal"):
+            model["n_channels"] = 3
+        elif kind in ("edge", "depth"):
+            model["n_channels"] = 1
+        elif kind == "semseg":
+            model.update(n_channels=32 if preset == "tiny" else 64, n_labels=SEMSEG_LABELS)
+        elif kind == "feature":
+            model.update(n_channels=int(in_channels or 0), patch_proj=False, patch_size=FEATURE_PATCH[source])
+            train.update(min_crop_scale=0.2, stored_crop_prob=1.0)  # teacher features exist for stored crops only
+        elif kind == "mask":
+            model.update(n_channels=1, image_size=64, out_conv=True)
         else:
-            image_size, patch = 224, 16
-        dim, depth, heads = {"tiny": (64, 1, 2), "small": (384, 6, 6), "base": (768, 12, 12)}[preset]
-        codes = {"tiny": 256, "small": min(vocab, 4096), "base": vocab}[preset]
-        qtype = quantizer or "vq"
-        if qtype == "vq":
-            q = {"type": "vq", "dim": 16 if preset == "tiny" else 32, "codebook_size": codes,
-                 "decay": 0.99 if preset != "tiny" else 0.9, "threshold_ema_dead_code": 2.0,
-                 "commitment_weight": 1.0}
-        elif qtype == "fsq":
-            q = {"type": "fsq", "levels": _fsq_levels(codes)}
-        else:
-            raise ValueError("spatial tokenizers take a vq or fsq quantizer (memcodes is for vectors)")
-        model = {"family": "spatial", "in_channels": ad.in_channels, "out_channels": ad.out_channels,
-                 "image_size": image_size, "patch_size": patch, "dim": dim, "enc_depth": depth, "dec_depth": depth,
-                 "heads": heads, "mlp_ratio": 4.0, "post_mlp": True, "quantizer": q}
+            raise ValueError(f"no tokenizer is defined for modality {source!r}")
     if preset == "tiny":
         train.update(steps=200, batch_size=8, lr=2e-3, warmup_steps=20, weight_decay=0.0, checkpoint_every=100,
                      max_eval_items=64, holdout_fraction=0.2)
@@ -135,9 +148,9 @@ def default_config(source: str, preset: str = "base", quantizer: str | None = No
 def _merge(base: dict, override: dict, where: str = "config") -> dict:
     out = copy.deepcopy(base)
     for k, v in (override or {}).items():
-        if k not in out:
+        if k not in out and not (where == "model" and k in MODEL_KEYS):
             raise ValueError(f"{where}: unknown key {k!r}; known: {', '.join(sorted(out))}")
-        if isinstance(out[k], dict) and isinstance(v, dict) and k != "quantizer":
+        if isinstance(out.get(k), dict) and isinstance(v, dict):
             out[k] = _merge(out[k], v, f"{where}.{k}")
         else:
             out[k] = v
@@ -170,34 +183,28 @@ def resolve_config(source: str, data: str, preset: str | None = None, overrides:
     preset = overrides.pop("preset", None) or preset or "base"
     quantizer = overrides.pop("quantizer", None) or quantizer
     in_channels = None
-    if adapter_for(source, 1).kind in ("feature", "vector") and source != "human_poses":
+    if KINDS.get(source) in ("feature", "global"):
         first = TokenizerData(data, source, 0.0).first_label()
         in_channels = int(np.asarray(first).shape[-1])
     cfg = default_config(source, preset, quantizer, in_channels)
-    if "quantizer" in (overrides.get("model") or {}):
-        cfg["model"]["quantizer"] = dict(overrides["model"]["quantizer"])
-    cfg["model"] = _merge(cfg["model"], {k: v for k, v in (overrides.get("model") or {}).items()
-                                         if k != "quantizer"}, "model")
+    cfg["model"] = _merge(cfg["model"], overrides.get("model") or {}, "model")
     cfg["train"] = _merge(cfg["train"], overrides.get("train") or {}, "train")
     check_config(cfg)
     return cfg
 
 
 def check_config(cfg: dict[str, Any]) -> None:
-    from .quantizers import codebook_size_of
+    from .fourm import FourMSpec
 
     source = cfg["modality"]
     vocab, n_tokens, _ = vocab_and_tokens(source)
-    m = cfg["model"]
-    size = codebook_size_of(m["quantizer"])
-    if size > vocab:
-        raise ValueError(f"{source}: the quantizer has {size} codes, more than the {vocab} the token modality allows")
-    if m["family"] == "spatial":
-        got = (m["image_size"] // m["patch_size"]) ** 2
-    else:
-        got = m["n_tokens"]
-    if got != n_tokens:
-        raise ValueError(f"{source}: this architecture makes {got} tokens per crop; 4M's layout needs {n_tokens}")
+    spec = FourMSpec.of(cfg["model"])
+    if spec.codebook_size > vocab:
+        raise ValueError(f"{source}: the quantizer has {spec.codebook_size} codes, more than the {vocab} the token "
+                         f"modality allows")
+    if spec.n_tokens != n_tokens:
+        raise ValueError(f"{source}: this architecture makes {spec.n_tokens} tokens per crop; 4M's layout needs "
+                         f"{n_tokens}")
 
 
 # ---------------------------------------------------------------------- the loop
@@ -331,7 +338,8 @@ def train_loop(loop: dict[str, Any]) -> None:
     import torch
 
     from .data import TokenizerData, holdout_items, train_batches
-    from .models import build_model
+    from .fourm import FourMTokenizer
+    from .fourm_train import train_adapter_for
 
     cfg, out, data_root = loop["config"], loop["out"], loop["data"]
     t = cfg["train"]
@@ -350,13 +358,14 @@ def train_loop(loop: dict[str, Any]) -> None:
         rank, world = 0, 1
         device = torch.device(loop.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
     t0 = time.perf_counter()
-    adapter = adapter_for(cfg["modality"], cfg["model"].get("in_channels"))
     data = TokenizerData(data_root, cfg["modality"], t["holdout_fraction"])
     torch.manual_seed(t["seed"])
-    model = build_model(cfg["model"])
+    model = FourMTokenizer(cfg["model"], with_decoder=True)
+    adapter = train_adapter_for(cfg["modality"], model)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or name.endswith(".pos") else decay).append(p)
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or name.endswith("pos_emb") else decay).append(p)
     optim = torch.optim.AdamW([{"params": decay, "weight_decay": t["weight_decay"]},
                                {"params": no_decay, "weight_decay": 0.0}], lr=t["lr"], betas=tuple(t["betas"]))
     start, extra = 0, {"history": [], "before": None, "train_seconds": 0.0}
@@ -438,12 +447,12 @@ def train_loop(loop: dict[str, Any]) -> None:
         return
     extra["train_seconds"] = extra.get("train_seconds", 0.0) + time.perf_counter() - run_t0
     model.eval()
-    location = ckpt.save_tokenizer(model, export_config(cfg, data_root, step, world), out)
+    location = save_fourm(model, export_config(cfg, data_root, step, world), out)
     after = evaluate(model, adapter, held, device)
     report = {
         "modality": cfg["modality"], "token_modality": cfg["token_modality"], "checkpoint": location,
         "checkpoint_hash": ckpt.checkpoint_hash(location), "preset": cfg["preset"],
-        "quantizer": cfg["model"]["quantizer"]["type"], "codebook_size": size, "steps": step, "workers": world,
+        "quantizer": cfg["model"]["quant_type"], "codebook_size": size, "steps": step, "workers": world,
         "device": str(device), "train_seconds": round(extra["train_seconds"], 2),
         "seconds_this_run": round(time.perf_counter() - t0, 2), "machine": machine(),
         "held_out": {"samples": len(data.holdout), "items": int(len(held)), "of_samples": data.n_keys},
@@ -464,12 +473,52 @@ def _without_steps(cfg: dict) -> dict:
 
 
 def export_config(cfg: dict[str, Any], data_root: str, steps: int, world: int) -> dict[str, Any]:
-    ad = adapter_for(cfg["modality"], cfg["model"].get("in_channels"))
-    return {"format": ckpt.FORMAT, "modality": cfg["modality"], "token_modality": cfg["token_modality"],
-            "vocab_size": cfg["vocab_size"], "n_tokens": vocab_and_tokens(cfg["modality"])[1],
-            "input_size": ad.size, "normalisation": ad.normalisation(), "model": cfg["model"],
-            "training": {"data": data_root, "steps": steps, "workers": world, "preset": cfg["preset"],
-                         **{k: cfg["train"][k] for k in ("batch_size", "lr", "seed", "holdout_fraction")}}}
+    """config.json of a trained tokenizer: ml-4m's constructor arguments (what ``VQVAE.from_pretrained`` passes
+    to ``VQVAE(**config)``) plus a ``modalmill`` entry (ml-4m ignores unknown keys) with the source modality,
+    the token modality and the entry 4M's ``MODALITY_INFO`` needs for it."""
+    from .fourm import FourMSpec
+
+    spec = FourMSpec.of(cfg["model"])
+    vocab, n_tokens, tok = vocab_and_tokens(cfg["modality"])
+    return {**cfg["model"], "modalmill": {
+        "modality": cfg["modality"], "token_modality": cfg["token_modality"], "vocab_size": cfg["vocab_size"],
+        "n_tokens": n_tokens, "input_size": spec.image_size,
+        "modality_info": modality_info_entry(cfg["modality"], spec, tok),
+        "training": {"data": data_root, "steps": steps, "workers": world, "preset": cfg["preset"],
+                     **{k: cfg["train"][k] for k in ("batch_size", "lr", "seed", "holdout_fraction")}}}}
+
+
+def modality_info_entry(source: str, spec, token_modality: str | None) -> dict[str, Any] | None:
+    """The entry 4M's ``MODALITY_INFO`` (``fourm/data/modality_info.py``) needs to register this token modality:
+    an ``img`` modality at input size 224 whose ``n_tokens`` ids form a square grid (patch size 224 / side, as
+    4M's own: 16 for 196 tokens, 14 for 256, 56 for the 16 global tokens, which take no sin-cos position
+    embedding); the embeddings are ``ImageTokenEncoderEmbedding`` / ``ImageTokenDecoderEmbedding`` with these
+    keyword arguments."""
+    if token_modality is None:  # pose / SAM-instance ids live inside 4M's human_poses / sam_instance sequences
+        return None
+    side = int(round(math.sqrt(spec.n_tokens)))
+    if side * side != spec.n_tokens:
+        raise ValueError(f"{source}: {spec.n_tokens} tokens do not form a square grid 4M's embeddings can take")
+    kwargs = {"vocab_size": spec.codebook_size, **({"sincos_pos_emb": False} if spec.is_global else {})}
+    entry = {"type": "img", "vocab_size": spec.codebook_size, "patch_size": 224 // side, "min_tokens": 0,
+             "max_tokens": spec.n_tokens, "encoder_embedding": ["ImageTokenEncoderEmbedding", kwargs],
+             "decoder_embedding": ["ImageTokenDecoderEmbedding", kwargs], "pretokenized": True,
+             "name": token_modality or f"tok_{source}"}
+    if not spec.is_global:
+        entry["input_size"] = 224
+    return entry
+
+
+def save_fourm(model, config: dict[str, Any], out: str) -> str:
+    """Write the hub layout into ``out``: ``model.safetensors`` (every tensor of the model under ml-4m's names)
+    and ``config.json``; returns the location of model.safetensors."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    url = storage.join(out, ckpt.MODEL_FILE)
+    storage.write_bytes(url, ckpt.canonical_safetensors(save(tensors, metadata={"format": "pt"})))
+    storage.write_bytes(storage.join(out, ckpt.CONFIG_FILE), json.dumps(config, indent=1, sort_keys=True).encode())
+    return url
 
 
 # ---------------------------------------------------------------------- the driver

@@ -70,33 +70,38 @@ def parse_tokenizers(items: list[str] | tuple[str, ...]) -> dict[str, str]:
 
 
 class TokenDecoder:
-    """Token ids -> pictures through a tokenizer checkpoint of ``modalmill.tokenize`` (issue 4).
+    """Token ids -> pictures through a 4M-format tokenizer (``modalmill.tokenize.checkpoint.load_tokenizer``).
 
-    Uses ``modalmill.tokenize.checkpoint.load_tokenizer(PATH) -> (model, config)``, the model's
-    ``decode_indices(ids [B, T]) -> output`` and the source modality's adapter
-    (``modalmill.tokenize.adapters.adapter_for(source, in_channels)``: ``reconstruct`` then ``to_rgb``).
+    Uses the VQ-VAE's ``decode_indices(ids [B, T]) -> output`` and the source modality's 4M-space adapter
+    (``modalmill.tokenize.fourm_train.train_adapter_for``: ``reconstruct`` then ``to_rgb``). DiVAE tokenizers
+    (diffusion decoders) are refused with a one-line message.
     Only tokenizers of image-like modalities decode to pictures; vector tokenizers (global embeddings, poses)
     are refused with a clear error.
     """
 
     def __init__(self, modality: str, path: str):
         try:
-            from ...tokenize.adapters import adapter_for
             from ...tokenize.checkpoint import load_tokenizer
+            from ...tokenize.fourm_train import train_adapter_for
         except ImportError:
             raise TokenizerUnavailable(
                 f"--tokenizer {modality}={path}: decoding tokens into pictures needs modalmill.tokenize's tokenizer "
-                "loader (issue 4), which is not available yet; without --tokenizer, token modalities are shown as "
-                "id grids") from None
+                "loader, which is not available yet; without --tokenizer, token modalities are shown as id grids"
+            ) from None
         model, config = load_tokenizer(path)
-        made_for = config.get("token_modality")
+        mine = config.get("modalmill") or {}
+        made_for = mine.get("token_modality")
         if made_for and made_for != modality:
             raise ValueError(f"--tokenizer {modality}={path}: this checkpoint makes {made_for!r}, not {modality!r}")
-        source = config.get("modality") or MODALITIES[modality].source
-        self.adapter = adapter_for(source, config.get("model", {}).get("in_channels"))
-        if getattr(self.adapter, "kind", "pixel") == "vector":
+        source = mine.get("modality") or MODALITIES[modality].source
+        self.adapter = train_adapter_for(source, model)
+        if self.adapter.kind == "vector":
             raise TokenizerUnavailable(f"--tokenizer {modality}={path}: {source} tokens decode to vectors, not "
                                        "pictures; they are shown as id grids")
+        if not model.has_decoder:
+            raise TokenizerUnavailable(f"--tokenizer {modality}={path}: a {model.kind} (diffusion decoder): "
+                                       "modalmill does not run diffusion decoders; decode with ml-4m's "
+                                       "DiVAE.decode_tokens(ids, timesteps=N); shown as id grids")
         self.model, self.config = model, config
 
     def decode_tokens(self, ids: np.ndarray) -> np.ndarray:
