@@ -1,8 +1,9 @@
 """The ``modalmill`` command.
 
-Exit codes: 0 everything written; 1 a usage, config or I/O error (one line on stderr, no traceback);
-3 the job finished but some samples failed (see the manifest); 4 some shards failed (see ``modalmill status``).
-Set ``MODALMILL_DEBUG=1`` to get tracebacks.
+Exit codes (docs/cli.md, "Exit codes"): 0 everything written (or already done); 1 a config, weights or I/O error,
+or ``check`` found violations (one line on stderr, no traceback); 2 a command-line usage error (click's); 3 the job
+finished but some samples failed (see the manifest); 4 some shards failed (see ``modalmill status``); 5 another
+driver holds the output's lease (see ``--wait``). Set ``MODALMILL_DEBUG=1`` to get tracebacks.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import click
 
 from . import __version__
 
+EXIT_LEASE = 5  # = modalmill.jobs.runner.EXIT_LEASE (not imported here: `modalmill --help` stays light)
+
 
 class _Group(click.Group):
     def invoke(self, ctx):
@@ -25,9 +28,12 @@ class _Group(click.Group):
         except Exception as e:  # noqa: BLE001 - the CLI turns errors into one line
             if os.environ.get("MODALMILL_DEBUG"):
                 raise
+            from .io.lease import LeaseHeld
+
             msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-            click.echo(f"error: {msg}", err=True)
-            sys.exit(1)
+            lines = msg.strip().splitlines()
+            click.echo(f"error: {lines[0] if lines else type(e).__name__}", err=True)
+            sys.exit(EXIT_LEASE if isinstance(e, LeaseHeld) else 1)
 
 
 def _csv(value: str | None) -> list[str] | None:
@@ -45,6 +51,8 @@ def _report(summary: dict) -> None:
         click.echo(f"  failed samples: {n:6d}  {reason}")
     for f in summary["failed_shards"]:
         click.echo(f"  failed shard {f['shard']} ({f['source']}): {f['error']}")
+    if summary.get("lease_lost"):
+        click.echo(f"error: {summary['lease_lost']}; check the output with `modalmill check`", err=True)
 
 
 @click.group(cls=_Group)
@@ -62,6 +70,8 @@ _common = [
     click.option("--force", is_flag=True, help="Recompute even what is already done."),
     click.option("--shards", default=None, help="Only these output shards, e.g. '0-9,42'."),
     click.option("--no-progress", is_flag=True, help="No progress bars."),
+    click.option("--wait", is_flag=True, help="If another driver is writing OUTPUT, wait until it is done instead "
+                                              "of refusing (exit 5)."),
 ]
 
 
@@ -84,7 +94,7 @@ def _with_common(f):
 @click.option("--num-cpus", type=int, default=None, help="CPUs of the embedded Ray (default: all).")
 @_with_common
 def label(input_spec, output, modalities, seed, batch_size, shard_size, max_size, n_crops, num_cpus, address, only,
-          force, shards, no_progress):
+          force, shards, no_progress, wait):
     """Label INPUT (tar shard pattern, s3:// pattern or image folder) into OUTPUT (local or s3:// root)."""
     from .jobs.runner import run_job
     from .jobs.spec import job_from_dict
@@ -93,7 +103,7 @@ def label(input_spec, output, modalities, seed, batch_size, shard_size, max_size
             "batch_size": batch_size, "shard_size": shard_size, "shards": shards,
             "decode": {"max_size": max_size}, "crops": {"n_crops": n_crops}, "ray": {"num_cpus": num_cpus}}
     spec = job_from_dict(data, where="modalmill label")
-    summary = run_job(spec, only=_csv(only), force=force, address=address, show_progress=not no_progress)
+    summary = run_job(spec, only=_csv(only), force=force, address=address, show_progress=not no_progress, wait=wait)
     _report(summary)
     sys.exit(summary["exit_code"])
 
@@ -102,13 +112,13 @@ def label(input_spec, output, modalities, seed, batch_size, shard_size, max_size
 @click.argument("job_file", metavar="JOB.yaml")
 @click.option("--output", default=None, help="Override the job's output root.")
 @_with_common
-def run(job_file, output, address, only, force, shards, no_progress):
+def run(job_file, output, address, only, force, shards, no_progress, wait):
     """Run a job spec (YAML) on the embedded Ray or on --address."""
     from .jobs.runner import run_job
     from .jobs.spec import load_job
 
     spec = load_job(job_file, output=output, shards=shards)
-    summary = run_job(spec, only=_csv(only), force=force, address=address, show_progress=not no_progress)
+    summary = run_job(spec, only=_csv(only), force=force, address=address, show_progress=not no_progress, wait=wait)
     _report(summary)
     sys.exit(summary["exit_code"])
 
@@ -188,7 +198,7 @@ def check(output, as_json, no_parse, workers):
 @click.option("--shard", default=None, help="Look only in this shard (e.g. shard-00003).")
 @click.option("--modalities", "-m", default=None, help="Only these modalities (comma-separated).")
 @click.option("--tokenizer", "tokenizers", multiple=True, metavar="M=PATH",
-              help="Decode token modality M with the tokenizer at PATH (needs modalmill.tokenize, issue 4).")
+              help="Decode token modality M with the tokenizer checkpoint at PATH (from train-tokenizer).")
 def show(output, key, out_file, shard, modalities, tokenizers):
     """Render every modality of one sample of OUTPUT into one PNG and print its path."""
     from .jobs.show import parse_tokenizers, show_sample
@@ -279,6 +289,9 @@ def demo(workdir, force, no_progress, tokenizer_steps):
     _report(summary)
     click.echo(f"demo output: {out}")
     click.echo(f"  look at it: modalmill status {out}")
+    for line in summary.get("skipped_steps", ()):
+        click.echo(f"skipped: {line}", err=True)
+    sys.exit(summary["exit_code"])
 
 
 @main.command("train-tokenizer")
@@ -330,13 +343,15 @@ def train_tokenizer_cmd(modality, data, config_file, out, preset, quantizer, ste
 @click.option("--workers", type=int, default=1, show_default=True, help="Tokenizer actors per modality.")
 @click.option("--gpus-per-worker", type=float, default=0.0, show_default=True)
 @click.option("--no-progress", is_flag=True)
-def tokenize(data, modalities, tokenizers, force, address, shards, workers, gpus_per_worker, no_progress):
+@click.option("--wait", is_flag=True, help="If another driver is writing DATA, wait until it is done instead of "
+                                           "refusing (exit 5).")
+def tokenize(data, modalities, tokenizers, force, address, shards, workers, gpus_per_worker, no_progress, wait):
     """Write tok_*@224 shards for DATA with trained tokenizers (the pipeline's --only mode)."""
     from .jobs.tokenize import parse_tokenizer_args, tokenize_output
 
     summary = tokenize_output(data, _csv(modalities), parse_tokenizer_args(tokenizers), force=force, address=address,
                               shards=shards, workers=workers, gpus_per_worker=gpus_per_worker,
-                              show_progress=not no_progress)
+                              show_progress=not no_progress, wait=wait)
     _report(summary)
     sys.exit(summary["exit_code"])
 

@@ -25,7 +25,8 @@ from ..io.readers import ShardSource, plan_sources
 from ..pipeline.shard import CORE, FULL, UPDATE, LabelerRun, ShardTask, core_producers, labeler_producers
 from .spec import JobSpec, JobSpecError
 
-EXIT_OK, EXIT_SAMPLES_FAILED, EXIT_SHARDS_FAILED = 0, 3, 4
+# exit codes (docs/cli.md): 1 (usage, config, weights or I/O error) and 2 (click's usage errors) come from the CLI
+EXIT_OK, EXIT_ERROR, EXIT_SAMPLES_FAILED, EXIT_SHARDS_FAILED, EXIT_LEASE = 0, 1, 3, 4, 5
 
 
 class JobError(RuntimeError):
@@ -82,6 +83,51 @@ def resolve_labelers(spec: JobSpec, modalities: list[str], available: set[str] =
     return ordered
 
 
+def expected_checkpoints(runs: list[LabelerRun]) -> dict[str, str]:
+    """``{labeler: checkpoint id}`` of the weights each run would load now, found on the driver before any actor
+    starts (:meth:`Labeler.preflight`): missing or wrong weights fail here, as one ``WeightsError`` line. An
+    ``s3://`` checkpoint is fetched only when its ETag/size/LastModified changed, and a checkpoint is hashed only
+    when a file's size, inode, mtime or ctime changed, so an unchanged big checkpoint costs a HEAD and some stats."""
+    return {run.labeler: run.instance().preflight() or "" for run in runs}
+
+
+def stale_modalities(marker: dict | None, modalities: list[str], producers: dict[str, dict],
+                     checkpoints: dict[str, str]) -> dict[str, str]:
+    """Which of ``modalities`` the shard ``marker`` records as made differently from how this job would make them
+    now, each with why: ``"settings"`` (the producer's config hash differs) or ``"weights"`` (same settings, but
+    the labeler's checkpoint content hash differs from ``checkpoints[labeler]``, e.g. a checkpoint replaced in
+    place at the same path or ``s3://`` URL). ``producers``: modality -> what would produce it
+    (``labeler``, ``config_hash``). A modality refined in place (``human_poses`` + ``pose_tokenized``) also counts
+    as made by the producer it refines. Markers without a recorded checkpoint (model-free labelers) compare
+    settings only."""
+    have = (marker or {}).get("modalities", {})
+    out: dict[str, str] = {}
+    for m in modalities:
+        if m not in have or m not in producers:
+            continue
+        want = producers[m]
+        made = [have[m]] + ([have[m]["refines"]] if isinstance(have[m].get("refines"), dict) else [])
+        same = [p for p in made if p.get("config_hash") == want["config_hash"]]
+        if not same:
+            out[m] = "settings"
+            continue
+        now = checkpoints.get(want.get("labeler", ""), "")
+        if now and not any(p.get("checkpoint") in ("", None, now) for p in same):
+            out[m] = "weights"
+    return out
+
+
+def describe_stale(stale: dict[str, str]) -> str:
+    """``{"depth": "weights", "canny_edge": "settings"}`` -> "['depth'] were made with other weights, ['canny_edge']
+    with other settings"."""
+    parts = []
+    for why in ("settings", "weights"):
+        mods = sorted(m for m, w in stale.items() if w == why)
+        if mods:
+            parts.append(f"{mods} {'were made ' if not parts else ''}with other {why}")
+    return ", ".join(parts)
+
+
 def plan_job(spec: JobSpec, only: list[str] | None = None, force: bool = False) -> Plan:
     sources = plan_sources(spec.input, spec.shard_size)
     if not sources:
@@ -102,6 +148,8 @@ def plan_job(spec: JobSpec, only: list[str] | None = None, force: bool = False) 
             requested = list(dict.fromkeys(requested + unknown))
     all_runs = resolve_labelers(spec, requested, available=set(requested))
     expected = {**core_producers(spec.decode, spec.crops, spec.seed), **labeler_producers(tuple(all_runs))}
+    checked = set(requested_only if only else requested)
+    checkpoints = expected_checkpoints([r for r in all_runs if checked & set(r.outputs)])
     plan = Plan(spec=spec, sources=sources, runs=[])
     problems: list[str] = []
     base = dict(output=spec.output, decode=spec.decode, crops=spec.crops, seed=spec.seed, batch_size=spec.batch_size)
@@ -116,10 +164,7 @@ def plan_job(spec: JobSpec, only: list[str] | None = None, force: bool = False) 
                             f"{src.url!r} to it")
             continue
         have = marker.get("modalities", {}) if marker else {}
-        # a modality refined in place (human_poses + pose_tokenized) still counts as made by what it refines
-        stale = [m for m in (requested_only if only else requested)
-                 if m in have and expected[m]["config_hash"] not in
-                 (have[m].get("config_hash"), (have[m].get("refines") or {}).get("config_hash"))]
+        stale = stale_modalities(marker, requested_only if only else requested, expected, checkpoints)
         if only:
             if not marker:
                 problems.append(f"{src.name} has no output yet: run the job without --only first")
@@ -130,7 +175,7 @@ def plan_job(spec: JobSpec, only: list[str] | None = None, force: bool = False) 
                 continue
             todo = [m for m in requested_only if force or m not in have or m in stale]
             if stale and not force:
-                problems.append(f"{src.name}: {stale} were made with other settings; add --force to recompute")
+                problems.append(f"{src.name}: {describe_stale(stale)}; add --force to recompute")
                 continue
             if todo:
                 plan.tasks.append(ShardTask(source=src, mode=UPDATE, write=tuple(todo),
@@ -143,7 +188,7 @@ def plan_job(spec: JobSpec, only: list[str] | None = None, force: bool = False) 
                                         labelers=tuple(all_runs), **base))
             continue
         if stale:
-            problems.append(f"{src.name}: {stale} were made with other settings; add --force to recompute "
+            problems.append(f"{src.name}: {describe_stale(stale)}; add --force to recompute "
                             f"(or --only {','.join(stale)} --force for just those)")
             continue
         missing = [m for m in requested if m not in have]
@@ -164,8 +209,21 @@ def plan_job(spec: JobSpec, only: list[str] | None = None, force: bool = False) 
 
 
 def run_job(spec: JobSpec, only: list[str] | None = None, force: bool = False, address: str | None = None,
-            show_progress: bool = True) -> dict:
-    """Plan, execute and record one run; returns the run summary (also written under _modalmill/runs/)."""
+            show_progress: bool = True, wait: bool = False) -> dict:
+    """Take the output's lease (:mod:`modalmill.io.lease`; ``wait``: wait for another driver to finish instead of
+    refusing), then plan, execute and record one run; returns the run summary (also written under
+    _modalmill/runs/)."""
+    from ..io import lease
+
+    with lease.hold(spec.output, wait=wait) as held:
+        summary = _run_job(spec, only, force, address, show_progress)
+        if held.lost:  # another driver took over while this one ran: its results may be overwritten
+            summary["lease_lost"] = held.lost
+            summary["exit_code"] = EXIT_LEASE
+    return summary
+
+
+def _run_job(spec: JobSpec, only: list[str] | None, force: bool, address: str | None, show_progress: bool) -> dict:
     from ..io.cluster import init_ray
     from ..pipeline.execute import execute
 

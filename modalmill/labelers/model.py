@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .base import LabelFailure, LabelInput, Labeler, Prepared, Resources
+from .weights import cached_content_hash, resolve
 
 
 @dataclass(frozen=True)
@@ -74,11 +75,8 @@ class ModelLabeler(Labeler):
     def setup(self) -> None:
         import torch
 
-        from .weights import content_hash, resolve
-
-        path = resolve(self.weights_location(), expected=f"{self.architecture} weights for labeler {self.name!r}",
-                       how_to_get=self.weights_help)
-        self._checkpoint = content_hash(path)
+        path = self._resolve_weights()
+        self._checkpoint = cached_content_hash(path)
         dev = self.config.device
         if dev == "auto":
             dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -91,6 +89,15 @@ class ModelLabeler(Labeler):
     def checkpoint_id(self) -> str:
         """Content hash of the weights (after setup); '' before."""
         return self._checkpoint
+
+    def _resolve_weights(self) -> str:
+        return resolve(self.weights_location(), expected=f"{self.architecture} weights for labeler {self.name!r}",
+                       how_to_get=self.weights_help)
+
+    def preflight(self) -> str:
+        """The weights resolved (an ``s3://`` copy is fetched only when its ETag/size/LastModified changed) and
+        their content hash, remembered by file stat: what :meth:`setup` will record, without building the model."""
+        return cached_content_hash(self._resolve_weights())
 
     def autocast(self):
         import torch

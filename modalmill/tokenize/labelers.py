@@ -81,6 +81,30 @@ class TokenizerLabeler(Labeler):
 
         return checkpoint_hash(self.config.checkpoint) if self.config.checkpoint else ""
 
+    def preflight(self) -> str:
+        """The checkpoint found and its config read (a safetensors header, no model built): a folder that is not
+        a modalmill tokenizer, or a tokenizer of another modality, is a one-line ``WeightsError`` here, on the
+        driver, before any actor starts."""
+        from ..labelers.weights import WeightsError
+        from .checkpoint import checkpoint_hash, read_config
+
+        try:
+            location = self._need_checkpoint()
+        except ValueError as e:
+            raise WeightsError(str(e)) from None
+        try:
+            cfg = read_config(location)
+        except WeightsError:
+            raise
+        except Exception as e:  # noqa: BLE001 - e.g. a model.safetensors that is not safetensors at all
+            raise WeightsError(f"{location}: not a modalmill tokenizer checkpoint ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        tm = self.tok_modality()
+        if cfg.get("modality") != tm:
+            raise WeightsError(f"{location}: a tokenizer for {cfg.get('modality')!r}, not {tm!r} (labeler "
+                               f"{self.name!r})")
+        return checkpoint_hash(location)
+
     # ------------------------------------------------------------------ lifecycle
     def setup(self) -> None:
         import torch
