@@ -31,8 +31,7 @@ class _Group(click.Group):
             from .io.lease import LeaseHeld
 
             msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-            lines = msg.strip().splitlines()
-            click.echo(f"error: {lines[0] if lines else type(e).__name__}", err=True)
+            click.echo(f"error: {msg or type(e).__name__}", err=True)
             sys.exit(EXIT_LEASE if isinstance(e, LeaseHeld) else 1)
 
 

@@ -125,8 +125,9 @@ def test_checkpoint_replaced_in_place_locally(ray_local, demo_corpus, tmp_path, 
     r = subprocess.run([f"{BIN}/python", "-m", "modalmill", "run", str(jobfile), "--no-progress"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
-    assert "cannot run this job on the existing output" in r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.startswith("error: cannot run this job on the existing output")
+    for shard in ("shard-00000", "shard-00001"):  # one line per stale shard, naming the modality
+        assert f"{shard}: ['dinov2_global'] were made with other weights" in r.stderr, r.stderr
 
 
 def test_checkpoint_replaced_in_place_on_s3(ray_local, s3_env, demo_corpus, tmp_path, cache):
