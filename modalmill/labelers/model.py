@@ -22,6 +22,7 @@ smaller sizes before anything is marked failed.
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -29,7 +30,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .base import LabelFailure, LabelInput, Labeler, Prepared, Resources
-from .weights import cached_content_hash, resolve
+from .weights import cached_content_hash, hub_id_not_cached, resolve
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,10 @@ class ModelLabeler(Labeler):
 
     def preflight(self) -> str:
         """The weights resolved (an ``s3://`` copy is fetched only when its ETag/size/LastModified changed) and
-        their content hash, remembered by file stat: what :meth:`setup` will record, without building the model."""
+        their content hash, remembered by file stat: what :meth:`setup` will record, without building the model.
+        A hub id that is not in the local hub cache is left to the workers to fetch ('': not known here)."""
+        if hub_id_not_cached(self.weights_location()) and os.environ.get("HF_HUB_OFFLINE") != "1":
+            return ""
         return cached_content_hash(self._resolve_weights())
 
     def autocast(self):

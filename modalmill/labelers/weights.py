@@ -282,3 +282,19 @@ def cached_content_hash(path: str) -> str:
         except OSError:  # a read-only cache only costs a re-hash next time
             pass
     return digest
+
+
+def hub_id_not_cached(location: str) -> bool:
+    """True when ``location`` is a model-hub id that is not a local path and is not in the local hub cache yet: the
+    driver then leaves fetching it to the workers instead of downloading a big checkpoint only to hash it."""
+    if not location or storage.is_s3(location) or location.startswith((".", "/", "file://", "~")):
+        return False
+    if os.path.exists(os.path.expanduser(location)) or not _HUB_ID.match(location):
+        return False
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(location, local_files_only=True)
+        return False
+    except Exception:  # noqa: BLE001 - not in the local cache (or no huggingface_hub): not cached
+        return True
