@@ -22,7 +22,6 @@ smaller sizes before anything is marked failed.
 from __future__ import annotations
 
 import contextlib
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -30,7 +29,6 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .base import LabelFailure, LabelInput, Labeler, Prepared, Resources
-from .weights import cached_content_hash, hub_id_not_cached, resolve
 
 
 @dataclass(frozen=True)
@@ -76,8 +74,11 @@ class ModelLabeler(Labeler):
     def setup(self) -> None:
         import torch
 
-        path = self._resolve_weights()
-        self._checkpoint = cached_content_hash(path)
+        from .weights import content_hash, resolve
+
+        path = resolve(self.weights_location(), expected=f"{self.architecture} weights for labeler {self.name!r}",
+                       how_to_get=self.weights_help)
+        self._checkpoint = content_hash(path)
         dev = self.config.device
         if dev == "auto":
             dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -91,17 +92,21 @@ class ModelLabeler(Labeler):
         """Content hash of the weights (after setup); '' before."""
         return self._checkpoint
 
-    def _resolve_weights(self) -> str:
-        return resolve(self.weights_location(), expected=f"{self.architecture} weights for labeler {self.name!r}",
-                       how_to_get=self.weights_help)
-
     def preflight(self) -> str:
-        """The weights resolved (an ``s3://`` copy is fetched only when its ETag/size/LastModified changed) and
-        their content hash, remembered by file stat: what :meth:`setup` will record, without building the model.
-        A hub id that is not in the local hub cache is left to the workers to fetch ('': not known here)."""
-        if hub_id_not_cached(self.weights_location()) and os.environ.get("HF_HUB_OFFLINE") != "1":
+        """The weights resolved as :meth:`setup` resolves them (an ``s3://`` copy is fetched only when its
+        ETag/size/LastModified changed) and their content hash, remembered by file stat: what :meth:`setup` will
+        record, without building the model. Weights that would have to be downloaded first (a hub id not in the
+        local hub cache, when downloads are allowed) are left to the workers: '' (not known here)."""
+        from .weights import cached_content_hash, needs_download, resolve
+
+        location = self.weights_location()
+        if needs_download(location):
             return ""
-        return cached_content_hash(self._resolve_weights())
+        pin = getattr(self, "weights_pin", None)  # a registry default's pin, where the registry has them
+        kw = {"pin": pin} if pin is not None and not self.config.weights else {}
+        path = resolve(location, expected=f"{self.architecture} weights for labeler {self.name!r}",
+                       how_to_get=self.weights_help, **kw)
+        return cached_content_hash(path)
 
     def autocast(self):
         import torch

@@ -284,17 +284,26 @@ def cached_content_hash(path: str) -> str:
     return digest
 
 
-def hub_id_not_cached(location: str) -> bool:
-    """True when ``location`` is a model-hub id that is not a local path and is not in the local hub cache yet: the
-    driver then leaves fetching it to the workers instead of downloading a big checkpoint only to hash it."""
-    if not location or storage.is_s3(location) or location.startswith((".", "/", "file://", "~")):
+
+def needs_download(location: str) -> bool:
+    """True when resolving ``location`` would first download it from the model hub or the web (a hub id not in the
+    local hub cache, while downloads are allowed): the driver then leaves fetching it to the workers instead of
+    downloading a big checkpoint only to hash it. Local paths and ``s3://`` (whose cached copy is checked by
+    ETag/size/LastModified and fetched only when it changed) are never "needs download"; with ``HF_HUB_OFFLINE=1``
+    nothing is, so a hub id missing from the cache fails on the driver in one line."""
+    if not location or storage.is_s3(location) or location.startswith(("file://", ".", "/", "~")):
         return False
-    if os.path.exists(os.path.expanduser(location)) or not _HUB_ID.match(location):
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.path.exists(os.path.expanduser(location)):
+        return False
+    if "://" in location:  # another remote scheme (e.g. https://): fetched by the workers
+        return True
+    if not _HUB_ID.match(location):
         return False
     try:
         from huggingface_hub import snapshot_download
 
-        snapshot_download(location, local_files_only=True)
+        repo, _, rev = location.partition("@")
+        snapshot_download(repo, revision=rev or None, local_files_only=True)
         return False
-    except Exception:  # noqa: BLE001 - not in the local cache (or no huggingface_hub): not cached
+    except Exception:  # noqa: BLE001 - not in the local hub cache (or no huggingface_hub)
         return True
