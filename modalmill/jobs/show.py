@@ -19,10 +19,10 @@ registry's codec and draws one panel per modality:
   vectors: a diverging heat grid (blue < 0 < red), 32 values per row;
 - token modalities: each crop's ids as a grid (a colour per id), up to four crops side by side.
 
-Decoding tokens back into pictures: ``tokenizers={"tok_rgb@224": PATH}`` (``--tokenizer M=PATH``) loads a
-checkpoint written by ``modalmill train-tokenizer`` through ``modalmill.tokenize`` (see :class:`TokenDecoder`)
-and shows the decoded crops instead of the id grid. Tokenizers whose tokens decode to vectors, not pictures,
-raise :class:`TokenizerUnavailable`.
+Decoding tokens back into pictures needs the tokenizers of issue 4: ``tokenizers={"tok_rgb@224": PATH}``
+(``--tokenizer M=PATH``) loads the checkpoint through ``modalmill.tokenize`` (see :class:`TokenDecoder`) and
+shows the decoded crops instead of the id grid. Where ``modalmill.tokenize`` has no loader, asking for it
+raises :class:`TokenizerUnavailable` ("not available yet").
 
 Pillow, numpy and OpenCV's colour maps only (no matplotlib).
 """
@@ -56,8 +56,8 @@ INK = (20, 20, 20)
 SCORE_THRESHOLD = 0.6  # 4M's trainer keeps detections with score >= 0.6
 
 
-class TokenizerUnavailable(ValueError):
-    """``--tokenizer`` names a tokenizer whose tokens cannot be shown as pictures (they decode to vectors)."""
+class TokenizerUnavailable(NotImplementedError):
+    """``--tokenizer`` was given but ``modalmill.tokenize`` has no loader yet."""
 
 
 @dataclass
@@ -698,7 +698,7 @@ def parse_tokenizers(items: list[str] | tuple[str, ...]) -> dict[str, str]:
 
 
 class TokenDecoder:
-    """Token ids -> pictures through a tokenizer checkpoint of ``modalmill.tokenize``.
+    """Token ids -> pictures through a tokenizer checkpoint of ``modalmill.tokenize`` (issue 4).
 
     Uses ``modalmill.tokenize.checkpoint.load_tokenizer(PATH) -> (model, config)``, the model's
     ``decode_indices(ids [B, T]) -> output`` and the source modality's adapter
@@ -708,9 +708,14 @@ class TokenDecoder:
     """
 
     def __init__(self, modality: str, path: str):
-        from ..tokenize.adapters import adapter_for
-        from ..tokenize.checkpoint import load_tokenizer
-
+        try:
+            from ..tokenize.adapters import adapter_for
+            from ..tokenize.checkpoint import load_tokenizer
+        except ImportError:
+            raise TokenizerUnavailable(
+                f"--tokenizer {modality}={path}: decoding tokens into pictures needs modalmill.tokenize's tokenizer "
+                "loader (issue 4), which is not available yet; without --tokenizer, token modalities are shown as "
+                "id grids") from None
         model, config = load_tokenizer(path)
         made_for = config.get("token_modality")
         if made_for and made_for != modality:
@@ -733,7 +738,7 @@ class TokenDecoder:
 
 
 def load_tokenizers(paths: dict[str, str]) -> dict[str, TokenDecoder]:
-    """Load the tokenizers named by ``--tokenizer`` (a missing or wrong checkpoint is a one-line error)."""
+    """Load the tokenizers named by ``--tokenizer`` (raises :class:`TokenizerUnavailable` without issue 4)."""
     return {m: TokenDecoder(m, path) for m, path in paths.items()}
 
 
