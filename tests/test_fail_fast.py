@@ -91,3 +91,25 @@ def test_setup_error_seen_only_by_workers_is_one_line_and_not_retried(ray_local,
     time.sleep(2)  # a restarted actor would set up again
     assert count.read_text().splitlines() == ["setup"]
     assert issubclass(WeightsError, RuntimeError)
+
+
+def test_node_local_weights_are_left_to_the_workers_on_a_cluster(tmp_path, capsys):
+    """On a cluster the driver may not have a node-local path the workers have: it does not fail there (the
+    workers' set-up error would come back as one line); on an embedded Ray it is a one-line error at once."""
+    from modalmill.jobs.runner import expected_checkpoints
+    from modalmill.labelers import get_labeler
+    from modalmill.pipeline.shard import LabelerRun
+
+    missing = str(tmp_path / "node-local" / "dinov2")
+    run = LabelerRun(labeler="dinov2", config={"weights": missing}, outputs=("dinov2_global",), batch_size=8,
+                     stateful=True, cls=get_labeler("dinov2"))
+    with pytest.raises(WeightsError, match="weights not found at"):
+        expected_checkpoints([run])
+    assert expected_checkpoints([run], cluster=True) == {"dinov2": ""}
+    assert f"labeler dinov2: {missing} is not on this machine" in capsys.readouterr().err
+    there = save_tiny_dinov2(tmp_path / "here")  # a path this machine has is checked and hashed on a cluster too
+    from modalmill.labelers.weights import content_hash
+
+    run = LabelerRun(labeler="dinov2", config={"weights": there}, outputs=("dinov2_global",), batch_size=8,
+                     stateful=True, cls=get_labeler("dinov2"))
+    assert expected_checkpoints([run], cluster=True) == {"dinov2": content_hash(there)}

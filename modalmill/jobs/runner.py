@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 import uuid
@@ -83,12 +84,29 @@ def resolve_labelers(spec: JobSpec, modalities: list[str], available: set[str] =
     return ordered
 
 
-def expected_checkpoints(runs: list[LabelerRun]) -> dict[str, str]:
+def expected_checkpoints(runs: list[LabelerRun], cluster: bool = False) -> dict[str, str]:
     """``{labeler: checkpoint id}`` of the weights each run would load now, found on the driver before any actor
     starts (:meth:`Labeler.preflight`): missing or wrong weights fail here, as one ``WeightsError`` line. An
     ``s3://`` checkpoint is fetched only when its ETag/size/LastModified changed, and a checkpoint is hashed only
-    when a file's size, inode, mtime or ctime changed, so an unchanged big checkpoint costs a HEAD and some stats."""
-    return {run.labeler: run.instance().preflight() or "" for run in runs}
+    when a file's size, inode, mtime or ctime changed, so an unchanged big checkpoint costs a HEAD and some stats.
+
+    ``cluster``: the job runs on a Ray cluster, whose nodes may hold weights at local paths this machine lacks
+    (node-local paths): those are left to the workers (their set-up error comes back as one line), with a note,
+    and their id is '' (resume then compares that labeler's settings only)."""
+    out: dict[str, str] = {}
+    for run in runs:
+        inst = run.instance()
+        if cluster:
+            values = dataclasses.asdict(inst.config).values() if dataclasses.is_dataclass(inst.config) else ()
+            elsewhere = [v for v in values if isinstance(v, str) and v.startswith(("/", "~", "file://"))
+                         and not os.path.exists(os.path.expanduser(v[7:] if v.startswith("file://") else v))]
+            if elsewhere:
+                print(f"modalmill: labeler {run.labeler}: {elsewhere[0]} is not on this machine; the cluster's workers "
+                      "will load it (resume compares this labeler's settings, not its weights)", file=sys.stderr)
+                out[run.labeler] = ""
+                continue
+        out[run.labeler] = inst.preflight() or ""
+    return out
 
 
 def stale_modalities(marker: dict | None, modalities: list[str], producers: dict[str, dict],
@@ -128,7 +146,7 @@ def describe_stale(stale: dict[str, str]) -> str:
     return ", ".join(parts)
 
 
-def plan_job(spec: JobSpec, only: list[str] | None = None, force: bool = False) -> Plan:
+def plan_job(spec: JobSpec, only: list[str] | None = None, force: bool = False, cluster: bool = False) -> Plan:
     sources = plan_sources(spec.input, spec.shard_size)
     if not sources:
         raise JobError(f"no input shards in {spec.input!r}")
@@ -149,7 +167,7 @@ def plan_job(spec: JobSpec, only: list[str] | None = None, force: bool = False) 
     all_runs = resolve_labelers(spec, requested, available=set(requested))
     expected = {**core_producers(spec.decode, spec.crops, spec.seed), **labeler_producers(tuple(all_runs))}
     checked = set(requested_only if only else requested)
-    checkpoints = expected_checkpoints([r for r in all_runs if checked & set(r.outputs)])
+    checkpoints = expected_checkpoints([r for r in all_runs if checked & set(r.outputs)], cluster=cluster)
     plan = Plan(spec=spec, sources=sources, runs=[])
     problems: list[str] = []
     base = dict(output=spec.output, decode=spec.decode, crops=spec.crops, seed=spec.seed, batch_size=spec.batch_size)
@@ -228,7 +246,8 @@ def _run_job(spec: JobSpec, only: list[str] | None, force: bool, address: str | 
     from ..pipeline.execute import execute
 
     t0 = time.time()
-    plan = plan_job(spec, only=only, force=force)
+    plan = plan_job(spec, only=only, force=force,
+                    cluster=bool(address or spec.ray.address or os.environ.get("RAY_ADDRESS")))
     started = False
     results: list[dict] = []
     if plan.tasks:
