@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from modalmill.io import manifest, storage
-from modalmill.jobs.runner import EXIT_OK, JobError, run_job, stale_modalities
+from modalmill.jobs.runner import EXIT_OK, JobError, run_job, made_otherwise
 from modalmill.jobs.spec import job_from_dict
 from modalmill.labelers import weights
 from modalmill.labelers.weights import cached_content_hash, content_hash
@@ -51,11 +51,11 @@ def test_stale_modalities_tells_settings_from_weights():
                  "c": {"labeler": "z", "config_hash": "c3"}, "p": {"labeler": "h", "config_hash": "c4"},
                  "new": {"labeler": "n", "config_hash": "n"}}
     same = {"x": "w1", "y": "w2", "z": "", "h": "hw"}
-    assert stale_modalities(marker, ["a", "b", "c", "p", "new"], producers, same) == {"b": "settings"}
+    assert made_otherwise(marker, ["a", "b", "c", "p", "new"], producers, same) == {"b": "settings"}
     replaced = {"x": "W1-new", "y": "w2", "z": "anything", "h": "hw-new"}
-    assert stale_modalities(marker, ["a", "b", "c", "p"], producers, replaced) == {
+    assert made_otherwise(marker, ["a", "b", "c", "p"], producers, replaced) == {
         "a": "weights", "b": "settings", "p": "weights"}
-    assert stale_modalities(None, ["a"], producers, replaced) == {}
+    assert made_otherwise(None, ["a"], producers, replaced) == {}
 
 
 def test_content_hash_is_remembered_by_file_stat_and_redone_when_replaced(tmp_path, cache):

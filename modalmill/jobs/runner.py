@@ -109,7 +109,7 @@ def expected_checkpoints(runs: list[LabelerRun], cluster: bool = False) -> dict[
     return out
 
 
-def stale_modalities(marker: dict | None, modalities: list[str], producers: dict[str, dict],
+def made_otherwise(marker: dict | None, modalities: list[str], producers: dict[str, dict],
                      checkpoints: dict[str, str]) -> dict[str, str]:
     """Which of ``modalities`` the shard ``marker`` records as made differently from how this job would make them
     now, each with why: ``"settings"`` (the producer's config hash differs) or ``"weights"`` (same settings, but
@@ -182,7 +182,7 @@ def plan_job(spec: JobSpec, only: list[str] | None = None, force: bool = False, 
                             f"{src.url!r} to it")
             continue
         have = marker.get("modalities", {}) if marker else {}
-        stale = stale_modalities(marker, requested_only if only else requested, expected, checkpoints)
+        stale = made_otherwise(marker, requested_only if only else requested, expected, checkpoints)
         if only:
             if not marker:
                 problems.append(f"{src.name} has no output yet: run the job without --only first")
