@@ -140,7 +140,8 @@ def test_demo_with_failed_samples_exits_non_zero_and_says_what_it_skipped(tmp_pa
     build_corpus(str(corpus), n_shards=2, per_shard=2, size_range=(96, 128))
     pics = photos()  # shard 1 gets a sample that cannot be decoded
     write_shard(str(corpus / "shard-00001.tar"),
-                [("ok", {"jpg": jpeg_bytes(pics["coffee"][:96, :96])}), ("bad", {"jpg": b"\xff\xd8\xffgarbage"})])
+                [("ok", {"jpg": jpeg_bytes(pics["coffee"][:96, :96]), "txt": b"a cup of coffee"}),
+                 ("bad", {"jpg": b"\xff\xd8\xffgarbage", "txt": b"not a picture"})])
     r = sub("demo", "--workdir", work, "--no-progress")
     assert r.returncode == 3, (r.stdout + r.stderr)[-3000:]
     assert "1 failed" in r.stdout
