@@ -1,8 +1,9 @@
 """The ``modalmill`` command.
 
-Exit codes: 0 everything written; 1 a usage, config or I/O error (one line on stderr, no traceback);
-3 the job finished but some samples failed (see the manifest); 4 some shards failed (see ``modalmill status``).
-Set ``MODALMILL_DEBUG=1`` to get tracebacks.
+Exit codes (docs/cli.md, "Exit codes"): 0 everything written (or already done); 1 a config, weights or I/O error,
+or ``check`` found violations (one line on stderr, no traceback); 2 a command-line usage error (click's); 3 the job
+finished but some samples failed (see the manifest); 4 some shards failed (see ``modalmill status``); 5 another
+driver holds the output's lease (see ``--wait``). Set ``MODALMILL_DEBUG=1`` to get tracebacks.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import click
 
 from . import __version__
 
+EXIT_LEASE = 5  # = modalmill.jobs.runner.EXIT_LEASE (not imported here: `modalmill --help` stays light)
+
 
 class _Group(click.Group):
     def invoke(self, ctx):
@@ -25,9 +28,11 @@ class _Group(click.Group):
         except Exception as e:  # noqa: BLE001 - the CLI turns errors into one line
             if os.environ.get("MODALMILL_DEBUG"):
                 raise
+            from .io.lease import LeaseHeld
+
             msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-            click.echo(f"error: {msg}", err=True)
-            sys.exit(1)
+            click.echo(f"error: {msg or type(e).__name__}", err=True)
+            sys.exit(EXIT_LEASE if isinstance(e, LeaseHeld) else 1)
 
 
 def _csv(value: str | None) -> list[str] | None:
@@ -45,6 +50,8 @@ def _report(summary: dict) -> None:
         click.echo(f"  failed samples: {n:6d}  {reason}")
     for f in summary["failed_shards"]:
         click.echo(f"  failed shard {f['shard']} ({f['source']}): {f['error']}")
+    if summary.get("lease_lost"):
+        click.echo(f"error: {summary['lease_lost']}; check the output with `modalmill check`", err=True)
 
 
 @click.group(cls=_Group)
@@ -62,6 +69,8 @@ _common = [
     click.option("--force", is_flag=True, help="Recompute even what is already done."),
     click.option("--shards", default=None, help="Only these output shards, e.g. '0-9,42'."),
     click.option("--no-progress", is_flag=True, help="No progress bars."),
+    click.option("--wait", is_flag=True, help="If another driver is writing OUTPUT, wait until it is done instead "
+                                              "of refusing (exit 5)."),
 ]
 
 
@@ -95,7 +104,8 @@ def _with_common(f):
 @click.option("--id-column", default=None, help="Parquet input: the column with the sample keys (default: row).")
 @_with_common
 def label(input_spec, output, modalities, seed, batch_size, shard_size, max_size, n_crops, num_cpus, caption_source,
-          text_member, text_json_key, image_column, text_column, id_column, address, only, force, shards, no_progress):
+          text_member, text_json_key, image_column, text_column, id_column, address, only, force, shards, no_progress,
+          wait):
     """Label INPUT (tar shard pattern, parquet pattern, s3:// pattern or image folder) into OUTPUT (local or s3://)."""
     from .jobs.runner import run_job
     from .jobs.spec import job_from_dict
@@ -106,7 +116,7 @@ def label(input_spec, output, modalities, seed, batch_size, shard_size, max_size
             "text": {"caption_source": caption_source, "member": text_member, "json_key": text_json_key or None},
             "parquet": {"image_column": image_column, "text_column": text_column, "id_column": id_column}}
     spec = job_from_dict(data, where="modalmill label")
-    summary = run_job(spec, only=_csv(only), force=force, address=address, show_progress=not no_progress)
+    summary = run_job(spec, only=_csv(only), force=force, address=address, show_progress=not no_progress, wait=wait)
     _report(summary)
     sys.exit(summary["exit_code"])
 
@@ -115,13 +125,13 @@ def label(input_spec, output, modalities, seed, batch_size, shard_size, max_size
 @click.argument("job_file", metavar="JOB.yaml")
 @click.option("--output", default=None, help="Override the job's output root.")
 @_with_common
-def run(job_file, output, address, only, force, shards, no_progress):
+def run(job_file, output, address, only, force, shards, no_progress, wait):
     """Run a job spec (YAML) on the embedded Ray or on --address."""
     from .jobs.runner import run_job
     from .jobs.spec import load_job
 
     spec = load_job(job_file, output=output, shards=shards)
-    summary = run_job(spec, only=_csv(only), force=force, address=address, show_progress=not no_progress)
+    summary = run_job(spec, only=_csv(only), force=force, address=address, show_progress=not no_progress, wait=wait)
     _report(summary)
     sys.exit(summary["exit_code"])
 
@@ -340,6 +350,9 @@ def demo(workdir, force, no_progress, tokenizer_steps):
     _report(summary)
     click.echo(f"demo output: {out}")
     click.echo(f"  look at it: modalmill status {out}")
+    for line in summary.get("skipped_steps", ()):
+        click.echo(f"skipped: {line}", err=True)
+    sys.exit(summary["exit_code"])
 
 
 @main.command("train-tokenizer")
@@ -393,13 +406,15 @@ def train_tokenizer_cmd(modality, data, config_file, out, preset, quantizer, ste
 @click.option("--workers", type=int, default=1, show_default=True, help="Tokenizer actors per modality.")
 @click.option("--gpus-per-worker", type=float, default=0.0, show_default=True)
 @click.option("--no-progress", is_flag=True)
-def tokenize(data, modalities, tokenizers, force, address, shards, workers, gpus_per_worker, no_progress):
+@click.option("--wait", is_flag=True, help="If another driver is writing DATA, wait until it is done instead of "
+                                           "refusing (exit 5).")
+def tokenize(data, modalities, tokenizers, force, address, shards, workers, gpus_per_worker, no_progress, wait):
     """Write tok_*@224 shards for DATA with 4M-format tokenizers (the pipeline's --only mode)."""
     from .jobs.tokenize import parse_tokenizer_args, tokenize_output
 
     summary = tokenize_output(data, _csv(modalities), parse_tokenizer_args(tokenizers), force=force, address=address,
                               shards=shards, workers=workers, gpus_per_worker=gpus_per_worker,
-                              show_progress=not no_progress)
+                              show_progress=not no_progress, wait=wait)
     _report(summary)
     sys.exit(summary["exit_code"])
 

@@ -145,3 +145,29 @@ class OutOfMemoryOnBigBatches(Labeler):
         if len(batch) > self.config.max_batch:
             raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (batch of {len(batch)})")
         return [{"caption": [f"n={len(batch)}"]} for inp in batch]
+
+
+@dataclass(frozen=True)
+class _SetupFailsConfig:
+    count_file: str = ""  # each set-up attempt appends a line here
+
+
+@register_labeler
+class SetupFailsOnWorkers(Labeler):
+    """Stateful; its weights are visible to the driver (preflight passes) but not to the workers: ``setup`` raises
+    a WeightsError, as a node-local path missing on a cluster's nodes would. Counts its set-up attempts."""
+
+    name = "test_setup_fails"
+    outputs = ("caption",)
+    stateful = True
+    Config = _SetupFailsConfig
+
+    def setup(self):
+        from modalmill.labelers.weights import WeightsError
+
+        with open(self.config.count_file, "a") as f:
+            f.write("setup\n")
+        raise WeightsError("weights not found at '/node-local/ckpt.pt'. Get it: copy it to every node")
+
+    def process_batch(self, batch):
+        return [{"caption": ["never"]} for _ in batch]

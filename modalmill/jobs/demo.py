@@ -17,6 +17,7 @@ from importlib.resources import files
 
 import yaml
 
+from ..io import lease
 from .democorpus import build_corpus
 from .runner import run_job
 from .spec import JobSpec, load_job
@@ -80,13 +81,24 @@ def run_demo(workdir: str, force: bool = False, show_progress: bool = True,
         build_corpus(corpus, n_shards=2, per_shard=9)
     spec, _, note = demo_job(workdir, mediapipe)
     print(note, flush=True)
-    summary = run_job(spec, force=force, show_progress=show_progress)
-    if summary["exit_code"] == 0:  # label -> train tiny tokenizers -> tokenize (token shards next to the labels)
-        from .tokenize import DEMO_STEPS, demo_tokenize
+    with lease.hold(spec.output):  # labels, tokenizers and tokens: one writer throughout
+        summary = dict(run_job(spec, force=force, show_progress=show_progress))
+        summary["skipped_steps"] = []
+        if summary["exit_code"] == 0:  # label -> train tiny tokenizers -> tokenize (token shards next to the labels)
+            from .tokenize import DEMO_STEPS, demo_tokenize
 
-        demo_tokenize(spec.output, force=force, show_progress=show_progress, steps=tokenizer_steps or DEMO_STEPS)
-        if "caption" in spec.modalities:
-            demo_text_tokenizer(spec.output)
+            tok = demo_tokenize(spec.output, force=force, show_progress=show_progress,
+                                steps=tokenizer_steps or DEMO_STEPS)
+            summary["tokenize"] = tok
+            summary["exit_code"] = max(summary["exit_code"], tok["exit_code"])
+            if "caption" in spec.modalities:
+                demo_text_tokenizer(spec.output)
+        else:
+            why = (f"{summary['shards_failed']} shard(s) failed" if summary["shards_failed"] else
+                   f"{summary['samples_failed'] + summary['samples_dropped']} sample(s) failed")
+            summary["skipped_steps"].append(
+                f"tokenizer training and tokenization, because the labeling job did not finish cleanly ({why}; exit "
+                f"{summary['exit_code']}): see `modalmill status {spec.output}`")
     return summary, spec.output
 
 

@@ -31,7 +31,8 @@ from ..pipeline.shard import (CORE, FULL, UPDATE, LabelerRun, ShardTask, core_pr
 from .spec import JobSpec, JobSpecError
 from .weights import downloadable
 
-EXIT_OK, EXIT_SAMPLES_FAILED, EXIT_SHARDS_FAILED = 0, 3, 4
+# exit codes (docs/cli.md): 1 (usage, config, weights or I/O error) and 2 (click's usage errors) come from the CLI
+EXIT_OK, EXIT_ERROR, EXIT_SAMPLES_FAILED, EXIT_SHARDS_FAILED, EXIT_LEASE = 0, 1, 3, 4, 5
 
 
 class JobError(RuntimeError):
@@ -93,6 +94,68 @@ def resolve_labelers(spec: JobSpec, modalities: list[str], available: set[str] =
     return ordered
 
 
+def expected_checkpoints(runs: list[LabelerRun], cluster: bool = False) -> dict[str, str]:
+    """``{labeler: checkpoint id}`` of the weights each run would load now, found on the driver before any actor
+    starts (:meth:`Labeler.preflight`): missing or wrong weights fail here, as one ``WeightsError`` line. An
+    ``s3://`` checkpoint is fetched only when its ETag/size/LastModified changed, and a checkpoint is hashed only
+    when a file's size, inode, mtime or ctime changed, so an unchanged big checkpoint costs a HEAD and some stats.
+
+    ``cluster``: the job runs on a Ray cluster, whose nodes may hold weights at local paths this machine lacks
+    (node-local paths): those are left to the workers (their set-up error comes back as one line), with a note,
+    and their id is '' (resume then compares that labeler's settings only)."""
+    out: dict[str, str] = {}
+    for run in runs:
+        inst = run.instance()
+        if cluster:
+            values = dataclasses.asdict(inst.config).values() if dataclasses.is_dataclass(inst.config) else ()
+            elsewhere = [v for v in values if isinstance(v, str) and v.startswith(("/", "~", "file://"))
+                         and not os.path.exists(os.path.expanduser(v[7:] if v.startswith("file://") else v))]
+            if elsewhere:
+                print(f"modalmill: labeler {run.labeler}: {elsewhere[0]} is not on this machine; the cluster's workers "
+                      "will load it (resume compares this labeler's settings, not its weights)", file=sys.stderr)
+                out[run.labeler] = ""
+                continue
+        out[run.labeler] = inst.preflight() or ""
+    return out
+
+
+def made_otherwise(marker: dict | None, modalities: list[str], producers: dict[str, dict],
+                     checkpoints: dict[str, str]) -> dict[str, str]:
+    """Which of ``modalities`` the shard ``marker`` records as made differently from how this job would make them
+    now, each with why: ``"settings"`` (the producer's config hash differs) or ``"weights"`` (same settings, but
+    the labeler's checkpoint content hash differs from ``checkpoints[labeler]``, e.g. a checkpoint replaced in
+    place at the same path or ``s3://`` URL). ``producers``: modality -> what would produce it
+    (``labeler``, ``config_hash``). A modality refined in place (``human_poses`` + ``pose_tokenized``) also counts
+    as made by the producer it refines. Markers without a recorded checkpoint (model-free labelers) compare
+    settings only."""
+    have = (marker or {}).get("modalities", {})
+    out: dict[str, str] = {}
+    for m in modalities:
+        if m not in have or m not in producers:
+            continue
+        want = producers[m]
+        made = [have[m]] + ([have[m]["refines"]] if isinstance(have[m].get("refines"), dict) else [])
+        same = [p for p in made if p.get("config_hash") == want["config_hash"]]
+        if not same:
+            out[m] = "settings"
+            continue
+        now = checkpoints.get(want.get("labeler", ""), "")
+        if now and not any(p.get("checkpoint") in ("", None, now) for p in same):
+            out[m] = "weights"
+    return out
+
+
+def describe_stale(stale: dict[str, str]) -> str:
+    """``{"depth": "weights", "canny_edge": "settings"}`` -> "['depth'] were made with other weights, ['canny_edge']
+    with other settings"."""
+    parts = []
+    for why in ("settings", "weights"):
+        mods = sorted(m for m, w in stale.items() if w == why)
+        if mods:
+            parts.append(f"{mods} {'were made ' if not parts else ''}with other {why}")
+    return ", ".join(parts)
+
+
 @dataclass
 class JobPlan:
     """What every shard of a job is decided against: the requested modalities and who must have made them."""
@@ -107,14 +170,16 @@ class JobPlan:
     all_runs: list[LabelerRun]
     expected: dict[str, dict]  # modality -> the producer this job would record (labeler, version, config_hash)
     base: dict
+    checkpoints: dict[str, str] = field(default_factory=dict)  # labeler -> the weights' content hash it would load
 
     def runs_for(self, mods: list[str], have: set[str]) -> tuple[LabelerRun, ...]:
         return tuple(resolve_labelers(self.spec, mods, available=have))
 
 
-def prepare_job(spec: JobSpec, only: list[str] | None = None, force: bool = False) -> JobPlan:
+def prepare_job(spec: JobSpec, only: list[str] | None = None, force: bool = False, cluster: bool = False) -> JobPlan:
     """Everything planning needs besides the markers: the input shards (one listing per pattern, or none for a
-    brace pattern), the selection, the labelers and the producers they record."""
+    brace pattern), the selection, the labelers, the producers they record and the checkpoints they would load
+    (:func:`expected_checkpoints`: missing or wrong weights fail here, before anything starts)."""
     sources = plan_sources(spec.input, spec.shard_size, parquet=spec.parquet, text_member=spec.text.member)
     if not sources:
         raise JobError(f"no input shards in {spec.input!r}")
@@ -138,16 +203,17 @@ def prepare_job(spec: JobSpec, only: list[str] | None = None, force: bool = Fals
                                     **labeler_producers(tuple(all_runs))}, spec.text, requested)
     base = dict(output=spec.output, decode=spec.decode, crops=spec.crops, seed=spec.seed, batch_size=spec.batch_size,
                 text=spec.text)
-    return JobPlan(spec, only, force, sources, selected, requested, requested_only, all_runs, expected, base)
+    checked = set(requested_only if only else requested)
+    checkpoints = expected_checkpoints([r for r in all_runs if checked & set(r.outputs)], cluster=cluster)
+    return JobPlan(spec, only, force, sources, selected, requested, requested_only, all_runs, expected, base,
+                   checkpoints)
 
 
-def stale_modalities(job: JobPlan, marker: dict, mods: list[str]) -> list[str]:
-    """The modalities of ``mods`` that ``marker`` records as made otherwise than this job would make them: the
-    one "is this shard's output still what the job asks for" check of planning (a modality refined in place,
-    human_poses + pose_tokenized, still counts as made by what it refines)."""
-    have = marker.get("modalities", {})
-    return [m for m in mods if m in have and job.expected[m]["config_hash"] not in
-            (have[m].get("config_hash"), (have[m].get("refines") or {}).get("config_hash"))]
+def stale_modalities(job: JobPlan, marker: dict, mods: list[str]) -> dict[str, str]:
+    """The modalities of ``mods`` that ``marker`` records as made otherwise than this job would make them, each
+    with why (``"settings"`` or ``"weights"``): the one "is this shard's output still what the job asks for" check
+    of planning (see :func:`made_otherwise`)."""
+    return made_otherwise(marker, mods, job.expected, job.checkpoints)
 
 
 SKIP = "skip"
@@ -161,7 +227,7 @@ def decide_shard(job: JobPlan, src: ShardSource, marker: dict | None) -> ShardTa
         return (f"{src.name} was made from {marker.get('source')!r} but the input now maps "
                 f"{src.url!r} to it")
     have = marker.get("modalities", {}) if marker else {}
-    stale = stale_modalities(job, marker, job.requested_only if only else job.requested) if marker else []
+    stale = stale_modalities(job, marker, job.requested_only if only else job.requested) if marker else {}
     if only:
         if not marker:
             return f"{src.name} has no output yet: run the job without --only first"
@@ -170,7 +236,7 @@ def decide_shard(job: JobPlan, src: ShardSource, marker: dict | None) -> ShardTa
                     "they define the shard; rerun the job with --force instead")
         todo = [m for m in job.requested_only if force or m not in have or m in stale]
         if stale and not force:
-            return f"{src.name}: {stale} were made with other settings; add --force to recompute"
+            return f"{src.name}: {describe_stale(stale)}; add --force to recompute"
         if todo:
             return ShardTask(source=src, mode=UPDATE, write=tuple(todo),
                              labelers=job.runs_for(todo, set(have) | set(todo)), **job.base)
@@ -179,7 +245,7 @@ def decide_shard(job: JobPlan, src: ShardSource, marker: dict | None) -> ShardTa
         return ShardTask(source=src, mode=FULL, write=tuple(job.requested), labelers=tuple(job.all_runs),
                          **job.base)
     if stale:
-        return (f"{src.name}: {stale} were made with other settings; add --force to recompute "
+        return (f"{src.name}: {describe_stale(stale)}; add --force to recompute "
                 f"(or --only {','.join(stale)} --force for just those)")
     missing = [m for m in job.requested if m not in have]
     if missing:
@@ -230,9 +296,9 @@ def plan_pages(job: JobPlan, snap: index.Snapshot | None = None) -> Iterator[Pla
     yield decide(None, {})
 
 
-def plan_job(spec: JobSpec, only: list[str] | None = None, force: bool = False) -> Plan:
+def plan_job(spec: JobSpec, only: list[str] | None = None, force: bool = False, cluster: bool = False) -> Plan:
     """The whole plan at once (every page of :func:`plan_pages`); raises JobError listing the problems."""
-    job = prepare_job(spec, only, force)
+    job = prepare_job(spec, only, force, cluster=cluster)
     plan = Plan(spec=spec, sources=job.sources, runs=[])
     problems: list[str] = []
     for page in plan_pages(job):
@@ -263,8 +329,24 @@ def _runs_of(tasks: list[ShardTask]) -> list[LabelerRun]:
 
 
 def run_job(spec: JobSpec, only: list[str] | None = None, force: bool = False, address: str | None = None,
-            show_progress: bool = True, on_submit: Callable[[ShardTask], None] | None = None) -> dict:
-    """Plan, execute and record one run; returns the run summary (also written under _modalmill/runs/).
+            show_progress: bool = True, on_submit: Callable[[ShardTask], None] | None = None,
+            wait: bool = False) -> dict:
+    """Take the output's lease (:mod:`modalmill.io.lease`; ``wait``: wait for another driver to finish instead of
+    refusing), then plan, execute and record one run; returns the run summary (also written under
+    _modalmill/runs/); see :func:`_run_job`."""
+    from ..io import lease
+
+    with lease.hold(spec.output, wait=wait) as held:
+        summary = _run_job(spec, only, force, address, show_progress, on_submit)
+        if held.lost:  # another driver took over while this one ran: its results may be overwritten
+            summary["lease_lost"] = held.lost
+            summary["exit_code"] = EXIT_LEASE
+    return summary
+
+
+def _run_job(spec: JobSpec, only: list[str] | None, force: bool, address: str | None, show_progress: bool,
+             on_submit: Callable[[ShardTask], None] | None) -> dict:
+    """Plan, execute and record one run.
 
     Planning streams (:func:`plan_pages`): the shard tasks of the first marker-listing page that has any start
     while later pages are still being planned. A problem (a modality made with other settings, ...) found on
@@ -275,7 +357,8 @@ def run_job(spec: JobSpec, only: list[str] | None = None, force: bool = False, a
     from ..pipeline.execute import execute
 
     t0 = time.time()
-    job = prepare_job(spec, only=only, force=force)
+    job = prepare_job(spec, only=only, force=force,
+                      cluster=bool(address or spec.ray.address or os.environ.get("RAY_ADDRESS")))
     snap = index.load_snapshot(spec.output, with_manifests=False)  # the manifest part is loaded at the end if needed
     pages = plan_pages(job, snap)
     problems: list[str] = []

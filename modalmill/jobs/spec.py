@@ -101,14 +101,22 @@ def parse_shard_selection(text: str | None, n: int) -> list[int]:
         try:
             if "-" in part:
                 a, b = part.split("-", 1)
-                out.update(range(int(a), int(b) + 1))
+                lo, hi = int(a), int(b)
+                if hi < lo:
+                    raise JobSpecError(f"shards: {part!r} is an empty range (write the lower index first)")
+                out.update(range(lo, hi + 1))
             elif part:
                 out.add(int(part))
+        except JobSpecError:
+            raise
         except ValueError:
             raise JobSpecError(f"shards: cannot read {part!r} (use e.g. '0-9,42')") from None
+    if not out:
+        raise JobSpecError(f"shards: {text!r} selects no shard (use e.g. '0-9,42')")
     bad = sorted(i for i in out if not 0 <= i < n)
     if bad:
-        raise JobSpecError(f"shards: {bad} out of range; the input has {n} shard(s) (0-{n - 1})")
+        shown = f"{bad[:5]}{' and more' if len(bad) > 5 else ''}"
+        raise JobSpecError(f"shards: {shown} out of range; the input has {n} shard(s) (0-{n - 1})")
     return sorted(out)
 
 

@@ -113,12 +113,22 @@ def tokenize_spec(data: str, modalities: list[str], tokenizers: dict[str, str] |
 def tokenize_output(data: str, modalities: list[str], tokenizers: dict[str, str] | None = None, *,
                     force: bool = False, address: str | None = None, shards: str | None = None,
                     workers: int = 1, gpus_per_worker: float = 0.0, batch_size: int | None = None,
-                    device: str = "auto", show_progress: bool = True) -> dict:
+                    device: str = "auto", show_progress: bool = True, wait: bool = False) -> dict:
     """Tokenize an output root in place; returns the combined run summary (see ``run_job``), with the summary of
     each modality's run under ``runs``.
 
     One pipeline run per token modality: a run holds one tokenizer actor pool next to its shard tasks, so a
     2-CPU machine is never asked for two 1-CPU tokenizer actors *and* a shard task at once."""
+    from ..io import lease
+
+    with lease.hold(data, wait=wait):  # one writer for all the per-modality runs (run_job's own hold nests)
+        return _tokenize_output(data, modalities, tokenizers, force=force, address=address, shards=shards,
+                                workers=workers, gpus_per_worker=gpus_per_worker, batch_size=batch_size,
+                                device=device, show_progress=show_progress)
+
+
+def _tokenize_output(data, modalities, tokenizers, *, force, address, shards, workers, gpus_per_worker, batch_size,
+                     device, show_progress) -> dict:
     from .runner import run_job
 
     tokenizers = dict(tokenizers or {})

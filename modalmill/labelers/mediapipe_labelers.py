@@ -96,12 +96,16 @@ class _MediaPipeLabeler(ModelLabeler):
     def files(self) -> tuple[str, ...]:
         return self.model_files
 
-    def setup(self) -> None:
+    def preflight(self) -> str:
+        """The bundled model files found (and hashed), without importing mediapipe's graph runtime."""
         if self.config.weights is not None:
             raise WeightsError(f"labeler {self.name!r} uses the models bundled in mediapipe=={MEDIAPIPE_VERSION}; "
                                f"leave `weights` unset (got {self.config.weights!r})")
+        return files_hash(mediapipe_model_files(self.files()))
+
+    def setup(self) -> None:
+        self._checkpoint = self.preflight()
         files = mediapipe_model_files(self.files())
-        self._checkpoint = files_hash(files)
         self.mp = _import_mediapipe()
         self.model = self.build(files[0])
 

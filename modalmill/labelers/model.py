@@ -94,6 +94,22 @@ class ModelLabeler(Labeler):
         """Content hash of the weights (after setup); '' before."""
         return self._checkpoint
 
+    def preflight(self) -> str:
+        """The weights resolved as :meth:`setup` resolves them (an ``s3://`` copy is fetched only when its
+        ETag/size/LastModified changed) and their content hash, remembered by file stat: what :meth:`setup` will
+        record, without building the model. Weights that would have to be downloaded first (a hub id not in the
+        local hub cache, when downloads are allowed) are left to the workers: '' (not known here)."""
+        from .weights import cached_content_hash, needs_download, resolve
+
+        location = self.weights_location()
+        if needs_download(location):
+            return ""
+        pin = getattr(self, "weights_pin", None)  # a registry default's pin, where the registry has them
+        kw = {"pin": pin} if pin is not None and not self.config.weights else {}
+        path = resolve(location, expected=f"{self.architecture} weights for labeler {self.name!r}",
+                       how_to_get=self.weights_help, **kw)
+        return cached_content_hash(path)
+
     def autocast(self):
         import torch
 

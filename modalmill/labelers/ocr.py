@@ -86,12 +86,16 @@ class RapidOCRLabeler(ModelLabeler):
             if int(self.threads) < 0:
                 raise ValueError(f"threads must be >= 0, got {self.threads!r}")
 
-    def setup(self) -> None:
+    def preflight(self) -> str:
+        """The bundled model files found (and hashed), without starting onnxruntime."""
         if self.config.weights is not None:
             raise WeightsError(f"labeler {self.name!r} uses the models bundled in rapidocr=={RAPIDOCR_VERSION}; "
                                f"leave `weights` unset (got {self.config.weights!r})")
+        return files_hash(rapidocr_model_files())
+
+    def setup(self) -> None:
+        self._checkpoint = self.preflight()
         files = rapidocr_model_files()
-        self._checkpoint = files_hash(files)
         self.model = self.build(files)
 
     def build(self, files: list[str]):

@@ -660,3 +660,71 @@ def files_hash(files: list[str]) -> str:
         h.update(os.path.basename(f).encode())
         h.update(content_hash(f).encode())
     return h.hexdigest()[:16]
+
+
+def _stat_key(path: str) -> list:
+    """What identifies the bytes of a weights file or directory without reading them: each file's relative name,
+    size, inode, mtime and ctime (ctime cannot be set back by a copy tool, so a file rewritten in place changes
+    it)."""
+    path = os.path.abspath(path)
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if not f.startswith("."))
+    base = path if os.path.isdir(path) else os.path.dirname(path)
+    out = []
+    for f in files:
+        st = os.stat(f)
+        out.append([os.path.relpath(f, base), st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns])
+    return out
+
+
+def cached_content_hash(path: str) -> str:
+    """:func:`content_hash` of ``path``, remembered on disk (``CACHE_DIR/hashes/``) by each file's size, inode,
+    mtime and ctime: a checkpoint that has not changed is hashed once per machine, not once per job or actor; one
+    that is replaced (even at the same path, with the same size) is hashed again. Combined with :func:`resolve`'s
+    ETag/size/LastModified-keyed copy of ``s3://`` weights, an unchanged remote checkpoint is neither downloaded
+    nor read again."""
+    key = _stat_key(path)
+    memo = os.path.join(CACHE_DIR, "hashes", hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:24] + ".json")
+    try:
+        with open(memo) as f:
+            saved = json.load(f)
+        if saved.get("files") == key:
+            return saved["hash"]
+    except (OSError, ValueError, KeyError):
+        pass
+    digest = content_hash(path)
+    if _stat_key(path) == key:  # not changed while it was read
+        try:
+            os.makedirs(os.path.dirname(memo), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(memo))
+            with os.fdopen(fd, "w") as f:
+                json.dump({"path": os.path.abspath(path), "files": key, "hash": digest}, f)
+            os.replace(tmp, memo)
+        except OSError:  # a read-only cache only costs a re-hash next time
+            pass
+    return digest
+
+
+
+def needs_download(location: str) -> bool:
+    """True when resolving ``location`` would first download it from the model hub or the web (a hub id not in the
+    local hub cache, while downloads are allowed): the driver then leaves fetching it to the workers instead of
+    downloading a big checkpoint only to hash it. Local paths and ``s3://`` (whose cached copy is checked by
+    ETag/size/LastModified and fetched only when it changed) are never "needs download"; with ``HF_HUB_OFFLINE=1``
+    nothing is, so a hub id missing from the cache fails on the driver in one line."""
+    if not location or storage.is_s3(location) or location.startswith(("file://", ".", "/", "~")):
+        return False
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.path.exists(os.path.expanduser(location)):
+        return False
+    if "://" in location:  # another remote scheme (e.g. https://): fetched by the workers
+        return True
+    if not _HUB_ID.match(location):
+        return False
+    try:
+        from huggingface_hub import snapshot_download
+
+        repo, _, rev = location.partition("@")
+        snapshot_download(repo, revision=rev or None, local_files_only=True)
+        return False
+    except Exception:  # noqa: BLE001 - not in the local hub cache (or no huggingface_hub)
+        return True

@@ -51,21 +51,45 @@ def limit_threads() -> int:
     return n
 
 
+class LabelerSetupError(RuntimeError):
+    """A labeler's actor could not set itself up (missing or wrong weights seen only by the workers, e.g. a
+    node-local path on a cluster): one line, raised on the driver; the actor is not restarted."""
+
+
 @ray.remote
 class LabelerActor:
-    """Holds one model labeler, set up once; serves batches from shard tasks."""
+    """Holds one model labeler, set up once; serves batches from shard tasks.
+
+    A set-up failure is kept, not raised: raised from ``__init__``, Ray would print the worker's traceback on the
+    driver and restart the actor (``max_restarts``) to fail the same way again. :meth:`ready` returns it as one
+    line instead (an empty string when the labeler is ready) and :func:`make_pools` stops there."""
 
     def __init__(self, run: LabelerRun):
         limit_threads()
-        self.labeler = local_labeler(run)
+        self.labeler, self.setup_error, self.setup_traceback = None, "", ""
+        try:
+            self.labeler = local_labeler(run)
+        except Exception as e:  # noqa: BLE001 - reported by ready(), see the class docstring
+            lines = str(e).strip().splitlines()
+            self.setup_error = lines[0] if lines else type(e).__name__
+            if not type(e).__name__.endswith(("WeightsError", "SetupError")):
+                self.setup_error = f"{type(e).__name__}: {self.setup_error}"
+            self.setup_traceback = traceback.format_exc()
 
     def ready(self) -> str:
-        return self.labeler.name
+        return self.setup_error
+
+    def setup_details(self) -> str:
+        return self.setup_traceback
 
     def process_batch(self, inputs):
+        if self.labeler is None:
+            raise LabelerSetupError(self.setup_error)
         return self.labeler.process_batch(inputs)
 
     def checkpoint_id(self) -> str:
+        if self.labeler is None:
+            raise LabelerSetupError(self.setup_error)
         return self.labeler.checkpoint_id()
 
 
@@ -268,13 +292,25 @@ def make_pools(runs: list[LabelerRun], settings: dict, shard_cpus: float = 1.0,
         if env:
             opts["runtime_env"] = {"env_vars": env}
         pools[run.labeler] = [LabelerActor.options(**opts).remote(run) for _ in range(n)]
-    pending = {h.ready.remote(): name for name, handles in pools.items() for h in handles}
+    handle_of = {}
+    for name, handles in pools.items():
+        for h in handles:
+            handle_of[h.ready.remote()] = (name, h)
+    pending = {ref: name for ref, (name, _) in handle_of.items()}
     waited = 0.0
     while pending:
         done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=30)
         for ref in done:
-            pending.pop(ref)
-            ray.get(ref)  # raises the actor's set-up error (e.g. missing weights)
+            name = pending.pop(ref)
+            error = ray.get(ref)
+            if error:  # the actor could not set up (e.g. weights only the workers see are missing): stop here
+                details = ray.get(handle_of[ref][1].setup_details.remote()) if os.environ.get("MODALMILL_DEBUG") \
+                    else ""
+                for handles in pools.values():
+                    for h in handles:
+                        ray.kill(h)
+                raise LabelerSetupError(f"labeler {name!r} could not be set up on a Ray worker: {error}"
+                                        + (f"\n{details}" if details else ""))
         if pending:
             waited += 30
             print(f"modalmill: still waiting ({waited:.0f} s) for Ray to place labeler actors "

@@ -87,6 +87,33 @@ class TokenizerLabeler(Labeler):
 
         return checkpoint_hash(self.config.checkpoint) if self.config.checkpoint else ""
 
+    def preflight(self) -> str:
+        """The checkpoint found and its config read (config.json and the safetensors header, no model built): a
+        folder that is not a 4M-format tokenizer, or a tokenizer of another modality, is a one-line
+        ``WeightsError`` here, on the driver, before any actor starts."""
+        from ..labelers.weights import WeightsError
+        from .checkpoint import checkpoint_hash, read_config
+        from .fourm import FourMSpec
+
+        try:
+            location = self._need_checkpoint()
+        except ValueError as e:
+            raise WeightsError(str(e)) from None
+        try:
+            cfg = read_config(location)
+            FourMSpec.of(cfg)
+        except WeightsError:
+            raise
+        except Exception as e:  # noqa: BLE001 - e.g. no config.json, or one that is not a 4M tokenizer's
+            raise WeightsError(f"{location}: not a 4M-format tokenizer (config.json + model.safetensors): "
+                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        tm = self.tok_modality()
+        mine = (cfg.get("modalmill") or {}).get("modality")
+        if mine and mine != tm and {mine, tm} != {"canny_edge", "sam_edge"}:  # 4M: one edge tokenizer for both
+            raise WeightsError(f"{location}: a tokenizer for {mine!r}, not {tm!r} (labeler {self.name!r})")
+        return checkpoint_hash(location)
+
+    # ------------------------------------------------------------------ lifecycle
     def setup(self) -> None:
         """Load the encoder + quantizer of the 4M-format tokenizer and 4M's preprocessing of the source."""
         import torch

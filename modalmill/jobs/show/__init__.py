@@ -14,15 +14,15 @@ registry's codec and draws one panel per modality:
   ``pose_keypoints``: the 33 MediaPipe landmarks and their skeleton; ``ocr``: text-line polygons and their
   text; ``sam_mask``: each instance's polygons filled on the rgb; ``person_mask``: the mask tinted over the rgb;
 - ``color_palette``: swatches, one row per k = 1..7; ``caption`` and ``metadata``: text;
-- feature maps (``clip``, ``dinov2``, ``imagebind`` ``[h, w, C]``): the first three principal components as
-  RGB; ``t5_caption``: the same over the token embeddings (one row per caption, padding grey); global
-  vectors: a diverging heat grid (blue < 0 < red), 32 values per row;
+- feature maps (``clip``, ``dinov2``, ``imagebind`` ``[n_crops, h, w, C]``): the first three principal
+  components as RGB, up to four crops side by side; ``t5_caption``: the same over the token embeddings (one row
+  per caption, padding grey); global vectors (``[n_crops, C]``): crop 0's as a diverging heat grid;
 - token modalities: each crop's ids as a grid (a colour per id), up to four crops side by side.
 
-Decoding tokens back into pictures needs the tokenizers of issue 4: ``tokenizers={"tok_rgb@224": PATH}``
-(``--tokenizer M=PATH``) loads the checkpoint through ``modalmill.tokenize`` (see :class:`TokenDecoder`) and
-shows the decoded crops instead of the id grid. Where ``modalmill.tokenize`` has no loader, asking for it
-raises :class:`TokenizerUnavailable` ("not available yet").
+Decoding tokens back into pictures: ``tokenizers={"tok_rgb@224": PATH}`` (``--tokenizer M=PATH``) loads a
+4M-format tokenizer through ``modalmill.tokenize`` (see :class:`TokenDecoder`) and shows the decoded crops
+instead of the id grid. Tokenizers whose tokens decode to vectors, or whose decoder is a diffusion model, raise
+:class:`TokenizerUnavailable` with a one-line reason.
 
 One module per kind of picture, each registering its renderers in :mod:`.registry` (by modality name, else by
 kind): :mod:`.images` (pictures of their own), :mod:`.overlays` (labels drawn over the rgb), :mod:`.features`

@@ -11,8 +11,8 @@ from .canvas import INK, _fit, _font, _hstack, id_colours
 from .registry import renders
 
 
-class TokenizerUnavailable(NotImplementedError):
-    """``--tokenizer`` was given but ``modalmill.tokenize`` has no loader yet."""
+class TokenizerUnavailable(ValueError):
+    """``--tokenizer`` names a tokenizer whose tokens cannot be shown as pictures (vectors, diffusion decoders)."""
 
 
 def _token_grid(ids: np.ndarray) -> np.ndarray:
@@ -80,14 +80,9 @@ class TokenDecoder:
     """
 
     def __init__(self, modality: str, path: str):
-        try:
-            from ...tokenize.checkpoint import load_tokenizer
-            from ...tokenize.fourm_train import train_adapter_for
-        except ImportError:
-            raise TokenizerUnavailable(
-                f"--tokenizer {modality}={path}: decoding tokens into pictures needs modalmill.tokenize's tokenizer "
-                "loader, which is not available yet; without --tokenizer, token modalities are shown as id grids"
-            ) from None
+        from ...tokenize.checkpoint import load_tokenizer
+        from ...tokenize.fourm_train import train_adapter_for
+
         model, config = load_tokenizer(path)
         mine = config.get("modalmill") or {}
         made_for = mine.get("token_modality")
