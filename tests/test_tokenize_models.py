@@ -6,7 +6,7 @@ import torch
 
 from modalmill.jobs.democorpus import photos
 from modalmill.tokenize.adapters import (Adapter, FeatureMapAdapter, NormalAdapter, SemsegAdapter, adapter_for,
-                                         body_poses, instance_mask_in_box)
+                                         body_poses, crop_label, instance_mask_in_box)
 from modalmill.tokenize.models import MLPTokenizer, SpatialVQVAE, build_model
 from modalmill.tokenize.train import check_config, default_config
 
@@ -191,16 +191,17 @@ def test_crop_geometry_flips_normals_and_maps_crops_onto_feature_grids():
     normal[..., 0] = 200  # x component > 0
     t = NormalAdapter("normal", 3, 3, size=8).prepare(normal, np.array([0, 0, 8, 8, 1]), (8, 8))
     assert torch.allclose(t[0], torch.full((8, 8), 1 - 200 / 255))
-    feat = np.random.default_rng(0).normal(size=(16, 16, 5)).astype(np.float16)
+    # teacher features are stored per crop (the teacher ran on the crop, flipped included): crop c reads row c as is
+    feats = np.random.default_rng(0).normal(size=(3, 16, 16, 5)).astype(np.float16)
     ad = FeatureMapAdapter("dinov2", 5, 5, size=16)
-    whole = ad.prepare(feat, np.array([0, 0, 224, 224, 0]), (224, 224))
-    assert torch.allclose(whole, torch.from_numpy(feat.astype(np.float32)).permute(2, 0, 1), atol=1e-5)
-    flipped = ad.prepare(feat, np.array([0, 0, 224, 224, 1]), (224, 224))
-    assert torch.equal(flipped, whole.flip(-1))
-    half = ad.prepare(feat, np.array([0, 112, 224, 112, 0]), (224, 224))  # right half, stretched to 16 x 16
-    assert half.shape == (5, 16, 16)
-    assert torch.allclose(half[:, :, 1::2].mean(), torch.from_numpy(feat[:, 8:].astype(np.float32)).mean(),
-                          atol=0.1)
+    crops = np.array([[0, 56, 224, 224, 0], [10, 0, 200, 300, 1], [0, 100, 100, 120, 0]])
+    for c, crop in enumerate(crops):
+        t = ad.prepare(crop_label("dinov2", feats, c, len(crops)), crop, (224, 336))
+        assert torch.equal(t, torch.from_numpy(feats[c].astype(np.float32)).permute(2, 0, 1))  # no cut, no flip
+    coarse = FeatureMapAdapter("dinov2", 5, 5, size=8).prepare(feats[0])  # another grid: resized bilinearly
+    assert coarse.shape == (5, 8, 8)
+    assert torch.allclose(coarse, torch.from_numpy(feats[0].astype(np.float32)).permute(2, 0, 1)
+                          .reshape(5, 8, 2, 8, 2).mean(dim=(2, 4)), atol=1e-5)
     edge = np.zeros((100, 100), np.uint8)
     edge[:, 50] = 255
     e = adapter_for("canny_edge").prepare(edge, np.array([0, 0, 100, 100, 0]), (100, 100))

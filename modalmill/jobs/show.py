@@ -14,9 +14,10 @@ registry's codec and draws one panel per modality:
   ``pose_keypoints``: the 33 MediaPipe landmarks and their skeleton; ``ocr``: text-line polygons and their
   text; ``sam_mask``: each instance's polygons filled on the rgb; ``person_mask``: the mask tinted over the rgb;
 - ``color_palette``: swatches, one row per k = 1..7; ``caption`` and ``metadata``: text;
-- feature maps (``clip``, ``dinov2``, ``imagebind`` ``[h, w, C]``): the first three principal components as
-  RGB; ``t5_caption``: the same over the token embeddings (one row per caption, padding grey); global
-  vectors: a diverging heat grid (blue < 0 < red), 32 values per row;
+- feature maps (``clip``, ``dinov2``, ``imagebind`` ``[n_crops, h, w, C]``): the first three principal components
+  as RGB, up to four crops side by side; ``t5_caption``: the same over the token embeddings (one row per
+  caption, padding grey); global vectors (``[n_crops, C]``): crop 0's as a diverging heat grid (blue < 0 < red),
+  32 values per row;
 - token modalities: each crop's ids as a grid (a colour per id), up to four crops side by side.
 
 Decoding tokens back into pictures needs the tokenizers of issue 4: ``tokenizers={"tok_rgb@224": PATH}``
@@ -275,15 +276,22 @@ def _r_semseg(spec, value, ctx):
 
 def _r_feature_map(spec, value, ctx):
     v = np.asarray(value, np.float32)
-    if v.ndim != 3:
+    if v.ndim == 3:  # one map (not modalmill's per-crop layout): show it alone
+        v = v[None]
+    if v.ndim != 4:
         return _r_array(spec, value, ctx)
-    h, w, c = v.shape
-    colours, explained = pca_rgb(v.reshape(-1, c))
-    return Image.fromarray(colours.reshape(h, w, 3)), f"[{h}, {w}, {c}] PCA->RGB ({explained:.0%} of variance)"
+    n, h, w, c = v.shape
+    shown = v[:4]
+    colours, explained = pca_rgb(shown.reshape(-1, c))  # one projection for all crops shown: comparable colours
+    tiles = [_fit(Image.fromarray(t), 150, nearest=True) for t in colours.reshape(len(shown), h, w, 3)]
+    return (_hstack(tiles, labels=[f"crop {i}" for i in range(len(tiles))]),
+            f"[{n}, {h}, {w}, {c}] per crop, PCA->RGB ({explained:.0%} of variance)")
 
 
 def _r_global(spec, value, ctx):
-    v = np.asarray(value, np.float32).ravel()
+    v = np.asarray(value, np.float32)
+    crops = f"crop 0 of {v.shape[0]}, " if v.ndim == 2 else ""
+    v = (v[0] if v.ndim == 2 else v).ravel()
     # top: a bar per dimension (bins of dimensions averaged when there are more than fit); bottom: a heat grid
     bins = min(len(v), PANEL)
     edges = np.linspace(0, len(v), bins + 1).astype(int)
@@ -307,7 +315,7 @@ def _r_global(spec, value, ctx):
     cell = max(1, min(PANEL // cols, (PANEL - 160) // max(rows, 1)))
     heat = heat.resize((cols * cell, rows * cell), Image.Resampling.NEAREST)
     img.paste(heat, ((PANEL - heat.width) // 2, 155))
-    return img, f"[{len(v)}] bars + heat grid (32/row), |v|={float(np.linalg.norm(v)):.3g}"
+    return img, f"{crops}[{len(v)}] bars + heat grid (32/row), |v|={float(np.linalg.norm(v)):.3g}"
 
 
 def _token_grid(ids: np.ndarray) -> np.ndarray:

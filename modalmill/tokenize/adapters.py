@@ -5,13 +5,15 @@ same preprocessing:
 
 - ``prepare(label, crop, image_hw)``: cut one crop (``top, left, height, width, hflip`` in pixels of the stored
   rgb image) out of a decoded label, flip it, resize it to the tokenizer's input size with the right
-  interpolation (bilinear with antialiasing for images and continuous maps, nearest for class maps and edges,
-  bilinear ROI sampling for teacher feature maps) and return the *target* tensor;
+  interpolation (bilinear with antialiasing for images and continuous maps, nearest for class maps and edges)
+  and return the *target* tensor;
 - ``to_input(target)``: the model input (normalised floats; one-hot for class maps);
 - ``loss(pred, target)``, ``metrics(pred, target)`` (summed, so they aggregate over batches), ``to_rgb``.
 
-Normal maps flip their x component when the crop is flipped. Global vectors and poses have no geometry: every
-crop of a sample gets the same vector.
+Normal maps flip their x component when the crop is flipped. Teacher features (``clip``, ``dinov2``,
+``imagebind`` and their ``*_global`` vectors, :data:`PER_CROP_SOURCES`) are stored per crop, row c computed by
+the teacher on crop c (already cut, resized and flipped, as 4M does): :func:`crop_label` picks row c for crop c,
+and the adapter only brings that row to the tokenizer's grid. Body poses have no geometry.
 """
 
 from __future__ import annotations
@@ -233,29 +235,22 @@ class SemsegAdapter(Adapter):
 
 @dataclass(frozen=True)
 class FeatureMapAdapter(Adapter):
-    """Teacher patch features ``[h, w, C]`` covering the stored rgb: the crop box is mapped to the feature grid and
-    sampled bilinearly (ROI align) onto the tokenizer's grid; flipping flips the grid."""
+    """One crop's teacher patch features ``[h, w, C]`` (row c of the stored ``[n_crops, h, w, C]``, which the
+    teacher computed on crop c: :func:`crop_label`). The crop is already cut, resized and flipped, so ``crop`` and
+    ``image_hw`` are not used; a grid other than the tokenizer's is resized to it bilinearly."""
 
-    interpolation: str = "roi_align"
+    interpolation: str = "none"
     scale: float = 1.0
     loss_name: str = "smooth_l1+cosine"
     kind: ClassVar[str] = "feature"
 
-    def prepare(self, label, crop, image_hw):
-        from torchvision.ops import roi_align
-
+    def prepare(self, label, crop=None, image_hw=None):
         arr = np.asarray(label, dtype=np.float32)
         if arr.ndim != 3:
-            raise ValueError(f"{self.source} features must be [h, w, C], got shape {arr.shape}")
-        fh, fw = arr.shape[:2]
-        top, left, h, w = (float(v) for v in crop[:4])
-        sy, sx = fh / image_hw[0], fw / image_hw[1]
-        box = torch.tensor([[0, left * sx, top * sy, (left + w) * sx, (top + h) * sy]], dtype=torch.float32)
-        feat = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None]
-        t = roi_align(feat, box, output_size=(self.size, self.size), spatial_scale=1.0, sampling_ratio=0,
-                      aligned=True)[0]
-        if int(crop[4]):
-            t = torch.flip(t, dims=[-1])
+            raise ValueError(f"{self.source} features of one crop must be [h, w, C], got shape {arr.shape}")
+        t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+        if tuple(t.shape[-2:]) != (self.size, self.size):
+            t = F.interpolate(t[None], size=(self.size, self.size), mode="bilinear", align_corners=False)[0]
         return t.contiguous()
 
     def to_input(self, target):
@@ -288,8 +283,8 @@ class FeatureMapAdapter(Adapter):
         return (v.reshape(self.size, self.size, 3).numpy() * 255).round().astype(np.uint8)
 
     def normalisation(self):
-        return {"target": "teacher features as stored (float)", "input": "features", "interpolation":
-                "crop box mapped onto the feature grid, bilinear ROI align (torchvision.ops.roi_align)"}
+        return {"target": "the teacher's features of the crop, as stored (float)", "input": "features",
+                "interpolation": "none (the teacher ran on the crop); bilinear to the tokenizer's grid if it differs"}
 
 
 @dataclass(frozen=True)
@@ -378,6 +373,26 @@ class MaskAdapter(EdgeAdapter):
         out = super().summarise(sums)
         out["iou"] = sums["iou_inter"] / max(sums["iou_union"], 1)
         return out
+
+
+# ---------------------------------------------------------------------- per-crop labels
+
+# labels stored with one row per crop_settings row (the teacher ran on each crop): row c belongs to crop c
+PER_CROP_SOURCES = ("clip", "dinov2", "imagebind", "clip_global", "dinov2_global", "imagebind_global")
+
+
+def crop_label(source: str, label: Any, c: int, n_crops: int) -> Any:
+    """The part of a stored label that crop ``c`` (of ``n_crops``) is tokenized from: row c for the per-crop
+    teacher features (:data:`PER_CROP_SOURCES`), the whole label for everything else (cut by the adapter)."""
+    if source not in PER_CROP_SOURCES:
+        return label
+    arr = np.asarray(label)
+    want = 4 if source in FEATURE_GRID else 2
+    if arr.ndim != want or arr.shape[0] != n_crops:
+        raise ValueError(f"{source} must hold one row per crop_settings row ([{n_crops}, ...]), got shape "
+                         f"{arr.shape}; features stored by an older modalmill (crop 0 only) must be recomputed: "
+                         f"modalmill run JOB.yaml --only {source} --force")
+    return arr[c]
 
 
 # ---------------------------------------------------------------------- the table

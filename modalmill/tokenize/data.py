@@ -6,6 +6,8 @@ feature maps) from the shard's tars in lockstep, and cut into crops resized to t
 the modality's :class:`~modalmill.tokenize.adapters.Adapter` - the same code that writes tokens later. A crop
 gives one item, except for the SAM-instance tokenizer (source ``sam_instance``, labels read from ``sam_mask``):
 every instance left in the crop is one 64x64 mask in its own box; and body poses give one 207-d vector per person.
+Teacher features (:data:`~modalmill.tokenize.adapters.PER_CROP_SOURCES`) exist only for the stored crops (the
+teacher ran on each): each stored crop is one sample whose only crop is that one, with row c of the label.
 
 Held-out samples are chosen by key, deterministically (the ``ceil(fraction * n)`` keys with the smallest
 sha256), so they are never trained on, whatever the number of workers. Training crops are, per draw, one of the
@@ -30,7 +32,7 @@ from ..io import manifest
 from ..io.crops import random_resized_crop
 from ..io.readers import zip_output
 from ..schemas.modalities import get_modality
-from .adapters import Adapter, body_poses
+from .adapters import PER_CROP_SOURCES, Adapter, body_poses, crop_label
 
 
 class DataError(ValueError):
@@ -87,7 +89,7 @@ class TokenizerData:
     def read_modalities(self) -> list[str]:
         if self.source == "rgb":
             return ["rgb", "crop_settings"]
-        if self.source in ("human_poses",) or get_modality(self.source).kind == "global":
+        if self.source in ("human_poses",) or self.source in PER_CROP_SOURCES:
             return [self.source, "crop_settings"]
         return [self.label_modality, "crop_settings", "rgb"]
 
@@ -101,6 +103,10 @@ class TokenizerData:
                 yield Sample(key, [img], crops, img.shape[:2])
                 continue
             label = spec.decode(files[self.label_modality])
+            if self.source in PER_CROP_SOURCES:  # row c was computed on crop c: no other crop of it exists
+                for c in range(len(crops)):
+                    yield Sample(key, [crop_label(self.source, label, c, len(crops))], crops[c:c + 1], (0, 0))
+                continue
             if self.source == "human_poses":
                 poses = body_poses(label)
                 if poses:

@@ -16,8 +16,9 @@ Two tokenizers write into 4M's own files instead of a ``tok_*`` folder: ``tok_sa
 ``sam_instance``: per crop the instances' contours in the 224 crop, 16 ids and a box each) and ``tok_human_poses``
 (``human_poses`` rewritten with ``pose_tokenized``, 8 ids per person).
 
-Global embeddings have no geometry: every crop row of ``tok_*_global`` holds the tokens of the sample's one
-stored vector (4M computes the teacher per crop; modalmill stores one global vector per image).
+Teacher features (``clip``, ``dinov2``, ``imagebind`` and the ``*_global`` vectors) are stored per crop: row c of
+``tok_dinov2@224`` / ``tok_dinov2_global`` is the tokenizer applied to the teacher's features of crop c (as 4M's
+``save_vq_tokens.py`` computes them), picked by :func:`modalmill.tokenize.adapters.crop_label`.
 """
 
 from __future__ import annotations
@@ -119,12 +120,13 @@ class TokenizerLabeler(Labeler):
         return self.adapter
 
     def _crops_of(self, inp: LabelInput) -> np.ndarray:
+        from .adapters import crop_label
+
         adapter = self._adapter()
         label = inp.image if self.source == "rgb" else inp.labels[self.source]
-        hw = inp.image.shape[:2]
-        if adapter.kind == "vector":
-            return adapter.prepare(label, None, hw).unsqueeze(0).numpy()
-        return np.stack([adapter.prepare(label, crop, hw).numpy() for crop in inp.crops])
+        hw, n = inp.image.shape[:2], len(inp.crops)
+        return np.stack([adapter.prepare(crop_label(self.source, label, c, n), crop, hw).numpy()
+                         for c, crop in enumerate(inp.crops)])
 
     def prepare(self, batch: list[LabelInput]) -> Prepared:
         """Per sample ``(inputs [k, ...] float32, n_crops)`` in the tokenizer's input space, or a LabelFailure."""
@@ -154,11 +156,9 @@ class TokenizerLabeler(Labeler):
             if isinstance(p, LabelFailure):
                 out.append(p)
                 continue
-            k, n_crops = len(p[0]), p[1]
+            k = len(p[0])
             arr = ids[pos:pos + k].astype(dtype)
             pos += k
-            if self.adapter.kind == "vector":
-                arr = np.repeat(arr, n_crops, axis=0)
             out.append({self.outputs[0]: np.ascontiguousarray(arr)})
         return out
 
