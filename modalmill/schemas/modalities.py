@@ -371,6 +371,17 @@ for _name, (_src, _vocab, _n) in TOKEN_MODALITIES.items():
                     f"{_src} tokens, vocab {_vocab}, {_n} per crop", vocab_size=_vocab, n_tokens=_n, source=_src))
 
 
+def register_token_modality(name: str, source: str, vocab_size: int, n_tokens: int) -> ModalitySpec:
+    """Register a token modality 4M does not have (e.g. ``tok_grayscale@224`` for a plugin's ``grayscale``):
+    int ``[n_crops, n_tokens]`` ids of ``source`` from a vocabulary of ``vocab_size``. Idempotent."""
+    get_modality(source)  # the source must be registered first
+    spec = _R(ModalitySpec(name, TOKENS, "npy", token_dtype(vocab_size), ("n_crops", n_tokens),
+                           f"{source} tokens, vocab {vocab_size}, {n_tokens} per crop", vocab_size=vocab_size,
+                           n_tokens=n_tokens, source=source))
+    TOKEN_MODALITIES[name] = (source, vocab_size, n_tokens)
+    return spec
+
+
 # ---------------------------------------------------------------------- SAM instances, human poses, 2D keypoints
 # (modalmill/labelers/sam.py, humans.py, mediapipe_labelers.py write these)
 

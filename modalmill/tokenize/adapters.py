@@ -422,6 +422,12 @@ def adapter_for(source: str, in_channels: int | None = None) -> Adapter:
         return VectorAdapter("human_poses", 207, 207, loss_name="smooth_l1")
     if source == "sam_instance":
         return MaskAdapter("sam_instance", 1, 1, size=64)
+    from ..schemas.modalities import MODALITIES, PIXEL
+
+    spec = MODALITIES.get(source)
+    if spec is not None and spec.kind == PIXEL and spec.dtype in ("uint8", "uint16"):  # a plugin's pixel modality
+        c = int(spec.shape[2]) if len(spec.shape) == 3 else 1
+        return Adapter(source, c, c, scale=255.0 if spec.dtype == "uint8" else 65535.0)
     raise ValueError(f"no tokenizer input defined for modality {source!r}")
 
 

@@ -41,6 +41,7 @@ from ..io import storage
 from ..schemas.modalities import TOKEN_MODALITIES, get_modality
 from . import checkpoint as ckpt
 from .adapters import adapter_for
+from .modality_info import write_fourm_entry
 
 PRESETS = ("tiny", "small", "base")
 
@@ -59,14 +60,15 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 
 def vocab_and_tokens(source: str) -> tuple[int, int, str | None]:
     """(registry vocab size, tokens per crop, token modality or None) for a source modality."""
-    if source in TOKEN_OF:
-        spec = get_modality(TOKEN_OF[source])
+    token_of = {src: tok for tok, (src, _v, _n) in TOKEN_MODALITIES.items()}  # with any registered since import
+    if source in token_of:
+        spec = get_modality(token_of[source])
         return spec.vocab_size, spec.n_tokens, spec.name
     if source in EXTRA_TOKENS:
         v, n = EXTRA_TOKENS[source]
         return v, n, None
     raise ValueError(f"no tokenizer is defined for modality {source!r}; tokenizable: "
-                     f"{', '.join(sorted(list(TOKEN_OF) + list(EXTRA_TOKENS)))}")
+                     f"{', '.join(sorted(list(token_of) + list(EXTRA_TOKENS)))}")
 
 
 def _fsq_levels(vocab: int) -> list[int]:
@@ -501,6 +503,7 @@ def train_tokenizer(modality: str, data: str, out: str | None = None, *, config:
         train_loop(loop)
     else:
         _fit_on_ray(loop, workers, use_gpu, cpus_per_worker, address, max_failures)
+    write_fourm_entry(out, cfg)  # 4M's MODALITY_INFO entry for the token modality, next to the checkpoint
     return json.loads(storage.read_bytes(storage.join(out, ckpt.REPORT_FILE)))
 
 
