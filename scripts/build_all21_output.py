@@ -88,7 +88,9 @@ def main() -> int:
     ap.add_argument("--n-crops", type=int, default=4)
     ap.add_argument("--steps", type=int, default=20, help="training steps of each tiny tokenizer")
     ap.add_argument("--plugin", action="store_true", help="also label + tokenize the example plugin's grayscale")
+    ap.add_argument("--plugin-only", action="store_true", help="only add the plugin's modality to an existing OUT")
     args = ap.parse_args()
+    args.plugin = args.plugin or args.plugin_only
 
     import ray
 
@@ -106,6 +108,14 @@ def main() -> int:
 
         plugin_setup()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=hook)
+    if args.plugin_only:
+        from scripts.check_with_ml4m import add_plugin_modality
+
+        add_plugin_modality(out, os.path.join(args.out, "tokenizers"), steps=args.steps)
+        report = check_output(out)
+        log(f"modalmill check: {'ok' if report.ok else 'VIOLATIONS'}: " + "; ".join(v.line() for v in
+                                                                                   report.violations[:10]))
+        return 0 if report.ok else 1
     if not os.path.isdir(corpus):
         build_corpus(corpus, n_shards=2, per_shard=4, size_range=(200, 320))
     log("tiny weights")
