@@ -32,6 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 N_CROPS = 4
+CPU = {"num_cpus": 0.25, "num_gpus": 0, "memory_mb": 0}  # no Ray memory reservation: a loaded machine can place it
 TOKENS = {"tok_dinov2@224": "dinov2", "tok_dinov2_global": "dinov2_global", "tok_clip@224": "clip"}
 
 
@@ -66,8 +67,7 @@ def tokenized(ray_local, tmp_path_factory):
     mods = ["rgb", "crop_settings", "dinov2", "dinov2_global", "clip", "clip_global"]
     spec = job_from_dict({"input": str(photos), "output": str(out), "modalities": mods, "seed": 3,
                           "crops": {"n_crops": N_CROPS, "scale_min": 0.3},
-                          "labelers": {n: {"config": cfg, "resources": {"num_cpus": 0.25, "num_gpus": 0}}
-                                       for n, cfg in tiny.items()}})
+                          "labelers": {n: {"config": cfg, "resources": CPU} for n, cfg in tiny.items()}})
     assert run_job(spec, show_progress=False)["exit_code"] == EXIT_OK
     ck = {}
     for tok, source in TOKENS.items():

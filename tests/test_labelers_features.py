@@ -125,7 +125,7 @@ def test_feature_labelers_in_the_ray_pipeline(ray_local, demo_corpus, tiny, tmp_
     out = tmp_path / "out"
     mods = ["rgb", "crop_settings", "dinov2", "dinov2_global", "clip", "clip_global", "imagebind", "imagebind_global"]
     settings = {n: {"config": {k: v for k, v in tiny[n].items()}, "batch_size": 3,
-                    "resources": {"num_cpus": 0.25, "num_gpus": 0}} for n in FEATURE_LABELERS}
+                    "resources": {"num_cpus": 0.25, "num_gpus": 0, "memory_mb": 0}} for n in FEATURE_LABELERS}
     spec = job_from_dict({"input": os.path.join(demo_corpus, "shard-{00000..00001}.tar"), "output": str(out),
                           "modalities": mods, "crops": {"n_crops": 2}, "decode": {"max_size": 256},
                           "labelers": settings})
