@@ -148,3 +148,11 @@ def test_old_single_map_features_are_a_clear_error():
     row = crop_label("clip_global", np.arange(6, dtype=np.float16).reshape(3, 2), 2, 3)
     assert row.tolist() == [4, 5]
     assert crop_label("rgb", "anything", 1, 3) == "anything"  # pixel labels are cut by the adapter instead
+    # `modalmill check` (the registry's spec) refuses the old single-map layout too
+    from modalmill.jobs.check import validate_value
+    from modalmill.schemas.modalities import RecordError
+
+    with pytest.raises(RecordError, match=r"expected 4 dims \('n_crops', 'h', 'w', 'C'\)"):
+        validate_value(get_modality("dinov2"), np.zeros((16, 16, 8), np.float16), "k", None)
+    with pytest.raises(RecordError, match=r"expected 2 dims"):
+        validate_value(get_modality("imagebind_global"), np.zeros(8, np.float16), "k", None)
