@@ -371,19 +371,30 @@ def demo(workdir, force, no_progress, tokenizer_steps):
 @click.option("--force", is_flag=True, help="Start over instead of resuming from the last training state.")
 @click.option("--vocab-size", type=int, default=None,
               help="Text tokenizer only (--modality caption): WordPiece vocabulary size (default 30000, as 4M).")
+@click.option("--text-tokenizer", "text_source", default=None, metavar="PATH|4m",
+              help="Text tokenizer only: install this one instead of training (4M's released "
+                   "text_tokenizer_4m_wordpiece_30k.json, an ml-4m checkout, or '4m' = $MODALMILL_4M_TEXT_TOKENIZER).")
 @click.option("--no-progress", is_flag=True)
 def train_tokenizer_cmd(modality, data, config_file, out, preset, quantizer, steps, workers, gpu, address,
-                        in_process, force, vocab_size, no_progress):
+                        in_process, force, vocab_size, text_source, no_progress):
     """Train (or resume) a tokenizer for MODALITY on the labeled shards of DATA; report held-out quality."""
     from .tokenize.train import default_out, format_report, train_tokenizer
 
     if modality in ("caption", "text"):
-        from .tokenize.text import train_text_tokenizer_on_output
+        from .tokenize.text import install_text_tokenizer, train_text_tokenizer_on_output
 
+        if text_source is not None:
+            if vocab_size is not None:
+                raise click.UsageError("--vocab-size trains a tokenizer; --text-tokenizer installs an existing one")
+            info = install_text_tokenizer(text_source, out or default_out(data, "text"))
+            click.echo(f"text tokenizer: {info['path']} ({info['vocab_size']} tokens, copied from {info['source']})")
+            return
         info = train_text_tokenizer_on_output(data, out or default_out(data, "text"),
                                               vocab_size=30_000 if vocab_size is None else vocab_size)
         click.echo(f"text tokenizer: {info['path']} ({info['vocab_size']} tokens, {info['captions']} captions)")
         return
+    if text_source is not None:
+        raise click.UsageError("--text-tokenizer is for --modality caption (the text tokenizer)")
     if vocab_size is not None:
         raise click.UsageError("--vocab-size is for the text tokenizer (--modality caption); the size of the other "
                                "tokenizers' codebooks comes from --preset / --config")
@@ -396,7 +407,10 @@ def train_tokenizer_cmd(modality, data, config_file, out, preset, quantizer, ste
 
 @main.command()
 @click.option("--data", required=True, help="The labeled output root to add token shards to.")
-@click.option("--modalities", "-m", required=True, help="Sources or token modalities, e.g. rgb,canny_edge.")
+@click.option("--modalities", "-m", default=None, help="Sources or token modalities, e.g. rgb,canny_edge.")
+@click.option("--text-tokenizer", "text_source", default=None, metavar="PATH|4m",
+              help="Make this the output's text tokenizer (DATA/_modalmill/tokenizers/text, what load_dataset("
+                   "text_tokenizer=True) uses): 4M's text_tokenizer_4m_wordpiece_30k.json, an ml-4m checkout or '4m'.")
 @click.option("--tokenizer", "tokenizers", multiple=True, metavar="M=REF",
               help="Tokenizer per modality in 4M's layout: a hub id (EPFL-VILAB/4M_tokenizers_rgb_16k_224-448), a "
                    "local or s3:// folder (config.json + model.safetensors); default: DATA/_modalmill/tokenizers/M.")
@@ -408,9 +422,22 @@ def train_tokenizer_cmd(modality, data, config_file, out, preset, quantizer, ste
 @click.option("--no-progress", is_flag=True)
 @click.option("--wait", is_flag=True, help="If another driver is writing DATA, wait until it is done instead of "
                                            "refusing (exit 5).")
-def tokenize(data, modalities, tokenizers, force, address, shards, workers, gpus_per_worker, no_progress, wait):
-    """Write tok_*@224 shards for DATA with 4M-format tokenizers (the pipeline's --only mode)."""
+def tokenize(data, modalities, text_source, tokenizers, force, address, shards, workers, gpus_per_worker,
+             no_progress, wait):
+    """Write tok_*@224 shards for DATA with 4M-format tokenizers (the pipeline's --only mode); --text-tokenizer
+    installs the output's text tokenizer."""
     from .jobs.tokenize import parse_tokenizer_args, tokenize_output
+
+    if text_source is not None:
+        from .tokenize.text import install_text_tokenizer
+        from .tokenize.train import default_out
+
+        info = install_text_tokenizer(text_source, default_out(data, "text"))
+        click.echo(f"text tokenizer: {info['path']} ({info['vocab_size']} tokens, copied from {info['source']})")
+        if not modalities:
+            return
+    if not modalities:
+        raise click.UsageError("give --modalities (and/or --text-tokenizer)")
 
     summary = tokenize_output(data, _csv(modalities), parse_tokenizer_args(tokenizers), force=force, address=address,
                               shards=shards, workers=workers, gpus_per_worker=gpus_per_worker,

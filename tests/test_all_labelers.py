@@ -110,7 +110,9 @@ def test_one_job_with_every_labeler(ray_local, demo_corpus, weights, tmp_path):
             assert labels["metadata"]["n_sam_instances"] == len(labels["sam_mask"]["instances"])
             assert labels["metadata"]["caption_n_words"] == len(labels["caption"][0].split())
             assert labels["t5_caption"]["emb"].shape[0] == len(labels["caption"])
-            assert labels["clip"].ndim == 3 and labels["dinov2_global"].ndim == 1
+            n_crops = len(labels["crop_settings"])  # teacher features: one row per crop
+            assert labels["clip"].shape[0] == n_crops and labels["clip"].ndim == 4
+            assert labels["dinov2_global"].shape[0] == n_crops and labels["dinov2_global"].ndim == 2
     assert people > 0, "the person-favouring detector found nobody: HMR 2.0 never ran on a crop"
     assert sam_instances > 0
 

@@ -49,13 +49,14 @@ def tar_members(path) -> list[tuple[str, bytes]]:
 # ---------------------------------------------------------------------- references (independent of the labelers)
 
 
-def crop0_tensor(rgb: np.ndarray, crops: np.ndarray, size: int) -> torch.Tensor:
-    """Crop 0, flipped, resized with PIL bicubic to uint8 (as torchvision's Resize on a PIL image), normalised."""
+def crop_tensor(rgb: np.ndarray, row, size: int) -> torch.Tensor:
+    """One crop as 4M feeds its teacher: cut, resized with PIL bicubic to uint8, flipped, normalised."""
     from PIL import Image
 
-    top, left, h, w, flip = (int(v) for v in crops[0])
-    crop = np.ascontiguousarray(rgb[top:top + h, left:left + w][:, ::-1] if flip else rgb[top:top + h, left:left + w])
-    small = np.asarray(Image.fromarray(crop).resize((size, size), Image.BICUBIC))
+    top, left, h, w, flip = (int(v) for v in row)
+    small = np.asarray(Image.fromarray(np.ascontiguousarray(rgb[top:top + h, left:left + w])).resize((size, size),
+                                                                                                      Image.BICUBIC))
+    small = small[:, ::-1] if flip else small
     x = torch.from_numpy(small.copy()).permute(2, 0, 1)[None].float() / 255
     return (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
@@ -109,9 +110,9 @@ def test_registry_entry_is_complete_and_frozen(name):
         cfg.weights = "elsewhere"
     r = cls.default_resources
     assert r.num_cpus >= 1 and 0 < r.num_gpus <= 1 and r.memory_mb > 0 and cls.default_batch_size >= 1
-    assert cls({"region": "full"}).config_hash() != cls().config_hash()
-    with pytest.raises(ValueError, match="region"):
-        cls.make_config({"region": "centre"})
+    assert cls.version == "2"  # 2: one feature row per crop_settings row
+    with pytest.raises(ValueError, match="unknown setting.*region"):  # every crop is computed: no region to pick
+        cls.make_config({"region": "full"})
     out = CliRunner().invoke(main, ["labelers"]).output
     row = next(line for line in out.splitlines() if line.startswith(name + " "))
     assert cls.weights in row and cls.license in row and f"gpu={r.num_gpus:g}" in row
@@ -124,7 +125,7 @@ def test_feature_labelers_in_the_ray_pipeline(ray_local, demo_corpus, tiny, tmp_
     out = tmp_path / "out"
     mods = ["rgb", "crop_settings", "dinov2", "dinov2_global", "clip", "clip_global", "imagebind", "imagebind_global"]
     settings = {n: {"config": {k: v for k, v in tiny[n].items()}, "batch_size": 3,
-                    "resources": {"num_cpus": 0.25, "num_gpus": 0}} for n in FEATURE_LABELERS}
+                    "resources": {"num_cpus": 0.25, "num_gpus": 0, "memory_mb": 0}} for n in FEATURE_LABELERS}
     spec = job_from_dict({"input": os.path.join(demo_corpus, "shard-{00000..00001}.tar"), "output": str(out),
                           "modalities": mods, "crops": {"n_crops": 2}, "decode": {"max_size": 256},
                           "labelers": settings})
@@ -142,13 +143,14 @@ def test_feature_labelers_in_the_ray_pipeline(ray_local, demo_corpus, tiny, tmp_
         for name, (grid, ch) in widths.items():
             for (_, fmap_b), (_, glob_b) in zip(members[name], members[f"{name}_global"]):
                 fmap, glob = np.load(io.BytesIO(fmap_b)), np.load(io.BytesIO(glob_b))
-                assert fmap.shape == (grid, grid, ch) and fmap.dtype == np.float16 and np.isfinite(fmap).all()
-                assert glob.shape == (ch,) and glob.dtype == np.float16 and np.isfinite(glob).all()
+                assert fmap.shape == (2, grid, grid, ch) and fmap.dtype == np.float16 and np.isfinite(fmap).all()
+                assert glob.shape == (2, ch) and glob.dtype == np.float16 and np.isfinite(glob).all()
+                assert not np.allclose(fmap[0], fmap[1]) and not np.allclose(glob[0], glob[1])  # two crops
                 assert fmap.std() > 0.1  # not constant: real tokens
             maps = [np.load(io.BytesIO(b)) for _, b in members[name]]
             assert not np.allclose(maps[0], maps[1])  # different photos, different features
 
-    # the stored features are the models' features of crop 0 of the stored rgb (independent reference paths)
+    # row c of the stored features is the models' features of crop c of the stored rgb (independent references)
     members = {m: dict(tar_members(out / m / "shard-00000.tar")) for m in mods}
     from transformers import Dinov2Model
 
@@ -160,15 +162,16 @@ def test_feature_labelers_in_the_ray_pipeline(ray_local, demo_corpus, tiny, tmp_
     for key in sorted(k.split(".")[0] for k in members["rgb"]):
         rgb = get_modality("rgb").decode(members["rgb"][f"{key}.jpg"])
         crops = np.load(io.BytesIO(members["crop_settings"][f"{key}.npy"]))
-        x = crop0_tensor(rgb, crops, 224)
+        x = torch.cat([crop_tensor(rgb, row, 224) for row in crops])
         with torch.no_grad():
-            hs = dino(pixel_values=x).last_hidden_state[0]
+            hs = dino(pixel_values=x).last_hidden_state
             pooled, toks = clip_visual(x)
             ib_patch, ib_cls, _ = imagebind_reference(tiny["ib_state"], x, IB_HEADS)
+            n = len(crops)
             expect = {
-                "dinov2": hs[1:].reshape(16, 16, -1), "dinov2_global": hs[0],
-                "clip": (toks[0] @ clip_visual.proj).reshape(14, 14, -1), "clip_global": pooled[0],
-                "imagebind": ib_patch[0].reshape(16, 16, -1), "imagebind_global": ib_cls[0],
+                "dinov2": hs[:, 1:].reshape(n, 16, 16, -1), "dinov2_global": hs[:, 0],
+                "clip": (toks @ clip_visual.proj).reshape(n, 14, 14, -1), "clip_global": pooled,
+                "imagebind": ib_patch.reshape(n, 16, 16, -1), "imagebind_global": ib_cls,
             }
         for m, ref in expect.items():
             got = np.load(io.BytesIO(members[m][f"{key}.npy"])).astype(np.float32)
@@ -201,22 +204,28 @@ def _inputs(n=3, seed=0):
     return out
 
 
-def test_bad_crop_fails_only_that_sample_and_region_full_uses_the_whole_image(tiny):
+def test_bad_crop_fails_only_that_sample_and_each_crop_row_is_its_own_forward(tiny):
     lab = get_labeler("dinov2")(tiny["dinov2"])
     lab.setup()
     batch = _inputs(3)
-    batch[1].crops = np.array([[0, 0, 10_000, 10_000, 0]])
+    batch[1].crops = np.array([[0, 0, 50, 50, 0], [0, 0, 10_000, 10_000, 0]])
     res = lab.process_batch(batch)
-    assert isinstance(res[1], LabelFailure) and "does not fit" in res[1].reason
+    assert isinstance(res[1], LabelFailure) and "crop 1" in res[1].reason and "does not fit" in res[1].reason
     assert isinstance(res[0], dict) and isinstance(res[2], dict)
     again = lab.process_batch([batch[0], batch[2]])
     assert all(np.array_equal(a["dinov2"], b["dinov2"]) for a, b in zip([res[0], res[2]], again))  # deterministic
-    full = get_labeler("dinov2")({**tiny["dinov2"], "region": "full"})
-    full.setup()
-    square = _inputs(1)[0]
-    square.image = square.image[: min(square.image.shape[:2]), : min(square.image.shape[:2])]
-    square.crops = np.array([[0, 0, square.image.shape[0], square.image.shape[1], 0]])
-    assert np.array_equal(full.process_batch([square])[0]["dinov2"], lab.process_batch([square])[0]["dinov2"])
+    # a sample with the same crop twice, once flipped: row 1 is the teacher on the mirrored crop, and a sample's
+    # rows do not depend on the other samples in the batch
+    one = batch[0]
+    row = one.crops[0]
+    one.crops = np.array([row, [*row[:4], 1]])
+    two = lab.process_batch([one, batch[2]])[0]
+    assert two["dinov2"].shape == (2, 16, 16, 32) and two["dinov2_global"].shape == (2, 32)
+    np.testing.assert_array_equal(two["dinov2"][0], res[0]["dinov2"][0])
+    mirrored = dataclasses.replace(one, image=np.ascontiguousarray(one.image[:, ::-1]),
+                                   crops=np.array([[row[0], one.image.shape[1] - row[1] - row[3], row[2], row[3], 0]]))
+    np.testing.assert_allclose(lab.process_batch([mirrored])[0]["dinov2"][0].astype(np.float32),
+                               two["dinov2"][1].astype(np.float32), atol=2e-3)
 
 
 def test_imagebind_conversion_round_trip_and_reference_forward(tiny):
@@ -278,7 +287,7 @@ def test_convert_weights_command_writes_a_tower_that_loads_the_same(tiny, tmp_pa
     emb = get_labeler("imagebind")({**tiny["imagebind"], "global_embedding": "embedding"})
     emb.setup()
     g = emb.process_batch(batch[:1])[0]["imagebind_global"].astype(np.float32)
-    assert g.shape == (24,) and abs(np.linalg.norm(g) - 1) < 1e-2  # ImageBind's L2-normalised joint embedding
+    assert g.shape == (1, 24) and abs(np.linalg.norm(g[0]) - 1) < 1e-2  # ImageBind's L2-normalised joint embedding
 
 
 # ---------------------------------------------------------------------- weights errors

@@ -24,10 +24,10 @@ def example(spec, h=6, w=8):
         shape = tuple(h if d == "H" else w if d == "W" else d for d in spec.shape)
         hi = 133 if spec.name == "semseg_coco" else np.iinfo(spec.dtype).max + 1
         return rng.integers(0, hi, shape).astype(spec.dtype)
-    if spec.kind == FEATURE_MAP:
-        return rng.standard_normal((4, 4, 8)).astype(np.float16)
+    if spec.kind == FEATURE_MAP:  # one map per crop
+        return rng.standard_normal((2, 4, 4, 8)).astype(np.float16)
     if spec.kind == GLOBAL:
-        return rng.standard_normal(8).astype(np.float16)
+        return rng.standard_normal((2, 8)).astype(np.float16)
     if spec.kind == TOKENS:
         return rng.integers(0, spec.vocab_size, (2, spec.n_tokens)).astype(spec.dtype)
     if spec.name == "crop_settings":

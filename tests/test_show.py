@@ -86,10 +86,10 @@ def synthetic(spec):
         ramp = (xx + yy) / (H + W)
         return np.broadcast_to((ramp * np.iinfo(spec.dtype).max)[..., None] if len(shape) == 3
                                else ramp * np.iinfo(spec.dtype).max, shape).astype(spec.dtype)
-    if spec.kind == FEATURE_MAP:
-        return rng.standard_normal((6, 8, 16)).astype(np.float16)
+    if spec.kind == FEATURE_MAP:  # one map per crop
+        return rng.standard_normal((2, 6, 8, 16)).astype(np.float16)
     if spec.kind == GLOBAL:
-        return rng.standard_normal(64).astype(np.float16)
+        return rng.standard_normal((2, 64)).astype(np.float16)
     if spec.kind == TOKENS:
         return rng.integers(0, spec.vocab_size, (2, spec.n_tokens)).astype(spec.dtype)
     if spec.name == "crop_settings":

@@ -21,12 +21,14 @@ from modalmill.jobs.check import check_output
 from modalmill.schemas import get_modality
 from modalmill.tokenize import checkpoint as ckpt
 from modalmill.tokenize.fourm_inputs import fourm_input_for
+from modalmill.tokenize.modality_info import MODALITY_INFO_FILE
 from modalmill.tokenize.train import _storage_env, default_out, train_tokenizer
 
 # slow: besides the session's Ray, `modalmill tokenize` starts its own (its tasks must see the S3 settings)
 pytestmark = [pytest.mark.s3, pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 N_CROPS = 2
-FILES = (ckpt.MODEL_FILE, ckpt.CONFIG_FILE, ckpt.STATE_FILE, ckpt.REPORT_FILE, ckpt.PICTURE_FILE)
+FILES = (ckpt.MODEL_FILE, ckpt.CONFIG_FILE, ckpt.STATE_FILE, ckpt.REPORT_FILE, ckpt.PICTURE_FILE,
+         MODALITY_INFO_FILE)  # + 4M's MODALITY_INFO entry for tok_canny_edge@224
 
 
 def _run(cmd, env):

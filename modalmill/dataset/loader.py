@@ -33,8 +33,9 @@ kind                                        value
                                             uint8 ``[3, H, W]``; ``depth`` uint16 ``[1, H, W]``;
                                             ``semseg_coco``/edges uint8 ``[1, H, W]``
 ``tok_*``                                   ``torch.long`` ``[n_crops, n_tokens]`` (stored as int16)
-feature maps (``clip``, ``dinov2``, ...)    ``torch.float16`` ``[h, w, C]`` (layout as stored)
-global embeddings                           ``torch.float16`` ``[C]``
+feature maps (``clip``, ``dinov2``, ...)    ``torch.float16`` ``[n_crops, h, w, C]``: row c is the teacher
+                                            run on crop c of ``crop_settings``
+global embeddings                           ``torch.float16`` ``[n_crops, C]`` (row c from crop c)
 ``crop_settings``                           ``torch.long`` ``[n_crops, 5]`` (top, left, height, width, hflip)
 ``t5_caption``                              ``{"emb": float16 tensor, "mask_valid": bool tensor}``
 JSON / text (caption, det, metadata, ...)   the Python object (``json.loads``); with ``text_tokenizer``

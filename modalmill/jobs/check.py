@@ -9,9 +9,10 @@ What :func:`check_output` verifies (``docs/format.md``):
   contain no dots (4M takes the key up to the first dot), no key appears twice, one member per key;
 - **members**: every member decodes with its modality's codec and matches its spec: dtype and shape, pixel
   labels at the geometry of the sample's stored ``rgb``, ``crop_settings`` inside the rgb image (crop 0 an
-  unflipped square of the shorter side), token ids inside the vocabulary, and one token row (``tok_*``) or
-  one entry (``sam_instance``) per ``crop_settings`` row, and ``caption`` lists / ``t5_caption`` sequences that
-  4M's aligned-caption transforms can index by every crop row;
+  unflipped square of the shorter side), token ids inside the vocabulary, and one row per ``crop_settings``
+  row for every per-crop modality (``tok_*`` token rows, ``sam_instance`` entries, the teacher features
+  ``clip``/``dinov2``/``imagebind`` and their ``*_global`` vectors), and ``caption`` lists / ``t5_caption``
+  sequences that 4M's aligned-caption transforms can index by every crop row;
 - **markers** (when ``_modalmill/shards/*.json`` exist): every shard has one, its key list equals the tars'
   and its per-modality sha256 equals the tar's bytes.
 
@@ -204,10 +205,11 @@ def _scan_tar(url: str, folder: str, spec: ModalitySpec | None, ctx: _ShardConte
                 if problem:
                     v(key, problem, pos)
         elif spec.shape[:1] == ("n_crops",) and key in ctx.n_crops and len(value) != ctx.n_crops[key]:
-            # one token row / one sam_instance entry per crop_settings row
-            what = "token rows" if spec.kind == TOKENS else f"{spec.name} entries"
+            # one token row / sam_instance entry / teacher feature row per crop_settings row
+            what = "token rows" if spec.kind == TOKENS else f"{spec.name} entries" if spec.dtype == "object" \
+                else f"{spec.name} rows"
             v(key, f"{len(value)} {what} but crop_settings has {ctx.n_crops[key]} crops "
-                   f"({'row' if spec.kind == TOKENS else 'entry'} i = crop i)", pos)
+                   f"({'entry' if spec.dtype == 'object' else 'row'} i = crop i)", pos)
         elif spec.name in PER_CROP_LISTS:
             problem = per_crop_problem(spec.name, value, ctx.n_crops.get(key))
             if problem:

@@ -6,9 +6,11 @@ the final-layer patch tokens after ``ln_post`` and **after** the projection, ``l
 ``imagenet_default_mean_and_std``). modalmill builds the same network with open-clip-torch
 (``ViT-B-16-quickgelu``: OpenAI's weights need QuickGELU) and loads open_clip's copy of OpenAI's weights.
 
-Outputs: ``clip`` ``[14, 14, 512]`` float16 (the projected patch tokens; ``project_tokens: false`` gives the
-768-wide tokens before the projection) and ``clip_global`` ``[512]`` float16, the image embedding
-(``ln_post(cls) @ proj``, not L2-normalised). ``normalize: clip`` feeds the model CLIP's own mean/std instead.
+The teacher runs on every row of the sample's ``crop_settings`` (cut, resized, flipped as 4M does; see
+:func:`modalmill.labelers.dinov2.crop_images`). Outputs, row c from crop c: ``clip`` ``[n_crops, 14, 14, 512]``
+float16 (the projected patch tokens; ``project_tokens: false`` gives the 768-wide tokens before the projection)
+and ``clip_global`` ``[n_crops, 512]`` float16, the image embedding (``ln_post(cls) @ proj``, not
+L2-normalised). ``normalize: clip`` feeds the model CLIP's own mean/std instead.
 
 The open_clip helpers here (building an image tower cheaply, finding and loading a checkpoint strictly) are
 shared with :mod:`modalmill.labelers.imagebind`.
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .base import LabelFailure, LabelInput, Prepared, Resources, register_labeler
-from .dinov2 import IMAGENET_MEAN, IMAGENET_STD, check_region, prepare_regions, split_prepared, to_float16
+from .dinov2 import IMAGENET_MEAN, IMAGENET_STD, predict_crops, prepare_crops
 from .model import ModelConfig, ModelLabeler
 from .weights import Pin, WeightsError, load_into, load_state_dict
 
@@ -152,14 +154,15 @@ def grid_of(visual) -> tuple[int, int]:
 
 @register_labeler
 class CLIPLabeler(ModelLabeler):
-    """OpenAI CLIP ViT-B/16 image tower (open_clip): ``clip`` [14, 14, 512] and ``clip_global`` [512], float16.
+    """OpenAI CLIP ViT-B/16 image tower (open_clip): per crop, ``clip`` [n_crops, 14, 14, 512] and ``clip_global``
+    [n_crops, 512], float16.
 
-    Input: crop 0 of the crop settings (or the full image with ``region: full``), bicubic-resized to the
-    tower's input size (224), ImageNet mean/std as 4M (``normalize: clip`` for CLIP's own statistics).
+    Input: every row of the crop settings, cut, bicubic-resized to the tower's input size (224) and flipped as
+    the row says, ImageNet mean/std as 4M (``normalize: clip`` for CLIP's own statistics).
     """
 
     name = "clip"
-    version = "1"
+    version = "2"  # 2: one row per crop_settings row (1 stored crop 0 only)
     outputs = ("clip", "clip_global")
     architecture = "OpenAI CLIP ViT-B/16 image tower (open_clip ViT-B-16-quickgelu), ln_post patch tokens @ proj"
     weights = "timm/vit_base_patch16_clip_224.openai"
@@ -174,18 +177,17 @@ class CLIPLabeler(ModelLabeler):
     std = IMAGENET_STD
     license = "MIT (OpenAI CLIP weights)"
     default_resources = Resources(num_cpus=1, num_gpus=0.25, memory_mb=3000)
-    default_batch_size = 32
-    description = "CLIP ViT-B/16 projected patch features [14, 14, 512] and image embedding [512] at 224 (4M's teacher)"
+    default_batch_size = 8
+    description = ("CLIP ViT-B/16 projected patch features [n_crops, 14, 14, 512] and image embedding [n_crops, 512] "
+                   "at 224, one row per crop (4M's teacher)")
 
     @dataclass(frozen=True)
     class Config(ModelConfig):
         arch: str = "ViT-B-16-quickgelu"  # open_clip model name, or the path of an open_clip model-config .json
-        region: str = "crop0"  # crop0: 4M's centre crop (crop_settings row 0) | full: the whole image, squashed
         normalize: str = "imagenet"  # imagenet: as 4M's tokenizer was trained | clip: OpenAI CLIP's mean/std
         project_tokens: bool = True  # patch tokens after the projection (4M, 512-d) or before it (768-d)
 
         def __post_init__(self):
-            check_region(self.region)
             if self.normalize not in NORMALIZATIONS:
                 raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {self.normalize!r}")
 
@@ -198,23 +200,19 @@ class CLIPLabeler(ModelLabeler):
         return visual
 
     def prepare(self, batch: list[LabelInput]) -> Prepared:
-        return prepare_regions(batch, self.config.region, open_clip_image_size(self.config.arch))
+        return prepare_crops(batch, open_clip_image_size(self.config.arch))
 
     def predict(self, batch: list) -> list[dict[str, Any] | LabelFailure]:
-        images, results, ok = split_prepared(batch)
-        if not ok:
-            return results
         mean, std = NORMALIZATIONS[self.config.normalize]
         visual = self.model
-        x = self.to_tensor([images[i] for i in ok], size=tuple(visual.image_size), mean=mean, std=std)
-        tokens, _, embedding = open_clip_features(visual, x)
-        if self.config.project_tokens and visual.proj is not None:
-            tokens = tokens @ visual.proj
-        gh, gw = grid_of(visual)
-        fmaps = tokens.float().reshape(len(ok), gh, gw, -1).cpu().numpy()
-        globs = embedding.float().cpu().numpy()
-        for j, i in enumerate(ok):
-            fmap, glob = to_float16(fmaps[j]), to_float16(globs[j])
-            results[i] = LabelFailure("CLIP features are not finite in float16") if fmap is None or glob is None \
-                else {"clip": fmap, "clip_global": glob}
-        return results
+
+        def forward(images):
+            x = self.to_tensor(images, size=tuple(visual.image_size), mean=mean, std=std)
+            tokens, _, embedding = open_clip_features(visual, x)
+            if self.config.project_tokens and visual.proj is not None:
+                tokens = tokens @ visual.proj
+            gh, gw = grid_of(visual)
+            return {"clip": tokens.float().reshape(len(images), gh, gw, -1).cpu().numpy(),
+                    "clip_global": embedding.float().cpu().numpy()}
+
+        return predict_crops(batch, forward, "CLIP")

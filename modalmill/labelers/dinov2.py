@@ -7,12 +7,16 @@ normalised with the ImageNet mean/std: the patch tokens after the final LayerNor
 final-LayerNorm output, so ``last_hidden_state[:, 0]`` is ``x_norm_clstoken`` and the rest (after any register
 tokens) are ``x_norm_patchtokens``.
 
-Which pixels: by default the features are computed on crop 0 of the sample's ``crop_settings`` (4M's centre
-square crop, the crop that row 0 of every ``tok_*`` array is computed on), resized to ``input_size`` with
-antialiased bicubic interpolation. ``region: full`` uses the whole stored image squashed to a square instead.
+Which pixels: the teacher runs on **every row** of the sample's ``crop_settings``, as 4M computes
+feature-map tokens (``save_vq_tokens.py`` / ``run_training_vqvae.py``: each crop cut from the stored rgb with
+``(top, left, height, width)``, resized to the teacher's input size with PIL's default (bicubic, antialiased)
+resampling, then flipped when the row's flip flag is set, and only then normalised and fed to the teacher).
+Row c of the stored arrays is crop c: ``dinov2`` ``[n_crops, 16, 16, 768]`` and ``dinov2_global``
+``[n_crops, 768]``, so ``tok_dinov2@224`` row c is the tokenizer applied to the teacher's features of crop c.
 
-This module also holds two helpers the other transformers/open_clip feature labelers share:
-:func:`region_images` (the pixels a feature labeler looks at) and :func:`load_pretrained` (transformers
+This module also holds the helpers the other transformers/open_clip feature labelers share:
+:func:`prepare_crops` / :func:`split_crops` (every crop of a sample at the teacher's input size),
+:func:`region_images` (the caption labeler's pixels) and :func:`load_pretrained` (transformers
 ``from_pretrained`` on a resolved local directory, with missing/mismatched weights turned into a
 :class:`~modalmill.labelers.weights.WeightsError`).
 """
@@ -35,9 +39,10 @@ __all__ = [
     "REGIONS",
     "DINOv2Labeler",
     "load_pretrained",
-    "prepare_regions",
+    "crop_images",
+    "predict_crops",
+    "prepare_crops",
     "region_images",
-    "split_prepared",
     "split_regions",
     "to_float16",
 ]
@@ -50,13 +55,8 @@ REGIONS = ("crop0", "full")
 # ---------------------------------------------------------------------- shared helpers
 
 
-def check_region(region: str) -> None:
-    if region not in REGIONS:
-        raise ValueError(f"region must be one of {', '.join(REGIONS)}, got {region!r}")
-
-
 def region_images(batch: list[LabelInput], region: str) -> list[np.ndarray | str]:
-    """Per sample, the pixels a feature labeler sees: crop 0 of its crop settings (``crop0``) or the whole image.
+    """Per sample, the pixels the caption labeler sees: crop 0 of its crop settings (``crop0``) or the whole image.
 
     A sample whose crop does not fit its image gets a string (the reason) instead of an array.
     """
@@ -91,28 +91,63 @@ def split_regions(batch: list[LabelInput], region: str) -> tuple[list, list[Any]
     return images, results, [i for i, im in enumerate(images) if not isinstance(im, str)]
 
 
-def prepare_regions(batch: list[LabelInput], region: str, size: int | tuple[int, int]) -> Prepared:
-    """The CPU side of a square-input feature labeler: per sample, its region (:func:`region_images`) resized to
-    ``size`` as uint8 ``[H, W, 3]`` (PIL bicubic, antialiased when shrinking, like torchvision's ``Resize``), or a
-    :class:`LabelFailure`. Runs in the shard task, so the model's process receives small uint8 arrays."""
+def crop_images(inp: LabelInput, size: int | tuple[int, int]) -> np.ndarray | str:
+    """Every row of ``inp.crops`` as the teacher sees it, 4M's way: cut ``(top, left, h, w)`` from the stored rgb,
+    resize to ``size`` (PIL bicubic, antialiased when shrinking: PIL's default, which 4M's ``image_crop_and_resize``
+    uses), then flip horizontally when the row's flip flag is 1. Returns uint8 ``[n_crops, H, W, 3]``, or the
+    reason (a string) when the image or a crop is unusable."""
     from PIL import Image
 
     h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    out = Prepared()
-    for im in region_images(batch, region):
-        if isinstance(im, str):
-            out.append(LabelFailure(im))
-        elif im.shape[:2] == (h, w):
-            out.append(np.ascontiguousarray(im))
-        else:
-            out.append(np.asarray(Image.fromarray(np.ascontiguousarray(im)).resize((w, h), Image.BICUBIC)))
+    img = inp.image
+    if not (isinstance(img, np.ndarray) and img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
+            and img.shape[0] > 0 and img.shape[1] > 0):
+        return f"image must be a non-empty [H, W, 3] uint8 array, got {getattr(img, 'shape', type(img))}"
+    crops = np.asarray(inp.crops)
+    if crops.ndim != 2 or crops.shape[0] < 1 or crops.shape[1] != 5:
+        return f"crop_settings must be [n_crops >= 1, 5], got shape {crops.shape}"
+    out = np.empty((len(crops), h, w, 3), dtype=np.uint8)
+    for c, row in enumerate(crops):
+        top, left, ch, cw, flip = (int(v) for v in row)
+        if ch < 1 or cw < 1 or top < 0 or left < 0 or top + ch > img.shape[0] or left + cw > img.shape[1]:
+            return f"crop {c} {(top, left, ch, cw)} does not fit the image {img.shape[:2]}"
+        cut = np.ascontiguousarray(img[top:top + ch, left:left + cw])
+        if cut.shape[:2] != (h, w):
+            cut = np.asarray(Image.fromarray(cut).resize((w, h), Image.BICUBIC))
+        out[c] = cut[:, ::-1] if flip else cut
     return out
 
 
-def split_prepared(items: list) -> tuple[list, list[Any], list[int]]:
-    """Like :func:`split_regions` for the items :func:`prepare_regions` made."""
+def prepare_crops(batch: list[LabelInput], size: int | tuple[int, int]) -> Prepared:
+    """The CPU side of a feature labeler: per sample :func:`crop_images` (uint8 ``[n_crops, H, W, 3]``) or a
+    :class:`LabelFailure`. Runs in the shard task, so the model's process receives small uint8 arrays."""
+    out = Prepared()
+    for inp in batch:
+        got = crop_images(inp, size)
+        out.append(LabelFailure(got) if isinstance(got, str) else got)
+    return out
+
+
+def predict_crops(items: list, forward, what: str) -> list[dict[str, Any] | LabelFailure]:
+    """Run ``forward`` once over every crop of every prepared sample and regroup per sample.
+
+    ``items``: what :func:`prepare_crops` made. ``forward(images)`` takes a list of uint8 ``[H, W, 3]`` crops and
+    returns ``{modality: float array [n_images, ...]}``; each sample gets ``{modality: float16 [n_crops, ...]}``
+    (row c = crop c), or a :class:`LabelFailure` when a value is not finite in float16."""
     results: list[Any] = [it if isinstance(it, LabelFailure) else None for it in items]
-    return items, results, [i for i, it in enumerate(items) if not isinstance(it, LabelFailure)]
+    ok = [i for i, it in enumerate(items) if not isinstance(it, LabelFailure)]
+    if not ok:
+        return results
+    flat = [im for i in ok for im in items[i]]
+    outputs = forward(flat)
+    pos = 0
+    for i in ok:
+        n = len(items[i])
+        values = {m: to_float16(arr[pos:pos + n]) for m, arr in outputs.items()}
+        pos += n
+        results[i] = (LabelFailure(f"{what} features are not finite in float16")
+                      if any(v is None for v in values.values()) else values)
+    return results
 
 
 def to_float16(arr: np.ndarray) -> np.ndarray | None:
@@ -166,17 +201,19 @@ def _one_line(e: BaseException) -> str:
 
 @register_labeler
 class DINOv2Labeler(ModelLabeler):
-    """DINOv2 ViT-B/14 (transformers ``Dinov2Model``): ``dinov2`` [16, 16, 768] and ``dinov2_global`` [768], float16.
+    """DINOv2 ViT-B/14 (transformers ``Dinov2Model``): per crop, ``dinov2`` [n_crops, 16, 16, 768] and
+    ``dinov2_global`` [n_crops, 768], float16.
 
-    Input: crop 0 of the crop settings (or the full image with ``region: full``), bicubic-resized to
-    ``input_size`` (224: 16 x 16 patches, as 4M-21), ImageNet mean/std. Outputs: the final-LayerNorm patch
-    tokens as a ``[input_size/14, input_size/14, C]`` map (row-major, as the patches lie in the image) and the
-    final-LayerNorm CLS token (4M-21's ``DINOv2-B14-global``). Checkpoints with register tokens
-    (``Dinov2WithRegistersModel``) work too; the registers are dropped.
+    Input: every row of the crop settings (:func:`crop_images`: cut, bicubic-resized to ``input_size`` (224:
+    16 x 16 patches, as 4M-21), flipped as the row says), ImageNet mean/std. Outputs, row c from crop c: the
+    final-LayerNorm patch tokens as a ``[input_size/14, input_size/14, C]`` map (row-major, as the patches lie in
+    the crop) and the final-LayerNorm CLS token (4M-21's ``DINOv2-B14-global``). Checkpoints with register
+    tokens (``Dinov2WithRegistersModel``) work too; the registers are dropped. ``batch_size`` counts samples:
+    one forward pass sees ``batch_size x n_crops`` crops.
     """
 
     name = "dinov2"
-    version = "1"
+    version = "2"  # 2: one row per crop_settings row (1 stored crop 0 only)
     outputs = ("dinov2", "dinov2_global")
     architecture = "DINOv2 ViT-B/14 (transformers Dinov2Model), final-LayerNorm patch tokens + CLS token"
     weights = "facebook/dinov2-base"
@@ -189,16 +226,15 @@ class DINOv2Labeler(ModelLabeler):
     std = IMAGENET_STD
     license = "Apache-2.0 (DINOv2 weights)"
     default_resources = Resources(num_cpus=1, num_gpus=0.25, memory_mb=3000)
-    default_batch_size = 32
-    description = "DINOv2 ViT-B/14 patch features [16, 16, 768] and CLS embedding [768] at 224 (4M-21's teacher)"
+    default_batch_size = 8
+    description = ("DINOv2 ViT-B/14 patch features [n_crops, 16, 16, 768] and CLS embedding [n_crops, 768] at 224, "
+                   "one row per crop (4M-21's teacher)")
 
     @dataclass(frozen=True)
     class Config(ModelConfig):
-        region: str = "crop0"  # crop0: 4M's centre crop (crop_settings row 0) | full: the whole image, squashed
         input_size: int = 224  # square input side; a multiple of the patch size (14): 224 -> 16 x 16 patches
 
         def __post_init__(self):
-            check_region(self.region)
             if self.input_size < 14 or self.input_size % 14:
                 raise ValueError(f"input_size must be a positive multiple of 14, got {self.input_size}")
 
@@ -214,21 +250,17 @@ class DINOv2Labeler(ModelLabeler):
         return model
 
     def prepare(self, batch: list[LabelInput]) -> Prepared:
-        return prepare_regions(batch, self.config.region, self.config.input_size)
+        return prepare_crops(batch, self.config.input_size)
 
     def predict(self, batch: list) -> list[dict[str, Any] | LabelFailure]:
-        images, results, ok = split_prepared(batch)
-        if not ok:
-            return results
         size = self.config.input_size
-        x = self.to_tensor([images[i] for i in ok], size=size)
-        hidden = self.model(pixel_values=x).last_hidden_state  # [B, 1 + registers + N, C], final LayerNorm applied
-        n_reg = int(getattr(self.model.config, "num_register_tokens", 0) or 0)
-        grid = size // self.model.config.patch_size
-        patches = hidden[:, 1 + n_reg:].float().reshape(len(ok), grid, grid, -1).cpu().numpy()
-        cls = hidden[:, 0].float().cpu().numpy()
-        for j, i in enumerate(ok):
-            fmap, glob = to_float16(patches[j]), to_float16(cls[j])
-            results[i] = LabelFailure("DINOv2 features are not finite in float16") if fmap is None or glob is None \
-                else {"dinov2": fmap, "dinov2_global": glob}
-        return results
+
+        def forward(images):
+            x = self.to_tensor(images, size=size)
+            hidden = self.model(pixel_values=x).last_hidden_state  # [B, 1 + registers + N, C], final LayerNorm
+            n_reg = int(getattr(self.model.config, "num_register_tokens", 0) or 0)
+            grid = size // self.model.config.patch_size
+            return {"dinov2": hidden[:, 1 + n_reg:].float().reshape(len(images), grid, grid, -1).cpu().numpy(),
+                    "dinov2_global": hidden[:, 0].float().cpu().numpy()}
+
+        return predict_crops(batch, forward, "DINOv2")

@@ -8,7 +8,9 @@ names. modalmill builds the tower with open-clip-torch (``ViT-H-14``, LayerNorm 
 and converts the official checkpoint with :func:`imagebind_to_open_clip`.
 
 4M-21 tokenizes the 1280-wide final tokens of this tower at 224 x 224 (16 x 16 patches) with ImageNet
-mean/std input: the patch tokens for ``tok_imagebind@224`` and the CLS token for ``tok_imagebind_global``
+mean/std input, computed on each crop of ``crop_settings`` (row c of ``imagebind`` [n_crops, 16, 16, 1280] and
+``imagebind_global`` [n_crops, 1280] is crop c; see :func:`modalmill.labelers.dinov2.crop_images`): the patch
+tokens for ``tok_imagebind@224`` and the CLS token for ``tok_imagebind_global``
 (its tokenizer configs give 1280 channels for both). Whether 4M-21 took the tokens before or after the vision
 head's LayerNorm is not published (its modified ImageBind is not part of ml-4m); modalmill applies the
 LayerNorm by default (as for CLIP's ``ln_post`` and DINOv2's ``x_norm_*`` tokens), ``layernorm: false`` gives
@@ -56,7 +58,7 @@ from .clip import (
     open_clip_image_size,
     visual_state_dict,
 )
-from .dinov2 import IMAGENET_MEAN, IMAGENET_STD, check_region, prepare_regions, split_prepared, to_float16
+from .dinov2 import IMAGENET_MEAN, IMAGENET_STD, predict_crops, prepare_crops
 from .model import ModelConfig, ModelLabeler
 from .weights import Pin, WeightsError, load_into, load_state_dict
 
@@ -163,14 +165,15 @@ def open_clip_to_imagebind(visual_state: Mapping[str, Any], frames: int = 2) -> 
 
 @register_labeler
 class ImageBindLabeler(ModelLabeler):
-    """ImageBind-Huge vision encoder (open_clip ViT-H-14): ``imagebind`` [16, 16, 1280], ``imagebind_global`` [1280].
+    """ImageBind-Huge vision encoder (open_clip ViT-H-14): per crop, ``imagebind`` [n_crops, 16, 16, 1280] and
+    ``imagebind_global`` [n_crops, 1280].
 
-    Input: crop 0 of the crop settings (or the full image with ``region: full``), bicubic-resized to 224,
-    ImageNet mean/std as 4M-21 (``normalize: clip`` for ImageBind's own CLIP statistics).
+    Input: every row of the crop settings, cut, bicubic-resized to 224 and flipped as the row says, ImageNet
+    mean/std as 4M-21 (``normalize: clip`` for ImageBind's own CLIP statistics).
     """
 
     name = "imagebind"
-    version = "1"
+    version = "2"  # 2: one row per crop_settings row (1 stored crop 0 only)
     outputs = ("imagebind", "imagebind_global")
     architecture = ("ImageBind-Huge vision encoder ViT-H/14 (open_clip ViT-H-14, LayerNorm eps 1e-6), "
                     "final tokens after the head LayerNorm; CLS token as the global feature")
@@ -187,19 +190,18 @@ class ImageBindLabeler(ModelLabeler):
     std = IMAGENET_STD
     license = "CC-BY-NC-4.0 (ImageBind weights: non-commercial)"
     default_resources = Resources(num_cpus=1, num_gpus=0.5, memory_mb=8000)
-    default_batch_size = 16
-    description = "ImageBind-H/14 patch features [16, 16, 1280] and CLS feature [1280] at 224 (4M-21's teacher)"
+    default_batch_size = 4
+    description = ("ImageBind-H/14 patch features [n_crops, 16, 16, 1280] and CLS feature [n_crops, 1280] at 224, "
+                   "one row per crop (4M-21's teacher)")
 
     @dataclass(frozen=True)
     class Config(ModelConfig):
         arch: str = "ViT-H-14"  # open_clip model name, or the path of an open_clip model-config .json
-        region: str = "crop0"  # crop0: 4M's centre crop (crop_settings row 0) | full: the whole image, squashed
         normalize: str = "imagenet"  # imagenet: as 4M-21's tokenizers were trained | clip: ImageBind's own
         layernorm: bool = True  # apply the vision head's LayerNorm to the tokens (False: raw trunk output)
         global_embedding: str = "cls"  # cls: the 1280-d CLS token (4M-21) | embedding: the 1024-d joint embedding
 
         def __post_init__(self):
-            check_region(self.region)
             if self.normalize not in NORMALIZATIONS:
                 raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {self.normalize!r}")
             if self.global_embedding not in ("cls", "embedding"):
@@ -244,24 +246,20 @@ class ImageBindLabeler(ModelLabeler):
         return visual
 
     def prepare(self, batch: list[LabelInput]) -> Prepared:
-        return prepare_regions(batch, self.config.region, open_clip_image_size(self.config.arch))
+        return prepare_crops(batch, open_clip_image_size(self.config.arch))
 
     def predict(self, batch: list) -> list[dict[str, Any] | LabelFailure]:
         import torch.nn.functional as F
 
-        images, results, ok = split_prepared(batch)
-        if not ok:
-            return results
         mean, std = NORMALIZATIONS[self.config.normalize]
         visual = self.model
-        x = self.to_tensor([images[i] for i in ok], size=tuple(visual.image_size), mean=mean, std=std)
-        tokens, cls_token, embedding = open_clip_features(visual, x, layernorm=self.config.layernorm)
-        glob = cls_token if self.config.global_embedding == "cls" else F.normalize(embedding.float(), dim=-1)
-        gh, gw = grid_of(visual)
-        fmaps = tokens.float().reshape(len(ok), gh, gw, -1).cpu().numpy()
-        globs = glob.float().cpu().numpy()
-        for j, i in enumerate(ok):
-            fmap, g = to_float16(fmaps[j]), to_float16(globs[j])
-            results[i] = LabelFailure("ImageBind features are not finite in float16") if fmap is None or g is None \
-                else {"imagebind": fmap, "imagebind_global": g}
-        return results
+
+        def forward(images):
+            x = self.to_tensor(images, size=tuple(visual.image_size), mean=mean, std=std)
+            tokens, cls_token, embedding = open_clip_features(visual, x, layernorm=self.config.layernorm)
+            glob = cls_token if self.config.global_embedding == "cls" else F.normalize(embedding.float(), dim=-1)
+            gh, gw = grid_of(visual)
+            return {"imagebind": tokens.float().reshape(len(images), gh, gw, -1).cpu().numpy(),
+                    "imagebind_global": glob.float().cpu().numpy()}
+
+        return predict_crops(batch, forward, "ImageBind")

@@ -9,9 +9,10 @@ modalities, ``license``, ``default_resources``), gives its ``Config`` the common
   resolved local ``path`` (through :mod:`modalmill.labelers.weights`: safetensors or weights-only torch);
 - ``predict(batch)``: one result per item of the batch (called under ``torch.inference_mode()`` and, on a
   GPU, bf16/fp16 autocast when the config asks for it). The items are :class:`LabelInput` s, or what the
-  labeler's own ``prepare`` made of them: labelers whose model sees a fixed-size square crop (DINOv2, CLIP,
-  ImageBind) resize it on the CPU side with :func:`modalmill.labelers.dinov2.prepare_regions`, so the model's
-  process receives uint8 ``[S, S, 3]`` arrays and only normalises them on the device.
+  labeler's own ``prepare`` made of them: labelers whose model sees fixed-size square crops (DINOv2, CLIP,
+  ImageBind: every crop of the sample's crop settings) cut and resize them on the CPU side with
+  :func:`modalmill.labelers.dinov2.prepare_crops`, so the model's process receives uint8 ``[n_crops, S, S, 3]``
+  arrays and only normalises them on the device.
 
 ``setup()`` resolves the weights once per actor, builds the model, moves it to the device and records the
 checkpoint's content hash (it goes into the manifest as ``checkpoint``). Batches that fail are split by the

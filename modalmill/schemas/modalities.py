@@ -19,8 +19,8 @@ from PIL import Image
 # kinds
 IMAGE = "image"  # the stored photograph (rgb)
 PIXEL = "pixel"  # a per-pixel label at the geometry of the stored rgb image (depth, normal, edges, semseg)
-FEATURE_MAP = "feature_map"  # a teacher's patch features [h, w, C], float16
-GLOBAL = "global"  # a global embedding [C], float16
+FEATURE_MAP = "feature_map"  # a teacher's patch features per crop [n_crops, h, w, C], float16
+GLOBAL = "global"  # a global embedding per crop [n_crops, C], float16
 TEXT = "text"  # text-like / structured labels stored raw as JSON (tokenised by the trainer)
 ARRAY = "array"  # other arrays (crop_settings, t5 embeddings, sam instances)
 TOKENS = "tokens"  # discrete token ids [n_crops, n_tokens]
@@ -360,9 +360,12 @@ _R(ModalitySpec("semseg_coco", PIXEL, "png", "uint8", ("H", "W"), "COCO-panoptic
                 value_range=(0, 132), extra_allowed_values=(255,)))
 _R(ModalitySpec("canny_edge", PIXEL, "png", "uint8", ("H", "W"), "Canny edge map (0 or 255)"))
 _R(ModalitySpec("sam_edge", PIXEL, "png", "uint8", ("H", "W"), "boundaries of SAM's instance map (0 or 255)"))
+# teacher features: row c is the teacher run on crop c of crop_settings (as 4M computes feature-map tokens)
 for _teacher, _dim in (("clip", "C"), ("dinov2", "C"), ("imagebind", "C")):
-    _R(ModalitySpec(_teacher, FEATURE_MAP, "npy", "float16", ("h", "w", _dim), f"{_teacher} patch features [h, w, C]"))
-    _R(ModalitySpec(f"{_teacher}_global", GLOBAL, "npy", "float16", (_dim,), f"{_teacher} global embedding [C]"))
+    _R(ModalitySpec(_teacher, FEATURE_MAP, "npy", "float16", ("n_crops", "h", "w", _dim),
+                    f"{_teacher} patch features of each crop [n_crops, h, w, C]"))
+    _R(ModalitySpec(f"{_teacher}_global", GLOBAL, "npy", "float16", ("n_crops", _dim),
+                    f"{_teacher} global embedding of each crop [n_crops, C]"))
 _R(ModalitySpec("sam_instance", ARRAY, "npy", "object", ("n_crops",),
                 "per crop: contours, token ids and boxes of SAM instances (4M's pickled object array)"))
 _R(ModalitySpec("human_poses", TEXT, "json", None, (), "per person: bbox, SMPL params, camera, pose tokens"))
@@ -397,6 +400,17 @@ def token_dtype(vocab_size: int) -> str:
 for _name, (_src, _vocab, _n) in TOKEN_MODALITIES.items():
     _R(ModalitySpec(_name, TOKENS, "npy", token_dtype(_vocab), ("n_crops", _n),
                     f"{_src} tokens, vocab {_vocab}, {_n} per crop", vocab_size=_vocab, n_tokens=_n, source=_src))
+
+
+def register_token_modality(name: str, source: str, vocab_size: int, n_tokens: int) -> ModalitySpec:
+    """Register a token modality 4M does not have (e.g. ``tok_grayscale@224`` for a plugin's ``grayscale``):
+    int ``[n_crops, n_tokens]`` ids of ``source`` from a vocabulary of ``vocab_size``. Idempotent."""
+    get_modality(source)  # the source must be registered first
+    spec = _R(ModalitySpec(name, TOKENS, "npy", token_dtype(vocab_size), ("n_crops", n_tokens),
+                           f"{source} tokens, vocab {vocab_size}, {n_tokens} per crop", vocab_size=vocab_size,
+                           n_tokens=n_tokens, source=source))
+    TOKEN_MODALITIES[name] = (source, vocab_size, n_tokens)
+    return spec
 
 
 # ---------------------------------------------------------------------- SAM instances, human poses, 2D keypoints

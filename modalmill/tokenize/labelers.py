@@ -205,16 +205,41 @@ def _labeler_name(token_modality: str) -> str:
 
 TOKENIZER_LABELERS: dict[str, type[TokenizerLabeler]] = {}  # token modality -> labeler class
 
-for _tok, (_src, _vocab, _n) in TOKEN_MODALITIES.items():
-    _name = _labeler_name(_tok)
-    _cls_name = "".join(part.capitalize() for part in _name.split("_")) + "Labeler"
-    _cls = type(_cls_name, (TokenizerLabeler,), {
-        "__module__": __name__, "__qualname__": _cls_name, "name": _name, "outputs": (_tok,),
-        "requires": () if _src == "rgb" else (_src,), "source": _src,
-        "description": f"{_src} -> {_tok} ({_n} tokens per crop, vocab <= {_vocab}) with a trained tokenizer",
+def _make_tokenizer_labeler(tok: str, src: str, vocab: int, n: int) -> type[TokenizerLabeler]:
+    name = _labeler_name(tok)
+    cls_name = "".join(part.capitalize() for part in name.split("_")) + "Labeler"
+    cls = type(cls_name, (TokenizerLabeler,), {
+        "__module__": __name__, "__qualname__": cls_name, "name": name, "outputs": (tok,),
+        "requires": () if src == "rgb" else (src,), "source": src,
+        "description": f"{src} -> {tok} ({n} tokens per crop, vocab <= {vocab}) with a trained tokenizer",
     })
-    globals()[_cls_name] = register_labeler(_cls)
-    TOKENIZER_LABELERS[_tok] = _cls
+    globals()[cls_name] = register_labeler(cls)
+    TOKENIZER_LABELERS[tok] = cls
+    return cls
+
+
+for _tok, (_src, _vocab, _n) in TOKEN_MODALITIES.items():
+    _make_tokenizer_labeler(_tok, _src, _vocab, _n)
+
+
+def register_token_modality(tok: str, source: str, vocab_size: int, n_tokens: int) -> type[TokenizerLabeler]:
+    """A token modality for a modality 4M does not have (a plugin's pixel modality, e.g. ``tok_grayscale@224`` of
+    ``grayscale``): registers its spec and its tokenizer labeler, so ``train-tokenizer`` and ``tokenize`` handle
+    it like 4M's own. The source is preprocessed as 4M preprocesses images: a 1-channel map like its edge maps, a
+    3-channel one like rgb (crop, resize, to [-1, 1]). Every process that runs its labeler must call this too
+    (for Ray workers: a ``worker_process_setup_hook``). Idempotent."""
+    from ..schemas.modalities import get_modality
+    from ..schemas.modalities import register_token_modality as register_spec
+    from .fourm_inputs import KINDS
+
+    spec = get_modality(source)
+    if source not in KINDS:
+        channels = spec.shape[2] if len(spec.shape) == 3 else 1
+        if spec.kind not in ("pixel", "image") or channels not in (1, 3):
+            raise ValueError(f"{source}: only 1- or 3-channel pixel modalities can get a 4M image tokenizer")
+        KINDS[source] = "edge" if channels == 1 else "rgb"
+    register_spec(tok, source, vocab_size, n_tokens)
+    return TOKENIZER_LABELERS.get(tok) or _make_tokenizer_labeler(tok, source, vocab_size, n_tokens)
 
 
 def _encode_all(model, adapter, items, device, step: int):

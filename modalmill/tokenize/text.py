@@ -31,6 +31,11 @@ Serialisers (deterministic by default; pass a ``random.Random`` to get 4M's rand
   from the ``rng`` passed in; without one they are canonical (metadata in id order, 7 colours, fixed groups).
 - :func:`encode_sequence`: ``tokenizer.encode(text).ids + [EOS]`` (no ``[SOS]``, as 4M's masking does; chunks
   are encoded one by one and concatenated), optionally cut to ``max_tokens`` by 4M's rule.
+
+4M's released tokenizer (``fourm/utils/tokenizer/trained/text_tokenizer_4m_wordpiece_30k.json`` of apple/ml-4m,
+not shipped with modalmill) has exactly this fixed head, so it is accepted wherever a text tokenizer is taken
+(:func:`load_text_tokenizer`: its path, an ml-4m checkout, or ``4m`` with ``$MODALMILL_4M_TEXT_TOKENIZER``), and
+the ids are 4M-21's (``tests/test_text_4m_reference.py`` against ids made by ml-4m's own code).
 """
 
 from __future__ import annotations
@@ -115,22 +120,53 @@ def train_text_tokenizer(texts: Iterable[str], vocab_size: int = 30_000, lowerca
 
 
 TOKENIZER_FILE = "text_tokenizer.json"
+# 4M's released text tokenizer: a file of apple/ml-4m (not shipped with modalmill); "4m" names it through this variable
+FOURM_TOKENIZER_FILE = "text_tokenizer_4m_wordpiece_30k.json"
+FOURM_TOKENIZER_PATH = f"fourm/utils/tokenizer/trained/{FOURM_TOKENIZER_FILE}"
+FOURM_TOKENIZER_ENV = "MODALMILL_4M_TEXT_TOKENIZER"
+
+
+def resolve_text_tokenizer(path: str) -> str:
+    """The JSON file a text-tokenizer location names (local or ``s3://``).
+
+    ``path`` is a ``.json`` file (4M's ``text_tokenizer_4m_wordpiece_30k.json`` or one modalmill wrote); a directory
+    holding ``text_tokenizer.json`` or 4M's file; an apple/ml-4m checkout (its ``fourm/utils/tokenizer/trained/``
+    file); or ``4m``: 4M's released tokenizer at ``$MODALMILL_4M_TEXT_TOKENIZER`` (a file or a checkout)."""
+    from ..io import storage
+
+    url = str(path)
+    if url.lower() in ("4m", "4m-21", "fourm"):
+        env = os.environ.get(FOURM_TOKENIZER_ENV)
+        if not env:
+            raise FileNotFoundError(f"text tokenizer '4m': set {FOURM_TOKENIZER_ENV} to 4M's released tokenizer, "
+                                    f"{FOURM_TOKENIZER_PATH} in a checkout of https://github.com/apple/ml-4m (or "
+                                    "the checkout itself), or pass that path")
+        url = env
+    if url.endswith(".json"):
+        return url
+    for rel in (TOKENIZER_FILE, FOURM_TOKENIZER_FILE, FOURM_TOKENIZER_PATH):
+        cand = storage.join(url, rel)
+        if storage.exists(cand):
+            return cand
+    raise FileNotFoundError(f"{storage.join(url, TOKENIZER_FILE)}: no text tokenizer here (train one with `modalmill "
+                            f"train-tokenizer --modality caption --data OUT`, or use 4M's: {FOURM_TOKENIZER_PATH} "
+                            "of apple/ml-4m)")
 
 
 def load_text_tokenizer(path: str):
-    """The tokenizer saved at ``path``: a ``text_tokenizer.json`` file or a directory holding one, local or ``s3://``."""
+    """The tokenizer at ``path`` (see :func:`resolve_text_tokenizer`: a ``.json`` file, a directory holding one, an
+    ml-4m checkout or ``4m``), local or ``s3://``."""
     from tokenizers import Tokenizer
 
     from ..io import storage
 
-    url = str(path)
-    if not url.endswith(".json"):
-        url = storage.join(url, TOKENIZER_FILE)
+    url = resolve_text_tokenizer(path)
     try:
         data = storage.read_bytes(url)
     except FileNotFoundError:
         raise FileNotFoundError(f"{url}: no text tokenizer here (train one with `modalmill train-tokenizer "
-                                f"--modality caption --data OUT`)") from None
+                                f"--modality caption --data OUT`, or use 4M's: {FOURM_TOKENIZER_PATH} of "
+                                "apple/ml-4m)") from None
     try:
         return Tokenizer.from_str(data.decode("utf-8"))
     except Exception as e:  # the tokenizers library raises a bare Exception on malformed JSON
@@ -153,6 +189,20 @@ def as_text_tokenizer(tokenizer):
             raise ValueError(f"text tokenizer: token {t!r} has id {vocab.get(t)}, 4M's layout puts it at {i} "
                              "(train it with modalmill.tokenize.text.train_text_tokenizer)")
     return tokenizer
+
+
+def install_text_tokenizer(source: str, out: str) -> dict[str, Any]:
+    """Copy an existing text tokenizer (4M's released one, ``4m``, or any file :func:`as_text_tokenizer` accepts)
+    to ``out/text_tokenizer.json``, where ``load_dataset(..., text_tokenizer=True)`` finds it for an output whose
+    ``out`` is ``ROOT/_modalmill/tokenizers/text``. The bytes are copied unchanged (4M's ids stay 4M's)."""
+    from ..io import storage
+
+    src = resolve_text_tokenizer(source)
+    data = storage.read_bytes(src)
+    tok = as_text_tokenizer(load_text_tokenizer(src))  # validates 4M's fixed layout before anything is written
+    url = storage.join(out, TOKENIZER_FILE)
+    storage.write_bytes(url, data)
+    return {"path": url, "source": src, "vocab_size": tok.get_vocab_size()}
 
 
 def caption_texts(root: str) -> Iterator[str]:
@@ -466,10 +516,10 @@ def encode_sequence(tokenizer, text: str | list[str], max_tokens: int | None = N
     A list of chunks (``metadata``) is encoded chunk by chunk and concatenated, ``[EOS]`` as a last chunk, and
     truncated by dropping whole chunks from the end that pass ``max_tokens``, as 4M's chunked masking does."""
     eos = tokenizer.token_to_id("[EOS]")
-    if isinstance(text, str):
-        ids = tokenizer.encode(text, add_special_tokens=False).ids + [eos]
+    if isinstance(text, str):  # 4M's call: encode(sequence).ids (its tokenizer file has no post-processor)
+        ids = tokenizer.encode(text).ids + [eos]
         return ids[:max_tokens] if max_tokens is not None else ids
-    chunks = [tokenizer.encode(c, add_special_tokens=False).ids for c in text] + [[eos]]  # no rayon threads
+    chunks = [tokenizer.encode(c).ids for c in text] + [[eos]]  # = 4M's encode_batch, without rayon threads
     out: list[int] = []
     for c in chunks:
         if max_tokens is not None and len(out) + len(c) > max_tokens:

@@ -41,6 +41,7 @@ from ..io import storage
 from ..schemas.modalities import TOKEN_MODALITIES, get_modality
 from . import checkpoint as ckpt
 from .fourm import VQ_DEFAULTS, VQVAE_DEFAULTS
+from .modality_info import write_fourm_entry
 from .fourm_inputs import KINDS
 
 MODEL_KEYS = set(VQ_DEFAULTS) | set(VQVAE_DEFAULTS)
@@ -64,14 +65,15 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 
 def vocab_and_tokens(source: str) -> tuple[int, int, str | None]:
     """(registry vocab size, tokens per crop, token modality or None) for a source modality."""
-    if source in TOKEN_OF:
-        spec = get_modality(TOKEN_OF[source])
+    token_of = {src: tok for tok, (src, _v, _n) in TOKEN_MODALITIES.items()}  # with any registered since import
+    if source in token_of:
+        spec = get_modality(token_of[source])
         return spec.vocab_size, spec.n_tokens, spec.name
     if source in EXTRA_TOKENS:
         v, n = EXTRA_TOKENS[source]
         return v, n, None
     raise ValueError(f"no tokenizer is defined for modality {source!r}; tokenizable: "
-                     f"{', '.join(sorted(list(TOKEN_OF) + list(EXTRA_TOKENS)))}")
+                     f"{', '.join(sorted(list(token_of) + list(EXTRA_TOKENS)))}")
 
 
 QUANTIZERS = ("lucid", "memcodes")  # 4M's quantizers; "vq" is accepted for lucid
@@ -448,6 +450,7 @@ def train_loop(loop: dict[str, Any]) -> None:
     extra["train_seconds"] = extra.get("train_seconds", 0.0) + time.perf_counter() - run_t0
     model.eval()
     location = save_fourm(model, export_config(cfg, data_root, step, world), out)
+    write_fourm_entry(out, cfg)  # 4M's MODALITY_INFO entry for the token modality, beside the checkpoint
     after = evaluate(model, adapter, held, device)
     report = {
         "modality": cfg["modality"], "token_modality": cfg["token_modality"], "checkpoint": location,

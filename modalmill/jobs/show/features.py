@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ...schemas.modalities import FEATURE_MAP, GLOBAL
-from .canvas import PANEL, _diverging, pca_rgb
+from .canvas import PANEL, _diverging, _fit, _hstack, pca_rgb
 from .registry import renders
 from .text import _r_array
 
@@ -17,16 +17,23 @@ from .text import _r_array
 @renders(kind=FEATURE_MAP)
 def _r_feature_map(spec, value, ctx):
     v = np.asarray(value, np.float32)
-    if v.ndim != 3:
+    if v.ndim == 3:  # one map (not modalmill's per-crop layout): show it alone
+        v = v[None]
+    if v.ndim != 4:
         return _r_array(spec, value, ctx)
-    h, w, c = v.shape
-    colours, explained = pca_rgb(v.reshape(-1, c))
-    return Image.fromarray(colours.reshape(h, w, 3)), f"[{h}, {w}, {c}] PCA->RGB ({explained:.0%} of variance)"
+    n, h, w, c = v.shape
+    shown = v[:4]
+    colours, explained = pca_rgb(shown.reshape(-1, c))  # one projection for all crops shown: comparable colours
+    tiles = [_fit(Image.fromarray(t), 150, nearest=True) for t in colours.reshape(len(shown), h, w, 3)]
+    return (_hstack(tiles, labels=[f"crop {i}" for i in range(len(tiles))]),
+            f"[{n}, {h}, {w}, {c}] per crop, PCA->RGB ({explained:.0%} of variance)")
 
 
 @renders(kind=GLOBAL)
 def _r_global(spec, value, ctx):
-    v = np.asarray(value, np.float32).ravel()
+    v = np.asarray(value, np.float32)
+    crops = f"crop 0 of {v.shape[0]}, " if v.ndim == 2 else ""
+    v = (v[0] if v.ndim == 2 else v).ravel()
     # top: a bar per dimension (bins of dimensions averaged when there are more than fit); bottom: a heat grid
     bins = min(len(v), PANEL)
     edges = np.linspace(0, len(v), bins + 1).astype(int)
@@ -50,7 +57,7 @@ def _r_global(spec, value, ctx):
     cell = max(1, min(PANEL // cols, (PANEL - 160) // max(rows, 1)))
     heat = heat.resize((cols * cell, rows * cell), Image.Resampling.NEAREST)
     img.paste(heat, ((PANEL - heat.width) // 2, 155))
-    return img, f"[{len(v)}] bars + heat grid (32/row), |v|={float(np.linalg.norm(v)):.3g}"
+    return img, f"{crops}[{len(v)}] bars + heat grid (32/row), |v|={float(np.linalg.norm(v)):.3g}"
 
 
 @renders("t5_caption")
