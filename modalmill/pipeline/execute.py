@@ -351,6 +351,8 @@ def execute(tasks: Iterable[ShardTask], runs: list[LabelerRun], labeler_settings
     pending: list[ShardTask | None] = [first]  # the next task pulled from the stream (None: the stream ended)
     running: dict = {}
 
+    pulled = [0]
+
     def next_task() -> tuple[ShardTask, bool] | None:
         if retry:
             return retry.pop(0)
@@ -358,6 +360,10 @@ def execute(tasks: Iterable[ShardTask], runs: list[LabelerRun], labeler_settings
             return None
         t = pending[0]
         pending[0] = next(source, None)
+        pulled[0] += 1
+        if pending[0] is None and shard_bar.total is None:  # the stream ended: now the bar knows its total
+            shard_bar.total = pulled[0]
+            shard_bar.refresh()
         return t, False
 
     try:
