@@ -245,7 +245,8 @@ def dinov2(root: str, photo: np.ndarray, input_size: int) -> tuple[dict, dict]:
     region = photo[top:top + side, left:left + side]
     img = np.asarray(Image.fromarray(region).resize((input_size, input_size), Image.BICUBIC))
     x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255.0
-    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    x = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
     with torch.no_grad():
         out = model.forward_features(x)
     sys.path.remove(root)

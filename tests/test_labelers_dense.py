@@ -100,8 +100,12 @@ def test_4m21_choices_are_the_defaults_and_the_cli_lists_every_entry():
 def test_config_validation():
     with pytest.raises(ValueError, match="multiple of 14"):
         get_labeler("depth_anything").make_config({"input_size": 500})
-    with pytest.raises(ValueError, match="multiple of 32"):
-        get_labeler("mask2former_coco").make_config({"input_size": 100})
+    with pytest.raises(ValueError, match="input_size must be an integer >= 32"):
+        get_labeler("mask2former_coco").make_config({"input_size": 16})
+    with pytest.raises(ValueError, match="max_size"):
+        get_labeler("detr_coco").make_config({"input_size": 800, "max_size": 600})
+    with pytest.raises(ValueError, match="max_aspect_ratio"):
+        get_labeler("omnidata_normal").make_config({"max_aspect_ratio": 0.5})
     with pytest.raises(ValueError, match="min_score"):
         get_labeler("detr_coco").make_config({"min_score": 1.5})
     with pytest.raises(ValueError, match="disparity_floor"):
@@ -224,14 +228,17 @@ def test_depth_to_uint16_is_min_max_with_far_high():
     assert depth_to_uint16(d).dtype == np.uint16
 
 
-def test_normals_to_uint8_are_unit_normals_mapped_to_bytes():
+def test_normals_to_uint8_store_the_clamped_prediction_as_omnidatas_demo():
+    # Omnidata's demo saves ToPILImage()(output): x * 255 truncated to a byte, no renormalisation
     n = torch.zeros(3, 1, 3)
-    n[:, 0, 0] = torch.tensor([0.0, 0.0, 2.0])  # not unit: normalised first
-    n[:, 0, 1] = torch.tensor([-1.0, 0.0, 0.0])
-    n[:, 0, 2] = torch.tensor([0.28, -0.96, 0.0])
+    n[:, 0, 0] = torch.tensor([0.5, 0.5, 1.0])
+    n[:, 0, 1] = torch.tensor([0.0, 0.999, 1.5])  # above 1: clamped
+    n[:, 0, 2] = torch.tensor([0.64, 0.02, -0.1])  # below 0: clamped
     out = normals_to_uint8(n)
     assert out.shape == (1, 3, 3) and out.dtype == np.uint8
-    assert out[0].tolist() == [[128, 128, 255], [0, 128, 128], [163, 5, 128]]
+    assert out[0].tolist() == [[127, 127, 255], [0, 254, 255], [163, 5, 0]]
+    from torchvision.transforms import ToPILImage
+    assert np.array_equal(out, np.asarray(ToPILImage()(n.clamp(0, 1))))
 
 
 def test_semantic_map_from_mask_and_class_logits():
