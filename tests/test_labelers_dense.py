@@ -295,7 +295,7 @@ def test_labelers_in_process_shapes_and_bad_inputs(weights):
         for res, im in zip((results[0], results[2]), images):
             (m,) = lab.outputs
             get_modality(m).encode(res[m], "k", image_hw=im.shape[:2])  # validates shape, dtype, range
-        # one at a time gives the same labels as the batch (letterbox/square inputs are per image)
+        # one at a time gives the same labels as the batch (images run in same-size groups, never padded)
         alone = lab.process_batch([inputs[1]])[0]
         (m,) = lab.outputs
         if m == "det":
@@ -342,8 +342,8 @@ def test_dense_labelers_in_the_pipeline(ray_local, demo_corpus, weights, tmp_pat
             assert depth.shape == hw and depth.dtype == np.uint16 and depth.min() == 0 and depth.max() == 65535
             normal = get_modality("normal").decode(members["normal"][f"{key}.png"])
             assert normal.shape == (*hw, 3) and normal.dtype == np.uint8
-            length = np.linalg.norm(normal.astype(np.float64) / 127.5 - 1.0, axis=-1)
-            assert np.abs(length - 1.0).max() < 0.02  # unit normals (up to 8-bit rounding)
+            # stored as Omnidata's demo stores its clamped prediction (x * 255 truncated), not renormalised to unit
+            # length: the values are compared with the labeler run in-process below
             sem = get_modality("semseg_coco").decode(members["semseg_coco"][f"{key}.png"])
             assert sem.shape == hw and sem.dtype == np.uint8 and sem.max() <= 132
             det = json.loads(members["det"][f"{key}.json"])
