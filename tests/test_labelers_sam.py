@@ -62,7 +62,8 @@ def test_registry_entry_is_complete_and_frozen():
     assert r.num_cpus >= 1 and 0 < r.num_gpus <= 1 and r.memory_mb > 0 and cls.default_batch_size >= 1
     assert cls.Config.__dataclass_params__.frozen
     fields = dataclasses.fields(cls.Config)
-    assert [(f.name, f.default) for f in fields[:3]] == [("weights", None), ("device", "auto"), ("dtype", "auto")]
+    # float32 by default, as the official SAM (its thresholds are sensitive to the encoder's precision)
+    assert [(f.name, f.default) for f in fields[:3]] == [("weights", None), ("device", "auto"), ("dtype", "float32")]
     # SAM's own generator defaults, recorded in the config (and so in the manifest's config hash)
     c = cls.Config()
     assert (c.model_type, c.points_per_side, c.pred_iou_thresh, c.stability_score_thresh, c.box_nms_thresh,
@@ -238,7 +239,7 @@ def test_labeler_on_tiny_random_sam(tiny_sam_file):
     assert json.dumps(own["sam_mask"]) == json.dumps(results[1]["sam_mask"])
     capped = get_labeler("sam")({**LOOSE, "max_instances": 1, "weights": tiny_sam_file})
     assert capped.to_labels(anns, images[1].shape[:2])["sam_mask"]["instances"] == own["sam_mask"]["instances"][:1]
-    # under bf16 autocast (what a GPU actor does with dtype auto; here on the CPU) the encoder runs in bf16 and
+    # under bf16 autocast (what a GPU actor does with dtype: bfloat16; here on the CPU) the encoder runs in bf16 and
     # the prompt decoding in float32: valid labels, no bfloat16 reaching segment-anything's numpy conversion
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         (amp,) = lab.predict([_inp(images[0])])

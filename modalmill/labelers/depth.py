@@ -18,8 +18,15 @@ file itself (converted in memory, the DPT-Hybrid configuration inferred from the
 
 Outputs (validated by the modality registry):
 
-- ``depth``: uint16 ``[H, W]`` at the stored rgb's geometry. The prediction (made on the whole image resized
-  to the model's square input) is resized back to ``H, W`` bilinearly, then normalised per image by its
+Preprocessing follows each model's official inference code, except that the whole image is labelled: Omnidata's
+demo resizes the shorter side to 384 (PIL bilinear) and centre-crops 384 x 384; here the longer side keeps the
+aspect (a multiple of 32, as MiDaS' own inference of the same DPT-Hybrid) and the position embeddings are
+interpolated as Omnidata's ``forward_flex`` does. Depth Anything V2 runs exactly as its ``infer_image`` (aspect
+kept, multiples of 14, OpenCV bicubic). tests/test_official_preprocessing.py compares both with the official
+code run on the same random weights (docs/labelers.md has the figures).
+
+- ``depth``: uint16 ``[H, W]`` at the stored rgb's geometry. The prediction (made on the whole image at the
+  model's input size) is resized back to ``H, W`` bilinearly, then normalised per image by its
   minimum and maximum to 0..65535 (``round(65535 * (d - min) / (max - min))``; a constant map becomes all 0).
   Larger values are farther away: 4M stores depth, not disparity. Omnidata predicts depth directly (its
   output is clamped to [0, 1] first, as in Omnidata's demo). Depth Anything predicts relative inverse depth
@@ -27,9 +34,10 @@ Outputs (validated by the modality registry):
   (so depth spans at most ``1 .. 1/disparity_floor``, far/sky pixels saturate) and then normalised the same
   way. 4M's loader standardises depth per image (robust mean/std), so only the ordering and relative spacing
   matter, not the absolute scale.
-- ``normal``: uint8 ``[H, W, 3]``. Omnidata's output (clamped to [0, 1], mapped to [-1, 1] by ``2x - 1``) is
-  resized bilinearly to ``H, W``, normalised to unit length per pixel, and mapped to 0..255 by
-  ``round((n + 1) / 2 * 255)``. The axes are Omnidata's (the convention 4M-21 trained on).
+- ``normal``: uint8 ``[H, W, 3]``. Omnidata's output, clamped to [0, 1] as predicted, resized bilinearly to
+  ``H, W`` and stored as Omnidata's demo stores it (``ToPILImage``: ``x * 255`` truncated to a byte), not
+  renormalised to unit length: what 4M-21 trained on. A byte ``v`` decodes to ``2 v / 255 - 1``. The axes are
+  Omnidata's.
 """
 
 from __future__ import annotations
@@ -50,13 +58,17 @@ __all__ = [
     "DepthAnythingLabeler",
     "OmnidataDepthLabeler",
     "OmnidataNormalLabeler",
+    "depth_anything_input_hw",
     "depth_to_uint16",
+    "dpt_forward",
+    "dpt_input_hw",
     "image_problem",
     "split_usable",
     "load_pretrained",
     "normals_to_uint8",
     "omnidata_dpt_config",
     "omnidata_to_transformers",
+    "resize_uint8",
     "transformers_to_omnidata",
 ]
 
@@ -138,12 +150,82 @@ def depth_to_uint16(depth) -> np.ndarray:
 
 
 def normals_to_uint8(normals) -> np.ndarray:
-    """A float ``[3, H, W]`` torch tensor of normals in [-1, 1] -> unit length -> uint8 ``[H, W, 3]``."""
-    import torch.nn.functional as F
+    """Omnidata's clamped normal prediction (float ``[3, H, W]`` in [0, 1]) -> uint8 ``[H, W, 3]``, as the official
+    demo stores it: ``ToPILImage()(output)``, i.e. ``(x * 255)`` truncated to a byte (no renormalisation to unit
+    length; value v decodes to the normal component ``2 v / 255 - 1``)."""
+    import torch
 
-    unit = F.normalize(normals, dim=0, eps=1e-6)
-    u8 = ((unit + 1.0) * 127.5).round_().clamp_(0, 255)
-    return np.ascontiguousarray(u8.permute(1, 2, 0).to("cpu").numpy().astype(np.uint8))
+    u8 = (normals.clamp(0.0, 1.0) * 255.0).to(torch.uint8)  # float -> uint8 truncates, as tensor.byte()
+    return np.ascontiguousarray(u8.permute(1, 2, 0).to("cpu").numpy())
+
+
+def resize_uint8(image: np.ndarray, hw: tuple[int, int], resample: str = "bilinear") -> np.ndarray:
+    """PIL resize of a uint8 ``[H, W, 3]`` image to ``hw`` (what torchvision's ``Resize`` does to a PIL image and
+    what transformers' PIL image processors do; PIL's filters are antialiased when shrinking)."""
+    from PIL import Image
+
+    if tuple(image.shape[:2]) == tuple(hw):
+        return np.ascontiguousarray(image)
+    filters = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+    return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((int(hw[1]), int(hw[0])), filters[resample]))
+
+
+def dpt_input_hw(h: int, w: int, short: int, *, multiple: int = 32, max_aspect_ratio: float = 4.0) -> tuple[int, int]:
+    """The aspect-preserving DPT input size of an ``h x w`` image: the shorter side ``short`` (Omnidata's demo
+    resizes the shorter side to 384), the longer side the nearest multiple of ``multiple`` to ``short x aspect``
+    (as MiDaS' own inference for the same DPT-Hybrid, ``keep_aspect_ratio`` + ``ensure_multiple_of=32``), at most
+    ``max_aspect_ratio x short`` (more elongated images are squashed to that ratio)."""
+    ratio = min(max(h, w) / max(1, min(h, w)), float(max_aspect_ratio))
+    long_side = max(short, int(np.round(short * ratio / multiple)) * multiple)
+    return (short, long_side) if h <= w else (long_side, short)
+
+
+def dpt_forward(model, pixel_values):
+    """``DPTForDepthEstimation``'s prediction at any input size (sides multiples of 32), hybrid models included.
+
+    transformers' forward assumes a square patch grid for DPT-Hybrid (it passes no grid size to the neck and its
+    hybrid embeddings refuse another input size unless told to interpolate), while the official MiDaS/Omnidata
+    ``forward_flex`` interpolates the position embeddings (bilinear) to any grid. This is the same computation
+    with the grid given: embeddings with interpolation (:func:`_interpolating_embeddings` is applied at build),
+    the BiT activations plus the hooked ViT layers, the neck with ``(h / 16, w / 16)``, the head.
+    """
+    c = model.config
+    out = model.dpt(pixel_values, output_hidden_states=True)
+    hidden = out.hidden_states
+    if c.is_hybrid:
+        states = list(out.intermediate_activations) + [f for i, f in enumerate(hidden[1:])
+                                                       if i in c.backbone_out_indices[2:]]
+    else:
+        states = [f for i, f in enumerate(hidden[1:]) if i in c.backbone_out_indices]
+    ph, pw = pixel_values.shape[-2] // c.patch_size, pixel_values.shape[-1] // c.patch_size
+    return model.head(model.neck(states, ph, pw))
+
+
+def _interpolating_embeddings(model) -> None:
+    """Let the (hybrid) DPT embeddings of ``model`` take any input size, interpolating the position embeddings
+    as Omnidata's ``_resize_pos_embed`` does (bilinear, what transformers' ``_resize_pos_embed`` computes too)."""
+    import functools
+
+    emb = model.dpt.embeddings
+    if "interpolate_pos_encoding" in type(emb).forward.__code__.co_varnames:
+        emb.forward = functools.partial(type(emb).forward, emb, interpolate_pos_encoding=True)
+
+
+def depth_anything_input_hw(h: int, w: int, size: int = 518, *, multiple: int = 14,
+                            max_aspect_ratio: float = 4.0) -> tuple[int, int]:
+    """Depth Anything V2's ``image2tensor`` size: its ``Resize(keep_aspect_ratio=True, ensure_multiple_of=14,
+    resize_method='lower_bound')``: scale so that both sides are at least ``size``, each side rounded (half to
+    even) to a multiple of 14 and raised to the next multiple when that falls below ``size``. Images more elongated
+    than ``max_aspect_ratio`` are first treated as that ratio (bounds the longer side; not in the official code)."""
+    if max(h, w) > max_aspect_ratio * min(h, w):
+        h, w = (min(h, w), max_aspect_ratio * min(h, w)) if h <= w else (max_aspect_ratio * min(h, w), min(h, w))
+    scale = max(size / h, size / w)
+
+    def fit(x: float) -> int:
+        y = int(np.round(x / multiple) * multiple)
+        return int(np.ceil(x / multiple) * multiple) if y < size else y
+
+    return fit(scale * h), fit(scale * w)
 
 
 def _resize(pred, hw: tuple[int, int]):
@@ -386,7 +468,11 @@ class _OmnidataBase(ModelLabeler):
 
     @dataclass(frozen=True)
     class Config(ModelConfig):
-        pass
+        max_aspect_ratio: float = 4.0  # longer input side at most this x the shorter (384); beyond, squashed
+
+        def __post_init__(self):
+            if not (self.max_aspect_ratio >= 1):
+                raise ValueError(f"max_aspect_ratio must be >= 1, got {self.max_aspect_ratio!r}")
 
     @classmethod
     def _state_and_config(cls, path: str):
@@ -422,6 +508,7 @@ class _OmnidataBase(ModelLabeler):
         state, config = self._state_and_config(path)
         model = build_dpt(config, self.out_channels)
         load_into(model, state, where=f"{self.name} ({path})")
+        _interpolating_embeddings(model)
         return model
 
     @classmethod
@@ -442,31 +529,56 @@ class _OmnidataBase(ModelLabeler):
                   metadata={"format": "pt", "converted_from": os.path.basename(src), "labeler": cls.name})
         return dst
 
+    def model_inputs(self, images: list[np.ndarray]) -> dict[tuple[int, int], list[int]]:
+        """Positions of ``images`` grouped by their model input size (:func:`dpt_input_hw`)."""
+        size = int(self.model.config.image_size)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, im in enumerate(images):
+            hw = dpt_input_hw(*im.shape[:2], size, max_aspect_ratio=self.config.max_aspect_ratio)
+            groups.setdefault(hw, []).append(i)
+        return groups
+
+    def raw_predictions(self, images: list[np.ndarray]) -> list:
+        """Omnidata's clamped output ``[C, h', w']`` per image, at its aspect-preserving model input size.
+
+        Each image is resized as Omnidata's demo does (PIL bilinear, shorter side to the checkpoint's input size
+        384) but not centre-cropped: the longer side keeps the aspect (:func:`dpt_input_hw`) and the position
+        embeddings are interpolated as in Omnidata's ``forward_flex``, so the label covers the whole image.
+        Images with the same input size run as one batch; each result is independent of the others.
+        """
+        outs: list = [None] * len(images)
+        for hw, idx in self.model_inputs(images).items():
+            x = self.to_tensor([resize_uint8(images[i], hw, "bilinear") for i in idx], size=hw)
+            out = dpt_forward(self.model, x).float()
+            if out.ndim == 3:
+                out = out[:, None]
+            out = out.clamp(0.0, 1.0)  # as in Omnidata's demo: model(x).clamp(min=0, max=1)
+            for j, i in enumerate(idx):
+                outs[i] = out[j]
+        return outs
+
     def _forward(self, batch: list[LabelInput]):
-        """(valid positions, model output [B, C, s, s] float) for the usable images of ``batch``."""
+        """(results with failures, valid positions, {position: clamped output [C, h', w']})."""
         results, ok = split_usable(batch)
         if not ok:
-            return results, ok, None
-        size = int(self.model.config.image_size)
-        x = self.to_tensor([batch[i].image for i in ok], size=size)
-        out = self.model(pixel_values=x).predicted_depth.float()
-        if out.ndim == 3:
-            out = out[:, None]
-        # as in Omnidata's demo: the head's ReLU output is clamped to [0, 1]
-        return results, ok, out.clamp(0.0, 1.0)
+            return results, ok, {}
+        outs = self.raw_predictions([batch[i].image for i in ok])
+        return results, ok, dict(zip(ok, outs))
 
 
 @register_labeler
 class OmnidataDepthLabeler(_OmnidataBase):
     """Omnidata v2 DPT-Hybrid depth (4M-21's depth pseudo-labeler) -> ``depth`` uint16 [H, W].
 
-    Input: the whole stored image resized (bicubic, antialiased) to the checkpoint's square input (384),
-    scaled to [0, 1] and normalised with mean 0.5 / std 0.5 (Omnidata's depth transform). Output: clamped to
-    [0, 1], resized bilinearly to H, W, normalised per image by min/max to 0..65535; larger = farther.
+    Input: the whole stored image resized as Omnidata's demo resizes it (PIL bilinear, shorter side to the
+    checkpoint's input size, 384) but keeping its aspect instead of centre-cropping (:func:`dpt_input_hw`; the
+    position embeddings are interpolated as in Omnidata's ``forward_flex``), scaled to [0, 1] and normalised with
+    mean 0.5 / std 0.5 (Omnidata's depth transform). Output: clamped to [0, 1], resized bilinearly to H, W,
+    normalised per image by min/max to 0..65535; larger = farther.
     """
 
     name = "omnidata_depth"
-    version = "1"
+    version = "2"
     outputs = ("depth",)
     architecture = "DPT-Hybrid (ViT-B/16 on ResNet-50/BiT), transformers DPTForDepthEstimation, 1-channel head"
     weights = f"{_ZENODO}/omnidata_dpt_depth_v2.ckpt"
@@ -484,9 +596,9 @@ class OmnidataDepthLabeler(_OmnidataBase):
 
     def predict(self, batch: list[LabelInput]) -> list[dict[str, Any] | LabelFailure]:
         results, ok, out = self._forward(batch)
-        for j, i in enumerate(ok):
+        for i in ok:
             h, w = batch[i].image.shape[:2]
-            d = _resize(out[j], (h, w))[0]
+            d = _resize(out[i], (h, w))[0]
             results[i] = ({"depth": depth_to_uint16(d)} if bool(d.isfinite().all())
                           else LabelFailure("the model predicted non-finite depth"))
         return results
@@ -496,14 +608,14 @@ class OmnidataDepthLabeler(_OmnidataBase):
 class OmnidataNormalLabeler(_OmnidataBase):
     """Omnidata v2 DPT-Hybrid surface normals (4M-21's normal pseudo-labeler) -> ``normal`` uint8 [H, W, 3].
 
-    Input: the whole stored image resized (bicubic, antialiased) to the checkpoint's square input (384),
-    scaled to [0, 1] without mean/std normalisation (Omnidata's normal transform is ``ToTensor`` only).
-    Output: clamped to [0, 1], mapped to [-1, 1], resized bilinearly to H, W, normalised to unit length and
-    mapped to 0..255.
+    Input: as ``omnidata_depth`` (aspect kept, shorter side 384, PIL bilinear), scaled to [0, 1] without
+    mean/std normalisation (Omnidata's normal transform is ``ToTensor`` only). Output: clamped to [0, 1] and
+    resized bilinearly to H, W, then stored as the official demo stores it (``ToPILImage``: ``x * 255``
+    truncated), not renormalised to unit length (4M-21's normals are Omnidata's stored outputs).
     """
 
     name = "omnidata_normal"
-    version = "1"
+    version = "2"
     outputs = ("normal",)
     architecture = "DPT-Hybrid (ViT-B/16 on ResNet-50/BiT), transformers DPTForDepthEstimation, 3-channel head"
     weights = f"{_ZENODO}/omnidata_dpt_normal_v2.ckpt"
@@ -517,13 +629,13 @@ class OmnidataNormalLabeler(_OmnidataBase):
     mean = (0.0, 0.0, 0.0)
     std = (1.0, 1.0, 1.0)
     out_channels = 3
-    description = "Omnidata v2 DPT-Hybrid surface normals (4M-21's choice), unit normals [-1, 1] -> 0..255"
+    description = "Omnidata v2 DPT-Hybrid surface normals (4M-21's choice), clamped prediction x 255 as stored"
 
     def predict(self, batch: list[LabelInput]) -> list[dict[str, Any] | LabelFailure]:
         results, ok, out = self._forward(batch)
-        for j, i in enumerate(ok):
+        for i in ok:
             h, w = batch[i].image.shape[:2]
-            n = _resize(out[j] * 2.0 - 1.0, (h, w))
+            n = _resize(out[i], (h, w))
             results[i] = ({"normal": normals_to_uint8(n)} if bool(n.isfinite().all())
                           else LabelFailure("the model predicted non-finite normals"))
         return results
@@ -536,15 +648,17 @@ class OmnidataNormalLabeler(_OmnidataBase):
 class DepthAnythingLabeler(ModelLabeler):
     """Depth Anything (V2) relative depth -> ``depth`` uint16 [H, W] (an alternative to ``omnidata_depth``).
 
-    Input: the whole stored image resized (bicubic, antialiased) to ``input_size`` x ``input_size`` (a
-    multiple of 14; 518 as in Depth Anything's evaluation), ImageNet mean/std. The model predicts relative
-    inverse depth ``s`` (affine-invariant disparity); it is resized bilinearly to H, W and converted to depth
-    as ``1 / max(s / max(s), disparity_floor)`` (an image whose disparity is nowhere positive fails), then
-    normalised per image by min/max to 0..65535, larger = farther.
+    Input: as Depth Anything V2's ``infer_image``: the image keeps its aspect, both sides at least
+    ``input_size`` and multiples of 14 (:func:`depth_anything_input_hw`), resized with OpenCV's bicubic
+    interpolation on [0, 1] floats, ImageNet mean/std; the DINOv2 backbone interpolates its position embeddings
+    as the official one (offset 0.1, not antialiased). The model predicts relative inverse depth ``s``
+    (affine-invariant disparity); it is resized bilinearly (``align_corners=True``, as ``infer_image``) to H, W
+    and converted to depth as ``1 / max(s / max(s), disparity_floor)`` (an image whose disparity is nowhere
+    positive fails), then normalised per image by min/max to 0..65535, larger = farther.
     """
 
     name = "depth_anything"
-    version = "1"
+    version = "2"
     outputs = ("depth",)
     architecture = "Depth Anything V2 (DINOv2 ViT-S/14 + DPT head), transformers AutoModelForDepthEstimation"
     weights = "depth-anything/Depth-Anything-V2-Small-hf"
@@ -562,8 +676,9 @@ class DepthAnythingLabeler(ModelLabeler):
 
     @dataclass(frozen=True)
     class Config(ModelConfig):
-        input_size: int = 518  # square model input, a multiple of 14
+        input_size: int = 518  # shorter model-input side (aspect kept, sides multiples of 14), as infer_image
         disparity_floor: float = 0.05  # depth = 1 / max(disparity / max disparity, floor): depth spans <= 1/floor
+        max_aspect_ratio: float = 4.0  # longer input side at most about this x the shorter; beyond, squashed
 
         def __post_init__(self):
             if isinstance(self.input_size, bool) or not isinstance(self.input_size, int) or self.input_size < 14 \
@@ -571,22 +686,63 @@ class DepthAnythingLabeler(ModelLabeler):
                 raise ValueError(f"input_size must be a positive multiple of 14, got {self.input_size!r}")
             if not (0 < self.disparity_floor <= 1):
                 raise ValueError(f"disparity_floor must lie in (0, 1], got {self.disparity_floor!r}")
+            if not (self.max_aspect_ratio >= 1):
+                raise ValueError(f"max_aspect_ratio must be >= 1, got {self.max_aspect_ratio!r}")
 
     def build(self, path: str):
         from transformers import AutoModelForDepthEstimation
 
-        return load_pretrained(AutoModelForDepthEstimation, path, model_type="depth_anything",
-                               where=f"{self.name} ({self.architecture})", how_to_get=self.weights_help)
+        from .dinov2 import official_pos_interpolation
+
+        model = load_pretrained(AutoModelForDepthEstimation, path, model_type="depth_anything",
+                                where=f"{self.name} ({self.architecture})", how_to_get=self.weights_help)
+        emb = getattr(getattr(model, "backbone", None), "embeddings", None)
+        if emb is not None and hasattr(emb, "interpolate_pos_encoding"):
+            # Depth Anything V2's own DINOv2 (depth_anything_v2/dinov2.py): interpolate_offset 0.1, no antialias
+            official_pos_interpolation(emb, offset=0.1, antialias=False)
+        return model
+
+    def model_input(self, image: np.ndarray) -> np.ndarray:
+        """One image as ``image2tensor`` makes it: float32 ``[3, h', w']`` (OpenCV bicubic on [0, 1] float64,
+        ImageNet mean/std)."""
+        import cv2
+
+        h, w = depth_anything_input_hw(*image.shape[:2], self.config.input_size,
+                                       max_aspect_ratio=self.config.max_aspect_ratio)
+        x = cv2.resize(image.astype(np.float64) / 255.0, (w, h), interpolation=cv2.INTER_CUBIC)
+        x = (x - np.asarray(self.mean)) / np.asarray(self.std)
+        return np.ascontiguousarray(x.transpose(2, 0, 1)).astype(np.float32)
+
+    def raw_predictions(self, images: list[np.ndarray]) -> list:
+        """The model's disparity ``[h', w']`` per image, at its input size; same-size images run as one batch."""
+        import torch
+
+        inputs = [self.model_input(im) for im in images]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, x in enumerate(inputs):
+            groups.setdefault(tuple(x.shape), []).append(i)
+        outs: list = [None] * len(images)
+        for idx in groups.values():
+            x = torch.from_numpy(np.stack([inputs[i] for i in idx])).to(self.device)
+            disp = self.model(pixel_values=x).predicted_depth.float()
+            for j, i in enumerate(idx):
+                outs[i] = disp[j]
+        return outs
+
+    def disparities(self, images: list[np.ndarray]) -> list:
+        """The disparity ``[H, W]`` of each image at its own size, as ``infer_image`` returns it (the model's output
+        resized bilinearly with ``align_corners=True``)."""
+        import torch.nn.functional as F
+
+        return [F.interpolate(d[None, None], size=tuple(im.shape[:2]), mode="bilinear", align_corners=True)[0, 0]
+                for d, im in zip(self.raw_predictions(images), images)]
 
     def predict(self, batch: list[LabelInput]) -> list[dict[str, Any] | LabelFailure]:
         results, ok = split_usable(batch)
         if not ok:
             return results
-        x = self.to_tensor([batch[i].image for i in ok], size=self.config.input_size)
-        disp = self.model(pixel_values=x).predicted_depth.float()
-        for j, i in enumerate(ok):
-            h, w = batch[i].image.shape[:2]
-            s = _resize(disp[j][None], (h, w))[0]
+        disp = self.disparities([batch[i].image for i in ok])
+        for s, i in zip(disp, ok):
             top = s.max()
             if not bool(s.isfinite().all()) or not bool(top > 0):
                 results[i] = LabelFailure("the model predicted no positive finite disparity")

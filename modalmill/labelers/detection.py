@@ -24,11 +24,14 @@ mean/std; post-processing as D-FINE's ``PostProcessor`` (focal-loss scores): ``s
 ``[queries, 80]`` logits, the best ``num_top_queries`` (query, class) pairs of the flattened scores (so one
 query can give boxes of two classes), boxes ``(cx, cy, w, h)`` -> ``(xmin, ymin, xmax, ymax)`` clipped to [0, 1].
 
-DETR: letterbox (see :func:`modalmill.labelers.semseg.letterbox`: longer side ``input_size``, aspect kept,
-top-left, zero padding) with DETR's ``pixel_mask`` marking the real pixels, so DETR's boxes are relative to
-the image itself; per query, DETR's post-processing: ``softmax`` over the classes, the no-object column
-dropped, the best class and its probability; boxes ``(cx, cy, w, h)`` -> ``(xmin, ymin, xmax, ymax)``,
-clipped to [0, 1]. Queries whose best class is one of COCO's unused ids ('N/A') are dropped.
+DETR: the input as DETR's own image processor makes it (transformers ``DetrImageProcessor`` defaults,
+detectron2's ``ResizeShortestEdge(800, max_size=1333)`` sizes: shorter side ``input_size`` unless the longer
+side would exceed ``max_size``; PIL bilinear; ImageNet mean/std; see
+:func:`modalmill.labelers.semseg.processor_size`); images of the same input size run as one batch without
+padding, so DETR's boxes are relative to the image itself and no image's result depends on its batch; per
+query, DETR's post-processing: ``softmax`` over the classes, the no-object column dropped, the best class and
+its probability; boxes ``(cx, cy, w, h)`` -> ``(xmin, ymin, xmax, ymax)``, clipped to [0, 1]. Queries whose
+best class is one of COCO's unused ids ('N/A') are dropped.
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ from typing import Any
 from .base import LabelFailure, LabelInput, Resources, register_labeler
 from .depth import IMAGENET_MEAN, IMAGENET_STD, load_pretrained, split_usable
 from .model import ModelConfig, ModelLabeler
+from .semseg import COCO_THING_CLASSES, check_class_names, processor_batches
 from .weights import Pin
-from .semseg import COCO_THING_CLASSES, check_class_names, letterbox
 
 __all__ = ["DETR_COCO_LABELS", "DFineCocoLabeler", "DetrCocoLabeler", "detections_from_focal_logits",
            "detections_from_logits"]
@@ -183,7 +186,7 @@ class DetrCocoLabeler(ModelLabeler):
     """
 
     name = "detr_coco"
-    version = "1"
+    version = "2"
     outputs = ("det",)
     architecture = "DETR (ResNet-50), transformers DetrForObjectDetection, COCO 80 classes (91 ids)"
     weights = "facebook/detr-resnet-50"
@@ -192,7 +195,7 @@ class DetrCocoLabeler(ModelLabeler):
                       "model.safetensors")
     weights_help = ("the hub id facebook/detr-resnet-50 (online), or a local/s3:// copy of that directory "
                     "(config.json + model.safetensors)")
-    input_size = 800
+    input_size = 800  # shortest edge, as the image processor's size["shortest_edge"]
     mean = IMAGENET_MEAN
     std = IMAGENET_STD
     license = "Apache-2.0 (facebookresearch/detr)"
@@ -203,16 +206,19 @@ class DetrCocoLabeler(ModelLabeler):
 
     @dataclass(frozen=True)
     class Config(ModelConfig):
-        input_size: int = 800  # letterbox canvas side (longer image side), pixels
+        input_size: int = 800  # shorter input side (the processor's shortest_edge) ...
+        max_size: int = 1333  # ... unless the longer side would then exceed this (longest_edge)
         min_score: float = 0.05  # keep queries whose best class has at least this probability
         top_k: int = 100  # at most this many instances per image (the highest scores)
         decimals: int = 4  # boxes and scores are rounded to this many decimals
 
         def __post_init__(self):
-            for f, lo in (("input_size", 32), ("top_k", 1), ("decimals", 1)):
+            for f, lo in (("input_size", 32), ("max_size", 32), ("top_k", 1), ("decimals", 1)):
                 v = getattr(self, f)
                 if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                     raise ValueError(f"{f} must be an int >= {lo}, got {v!r}")
+            if self.max_size < self.input_size:
+                raise ValueError(f"max_size ({self.max_size}) must be >= input_size ({self.input_size})")
             if not (0 <= self.min_score <= 1):
                 raise ValueError(f"min_score must lie in [0, 1], got {self.min_score!r}")
 
@@ -230,13 +236,19 @@ class DetrCocoLabeler(ModelLabeler):
         if not ok:
             return results
         c = self.config
-        x, mask, _ = letterbox(self, [batch[i].image for i in ok], c.input_size, self.mean, self.std)
-        out = self.model(pixel_values=x, pixel_mask=mask)
-        for j, i in enumerate(ok):
-            logits, boxes = out.logits[j], out.pred_boxes[j]
+        for (logits, boxes), i in zip(self.raw_predictions([batch[i].image for i in ok]), ok):
             if not (bool(logits.isfinite().all()) and bool(boxes.isfinite().all())):
                 results[i] = LabelFailure("the model predicted non-finite logits or boxes")
                 continue
             results[i] = {"det": detections_from_logits(logits, boxes, DETR_COCO_LABELS, min_score=c.min_score,
                                                         top_k=c.top_k, decimals=c.decimals)}
         return results
+
+    def raw_predictions(self, images: list) -> list:
+        """Per image: (logits ``[Q, C + 1]``, boxes ``[Q, 4]``), the input made as DETR's image processor makes it."""
+        outs: list = [None] * len(images)
+        for idx, x, mask in processor_batches(self, images, self.config.input_size, self.config.max_size):
+            out = self.model(pixel_values=x, pixel_mask=mask)
+            for j, i in enumerate(idx):
+                outs[i] = (out.logits[j], out.pred_boxes[j])
+        return outs

@@ -42,6 +42,7 @@ __all__ = [
     "crop_images",
     "predict_crops",
     "prepare_crops",
+    "official_pos_interpolation",
     "region_images",
     "split_regions",
     "to_float16",
@@ -191,6 +192,50 @@ def load_pretrained(loader: Any, path: str, *, where: str, how_to_get: str, mode
     return model
 
 
+def official_pos_interpolation(embeddings, *, offset: float = 0.1, antialias: bool = False) -> None:
+    """Make transformers' DINOv2 ``embeddings`` interpolate their position embeddings as facebookresearch/dinov2 does.
+
+    transformers resizes the ``M x M`` grid of position embeddings to the target grid ``(h0, w0)`` by size
+    (bicubic, not antialiased). The official ``DinoVisionTransformer.interpolate_pos_encoding`` instead passes
+    the scale factors ``((h0 + offset) / M, (w0 + offset) / M)`` (the "+0.1 kludge" of DINO), which places the
+    samples differently; with ``offset`` 0 it resizes by size. The official hub models use offset 0.1 without
+    antialiasing (``dinov2_vit{s,b,l,g}14``, hence 4M-21's ``dinov2_vitb14`` teacher and Depth Anything's
+    backbone) and offset 0 with antialiasing (the ``*_reg`` models with registers). As in the official code the
+    embeddings are returned unchanged when the token count and the grid already match and the input is square,
+    interpolated in float32 and cast back to the tokens' dtype. Replaces ``embeddings.interpolate_pos_encoding``
+    on this instance only.
+    """
+    import math
+    import types
+
+    import torch
+    import torch.nn.functional as F
+
+    def interpolate_pos_encoding(self, x, height: int, width: int):
+        pos = self.position_embeddings
+        n_patch, n_pos = x.shape[1] - 1, pos.shape[1] - 1
+        if n_patch == n_pos and height == width:
+            return pos
+        pos32 = pos.float()
+        dim = x.shape[-1]
+        ph, pw = (self.patch_embeddings.patch_size if isinstance(self.patch_embeddings.patch_size, (tuple, list))
+                  else (self.patch_embeddings.patch_size,) * 2)
+        h0, w0 = height // ph, width // pw
+        m = int(math.sqrt(n_pos))
+        if m * m != n_pos:
+            raise ValueError(f"position embeddings of {n_pos} patches are not a square grid")
+        kwargs = ({"scale_factor": (float(h0 + offset) / m, float(w0 + offset) / m)} if offset
+                  else {"size": (h0, w0)})
+        grid = F.interpolate(pos32[:, 1:].reshape(1, m, m, dim).permute(0, 3, 1, 2), mode="bicubic",
+                             antialias=antialias, **kwargs)
+        if tuple(grid.shape[-2:]) != (h0, w0):
+            raise ValueError(f"interpolated position grid {tuple(grid.shape[-2:])} is not {(h0, w0)}")
+        grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim)
+        return torch.cat((pos32[:, :1], grid), dim=1).to(x.dtype)
+
+    embeddings.interpolate_pos_encoding = types.MethodType(interpolate_pos_encoding, embeddings)
+
+
 def _one_line(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
     return f"{type(e).__name__}: {lines[0] if lines else ''}"[:400]
@@ -209,11 +254,13 @@ class DINOv2Labeler(ModelLabeler):
     final-LayerNorm patch tokens as a ``[input_size/14, input_size/14, C]`` map (row-major, as the patches lie in
     the crop) and the final-LayerNorm CLS token (4M-21's ``DINOv2-B14-global``). Checkpoints with register
     tokens (``Dinov2WithRegistersModel``) work too; the registers are dropped. ``batch_size`` counts samples:
-    one forward pass sees ``batch_size x n_crops`` crops.
+    one forward pass sees ``batch_size x n_crops`` crops. The position embeddings (a 37 x 37 grid in the released
+    checkpoints) are interpolated to the input's grid as facebookresearch/dinov2 does
+    (:func:`official_pos_interpolation`), so the features are those of 4M-21's ``torch.hub`` teacher.
     """
 
     name = "dinov2"
-    version = "2"  # 2: one row per crop_settings row (1 stored crop 0 only)
+    version = "3"  # 3: official position interpolation; 2: one row per crop_settings row (1 stored crop 0 only)
     outputs = ("dinov2", "dinov2_global")
     architecture = "DINOv2 ViT-B/14 (transformers Dinov2Model), final-LayerNorm patch tokens + CLS token"
     weights = "facebook/dinov2-base"
@@ -247,6 +294,10 @@ class DINOv2Labeler(ModelLabeler):
         if self.config.input_size % patch:
             raise WeightsError(f"labeler {self.name!r}: input_size {self.config.input_size} is not a multiple of the "
                                f"checkpoint's patch size {patch}")
+        # the official hub models' position-embedding interpolation (dinov2_vitb14: offset 0.1, no antialias;
+        # the *_reg models with registers: offset 0, antialiased), not transformers' resize-to-size
+        registers = model.config.model_type == "dinov2_with_registers"
+        official_pos_interpolation(model.embeddings, offset=0.0 if registers else 0.1, antialias=registers)
         return model
 
     def prepare(self, batch: list[LabelInput]) -> Prepared:

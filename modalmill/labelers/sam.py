@@ -4,10 +4,10 @@ The model is segment-anything's own ``Sam`` (``ImageEncoderViT`` + ``PromptEncod
 by its own ``SamAutomaticMaskGenerator`` with the settings in the labeler's Config (so they are part of the
 config hash the manifest records). 4M-21 uses SAM ViT-H (``sam_vit_h_4b8939.pth``), the default here.
 
-Batching: the image encoder (nearly all of the compute) runs once over the whole batch (under bf16/fp16
-autocast on a GPU when ``dtype`` asks for it); the point-prompt decoding of the mask generator then runs per
-image on those precomputed embeddings, in float32. With ``crop_n_layers > 0`` the extra crops of each image
-are encoded by the generator itself (float32), as in SAM.
+Batching: the image encoder (nearly all of the compute) runs once over the whole batch (in float32 by default,
+as the official SAM; under bf16/fp16 autocast on a GPU only when ``dtype`` asks for it); the point-prompt
+decoding of the mask generator then runs per image on those precomputed embeddings, in float32. With
+``crop_n_layers > 0`` the extra crops of each image are encoded by the generator itself (float32), as in SAM.
 
 Outputs, both at the geometry of the stored rgb image:
 
@@ -226,6 +226,9 @@ class SamLabeler(ModelLabeler):
 
     @dataclass(frozen=True)
     class Config(ModelConfig):
+        # float32 by default, as the official SAM: its mask thresholds (predicted IoU 0.88, stability 0.95) are
+        # sensitive to the encoder's precision; bfloat16/float16 autocast of the encoder only when asked for
+        dtype: str = "float32"
         model_type: str = "vit_h"  # vit_h | vit_l | vit_b | auto (encoder size read from the checkpoint)
         # SamAutomaticMaskGenerator settings (SAM's defaults, chosen by its authors for ViT-H)
         points_per_side: int = 32

@@ -8,21 +8,23 @@ Output ``semseg_coco``: uint8 ``[H, W]`` at the stored rgb's geometry holding CO
 the panoptic order (:data:`COCO_PANOPTIC_CLASSES`: the 80 thing classes, then the 53 stuff classes), 255 for
 unlabelled pixels.
 
-Method (vectorised, on the device):
+Method:
 
-1. letterbox: each image is resized (bicubic, antialiased) so its longer side is ``input_size``, normalised
-   with ImageNet mean/std and placed in the top-left corner of an ``input_size`` x ``input_size`` canvas
-   (zeros elsewhere), so every image is processed the same way whatever else is in its batch;
+1. input as Mask2Former's own image processor makes it (transformers ``Mask2FormerImageProcessor`` defaults,
+   the sizes of detectron2's ``ResizeShortestEdge(800, max_size=1333)``): the shorter side scaled to
+   ``input_size`` (800) unless the longer side would then exceed ``max_size`` (1333), both sides then rounded
+   up to multiples of 32 (:func:`processor_size`), PIL bilinear, ImageNet mean/std. Images of the same input
+   size run as one batch, without padding, so each image's result does not depend on its batch;
 2. semantic inference as in Mask2Former: with ``p = softmax(class logits)`` without the no-object column and
-   ``m = sigmoid(mask logits)`` upsampled bilinearly to the canvas, the score of class c at a pixel is
+   ``m = sigmoid(mask logits)`` upsampled bilinearly to the model input, the score of class c at a pixel is
    ``sum_q p[q, c] * m[q, pixel]``; the label is the class with the highest score, or 255 where that score
    is below ``min_confidence`` (0 by default: every pixel is labelled);
-3. the label map of the image's own region of the canvas is resized to ``H, W`` with nearest-neighbour
-   sampling (labels are never interpolated).
+3. the label map is resized to ``H, W`` with nearest-neighbour sampling (labels are never interpolated).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +36,7 @@ from .model import ModelConfig, ModelLabeler
 from .weights import Pin, WeightsError
 
 __all__ = ["COCO_PANOPTIC_CLASSES", "COCO_THING_CLASSES", "N_COCO_THINGS", "Mask2FormerCocoLabeler", "letterbox",
-           "semantic_map"]
+           "processor_batches", "processor_size", "semantic_map"]
 
 # COCO panoptic categories in the contiguous order of the panoptic annotations (detectron2's order, used by
 # Mask2Former and by 4M's semseg_coco): ids 0..79 are things, 80..132 stuff.
@@ -79,14 +81,64 @@ def letterbox(labeler: ModelLabeler, images: list[np.ndarray], size: int, mean, 
     return x, mask, regions
 
 
-def semantic_map(class_logits, mask_logits, canvas: int, region: tuple[int, int], out_hw: tuple[int, int],
-                 min_confidence: float = 0.0) -> np.ndarray:
-    """One image's uint8 semantic map from Mask2Former's ``[Q, C + 1]`` class and ``[Q, h, w]`` mask logits."""
+def processor_size(h: int, w: int, shortest: int = 800, longest: int | None = 1333,
+                   divisor: int = 0) -> tuple[int, int]:
+    """The model input size transformers' DETR / Mask2Former image processors give an ``h x w`` image.
+
+    ``{"shortest_edge": shortest, "longest_edge": longest}`` as ``get_size_with_aspect_ratio`` computes it (the
+    shorter side becomes ``shortest`` unless the longer side would exceed ``longest``, in which case the longer
+    side becomes about ``longest``; sides are truncated to ints), then, with ``divisor`` (Mask2Former's
+    ``size_divisor`` 32), both sides rounded up to a multiple of it.
+    """
+    size: float = shortest
+    raw = None
+    lo, hi = float(min(h, w)), float(max(h, w))
+    if longest is not None and hi / lo * size > longest:
+        raw = longest * lo / hi
+        size = int(round(raw))
+    if (h <= w and h == size) or (w <= h and w == size):
+        oh, ow = h, w
+    elif w < h:
+        ow = int(size)
+        oh = int((raw if raw is not None else size) * h / w)
+    else:
+        oh = int(size)
+        ow = int((raw if raw is not None else size) * w / h)
+    if divisor:
+        oh, ow = int(math.ceil(oh / divisor) * divisor), int(math.ceil(ow / divisor) * divisor)
+    return oh, ow
+
+
+def processor_batches(labeler: ModelLabeler, images: list[np.ndarray], shortest: int, longest: int | None,
+                      divisor: int = 0):
+    """Yield ``(positions, pixel_values [B, 3, h, w], pixel_mask [B, h, w])`` for ``images`` grouped by their
+    :func:`processor_size`: each resized with PIL bilinear (as the PIL image processors and detectron2 do),
+    scaled to [0, 1], normalised with the labeler's mean/std; no padding within a group (all the same size)."""
+    import torch
+
+    from .depth import resize_uint8
+
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, im in enumerate(images):
+        groups.setdefault(processor_size(*im.shape[:2], shortest, longest, divisor), []).append(i)
+    for hw, idx in groups.items():
+        x = labeler.to_tensor([resize_uint8(images[i], hw, "bilinear") for i in idx], size=hw)
+        yield idx, x, torch.ones((len(idx), *hw), dtype=torch.long, device=x.device)
+
+
+def semantic_map(class_logits, mask_logits, canvas: int | tuple[int, int], region: tuple[int, int],
+                 out_hw: tuple[int, int], min_confidence: float = 0.0) -> np.ndarray:
+    """One image's uint8 semantic map from Mask2Former's ``[Q, C + 1]`` class and ``[Q, h, w]`` mask logits.
+
+    The masks are upsampled to the model input ``canvas`` (side or ``(h, w)``), of which the image's own
+    ``region`` (top-left ``(h, w)``; the whole canvas when there is no padding) is labelled and resized to
+    ``out_hw`` by nearest neighbour."""
     import torch
     import torch.nn.functional as F
 
+    canvas_hw = (canvas, canvas) if isinstance(canvas, int) else tuple(canvas)
     probs = class_logits.float().softmax(-1)[:, :-1]  # [Q, C]
-    masks = F.interpolate(mask_logits.float()[None], size=(canvas, canvas), mode="bilinear",
+    masks = F.interpolate(mask_logits.float()[None], size=canvas_hw, mode="bilinear",
                           align_corners=False)[0, :, :region[0], :region[1]].sigmoid()  # [Q, rh, rw]
     scores = torch.einsum("qc,qhw->chw", probs, masks)
     best, labels = scores.max(dim=0)
@@ -104,7 +156,7 @@ class Mask2FormerCocoLabeler(ModelLabeler):
     """
 
     name = "mask2former_coco"
-    version = "1"
+    version = "2"
     outputs = ("semseg_coco",)
     architecture = "Mask2Former (Swin-B backbone), transformers Mask2FormerForUniversalSegmentation, 133 classes"
     weights = "facebook/mask2former-swin-base-coco-panoptic"
@@ -112,7 +164,7 @@ class Mask2FormerCocoLabeler(ModelLabeler):
                           "the download")
     weights_help = ("the hub id facebook/mask2former-swin-base-coco-panoptic (online), or a local/s3:// copy of "
                     "that directory (config.json + model.safetensors)")
-    input_size = 800
+    input_size = 800  # shortest edge, as the image processor's size["shortest_edge"]
     mean = IMAGENET_MEAN
     std = IMAGENET_STD
     license = "MIT (facebookresearch/Mask2Former model zoo)"
@@ -122,13 +174,17 @@ class Mask2FormerCocoLabeler(ModelLabeler):
 
     @dataclass(frozen=True)
     class Config(ModelConfig):
-        input_size: int = 800  # letterbox canvas side (longer image side); a multiple of 32
+        input_size: int = 800  # shorter input side (the processor's shortest_edge) ...
+        max_size: int = 1333  # ... unless the longer side would exceed this (longest_edge); sides then ceil to 32
         min_confidence: float = 0.0  # pixels whose best class score is below this become 255
 
         def __post_init__(self):
-            if isinstance(self.input_size, bool) or not isinstance(self.input_size, int) or self.input_size < 32 \
-                    or self.input_size % 32:
-                raise ValueError(f"input_size must be a positive multiple of 32, got {self.input_size!r}")
+            for f in ("input_size", "max_size"):
+                v = getattr(self, f)
+                if isinstance(v, bool) or not isinstance(v, int) or v < 32:
+                    raise ValueError(f"{f} must be an integer >= 32, got {v!r}")
+            if self.max_size < self.input_size:
+                raise ValueError(f"max_size ({self.max_size}) must be >= input_size ({self.input_size})")
             if not (self.min_confidence >= 0):
                 raise ValueError(f"min_confidence must be >= 0, got {self.min_confidence!r}")
 
@@ -145,17 +201,24 @@ class Mask2FormerCocoLabeler(ModelLabeler):
         results, ok = split_usable(batch)
         if not ok:
             return results
-        size = self.config.input_size
-        x, mask, regions = letterbox(self, [batch[i].image for i in ok], size, self.mean, self.std)
-        out = self.model(pixel_values=x, pixel_mask=mask)
-        for j, i in enumerate(ok):
-            cls_logits, mask_logits = out.class_queries_logits[j], out.masks_queries_logits[j]
+        outs = self.raw_predictions([batch[i].image for i in ok])
+        for (cls_logits, mask_logits, hw), i in zip(outs, ok):
             if not (bool(cls_logits.isfinite().all()) and bool(mask_logits.isfinite().all())):
                 results[i] = LabelFailure("the model predicted non-finite logits")
                 continue
-            results[i] = {"semseg_coco": semantic_map(cls_logits, mask_logits, size, regions[j],
-                                                      batch[i].image.shape[:2], self.config.min_confidence)}
+            results[i] = {"semseg_coco": semantic_map(cls_logits, mask_logits, hw, hw, batch[i].image.shape[:2],
+                                                      self.config.min_confidence)}
         return results
+
+    def raw_predictions(self, images: list[np.ndarray]) -> list[tuple[Any, Any, tuple[int, int]]]:
+        """Per image: (class logits ``[Q, C + 1]``, mask logits ``[Q, h/4, w/4]``, model input ``(h, w)``), the
+        input made as Mask2Former's image processor makes it (:func:`processor_batches`, size divisor 32)."""
+        outs: list = [None] * len(images)
+        for idx, x, mask in processor_batches(self, images, self.config.input_size, self.config.max_size, 32):
+            out = self.model(pixel_values=x, pixel_mask=mask)
+            for j, i in enumerate(idx):
+                outs[i] = (out.class_queries_logits[j], out.masks_queries_logits[j], tuple(x.shape[-2:]))
+        return outs
 
 
 def check_class_names(config, expected: tuple[str, ...], *, where: str, path: str, how_to_get: str = "",
