@@ -110,7 +110,8 @@ def test_registry_entry_is_complete_and_frozen(name):
         cfg.weights = "elsewhere"
     r = cls.default_resources
     assert r.num_cpus >= 1 and 0 < r.num_gpus <= 1 and r.memory_mb > 0 and cls.default_batch_size >= 1
-    assert cls.version == "2"  # 2: one feature row per crop_settings row
+    # 2: one feature row per crop_settings row; dinov2 3: and the official position interpolation
+    assert cls.version == ("3" if cls.name == "dinov2" else "2")
     with pytest.raises(ValueError, match="unknown setting.*region"):  # every crop is computed: no region to pick
         cls.make_config({"region": "full"})
     out = CliRunner().invoke(main, ["labelers"]).output
@@ -154,7 +155,10 @@ def test_feature_labelers_in_the_ray_pipeline(ray_local, demo_corpus, tiny, tmp_
     members = {m: dict(tar_members(out / m / "shard-00000.tar")) for m in mods}
     from transformers import Dinov2Model
 
+    from modalmill.labelers.dinov2 import official_pos_interpolation
+
     dino = Dinov2Model.from_pretrained(tiny["dinov2"]["weights"]).eval()
+    official_pos_interpolation(dino.embeddings)  # 4M-21's teacher: facebookresearch/dinov2's interpolation
     clip_visual = get_labeler("clip")(tiny["clip"])
     clip_visual.setup()
     clip_visual = clip_visual.model

@@ -73,15 +73,15 @@ def test_dinov2_position_interpolation_is_the_official_hub_models(ref, tmp_path)
     m = meta["dinov2"]
     lab = labeler("dinov2", save_tiny_dinov2(str(tmp_path / "d")), input_size=m["input_size"])
     same_weights(m, lab.model.state_dict())
-    (out,) = lab.process_batch([inp(photo, m["crop0"])])
+    (out,) = lab.process_batch([inp(photo, m["crop0"])])  # one crop row: the centre square
     want_patch, want_cls = arrays["dinov2_patch"], arrays["dinov2_cls"]
-    assert out["dinov2"].shape == want_patch.shape  # 16 x 16 patches of a 4 x 4 position grid: interpolated
+    patch, cls = out["dinov2"][0], out["dinov2_global"][0]  # row 0: the features of crop 0
+    assert patch.shape == want_patch.shape  # 16 x 16 patches of a 4 x 4 position grid: interpolated
     # stored as float16: 2^-11 relative rounding of values of size ~1-3
-    err = max(np.abs(out["dinov2"].astype(np.float32) - want_patch).max(),
-              np.abs(out["dinov2_global"].astype(np.float32) - want_cls).max())
+    err = max(np.abs(patch.astype(np.float32) - want_patch).max(), np.abs(cls.astype(np.float32) - want_cls).max())
     assert err < 4e-3, err
     # float32 features before the float16 storage: 1e-5 (the official forward on the same input tensor)
-    x = lab.to_tensor(lab.prepare([inp(photo, m["crop0"])]), size=m["input_size"])
+    x = lab.to_tensor(list(lab.prepare([inp(photo, m["crop0"])])[0]), size=m["input_size"])
     with torch.inference_mode():
         hidden = lab.model(pixel_values=x).last_hidden_state[0]
         assert np.abs(hidden[1:].reshape(want_patch.shape).numpy() - want_patch).max() < 1e-5
