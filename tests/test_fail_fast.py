@@ -17,8 +17,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def cli(tmp_path, *args):
-    ray_tmp = tmp_path / "raytmp"
-    ray_tmp.mkdir(exist_ok=True)
+    import pathlib
+    import tempfile
+
+    # short: Ray's socket paths under RAY_TMPDIR must stay within AF_UNIX's 107 bytes, should a Ray ever start
+    ray_tmp = pathlib.Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
     env = {**os.environ, "PYTHONPATH": ROOT, "RAY_TMPDIR": str(ray_tmp)}
     r = subprocess.run([f"{BIN}/python", "-m", "modalmill", *map(str, args)], capture_output=True, text=True,
                        env=env, timeout=180)
@@ -52,7 +55,7 @@ def test_tokenize_with_a_folder_that_is_not_a_tokenizer(labeled_edges, tmp_path,
         expect = "weights not found at"
     elif what == "another model's folder":
         save_tiny_dinov2(d)  # a real model.safetensors, but not a modalmill tokenizer
-        expect = "not a modalmill tokenizer checkpoint"
+        expect = "not a 4M-format tokenizer"
     else:
         from modalmill.tokenize.train import train_tokenizer
 

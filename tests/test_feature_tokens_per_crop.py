@@ -108,7 +108,10 @@ def test_every_crop_of_a_2to1_photo_is_tokenized_from_the_teacher_run_on_that_cr
     stored = np.load(io.BytesIO(m["dinov2"][key]))
     assert stored.shape == (N_CROPS, 16, 16, 32) and stored.dtype == np.float16
 
+    from modalmill.labelers.dinov2 import official_pos_interpolation
+
     dino = Dinov2Model.from_pretrained(tiny["dinov2"]["weights"]).eval()
+    official_pos_interpolation(dino.embeddings)  # 4M-21's teacher: facebookresearch/dinov2's interpolation
     clip = get_labeler("clip")(tiny["clip"])
     clip.setup()
     visual = clip.model
@@ -123,8 +126,8 @@ def test_every_crop_of_a_2to1_photo_is_tokenized_from_the_teacher_run_on_that_cr
                      "tok_clip@224": (out_clip["image_intermediates"][0][0] @ visual.proj).reshape(14, 14, -1)}
             for tok, f in feats.items():
                 f = torch.from_numpy(f.numpy().astype(np.float16).astype(np.float32))  # as stored: float16
-                f = f.permute(2, 0, 1)[None] if f.ndim == 3 else f[None]
-                expected[tok].append(models[tok].encode(f)[0].numpy())
+                f = f.permute(2, 0, 1)[None] if f.ndim == 3 else f[None, :, None, None]  # a map, or a vector
+                expected[tok].append(models[tok].tokenize(f)[0].numpy())
     for tok in TOKENS:
         got = np.load(io.BytesIO(m[tok][key])) if tok in m else _tokens_in_process(out, tok, ck[tok], key)
         want = np.stack(expected[tok]).astype(got.dtype)

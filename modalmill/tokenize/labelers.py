@@ -101,6 +101,8 @@ class TokenizerLabeler(Labeler):
             raise WeightsError(str(e)) from None
         try:
             cfg = read_config(location)
+            if not ({"enc_type", "quant_type"} & set(cfg)) or "model_type" in cfg:  # e.g. a transformers model
+                raise ValueError("its config.json holds no 4M tokenizer arguments (enc_type, quant_type, ...)")
             FourMSpec.of(cfg)
         except WeightsError:
             raise
