@@ -88,10 +88,7 @@ def test_fixture_covers_every_text_modality_and_several_crops():
 @pytest.mark.parametrize("case", list(_cases()), ids=lambda c: f"{c[0]}-crop{c[1]}-{c[2]}")
 def test_modalmill_text_equals_4ms_text(case):
     key, c, m, ref = case
-    if "error" in ref:  # what 4M's loader raised on this label: modalmill's crop indexing must refuse it too
-        assert m == "caption" and "IndexError" in ref["error"], ref
-        pytest.skip(f"4M's own transform fails here ({ref['error']}): the stored caption list is shorter than the "
-                    "crops (captions per crop are being fixed separately)")
+    assert "error" not in ref, f"4M's own transforms could not read what modalmill stored: {ref['error']}"
     assert _norm(_ours(key, c, m)) == _norm(ref["text"])
 
 
