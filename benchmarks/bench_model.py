@@ -138,18 +138,22 @@ def bare_dinov2(paths: list[str], weights: str, out: str) -> dict:
 
     torch.set_num_threads(1)
     lab = _dinov2_labeler(weights)
-    batches = []  # (keys, float tensor [B, 3, 224, 224]) made by the labeler's own prepare + to_tensor
+    batches = []  # (keys, crops per key, float tensor [crops, 3, 224, 224]): the labeler's own prepare + to_tensor
     for shard in _full_inputs(paths):
         for b in _batches(shard, BATCH):
-            batches.append(([i.key for i in b], lab.to_tensor(list(lab.prepare(b)), size=224)))
+            prepared = list(lab.prepare(b))  # per sample uint8 [n_crops, 224, 224, 3]: the teacher runs on every crop
+            batches.append(([i.key for i in b], [len(p) for p in prepared],
+                            lab.to_tensor([im for p in prepared for im in p], size=224)))
     with torch.inference_mode():
-        lab.model(pixel_values=batches[0][1][:2])  # warm-up, not timed
+        lab.model(pixel_values=batches[0][2][:2])  # warm-up, not timed
         cls = {}
         with Monitor("dinov2 bare") as ph:
-            for keys, x in batches:
-                hidden = lab.model(pixel_values=x).last_hidden_state
-                for k, v in zip(keys, hidden[:, 0].float().numpy()):
-                    cls[k] = v
+            for keys, counts, x in batches:
+                hidden = lab.model(pixel_values=x).last_hidden_state[:, 0].float().numpy()
+                pos = 0
+                for k, n in zip(keys, counts):
+                    cls[k] = hidden[pos:pos + n]  # [n_crops, C], as the pipeline stores dinov2_global
+                    pos += n
     os.makedirs(out, exist_ok=True)
     np.savez(os.path.join(out, "cls.npz"), **{k: v.astype(np.float16) for k, v in cls.items()})
     return {"phase": ph.as_dict(), "images": len(cls), "threads": torch.get_num_threads()}
