@@ -99,6 +99,16 @@ def detections_from_focal_logits(logits, boxes, names: tuple[str, ...], *, min_s
                           for box, label, score in zip(xyxy, labels, scores)]}
 
 
+
+def _check_settings(config, int_minimums: dict[str, int]) -> None:
+    """The settings both detectors share: whole numbers with a lower bound, and ``min_score`` in [0, 1]."""
+    for f, lo in int_minimums.items():
+        v = getattr(config, f)
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{f} must be an int >= {lo}, got {v!r}")
+    if not (0 <= config.min_score <= 1):
+        raise ValueError(f"min_score must lie in [0, 1], got {config.min_score!r}")
+
 @register_labeler
 class DFineCocoLabeler(ModelLabeler):
     """D-FINE-X (Objects365 -> COCO) detection -> ``det``: the default detector (see the module docstring).
@@ -135,14 +145,9 @@ class DFineCocoLabeler(ModelLabeler):
         decimals: int = 4  # boxes and scores are rounded to this many decimals
 
         def __post_init__(self):
-            for f, lo in (("input_size", 32), ("top_k", 1), ("num_top_queries", 1), ("decimals", 1)):
-                v = getattr(self, f)
-                if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                    raise ValueError(f"{f} must be an int >= {lo}, got {v!r}")
+            _check_settings(self, {"input_size": 32, "top_k": 1, "num_top_queries": 1, "decimals": 1})
             if self.input_size % 32:
                 raise ValueError(f"input_size must be a multiple of 32 (the backbone's stride), got {self.input_size}")
-            if not (0 <= self.min_score <= 1):
-                raise ValueError(f"min_score must lie in [0, 1], got {self.min_score!r}")
 
     def build(self, path: str):
         from transformers import DFineForObjectDetection
@@ -213,14 +218,9 @@ class DetrCocoLabeler(ModelLabeler):
         decimals: int = 4  # boxes and scores are rounded to this many decimals
 
         def __post_init__(self):
-            for f, lo in (("input_size", 32), ("max_size", 32), ("top_k", 1), ("decimals", 1)):
-                v = getattr(self, f)
-                if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                    raise ValueError(f"{f} must be an int >= {lo}, got {v!r}")
+            _check_settings(self, {"input_size": 32, "max_size": 32, "top_k": 1, "decimals": 1})
             if self.max_size < self.input_size:
                 raise ValueError(f"max_size ({self.max_size}) must be >= input_size ({self.input_size})")
-            if not (0 <= self.min_score <= 1):
-                raise ValueError(f"min_score must lie in [0, 1], got {self.min_score!r}")
 
     def build(self, path: str):
         from transformers import DetrForObjectDetection
