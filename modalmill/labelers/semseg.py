@@ -35,7 +35,7 @@ from .depth import IMAGENET_MEAN, IMAGENET_STD, load_pretrained, split_usable
 from .model import ModelConfig, ModelLabeler
 from .weights import Pin, WeightsError
 
-__all__ = ["COCO_PANOPTIC_CLASSES", "COCO_THING_CLASSES", "N_COCO_THINGS", "Mask2FormerCocoLabeler", "letterbox",
+__all__ = ["COCO_PANOPTIC_CLASSES", "COCO_THING_CLASSES", "N_COCO_THINGS", "Mask2FormerCocoLabeler",
            "processor_batches", "processor_size", "semantic_map"]
 
 # COCO panoptic categories in the contiguous order of the panoptic annotations (detectron2's order, used by
@@ -61,24 +61,6 @@ COCO_PANOPTIC_CLASSES: tuple[str, ...] = (
 N_COCO_THINGS = 80
 COCO_THING_CLASSES: tuple[str, ...] = COCO_PANOPTIC_CLASSES[:N_COCO_THINGS]
 UNLABELLED = 255
-
-
-def letterbox(labeler: ModelLabeler, images: list[np.ndarray], size: int, mean, std):
-    """Images -> (``[B, 3, size, size]`` normalised canvas, ``[B, size, size]`` long mask of real pixels,
-    ``[(h, w)]`` of each image's region in the canvas). Longer side = ``size``, aspect kept, top-left aligned."""
-    import torch
-
-    x = torch.zeros((len(images), 3, size, size), device=labeler.device)
-    mask = torch.zeros((len(images), size, size), dtype=torch.long, device=labeler.device)
-    regions = []
-    for i, im in enumerate(images):
-        h, w = im.shape[:2]
-        scale = size / max(h, w)
-        rh, rw = min(size, max(1, round(h * scale))), min(size, max(1, round(w * scale)))
-        x[i, :, :rh, :rw] = labeler.to_tensor([im], size=(rh, rw), mean=mean, std=std)[0]
-        mask[i, :rh, :rw] = 1
-        regions.append((rh, rw))
-    return x, mask, regions
 
 
 def processor_size(h: int, w: int, shortest: int = 800, longest: int | None = 1333,
@@ -151,7 +133,7 @@ def semantic_map(class_logits, mask_logits, canvas: int | tuple[int, int], regio
 class Mask2FormerCocoLabeler(ModelLabeler):
     """Mask2Former (Swin-B, COCO panoptic) semantic segmentation -> ``semseg_coco`` uint8 [H, W].
 
-    See the module docstring for the letterbox input and the semantic inference. The checkpoint must have the
+    See the module docstring for the input sizes and the semantic inference. The checkpoint must have the
     133 COCO-panoptic classes in the panoptic order (when its ``id2label`` names classes, they are checked).
     """
 
