@@ -57,7 +57,7 @@ B6 = "6. simulated accelerator"
 DEVICE = "sim_device"
 BATCH = 16
 BATCH_MS = float(os.environ.get("MODALMILL_BENCH_DEVICE_MS", "320"))
-SWEEP_MS = tuple(float(x) for x in os.environ.get("MODALMILL_BENCH_DEVICE_SWEEP", "20,80,320").split(","))
+SWEEP_MS = tuple(float(x) for x in os.environ.get("MODALMILL_BENCH_DEVICE_SWEEP", "5,20,80,320").split(","))
 REPEATS = int(os.environ.get("MODALMILL_BENCH_REPEATS", "3"))
 SHARDS = int(os.environ.get("MODALMILL_BENCH_DEVICE_SHARDS", "4"))  # shards of 100 images per run
 BUSY_TARGET = 0.95
@@ -65,7 +65,7 @@ TWO_DEVICE_TARGET = 1.9
 
 for _name in ("bench_sim_a", "bench_sim_b"):
     register_modality(ModalitySpec(_name, ARRAY, "npy", "float16", (3,),
-                                   "benchmark only: the mean colour of the labeler's 224x224 input"))
+                                   "benchmark only: the mean colour of the labeler's 224x224 input (every 8th pixel)"))
 
 
 # ---------------------------------------------------------------------- the simulated device
@@ -142,8 +142,10 @@ class _SimLabeler(Labeler):
 
     def process_batch(self, batch: list) -> list:
         self.device.run(self.config.batch_ms / 1000.0, len(batch), self.name)
+        # the output from 1/64 of the pixels: ~0.2 ms of the actor's CPU per batch, so the actor's time between
+        # batches is the pipeline's (Ray's call, argument transfer), not this stand-in model's post-processing
         return [it if isinstance(it, LabelFailure) else
-                {self.outputs[0]: it.reshape(-1, 3).mean(axis=0).astype(np.float16)} for it in batch]
+                {self.outputs[0]: it[::8, ::8].reshape(-1, 3).mean(axis=0).astype(np.float16)} for it in batch]
 
 
 @register_labeler

@@ -411,6 +411,7 @@ def _run_job(spec: JobSpec, only: list[str] | None, force: bool, address: str | 
         started = init_ray(address or spec.ray.address, spec.ray.num_cpus)
         try:
             opts = dict(shard_cpus=spec.ray.shard_cpus, max_retries=spec.ray.max_retries,
+                        batches_in_flight=spec.ray.batches_in_flight,
                         show_progress=show_progress, on_submit=submitted)
             results = execute(index.prefetch(stream(), depth=4096), _runs_of(first), spec.labelers, **opts)
             if deferred:

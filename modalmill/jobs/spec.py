@@ -23,7 +23,7 @@ labelers:                 # per-labeler settings, keyed by labeler name; a label
     batch_size: 32        # samples per call of this labeler (default: the labeler's own)
     resources: {num_cpus: 1, num_gpus: 0, memory_mb: 0, custom: {}}  # custom: Ray custom resources
     workers: 1            # actor-pool size (model labelers)
-ray: {address: null, num_cpus: null, shard_cpus: 1, max_retries: 3}
+ray: {address: null, num_cpus: null, shard_cpus: 1, max_retries: 3, batches_in_flight: null}
 weights_from: s3://bucket/weights/   # optional: every model labeler without a `weights` setting of its own reads
                                      # PREFIX/<labeler> (staged by `modalmill weights fetch --to PREFIX`);
                                      # MODALMILL_WEIGHTS_FROM does the same for every job
@@ -65,6 +65,12 @@ class RaySettings:
     num_cpus: int | None = None
     shard_cpus: float = 1.0
     max_retries: int = 3
+    batches_in_flight: int | None = None  # per shard task, at the model actors; None: 2 per actor (2 to 8)
+
+    def __post_init__(self):
+        b = self.batches_in_flight
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
+            raise ValueError(f"'batches_in_flight' must be a whole number >= 1 or null, got {b!r}")
 
 
 @dataclass(frozen=True)

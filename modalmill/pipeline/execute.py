@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -104,6 +105,11 @@ def _call_in_own_process(run: LabelerRun, inputs):
 _isolated_call = ray.remote(max_retries=0)(_call_in_own_process)
 
 
+# batches a shard task keeps at the model actors by default: this many per actor of the pools it uses (a batch
+# visits each pool in turn), at most IN_FLIGHT_MAX (each holds its decoded images: ~30 MB at 16 x 768 px)
+IN_FLIGHT_PER_ACTOR = int(os.environ.get("MODALMILL_IN_FLIGHT_PER_ACTOR", "2"))
+IN_FLIGHT_MAX = 8
+
 ACTOR_WAIT_S = float(os.environ.get("MODALMILL_ACTOR_WAIT_S", "300"))
 
 
@@ -144,32 +150,56 @@ def _actor_get(submit, what: str, ping=None):
             raise WorkerDied(f"the {what} worker died while labelling this batch ({type(e).__name__})") from None
 
 
-def _run_shard(task: ShardTask, pools: dict[str, list], counter, isolate: bool = False) -> dict:
+def _run_shard(task: ShardTask, pools: dict[str, list], counter, isolate: bool = False,
+               in_flight: int | None = None, checkpoints: dict[str, str] | None = None) -> dict:
     """One shard task. With ``isolate`` (after the shard's worker died more often than its retries allow),
     model-free labelers run in a throw-away process per batch, so a sample that kills its process is split
-    off and recorded as failed instead of taking the shard down again."""
+    off and recorded as failed instead of taking the shard down again. ``in_flight``: batches kept at the model
+    actors (None: 2 per actor of the largest pool the task uses, 2 to 8); ``checkpoints``: each pool's weights id."""
     limit_threads()
 
     preparers: dict[str, Any] = {}  # per pooled labeler, an instance (never set up) that runs its ``prepare``
+    # this task's batches now at each actor of each pool: a batch goes to the actor with the fewest (ties: the
+    # one after the last chosen, starting from a place set by the shard's index, so tasks spread over the pool)
+    outstanding = {name: [0] * len(handles) for name, handles in pools.items()}
+    last = {name: task.source.index % len(handles) - 1 for name, handles in pools.items()}
+    lock = threading.Lock()
+    local_locks = {run.labeler: threading.Lock() for run in task.labelers}  # one batch at a time per labeler
+
+    def pick(name: str) -> int:
+        with lock:
+            counts, n = outstanding[name], len(outstanding[name])
+            i = min(range(n), key=lambda j: (counts[j], (j - last[name] - 1) % n))
+            counts[i] += 1
+            last[name] = i
+            return i
 
     def call(run: LabelerRun, inputs):
         if run.stateful and run.labeler in pools:
-            handles = pools[run.labeler]
-            call.n = getattr(call, "n", task.source.index) + 1
-            actor = handles[call.n % len(handles)]
-            if run.labeler not in preparers:
-                preparers[run.labeler] = run.instance()
-            batch = preparers[run.labeler].prepare(inputs)  # here, on the shard task's CPU, not the model's
-            return _actor_get(lambda: actor.process_batch.remote(batch), run.labeler, ping=actor.ready.remote)
-        if isolate:
-            return _actor_get(lambda: _isolated_call.options(num_cpus=0).remote(run, inputs), run.labeler)
-        return call_local(run, inputs)
+            with local_locks[run.labeler]:  # prepare here, on the shard task's CPU, not the model's
+                if run.labeler not in preparers:
+                    preparers[run.labeler] = run.instance()
+                batch = preparers[run.labeler].prepare(inputs)
+            i = pick(run.labeler)
+            actor = pools[run.labeler][i]
+            try:
+                return _actor_get(lambda: actor.process_batch.remote(batch), run.labeler, ping=actor.ready.remote)
+            finally:
+                with lock:
+                    outstanding[run.labeler][i] -= 1
+        with local_locks[run.labeler]:
+            if isolate:
+                return _actor_get(lambda: _isolated_call.options(num_cpus=0).remote(run, inputs), run.labeler)
+            return call_local(run, inputs)
 
-    # a batch waits for model actors: label it in the background while the task reads and decodes the next one
-    call.overlap = any(run.stateful and run.labeler in pools for run in task.labelers)
+    # batches wait for model actors: keep ``in_flight`` of them there while the task reads and decodes the next
+    pooled = [len(pools[run.labeler]) for run in task.labelers if run.stateful and run.labeler in pools]
+    call.in_flight = (in_flight or min(IN_FLIGHT_MAX, IN_FLIGHT_PER_ACTOR * sum(pooled))) if pooled else 0
 
     def checkpoint(run: LabelerRun) -> str:
         if run.stateful and run.labeler in pools:
+            if run.labeler in (checkpoints or {}):  # asked once by the driver: not queued behind other batches
+                return checkpoints[run.labeler]
             head = pools[run.labeler][0]
             return _actor_get(head.checkpoint_id.remote, run.labeler, ping=head.ready.remote)
         return call_local.checkpoint(run)
@@ -320,14 +350,15 @@ def make_pools(runs: list[LabelerRun], settings: dict, shard_cpus: float = 1.0,
 
 
 def execute(tasks: Iterable[ShardTask], runs: list[LabelerRun], labeler_settings: dict, *, shard_cpus: float = 1.0,
-            max_retries: int = 3, show_progress: bool = True,
+            max_retries: int = 3, show_progress: bool = True, batches_in_flight: int | None = None,
             on_submit: Callable[[ShardTask], None] | None = None) -> list[dict]:
     """Run the shard tasks on the connected Ray cluster; returns one summary per task.
 
     ``tasks`` may be a stream (a generator that is still planning): it is pulled only as the window of tasks in
     flight has room, so the first tasks run while later ones are planned. ``runs``: the labelers whose actor
     pools are started (every stateful labeler the tasks use must be among them). ``on_submit(task)`` is called
-    as each task is handed to Ray."""
+    as each task is handed to Ray. ``batches_in_flight``: how many batches each shard task keeps at the model actors
+    (default: 2 per actor of the largest pool it uses, 2 to 8)."""
     from tqdm.auto import tqdm
 
     source = iter(tasks)
@@ -338,6 +369,16 @@ def execute(tasks: Iterable[ShardTask], runs: list[LabelerRun], labeler_settings
     env = local_s3_env(first.output, first.source.url,
                        *[str(v) for r in runs for v in r.config.values() if isinstance(v, str)])
     pools = make_pools(runs, labeler_settings, shard_cpus, env)
+    # every actor of a pool loaded the same weights: ask once here, so no shard task's start waits for its answer
+    # behind the batches already queued at the actor
+    try:
+        checkpoints = {name: _actor_get(handles[0].checkpoint_id.remote, name, ping=handles[0].ready.remote)
+                       for name, handles in pools.items()}
+    except BaseException:
+        for handles in pools.values():
+            for h in handles:
+                ray.kill(h)
+        raise
     counter = ProgressCounter.remote()
     remote = ray.remote(_run_shard).options(num_cpus=shard_cpus, max_retries=max_retries,
                                             **({"runtime_env": {"env_vars": env}} if env else {}))
@@ -373,7 +414,7 @@ def execute(tasks: Iterable[ShardTask], runs: list[LabelerRun], labeler_settings
                 if nxt is None:
                     break
                 t, isolate = nxt
-                running[remote.remote(t, pools, counter, isolate)] = (t, isolate)
+                running[remote.remote(t, pools, counter, isolate, batches_in_flight, checkpoints)] = (t, isolate)
                 if not isolate and on_submit is not None:
                     on_submit(t)
             if not running:

@@ -24,7 +24,7 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -267,11 +267,13 @@ def _label_batch(task: ShardTask, items: list[_Item], call: Callable, stats: _St
 
 
 class _Labelling:
-    """Labels gathered batches in order and hands each, with its survivors, to ``done(batch, alive)``.
+    """Labels gathered batches and hands each, with its survivors, to ``done(batch, alive)``, in batch order.
 
-    With ``call.overlap`` (some labeler runs in a model actor pool) a batch is labelled on a background thread
-    while the task reads and decodes the next one, so the model actors do not wait for this task between
-    batches. At most one batch is in flight, and ``done`` always runs on the task's own thread, in batch order.
+    With ``call.in_flight`` = K > 0 (some labeler runs in a model actor pool) up to K batches are labelled on
+    background threads while the task reads and decodes the next ones, so the model actors always have this
+    task's next batches queued instead of waiting for it between batches (at shard ends too, as long as another
+    task is running). ``done`` always runs on the task's own thread, in batch order, so the tars' key order does
+    not depend on which batch came back first. K = 0: every batch is labelled on the task's thread.
     """
 
     def __init__(self, task: ShardTask, call: Callable, stats: _Stats, done: Callable):
@@ -279,36 +281,38 @@ class _Labelling:
         self.done = done
         self.gather = task.gather
         self.pending: list[_Item] = []
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="modalmill-label") if getattr(call, "overlap", False) \
-            else None
-        self.inflight = None
+        self.depth = max(0, int(getattr(call, "in_flight", 0) or 0))
+        self.pool = ThreadPoolExecutor(self.depth, thread_name_prefix="modalmill-label") if self.depth else None
+        self.inflight: deque = deque()
 
     def add(self, item: _Item) -> None:
-        """Gather ``item``; a full batch is sent off."""
+        """Gather ``item``; a full batch is sent off. Batches already back are written now (frees memory)."""
         self.pending.append(item)
         if len(self.pending) >= self.gather:
             self.submit()
+        while self.inflight and self.inflight[0][1].done():
+            self._complete_oldest()
 
     def finish(self) -> None:
         """Send off what is gathered and wait until every batch is done."""
         self.submit()
-        self.wait()
+        while self.inflight:
+            self._complete_oldest()
 
     def submit(self) -> None:
         items, self.pending = self.pending, []
-        self.wait()
         if not items:
             return
         if self.pool is None:
             self.done(items, self.label(items))
-        else:
-            self.inflight = (items, self.pool.submit(self.label, items))
+            return
+        while len(self.inflight) >= self.depth:
+            self._complete_oldest()
+        self.inflight.append((items, self.pool.submit(self.label, items)))
 
-    def wait(self) -> None:
-        if self.inflight is not None:
-            items, future = self.inflight
-            self.inflight = None
-            self.done(items, future.result())
+    def _complete_oldest(self) -> None:
+        items, future = self.inflight.popleft()
+        self.done(items, future.result())
 
     def close(self) -> None:
         if self.pool is not None:

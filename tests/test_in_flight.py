@@ -1,0 +1,101 @@
+"""Shard tasks keep several batches at the model actors (``ray.batches_in_flight``) so an accelerator is never
+waiting for the task between batches; results are still written in input order, byte for byte as with one batch
+at a time, and a pool's actors share a task's batches."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tarfile
+import threading
+import time
+
+import pytest
+
+from tests import labelers_for_tests  # noqa: F401 - registers test_where_prepared
+
+
+def _spec(tmp_path, demo_corpus, **extra):
+    from modalmill.jobs.spec import job_from_dict
+
+    return job_from_dict({"input": os.path.join(demo_corpus, "shard-00000.tar"), "output": str(tmp_path / "out"),
+                          "modalities": ["rgb", "crop_settings", "caption"], "batch_size": 1,
+                          "labelers": {"test_where_prepared": {"batch_size": 1}}, **extra})
+
+
+def _members(path):
+    with tarfile.open(path) as tf:
+        return [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()]
+
+
+def _tars(root):
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            if f.endswith(".tar"):
+                p = os.path.join(d, f)
+                out[os.path.relpath(p, root)] = open(p, "rb").read()
+    return out
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_batches_in_flight_overlap_and_are_written_in_input_order(tmp_path, demo_corpus, depth):
+    """In-process (no Ray): a ``call`` that takes longer for earlier batches, so later ones come back first. With
+    ``in_flight`` = 3, three batches are at the 'model' at once; the tars equal a one-batch-at-a-time run's."""
+    from modalmill.jobs.runner import plan_job
+    from modalmill.pipeline.shard import call_local, process_shard
+
+    results = {}
+    for name, k in (("serial", 0), ("overlapped", depth)):
+        spec = _spec(tmp_path / name, demo_corpus)
+        task = plan_job(spec).tasks[0]
+        now, peak, lock, n = [0], [0], threading.Lock(), [0]
+        rng = random.Random(0)
+
+        def call(run, inputs, now=now, peak=peak, lock=lock, n=n, rng=rng):
+            with lock:
+                now[0] += 1
+                peak[0] = max(peak[0], now[0])
+                n[0] += 1
+                wait = max(0.0, 0.06 - 0.01 * n[0]) + rng.random() * 0.01
+            time.sleep(wait)
+            try:
+                return call_local(run, inputs)
+            finally:
+                with lock:
+                    now[0] -= 1
+
+        call.in_flight = k
+        call.checkpoint = call_local.checkpoint
+        summary = process_shard(task, call)
+        assert summary["status"] == "done" and summary["n_failed"] == 0 and summary["n_ok"] == 5
+        results[name] = (_tars(spec.output), peak[0])
+    assert results["serial"][1] == 1
+    assert results["overlapped"][1] == max(1, depth)
+    assert results["overlapped"][0] == results["serial"][0]
+
+
+def test_a_pools_actors_share_one_tasks_batches(ray_local, tmp_path, demo_corpus):
+    """One shard task, a pool of two actors: both actors label batches of it (the task keeps 2 x 2 batches in
+    flight and sends each to the actor with the fewest of its batches), and the keys stay in input order."""
+    from modalmill.jobs.runner import run_job
+
+    spec = _spec(tmp_path, demo_corpus, labelers={"test_where_prepared": {"batch_size": 1, "workers": 2,
+                                                                           "resources": {"num_cpus": 0}}})
+    summary = run_job(spec, show_progress=False)
+    assert summary["exit_code"] == 0 and summary["samples_written"] == 5
+    captions = [json.loads(data) for _, data in _members(os.path.join(spec.output, "caption", "shard-00000.tar"))]
+    rgb_keys = [name.split(".")[0] for name, _ in _members(os.path.join(spec.output, "rgb", "shard-00000.tar"))]
+    assert [c[2] for c in captions] == rgb_keys  # in order, aligned
+    assert len({c[1] for c in captions}) == 2, captions  # labelled in both actors' processes
+
+
+def test_batches_in_flight_is_checked_in_the_job_spec(tmp_path):
+    from modalmill.jobs.spec import JobSpecError, job_from_dict
+
+    base = {"input": str(tmp_path / "in.tar"), "output": str(tmp_path / "out"), "modalities": ["rgb"]}
+    assert job_from_dict({**base, "ray": {"batches_in_flight": 4}}).ray.batches_in_flight == 4
+    for bad in (0, -1, 2.5, "3", True):
+        with pytest.raises(JobSpecError, match="batches_in_flight"):
+            job_from_dict({**base, "ray": {"batches_in_flight": bad}})
