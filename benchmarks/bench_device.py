@@ -15,7 +15,9 @@ Figures (each the median of ``REPEATS`` runs, min and max beside it):
 - **busy fraction** of a device: its busy time / the wall time from the first batch's start to the last
   batch's end;
 - **images per second** over that window, against the ideal: images / (total device time / devices);
-- one device, enough CPU (``BATCH_MS`` per batch of 16): busy >= 0.95;
+- one device, enough CPU (``BATCH_MS`` per batch of 16, default 320 ms = 50 images/s: a fifth of what 2 cores
+  feed, so the device, not the CPU, is the limit; at 40 ms per batch a device eats 400 images/s, more than 2
+  cores decode): busy >= 0.95;
 - two labelers sharing one device (0.5 each, as a user packs two small models on one GPU): busy >= 0.95;
 - two devices: throughput >= 1.9x one device's (same device time per batch);
 - a sweep of the device time per batch (``SWEEP_MS``) on one device: where the busy fraction falls below 0.95,

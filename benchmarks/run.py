@@ -61,12 +61,8 @@ def render(figs, info: dict) -> str:
         "less reliable; rerun on a quiet machine).",
         "",
     ]
-    headline = [f for f in figs if f.target]
-    lines += ["## Summary", "", "| benchmark | figure | value | target | met |", "|---|---|---|---|---|"]
-    for f in headline:
-        lines.append(f"| {f.benchmark} | {f.name} | {_fmt(f.value)} {f.unit if f.value is not None else ''} | "
-                     f"{f.target} | {_met(f)} |")
-    lines.append("")
+    lines += ["## Summary", "", "| benchmark | figure | value | target | met |", "|---|---|---|---|---|",
+              *summary_rows(figs), ""]
     current = None
     for f in figs:
         if f.benchmark != current:
@@ -80,6 +76,41 @@ def render(figs, info: dict) -> str:
         doc = (sys.modules[mod].__doc__ or "").strip()
         lines += [f"### `{mod}`", "", "```", doc, "```", ""]
     return "\n".join(lines) + "\n"
+
+
+README_MARKERS = ("<!-- bench-figures: start (written by benchmarks/run.py) -->", "<!-- bench-figures: end -->")
+
+
+def summary_rows(figs) -> list[str]:
+    """The figures with a target, as the rows of RESULTS.md's summary table (the README shows the same rows)."""
+    return [f"| {f.benchmark} | {f.name} | {_fmt(f.value)} {f.unit if f.value is not None else ''} | {f.target} | "
+            f"{_met(f)} |" for f in figs if f.target]
+
+
+def readme_block(figs, info: dict) -> str:
+    m = info["machine"]
+    return "\n".join([
+        README_MARKERS[0],
+        f"The last `make bench` ({info['date']}, {m['cpu']}, {m['cores']} cores, {info['duration_s'] / 60:.1f} minutes; "
+        "every figure with its min and max, and how each is made, in",
+        "[benchmarks/RESULTS.md](benchmarks/RESULTS.md)):",
+        "",
+        "| benchmark | figure | value | target | met |", "|---|---|---|---|---|", *summary_rows(figs),
+        README_MARKERS[1]])
+
+
+def update_readme(path: str, block: str) -> bool:
+    """Replace the README's figures block with ``block``; False when the README has no such block."""
+    text = open(path).read()
+    a, b = README_MARKERS
+    if a not in text or b not in text:
+        return False
+    head, rest = text.split(a, 1)
+    tail = rest.split(b, 1)[1]
+    with open(path + ".tmp", "w") as f:
+        f.write(head + block + tail)
+    os.replace(path + ".tmp", path)
+    return True
 
 
 def main(argv=None) -> int:
@@ -139,6 +170,10 @@ def main(argv=None) -> int:
         text = text.rstrip() + "\n\n" + keep[0] + old.split(keep[0], 1)[1].split(keep[1], 1)[0] + keep[1] + "\n"
     with open(out, "w") as f:
         f.write(text)
+    readme = os.path.join(os.path.dirname(HERE), "README.md")
+    if out == os.path.join(HERE, "RESULTS.md") and not a.quick and a.only == "1,2,3,4,5,6":
+        if update_readme(readme, readme_block(figs, info)):
+            log("updated the README's figures table")
     with open(os.path.join(common.WORK, "results.json"), "w") as f:
         json.dump({"info": info, "figures": [x.as_dict() for x in figs]}, f, indent=1)
     log(f"wrote {out} ({duration / 60:.1f} minutes)")

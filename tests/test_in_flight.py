@@ -99,3 +99,23 @@ def test_batches_in_flight_is_checked_in_the_job_spec(tmp_path):
     for bad in (0, -1, 2.5, "3", True):
         with pytest.raises(JobSpecError, match="batches_in_flight"):
             job_from_dict({**base, "ray": {"batches_in_flight": bad}})
+
+
+def test_shard_tasks_started_before_an_actor_fails_to_set_up_leave_no_shard_done(ray_local, tmp_path, demo_corpus):
+    """Shard tasks start while the actors set up; when a set-up fails, the job stops with the one-line error and
+    no shard is recorded as done (its samples are not recorded as failed either): a fixed rerun labels them all."""
+    from modalmill.io import manifest
+    from modalmill.jobs.runner import run_job
+    from modalmill.jobs.spec import job_from_dict
+    from modalmill.pipeline.execute import LabelerSetupError
+
+    out = tmp_path / "out"
+    spec = job_from_dict({"input": os.path.join(demo_corpus, "shard-{00000..00001}.tar"), "output": str(out),
+                          "modalities": ["rgb", "crop_settings", "caption"], "batch_size": 1,
+                          "labelers": {"test_setup_fails": {"config": {"count_file": str(tmp_path / "n.txt")},
+                                                            "resources": {"num_cpus": 0}}}})
+    with pytest.raises(LabelerSetupError, match="could not be set up on a Ray worker"):
+        run_job(spec, show_progress=False)
+    for shard in ("shard-00000", "shard-00001"):
+        assert manifest.read_marker(str(out), shard) is None
+        assert not [r for r in manifest.read_rows(str(out), shard) if r.status == "failed"]

@@ -446,7 +446,9 @@ def _run_job(spec: JobSpec, only: list[str] | None, force: bool, address: str | 
         "samples_dropped": sum(r.get("n_dropped", 0) for r in done),
         "errors_by_reason": errors,
         "failed_shards": [{k: r.get(k) for k in ("shard", "source", "error")} for r in failed],
-        "shards": [{k: r.get(k) for k in ("shard", "mode", "n_read", "n_ok", "n_failed", "seconds")} for r in done],
+        "shards": [{k: r.get(k) for k in ("shard", "mode", "n_read", "n_ok", "n_failed", "seconds", "finished_at",
+                                        "first_batch")}
+                   for r in done],
         "seconds": round(time.time() - t0, 3),
         "planning": {"markers_read": counts["markers_read"], "deferred": len(deferred),
                      "seconds_to_first_task": round(first_submit[0], 3) if first_submit else None,

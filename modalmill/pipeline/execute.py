@@ -21,7 +21,7 @@ import ray
 from ..labelers.base import Resources, assigned_cpus
 from ..io import manifest, storage
 from ..io.cluster import local_s3_env
-from .shard import LabelerRun, ShardTask, call_local, local_labeler, process_shard
+from .shard import LabelerRun, ShardAbort, ShardTask, call_local, local_labeler, process_shard
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
@@ -52,7 +52,7 @@ def limit_threads() -> int:
     return n
 
 
-class LabelerSetupError(RuntimeError):
+class LabelerSetupError(ShardAbort):
     """A labeler's actor could not set itself up (missing or wrong weights seen only by the workers, e.g. a
     node-local path on a cluster): one line, raised on the driver; the actor is not restarted."""
 
@@ -61,15 +61,27 @@ class LabelerSetupError(RuntimeError):
 class LabelerActor:
     """Holds one model labeler, set up once; serves batches from shard tasks.
 
-    A set-up failure is kept, not raised: raised from ``__init__``, Ray would print the worker's traceback on the
-    driver and restart the actor (``max_restarts``) to fail the same way again. :meth:`ready` returns it as one
-    line instead (an empty string when the labeler is ready) and :func:`make_pools` stops there."""
+    ``__init__`` only records the labeler, so an actor is placed (holds its resources) at once; the set-up (imports,
+    weights) runs on the first call, normally :meth:`ready`, sent right after creation, while the first shard tasks
+    already read and decode. A set-up failure is kept, not raised: raised from ``__init__``, Ray would print the
+    worker's traceback on the driver and restart the actor (``max_restarts``) to fail the same way again.
+    :meth:`ready` returns it as one line instead (an empty string when the labeler is ready) and the executor stops
+    there; a batch sent to such an actor raises LabelerSetupError, which fails its shard task as a whole."""
 
     def __init__(self, run: LabelerRun):
         limit_threads()
-        self.labeler, self.setup_error, self.setup_traceback = None, "", ""
+        self.run, self.labeler, self.setup_error, self.setup_traceback = run, None, "", ""
+        self.tried = False
+
+    def placed(self) -> bool:
+        return True
+
+    def _set_up(self) -> None:
+        if self.tried:
+            return
+        self.tried = True
         try:
-            self.labeler = local_labeler(run)
+            self.labeler = local_labeler(self.run)
         except Exception as e:  # noqa: BLE001 - reported by ready(), see the class docstring
             lines = str(e).strip().splitlines()
             self.setup_error = lines[0] if lines else type(e).__name__
@@ -78,17 +90,20 @@ class LabelerActor:
             self.setup_traceback = traceback.format_exc()
 
     def ready(self) -> str:
+        self._set_up()
         return self.setup_error
 
     def setup_details(self) -> str:
         return self.setup_traceback
 
     def process_batch(self, inputs):
+        self._set_up()
         if self.labeler is None:
             raise LabelerSetupError(self.setup_error)
         return self.labeler.process_batch(inputs)
 
     def checkpoint_id(self) -> str:
+        self._set_up()
         if self.labeler is None:
             raise LabelerSetupError(self.setup_error)
         return self.labeler.checkpoint_id()
@@ -300,6 +315,15 @@ def make_pools(runs: list[LabelerRun], settings: dict, shard_cpus: float = 1.0,
                env: dict[str, str] | None = None) -> dict[str, list]:
     """One actor pool per stateful labeler (``env``: extra environment variables); waits until every actor is
     set up."""
+    pools = start_pools(runs, settings, shard_cpus, env)
+    wait_until_set_up(pools)
+    return pools
+
+
+def start_pools(runs: list[LabelerRun], settings: dict, shard_cpus: float = 1.0,
+                env: dict[str, str] | None = None) -> dict[str, list]:
+    """Create one actor pool per stateful labeler; the actors set themselves up in the background (see
+    :func:`wait_until_set_up`)."""
     pools: dict[str, list] = {}
     node = _largest_node()
     plans: list = []
@@ -322,6 +346,34 @@ def make_pools(runs: list[LabelerRun], settings: dict, shard_cpus: float = 1.0,
         if env:
             opts["runtime_env"] = {"env_vars": env}
         pools[run.labeler] = [LabelerActor.options(**opts).remote(run) for _ in range(n)]
+    return pools
+
+
+def wait_until_placed(pools: dict[str, list]) -> None:
+    """Block until Ray has placed every actor (it holds its CPUs, GPUs and custom resources), so shard tasks sent
+    afterwards can never take the resources an actor still waits for."""
+    refs = {h.placed.remote(): name for name, handles in pools.items() for h in handles}
+    waited = 0.0
+    while refs:
+        done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=30)
+        for ref in done:
+            ray.get(ref)
+            refs.pop(ref)
+        if refs:
+            waited += 30
+            print(f"modalmill: still waiting ({waited:.0f} s) for Ray to place labeler actors "
+                  f"{sorted(set(refs.values()))}: the cluster may lack the resources they ask for "
+                  f"(see `ray status`)", file=sys.stderr)
+
+
+def kill_pools(pools: dict[str, list]) -> None:
+    for handles in pools.values():
+        for h in handles:
+            ray.kill(h)
+
+
+def wait_until_set_up(pools: dict[str, list]) -> None:
+    """Block until every actor is set up; on the first set-up error, kill the pools and raise LabelerSetupError."""
     handle_of = {}
     for name, handles in pools.items():
         for h in handles:
@@ -336,17 +388,14 @@ def make_pools(runs: list[LabelerRun], settings: dict, shard_cpus: float = 1.0,
             if error:  # the actor could not set up (e.g. weights only the workers see are missing): stop here
                 details = ray.get(handle_of[ref][1].setup_details.remote()) if os.environ.get("MODALMILL_DEBUG") \
                     else ""
-                for handles in pools.values():
-                    for h in handles:
-                        ray.kill(h)
+                kill_pools(pools)
                 raise LabelerSetupError(f"labeler {name!r} could not be set up on a Ray worker: {error}"
                                         + (f"\n{details}" if details else ""))
         if pending:
             waited += 30
-            print(f"modalmill: still waiting ({waited:.0f} s) for Ray to place labeler actors "
-                  f"{sorted(set(pending.values()))}: the cluster may lack the resources they ask for "
-                  f"(see `ray status`)", file=sys.stderr)
-    return pools
+            print(f"modalmill: still waiting ({waited:.0f} s) for labeler actors {sorted(set(pending.values()))} "
+                  f"to be placed and set up: the cluster may lack the resources they ask for (see `ray status`), "
+                  f"or their weights are slow to load", file=sys.stderr)
 
 
 def execute(tasks: Iterable[ShardTask], runs: list[LabelerRun], labeler_settings: dict, *, shard_cpus: float = 1.0,
@@ -368,17 +417,17 @@ def execute(tasks: Iterable[ShardTask], runs: list[LabelerRun], labeler_settings
     # input, output and s3:// weights: a Ray started before this process' S3 settings must still reach them
     env = local_s3_env(first.output, first.source.url,
                        *[str(v) for r in runs for v in r.config.values() if isinstance(v, str)])
-    pools = make_pools(runs, labeler_settings, shard_cpus, env)
-    # every actor of a pool loaded the same weights: ask once here, so no shard task's start waits for its answer
-    # behind the batches already queued at the actor
+    # the actors set up (import torch, load weights) while the first shard tasks start, read and decode
+    pools = start_pools(runs, labeler_settings, shard_cpus, env)
     try:
-        checkpoints = {name: _actor_get(handles[0].checkpoint_id.remote, name, ping=handles[0].ready.remote)
-                       for name, handles in pools.items()}
-    except BaseException:
-        for handles in pools.values():
+        wait_until_placed(pools)
+        for handles in pools.values():  # set up now (the call is queued first): imports, weights
             for h in handles:
-                ray.kill(h)
+                h.ready.remote()
+    except BaseException:
+        kill_pools(pools)
         raise
+    checkpoints: dict[str, str] | None = None  # once every actor is set up: each pool's weights id
     counter = ProgressCounter.remote()
     remote = ray.remote(_run_shard).options(num_cpus=shard_cpus, max_retries=max_retries,
                                             **({"runtime_env": {"env_vars": env}} if env else {}))
@@ -417,6 +466,18 @@ def execute(tasks: Iterable[ShardTask], runs: list[LabelerRun], labeler_settings
                 running[remote.remote(t, pools, counter, isolate, batches_in_flight, checkpoints)] = (t, isolate)
                 if not isolate and on_submit is not None:
                     on_submit(t)
+            if checkpoints is None:
+                try:
+                    wait_until_set_up(pools)
+                    # every actor of a pool loaded the same weights: asked once here, so no later shard task's
+                    # start waits for the answer behind the batches already queued at the actor
+                    checkpoints = {name: _actor_get(handles[0].checkpoint_id.remote, name,
+                                                    ping=handles[0].ready.remote)
+                                   for name, handles in pools.items()}
+                except BaseException:
+                    for ref in running:  # they could only fail on the missing labeler; nothing of theirs is kept
+                        ray.cancel(ref, force=True)
+                    raise
             if not running:
                 break
             done, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
@@ -444,9 +505,7 @@ def execute(tasks: Iterable[ShardTask], runs: list[LabelerRun], labeler_settings
     finally:
         shard_bar.close()
         sample_bar.close()
-        for handles in pools.values():
-            for h in handles:
-                ray.kill(h)
+        kill_pools(pools)
         ray.kill(counter)
         remove_stale_temp_files(first.output)
     return sorted(results, key=lambda r: r["index"])

@@ -161,6 +161,11 @@ def call_local(run: LabelerRun, inputs: list[LabelInput]):
 call_local.checkpoint = lambda run: local_labeler(run).checkpoint_id()
 
 
+class ShardAbort(RuntimeError):
+    """An error of the whole shard task, not of its samples (e.g. the labeler's actor could not set up): it fails
+    the task, which is recorded as failed and run again later, instead of every sample being recorded as failed."""
+
+
 def label_isolated(call: Callable[[list[LabelInput]], list], inputs: list[LabelInput]) -> list:
     """Call a labeler on a batch; when the batch raises, split it until the failing sample is isolated."""
     if not inputs:
@@ -170,6 +175,8 @@ def label_isolated(call: Callable[[list[LabelInput]], list], inputs: list[LabelI
         if len(results) != len(inputs):
             raise RuntimeError(f"labeler returned {len(results)} results for {len(inputs)} inputs")
         return results
+    except ShardAbort:
+        raise
     except Exception as e:  # noqa: BLE001 - a labeler's failure is data, not a crash
         if len(inputs) == 1:
             msg = str(e).strip().splitlines()[-1] if str(e).strip() else ""
@@ -192,6 +199,7 @@ class _Item:
 class _Stats:
     def __init__(self):
         self.seconds: dict[str, float] = defaultdict(float)
+        self.first_batch: list | None = None  # [epoch seconds, samples] of the first labelled batch back
 
     def timed(self, stage: str):
         stats = self
@@ -217,6 +225,8 @@ def process_shard(task: ShardTask, call: Callable | None = None, progress: Calla
         result = _process_update(task, call, progress, stats)
     result["seconds"] = {k: round(v, 4) for k, v in stats.seconds.items()}
     result["seconds"]["total"] = round(time.perf_counter() - t0, 4)
+    result["finished_at"] = round(time.time(), 3)  # epoch seconds: when the shard was committed
+    result["first_batch"] = stats.first_batch
     return result
 
 
@@ -278,7 +288,14 @@ class _Labelling:
 
     def __init__(self, task: ShardTask, call: Callable, stats: _Stats, done: Callable):
         self.label = lambda items: _label_batch(task, items, call, stats)
-        self.done = done
+        self.stats = stats
+
+        def done_first(items, alive):  # the first labelled batch back: when, and how many samples it had
+            if stats.first_batch is None:
+                stats.first_batch = [round(time.time(), 3), len(items)]
+            done(items, alive)
+
+        self.done = done_first
         self.gather = task.gather
         self.pending: list[_Item] = []
         self.depth = max(0, int(getattr(call, "in_flight", 0) or 0))
