@@ -91,8 +91,8 @@ def readme_block(figs, info: dict) -> str:
     m = info["machine"]
     return "\n".join([
         README_MARKERS[0],
-        f"The last `make bench` ({info['date']}, {m['cpu']}, {m['cores']} cores, {info['duration_s'] / 60:.1f} minutes; "
-        "every figure with its min and max, and how each is made, in",
+        f"The last `make bench` ({info['date']}, {m['cpu']}, {m['cores']} cores, "
+        f"{info['duration_s'] / 60:.1f} minutes; every figure with its min and max, and how each is made, in",
         "[benchmarks/RESULTS.md](benchmarks/RESULTS.md)):",
         "",
         "| benchmark | figure | value | target | met |", "|---|---|---|---|---|", *summary_rows(figs),
