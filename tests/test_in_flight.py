@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import tarfile
 import threading
 import time
@@ -50,21 +49,24 @@ def test_batches_in_flight_overlap_and_are_written_in_input_order(tmp_path, demo
     for name, k in (("serial", 0), ("overlapped", depth)):
         spec = _spec(tmp_path / name, demo_corpus)
         task = plan_job(spec).tasks[0]
-        now, peak, lock, n = [0], [0], threading.Lock(), [0]
-        rng = random.Random(0)
+        now, peak, cond, n = [0], [0], threading.Condition(), [0]
+        target = max(1, k)
 
-        def call(run, inputs, now=now, peak=peak, lock=lock, n=n, rng=rng):
-            with lock:
+        def call(run, inputs, now=now, peak=peak, cond=cond, n=n, target=target):
+            with cond:  # hold each call until `target` are at the 'model' at once (or every batch has come)
                 now[0] += 1
-                peak[0] = max(peak[0], now[0])
                 n[0] += 1
-                wait = max(0.0, 0.06 - 0.01 * n[0]) + rng.random() * 0.01
-            time.sleep(wait)
+                me = n[0]
+                peak[0] = max(peak[0], now[0])
+                cond.notify_all()
+                cond.wait_for(lambda: now[0] >= target or n[0] >= 5, timeout=5)
+            time.sleep(0.02 * (4 - me % 4))  # later batches come back first
             try:
                 return call_local(run, inputs)
             finally:
-                with lock:
+                with cond:
                     now[0] -= 1
+                    cond.notify_all()
 
         call.in_flight = k
         call.checkpoint = call_local.checkpoint
