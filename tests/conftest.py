@@ -66,3 +66,40 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def _cluster(nodes):
+    from tests import ray_cluster
+
+    c = ray_cluster.shared(nodes)
+    return {"address": c.address, "dashboard": c.dashboard, "env": c.env}
+
+
+@pytest.fixture
+def loopback_cluster():
+    """A real Ray cluster on loopback, one `ray start --head` node (2 CPUs, no GPU, the dashboard), shared by the
+    tests that ask for it in a row (tests/ray_cluster.py): ``{"address", "dashboard", "env"}``."""
+    return _cluster(1)
+
+
+@pytest.fixture
+def two_node_cluster():
+    """``loopback_cluster`` with a second `ray start` node (1 CPU) joined to it."""
+    return _cluster(2)
+
+
+CLUSTER_FIXTURES = {"loopback_cluster", "two_node_cluster"}
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """Stop the shared loopback cluster as soon as the next test does not use it."""
+    if nextitem is None or not CLUSTER_FIXTURES & set(getattr(nextitem, "fixturenames", ())):
+        mod = sys.modules.get("tests.ray_cluster")
+        if mod is not None:
+            mod.stop_shared()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    mod = sys.modules.get("tests.ray_cluster")
+    if mod is not None:
+        mod.stop_shared()
