@@ -72,13 +72,14 @@ def _cluster(nodes):
     from tests import ray_cluster
 
     c = ray_cluster.shared(nodes)
-    return {"address": c.address, "dashboard": c.dashboard, "env": c.env}
+    return {"address": c.address, "dashboard": c.dashboard, "env": c.env, "python": c.python}
 
 
 @pytest.fixture
 def loopback_cluster():
     """A real Ray cluster on loopback, one `ray start --head` node (2 CPUs, no GPU, the dashboard), shared by the
-    tests that ask for it in a row (tests/ray_cluster.py): ``{"address", "dashboard", "env"}``."""
+    tests that ask for it in a row (tests/ray_cluster.py): ``{"address", "dashboard", "env", "python"}`` (the nodes'
+    python)."""
     return _cluster(1)
 
 

@@ -9,12 +9,18 @@ and a head-only test never runs on a cluster that has the second node: on one ma
 session's runtime-env folder, and two nodes building the same ``--pip`` virtualenv in it at once break it (a
 worker then fails with "No module named 'ray'"), which real clusters, one node per machine, never see.
 Stopping kills exactly this cluster's processes (`ray stop` would stop every Ray on the machine).
+
+The nodes run on a small virtualenv of their own whose site-packages are this environment's (a ``.pth`` file adds
+them), not on this environment itself: a job's ``pip`` runtime env starts by cloning the nodes' virtualenv, and
+cloning this one copied all 7 GB of it (torch and the models' packages) on every `submit --pip` test run.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
+import site
 import socket
 import subprocess
 import sys
@@ -27,6 +33,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # gcs_server and the raylets do not exit on SIGTERM within 15 s (`ray stop` itself waits 16 s, then kills):
 # a throwaway test cluster gets a short grace period, then SIGKILL.
 STOP_GRACE_S = 2.0
+
+
+def layered_python(folder: str) -> str:
+    """A new virtualenv in ``folder`` that imports everything this one has: its python."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", folder], check=True, capture_output=True,
+                   timeout=120)
+    (own,) = glob.glob(os.path.join(folder, "lib", "python3*", "site-packages"))
+    with open(os.path.join(own, "_modalmill_tests_base.pth"), "w") as f:  # addsitedir: their .pth files run too
+        f.write("import site; " + "; ".join(f"site.addsitedir({d!r})" for d in site.getsitepackages()) + "\n")
+    return os.path.join(folder, "bin", "python")
 
 
 def free_port() -> int:
@@ -49,10 +65,12 @@ class LoopbackCluster:
                     "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)})
         self.env = env
         self.nodes = 1
+        self.python = ""
 
     COMMON = ("--node-ip-address", "127.0.0.1", "--num-gpus", "0", "--disable-usage-stats")
 
     def start(self) -> LoopbackCluster:
+        self.python = layered_python(os.path.join(self.temp, "py"))
         # each node's dashboard agent needs its own HTTP port (the default one may be taken by another Ray)
         self._ray_start("--head", "--port", str(self.port), "--temp-dir", self.temp, "--include-dashboard", "true",
                         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dash),
@@ -65,7 +83,8 @@ class LoopbackCluster:
         self.nodes = 2
 
     def _ray_start(self, *args: str) -> None:
-        r = subprocess.run([f"{BIN}/ray", "start", *args], env=self.env, capture_output=True, text=True, timeout=180)
+        r = subprocess.run([self.python, "-m", "ray.scripts.scripts", "start", *args], env=self.env,
+                           capture_output=True, text=True, timeout=180)
         if r.returncode != 0:
             raise RuntimeError(f"`ray start {args[0]}` failed ({r.returncode}):\n{(r.stdout + r.stderr)[-3000:]}")
 

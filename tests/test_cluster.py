@@ -114,9 +114,10 @@ def test_submit_pip_installs_a_package_the_cluster_lacks(loopback_cluster, demo_
     job.write_text(f"input: '{os.path.join(demo_corpus, 'shard-00000.tar')}'\noutput: {out}\n"
                    "modalities: [rgb, caption]\nlabelers: {pip_probe: {config: {}}}\n")
     env = {**loopback_cluster["env"], "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), ROOT])}
-    check = subprocess.run([f"{BIN}/python", "-c", "import mm_pip_probe"], env=loopback_cluster["env"],
-                           capture_output=True)
-    assert check.returncode != 0  # the cluster's own environment does not have it
+    for python in (f"{BIN}/python", loopback_cluster["python"]):  # the cluster's own environment does not have it
+        check = subprocess.run([python, "-c", "import modalmill, ray; import mm_pip_probe"],
+                               env=loopback_cluster["env"], capture_output=True, text=True)
+        assert check.returncode != 0 and "No module named 'mm_pip_probe'" in check.stderr, check.stderr
     r = modalmill(env, "submit", job, "--address", loopback_cluster["dashboard"], "--pip", wheel, timeout=590)
     assert r.returncode == 0 and "SUCCEEDED" in r.stdout, (r.stdout[-3000:], r.stderr[-3000:])
     with tarfile.open(out / "caption" / "shard-00000.tar") as t:
