@@ -266,8 +266,10 @@ def test_killed_driver_leaves_no_partial_tar_and_rerun_finishes_identically(ray_
             if not f.startswith("."):
                 read_tar(out / m / f)
 
-    r = subprocess.run(cli(out), env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    # the rerun: the same CLI command in this process, on the session's Ray (it takes the dead driver's lease over)
+    r = CliRunner().invoke(main, ["run", jobfile(out), "--no-progress"])
+    assert r.exit_code == 0, r.output[-2000:]
+    assert "took over the lease" in r.stderr and f"pid {proc.pid}" in r.stderr, r.stderr
     # workers of the killed driver may have finished a shard or two more before they died: still only complete ones
     already = int(re.search(r"(\d+) already done", r.stdout).group(1))
     assert len(done_before) <= already < 6 and f"{6 - already} shard(s) processed" in r.stdout
