@@ -59,6 +59,8 @@ _AWS_ENV_TO_CLEAR = (
 
 SERVER_START_TIMEOUT_S = 30.0
 SERVER_STOP_TIMEOUT_S = 30.0
+VOLUME_SIZE_MB = 1024  # what `weed mini` picks on a disk with some free space; a volume is filled before another grows
+MAX_VOLUMES = 200  # buckets (collections) that can hold objects at once, whatever the free disk space
 
 
 # ============================================================================ server description
@@ -103,6 +105,17 @@ class S3Server:
     def make_bucket(self, name: str) -> str:
         self.client().create_bucket(Bucket=name)
         return name
+
+    def delete_bucket(self, name: str) -> None:
+        """Delete a bucket and everything in it: SeaweedFS (``-s3.allowDeleteBucketNotEmpty``) deletes a non-empty
+        bucket in one request, and its collection's volumes with it. A bucket already gone is fine."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client().delete_bucket(Bucket=name)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") != "NoSuchBucket":
+                raise
 
 
 def unique_bucket_name(prefix: str = "t") -> str:
@@ -230,6 +243,14 @@ class SeaweedProcess:
             *(f"-{flag}={port}" for flag, port in ports.items()),
             f"-s3.config={self._write_identities()}",
             "-s3.autoCreateBucket=false",  # like AWS: writing into a missing bucket is an error
+            "-s3.allowDeleteBucketNotEmpty=true",  # a test's bucket is deleted with its objects in one request
+            # Every bucket is a collection with a volume of its own. By default `weed mini` allows (free disk space
+            # / 1 GiB) volumes: a full run made ~45 buckets and never deleted them, so on a disk with less free
+            # space the last S3 tests got "No writable volumes and no free volumes left" (PutObject: 500
+            # InternalError). Buckets are now deleted after each test (s3_env, flaky_s3), and the limit no longer
+            # depends on the free disk space (volumes are sparse files, not preallocated).
+            f"-master.volumeSizeLimitMB={VOLUME_SIZE_MB}",
+            f"-volume.max={MAX_VOLUMES}",
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             "-webdav=false",
@@ -345,6 +366,7 @@ def s3_env(seaweed_s3: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
         yield seaweed_s3, bucket
     finally:
         _clear_client_cache()
+        seaweed_s3.delete_bucket(bucket)  # its volume is free again for the next tests' buckets
 
 
 # ============================================================================ moto
@@ -672,6 +694,7 @@ def flaky_s3(seaweed_s3: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     finally:
         _clear_client_cache()
         proxy.stop()
+    seaweed_s3.delete_bucket(bucket)  # straight to the server, not through the faults; its volume is free again
 
 
 __all__: list[str] = [

@@ -134,7 +134,7 @@ def test_unwritable_output_is_exactly_one_line(tmp_path, demo_corpus, where, req
 
 
 @pytest.mark.slow
-def test_demo_with_failed_samples_exits_non_zero_and_says_what_it_skipped(tmp_path):
+def test_demo_with_failed_samples_exits_non_zero_and_says_what_it_skipped(ray_local, tmp_path):
     work = tmp_path / "demo"
     corpus = work / "corpus"
     build_corpus(str(corpus), n_shards=2, per_shard=2, size_range=(96, 128))
@@ -142,8 +142,8 @@ def test_demo_with_failed_samples_exits_non_zero_and_says_what_it_skipped(tmp_pa
     write_shard(str(corpus / "shard-00001.tar"),
                 [("ok", {"jpg": jpeg_bytes(pics["coffee"][:96, :96]), "txt": b"a cup of coffee"}),
                  ("bad", {"jpg": b"\xff\xd8\xffgarbage", "txt": b"not a picture"})])
-    r = sub("demo", "--workdir", work, "--no-progress")
-    assert r.returncode == 3, (r.stdout + r.stderr)[-3000:]
+    r = cli("demo", "--workdir", work, "--no-progress")
+    assert r.exit_code == 3, r.output[-3000:]
     assert "1 failed" in r.stdout
     assert "skipped: tokenizer training and tokenization, because the labeling job did not finish cleanly " \
            "(1 sample(s) failed; exit 3)" in r.stderr, r.stderr[-2000:]

@@ -9,7 +9,6 @@ import io
 import json
 import os
 import subprocess
-import sys
 import tarfile
 
 import numpy as np
@@ -469,11 +468,12 @@ def test_parquet_from_s3_equals_the_local_parquet_run(ray_local, s3_env, same_co
     local = tmp_path / "local"
     run_job(job(str(d / "pq" / "train-*.parquet"), local, modalities=mods, shard_size=3, parquet=cols),
             show_progress=False)
-    cmd = [sys.executable, "-m", "modalmill", "label", f"s3://{bucket}/pq/train-*.parquet", str(tmp_path / "remote"),
+    # the CLI in this process (s3_env set this process' S3 settings; the session's Ray gets them from here)
+    cmd = ["label", f"s3://{bucket}/pq/train-*.parquet", str(tmp_path / "remote"),
            "-m", ",".join(mods), "--image-column", "image", "--text-column", "caption", "--id-column", "key",
            "--shard-size", "3", "--n-crops", str(N_CROPS), "--max-size", "128", "--no-progress", "--num-cpus", "2"]
-    r = subprocess.run(cmd, env={**os.environ, **server.env()}, capture_output=True, text=True, timeout=300)
-    assert r.returncode == EXIT_SAMPLES_FAILED, r.stderr[-3000:]
+    r = CliRunner().invoke(main, cmd)
+    assert r.exit_code == EXIT_SAMPLES_FAILED, r.output[-3000:]
     for shard in ("shard-00000", "shard-00001"):
         for m in mods:
             assert (tmp_path / "remote" / m / f"{shard}.tar").read_bytes() == (local / m / f"{shard}.tar").read_bytes()

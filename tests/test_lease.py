@@ -18,7 +18,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from click.testing import CliRunner
 
+from modalmill.cli import main
 from modalmill.io import lease, storage
 
 BIN = os.path.dirname(sys.executable)
@@ -43,18 +45,29 @@ def test_exactly_one_of_many_racing_creators_wins(root):
 
 
 def test_processes_race_for_the_lease_and_one_wins(root, tmp_path):
-    """Four processes take the lease at the same moment: exactly one holds it, the others are refused."""
-    go = time.time() + 4
-    code = ("import sys, time; from modalmill.io import lease\n"
-            f"time.sleep(max(0, {go} - time.time()))\n"
+    """Four processes take the lease at the same moment: exactly one holds it, the others are refused.
+
+    Each process imports, says it is ready and spins until the go file appears; the winner holds the lease until
+    this test has every answer (it closes the winner's stdin), so the losers are refused by a lease that is held."""
+    go = tmp_path / "go"
+    code = ("import os, sys, time; from modalmill.io import lease\n"
+            "print('ready', flush=True)\n"
+            f"while not os.path.exists({str(go)!r}):\n    time.sleep(0.001)\n"
             "try:\n"
-            f"    l = lease.Lease({root!r}).acquire(); print('won', flush=True); time.sleep(5); l.release()\n"
-            "except lease.LeaseHeld as e:\n    print('refused', e)\n")
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=os.environ)
-             for _ in range(4)]
-    outs = [p.communicate(timeout=120)[0] for p in procs]
-    assert sorted(o.split()[0] for o in outs) == ["refused"] * 3 + ["won"], outs
-    assert all("is being written by" in o for o in outs if o.startswith("refused"))
+            f"    l = lease.Lease({root!r}).acquire(); print('won', flush=True); sys.stdin.read(); l.release()\n"
+            "except lease.LeaseHeld as e:\n    print('refused', e, flush=True)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env=os.environ) for _ in range(4)]
+    try:
+        assert [p.stdout.readline().strip() for p in procs] == ["ready"] * 4
+        go.touch()
+        answers = [p.stdout.readline() for p in procs]  # the winner's 'won' comes while it still holds the lease
+    finally:
+        go.touch()
+        outs = [p.communicate(timeout=120)[0] for p in procs]  # closes stdin: the winner releases and exits
+    assert sorted(a.split()[0] for a in answers) == ["refused"] * 3 + ["won"], answers
+    assert all("is being written by" in a for a in answers if a.startswith("refused"))
+    assert all(p.returncode == 0 for p in procs) and not any(outs), outs
 
 
 def test_live_lease_refuses_naming_its_owner_then_released_is_free(root):
@@ -179,12 +192,11 @@ def test_two_drivers_on_one_output_one_writes_the_other_refuses_or_waits(root, d
     assert waiter.returncode == 0, err_w[-2000:]
     assert "waiting for" in err_w and f"pid {a.pid}" in err_w
     assert "0 shard(s) processed, 2 already done" in out_w
-    chk = subprocess.run([f"{BIN}/python", "-m", "modalmill", "check", root], capture_output=True, text=True,
-                         timeout=120)
-    assert chk.returncode == 0 and "clean" in chk.stdout, chk.stdout + chk.stderr
+    chk = CliRunner().invoke(main, ["check", root])  # read-only: in this process
+    assert chk.exit_code == 0 and "clean" in chk.stdout, chk.output
 
 
-def test_a_killed_driver_lease_is_taken_over(demo_corpus, tmp_path):
+def test_a_killed_driver_lease_is_taken_over(ray_local, demo_corpus, tmp_path):
     root = str(tmp_path / "out")
     inp = os.path.join(demo_corpus, "shard-{00000..00001}.tar")
     args = ["label", inp, root, "-m", "rgb,crop_settings,canny_edge", "--no-progress", "--num-cpus", "1"]
@@ -194,12 +206,12 @@ def test_a_killed_driver_lease_is_taken_over(demo_corpus, tmp_path):
     finally:
         os.killpg(a.pid, signal.SIGKILL)  # the driver and the embedded Ray it started
         a.wait()
-    b = subprocess.run([f"{BIN}/python", "-m", "modalmill", *args], capture_output=True, text=True, timeout=300)
-    assert b.returncode == 0, b.stderr[-2000:]
+    # the next driver is the CLI in this process (on the session's embedded Ray): another pid than the dead one
+    b = CliRunner().invoke(main, args)
+    assert b.exit_code == 0, b.output[-2000:]
     assert f"took over the lease on {root}" in b.stderr and f"pid {a.pid}" in b.stderr and "process gone" in b.stderr
-    chk = subprocess.run([f"{BIN}/python", "-m", "modalmill", "check", root], capture_output=True, text=True,
-                         timeout=120)
-    assert chk.returncode == 0 and "clean" in chk.stdout, chk.stdout + chk.stderr
+    chk = CliRunner().invoke(main, ["check", root])
+    assert chk.exit_code == 0 and "clean" in chk.stdout, chk.output
 
 
 def test_read_only_commands_need_no_lease(demo_corpus, tmp_path, ray_local):
@@ -215,10 +227,6 @@ def test_read_only_commands_need_no_lease(demo_corpus, tmp_path, ray_local):
                               stdout=subprocess.PIPE, text=True, env=os.environ)
     try:
         assert holder.stdout.readline().strip() == "held"
-        from click.testing import CliRunner
-
-        from modalmill.cli import main
-
         for args in (["status", root], ["check", root], ["stats", root],
                      ["show", root, "--key", key, "--out", str(tmp_path / "s.png")]):
             r = CliRunner().invoke(main, args)

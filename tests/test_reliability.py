@@ -12,12 +12,14 @@ import time
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 import tests.labelers_for_tests  # noqa: F401  (registers the fault-injecting labelers)
+from modalmill.cli import main
 from modalmill.jobs.democorpus import build_corpus, jpeg_bytes, photos, write_shard
 from modalmill.jobs.runner import EXIT_OK, EXIT_SAMPLES_FAILED, EXIT_SHARDS_FAILED, run_job
-from modalmill.jobs.spec import job_from_dict
-from modalmill.io import manifest
+from modalmill.jobs.spec import job_from_dict, load_job
+from modalmill.io import manifest, storage
 from modalmill.schemas import get_modality
 from tests.badimages import CASES, EXPECTED
 
@@ -227,22 +229,26 @@ def test_out_of_memory_batches_are_split_and_retried(ray_local, small_corpus, tm
 # ---------------------------------------------------------------------------------------------- a dying driver
 
 @pytest.mark.slow
-def test_killed_driver_leaves_no_partial_tar_and_rerun_finishes_identically(tmp_path):
+def test_killed_driver_leaves_no_partial_tar_and_rerun_finishes_identically(ray_local, tmp_path):
     corpus = tmp_path / "corpus"
     build_corpus(str(corpus), n_shards=6, per_shard=3, size_range=(100, 140))
     inp = str(corpus / "shard-{00000..00005}.tar")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
 
-    def cli(out, sleep=1.0):
-        jobfile = tmp_path / f"job-{out.name}.yaml"
-        jobfile.write_text(f"input: '{inp}'\noutput: {out}\nmodalities: [rgb, caption]\nbatch_size: 3\n"
-                           f"labelers: {{test_crash_task: {{config: {{sleep: {sleep}}}}}}}\nray: {{num_cpus: 2}}\n")
+    def jobfile(out, sleep=1.0):
+        path = tmp_path / f"job-{out.name}.yaml"
+        path.write_text(f"input: '{inp}'\noutput: {out}\nmodalities: [rgb, caption]\nbatch_size: 3\n"
+                        f"labelers: {{test_crash_task: {{config: {{sleep: {sleep}}}}}}}\nray: {{num_cpus: 2}}\n")
+        return str(path)
+
+    def cli(out):
         # the CLI, with the test-only labelers registered
         return [sys.executable, "-c", "import sys, tests.labelers_for_tests; from modalmill.cli import main; "
-                "sys.argv[0] = 'modalmill'; main()", "run", str(jobfile), "--no-progress"]
+                "sys.argv[0] = 'modalmill'; main()", "run", jobfile(out), "--no-progress"]
 
+    # the uninterrupted run of the same job, in this process on the session's Ray
     reference = tmp_path / "reference"
-    assert subprocess.run(cli(reference), env=env, capture_output=True, timeout=300).returncode == 0
+    assert run_job(load_job(jobfile(reference)), show_progress=False)["exit_code"] == EXIT_OK
 
     out = tmp_path / "out"
     proc = subprocess.Popen(cli(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -260,8 +266,10 @@ def test_killed_driver_leaves_no_partial_tar_and_rerun_finishes_identically(tmp_
             if not f.startswith("."):
                 read_tar(out / m / f)
 
-    r = subprocess.run(cli(out), env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    # the rerun: the same CLI command in this process, on the session's Ray (it takes the dead driver's lease over)
+    r = CliRunner().invoke(main, ["run", jobfile(out), "--no-progress"])
+    assert r.exit_code == 0, r.output[-2000:]
+    assert "took over the lease" in r.stderr and f"pid {proc.pid}" in r.stderr, r.stderr
     # workers of the killed driver may have finished a shard or two more before they died: still only complete ones
     already = int(re.search(r"(\d+) already done", r.stdout).group(1))
     assert len(done_before) <= already < 6 and f"{6 - already} shard(s) processed" in r.stdout
@@ -276,7 +284,7 @@ def test_killed_driver_leaves_no_partial_tar_and_rerun_finishes_identically(tmp_
 
 @pytest.mark.slow
 @pytest.mark.s3
-def test_flaky_s3_is_retried_and_nothing_is_lost(ray_local, flaky_s3, small_corpus, tmp_path):
+def test_flaky_s3_is_retried_and_nothing_is_lost(ray_local, flaky_s3, small_corpus, tmp_path, monkeypatch):
     proxy, bucket = flaky_s3
     client = proxy.upstream.client()  # setup and checks go straight to the server
     corpus_dir = os.path.dirname(small_corpus)
@@ -302,18 +310,21 @@ def test_flaky_s3_is_retried_and_nothing_is_lost(ray_local, flaky_s3, small_corp
             got = client.get_object(Bucket=bucket, Key=f"out/{m}/{shard}.tar")["Body"].read()
             assert got == (reference / m / f"{shard}.tar").read_bytes()
 
-    # a shard whose object always fails is reported failed with the reason; the other one is fine
+    # a shard whose object always fails is reported failed with the reason; the other one is fine. The same CLI
+    # in this process, on the session's Ray (its shard tasks get this process' S3 settings, the proxy's)
     proxy.clear_faults()
     proxy.fail(times=-1, status=500, path_contains="raw/shard-00001")
     cmd[5] = f"s3://{bucket}/out2"
     # fewer attempts keep the test short; the retry path itself was proven above
-    r = subprocess.run(cmd, env={**env, "MODALMILL_S3_MAX_ATTEMPTS": "2", "MODALMILL_S3_READ_RETRIES": "1"},
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == EXIT_SHARDS_FAILED, (r.stdout, r.stderr[-2000:])
+    monkeypatch.setenv("MODALMILL_S3_MAX_ATTEMPTS", "2")
+    monkeypatch.setenv("MODALMILL_S3_READ_RETRIES", "1")
+    storage.clear_s3_client_cache()
+    r = CliRunner().invoke(main, cmd[3:])
+    assert r.exit_code == EXIT_SHARDS_FAILED, r.output[-3000:]
     assert "failed shard shard-00001" in r.stdout and "500" in r.stdout
+    assert proxy.requests_matching("GET", "raw/shard-00001")[-1].outcome == "error 500"
     proxy.clear_faults()
-    st = subprocess.run([sys.executable, "-m", "modalmill", "status", f"s3://{bucket}/out2", "--json"], env=env,
-                        capture_output=True, text=True, timeout=120)
+    st = CliRunner().invoke(main, ["status", f"s3://{bucket}/out2", "--json"])
     assert '"shards_done": 1' in st.stdout and '"shards_failed": 1' in st.stdout
 
 

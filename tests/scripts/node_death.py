@@ -15,7 +15,12 @@ from modalmill.jobs.runner import run_job
 from modalmill.jobs.spec import job_from_dict
 
 inp, out = sys.argv[1], sys.argv[2]
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+# The GCS declares a node dead after `health_check_failure_threshold` missed health checks, one every
+# `health_check_period_ms` (Ray's defaults, 5 x 3 s, are sized for real networks and left this test waiting ~17 s
+# for the death it causes). 3 misses of checks 1 s apart, each given 2 s, still tolerate a busy 2-core machine.
+HEALTH = {"health_check_period_ms": 1000, "health_check_timeout_ms": 2000, "health_check_failure_threshold": 3}
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
+                                                        "_system_config": HEALTH})
 keep = cluster.add_node(num_cpus=2)  # room for the restarted labeler actor beside a shard task
 doomed = cluster.add_node(num_cpus=1)
 ray.init(address=cluster.address)
