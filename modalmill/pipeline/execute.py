@@ -170,7 +170,7 @@ def _run_shard(task: ShardTask, pools: dict[str, list], counter, isolate: bool =
     """One shard task. With ``isolate`` (after the shard's worker died more often than its retries allow),
     model-free labelers run in a throw-away process per batch, so a sample that kills its process is split
     off and recorded as failed instead of taking the shard down again. ``in_flight``: batches kept at the model
-    actors (None: 2 per actor of the largest pool the task uses, 2 to 8); ``checkpoints``: each pool's weights id."""
+    actors (None: 2 per actor of the pools the task uses, at most 8); ``checkpoints``: each pool's weights id."""
     limit_threads()
 
     preparers: dict[str, Any] = {}  # per pooled labeler, an instance (never set up) that runs its ``prepare``
@@ -407,7 +407,7 @@ def execute(tasks: Iterable[ShardTask], runs: list[LabelerRun], labeler_settings
     flight has room, so the first tasks run while later ones are planned. ``runs``: the labelers whose actor
     pools are started (every stateful labeler the tasks use must be among them). ``on_submit(task)`` is called
     as each task is handed to Ray. ``batches_in_flight``: how many batches each shard task keeps at the model actors
-    (default: 2 per actor of the largest pool it uses, 2 to 8)."""
+    (default: 2 per actor of the pools it uses, at most 8)."""
     from tqdm.auto import tqdm
 
     source = iter(tasks)
