@@ -65,7 +65,8 @@ class RaySettings:
     num_cpus: int | None = None
     shard_cpus: float = 1.0
     max_retries: int = 3
-    batches_in_flight: int | None = None  # per shard task, at the model actors; None: 2 per actor of the pools used, at most 8
+    # batches per shard task at the model actors; None: 2 per actor of the pools the task uses, at most 8
+    batches_in_flight: int | None = None
 
     def __post_init__(self):
         b = self.batches_in_flight
