@@ -6,8 +6,10 @@ as a webdataset pipeline::
     shard list (completed shards only) -> shuffle(seed, epoch) -> split by rank -> split by DataLoader worker
     -> zip the modality tars of each shard in order (alignment check) -> [sample shuffle buffer] -> decode
 
-**Which shards.** Only shards with a completion marker (``_modalmill/shards/shard-N.json``) are read, so a
-shard that is still being written (or failed) never reaches a trainer. Every requested modality must be in
+**Which shards.** Only shards with a done completion marker (``_modalmill/shards/shard-N.json``) whose tars are
+listed as the marker recorded them are read, so a shard that is still being written, failed, or torn (a pending
+marker, or tars that are not what the marker says: see ``modalmill.io.commit``) never reaches a trainer; torn
+shards are left out with a warning that names them (a rerun of the job redoes them). Every requested modality must be in
 every marker; otherwise construction fails with a list of the shards that lack it.
 
 **Alignment.** As in 4M's loader, shard N of every requested modality is opened and the tars are zipped in
@@ -219,7 +221,13 @@ class ModalDataset(IterableDataset):
 
         # the shard index (listings + a snapshot the runs keep): no marker is read here unless the index lacks it,
         # and key lists are read by the worker that opens the shard, so start-up does not grow with samples
-        markers = index.scan(root, with_manifests=False).markers
+        scanned = index.scan(root, with_manifests=False)
+        markers = scanned.markers
+        if scanned.torn:
+            shown = "; ".join(f"{s}: {why}" for s, why in list(scanned.torn.items())[:8])
+            more = f" ... (+{len(scanned.torn) - 8})" if len(scanned.torn) > 8 else ""
+            logger.warning("%s: leaving out %d torn shard(s) (rerun the job to redo them): %s%s", root,
+                        len(scanned.torn), shown, more)
         if not markers:
             raise FileNotFoundError(f"{root}: no completed shards (no {manifest.META_DIR}/shards/*.json markers); "
                                     f"`modalmill status {root}` says what is pending")
@@ -303,6 +311,9 @@ class ModalDataset(IterableDataset):
         if marker is None:
             raise FileNotFoundError(f"{self.root}: {shard.name}'s marker disappeared after the dataset was built "
                                     f"(is a run rewriting this output?)")
+        if marker.get("state") == "pending":
+            raise RuntimeError(f"{self.root}: {shard.name} is being rewritten (its marker became pending after the "
+                               f"dataset was built); wait for the run to finish and build the dataset again")
         return tuple(marker.get("keys", []))
 
     def _zip_one(self, shard: ShardRef) -> Iterator[dict]:

@@ -7,20 +7,26 @@ after another, is hours at an object store's 20-50 ms per request. Instead:
   per 1,000 keys). A listing says which shards have a marker, a failure record and a manifest, and gives each
   file's *version* (S3: ETag and size; local: inode, size and mtime; see :func:`storage.list_pages`).
 - **A snapshot as a cache.** ``_modalmill/index/shards.parquet`` holds, per shard, the version of the marker and
-  manifest it was made from and their digests: the marker without its key list (source, sample count, the
-  producer of every modality) and the manifest's counts (read / ok / failed, failures by reason and stage).
-  An entry is used only while the listing still shows the same version; a file that is new, rewritten or whose
-  entry is missing is read again (bounded parallel requests), and an entry whose file is gone is dropped.
-  So the snapshot is never trusted over the files themselves: an interrupted run that wrote markers after the
-  last snapshot, a snapshot from a killed driver, a snapshot that is missing, corrupt or of another version
-  all cost only re-reads, never a wrong answer.
+  manifest it was made from and their digests: the marker without its key list (source, sample count, state, the
+  producer of every modality, the size and digests of every tar) and the manifest's counts (read / ok / failed,
+  failures by reason and stage). An entry is used only while the listing still shows the same version; a file
+  that is new, rewritten or whose entry is missing is read again (bounded parallel requests), and an entry whose
+  file is gone is dropped. So the snapshot is never trusted over the marker files: an interrupted run that wrote
+  markers after the last snapshot, a snapshot from a killed driver, a snapshot that is missing, corrupt or of
+  another version all cost only re-reads.
+- **Markers checked against the tars.** A marker is only a claim: the modality folders are listed too, page by
+  page alongside the markers (one LIST per 1,000 tars of a folder, no request per shard), and a shard whose marker
+  is pending or names a tar that is missing or listed with another size or version (:mod:`modalmill.io.commit`)
+  is *torn*: it is left out of ``markers`` (so planning redoes it, ``status`` and the loader do not count it as
+  done) and reported in ``torn`` with why.
 - **Who writes it.** Runs (the only writers of an output): after planning when planning had to read markers,
   and at the end of a run. Read-only commands (``status``, ``stats``, ``load_dataset``) use it and never write.
 
 What the index keeps per marker is what deciding a shard needs: the marker minus ``keys``, ``index``, ``seconds``,
-``updated`` and ``stats``, and minus each modality's tar ``sha256``/``bytes``/``n`` (``check`` reads the markers
-themselves). The producer dicts are the same for almost every shard and are shared (interned), so the driver
-holds about 200 bytes per shard.
+``updated``, ``stats`` and (pending markers) ``previous``; each modality's tar record (``bytes``, ``md5``,
+``mtime_ns``) apart from its producer, and minus ``sha256``/``n`` (``check`` reads the markers themselves). The
+producer dicts are the same for almost every shard and are shared (interned), so the driver holds about 200 bytes
+per shard plus about 60 bytes per tar.
 """
 
 from __future__ import annotations
@@ -33,11 +39,12 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from . import manifest, storage
+from . import commit, manifest, storage
 
-INDEX_VERSION = 1
-_DROP_TOP = ("keys", "seconds", "updated", "stats", "index")  # index: the number in the shard name
-_DROP_MODALITY = ("sha256", "bytes", "n")
+INDEX_VERSION = 2  # 2: tar records and marker states
+_DROP_TOP = ("keys", "seconds", "updated", "stats", "index", "previous")  # index: the number in the shard name
+_TAR_FIELDS = ("bytes", "md5", "mtime_ns")  # what a listing is compared with (io.commit)
+_DROP_MODALITY = ("sha256", "n") + _TAR_FIELDS
 
 
 def index_url(root: str) -> str:
@@ -53,6 +60,7 @@ class MarkerInfo:
     source: str | None
     n_samples: int
     body: dict  # the marker's other fields (``modalities`` and anything else), shared between equal shards
+    tars: dict = field(default_factory=dict)  # modality -> the tar's record (``bytes``, ``md5``, ``mtime_ns``)
 
     @property
     def modalities(self) -> dict:
@@ -61,6 +69,11 @@ class MarkerInfo:
     def as_marker(self) -> dict:
         """The marker as a dict, without ``keys`` (what planning and the readers decide on)."""
         return {**self.body, "shard": self.shard, "source": self.source, "n_samples": self.n_samples}
+
+    def problem(self, listed: dict[str, str | None], s3: bool) -> str | None:
+        """Why the shard is not done given the listed versions of its tars (see :func:`commit.listing_problem`)."""
+        marker = {**self.body, "modalities": {m: self.tars.get(m, {}) for m in self.modalities}}
+        return commit.listing_problem(marker, listed, s3)
 
 
 @dataclass(slots=True)
@@ -102,12 +115,14 @@ def _intern(body: dict) -> dict:
 def marker_info(shard: str, version: str, marker: dict) -> MarkerInfo:
     body = {k: v for k, v in marker.items() if k not in _DROP_TOP and k not in ("shard", "source", "n_samples")}
     mods = body.get("modalities")
+    tars = {}
     if isinstance(mods, dict):
+        tars = {m: {k: info[k] for k in _TAR_FIELDS if k in info} for m, info in mods.items() if isinstance(info, dict)}
         body["modalities"] = {m: {k: v for k, v in info.items() if k not in _DROP_MODALITY}
                               if isinstance(info, dict) else info for m, info in mods.items()}
     n = marker.get("n_samples")
     return MarkerInfo(shard, version, marker.get("source"), int(n if n is not None else len(marker.get("keys") or ())),
-                      _intern(body))
+                      _intern(body), tars)
 
 
 def manifest_info(shard: str, version: str, data: bytes) -> ManifestInfo:
@@ -131,7 +146,7 @@ def manifest_info(shard: str, version: str, data: bytes) -> ManifestInfo:
 # ---------------------------------------------------------------------- the stored snapshot
 
 
-_MARKER_COLS = ["marker_version", "source", "n_samples", "marker_body"]
+_MARKER_COLS = ["marker_version", "source", "n_samples", "marker_body", "tars"]
 _MANIFEST_COLS = ["manifest_version", "n_read", "n_ok", "n_failed", "reasons", "stages"]
 
 
@@ -171,7 +186,7 @@ def load_snapshot(root: str, with_manifests: bool = True) -> Snapshot:
     for i, shard in enumerate(cols["shard"]):
         if cols["marker_version"][i] is not None:
             markers[shard] = MarkerInfo(shard, cols["marker_version"][i], cols["source"][i], cols["n_samples"][i],
-                                        parsed(cols["marker_body"][i], _intern))
+                                        parsed(cols["marker_body"][i], _intern), json.loads(cols["tars"][i] or "{}"))
         if with_manifests and cols["manifest_version"][i] is not None:
             manifests[shard] = ManifestInfo(shard, cols["manifest_version"][i], cols["n_read"][i], cols["n_ok"][i],
                                             cols["n_failed"][i], parsed(cols["reasons"][i], pairs),
@@ -196,6 +211,7 @@ def write_snapshot(root: str, snap: Snapshot) -> None:
         "source": [m.source if m else None for m in mk],
         "n_samples": pa.array([m.n_samples if m else None for m in mk], pa.int64()),
         "marker_body": [json.dumps(m.body, sort_keys=True) if m else None for m in mk],
+        "tars": [json.dumps(m.tars, sort_keys=True, separators=(",", ":")) if m else None for m in mk],
         "manifest_version": [m.version if m else None for m in mf],
         "n_read": pa.array([m.n_read if m else None for m in mf], pa.int64()),
         "n_ok": pa.array([m.n_ok if m else None for m in mf], pa.int64()),
@@ -222,9 +238,56 @@ class MarkerPage:
     failure records on it, and the last name it covers (every shard name up to it, in listing order, is known)."""
 
     last: str
-    markers: dict[str, MarkerInfo]
+    markers: dict[str, MarkerInfo]  # the done ones: pending or torn markers are in ``torn``
     failures: list[str]
     read: int = 0  # markers read (not known to the snapshot at their listed version)
+    torn: dict[str, str] = field(default_factory=dict)  # shard -> why its marker does not describe its tars
+
+
+class TarListings:
+    """The ``.tar`` files of every modality folder of an output, listed page by page in step with the marker
+    listing (shard names sort the same in both), so each marker is compared with its tars' listed versions without
+    a request per shard. A folder is listed from its first use on."""
+
+    def __init__(self, root: str):
+        self.root, self.s3 = root, storage.is_s3(root)
+        self._cursors: dict[str, list] = {}  # modality -> [page iterator, buffered (name, version) or None]
+        self._seen: dict[str, dict[str, str]] = {}  # modality -> {shard: version} listed up to the last cut
+
+    def _advance(self, m: str, limit: str) -> dict[str, str]:
+        if m not in self._cursors:
+            prefix = storage.join(self.root, m)
+            files = (f for page in storage.list_pages(prefix, suffix=".tar") for f in page)
+            self._cursors[m] = [prefetch(files, depth=2000), None]
+            self._seen[m] = {}
+        cursor, seen = self._cursors[m], self._seen[m]
+        while True:
+            if cursor[1] is None:
+                cursor[1] = next(cursor[0], False)
+            if cursor[1] is False:
+                return seen
+            url, version = cursor[1]
+            name = _name(url)
+            if name > limit:
+                return seen
+            seen[name[: -len(".tar")]] = version
+            cursor[1] = None
+
+    def torn(self, markers: dict[str, MarkerInfo]) -> dict[str, str]:
+        """shard -> why, for the markers (one listing page's) that do not describe their tars."""
+        if not markers:
+            return {}
+        limit = max(markers) + ".tar"
+        out: dict[str, str] = {}
+        for shard, info in markers.items():
+            listed = {m: self._advance(m, limit).get(shard) for m in info.modalities}
+            why = info.problem(listed, self.s3)
+            if why:
+                out[shard] = why
+        for m, seen in self._seen.items():  # what the next pages need is listed after ``limit``
+            for shard in [s for s in seen if s + ".tar" <= limit]:
+                del seen[shard]
+        return out
 
 
 def prefetch(pages: Iterator, depth: int = 4) -> Iterator:
@@ -257,8 +320,10 @@ def marker_pages(root: str, snap: Snapshot, want: Callable[[str], bool] | None =
 
     Markers the snapshot knows at the listed version come from it; the others (only those ``want(shard)``
     accepts, when given) are read with at most ``workers`` requests in flight, and ``snap`` is updated. Markers
-    that disappeared are dropped from ``snap`` once the listing is complete."""
+    that disappeared are dropped from ``snap`` once the listing is complete. Each page's markers are compared with
+    the listed tars (:class:`TarListings`): a pending or torn one is moved to the page's ``torn``."""
     listed: set[str] = set()
+    tars = TarListings(root)
     for page in prefetch(storage.list_pages(manifest.meta_url(root, "shards"), suffix=".json")):
         if not page:
             continue
@@ -286,7 +351,9 @@ def marker_pages(root: str, snap: Snapshot, want: Callable[[str], bool] | None =
                 info = marker_info(shard, version, json.loads(data))
                 snap.markers[shard] = found[shard] = info
                 snap.changed = True
-        yield MarkerPage(_name(page[-1][0]), dict(sorted(found.items())), failures, len(stale))
+        torn = tars.torn(found)
+        done = {s: info for s, info in sorted(found.items()) if s not in torn}
+        yield MarkerPage(_name(page[-1][0]), done, failures, len(stale), torn)
     for gone in [s for s in snap.markers if s not in listed]:
         del snap.markers[gone]
         snap.changed = True
@@ -324,10 +391,11 @@ def manifests(root: str, snap: Snapshot, workers: int | None = None) -> dict[str
 class OutputIndex:
     """What an output holds, from listings plus the snapshot: markers, failure records, manifests' counts."""
 
-    markers: dict[str, MarkerInfo]
+    markers: dict[str, MarkerInfo]  # the done shards' markers
     failures: list[str]
     manifests: dict[str, ManifestInfo]
     snapshot: Snapshot
+    torn: dict[str, str] = field(default_factory=dict)  # shard -> why its marker is pending or does not match
 
 
 def scan(root: str, with_manifests: bool = True, write: bool = False, workers: int | None = None,
@@ -353,10 +421,12 @@ def scan(root: str, with_manifests: bool = True, write: bool = False, workers: i
         thread.start()
     markers: dict[str, MarkerInfo] = {}
     failures: list[str] = []
+    torn: dict[str, str] = {}
     if with_markers:
         for page in marker_pages(root, snap, workers=workers):
             markers.update(page.markers)
             failures.extend(page.failures)
+            torn.update(page.torn)
     else:
         markers = dict(snap.markers)
     if thread is not None:
@@ -367,7 +437,8 @@ def scan(root: str, with_manifests: bool = True, write: bool = False, workers: i
         snap.changed = snap.changed or snap_m.changed
     if write and snap.changed:
         write_snapshot(root, snap)
-    return OutputIndex(dict(sorted(markers.items())), sorted(failures), result.get("manifests", {}), snap)
+    return OutputIndex(dict(sorted(markers.items())), sorted(failures), result.get("manifests", {}), snap,
+                       dict(sorted(torn.items())))
 
 
 def refresh(root: str) -> OutputIndex:

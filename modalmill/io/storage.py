@@ -140,6 +140,24 @@ def size(url: str) -> int:
     return os.path.getsize(localfs.local_path(url))
 
 
+def version(url: str) -> str | None:
+    """The version :func:`list_pages` would list for the file at ``url`` (one stat, or one HEAD on S3), or None when
+    there is none."""
+    if is_s3(url):
+        bucket, key = _split_s3(url)
+        try:
+            with _s3_errors(url, "stat"):
+                head = s3_client().head_object(Bucket=bucket, Key=key)
+        except FileNotFoundError:
+            return None
+        return str(head.get("ETag", "")).strip('"') + f":{head.get('ContentLength', '')}"
+    try:
+        st = os.stat(_local_path(url))
+    except FileNotFoundError:
+        return None
+    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
 def list_files(prefix: str, suffix: str = "") -> list[str]:
     """All files below the directory ``prefix`` (recursively) whose names end with ``suffix``, as sorted
     full paths/URLs in the style of ``prefix``. A missing directory gives an empty list (a missing S3 bucket

@@ -10,10 +10,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import os
 import tarfile
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
-from . import storage
+from . import localfs, storage
 from .readers import ShardTruncated, iter_tar
 
 
@@ -32,13 +33,14 @@ class _HashingWriter(io.RawIOBase):
     """Pass-through writer that counts and hashes what goes into the file."""
 
     def __init__(self, f):
-        self.f, self.sha, self.nbytes = f, hashlib.sha256(), 0
+        self.f, self.sha, self.md5, self.nbytes = f, hashlib.sha256(), hashlib.md5(usedforsecurity=False), 0
 
     def writable(self):
         return True
 
     def write(self, b):
         self.sha.update(b)
+        self.md5.update(b)
         self.nbytes += len(b)
         return self.f.write(b)
 
@@ -61,10 +63,16 @@ class TarShardWriter:
             self.keys.append(key)
 
     def commit(self) -> dict:
+        """Make the tar visible; returns its record for the shard's marker (see :mod:`modalmill.io.commit`):
+        ``sha256``, ``md5`` and ``bytes`` of what was written, ``n`` samples, and locally the file's ``mtime_ns``."""
         self._tar.close()
         self._closed = True
         self._stack.close()  # rename / upload happens here
-        return {"sha256": self._hw.sha.hexdigest(), "bytes": self._hw.nbytes, "n": len(self.keys)}
+        record = {"sha256": self._hw.sha.hexdigest(), "md5": self._hw.md5.hexdigest(), "bytes": self._hw.nbytes,
+                  "n": len(self.keys)}
+        if not storage.is_s3(self.url):
+            record["mtime_ns"] = os.stat(localfs.local_path(self.url)).st_mtime_ns
+        return record
 
     def abort(self) -> None:
         if self._closed:
@@ -99,8 +107,15 @@ class ShardWriterSet:
         for m, w in self.writers.items():
             w.write(key, self.exts[m], payloads[m])
 
-    def commit(self) -> dict[str, dict]:
-        return {m: w.commit() for m, w in self.writers.items()}
+    def commit(self, before: Callable[[str], None] | None = None) -> dict[str, dict]:
+        """Make every tar visible, one after the other; ``before(modality)`` is called before each (a fence, which
+        may raise: the tars not yet made visible are then discarded by :meth:`abort`)."""
+        out = {}
+        for m, w in self.writers.items():
+            if before is not None:
+                before(m)
+            out[m] = w.commit()
+        return out
 
     def abort(self) -> None:
         for w in self.writers.values():
@@ -118,14 +133,17 @@ def iter_tar_members(url: str) -> Iterator[tuple[str, str, bytes]]:
             yield sample.key, ext, data
 
 
-def filter_tar(url: str, keep: Iterable[str]) -> dict:
-    """Rewrite one of our tars keeping only ``keep`` (in the tar's own order). Streams; atomic."""
+def filter_tar(url: str, keep: Iterable[str], before: Callable[[], None] | None = None) -> dict:
+    """Rewrite one of our tars keeping only ``keep`` (in the tar's own order). Streams; atomic; ``before()`` is
+    called just before the new tar replaces the old one."""
     keep = set(keep)
     w = TarShardWriter(url)
     try:
         for key, ext, data in iter_tar_members(url):
             if key in keep:
                 w.write(key, ext, data)
+        if before is not None:
+            before()
         return w.commit()
     except BaseException:
         w.abort()

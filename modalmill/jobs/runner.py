@@ -2,6 +2,7 @@
 
 Resume rules (per output shard, decided from its completion marker):
 - no marker (or only a failure record): the shard is made from its input (``full``);
+- a torn marker (pending, or its tars are not what it records: ``io.commit``): made again from its input (``full``);
 - a marker with every requested modality made by the same labeler config: skipped;
 - a marker lacking some requested modalities: only those are added (``update``), the others untouched;
 - a requested modality made with a different config, or a shard made from a different input: an error
@@ -219,10 +220,15 @@ def stale_modalities(job: JobPlan, marker: dict, mods: list[str]) -> dict[str, s
 SKIP = "skip"
 
 
-def decide_shard(job: JobPlan, src: ShardSource, marker: dict | None) -> ShardTask | str:
+def decide_shard(job: JobPlan, src: ShardSource, marker: dict | None, torn: bool = False) -> ShardTask | str:
     """What shard ``src`` needs, from its marker (None: no marker; a marker without its key list is enough):
-    a ShardTask, ``SKIP``, or a problem (any other str) that stops the job until the user decides."""
+    a ShardTask, ``SKIP``, or a problem (any other str) that stops the job until the user decides. ``torn``: the
+    shard has a marker that is pending or does not describe its tars (``io.index``): it is made again from its
+    input, with every modality the job names (``--only`` too: what the shard held is not known to be there)."""
     only, force = job.only, job.force
+    if torn:
+        return ShardTask(source=src, mode=FULL, write=tuple(job.requested), labelers=tuple(job.all_runs),
+                         **job.base)
     if marker and marker.get("source") != src.url:
         return (f"{src.name} was made from {marker.get('source')!r} but the input now maps "
                 f"{src.url!r} to it")
@@ -273,14 +279,14 @@ def plan_pages(job: JobPlan, snap: index.Snapshot | None = None) -> Iterator[Pla
     wanted = {s.name for s in todo}
     pos = 0
 
-    def decide(upto: str | None, markers: dict) -> PlanPage:
+    def decide(upto: str | None, markers: dict, torn: dict) -> PlanPage:
         nonlocal pos
         page = PlanPage()
         while pos < len(todo) and (upto is None or todo[pos].name + ".json" <= upto):
             src = todo[pos]
             pos += 1
             info = markers.get(src.name)
-            got = decide_shard(job, src, info.as_marker() if info is not None else None)
+            got = decide_shard(job, src, info.as_marker() if info is not None else None, torn=src.name in torn)
             if isinstance(got, ShardTask):
                 page.tasks.append(got)
             elif got == SKIP:
@@ -290,10 +296,10 @@ def plan_pages(job: JobPlan, snap: index.Snapshot | None = None) -> Iterator[Pla
         return page
 
     for mp in index.marker_pages(job.spec.output, snap, want=wanted.__contains__):
-        page = decide(mp.last, mp.markers)
+        page = decide(mp.last, mp.markers, mp.torn)
         page.markers_read = mp.read
         yield page
-    yield decide(None, {})
+    yield decide(None, {}, {})
 
 
 def plan_job(spec: JobSpec, only: list[str] | None = None, force: bool = False, cluster: bool = False) -> Plan:

@@ -2,7 +2,9 @@
 
 Answered from listings and the shard index (``io.index``): one LIST per 1,000 markers / manifests / run records,
 plus reads of only the markers and manifests the index does not know at their listed version (bounded parallel),
-the failure records of failed shards and the newest run record. Nothing is written.
+the failure records of failed shards and the newest run record; the modality folders are listed to compare each
+marker with its tars (a *torn* shard, whose marker is pending or does not describe its tars, is not done: it is
+named in ``torn`` with why). Nothing is written.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ def output_status(root: str) -> dict:
         raise FileNotFoundError(f"{root}: not a modalmill output (no {manifest.META_DIR}/ folder)")
     scanned = index.scan(root, with_manifests=True, write=False)
     markers = scanned.markers
-    failed_names = [s for s in scanned.failures if s not in markers]
+    failed_names = [s for s in scanned.failures if s not in markers]  # a torn shard may also have failed
     failures = {}
     urls = [manifest.failed_url(root, s) for s in failed_names]
     for (_url, data), name in zip(storage.read_many(urls), failed_names):
@@ -40,6 +42,8 @@ def output_status(root: str) -> dict:
         "shards_done": len(markers),
         "shards_failed": len(failures),
         "shards_pending": None if total is None else max(0, total - len(markers) - len(failures)),
+        "shards_torn": len(scanned.torn),  # not done (counted as pending or failed): the next run redoes them
+        "torn": dict(scanned.torn),
         "samples_read": sum(m.n_read for m in scanned.manifests.values()),
         "samples_ok": sum(m.n_ok for m in scanned.manifests.values()),
         "samples_failed": sum(m.n_failed for m in scanned.manifests.values()),

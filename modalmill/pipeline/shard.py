@@ -9,7 +9,12 @@ shard's own ``rgb`` and ``crop_settings`` tars (and any modality a derived label
 labels are always computed from exactly what is stored. Samples that fail the new modality are dropped
 from every other tar of the shard too (streamed filter, no recomputation), so the shard stays aligned.
 
-The marker written last (``_modalmill/shards/shard-N.json``) is the commit point.
+Both are one flow: read -> prepare -> label -> write -> commit (:func:`process_shard`); they differ only in where
+the samples come from, which modalities are written and which are kept. The commit follows the protocol of
+:mod:`modalmill.io.commit`: when the shard already has a marker, a pending marker replaces it first; then the tars,
+the realigned or removed earlier tars and the manifest; the done marker (``_modalmill/shards/shard-N.json``),
+which records every tar's size and digests, comes last. Every visible write goes through :func:`_step` (the
+task's fence, and the test suite's crash hook).
 
 Captions from the input (``ShardTask.text``, see :mod:`modalmill.io.text`): with ``caption_source`` ``input`` or
 ``input_or_model`` the shard task reads the sample's own text and stores it as ``caption`` (one entry per crop
@@ -23,6 +28,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import signal
 import time
 from collections import Counter, defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +40,7 @@ from .. import __version__
 from ..labelers.base import LabelFailure, LabelInput, get_labeler
 from ..schemas.manifest import FAILED, OK, SampleRow
 from ..schemas.modalities import RecordError, get_modality
-from ..io import manifest, storage
+from ..io import commit, manifest, storage
 from ..io.crops import CropConfig, make_crop_settings
 from ..io.decode import DecodeConfig, DecodeError, decode_image, decode_stored_rgb
 from ..io.readers import RawSample, ShardSource, ShardTruncated, iter_samples, pick_image_member, zip_output
@@ -76,6 +83,9 @@ class ShardTask:
     seed: int
     batch_size: int = 16
     text: TextConfig = TextConfig(caption_source=MODEL)  # where ``caption`` comes from (the job's ``text:``)
+    # called (no arguments) right before every write the task makes visible (each tar, tar removal, the manifest,
+    # pending and done markers, the failure record): raising stops the task before that write (a lost lease)
+    fence: Callable[[], None] | None = field(default=None, compare=False)
 
     @property
     def shard(self) -> str:
@@ -88,20 +98,17 @@ class ShardTask:
         return max([self.batch_size] + [r.batch_size for r in self.labelers])
 
 
-def core_producers(decode: DecodeConfig, crops: CropConfig, seed: int) -> dict[str, dict]:
-    def h(obj):
-        return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-    return {
-        "rgb": {"labeler": "modalmill.decode", "version": "1", "config_hash": h(dataclasses.asdict(decode)),
-                "checkpoint": ""},
-        "crop_settings": {"labeler": "modalmill.crops", "version": "1",
-                          "config_hash": h({**dataclasses.asdict(crops), "seed": seed}), "checkpoint": ""},
-    }
-
-
 def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def core_producers(decode: DecodeConfig, crops: CropConfig, seed: int) -> dict[str, dict]:
+    return {
+        "rgb": {"labeler": "modalmill.decode", "version": "1", "config_hash": _hash(dataclasses.asdict(decode)),
+                "checkpoint": ""},
+        "crop_settings": {"labeler": "modalmill.crops", "version": "1",
+                          "config_hash": _hash({**dataclasses.asdict(crops), "seed": seed}), "checkpoint": ""},
+    }
 
 
 def input_caption_producer(text: TextConfig) -> dict:
@@ -214,22 +221,6 @@ class _Stats:
         return _T()
 
 
-def process_shard(task: ShardTask, call: Callable | None = None, progress: Callable[[int], None] | None = None) -> dict:
-    """Run one shard task; returns a small summary dict (never raises for bad samples)."""
-    call = call or call_local
-    t0 = time.perf_counter()
-    stats = _Stats()
-    if task.mode == FULL:
-        result = _process_full(task, call, progress, stats)
-    else:
-        result = _process_update(task, call, progress, stats)
-    result["seconds"] = {k: round(v, 4) for k, v in stats.seconds.items()}
-    result["seconds"]["total"] = round(time.perf_counter() - t0, 4)
-    result["finished_at"] = round(time.time(), 3)  # epoch seconds: when the shard was committed
-    result["first_batch"] = stats.first_batch
-    return result
-
-
 def _label_batch(task: ShardTask, items: list[_Item], call: Callable, stats: _Stats) -> list[_Item]:
     """Run every labeler over the batch; returns the items that succeeded everywhere."""
     alive = [it for it in items if it.row.status == OK]
@@ -336,88 +327,213 @@ class _Labelling:
             self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _summary(task: ShardTask, rows: list[SampleRow], status: str = "done", **extra) -> dict:
-    failed = [r for r in rows if r.status == FAILED]
-    return {
-        "shard": task.shard, "index": task.source.index, "source": task.source.url, "mode": task.mode,
-        "status": status, "n_read": len(rows), "n_ok": len(rows) - len(failed), "n_failed": len(failed),
-        "errors_by_reason": dict(Counter(r.reason_class for r in failed)), **extra,
-    }
+# ---------------------------------------------------------------------- write steps
+
+#: Set by the test suite only (tests/conftest.py): a folder where ``crash.json`` names a write step at which a
+#: shard task dies (tests/test_crash_points.py). Every write step a task reaches is also appended to ``steps.log``.
+CRASH_DIR_ENV = "MODALMILL_TEST_CRASH_DIR"
 
 
-def _process_full(task: ShardTask, call, progress, stats: _Stats) -> dict:
-    out, shard = task.output, task.shard
-    made_by = labeler_producers(task.labelers, getattr(call, "checkpoint", None))
-    producers = with_caption_source({**core_producers(task.decode, task.crops, task.seed), **made_by},
-                                    task.text, task.write)
-    producer_rows = [{"modality": m, **producers[m]} for m in task.write]
-    # with input_or_model, a caption read from the input names the input as its producer, one from the model the model
-    caption_rows = {"input": {"modality": "caption", **input_caption_producer(task.text)},
-                    "model": {"modality": "caption", **made_by.get("caption", {})}}
-    rows: list[SampleRow] = []
-    keys: list[str] = []
-    truncated = None
-    writers = ShardWriterSet(out, shard, {m: get_modality(m).ext for m in task.write})
+class InjectedCrash(RuntimeError):
+    """Raised at a write step named by the test-only crash hook (``how: raise``)."""
+
+
+def _step(task: ShardTask, kind: str, modality: str = "") -> None:
+    """Every write a shard task makes visible is preceded by this call: the task's fence (a lost lease raises and
+    nothing more is written), then the test-only crash hook. ``kind`` names the write step (docs/reliability.md)."""
+    if task.fence is not None:
+        task.fence()
+    folder = os.environ.get(CRASH_DIR_ENV)
+    if folder:
+        _crash_hook(folder, task, f"{kind}:{modality}" if modality else kind)
+
+
+def _crash_hook(folder: str, task: ShardTask, step: str) -> None:
+    try:
+        with open(os.path.join(folder, "crash.json")) as f:
+            spec = json.load(f)
+    except (FileNotFoundError, ValueError):
+        return
+    if spec.get("output") != task.output or spec.get("shard") not in (None, task.shard):
+        return
+    with open(os.path.join(folder, "steps.log"), "a") as f:
+        f.write(f"{task.shard} {task.mode} {step}\n")
+    if spec.get("step") == step:
+        if spec.get("how") == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise InjectedCrash(f"injected crash before {step}")
+
+
+# ---------------------------------------------------------------------- one shard task
+
+
+@dataclass
+class _Run:
+    """One shard task as it runs. ``full`` and ``update`` differ only in where samples come from (the input, or
+    the shard's own stored tars), which modalities are written (``task.write``) and which are kept (``kept``)."""
+
+    task: ShardTask
+    stats: _Stats
+    found: dict | None  # the marker on storage when the task started (done or pending)
+    prev: dict | None  # the done marker whose keys, tars and manifest rows this task starts from
+    made_by: dict[str, dict]
+    producers: dict[str, dict]
+    rows: list[SampleRow] = field(default_factory=list)  # full: every sample read; update: the earlier rows
+    keys: list[str] = field(default_factory=list)  # written to every tar, in order
+    failed: dict[str, SampleRow] = field(default_factory=dict)  # update: samples that fail now
+    caption_sources: dict[str, str] = field(default_factory=dict)  # key -> "input" / "model" (caption written)
+    truncated: str | None = None
+    read_mods: list[str] = field(default_factory=list)  # update: the stored modalities it reads
+    in_place: set[str] = field(default_factory=set)  # update: modalities rewritten from themselves
+
+    @property
+    def out(self) -> str:
+        return self.task.output
+
+
+def process_shard(task: ShardTask, call: Callable | None = None, progress: Callable[[int], None] | None = None) -> dict:
+    """Run one shard task: read -> prepare -> label -> write -> commit. Returns a small summary dict (never raises
+    for bad samples)."""
+    call = call or call_local
+    t0 = time.perf_counter()
+    stats = _Stats()
+    run = _start(task, call, stats)
+    writers = ShardWriterSet(task.output, task.shard, {m: get_modality(m).ext for m in task.write})
     labelling: _Labelling | None = None
     try:
-        def done(batch: list[_Item], alive: list[_Item]) -> None:
-            with stats.timed("write"):
-                for it in alive:
-                    writers.write_sample(it.row.key, {m: it.payloads[m] for m in task.write})
-                    it.row.modalities = list(task.write)
-                    it.row.producers = producer_rows
-                    if task.text.caption_source == INPUT_OR_MODEL and it.row.caption_source in caption_rows:
-                        it.row.producers = [caption_rows[it.row.caption_source] if p["modality"] == "caption" else p
-                                            for p in producer_rows]
-                    keys.append(it.row.key)
-            if progress:
-                progress(len(batch))
-
-        labelling = _Labelling(task, call, stats, done)
-
-        source_iter = iter_samples(task.source)
-        while True:
-            with stats.timed("read"):
-                raw = next(source_iter, None)
-            if raw is None:
-                break
-            if isinstance(raw, ShardTruncated):
-                truncated = raw.reason
-                break
-            row = SampleRow(shard=task.source.index, source=task.source.url, position=raw.position, key=raw.key)
-            rows.append(row)
-            item = _prepare_full(task, raw, row, stats)
-            if item is None:
-                continue
+        labelling = _Labelling(task, call, stats, lambda batch, alive: _write(run, writers, batch, alive, progress))
+        for item in (_read_input(run) if task.mode == FULL else _read_stored(run)):
             labelling.add(item)
         labelling.finish()
-        with stats.timed("commit"):
-            infos = writers.commit()
+        result = _commit(run, writers)
     except BaseException:
         writers.abort()
         raise
     finally:
         if labelling is not None:
             labelling.close()
+    result["seconds"] = {k: round(v, 4) for k, v in stats.seconds.items()}
+    result["seconds"]["total"] = round(time.perf_counter() - t0, 4)
+    result["finished_at"] = round(time.time(), 3)  # epoch seconds: when the shard was committed
+    result["first_batch"] = stats.first_batch
+    return result
 
-    # modalities an earlier run added (--only) that this run did not rewrite: keep them only if still aligned
-    prev = manifest.read_marker(out, shard)
-    modalities = {m: {**producers[m], **infos[m]} for m in task.write}
-    dropped_stale = []
-    if prev:
-        for m, info in prev.get("modalities", {}).items():
-            if m in modalities:
-                continue
-            if prev.get("keys") == keys:
-                modalities[m] = info
-            else:
-                storage.remove(storage.join(out, m, f"{shard}.tar"))
-                dropped_stale.append(m)
-    summary = _summary(task, rows, truncated=truncated, dropped_stale=dropped_stale)
-    with stats.timed("commit"):
-        manifest.write_rows(out, shard, rows)
-        _commit_marker(task, keys, modalities, summary, stats)
-    return summary
+
+def _start(task: ShardTask, call: Callable, stats: _Stats) -> _Run:
+    """What the task starts from: the marker on storage, the done marker it keeps or adds to, the producers."""
+    found = manifest.read_marker(task.output, task.shard)
+    prev = found if commit.state(found) == commit.DONE else None
+    if task.mode == UPDATE and commit.state(found) == commit.PENDING:
+        # a retry of an update that was interrupted: it may go on from the done marker it replaced as long as the
+        # interrupted attempt touched only the tars this task rewrites anyway
+        if found.get("previous") and set(found.get("rewrites") or ()) <= set(task.write):
+            prev = found["previous"]
+        else:
+            raise ShardAbort(f"{task.shard}: an interrupted rewrite changed {found.get('rewrites')}; "
+                             "the next run redoes the shard from its input")
+    made_by = labeler_producers(task.labelers, getattr(call, "checkpoint", None))
+    core = core_producers(task.decode, task.crops, task.seed) if task.mode == FULL else {}
+    run = _Run(task, stats, found, prev, made_by, with_caption_source({**core, **made_by}, task.text, task.write))
+    if task.mode == UPDATE:
+        if prev is None:
+            raise RuntimeError(f"{task.shard}: no completed output to update")
+        needed: set[str] = set()
+        for r in task.labelers:
+            needed |= set(r.labeler_class().requires)
+            run.in_place |= set(r.labeler_class().requires) & set(r.outputs)  # rewrites what it reads (pose tokens)
+        run.read_mods = ["rgb", "crop_settings"] + sorted(((needed - set(task.write)) | run.in_place) - set(CORE))
+        for m in run.read_mods:
+            if m not in prev["modalities"]:
+                raise RuntimeError(f"{task.shard}: {m!r} is needed but the output has no {m!r} yet")
+        run.rows = sorted({(r.key, r.position): r for r in manifest.read_rows(task.output, task.shard)}.values(),
+                          key=lambda r: r.position)
+    return run
+
+
+def _write(run: _Run, writers: ShardWriterSet, batch: list[_Item], alive: list[_Item], progress) -> None:
+    """A labelled batch: its surviving samples go to every tar being written (in batch order)."""
+    task = run.task
+    with run.stats.timed("write"):
+        for it in alive:
+            writers.write_sample(it.row.key, {m: it.payloads[m] for m in task.write})
+            run.keys.append(it.row.key)
+            if "caption" in task.write:
+                run.caption_sources[it.row.key] = it.row.caption_source
+    for it in batch:
+        if it.row.status == FAILED:
+            run.failed[it.row.key] = it.row
+    if progress:
+        progress(len(batch))
+
+
+# ---------------------------------------------------------------------- read and prepare
+
+
+def _read_input(run: _Run):
+    """Full: the input shard's samples, decoded and with their crops (failures are recorded in their rows)."""
+    task, stats = run.task, run.stats
+    source_iter = iter_samples(task.source)
+    while True:
+        with stats.timed("read"):
+            raw = next(source_iter, None)
+        if raw is None:
+            return
+        if isinstance(raw, ShardTruncated):
+            run.truncated = raw.reason
+            return
+        row = SampleRow(shard=task.source.index, source=task.source.url, position=raw.position, key=raw.key)
+        run.rows.append(row)
+        item = _prepare_input(task, raw, row, stats)
+        if item is not None:
+            yield item
+
+
+def _read_stored(run: _Run):
+    """Update: the shard's own stored rgb, crops and the modalities its labelers need, read in lockstep."""
+    task, stats = run.task, run.stats
+    rows_by_key = {r.key: r for r in run.rows if r.status == OK}
+    input_texts = _input_captions_of(task)  # --only caption with captions from the input: re-read the input's text
+    zipped = zip_output(task.output, task.shard, run.read_mods)
+    while True:
+        with stats.timed("read"):
+            nxt = next(zipped, None)
+        if nxt is None:
+            return
+        key, files = nxt
+        base = rows_by_key.get(key)
+        row = dataclasses.replace(base) if base else SampleRow(shard=task.source.index, source=task.source.url,
+                                                              position=-1, key=key)
+        item = _prepare_stored(run, row, files, input_texts)
+        if item is None:
+            run.failed[key] = row
+        else:
+            yield item
+
+
+def _prepare_stored(run: _Run, row: SampleRow, files: dict[str, bytes], input_texts) -> _Item | None:
+    key = row.key
+    with run.stats.timed("decode"):
+        try:
+            image = decode_stored_rgb(files["rgb"])
+        except DecodeError as e:
+            row.fail("decode", f"stored rgb: {e.reason}")
+            return None
+        crops = get_modality("crop_settings").decode(files["crop_settings"])
+        labels = {m: get_modality(m).decode(files[m]) for m in run.read_mods if m not in CORE}
+    size = (row.original_width or image.shape[1], row.original_height or image.shape[0])
+    item = _Item(row=row, input=LabelInput(key=key, image=image, original_size=size, crops=crops, labels=labels))
+    if input_texts is not None:
+        text, problem = input_texts.get(key, (None, "caption text: the sample is no longer in the input"))
+        stage = "read"
+        if problem is None and text is not None:
+            try:
+                _give_caption(item, text)
+            except RecordError as e:
+                stage, problem = "validate:caption", str(e)
+        if problem:
+            row.fail(stage, problem)
+            return None
+    return item
 
 
 def _input_caption(task: ShardTask, members: dict[str, bytes]) -> tuple[str | None, str | None]:
@@ -441,7 +557,7 @@ def _give_caption(item: _Item, text: str) -> None:
     item.row.caption_source = "input"
 
 
-def _prepare_full(task: ShardTask, raw: RawSample, row: SampleRow, stats: _Stats) -> _Item | None:
+def _prepare_input(task: ShardTask, raw: RawSample, row: SampleRow, stats: _Stats) -> _Item | None:
     row.source_json, row.source_url, row.source_json_error = source_metadata(raw.members)
     if raw.error:
         row.fail("read", raw.error)
@@ -479,155 +595,6 @@ def _prepare_full(task: ShardTask, raw: RawSample, row: SampleRow, stats: _Stats
     return item
 
 
-def _commit_marker(task: ShardTask, keys: list[str], modalities: dict, summary: dict, stats: _Stats) -> None:
-    marker = {
-        "shard": task.shard, "index": task.source.index, "source": task.source.url,
-        "keys": keys, "n_samples": len(keys), "modalities": modalities,
-        "stats": {k: summary[k] for k in ("n_read", "n_ok", "n_failed", "errors_by_reason", "truncated")
-                  if k in summary},
-        "seconds": {k: round(v, 4) for k, v in stats.seconds.items()},
-        "modalmill_version": __version__,
-        "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    manifest.write_marker(task.output, task.shard, marker)
-    manifest.clear_failure(task.output, task.shard)
-
-
-def _process_update(task: ShardTask, call, progress, stats: _Stats) -> dict:
-    out, shard = task.output, task.shard
-    prev = manifest.read_marker(out, shard)
-    if prev is None:
-        raise RuntimeError(f"{shard}: no completed output to update")
-    prev_rows = {(r.key, r.position): r for r in manifest.read_rows(out, shard)}
-    rows_by_key = {r.key: r for r in prev_rows.values() if r.status == OK}
-    made_by = labeler_producers(task.labelers, getattr(call, "checkpoint", None))
-    producers = with_caption_source(made_by, task.text, task.write)
-    input_texts = _input_captions_of(task)  # --only caption with captions from the input: re-read the input's text
-    needed, in_place = set(), set()
-    for run in task.labelers:
-        needed |= set(run.labeler_class().requires)
-        in_place |= set(run.labeler_class().requires) & set(run.outputs)  # rewrites what it reads (pose tokens)
-    read_mods = ["rgb", "crop_settings"] + sorted(((needed - set(task.write)) | in_place) - set(CORE))
-    for m in read_mods:
-        if m not in prev["modalities"]:
-            raise RuntimeError(f"{shard}: {m!r} is needed but the output has no {m!r} yet")
-
-    prev_keys = list(prev["keys"])
-    ok_keys: list[str] = []
-    newly_failed: dict[str, SampleRow] = {}
-    writers = ShardWriterSet(out, shard, {m: get_modality(m).ext for m in task.write})
-    labelling: _Labelling | None = None
-    try:
-        def done(batch: list[_Item], alive: list[_Item]) -> None:
-            with stats.timed("write"):
-                for it in alive:
-                    writers.write_sample(it.row.key, {m: it.payloads[m] for m in task.write})
-                    ok_keys.append(it.row.key)
-            for it in batch:
-                if it.row.status == FAILED:
-                    newly_failed[it.row.key] = it.row
-            if progress:
-                progress(len(batch))
-
-        labelling = _Labelling(task, call, stats, done)
-
-        zipped = zip_output(out, shard, read_mods)
-        while True:
-            with stats.timed("read"):
-                nxt = next(zipped, None)
-            if nxt is None:
-                break
-            key, files = nxt
-            base = rows_by_key.get(key)
-            row = dataclasses.replace(base) if base else SampleRow(shard=task.source.index, source=task.source.url,
-                                                                  position=-1, key=key)
-            with stats.timed("decode"):
-                try:
-                    image = decode_stored_rgb(files["rgb"])
-                except DecodeError as e:
-                    row.fail("decode", f"stored rgb: {e.reason}")
-                    newly_failed[key] = row
-                    continue
-                crops = get_modality("crop_settings").decode(files["crop_settings"])
-                labels = {m: get_modality(m).decode(files[m]) for m in read_mods if m not in CORE}
-            size = (row.original_width or image.shape[1], row.original_height or image.shape[0])
-            item = _Item(row=row, input=LabelInput(key=key, image=image, original_size=size, crops=crops,
-                                                   labels=labels))
-            if input_texts is not None:
-                text, problem = input_texts.get(key, (None, "caption text: the sample is no longer in the input"))
-                stage = "read"
-                if problem is None and text is not None:
-                    try:
-                        _give_caption(item, text)
-                    except RecordError as e:
-                        stage, problem = "validate:caption", str(e)
-                if problem:
-                    row.fail(stage, problem)
-                    newly_failed[key] = row
-                    continue
-            labelling.add(item)
-        labelling.finish()
-        with stats.timed("commit"):
-            infos = writers.commit()
-    except BaseException:
-        writers.abort()
-        raise
-    finally:
-        if labelling is not None:
-            labelling.close()
-
-    ok_set = set(ok_keys)
-    final_keys = [k for k in prev_keys if k in ok_set]
-    for k in prev_keys:  # in the marker but no longer in the stored rgb tar (an interrupted earlier repair)
-        if k not in ok_set and k not in newly_failed and k in rows_by_key:
-            newly_failed[k] = dataclasses.replace(rows_by_key[k]).fail("read", "missing from the stored rgb tar")
-    modalities = dict(prev["modalities"])
-    for m in task.write:
-        modalities[m] = {**producers[m], **infos[m]}
-        if m in in_place and m in prev["modalities"]:
-            # rewritten from itself (pose tokens added to human_poses): remember what first made it, so the job
-            # that made it still sees it as its own output (see jobs.runner.plan_job)
-            before = prev["modalities"][m]
-            modalities[m]["refines"] = before.get("refines") or {
-                k: before.get(k, "") for k in ("labeler", "version", "config_hash", "checkpoint")}
-    with stats.timed("realign"):
-        if final_keys != prev_keys:
-            for m in modalities:
-                if m not in task.write:
-                    modalities[m] = {**modalities[m], **filter_tar(storage.join(out, m, f"{shard}.tar"), final_keys)}
-
-    # manifest: earlier rows stay; rows of newly failed samples change status; ok rows gain the modalities
-    new_producers = {m: {"modality": m, **producers[m]} for m in task.write}
-    sources = {}  # key -> where its caption came from, for the rows of samples that got one now
-    if "caption" in task.write:
-        sources = {k: ("input" if input_texts is not None and input_texts.get(k, (None,))[0] is not None
-                       else "model") for k in ok_set}
-    rows = []
-    for r in sorted(prev_rows.values(), key=lambda r: r.position):
-        if r.key in newly_failed and r.status == OK:
-            nf = newly_failed[r.key]
-            r = dataclasses.replace(r).fail(nf.stage, nf.error)
-        elif r.status == OK and r.key in ok_set:
-            mods = [m for m in r.modalities if m not in task.write] + list(task.write)
-            prods = [p for p in r.producers if p["modality"] not in task.write] + list(new_producers.values())
-            r = dataclasses.replace(r, modalities=mods, producers=prods)
-            if r.key in sources:
-                r.caption_source = sources[r.key]
-                if task.text.caption_source == INPUT_OR_MODEL:
-                    own = (input_caption_producer(task.text) if sources[r.key] == "input"
-                           else made_by.get("caption", {}))
-                    r.producers = [{"modality": "caption", **own} if p["modality"] == "caption" else p
-                                   for p in r.producers]
-        rows.append(r)
-    summary = _summary(task, [r for r in rows if r.key in ok_set or r.key in newly_failed])
-    summary["n_dropped"] = len(prev_keys) - len(final_keys)
-    with stats.timed("commit"):
-        manifest.write_rows(out, shard, rows)
-        _commit_marker(task, final_keys, modalities, summary, stats)
-    return summary
-
-
-
 def _input_captions_of(task: ShardTask) -> dict[str, tuple[str | None, str | None]] | None:
     """For an update that writes ``caption`` from the input: key -> (text, failure) read from the shard's input
     (only the text members are kept); None when the update takes no caption from the input."""
@@ -640,3 +607,154 @@ def _input_captions_of(task: ShardTask) -> dict[str, tuple[str | None, str | Non
         if raw.error is None and raw.key not in out:
             out[raw.key] = _input_caption(task, raw.members)
     return out
+
+
+# ---------------------------------------------------------------------- commit
+
+
+@dataclass
+class _Outcome:
+    """What the commit makes of the shard: its keys, the tars kept from before (realigned when the keys changed)
+    and the tars removed."""
+
+    keys: list[str]
+    keep: list[str]  # earlier modalities kept as they are
+    realign: list[str]  # earlier modalities kept, filtered to ``keys`` (update)
+    remove: list[str]  # tars of earlier modalities dropped (full, when the keys changed or the rewrite was torn)
+
+    @property
+    def rewrites(self) -> list[str]:
+        return self.realign + self.remove
+
+
+def _outcome(run: _Run) -> _Outcome:
+    task, prev = run.task, run.prev
+    earlier = [m for m in (prev or {}).get("modalities", {}) if m not in task.write]
+    if task.mode == UPDATE:
+        written = set(run.keys)
+        keys = [k for k in prev["keys"] if k in written]
+        for k in prev["keys"]:  # in the marker but no longer in the stored rgb tar (an interrupted earlier repair)
+            if k not in written and k not in run.failed:
+                rows = [r for r in run.rows if r.key == k and r.status == OK]
+                if rows:
+                    run.failed[k] = dataclasses.replace(rows[0]).fail("read", "missing from the stored rgb tar")
+        changed = keys != list(prev["keys"])
+        return _Outcome(keys, [] if changed else earlier, earlier if changed else [], [])
+    keep = [m for m in earlier if prev.get("keys") == run.keys and _unchanged(run, m)]
+    # tars a torn earlier rewrite may have touched, and earlier ones no longer aligned with the new keys
+    touched = set(earlier) | set((run.found or {}).get("rewrites") or ())
+    touched |= set((((run.found or {}).get("previous")) or {}).get("modalities", {}))
+    return _Outcome(list(run.keys), keep, [], sorted(touched - set(keep) - set(task.write)))
+
+
+def _unchanged(run: _Run, m: str) -> bool:
+    """Whether the stored tar of an earlier modality is still what the done marker says (one stat / HEAD)."""
+    url = commit.tar_url(run.out, m, run.task.shard)
+    return commit.tar_problem(m, run.prev["modalities"][m], storage.version(url), storage.is_s3(url)) is None
+
+
+def _commit(run: _Run, writers: ShardWriterSet) -> dict:
+    """Make the shard's new state visible, ordered so that no crash between two steps leaves a marker that says
+    done over tars it does not describe: a pending marker first (when the shard had a marker), then the tars, the
+    realigned or removed earlier tars, the manifest, and the done marker last (docs/reliability.md)."""
+    task, stats, out, shard = run.task, run.stats, run.out, run.task.shard
+    plan = _outcome(run)
+    with stats.timed("commit"):
+        if run.found is not None:
+            _step(task, "pending")
+            manifest.write_marker(out, shard, commit.pending_marker(
+                shard, task.source.index, task.source.url, list(task.write) + plan.rewrites, run.prev, __version__))
+        infos = writers.commit(before=lambda m: _step(task, "tar", m))
+    modalities = {m: run.prev["modalities"][m] for m in plan.keep}
+    with stats.timed("realign"):
+        for m in plan.realign:
+            modalities[m] = {**run.prev["modalities"][m], **filter_tar(
+                commit.tar_url(out, m, shard), plan.keys, before=lambda m=m: _step(task, "realign", m))}
+    with stats.timed("commit"):
+        for m in plan.remove:
+            _step(task, "remove", m)
+            storage.remove(commit.tar_url(out, m, shard))
+        modalities.update({m: _produced(run, m, infos[m]) for m in task.write})
+        rows = _final_rows(run)
+        _step(task, "manifest")
+        manifest.write_rows(out, shard, rows)
+        summary = _summary_of(run, rows, plan)
+        _step(task, "marker")
+        manifest.write_marker(out, shard, _done_marker(run, plan.keys, modalities, summary))
+        _step(task, "clear-failure")
+        manifest.clear_failure(out, shard)
+    return summary
+
+
+def _produced(run: _Run, m: str, info: dict) -> dict:
+    """The marker's entry of a modality this task wrote: its producer and the tar's record."""
+    entry = {**run.producers[m], **info}
+    before = (run.prev or {}).get("modalities", {}).get(m)
+    if m in run.in_place and before is not None:
+        # rewritten from itself (pose tokens added to human_poses): remember what first made it, so the job that
+        # made it still sees it as its own output (see jobs.runner.plan_job)
+        entry["refines"] = before.get("refines") or {
+            k: before.get(k, "") for k in ("labeler", "version", "config_hash", "checkpoint")}
+    return entry
+
+
+def _final_rows(run: _Run) -> list[SampleRow]:
+    """The shard's manifest: every sample read, with the modalities written for it or why it failed (an update
+    keeps the earlier rows: the samples that fail now change status, the others gain the new modalities)."""
+    task, written = run.task, set(run.keys)
+    rows = []
+    for r in run.rows:
+        if task.mode == UPDATE and r.status == OK and r.key in run.failed:
+            nf = run.failed[r.key]
+            r = dataclasses.replace(r).fail(nf.stage, nf.error)
+        elif r.status == OK and r.key in written:
+            r = _with_outputs(run, r)
+        rows.append(r)
+    return rows
+
+
+def _with_outputs(run: _Run, r: SampleRow) -> SampleRow:
+    task = run.task
+    mods = [m for m in r.modalities if m not in task.write] + list(task.write)
+    prods = [p for p in r.producers if p["modality"] not in task.write] + [
+        {"modality": m, **run.producers[m]} for m in task.write]
+    r = dataclasses.replace(r, modalities=mods, producers=prods)
+    source = run.caption_sources.get(r.key)
+    if source:
+        r.caption_source = source
+        if task.text.caption_source == INPUT_OR_MODEL:
+            # a caption read from the input names the input as its producer, one from the model the model
+            own = input_caption_producer(task.text) if source == "input" else run.made_by.get("caption", {})
+            r.producers = [{"modality": "caption", **own} if p["modality"] == "caption" else p for p in r.producers]
+    return r
+
+
+def _summary(task: ShardTask, rows: list[SampleRow], status: str = "done", **extra) -> dict:
+    failed = [r for r in rows if r.status == FAILED]
+    return {
+        "shard": task.shard, "index": task.source.index, "source": task.source.url, "mode": task.mode,
+        "status": status, "n_read": len(rows), "n_ok": len(rows) - len(failed), "n_failed": len(failed),
+        "errors_by_reason": dict(Counter(r.reason_class for r in failed)), **extra,
+    }
+
+
+def _summary_of(run: _Run, rows: list[SampleRow], plan: _Outcome) -> dict:
+    if run.task.mode == FULL:
+        return _summary(run.task, rows, truncated=run.truncated, dropped_stale=plan.remove)
+    touched = set(run.keys) | set(run.failed)
+    summary = _summary(run.task, [r for r in rows if r.key in touched])
+    summary["n_dropped"] = len(run.prev["keys"]) - len(plan.keys)
+    return summary
+
+
+def _done_marker(run: _Run, keys: list[str], modalities: dict, summary: dict) -> dict:
+    task = run.task
+    return {
+        "state": commit.DONE, "shard": task.shard, "index": task.source.index, "source": task.source.url,
+        "keys": keys, "n_samples": len(keys), "modalities": modalities,
+        "stats": {k: summary[k] for k in ("n_read", "n_ok", "n_failed", "errors_by_reason", "truncated")
+                  if k in summary},
+        "seconds": {k: round(v, 4) for k, v in run.stats.seconds.items()},
+        "modalmill_version": __version__,
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
