@@ -179,7 +179,7 @@ def status(output, as_json):
         click.echo(f"  failed samples: {n:6d}  {reason}")
     for shard, err in sorted(st["failures"].items()):
         click.echo(f"  failed shard {shard}: {err}")
-    for shard, why in sorted(st["torn"].items()):
+    for shard, why in sorted(st.get("torn", {}).items()):
         click.echo(f"  torn shard {shard}: {why} (not done: the next run redoes it)")
 
 

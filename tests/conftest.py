@@ -15,6 +15,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 # Ray Train's controller polls its workers every 2 s (Ray's default), so each tiny training run here waited up to 2 s
 # to see every state change: ~4 s of each ~14 s run. The real controller and workers, polled every 0.2 s.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# The shard tasks' test-only crash hook (modalmill.pipeline.shard._step, tests/test_crash_points.py): a folder of this
+# session where crash.json names a write step to die at. Set before any Ray starts, so that its workers inherit it.
+os.environ.setdefault("MODALMILL_TEST_CRASH_DIR", __import__("tempfile").mkdtemp(prefix="modalmill-crash-"))
 # Ray workers inherit the environment: let them import test-only labelers from tests/.
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
 if ROOT not in sys.path:

@@ -36,14 +36,12 @@ def output_status(root: str) -> dict:
         for reason, n in mf.reasons:
             reasons[reason] += n
     mods = Counter(m for mk in markers.values() for m in mk.modalities)
-    return {
+    out = {
         "output": root,
         "shards_total": total,
         "shards_done": len(markers),
         "shards_failed": len(failures),
         "shards_pending": None if total is None else max(0, total - len(markers) - len(failures)),
-        "shards_torn": len(scanned.torn),  # not done (counted as pending or failed): the next run redoes them
-        "torn": dict(scanned.torn),
         "samples_read": sum(m.n_read for m in scanned.manifests.values()),
         "samples_ok": sum(m.n_ok for m in scanned.manifests.values()),
         "samples_failed": sum(m.n_failed for m in scanned.manifests.values()),
@@ -52,3 +50,7 @@ def output_status(root: str) -> dict:
         "failures": {k: v.get("error", "") for k, v in failures.items()},
         "runs": len(run_urls),
     }
+    if scanned.torn:  # not done (counted as pending or failed): the next run redoes them
+        out["shards_torn"] = len(scanned.torn)
+        out["torn"] = dict(scanned.torn)
+    return out
