@@ -238,3 +238,63 @@ def test_34_crash_points_s3_converge_and_are_never_reported_done(ray_local, s3_e
     server, bucket = s3_env
     world = World(f"s3://{bucket}/crash", tiny_corpus, client=server.client(), bucket=bucket)
     assert crash_all_points(ray_local, world, how) == N_POINTS
+
+
+# ---------------------------------------------------------------------- tars changed behind a done marker
+
+
+def _tamper(out: str) -> None:
+    """Replace the done shard's canny_edge tar by one of the same size and other content (another writer)."""
+    url = storage.join(out, "canny_edge", f"{SHARD}.tar")
+    data = bytearray(storage.read_bytes(url))
+    data[-1] ^= 0xFF  # the zero padding at the end of the tar: same size, other bytes
+    storage.write_bytes(url, bytes(data))
+
+
+def assert_torn_everywhere(world: World, out: str, keys, why: str) -> None:
+    st = output_status(out)
+    assert st["shards_done"] == 0 and why in st["torn"][SHARD], st
+    (task,) = plan_job(world.spec(out, "only", keys), only=["caption"]).tasks  # --only too: made again in full
+    assert task.mode == "full" and "canny_edge" in task.write and "caption" in task.write
+    with pytest.raises(FileNotFoundError):  # its only shard is left out (with a warning naming it)
+        load_dataset(out, ["rgb"], decode=False)
+    process_shard(task)
+    assert check_output(out).ok and output_status(out)["shards_done"] == 1
+
+
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.s3)])
+def test_a_tar_changed_behind_a_done_marker_is_torn_everywhere(request, tiny_corpus, tmp_path, where):
+    if where == "s3":
+        server, bucket = request.getfixturevalue("s3_env")
+        world = World(f"s3://{bucket}/torn", tiny_corpus, client=server.client(), bucket=bucket)
+    else:
+        world = World(str(tmp_path), tiny_corpus)
+    out = world.new("out")
+    run_command(world, out, "first", None)
+    keys = manifest.read_marker(out, SHARD)["keys"]
+    _tamper(out)
+    assert not check_output(out).ok  # check compares the sha256 of the bytes
+    # same size: the listing shows another version (S3: the ETag is not the recorded MD5; local: the mtime)
+    assert_torn_everywhere(world, out, keys, "canny_edge: the tar" if where == "local" else "ETag")
+    # a tar of another size, and a missing tar
+    storage.write_bytes(storage.join(out, "rgb", f"{SHARD}.tar"), b"\0" * 10240)
+    assert_torn_everywhere(world, out, keys, "rgb: the tar has 10240 bytes")
+    storage.remove(storage.join(out, "crop_settings", f"{SHARD}.tar"))
+    assert_torn_everywhere(world, out, keys, "not there")
+
+
+def test_legacy_markers_without_sizes_are_done_while_their_tars_are_listed(tiny_corpus, tmp_path):
+    world = World(str(tmp_path), tiny_corpus)
+    out = world.new("out")
+    run_command(world, out, "first", None)
+    marker = manifest.read_marker(out, SHARD)
+    keys = marker["keys"]
+    del marker["state"]
+    for info in marker["modalities"].values():
+        for k in ("bytes", "md5", "mtime_ns"):
+            del info[k]
+    manifest.write_marker(out, SHARD, marker)
+    assert output_status(out)["shards_done"] == 1
+    assert SHARD in plan_job(world.spec(out, "first", keys)).skipped
+    storage.remove(storage.join(out, "canny_edge", f"{SHARD}.tar"))
+    assert_torn_everywhere(world, out, keys, "not there")
