@@ -298,3 +298,81 @@ def test_legacy_markers_without_sizes_are_done_while_their_tars_are_listed(tiny_
     assert SHARD in plan_job(world.spec(out, "first", keys)).skipped
     storage.remove(storage.join(out, "canny_edge", f"{SHARD}.tar"))
     assert_torn_everywhere(world, out, keys, "not there")
+
+
+# ---------------------------------------------------------------------- retries and the fence
+
+
+def test_a_retried_update_goes_on_from_its_pending_marker_or_leaves_the_shard_to_a_full_rerun(tiny_corpus, tmp_path):
+    from modalmill.pipeline.shard import InjectedCrash, ShardAbort
+
+    world = World(str(tmp_path), tiny_corpus)
+    base = world.new("base")
+    run_command(world, base, "first", None)
+    keys = manifest.read_marker(base, SHARD)["keys"]
+    reference = {}
+    for path in ("only", "realign"):
+        ref = world.copy(base, f"ref-{path}")
+        run_command(world, ref, path, keys)
+        reference[path] = world.tars(ref)
+    try:
+        # killed after its new tar: the retry (the same task, as Ray reruns it) goes on from the replaced marker
+        out = world.copy(base, "only")
+        (task,) = plan_job(world.spec(out, "only", keys), only=["caption"]).tasks
+        crash_spec(out, "manifest")
+        with pytest.raises(InjectedCrash):
+            process_shard(task)
+        clear_crash()
+        assert manifest.read_marker(out, SHARD)["state"] == "pending"
+        process_shard(task)
+        assert_converged(world, out, reference["only"], "retried update")
+        # killed while realigning: the kept tars changed, so the retry refuses and the next run redoes it all
+        out = world.copy(base, "realign")
+        (task,) = plan_job(world.spec(out, "realign", keys), only=["caption"]).tasks
+        crash_spec(out, "realign:crop_settings")
+        with pytest.raises(InjectedCrash):
+            process_shard(task)
+        clear_crash()
+        with pytest.raises(ShardAbort, match="interrupted rewrite"):
+            process_shard(task)
+        run_command(world, out, "realign", keys)
+        assert_converged(world, out, reference["realign"], "realign after a refused retry")
+    finally:
+        clear_crash()
+
+
+class CountingFence:
+    """A fence as the lease gives one: picklable, no arguments; raises once the lease is "lost" (after ``allow``
+    calls); counts its calls in a file (it may run in a Ray worker)."""
+
+    def __init__(self, path: str, allow: int):
+        self.path, self.allow = path, allow
+
+    def __call__(self) -> None:
+        with open(self.path, "a") as f:
+            f.write("x")
+        if os.path.getsize(self.path) > self.allow:
+            raise RuntimeError("lease lost")
+
+
+def test_the_fence_is_called_before_every_write_step_and_stops_the_task(ray_local, tiny_corpus, tmp_path):
+    import dataclasses
+
+    world = World(str(tmp_path), tiny_corpus)
+    base = world.new("base")
+    run_command(world, base, "first", None)
+    keys = manifest.read_marker(base, SHARD)["keys"]
+    out = world.copy(base, "fenced")
+    (task,) = plan_job(world.spec(out, "realign", keys), only=["caption"]).tasks
+    calls = str(tmp_path / "calls")
+    process_shard(dataclasses.replace(task, fence=CountingFence(calls, 1000)))
+    assert os.path.getsize(calls) == len(PATHS["realign"][-1])  # once per write step
+    # the lease is lost before the first write: in a Ray worker, the task stops and nothing changes
+    out = world.copy(base, "lost")
+    before = world.tars(out), manifest.read_marker(out, SHARD)
+    os.remove(calls)
+    fenced = ray_local.remote(max_retries=0)(process_shard)
+    with pytest.raises(ray_local.exceptions.RayTaskError, match="lease lost"):
+        ray_local.get(fenced.remote(dataclasses.replace(task, fence=CountingFence(calls, 0))))
+    assert (world.tars(out), manifest.read_marker(out, SHARD)) == before
+    assert not [f for _, _, files in os.walk(out) for f in files if ".tmp-" in f]  # temporary files discarded

@@ -233,6 +233,8 @@ def _run_shard(task: ShardTask, pools: dict[str, list], counter, isolate: bool =
                    "traceback": traceback.format_exc()[-4000:],
                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         try:
+            if task.fence is not None:  # a task whose driver lost the output's lease writes nothing more
+                task.fence()
             manifest.write_failure(task.output, task.shard, failure)
         except Exception:  # noqa: BLE001 - the output itself may be what fails
             pass
@@ -492,6 +494,8 @@ def execute(tasks: Iterable[ShardTask], runs: list[LabelerRun], labeler_settings
                     res = {"shard": task.shard, "index": task.source.index, "source": task.source.url,
                            "mode": task.mode, "status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]}
                     try:
+                        if task.fence is not None:
+                            task.fence()
                         manifest.write_failure(task.output, task.shard, res)
                     except Exception:  # noqa: BLE001
                         pass
