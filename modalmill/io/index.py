@@ -284,7 +284,7 @@ class TarListings:
             why = info.problem(listed, self.s3)
             if why:
                 out[shard] = why
-        for m, seen in self._seen.items():  # what the next pages need is listed after ``limit``
+        for seen in self._seen.values():  # what the next pages need is listed after ``limit``
             for shard in [s for s in seen if s + ".tar" <= limit]:
                 del seen[shard]
         return out
