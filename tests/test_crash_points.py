@@ -324,6 +324,8 @@ def test_a_retried_update_goes_on_from_its_pending_marker_or_leaves_the_shard_to
             process_shard(task)
         clear_crash()
         assert manifest.read_marker(out, SHARD)["state"] == "pending"
+        assert any("interrupted rewrite" in v.line() for v in check_output(out).violations)
+        assert manifest.list_markers(out) == {}  # readers of full markers see no done shard
         process_shard(task)
         assert_converged(world, out, reference["only"], "retried update")
         # killed while realigning: the kept tars changed, so the retry refuses and the next run redoes it all

@@ -1,7 +1,8 @@
 """Manifests, completion markers and run records under ``OUT/_modalmill/``.
 
 - ``shards/shard-NNNNN.json``: the completion marker and stats of a shard; written last and atomically, it
-  is the commit point. It lists the shard's key order and, per modality, what produced the tar.
+  is the commit point. It lists the shard's key order and, per modality, what produced the tar and the tar's
+  size and digests; while a rewrite is under way it is a pending marker (the protocol: ``io.commit``).
 - ``shards/shard-NNNNN.failed.json``: why the last attempt at a shard failed (removed once it is done).
 - ``manifest/shard-NNNNN.parquet``: one row per sample read (see ``schemas.manifest``).
 - ``runs/<time>-<id>.json``: one summary per run of a job (its per-shard list in ``<time>-<id>.shards.parquet``
@@ -150,13 +151,16 @@ def manifest_dataset(root: str):
     return pds.dataset(paths, schema=MANIFEST_SCHEMA, format="parquet", filesystem=fs)
 
 
-def list_markers(root: str) -> dict[str, dict]:
-    """Every shard's full marker (key lists included), read with bounded parallel requests. For what a marker
-    says besides its keys, at corpus scale, use the shard index (``io.index.scan``)."""
+def list_markers(root: str, with_pending: bool = False) -> dict[str, dict]:
+    """Every shard's full done marker (key lists included), read with bounded parallel requests; pending markers
+    (a rewrite under way or interrupted, see ``io.commit``) only with ``with_pending``. For what a marker says
+    besides its keys, at corpus scale, and whether its tars are still what it records, use the shard index
+    (``io.index.scan``)."""
     urls = [u for u in storage.list_files(meta_url(root, "shards"), suffix=".json")
             if not u.endswith(".failed.json")]
-    return {url.rsplit("/", 1)[-1][: -len(".json")]: json.loads(data)
-            for url, data in storage.read_many(urls) if data is not None}
+    out = {url.rsplit("/", 1)[-1][: -len(".json")]: json.loads(data)
+           for url, data in storage.read_many(urls) if data is not None}
+    return out if with_pending else {k: v for k, v in out.items() if v.get("state") != "pending"}
 
 
 def list_failures(root: str) -> dict[str, dict]:

@@ -343,7 +343,7 @@ def _check_shard(shard: str, urls: dict[str, str], marker: dict | None, parse: b
 def check_output(root: str, parse: bool = True, workers: int = 4) -> CheckReport:
     """Check ``root`` against the 4M contract. ``parse=False`` checks layout, keys and markers only."""
     layout = scan_layout(root)
-    markers = manifest.list_markers(root)
+    markers = manifest.list_markers(root, with_pending=True)
     if not layout.folders and not markers:
         raise FileNotFoundError(f"{root}: no modality folders with .tar shards (and no {manifest.META_DIR}/ markers)")
     violations: list[Violation] = []
