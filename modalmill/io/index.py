@@ -23,10 +23,10 @@ after another, is hours at an object store's 20-50 ms per request. Instead:
   and at the end of a run. Read-only commands (``status``, ``stats``, ``load_dataset``) use it and never write.
 
 What the index keeps per marker is what deciding a shard needs: the marker minus ``keys``, ``index``, ``seconds``,
-``updated``, ``stats`` and (pending markers) ``previous``; each modality's tar record (``bytes``, ``md5``,
-``mtime_ns``) apart from its producer, and minus ``sha256``/``n`` (``check`` reads the markers themselves). The
-producer dicts are the same for almost every shard and are shared (interned), so the driver holds about 200 bytes
-per shard plus about 60 bytes per tar.
+``updated``, ``stats`` and (pending markers) ``previous``; each modality's tar record (``bytes``, ``md5`` cut to
+16 hex digits, ``mtime_ns``) is kept apart from its producer as one compact JSON string, and ``sha256``/``n`` are
+left out (``check`` reads the markers themselves). The producer dicts are the same for almost every shard and are
+shared (interned), so the driver holds about 200 bytes per shard plus about 50 bytes per tar.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class MarkerInfo:
     source: str | None
     n_samples: int
     body: dict  # the marker's other fields (``modalities`` and anything else), shared between equal shards
-    tars: dict = field(default_factory=dict)  # modality -> the tar's record (``bytes``, ``md5``, ``mtime_ns``)
+    tars: str = "{}"  # JSON: modality -> the tar's record (``bytes``, ``md5`` cut to 16 digits, ``mtime_ns``)
 
     @property
     def modalities(self) -> dict:
@@ -72,7 +72,8 @@ class MarkerInfo:
 
     def problem(self, listed: dict[str, str | None], s3: bool) -> str | None:
         """Why the shard is not done given the listed versions of its tars (see :func:`commit.listing_problem`)."""
-        marker = {**self.body, "modalities": {m: self.tars.get(m, {}) for m in self.modalities}}
+        tars = json.loads(self.tars)
+        marker = {**self.body, "modalities": {m: tars.get(m, {}) for m in self.modalities}}
         return commit.listing_problem(marker, listed, s3)
 
 
@@ -117,12 +118,13 @@ def marker_info(shard: str, version: str, marker: dict) -> MarkerInfo:
     mods = body.get("modalities")
     tars = {}
     if isinstance(mods, dict):
-        tars = {m: {k: info[k] for k in _TAR_FIELDS if k in info} for m, info in mods.items() if isinstance(info, dict)}
+        tars = {m: {k: info[k][:16] if k == "md5" else info[k] for k in _TAR_FIELDS if k in info}
+                for m, info in mods.items() if isinstance(info, dict)}
         body["modalities"] = {m: {k: v for k, v in info.items() if k not in _DROP_MODALITY}
                               if isinstance(info, dict) else info for m, info in mods.items()}
     n = marker.get("n_samples")
     return MarkerInfo(shard, version, marker.get("source"), int(n if n is not None else len(marker.get("keys") or ())),
-                      _intern(body), tars)
+                      _intern(body), json.dumps(tars, sort_keys=True, separators=(",", ":")))
 
 
 def manifest_info(shard: str, version: str, data: bytes) -> ManifestInfo:
@@ -186,7 +188,7 @@ def load_snapshot(root: str, with_manifests: bool = True) -> Snapshot:
     for i, shard in enumerate(cols["shard"]):
         if cols["marker_version"][i] is not None:
             markers[shard] = MarkerInfo(shard, cols["marker_version"][i], cols["source"][i], cols["n_samples"][i],
-                                        parsed(cols["marker_body"][i], _intern), json.loads(cols["tars"][i] or "{}"))
+                                        parsed(cols["marker_body"][i], _intern), cols["tars"][i] or "{}")
         if with_manifests and cols["manifest_version"][i] is not None:
             manifests[shard] = ManifestInfo(shard, cols["manifest_version"][i], cols["n_read"][i], cols["n_ok"][i],
                                             cols["n_failed"][i], parsed(cols["reasons"][i], pairs),
@@ -211,7 +213,7 @@ def write_snapshot(root: str, snap: Snapshot) -> None:
         "source": [m.source if m else None for m in mk],
         "n_samples": pa.array([m.n_samples if m else None for m in mk], pa.int64()),
         "marker_body": [json.dumps(m.body, sort_keys=True) if m else None for m in mk],
-        "tars": [json.dumps(m.tars, sort_keys=True, separators=(",", ":")) if m else None for m in mk],
+        "tars": [m.tars if m else None for m in mk],
         "manifest_version": [m.version if m else None for m in mf],
         "n_read": pa.array([m.n_read if m else None for m in mf], pa.int64()),
         "n_ok": pa.array([m.n_ok if m else None for m in mf], pa.int64()),
