@@ -225,8 +225,7 @@ def tiny_corpus(tmp_path_factory):
     return str(d / "shard-00000.tar")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("how", ["raise", "kill"])
+@pytest.mark.parametrize("how", ["raise", pytest.param("kill", marks=pytest.mark.slow)])  # kill: a new worker each
 def test_34_crash_points_local_converge_and_are_never_reported_done(ray_local, tiny_corpus, tmp_path, how):
     assert crash_all_points(ray_local, World(str(tmp_path), tiny_corpus), how) == N_POINTS
 
