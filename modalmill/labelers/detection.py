@@ -43,7 +43,7 @@ from .base import LabelFailure, LabelInput, Resources, register_labeler
 from .depth import IMAGENET_MEAN, IMAGENET_STD, load_pretrained, split_usable
 from .model import ModelConfig, ModelLabeler
 from .semseg import COCO_THING_CLASSES, check_class_names, processor_batches
-from .weights import Pin
+from .pins import Pin
 
 __all__ = ["DETR_COCO_LABELS", "DFineCocoLabeler", "DetrCocoLabeler", "detections_from_focal_logits",
            "detections_from_logits"]

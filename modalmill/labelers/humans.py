@@ -51,7 +51,9 @@ import numpy as np
 from .base import LabelFailure, LabelInput, Resources, register_labeler
 from .model import ModelConfig, ModelLabeler
 from .sam import find_weights_file
-from .weights import Pin, WeightsError, load_into, load_state_dict, read_lightning_state_dict
+from ..io.fetch import WeightsError
+from .checkpoints import load_into, load_state_dict, read_lightning_state_dict
+from .pins import Pin
 
 __all__ = ["HMR2_ARCHITECTURE", "Hmr2Labeler", "build_hmr2", "convert_checkpoint", "convert_hmr2_state_dict",
            "crop_boxes", "load_hmr2_weights", "read_lightning_state_dict", "rot6d_to_rotmat", "save_converted",

@@ -60,7 +60,9 @@ from .clip import (
 )
 from .dinov2 import IMAGENET_MEAN, IMAGENET_STD, predict_crops, prepare_crops
 from .model import ModelConfig, ModelLabeler
-from .weights import Pin, WeightsError, load_into, load_state_dict
+from ..io.fetch import WeightsError
+from .checkpoints import load_into, load_state_dict
+from .pins import Pin
 
 __all__ = ["IMAGEBIND_LN_EPS", "ImageBindLabeler", "imagebind_to_open_clip", "open_clip_to_imagebind"]
 
@@ -225,7 +227,7 @@ class ImageBindLabeler(ModelLabeler):
         from safetensors.torch import save
 
         from ..io import storage
-        from .weights import resolve
+        from ..io.fetch import resolve
 
         if not dst.endswith(".safetensors"):
             raise ValueError(f"{dst}: the converted weights are written as .safetensors; give a .safetensors path")

@@ -42,7 +42,8 @@ import numpy as np
 from .base import LabelFailure, LabelInput, Resources, register_labeler
 from .model import ModelLabeler
 from .modelfree import _image_problem
-from .weights import WeightsError, files_hash
+from ..io.fetch import WeightsError
+from ..io.hashes import files_hash
 
 __all__ = ["POSE_LANDMARKS", "MediaPipePersonMaskLabeler", "MediaPipePoseLabeler", "mediapipe_model_files"]
 

@@ -26,7 +26,8 @@ import numpy as np
 from .base import LabelFailure, LabelInput, Resources, assigned_cpus, register_labeler
 from .model import ModelLabeler
 from .modelfree import _image_problem
-from .weights import WeightsError, files_hash
+from ..io.fetch import WeightsError
+from ..io.hashes import files_hash
 
 __all__ = ["RapidOCRLabeler", "rapidocr_model_files"]
 

@@ -43,7 +43,9 @@ import numpy as np
 
 from .base import LabelFailure, LabelInput, Resources, register_labeler
 from .model import ModelConfig, ModelLabeler
-from .weights import Pin, WeightsError, load_into, load_state_dict
+from ..io.fetch import WeightsError
+from .checkpoints import load_into, load_state_dict
+from .pins import Pin
 
 __all__ = ["SAM_VARIANTS", "SamLabeler", "build_sam", "find_weights_file", "infer_sam_encoder", "instance_edges",
            "mask_polygons", "variant_of"]

@@ -33,7 +33,8 @@ import numpy as np
 from .base import LabelFailure, LabelInput, Resources, register_labeler
 from .depth import IMAGENET_MEAN, IMAGENET_STD, load_pretrained, split_usable
 from .model import ModelConfig, ModelLabeler
-from .weights import Pin, WeightsError
+from ..io.fetch import WeightsError
+from .pins import Pin
 
 __all__ = ["COCO_PANOPTIC_CLASSES", "COCO_THING_CLASSES", "N_COCO_THINGS", "Mask2FormerCocoLabeler",
            "processor_batches", "processor_size", "semantic_map"]
