@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from ..io.fetch import WeightsError
 from .base import LabelFailure, LabelInput, Prepared, Resources, register_labeler
 from .model import ModelConfig, ModelLabeler
-from ..io.fetch import WeightsError
 from .pins import Pin
 
 __all__ = [

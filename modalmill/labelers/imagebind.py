@@ -48,6 +48,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..io.fetch import WeightsError
 from .base import LabelFailure, LabelInput, Prepared, Resources, register_labeler
 from .clip import (
     NORMALIZATIONS,
@@ -60,7 +61,6 @@ from .clip import (
 )
 from .dinov2 import IMAGENET_MEAN, IMAGENET_STD, predict_crops, prepare_crops
 from .model import ModelConfig, ModelLabeler
-from ..io.fetch import WeightsError
 from .checkpoints import load_into, load_state_dict
 from .pins import Pin
 

@@ -41,9 +41,9 @@ from typing import Any
 
 import numpy as np
 
+from ..io.fetch import WeightsError
 from .base import LabelFailure, LabelInput, Resources, register_labeler
 from .model import ModelConfig, ModelLabeler
-from ..io.fetch import WeightsError
 from .checkpoints import load_into, load_state_dict
 from .pins import Pin
 

@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 
+from ..io.fetch import WeightsError
 from .base import LabelFailure, LabelInput, Resources, register_labeler
 from .depth import IMAGENET_MEAN, IMAGENET_STD, load_pretrained, split_usable
 from .model import ModelConfig, ModelLabeler
-from ..io.fetch import WeightsError
 from .pins import Pin
 
 __all__ = ["COCO_PANOPTIC_CLASSES", "COCO_THING_CLASSES", "N_COCO_THINGS", "Mask2FormerCocoLabeler",
