@@ -154,8 +154,29 @@ def grid_of(visual) -> tuple[int, int]:
 # ---------------------------------------------------------------------- the labeler
 
 
+@dataclass(frozen=True)
+class OpenClipConfig(ModelConfig):
+    """The settings of every open_clip image tower labeler (CLIP, ImageBind)."""
+
+    arch: str = "ViT-B-16-quickgelu"  # open_clip model name, or the path of an open_clip model-config .json
+    normalize: str = "imagenet"  # imagenet: as 4M's tokenizers were trained | clip: OpenAI CLIP's mean/std
+
+    def __post_init__(self):
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {self.normalize!r}")
+
+
+class OpenClipTowerLabeler(ModelLabeler):
+    """An open_clip image tower run on the stored crops, each resized to the tower's input size."""
+
+    Config = OpenClipConfig
+
+    def prepare(self, batch: list[LabelInput]) -> Prepared:
+        return prepare_crops(batch, open_clip_image_size(self.config.arch))
+
+
 @register_labeler
-class CLIPLabeler(ModelLabeler):
+class CLIPLabeler(OpenClipTowerLabeler):
     """OpenAI CLIP ViT-B/16 image tower (open_clip): per crop, ``clip`` [n_crops, 14, 14, 512] and ``clip_global``
     [n_crops, 512], float16.
 
@@ -184,14 +205,8 @@ class CLIPLabeler(ModelLabeler):
                    "at 224, one row per crop (4M's teacher)")
 
     @dataclass(frozen=True)
-    class Config(ModelConfig):
-        arch: str = "ViT-B-16-quickgelu"  # open_clip model name, or the path of an open_clip model-config .json
-        normalize: str = "imagenet"  # imagenet: as 4M's tokenizer was trained | clip: OpenAI CLIP's mean/std
+    class Config(OpenClipConfig):
         project_tokens: bool = True  # patch tokens after the projection (4M, 512-d) or before it (768-d)
-
-        def __post_init__(self):
-            if self.normalize not in NORMALIZATIONS:
-                raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {self.normalize!r}")
 
     def build(self, path: str):
         where = f"labeler {self.name!r}"
@@ -200,9 +215,6 @@ class CLIPLabeler(ModelLabeler):
         load_into(visual, visual_state_dict(load_state_dict(ckpt)),
                   where=f"{where} ({self.config.arch} image tower) from {ckpt}")
         return visual
-
-    def prepare(self, batch: list[LabelInput]) -> Prepared:
-        return prepare_crops(batch, open_clip_image_size(self.config.arch))
 
     def predict(self, batch: list) -> list[dict[str, Any] | LabelFailure]:
         mean, std = NORMALIZATIONS[self.config.normalize]
