@@ -1,4 +1,4 @@
-"""Fetch weights by location into the local weights cache (:data:`modalmill.io.hashes.hashes.CACHE_DIR`).
+"""Fetch weights by location into the local weights cache (:data:`modalmill.io.hashes.CACHE_DIR`).
 
 A weights location is one of:
 
