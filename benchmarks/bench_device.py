@@ -1,14 +1,15 @@
 """Benchmark 6: keeping an accelerator busy, on any CPU machine (a simulated device).
 
 A benchmark labeler (``bench_sim_a``, and ``bench_sim_b`` for the sharing case) stands in for a model on an
-accelerator: its actor holds one simulated device for a fixed time per batch without using the CPU (an
-exclusive ``flock`` on the device's lock file plus ``time.sleep``, which releases the GIL), and records every
-busy interval. Everything else is the real pipeline: ``modalmill``'s runner and Ray executor, shard tasks that
-read the benchmark corpus's tars, decode, make crop settings, run the labeler's ``prepare`` (crop 0 resized to
-224x224, as the DINOv2 labeler does) and write ``rgb``, ``crop_settings`` and the labeler's output with markers
-and manifests. The device is declared to Ray as the custom resource ``sim_device`` (``ray.init(resources=)``)
-and asked for through the labeler's ``resources.custom``, so Ray's own scheduling places the actors, packs two
-0.5 shares on one device, and spreads 1.0 requests over two devices.
+accelerator: its actor holds one simulated device for a fixed time per batch without using the CPU (an exclusive
+``flock`` on the device's lock file plus ``time.sleep``, which releases the GIL), and records every busy interval.
+Everything else is the real pipeline: ``modalmill``'s runner and Ray executor, shard tasks that read the benchmark
+corpus's tars, decode, make crop settings, run the labeler's ``prepare`` (crop 0, the job's one crop, resized to
+224x224, as the DINOv2 labeler resizes each crop) and write ``rgb`` (the corpus's RGB JPEGs are stored as they are,
+not re-encoded), ``crop_settings`` and the labeler's output with markers and manifests. The device is declared to
+Ray as the custom resource ``sim_device`` (``ray.init(resources=)``) and asked for through the labeler's
+``resources.custom``, so Ray's own scheduling places the actors, packs two 0.5 shares on one device, and spreads
+1.0 requests over two devices.
 
 Figures (each the median of ``REPEATS`` runs, min and max beside it):
 
@@ -284,6 +285,6 @@ def run(log=print) -> list[Figure]:
     cores = os.cpu_count()
     figs.append(Figure(B6, "what this machine's CPUs feed one device", limit[1] if limit else None, "img/s", "",
                        None, (f"the CPU side limits from {limit[0]:g} ms / batch of {BATCH} down "
-                              f"({cores} cores: read, decode, crops, 224 px prepare, JPEG re-encode, tar writes)")
+                              f"({cores} cores: read, decode, crops, 224 px prepare, tar writes)")
                        if limit else f"never CPU-bound down to {min(SWEEP_MS):g} ms / batch"))
     return figs

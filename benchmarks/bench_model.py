@@ -5,7 +5,7 @@
     crop settings, the labeler's crop + resize, Ray actor, float16 features, npy encoding, tar writing, markers,
     manifests) against a bare loop that only calls the same model on already decoded, already batched tensors.
 3b. The tokenize stage (:func:`modalmill.jobs.tokenize.tokenize_output`, the ``--only tok_rgb@224`` update run
-    that ``modalmill tokenize`` is meant to call: read the stored rgb and crop_settings tars, decode, crop + resize,
+    that ``modalmill tokenize`` calls: read the stored rgb and crop_settings tars, decode, crop + resize,
     Ray actor, encoder + quantizer, int16 tokens, tar writing, realigned markers) against a bare loop that only
     calls the same tokenizer's ``encode`` on already prepared, already batched crops.
 
@@ -261,7 +261,8 @@ def pipeline_dinov2(paths: list[str], weights: str, out: str) -> dict:
 
 
 def pipeline_tokenize(data: str, checkpoint: str) -> dict:
-    """``tokenize_output(DATA, ["rgb"], ...)`` (the --only tok_rgb@224 run) on an embedded Ray of 2 CPUs."""
+    """``tokenize_output(DATA, ["rgb"], ...)`` (the --only tok_rgb@224 run, the tokenizer labeler called on batches
+    of ``BATCH`` as the bare loop) on an embedded Ray of 2 CPUs."""
     import ray
 
     from modalmill.jobs.tokenize import tokenize_output
@@ -269,7 +270,7 @@ def pipeline_tokenize(data: str, checkpoint: str) -> dict:
     extra = {"ray_start_s": start_ray(2)}
     try:
         with Monitor("tokenize pipeline") as ph:
-            summary = tokenize_output(data, ["rgb"], {"rgb": checkpoint}, workers=1, device="cpu",
+            summary = tokenize_output(data, ["rgb"], {"rgb": checkpoint}, workers=1, device="cpu", batch_size=BATCH,
                                       show_progress=False)
     finally:
         ray.shutdown()
@@ -484,7 +485,8 @@ def run(log=print) -> list[Figure]:
                      f"INVALID: {same}/{n} token arrays identical to the bare loop's")
         with open(os.path.join(ckpt, "config.json")) as f:
             m = json.load(f)  # ml-4m's VQVAE arguments
-        # the tokenize run sends the labeler batches of the job's batch_size (it keeps the labelled run's)
+        # both sides tokenize in batches of BATCH: the pipeline is given it as the tokenizer labeler's batch_size
+        # (without it the labeler would be called on chunks of its own default_batch_size)
         figs += _pair_figures(what, reps, valid, same_note,
                               f"modalmill.tokenize '{TOKENIZER_PRESET}' 4M-format ViT VQ encoder ({m['enc_type']}, "
                               f"{m['quant_type']} quantizer, {m['codebook_size']} codes), random "

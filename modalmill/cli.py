@@ -305,7 +305,7 @@ def weights_fetch(labelers, to):
     """Download the default weights of LABELERS (default: all downloadable ones) into the local weights cache,
     checked against their pinned sha256; with --to, copy them to DIR/<labeler> for clusters without internet."""
     from .jobs.weights import fetch
-    from .labelers.weights import WeightsError
+    from .io.fetch import WeightsError
 
     try:
         done, errors = fetch(list(labelers) or None, to, echo=click.echo)

@@ -163,7 +163,7 @@ class SetupFailsOnWorkers(Labeler):
     Config = _SetupFailsConfig
 
     def setup(self):
-        from modalmill.labelers.weights import WeightsError
+        from modalmill.io.fetch import WeightsError
 
         with open(self.config.count_file, "a") as f:
             f.write("setup\n")

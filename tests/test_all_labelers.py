@@ -16,7 +16,7 @@ from modalmill.jobs.runner import EXIT_OK, run_job
 from modalmill.jobs.spec import job_from_dict
 from modalmill.labelers import LABELERS
 from modalmill.labelers.derived import SOURCES
-from modalmill.labelers.weights import content_hash
+from modalmill.io.hashes import content_hash
 from modalmill.io import manifest
 from modalmill.jobs.check import check_output
 from modalmill.schemas.modalities import get_modality

@@ -21,11 +21,13 @@ from modalmill.io import manifest
 from modalmill.jobs.runner import EXIT_OK, resolve_labelers, run_job
 from modalmill.jobs.spec import job_from_dict
 from modalmill.labelers import LabelInput, get_labeler
-from modalmill.labelers import weights as W
+from modalmill.io import hashes
 from modalmill.labelers.base import labeler_for
 from modalmill.labelers.detection import detections_from_focal_logits
 from modalmill.labelers.semseg import COCO_THING_CLASSES
-from modalmill.labelers.weights import Pin, WeightsError, content_hash
+from modalmill.io.fetch import WeightsError
+from modalmill.io.hashes import content_hash
+from modalmill.labelers.pins import Pin
 from modalmill.schemas import get_modality
 from tests.tiny_models import save_tiny_dfine, save_tiny_hmr2, tiny_dfine
 
@@ -141,7 +143,7 @@ def test_default_detector_in_the_pipeline_feeds_hmr2(ray_local, demo_corpus, tmp
     monkeypatch.setattr(get_labeler("dfine_coco"), "weights_pin", Pin())
     monkeypatch.setattr(get_labeler("hmr2"), "weights", hmr2)
     monkeypatch.setattr(get_labeler("hmr2"), "weights_pin", Pin())
-    monkeypatch.setattr(W, "CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(hashes, "CACHE_DIR", str(tmp_path / "cache"))
     mirror = tmp_path / "staged"
     res = CliRunner().invoke(main, ["weights", "fetch", "dfine_coco", "hmr2", "--to", str(mirror)])
     assert res.exit_code == 0, res.output

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from modalmill.labelers.weights import WeightsError
+from modalmill.io.fetch import WeightsError
 from tests.tiny_models import save_tiny_dinov2
 
 BIN = os.path.dirname(sys.executable)
@@ -111,7 +111,7 @@ def test_node_local_weights_are_left_to_the_workers_on_a_cluster(tmp_path, capsy
     assert expected_checkpoints([run], cluster=True) == {"dinov2": ""}
     assert f"labeler dinov2: {missing} is not on this machine" in capsys.readouterr().err
     there = save_tiny_dinov2(tmp_path / "here")  # a path this machine has is checked and hashed on a cluster too
-    from modalmill.labelers.weights import content_hash
+    from modalmill.io.hashes import content_hash
 
     run = LabelerRun(labeler="dinov2", config={"weights": there}, outputs=("dinov2_global",), batch_size=8,
                      stateful=True, cls=get_labeler("dinov2"))

@@ -22,7 +22,8 @@ from modalmill.labelers.depth import (build_dpt, depth_to_uint16, normals_to_uin
 from modalmill.labelers.detection import DETR_COCO_LABELS, detections_from_logits
 from modalmill.labelers.model import ModelLabeler
 from modalmill.labelers.semseg import COCO_PANOPTIC_CLASSES, COCO_THING_CLASSES, semantic_map
-from modalmill.labelers.weights import WeightsError, content_hash
+from modalmill.io.fetch import WeightsError
+from modalmill.io.hashes import content_hash
 from modalmill.io import manifest
 from modalmill.schemas import get_modality
 from tests.tiny_models import (TEST_SETTINGS, save_official_omnidata, save_tiny_depth_anything, save_tiny_detr,

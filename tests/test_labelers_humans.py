@@ -23,7 +23,8 @@ from modalmill.labelers import LabelFailure, LabelInput, get_labeler, humans
 from modalmill.labelers.base import Labeler, register_labeler
 from modalmill.labelers.humans import IMAGENET_MEAN, IMAGENET_STD, build_hmr2, rot6d_to_rotmat, to_official_names
 from modalmill.labelers.model import ModelLabeler
-from modalmill.labelers.weights import WeightsError, content_hash
+from modalmill.io.fetch import WeightsError
+from modalmill.io.hashes import content_hash
 from modalmill.io import manifest
 from modalmill.schemas import RecordError, get_modality
 from tests.tiny_models import HMR2_TINY as TINY

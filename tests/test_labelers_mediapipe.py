@@ -18,7 +18,7 @@ import pytest
 from modalmill.labelers import LabelFailure, LabelInput, get_labeler
 from modalmill.labelers.mediapipe_labelers import POSE_LANDMARKS, mediapipe_model_files
 from modalmill.labelers.model import ModelLabeler
-from modalmill.labelers.weights import WeightsError
+from modalmill.io.fetch import WeightsError
 from modalmill.schemas import RecordError, get_modality
 
 NAMES = ("mediapipe_pose", "mediapipe_person_mask")

@@ -17,7 +17,8 @@ from modalmill.jobs.spec import job_from_dict
 from modalmill.labelers import LabelFailure, LabelInput, get_labeler
 from modalmill.labelers.model import ModelLabeler
 from modalmill.labelers.ocr import rapidocr_model_files
-from modalmill.labelers.weights import WeightsError, files_hash
+from modalmill.io.fetch import WeightsError
+from modalmill.io.hashes import files_hash
 from modalmill.io import manifest
 from modalmill.jobs.check import check_output
 from modalmill.schemas import RecordError, get_modality

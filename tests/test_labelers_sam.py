@@ -18,7 +18,8 @@ from modalmill.jobs.spec import job_from_dict
 from modalmill.labelers import LabelFailure, LabelInput, get_labeler
 from modalmill.labelers.model import ModelLabeler
 from modalmill.labelers.sam import SAM_VARIANTS, build_sam, infer_sam_encoder, instance_edges, mask_polygons, variant_of
-from modalmill.labelers.weights import WeightsError, content_hash
+from modalmill.io.fetch import WeightsError
+from modalmill.io.hashes import content_hash
 from modalmill.io import manifest
 from modalmill.schemas import RecordError, get_modality
 from tests.tiny_models import SAM_TINY as TINY

@@ -18,7 +18,8 @@ from modalmill.jobs.spec import job_from_dict
 from modalmill.labelers import get_labeler
 from modalmill.labelers.base import LabelFailure, LabelInput
 from modalmill.labelers.model import ModelLabeler
-from modalmill.labelers.weights import WeightsError, content_hash
+from modalmill.io.fetch import WeightsError
+from modalmill.io.hashes import content_hash
 from modalmill.io.manifest import read_manifest
 from modalmill.schemas.modalities import get_modality
 from tests.tiny_models import WORDS, save_tiny_blip, save_tiny_t5

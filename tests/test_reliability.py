@@ -358,7 +358,8 @@ def test_unwritable_output_is_a_one_line_error(tmp_path, small_corpus):
 def test_checkpoints_never_unpickle_objects(tmp_path):
     import torch
 
-    from modalmill.labelers.weights import WeightsError, load_state_dict
+    from modalmill.io.fetch import WeightsError
+    from modalmill.labelers.checkpoints import load_state_dict
 
     class Evil:
         def __reduce__(self):

@@ -15,8 +15,8 @@ import pytest
 from modalmill.io import manifest, storage
 from modalmill.jobs.runner import EXIT_OK, JobError, run_job, made_otherwise
 from modalmill.jobs.spec import job_from_dict
-from modalmill.labelers import weights
-from modalmill.labelers.weights import cached_content_hash, content_hash
+from modalmill.io import hashes
+from modalmill.io.hashes import cached_content_hash, content_hash
 from tests.tiny_models import save_tiny_dinov2
 
 BIN = os.path.dirname(sys.executable)
@@ -36,7 +36,7 @@ def job(corpus, out, weights_at):
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(weights, "CACHE_DIR", str(tmp_path / "wcache"))
+    monkeypatch.setattr(hashes, "CACHE_DIR", str(tmp_path / "wcache"))
     return tmp_path / "wcache"
 
 

@@ -75,10 +75,10 @@ def test_cli_tokenizes_with_4m_tokenizers(labeled):
 @pytest.mark.s3
 def test_4m_tokenizer_from_s3_folder_loads_the_same_weights(s3_env, tmp_path, monkeypatch):
     """The hub layout on S3 (config.json + model.safetensors under a prefix) loads like the local folder."""
-    from modalmill.labelers import weights
+    from modalmill.io import hashes
 
     server, bucket = s3_env
-    monkeypatch.setattr(weights, "CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(hashes, "CACHE_DIR", str(tmp_path / "cache"))
     client = server.client()
     for name in ("config.json", "model.safetensors"):
         with open(os.path.join(FIX, "rgb", name), "rb") as f:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from modalmill.labelers.weights import WeightsError
+from modalmill.io.fetch import WeightsError
 from modalmill.tokenize import hub
 from modalmill.tokenize.adapters import instance_mask_in_box
 from modalmill.tokenize.fourm import FourMTokenizer

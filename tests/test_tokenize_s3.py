@@ -15,7 +15,7 @@ import torch
 
 from modalmill.jobs.runner import EXIT_OK, run_job
 from modalmill.jobs.spec import job_from_dict
-from modalmill.labelers import weights
+from modalmill.io import hashes
 from modalmill.io import manifest
 from modalmill.jobs.check import check_output
 from modalmill.schemas import get_modality
@@ -48,7 +48,7 @@ def test_train_and_tokenize_an_s3_output(ray_local, s3_env, demo_corpus, tmp_pat
     server, bucket = s3_env
     client = server.client()
     cache = tmp_path / "weights-cache"  # s3:// checkpoints are downloaded here, not into ~/.cache
-    monkeypatch.setattr(weights, "CACHE_DIR", str(cache))
+    monkeypatch.setattr(hashes, "CACHE_DIR", str(cache))
     env = {**os.environ, **server.env(), "MODALMILL_WEIGHTS_CACHE": str(cache)}
     out = f"s3://{bucket}/out"
 

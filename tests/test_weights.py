@@ -8,8 +8,9 @@ import threading
 import pytest
 import torch
 
-from modalmill.labelers import weights
-from modalmill.labelers.weights import WeightsError, load_state_dict, resolve
+from modalmill.io import fetch, hashes
+from modalmill.io.fetch import WeightsError, resolve
+from modalmill.labelers.checkpoints import load_state_dict
 from modalmill.io import storage
 
 pytestmark = pytest.mark.s3
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.s3
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     d = tmp_path / "cache"
-    monkeypatch.setattr(weights, "CACHE_DIR", str(d))
+    monkeypatch.setattr(hashes, "CACHE_DIR", str(d))
     return d
 
 
@@ -79,7 +80,7 @@ def test_prefix_is_one_version_of_all_its_objects(s3_env, cache):
     assert sorted(os.path.relpath(os.path.join(r, f), d1) for r, _, fs in os.walk(d1) for f in fs
                   if not f.startswith(".")) == ["config.json", os.path.join("sub", "model.safetensors")]
     assert resolve(url) == d1
-    assert weights.content_hash(resolve(url.rstrip("/"))) == weights.content_hash(d1)  # the prefix without "/"
+    assert hashes.content_hash(resolve(url.rstrip("/"))) == hashes.content_hash(d1)  # the prefix without "/"
     _put(server, bucket, "dpt/config.json", b'{"a": 2}')  # one file of the directory changes
     d2 = resolve(url)
     assert d2 != d1 and open(os.path.join(d2, "config.json")).read() == '{"a": 2}'
@@ -87,7 +88,7 @@ def test_prefix_is_one_version_of_all_its_objects(s3_env, cache):
     _put(server, bucket, "dpt/extra.txt", b"new")  # a file added to the prefix is a new version too
     d3 = resolve(url)
     assert d3 not in (d1, d2) and os.path.exists(os.path.join(d3, "extra.txt"))
-    assert weights.content_hash(d1) != weights.content_hash(d2)
+    assert hashes.content_hash(d1) != hashes.content_hash(d2)
 
 
 def test_concurrent_fetches_install_one_complete_copy(s3_env, cache):
@@ -128,7 +129,7 @@ def test_object_replaced_during_the_download_is_fetched_again(s3_env, cache, mon
         return f
 
     monkeypatch.setattr(storage, "open_read", open_then_replace)
-    with caplog.at_level(logging.WARNING, logger="modalmill.labelers.weights"):
+    with caplog.at_level(logging.WARNING, logger="modalmill.io.fetch"):
         path = resolve(url)
     assert len(calls) == 2 and "changed while it was downloaded" in caplog.text
     assert load_state_dict(path)["w"].sum() == 48  # the new object, in the version dir of the new object
@@ -153,7 +154,7 @@ def test_missing_object_and_unreachable_endpoint(s3_env, cache, monkeypatch, cap
     monkeypatch.setenv("MODALMILL_S3_MAX_ATTEMPTS", "1")
     storage.clear_s3_client_cache()
     try:
-        with caplog.at_level(logging.WARNING, logger="modalmill.labelers.weights"):
+        with caplog.at_level(logging.WARNING, logger="modalmill.io.fetch"):
             assert resolve(url) == cached
         assert "S3 unreachable" in caplog.text
         with pytest.raises(WeightsError, match="cannot reach S3 .* no copy is cached"):
@@ -174,14 +175,14 @@ def test_versions_unused_for_the_keep_time_are_removed_once_another_is_in_use(s3
     stale, half = os.path.join(os.path.dirname(v1), ".tmp-killed"), os.path.join(os.path.dirname(v1), ".gone-x-1")
     os.makedirs(stale)
     os.makedirs(half)
-    week_ago = os.path.getmtime(v1) - weights.KEEP_UNUSED_S - 60
+    week_ago = os.path.getmtime(v1) - fetch.KEEP_UNUSED_S - 60
     os.utime(v1, (week_ago, week_ago))
     os.utime(stale, (week_ago, week_ago))
     assert resolve(url) == os.path.join(v2, "kept.pt")  # the cached v2, used again: v1 and the leftovers go
     assert sorted(os.listdir(os.path.dirname(v2))) == [os.path.basename(v2)]
     # what was used recently is what the offline fallback picks
-    assert weights._newest_version(os.path.dirname(v2)) == v2
-    monkeypatch.setattr(weights, "KEEP_UNUSED_S", 0.0)
+    assert fetch._newest_version(os.path.dirname(v2)) == v2
+    monkeypatch.setattr(fetch, "KEEP_UNUSED_S", 0.0)
     _put(server, bucket, "models/kept.pt", _ckpt(3.0))
     v3 = os.path.dirname(resolve(url))
     assert os.listdir(os.path.dirname(v3)) == [os.path.basename(v3)] and load_state_dict(

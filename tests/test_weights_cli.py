@@ -14,8 +14,10 @@ from modalmill.io import storage
 from modalmill.jobs.runner import resolve_labelers
 from modalmill.jobs.spec import JobSpecError, job_from_dict
 from modalmill.labelers import LABELERS, get_labeler
-from modalmill.labelers import weights as W
-from modalmill.labelers.weights import Pin, content_hash, resolve
+from modalmill.io import hashes
+from modalmill.io.fetch import resolve
+from modalmill.io.hashes import content_hash
+from modalmill.labelers.pins import Pin
 from tests.test_weights_https import _Server
 from tests.tiny_models import save_tiny_sam
 
@@ -29,13 +31,13 @@ def server():
 
 @pytest.fixture
 def online_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(W, "CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(hashes, "CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     return tmp_path / "cache"
 
 
 def test_the_table_lists_every_default_with_its_pin(tmp_path, monkeypatch):
-    monkeypatch.setattr(W, "CACHE_DIR", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(hashes, "CACHE_DIR", str(tmp_path / "empty-cache"))
     res = CliRunner().invoke(main, ["weights"])
     assert res.exit_code == 0, res.output
     lines = {ln.split()[0]: ln for ln in res.output.splitlines()[2:] if ln.strip()}

@@ -19,9 +19,12 @@ import pytest
 import torch
 
 from modalmill.labelers import get_labeler
-from modalmill.labelers import weights as W
+from modalmill.io import fetch as W
+from modalmill.io import hashes
 from modalmill.labelers.humans import OFFICIAL_CKPT
-from modalmill.labelers.weights import Pin, WeightsError, content_hash, resolve
+from modalmill.io.fetch import WeightsError, resolve
+from modalmill.io.hashes import content_hash
+from modalmill.labelers.pins import Pin
 from tests.tiny_models import save_tiny_hmr2, save_tiny_sam
 
 
@@ -100,7 +103,7 @@ def server():
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     d = tmp_path / "weights-cache"
-    monkeypatch.setattr(W, "CACHE_DIR", str(d))
+    monkeypatch.setattr(hashes, "CACHE_DIR", str(d))
     monkeypatch.setattr(W, "HTTP_BACKOFF_S", 0.0)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # conftest turns downloads off; these tests download
     monkeypatch.delenv("MODALMILL_WEIGHTS_OFFLINE", raising=False)
@@ -255,7 +258,7 @@ def test_a_member_of_a_tarball_default(server, cache, tmp_path, monkeypatch, cap
     cls = get_labeler("hmr2")
     monkeypatch.setattr(cls, "weights", location)
     monkeypatch.setattr(cls, "weights_pin", Pin(note="no published hash"))  # as the real entry: unpinned
-    with caplog.at_level("WARNING", logger="modalmill.labelers.weights"):
+    with caplog.at_level("WARNING", logger="modalmill.io.fetch"):
         lab = cls()
         lab.setup()
     assert any("no pinned sha256" in r.getMessage() and _sha(tar) in r.getMessage() for r in caplog.records)
@@ -288,7 +291,7 @@ def test_hub_default_with_a_pinned_file(tmp_path, monkeypatch):
     file of the snapshot is checked: a different model.safetensors is an error naming it and both hashes."""
     import huggingface_hub.constants
 
-    monkeypatch.setattr(W, "CACHE_DIR", str(tmp_path / "weights-cache"))
+    monkeypatch.setattr(hashes, "CACHE_DIR", str(tmp_path / "weights-cache"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     blob = b"safetensors bytes"
     snap = _fake_hub_snapshot(tmp_path / "hub", "org/detector", {"config.json": b"{}", "model.safetensors": blob})
@@ -305,3 +308,30 @@ def test_hub_default_with_a_pinned_file(tmp_path, monkeypatch):
         resolve("org/detector", pin=Pin(sha256=_sha(blob), file="weights.bin"))
     with pytest.raises(WeightsError, match="cannot get 'org/missing' from the model hub .downloads are off"):
         resolve("org/missing")
+
+
+def test_a_same_size_file_with_the_same_mtime_is_hashed_again_and_refused(cache, tmp_path):
+    """The sha256 check remembers what it hashed by size, inode, mtime *and* ctime: a same-size file with other
+    bytes, given the old mtime back (as a copy tool keeping times does), is hashed again and refused."""
+    good, bad = b"pinned weights " * 1000, b"other weights! " * 1000
+    assert len(good) == len(bad)
+    path = tmp_path / "w.pth"
+    path.write_bytes(good)
+    pin = Pin(sha256=_sha(good), size=len(good))
+    assert resolve(str(path), pin=pin) == str(path)  # hashed and remembered
+    assert len(list((cache / "verified").iterdir())) == 1
+    st = os.stat(path)
+    path.write_bytes(bad)  # in place: same inode, same size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (os.stat(path).st_size, os.stat(path).st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    with pytest.raises(WeightsError, match=f"sha256 mismatch: expected {_sha(good)}, got {_sha(bad)}"):
+        resolve(str(path), pin=pin)
+    # copied in under the same name (a new inode), the mtime kept: refused too
+    other = tmp_path / "copy.pth"
+    other.write_bytes(bad)
+    os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(other, path)
+    with pytest.raises(WeightsError, match="sha256 mismatch"):
+        resolve(str(path), pin=pin)
+    path.write_bytes(good)  # the right bytes again: accepted
+    assert resolve(str(path), pin=pin) == str(path)

@@ -82,7 +82,7 @@ def create_exclusive(url: str, data: bytes) -> bool:
         from botocore.exceptions import ClientError
 
         bucket, _, key = url[5:].partition("/")
-        with storage._s3_errors(url, "create the lease"):
+        with storage.s3_errors(url, "create the lease"):
             try:
                 storage.s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
                 return True
@@ -92,7 +92,7 @@ def create_exclusive(url: str, data: bytes) -> bool:
                 if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
                     return False
                 raise
-    path = storage._local_path(url)
+    path = storage.local_path(url)
     d = os.path.dirname(path)
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-lease-", dir=d)
@@ -323,7 +323,7 @@ _HELD_LOCK = threading.Lock()
 
 
 def _key(root: str) -> str:
-    return root.rstrip("/") if storage.is_s3(root) else os.path.abspath(storage._local_path(root))
+    return root.rstrip("/") if storage.is_s3(root) else os.path.abspath(storage.local_path(root))
 
 
 def held(root: str) -> Lease | None:

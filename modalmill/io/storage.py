@@ -56,12 +56,14 @@ __all__ = [
     "join",
     "list_files",
     "list_pages",
+    "local_path",
     "io_workers",
     "read_many",
     "open_read",
     "read_bytes",
     "remove",
     "s3_client",
+    "s3_errors",
     "s3_env_vars",
     "size",
     "write_bytes",
@@ -76,12 +78,18 @@ UPLOAD_CONCURRENCY = 4
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
+#: The filesystem path of a plain path or ``file://`` URL: for callers that must use the OS on it
+#: directly (``link(2)``, ``os.path.abspath``).
+local_path = localfs.local_path
+#: ``with s3_errors(url, "what it was doing"):`` turns botocore errors raised inside into the built-in errors
+#: listed above (``FileNotFoundError``, ``PermissionError``, ``ConnectionError``, ``OSError``), naming the URL and
+#: scrubbed of credentials: for callers that use :func:`s3_client` directly.
+s3_errors = s3.translated_errors
+
 # Helpers of the two backends that other modules of modalmill.io and their tests have used under these names.
 _is_file_url = localfs.is_file_url
-_local_path = localfs.local_path
 _TMP_NAME = localfs.TMP_NAME
 _split_s3 = s3.split
-_s3_errors = s3.translated_errors
 _translate = s3.translate
 _scrub = s3.scrub
 _env_int = s3.env_int
@@ -178,14 +186,14 @@ def list_pages(prefix: str, suffix: str = "", page_size: int = 1000) -> Iterator
         bucket, key = _split_s3(prefix)
         if key and not key.endswith("/"):
             key += "/"
-        with _s3_errors(prefix, "list"):
+        with s3_errors(prefix, "list"):
             paginator = s3_client().get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=bucket, Prefix=key, PaginationConfig={"PageSize": page_size}):
                 out = [(f"s3://{bucket}/{o['Key']}", str(o.get("ETag", "")).strip('"') + f":{o.get('Size', '')}")
                        for o in page.get("Contents", ()) if o["Key"].endswith(suffix) and not o["Key"].endswith("/")]
                 yield out
         return
-    root = _local_path(prefix)
+    root = local_path(prefix)
     scheme = prefix[:7] if _is_file_url(prefix) else ""
     found: list[tuple[str, str]] = []
 
@@ -260,7 +268,7 @@ def arrow_filesystem(urls: list[str]) -> tuple[Any, list[str]]:
     import pyarrow.fs as pafs
 
     if not urls or not is_s3(urls[0]):
-        return pafs.LocalFileSystem(), [_local_path(u) for u in urls]
+        return pafs.LocalFileSystem(), [local_path(u) for u in urls]
     client = s3_client()
     creds = client._request_signer._credentials  # the credentials boto3 resolved (env, profile, role)
     frozen = creds.get_frozen_credentials() if creds is not None else None

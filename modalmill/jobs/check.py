@@ -161,29 +161,92 @@ class _TarResult:
 
 
 def _scan_tar(url: str, folder: str, spec: ModalitySpec | None, ctx: _ShardContext, parse: bool) -> _TarResult:
-    out: list[Violation] = []
-    keys: list[str] = []
-    seen: dict[str, int] = {}
-    accepted = accepted_exts(spec) if spec else ()
+    scan = _TarScan(folder, spec, ctx, parse)
+    sha = scan.read(url)
+    return _TarResult(keys=scan.keys, sha256=sha, violations=scan.out)
 
-    def v(key, what, pos=-1):
-        out.append(Violation(folder, ctx.name, key, what, pos))
 
-    def finish(key: str, members: dict[str, bytes], pos: int) -> None:
-        if key in seen:
-            v(key, f"duplicate key: also at position {seen[key]}", pos)
-        seen.setdefault(key, pos)
-        keys.append(key)
-        if spec is None or not parse:
-            return
-        usable = [e for e in members if e in accepted]
-        if len(members) > 1:
-            v(key, f"{len(members)} members for one key (.{', .'.join(members)}): expected one .{spec.ext}", pos)
-        if not usable:
-            return  # the extension problem was reported per member
-        ext = usable[0]
+class _TarScan:
+    """One streamed pass over one modality tar: its keys in order, its sha256 and every violation found (member
+    names, duplicate keys and, with ``parse``, each sample decoded and checked against the shard's other tars)."""
+
+    def __init__(self, folder: str, spec: ModalitySpec | None, ctx: _ShardContext, parse: bool):
+        self.folder, self.spec, self.ctx, self.parse = folder, spec, ctx, parse
+        self.out: list[Violation] = []
+        self.keys: list[str] = []
+        self.seen: dict[str, int] = {}
+        self.accepted = accepted_exts(spec) if spec else ()
+
+    def v(self, key, what, pos=-1):
+        self.out.append(Violation(self.folder, self.ctx.name, key, what, pos))
+
+    def read(self, url: str) -> str | None:
+        """Stream the tar, grouping members by key; the tar's sha256, or None when it could not be read whole."""
+        spec, accepted, v = self.spec, self.accepted, self.v
+        current: tuple[str, dict[str, bytes]] | None = None
+        pos = 0
         try:
-            value = decode_member(spec, ext, members[ext])
+            with storage.open_read(url) as raw:
+                hr = _HashingReader(raw)
+                with tarfile.open(fileobj=hr, mode="r|*") as tar:
+                    for info in tar:
+                        if not info.isfile():
+                            if not info.isdir():
+                                v("-", f"member {info.name!r} is not a regular file")
+                            continue
+                        key, ext = split_member(info.name)
+                        if spec is not None and ext not in accepted:
+                            self.bad_extension(info.name, key, ext, pos)
+                        if current is None or current[0] != key:
+                            if current is not None:
+                                self.finish(current[0], current[1], pos)
+                                pos += 1
+                            current = (key, {})
+                        fobj = tar.extractfile(info)
+                        data = fobj.read() if fobj is not None else b""
+                        if ext in current[1]:
+                            v(key, f"member {info.name!r} appears twice in a row", pos)
+                        current[1][ext] = data
+                    if current is not None:
+                        self.finish(current[0], current[1], pos)
+                        current = None
+                hr.drain()
+                return hr.sha.hexdigest()
+        except (FileNotFoundError, PermissionError) as e:
+            v("-", f"cannot read the tar: {e}")
+        except (tarfile.TarError, EOFError, OSError) as e:
+            where = f" after {len(self.keys)} sample(s)" if self.keys else ""
+            v(current[0] if current else "-", f"corrupt or truncated tar{where}: {e}", pos)
+        return None
+
+    def bad_extension(self, name: str, key: str, ext: str, pos: int) -> None:
+        tail = ext.rsplit(".", 1)[-1]
+        if "." in ext and tail in self.accepted:
+            self.v(key, f"key contains a dot: member {name!r} is read as key {key!r} with extension {ext!r}", pos)
+        else:
+            self.v(key, f"member {name!r}: extension .{ext} is not one of .{', .'.join(self.accepted)}", pos)
+
+    def finish(self, key: str, members: dict[str, bytes], pos: int) -> None:
+        """One sample's members, all read: its key noted, and, with ``parse``, its value decoded and checked."""
+        if key in self.seen:
+            self.v(key, f"duplicate key: also at position {self.seen[key]}", pos)
+        self.seen.setdefault(key, pos)
+        self.keys.append(key)
+        if self.spec is None or not self.parse:
+            return
+        usable = [e for e in members if e in self.accepted]
+        if len(members) > 1:
+            self.v(key, f"{len(members)} members for one key (.{', .'.join(members)}): expected one "
+                        f".{self.spec.ext}", pos)
+        if usable:  # else the extension problem was reported per member
+            self.check_value(key, usable[0], members[usable[0]], pos)
+
+    def check_value(self, key: str, ext: str, data: bytes, pos: int) -> None:
+        """Decode one member with its modality's codec, validate it against the spec, and check it against what
+        the shard's other tars said of the sample (image size, number of crops)."""
+        spec, ctx, v = self.spec, self.ctx, self.v
+        try:
+            value = decode_member(spec, ext, data)
         except Exception as e:  # noqa: BLE001 - any decoder failure is a corrupt member
             v(key, f"cannot decode {key}.{ext} with the {spec.name} codec: {type(e).__name__}: {e}", pos)
             return
@@ -214,49 +277,6 @@ def _scan_tar(url: str, folder: str, spec: ModalitySpec | None, ctx: _ShardConte
             problem = per_crop_problem(spec.name, value, ctx.n_crops.get(key))
             if problem:
                 v(key, problem, pos)
-
-    current: tuple[str, dict[str, bytes]] | None = None
-    pos = 0
-    sha = None
-    try:
-        with storage.open_read(url) as raw:
-            hr = _HashingReader(raw)
-            with tarfile.open(fileobj=hr, mode="r|*") as tar:
-                for info in tar:
-                    if not info.isfile():
-                        if not info.isdir():
-                            v("-", f"member {info.name!r} is not a regular file")
-                        continue
-                    key, ext = split_member(info.name)
-                    if spec is not None and ext not in accepted:
-                        tail = ext.rsplit(".", 1)[-1]
-                        if "." in ext and tail in accepted:
-                            v(key, f"key contains a dot: member {info.name!r} is read as key {key!r} with "
-                                   f"extension {ext!r}", pos)
-                        else:
-                            v(key, f"member {info.name!r}: extension .{ext} is not one of .{', .'.join(accepted)}",
-                              pos)
-                    if current is None or current[0] != key:
-                        if current is not None:
-                            finish(current[0], current[1], pos)
-                            pos += 1
-                        current = (key, {})
-                    fobj = tar.extractfile(info)
-                    data = fobj.read() if fobj is not None else b""
-                    if ext in current[1]:
-                        v(key, f"member {info.name!r} appears twice in a row", pos)
-                    current[1][ext] = data
-                if current is not None:
-                    finish(current[0], current[1], pos)
-                    current = None
-            hr.drain()
-            sha = hr.sha.hexdigest()
-    except (FileNotFoundError, PermissionError) as e:
-        v("-", f"cannot read the tar: {e}")
-    except (tarfile.TarError, EOFError, OSError) as e:
-        where = f" after {len(keys)} sample(s)" if keys else ""
-        v(current[0] if current else "-", f"corrupt or truncated tar{where}: {e}", pos)
-    return _TarResult(keys=keys, sha256=sha, violations=out)
 
 
 # ============================================================================ one shard

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from .. import __version__
 from ..labelers.base import LABELERS, get_labeler, labeler_for, load_entry_points
 from ..io import index, manifest
-from ..labelers.weights import mirror_location
+from ..labelers.pins import mirror_location
 from ..io.readers import ShardSource, plan_sources
 from ..io.text import INPUT
 from ..pipeline.shard import (CORE, FULL, UPDATE, LabelerRun, ShardTask, core_producers, labeler_producers,

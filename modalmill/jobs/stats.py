@@ -196,6 +196,19 @@ def corpus_stats(root: str, modalities: list[str] | None = None, workers: int | 
     """Statistics of the output ``root`` (see the module docstring). ``modalities`` restricts what is read."""
     scanned = index.scan(root, with_manifests=True, write=False)  # listings + the shard index, no row is held
     markers = {name: {"modalities": mk.modalities} for name, mk in scanned.markers.items()}
+    source, tasks = _tar_tasks(root, markers, modalities)
+    if workers is None:
+        workers = storage.io_workers(True) if storage.is_s3(root) else 4
+    accs, shards = _scan_all(tasks, workers)
+    codes = _tokenizer_codes(root, markers, [m for m in accs if accs[m].hist is not None])
+    per_modality = {m: _modality_summary(m, accs[m], len(shards[m]), codes.get(m)) for m in sorted(accs)}
+    return {"output": root, "shards_from": source, "shards": len({s for _, s, _ in tasks}),
+            **_manifest_counts(list(scanned.manifests.values())), "modalities": per_modality}
+
+
+def _tar_tasks(root: str, markers: dict, modalities: list[str] | None) -> tuple[str, list[tuple[str, str, str]]]:
+    """(where the shard list came from: "markers" or "layout", [(modality, shard, tar url)]) of ``root``, only
+    of ``modalities`` when given."""
     layout = scan_layout(root)
     tasks: list[tuple[str, str, str]] = []  # (modality, shard, url)
     if markers:
@@ -218,9 +231,12 @@ def corpus_stats(root: str, modalities: list[str] | None = None, workers: int | 
         if unknown:
             raise ValueError(f"{root}: no shards of {', '.join(unknown)}")
         tasks = [t for t in tasks if t[0] in modalities]
+    return source, tasks
 
-    if workers is None:
-        workers = storage.io_workers(True) if storage.is_s3(root) else 4
+
+def _scan_all(tasks: list[tuple[str, str, str]], workers: int) -> tuple[dict[str, _Acc], dict[str, set]]:
+    """Every tar of ``tasks`` scanned on ``workers`` threads: ({modality: its accumulated sums}, {modality: its
+    shards})."""
     accs: dict[str, _Acc] = {}
     shards: dict[str, set] = {}
     # a bounded window of tars in flight, merged in task order as they finish (the sums are deterministic and
@@ -239,27 +255,30 @@ def corpus_stats(root: str, modalities: list[str] | None = None, workers: int | 
             window.append((t, pool.submit(_scan, spec_for_folder(t[0]), t[2])))
         while window:
             merge_oldest()
+    return accs, shards
 
-    codes = _tokenizer_codes(root, markers, [m for m in accs if accs[m].hist is not None])
-    per_modality = {}
-    for m in sorted(accs):
-        acc, spec = accs[m], spec_for_folder(m)
-        d: dict[str, Any] = {"samples": acc.samples, "shards": len(shards[m])}
-        if acc.undecodable:
-            d["undecodable"] = acc.undecodable
-        if acc.hist is not None:
-            d.update(_token_summary(acc.hist, codes.get(m)))
-            d["out_of_vocab"] = int(acc.ranges["out_of_vocab"].total) if "out_of_vocab" in acc.ranges else 0
-        if spec is not None and spec.kind in (PIXEL, FEATURE_MAP, GLOBAL):
-            d["values"] = acc.values.to_dict()
-        named = {k: r.to_dict() for k, r in sorted(acc.ranges.items()) if k != "out_of_vocab"}
-        if named:
-            d["fields" if m == "metadata" else "ranges"] = named
-        if acc.classes:
-            d["classes"] = dict(sorted(acc.classes.items(), key=lambda kv: (-kv[1], kv[0])))
-        per_modality[m] = d
 
-    counts = list(scanned.manifests.values())
+def _modality_summary(m: str, acc: _Acc, n_shards: int, tokenizer: dict | None) -> dict[str, Any]:
+    """One modality's entry of the statistics: counts, token usage, value ranges, classes."""
+    spec = spec_for_folder(m)
+    d: dict[str, Any] = {"samples": acc.samples, "shards": n_shards}
+    if acc.undecodable:
+        d["undecodable"] = acc.undecodable
+    if acc.hist is not None:
+        d.update(_token_summary(acc.hist, tokenizer))
+        d["out_of_vocab"] = int(acc.ranges["out_of_vocab"].total) if "out_of_vocab" in acc.ranges else 0
+    if spec is not None and spec.kind in (PIXEL, FEATURE_MAP, GLOBAL):
+        d["values"] = acc.values.to_dict()
+    named = {k: r.to_dict() for k, r in sorted(acc.ranges.items()) if k != "out_of_vocab"}
+    if named:
+        d["fields" if m == "metadata" else "ranges"] = named
+    if acc.classes:
+        d["classes"] = dict(sorted(acc.classes.items(), key=lambda kv: (-kv[1], kv[0])))
+    return d
+
+
+def _manifest_counts(counts: list) -> dict[str, Any]:
+    """Samples read, written and failed (by reason and by stage) over the shards' manifest summaries."""
     reasons: Counter = Counter()
     stages: Counter = Counter()
     for mf in counts:  # merged in shard order: ties in most_common() keep the order of first occurrence
@@ -268,15 +287,11 @@ def corpus_stats(root: str, modalities: list[str] | None = None, workers: int | 
         for k, n in mf.stages:
             stages[k] += n
     return {
-        "output": root,
-        "shards_from": source,
-        "shards": len({s for _, s, _ in tasks}),
         "samples_read": sum(m.n_read for m in counts),
         "samples_ok": sum(m.n_ok for m in counts),
         "samples_failed": sum(m.n_failed for m in counts),
         "failures_by_reason": dict(reasons.most_common()),
         "failures_by_stage": dict(stages.most_common()),
-        "modalities": per_modality,
     }
 
 

@@ -16,8 +16,9 @@ from typing import Any
 
 from ..io import storage
 from ..labelers.base import LABELERS, get_labeler, load_entry_points
-from ..labelers.weights import (Pin, WeightsError, cached, is_http, is_hub_id, mirror_location, resolve,
-                                split_member, verified_sha256)
+from ..io.fetch import WeightsError, cached, is_http, is_hub_id, resolve, split_member
+from ..io.hashes import verified_sha256
+from ..labelers.pins import Pin, mirror_location
 
 MANIFEST = ".modalmill-weights.json"
 

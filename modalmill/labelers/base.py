@@ -160,7 +160,7 @@ class Labeler:
         """Check, on the driver and without building any model, that the weights :meth:`setup` would load exist
         and look right; return the id :meth:`checkpoint_id` will have after set-up ('' for model-free labelers).
         Raises ``WeightsError`` (one line: what is missing, where, how to get it). Must be cheap for weights that
-        did not change (see :func:`modalmill.labelers.weights.cached_content_hash`)."""
+        did not change (see :func:`modalmill.io.hashes.cached_content_hash`)."""
         return ""
 
 

@@ -32,7 +32,7 @@ import numpy as np
 from .base import LabelFailure, LabelInput, Resources, register_labeler
 from .dinov2 import load_pretrained, split_regions
 from .model import ModelConfig, ModelLabeler
-from .weights import Pin
+from .pins import Pin
 
 __all__ = ["CaptionLabeler", "T5CaptionLabeler", "caption_texts"]
 
@@ -103,7 +103,7 @@ class CaptionLabeler(ModelLabeler):
     def build(self, path: str):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        from .weights import WeightsError
+        from ..io.fetch import WeightsError
 
         where = f"labeler {self.name!r}"
         model = load_pretrained(AutoModelForImageTextToText, path, where=where, how_to_get=self.weights_help)
@@ -215,7 +215,7 @@ class T5CaptionLabeler(ModelLabeler):
         import torch
         from transformers import AutoTokenizer, T5EncoderModel
 
-        from .weights import WeightsError
+        from ..io.fetch import WeightsError
 
         where = f"labeler {self.name!r}"
         dtype = {"float16": torch.float16, "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32,

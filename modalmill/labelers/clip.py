@@ -22,10 +22,12 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from ..io.fetch import WeightsError
 from .base import LabelFailure, LabelInput, Prepared, Resources, register_labeler
 from .dinov2 import IMAGENET_MEAN, IMAGENET_STD, predict_crops, prepare_crops
 from .model import ModelConfig, ModelLabeler
-from .weights import Pin, WeightsError, load_into, load_state_dict
+from .checkpoints import load_into, load_state_dict
+from .pins import Pin
 
 __all__ = [
     "OPENAI_CLIP_MEAN",
@@ -59,7 +61,7 @@ def build_open_clip_visual(arch: str, *, vision_overrides: dict | None = None, w
     with ``open_clip.add_model_config`` under its file stem. ``vision_overrides`` update the ``vision_cfg``.
     The model is created with ``open_clip.create_model(name, pretrained=None)`` on the meta device (nothing is
     initialised: a random ViT-H would take ~30 s on a CPU) and then materialised empty, so the caller MUST
-    fill every weight (:func:`modalmill.labelers.weights.load_into` with ``strict=True``).
+    fill every weight (:func:`modalmill.labelers.checkpoints.load_into` with ``strict=True``).
     """
     import open_clip
     import torch
@@ -152,8 +154,29 @@ def grid_of(visual) -> tuple[int, int]:
 # ---------------------------------------------------------------------- the labeler
 
 
+@dataclass(frozen=True)
+class OpenClipConfig(ModelConfig):
+    """The settings of every open_clip image tower labeler (CLIP, ImageBind)."""
+
+    arch: str = "ViT-B-16-quickgelu"  # open_clip model name, or the path of an open_clip model-config .json
+    normalize: str = "imagenet"  # imagenet: as 4M's tokenizers were trained | clip: OpenAI CLIP's mean/std
+
+    def __post_init__(self):
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {self.normalize!r}")
+
+
+class OpenClipTowerLabeler(ModelLabeler):
+    """An open_clip image tower run on the stored crops, each resized to the tower's input size."""
+
+    Config = OpenClipConfig
+
+    def prepare(self, batch: list[LabelInput]) -> Prepared:
+        return prepare_crops(batch, open_clip_image_size(self.config.arch))
+
+
 @register_labeler
-class CLIPLabeler(ModelLabeler):
+class CLIPLabeler(OpenClipTowerLabeler):
     """OpenAI CLIP ViT-B/16 image tower (open_clip): per crop, ``clip`` [n_crops, 14, 14, 512] and ``clip_global``
     [n_crops, 512], float16.
 
@@ -182,14 +205,8 @@ class CLIPLabeler(ModelLabeler):
                    "at 224, one row per crop (4M's teacher)")
 
     @dataclass(frozen=True)
-    class Config(ModelConfig):
-        arch: str = "ViT-B-16-quickgelu"  # open_clip model name, or the path of an open_clip model-config .json
-        normalize: str = "imagenet"  # imagenet: as 4M's tokenizer was trained | clip: OpenAI CLIP's mean/std
+    class Config(OpenClipConfig):
         project_tokens: bool = True  # patch tokens after the projection (4M, 512-d) or before it (768-d)
-
-        def __post_init__(self):
-            if self.normalize not in NORMALIZATIONS:
-                raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {self.normalize!r}")
 
     def build(self, path: str):
         where = f"labeler {self.name!r}"
@@ -198,9 +215,6 @@ class CLIPLabeler(ModelLabeler):
         load_into(visual, visual_state_dict(load_state_dict(ckpt)),
                   where=f"{where} ({self.config.arch} image tower) from {ckpt}")
         return visual
-
-    def prepare(self, batch: list[LabelInput]) -> Prepared:
-        return prepare_crops(batch, open_clip_image_size(self.config.arch))
 
     def predict(self, batch: list) -> list[dict[str, Any] | LabelFailure]:
         mean, std = NORMALIZATIONS[self.config.normalize]

@@ -50,9 +50,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ..io.fetch import WeightsError
 from .base import LabelFailure, LabelInput, Resources, register_labeler
 from .model import ModelConfig, ModelLabeler
-from .weights import Pin, WeightsError, load_into, load_state_dict
+from .checkpoints import load_into, load_state_dict
+from .pins import Pin
 
 __all__ = [
     "DepthAnythingLabeler",
@@ -75,6 +77,8 @@ __all__ = [
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _ZENODO = "https://zenodo.org/records/10447888/files"
+_ZENODO_PIN_SOURCE = ("the LFS pointers of two Hugging Face mirrors of the Zenodo file, and a project that verified "
+                      "the Zenodo download (Zenodo itself lists an md5)")
 OMNIDATA_LICENSE = ("Omnidata EULA: non-commercial research/education use only, no redistribution "
                     "(EPFL-VILAB/omnidata LICENSE, item 9 covers the model weights)")
 
@@ -565,6 +569,20 @@ class _OmnidataBase(ModelLabeler):
         outs = self.raw_predictions([batch[i].image for i in ok])
         return results, ok, dict(zip(ok, outs))
 
+    predicted = ""  # what the head predicts, as failures name it ("depth", "normals")
+
+    def predict(self, batch: list[LabelInput]) -> list[dict[str, Any] | LabelFailure]:
+        results, ok, out = self._forward(batch)
+        for i in ok:
+            pred = _resize(out[i], tuple(batch[i].image.shape[:2]))
+            results[i] = (self.to_label(pred) if bool(pred.isfinite().all())
+                          else LabelFailure(f"the model predicted non-finite {self.predicted}"))
+        return results
+
+    def to_label(self, pred) -> dict[str, Any]:
+        """The label of one image from the clamped output ``[C, H, W]`` resized bilinearly to the image."""
+        raise NotImplementedError
+
 
 @register_labeler
 class OmnidataDepthLabeler(_OmnidataBase):
@@ -583,8 +601,7 @@ class OmnidataDepthLabeler(_OmnidataBase):
     architecture = "DPT-Hybrid (ViT-B/16 on ResNet-50/BiT), transformers DPTForDepthEstimation, 1-channel head"
     weights = f"{_ZENODO}/omnidata_dpt_depth_v2.ckpt"
     weights_pin = Pin(sha256="a0fab23fee64aa9e4bbe0b520b18b196ea7594a7f719c1d8c10cf11dcb6e4a1e", size=1947430832,
-                      source="the LFS pointers of two Hugging Face mirrors of the Zenodo file, and a project that "
-                      "verified the Zenodo download (Zenodo itself lists an md5)")
+                      source=_ZENODO_PIN_SOURCE)
     official_file = "omnidata_dpt_depth_v2.ckpt"
     weights_help = ("download omnidata_dpt_depth_v2.ckpt from https://zenodo.org/records/10447888 "
                     "(EPFL-VILAB/omnidata tools/download_depth_models.sh) and set weights to its path, or convert "
@@ -594,14 +611,10 @@ class OmnidataDepthLabeler(_OmnidataBase):
     out_channels = 1
     description = "Omnidata v2 DPT-Hybrid relative depth (4M-21's choice), per-image min/max to uint16, far = high"
 
-    def predict(self, batch: list[LabelInput]) -> list[dict[str, Any] | LabelFailure]:
-        results, ok, out = self._forward(batch)
-        for i in ok:
-            h, w = batch[i].image.shape[:2]
-            d = _resize(out[i], (h, w))[0]
-            results[i] = ({"depth": depth_to_uint16(d)} if bool(d.isfinite().all())
-                          else LabelFailure("the model predicted non-finite depth"))
-        return results
+    predicted = "depth"
+
+    def to_label(self, pred) -> dict[str, Any]:
+        return {"depth": depth_to_uint16(pred[0])}
 
 
 @register_labeler
@@ -620,8 +633,7 @@ class OmnidataNormalLabeler(_OmnidataBase):
     architecture = "DPT-Hybrid (ViT-B/16 on ResNet-50/BiT), transformers DPTForDepthEstimation, 3-channel head"
     weights = f"{_ZENODO}/omnidata_dpt_normal_v2.ckpt"
     weights_pin = Pin(sha256="38db3f7d952f48f900f0b32d6cce6749e41641045ebc5713cf29618f54aff3bb", size=1947430960,
-                      source="the LFS pointers of two Hugging Face mirrors of the Zenodo file, and a project that "
-                      "verified the Zenodo download (Zenodo itself lists an md5)")
+                      source=_ZENODO_PIN_SOURCE)
     official_file = "omnidata_dpt_normal_v2.ckpt"
     weights_help = ("download omnidata_dpt_normal_v2.ckpt from https://zenodo.org/records/10447888 "
                     "(EPFL-VILAB/omnidata tools/download_surface_normal_models.sh) and set weights to its path, or "
@@ -631,14 +643,10 @@ class OmnidataNormalLabeler(_OmnidataBase):
     out_channels = 3
     description = "Omnidata v2 DPT-Hybrid surface normals (4M-21's choice), clamped prediction x 255 as stored"
 
-    def predict(self, batch: list[LabelInput]) -> list[dict[str, Any] | LabelFailure]:
-        results, ok, out = self._forward(batch)
-        for i in ok:
-            h, w = batch[i].image.shape[:2]
-            n = _resize(out[i], (h, w))
-            results[i] = ({"normal": normals_to_uint8(n)} if bool(n.isfinite().all())
-                          else LabelFailure("the model predicted non-finite normals"))
-        return results
+    predicted = "normals"
+
+    def to_label(self, pred) -> dict[str, Any]:
+        return {"normal": normals_to_uint8(pred)}
 
 
 # ---------------------------------------------------------------------- Depth Anything

@@ -40,10 +40,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from .base import LabelFailure, LabelInput, Resources, register_labeler
-from .depth import IMAGENET_MEAN, IMAGENET_STD, load_pretrained, split_usable
+from .depth import IMAGENET_MEAN, IMAGENET_STD, split_usable
 from .model import ModelConfig, ModelLabeler
-from .semseg import COCO_THING_CLASSES, check_class_names, processor_batches
-from .weights import Pin
+from .semseg import COCO_THING_CLASSES, load_checked, processor_batches
+from .pins import Pin
 
 __all__ = ["DETR_COCO_LABELS", "DFineCocoLabeler", "DetrCocoLabeler", "detections_from_focal_logits",
            "detections_from_logits"]
@@ -109,6 +109,7 @@ def _check_settings(config, int_minimums: dict[str, int]) -> None:
     if not (0 <= config.min_score <= 1):
         raise ValueError(f"min_score must lie in [0, 1], got {config.min_score!r}")
 
+
 @register_labeler
 class DFineCocoLabeler(ModelLabeler):
     """D-FINE-X (Objects365 -> COCO) detection -> ``det``: the default detector (see the module docstring).
@@ -152,11 +153,7 @@ class DFineCocoLabeler(ModelLabeler):
     def build(self, path: str):
         from transformers import DFineForObjectDetection
 
-        where = f"{self.name} ({self.architecture})"
-        model = load_pretrained(DFineForObjectDetection, path, model_type="d_fine", where=where,
-                                how_to_get=self.weights_help)
-        check_class_names(model.config, COCO_THING_CLASSES, where=where, path=path, how_to_get=self.weights_help)
-        return model
+        return load_checked(self, DFineForObjectDetection, "d_fine", COCO_THING_CLASSES, path)
 
     def predict(self, batch: list[LabelInput]) -> list[dict[str, Any] | LabelFailure]:
         import torch
@@ -225,11 +222,7 @@ class DetrCocoLabeler(ModelLabeler):
     def build(self, path: str):
         from transformers import DetrForObjectDetection
 
-        where = f"{self.name} ({self.architecture})"
-        model = load_pretrained(DetrForObjectDetection, path, model_type="detr", where=where,
-                                how_to_get=self.weights_help)
-        check_class_names(model.config, DETR_COCO_LABELS, where=where, path=path, how_to_get=self.weights_help)
-        return model
+        return load_checked(self, DetrForObjectDetection, "detr", DETR_COCO_LABELS, path)
 
     def predict(self, batch: list[LabelInput]) -> list[dict[str, Any] | LabelFailure]:
         results, ok = split_usable(batch)

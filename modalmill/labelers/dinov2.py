@@ -18,7 +18,7 @@ This module also holds the helpers the other transformers/open_clip feature labe
 :func:`prepare_crops` / :func:`split_crops` (every crop of a sample at the teacher's input size),
 :func:`region_images` (the caption labeler's pixels) and :func:`load_pretrained` (transformers
 ``from_pretrained`` on a resolved local directory, with missing/mismatched weights turned into a
-:class:`~modalmill.labelers.weights.WeightsError`).
+:class:`~modalmill.io.fetch.WeightsError`).
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ from typing import Any
 
 import numpy as np
 
+from ..io.fetch import WeightsError
 from .base import LabelFailure, LabelInput, Prepared, Resources, register_labeler
 from .model import ModelConfig, ModelLabeler
-from .weights import Pin, WeightsError
+from .pins import Pin
 
 __all__ = [
     "IMAGENET_MEAN",

@@ -48,10 +48,12 @@ from typing import Any
 
 import numpy as np
 
+from ..io.fetch import WeightsError
 from .base import LabelFailure, LabelInput, Resources, register_labeler
 from .model import ModelConfig, ModelLabeler
 from .sam import find_weights_file
-from .weights import Pin, WeightsError, load_into, load_state_dict, read_lightning_state_dict
+from .checkpoints import load_into, load_state_dict, read_lightning_state_dict
+from .pins import Pin
 
 __all__ = ["HMR2_ARCHITECTURE", "Hmr2Labeler", "build_hmr2", "convert_checkpoint", "convert_hmr2_state_dict",
            "crop_boxes", "load_hmr2_weights", "read_lightning_state_dict", "rot6d_to_rotmat", "save_converted",
@@ -82,10 +84,17 @@ def _modules():
     global _MODULES
     if "_MODULES" in globals():
         return _MODULES
+    backbone = _backbone_class()
+    head = _head_class(_decoder_layer_class())
+    _MODULES = {"HMR2": _hmr2_class(backbone, head), "ViTPoseBackbone": backbone, "SMPLDecoderHead": head}
+    return _MODULES
+
+
+def _backbone_class():
+    """HMR 2.0's image backbone: ViTPose's plain ViT (a padded patch embedding and timm's ``Block`` s)."""
     from functools import partial
 
     import torch
-    import torch.nn.functional as F
     from timm.models.vision_transformer import Block
     from torch import nn
 
@@ -117,6 +126,14 @@ def _modules():
             for blk in self.blocks:
                 x = blk(x)
             return self.last_norm(x)
+
+    return ViTPoseBackbone
+
+
+def _decoder_layer_class():
+    """One layer of HMR 2.0's pose transformer: self-attention, cross-attention to the image tokens, MLP."""
+    import torch.nn.functional as F
+    from torch import nn
 
     class Attention(nn.Module):
         """Multi-head attention without q/k/v biases (HMR 2.0's pose transformer); ``context``: cross-attention."""
@@ -160,6 +177,14 @@ def _modules():
             x = x + self.cross_attn(self.norm2(x), context)
             return x + self.mlp(self.norm3(x))
 
+    return DecoderLayer
+
+
+def _head_class(DecoderLayer):
+    """HMR 2.0's SMPL head: a transformer decoder of ``DecoderLayer`` s and the read-outs of the SMPL parameters."""
+    import torch
+    from torch import nn
+
     class SMPLDecoderHead(nn.Module):
         """HMR 2.0's SMPL transformer-decoder head: image tokens -> 24 rotations (6D), 10 betas, crop camera."""
 
@@ -192,6 +217,14 @@ def _modules():
             rot = rot6d_to_rotmat(pose).view(b, -1, 3, 3)
             return {"global_orient": rot[:, :1], "body_pose": rot[:, 1:], "betas": betas}, cam
 
+    return SMPLDecoderHead
+
+
+def _hmr2_class(ViTPoseBackbone, SMPLDecoderHead):
+    """HMR 2.0: the backbone and the SMPL head, with the architecture they were built with."""
+    import torch
+    from torch import nn
+
     class HMR2(nn.Module):
         def __init__(self, architecture: dict | None = None):
             super().__init__()
@@ -211,8 +244,7 @@ def _modules():
             with torch.autocast(device_type=tokens.device.type, enabled=False):
                 return self.head(tokens.float())
 
-    _MODULES = {"HMR2": HMR2, "ViTPoseBackbone": ViTPoseBackbone, "SMPLDecoderHead": SMPLDecoderHead}
-    return _MODULES
+    return HMR2
 
 
 def build_hmr2(architecture: dict | None = None):

@@ -48,19 +48,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .base import LabelFailure, LabelInput, Prepared, Resources, register_labeler
+from ..io.fetch import WeightsError
+from .base import LabelFailure, Resources, register_labeler
 from .clip import (
     NORMALIZATIONS,
+    OpenClipConfig,
+    OpenClipTowerLabeler,
     build_open_clip_visual,
     find_checkpoint,
     grid_of,
     open_clip_features,
-    open_clip_image_size,
     visual_state_dict,
 )
-from .dinov2 import IMAGENET_MEAN, IMAGENET_STD, predict_crops, prepare_crops
-from .model import ModelConfig, ModelLabeler
-from .weights import Pin, WeightsError, load_into, load_state_dict
+from .dinov2 import IMAGENET_MEAN, IMAGENET_STD, predict_crops
+from .checkpoints import load_into, load_state_dict
+from .pins import Pin
 
 __all__ = ["IMAGEBIND_LN_EPS", "ImageBindLabeler", "imagebind_to_open_clip", "open_clip_to_imagebind"]
 
@@ -164,7 +166,7 @@ def open_clip_to_imagebind(visual_state: Mapping[str, Any], frames: int = 2) -> 
 
 
 @register_labeler
-class ImageBindLabeler(ModelLabeler):
+class ImageBindLabeler(OpenClipTowerLabeler):
     """ImageBind-Huge vision encoder (open_clip ViT-H-14): per crop, ``imagebind`` [n_crops, 16, 16, 1280] and
     ``imagebind_global`` [n_crops, 1280].
 
@@ -195,15 +197,13 @@ class ImageBindLabeler(ModelLabeler):
                    "one row per crop (4M-21's teacher)")
 
     @dataclass(frozen=True)
-    class Config(ModelConfig):
-        arch: str = "ViT-H-14"  # open_clip model name, or the path of an open_clip model-config .json
-        normalize: str = "imagenet"  # imagenet: as 4M-21's tokenizers were trained | clip: ImageBind's own
+    class Config(OpenClipConfig):
+        arch: str = "ViT-H-14"
         layernorm: bool = True  # apply the vision head's LayerNorm to the tokens (False: raw trunk output)
         global_embedding: str = "cls"  # cls: the 1280-d CLS token (4M-21) | embedding: the 1024-d joint embedding
 
         def __post_init__(self):
-            if self.normalize not in NORMALIZATIONS:
-                raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {self.normalize!r}")
+            super().__post_init__()
             if self.global_embedding not in ("cls", "embedding"):
                 raise ValueError(f"global_embedding must be 'cls' or 'embedding', got {self.global_embedding!r}")
 
@@ -225,7 +225,7 @@ class ImageBindLabeler(ModelLabeler):
         from safetensors.torch import save
 
         from ..io import storage
-        from .weights import resolve
+        from ..io.fetch import resolve
 
         if not dst.endswith(".safetensors"):
             raise ValueError(f"{dst}: the converted weights are written as .safetensors; give a .safetensors path")
@@ -244,9 +244,6 @@ class ImageBindLabeler(ModelLabeler):
         load_into(visual, self.open_clip_state(ckpt, where),
                   where=f"{where} ({self.config.arch} image tower) from {ckpt}")
         return visual
-
-    def prepare(self, batch: list[LabelInput]) -> Prepared:
-        return prepare_crops(batch, open_clip_image_size(self.config.arch))
 
     def predict(self, batch: list) -> list[dict[str, Any] | LabelFailure]:
         import torch.nn.functional as F

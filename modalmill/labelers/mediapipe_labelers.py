@@ -39,10 +39,11 @@ from typing import Any
 
 import numpy as np
 
+from ..io.fetch import WeightsError
+from ..io.hashes import files_hash
 from .base import LabelFailure, LabelInput, Resources, register_labeler
 from .model import ModelLabeler
 from .modelfree import _image_problem
-from .weights import WeightsError, files_hash
 
 __all__ = ["POSE_LANDMARKS", "MediaPipePersonMaskLabeler", "MediaPipePoseLabeler", "mediapipe_model_files"]
 

@@ -6,7 +6,8 @@ modalities, ``license``, ``default_resources``), gives its ``Config`` the common
 :class:`ModelConfig` (``weights``, ``device``, ``dtype``) plus its own, and implements two hooks:
 
 - ``build(path)``: build the real architecture from the real package and load the weights found at the
-  resolved local ``path`` (through :mod:`modalmill.labelers.weights`: safetensors or weights-only torch);
+  resolved local ``path`` (fetched by :mod:`modalmill.io.fetch`, loaded by :mod:`modalmill.labelers.checkpoints`:
+  safetensors or weights-only torch);
 - ``predict(batch)``: one result per item of the batch (called under ``torch.inference_mode()`` and, on a
   GPU, bf16/fp16 autocast when the config asks for it). The items are :class:`LabelInput` s, or what the
   labeler's own ``prepare`` made of them: labelers whose model sees fixed-size square crops (DINOv2, CLIP,
@@ -30,7 +31,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .base import LabelFailure, LabelInput, Labeler, Prepared, Resources
-from .weights import Pin
+from .pins import Pin
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,8 @@ class ModelLabeler(Labeler):
     def setup(self) -> None:
         import torch
 
-        from .weights import content_hash, resolve
+        from ..io.fetch import resolve
+        from ..io.hashes import content_hash
 
         path = resolve(self.weights_location(), expected=f"{self.architecture} weights for labeler {self.name!r}",
                        how_to_get=self.weights_help, pin=None if self.config.weights else self.weights_pin)
@@ -100,7 +102,8 @@ class ModelLabeler(Labeler):
         ETag/size/LastModified changed) and their content hash, remembered by file stat: what :meth:`setup` will
         record, without building the model. Weights that would have to be downloaded first (a hub id not in the
         local hub cache, when downloads are allowed) are left to the workers: '' (not known here)."""
-        from .weights import cached_content_hash, needs_download, resolve
+        from ..io.fetch import needs_download, resolve
+        from ..io.hashes import cached_content_hash
 
         location = self.weights_location()
         if needs_download(location):

@@ -23,10 +23,11 @@ from typing import Any
 
 import numpy as np
 
+from ..io.fetch import WeightsError
+from ..io.hashes import files_hash
 from .base import LabelFailure, LabelInput, Resources, assigned_cpus, register_labeler
 from .model import ModelLabeler
 from .modelfree import _image_problem
-from .weights import WeightsError, files_hash
 
 __all__ = ["RapidOCRLabeler", "rapidocr_model_files"]
 

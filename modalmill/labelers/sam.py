@@ -41,9 +41,11 @@ from typing import Any
 
 import numpy as np
 
+from ..io.fetch import WeightsError
 from .base import LabelFailure, LabelInput, Resources, register_labeler
 from .model import ModelConfig, ModelLabeler
-from .weights import Pin, WeightsError, load_into, load_state_dict
+from .checkpoints import load_into, load_state_dict
+from .pins import Pin
 
 __all__ = ["SAM_VARIANTS", "SamLabeler", "build_sam", "find_weights_file", "infer_sam_encoder", "instance_edges",
            "mask_polygons", "variant_of"]

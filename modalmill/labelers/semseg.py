@@ -30,10 +30,11 @@ from typing import Any
 
 import numpy as np
 
+from ..io.fetch import WeightsError
 from .base import LabelFailure, LabelInput, Resources, register_labeler
 from .depth import IMAGENET_MEAN, IMAGENET_STD, load_pretrained, split_usable
 from .model import ModelConfig, ModelLabeler
-from .weights import Pin, WeightsError
+from .pins import Pin
 
 __all__ = ["COCO_PANOPTIC_CLASSES", "COCO_THING_CLASSES", "N_COCO_THINGS", "Mask2FormerCocoLabeler",
            "processor_batches", "processor_size", "semantic_map"]
@@ -173,11 +174,7 @@ class Mask2FormerCocoLabeler(ModelLabeler):
     def build(self, path: str):
         from transformers import Mask2FormerForUniversalSegmentation
 
-        where = f"{self.name} ({self.architecture})"
-        model = load_pretrained(Mask2FormerForUniversalSegmentation, path, model_type="mask2former", where=where,
-                                how_to_get=self.weights_help)
-        check_class_names(model.config, COCO_PANOPTIC_CLASSES, where=where, path=path, how_to_get=self.weights_help)
-        return model
+        return load_checked(self, Mask2FormerForUniversalSegmentation, "mask2former", COCO_PANOPTIC_CLASSES, path)
 
     def predict(self, batch: list[LabelInput]) -> list[dict[str, Any] | LabelFailure]:
         results, ok = split_usable(batch)
@@ -201,6 +198,15 @@ class Mask2FormerCocoLabeler(ModelLabeler):
             for j, i in enumerate(idx):
                 outs[i] = (out.class_queries_logits[j], out.masks_queries_logits[j], tuple(x.shape[-2:]))
         return outs
+
+
+def load_checked(labeler: ModelLabeler, model_cls, model_type: str, classes: tuple[str, ...], path: str):
+    """``model_cls`` (a transformers model of ``model_type``) loaded from ``path`` and checked to predict
+    ``classes``, in order (:func:`check_class_names`); errors name the labeler and where to get its weights."""
+    where = f"{labeler.name} ({labeler.architecture})"
+    model = load_pretrained(model_cls, path, model_type=model_type, where=where, how_to_get=labeler.weights_help)
+    check_class_names(model.config, classes, where=where, path=path, how_to_get=labeler.weights_help)
+    return model
 
 
 def check_class_names(config, expected: tuple[str, ...], *, where: str, path: str, how_to_get: str = "",

@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from ..labelers.weights import WeightsError, content_hash, resolve
+from ..io.fetch import WeightsError, resolve
+from ..io.hashes import content_hash
 from ..io import storage
 FORMAT = "modalmill-tokenizer/1"  # the previous format (refused with the command that replaces it)
 MODEL_FILE, CONFIG_FILE, STATE_FILE = "model.safetensors", "config.json", "train_state.safetensors"

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..io import storage
-from ..labelers.weights import WeightsError, resolve
+from ..io.fetch import WeightsError, resolve
 
 CONFIG_FILE, MODEL_FILE = "config.json", "model.safetensors"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")

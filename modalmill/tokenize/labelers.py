@@ -91,7 +91,7 @@ class TokenizerLabeler(Labeler):
         """The checkpoint found and its config read (config.json and the safetensors header, no model built): a
         folder that is not a 4M-format tokenizer, or a tokenizer of another modality, is a one-line
         ``WeightsError`` here, on the driver, before any actor starts."""
-        from ..labelers.weights import WeightsError
+        from ..io.fetch import WeightsError
         from .checkpoint import checkpoint_hash, read_config
         from .fourm import FourMSpec
 

@@ -4,8 +4,10 @@
 its type (``img`` for pre-tokenized image-like tokens), vocabulary size, token budget (``max_tokens``), patch and
 input size (their ratio gives the token grid), whether it is pre-tokenized, and which encoder / decoder embedding
 classes turn its ids into model inputs and predictions (``ImageTokenEncoderEmbedding`` /
-``ImageTokenDecoderEmbedding`` with the vocabulary size, no sin-cos position embedding, as 4M's own ``tok_*``
-entries). :func:`fourm_entry` builds that entry as JSON (embedding classes by name with their keyword arguments,
+``ImageTokenDecoderEmbedding`` with the vocabulary size and ``sincos_pos_emb=False``, a learned position embedding:
+4M's own entries pass that only for their global-token modalities, ``tok_dinov2_global`` and
+``tok_imagebind_global``; their grid modalities, ``tok_rgb@224`` etc., keep the default fixed sin-cos one).
+:func:`fourm_entry` builds that entry as JSON (embedding classes by name with their keyword arguments,
 since functions do not serialise); :func:`write_fourm_entry` writes it as ``fourm_modality_info.json`` next to a
 checkpoint, where ``scripts/check_with_ml4m.py --modality-info`` (or a trainer of your own) registers it:
 ``MODALITY_INFO[name] = {..., "encoder_embedding": partial(ImageTokenEncoderEmbedding, **kwargs), ...,
@@ -49,9 +51,10 @@ def fourm_entry(token_modality: str, vocab_size: int, n_tokens: int, *, input_si
 
 
 def write_fourm_entry(out_dir: str, config: dict[str, Any]) -> str | None:
-    """Write :func:`fourm_entry` for the tokenizer whose ``config`` (the checkpoint's config.json: ``modality``,
-    ``token_modality``, ``vocab_size``, ``model``) is in ``out_dir`` (local or ``s3://``); returns the file's URL, or
-    None for tokenizers whose ids live inside another modality's file (SAM instances, body poses)."""
+    """Write :func:`fourm_entry` for the tokenizer whose ``config`` (its training config: the source ``modality``
+    and the ``token_modality``, whose registry spec gives the vocabulary and token count) is in ``out_dir`` (local
+    or ``s3://``); returns the file's URL, or None when ``config`` names no token modality (the tokenizers whose ids
+    live inside another modality's file: SAM instances, body poses)."""
     from ..io import storage
     from ..schemas.modalities import get_modality
 

@@ -336,31 +336,61 @@ def _params_digest(model) -> str:
 
 
 def train_loop(loop: dict[str, Any]) -> None:
-    """The per-worker training function (Ray Train's ``train_loop_per_worker``, or called directly)."""
-    import torch
-
-    from .data import TokenizerData, holdout_items, train_batches
-    from .fourm import FourMTokenizer
-    from .fourm_train import train_adapter_for
+    """The per-worker training function (Ray Train's ``train_loop_per_worker``, or called directly): place the
+    worker, build (or resume) the model, train it, gather what every worker read and, on rank 0, export the
+    tokenizer and write its report."""
+    from .data import TokenizerData, holdout_items
 
     cfg, out, data_root = loop["config"], loop["out"], loop["data"]
     t = cfg["train"]
-    use_ray = loop.get("ray", False)
-    if use_ray:
+    rank, world, device = _place_worker(loop)
+    t0 = time.perf_counter()
+    data = TokenizerData(data_root, cfg["modality"], t["holdout_fraction"])
+    model, adapter, optim, start, extra = _build_or_resume(cfg, out)
+    model.to(device)
+    held = holdout_items(data, adapter, t["max_eval_items"]) if rank == 0 else None
+    if rank == 0 and extra.get("before") is None:
+        extra["before"] = evaluate(model, adapter, held, device)
+    read_log = _ReadLog(data)
+    step, run_t0 = _train_steps(loop, model, adapter, optim, read_log, start, extra, rank, world, device)
+    # what each worker trained on, and a digest of its parameters (equal on every rank: DDP averages gradients)
+    workers_info = _gather_workers_info(read_log, model, rank, world, step - start)
+    if loop.get("ray", False):
+        _report_to_ray_train(step, extra["history"])
+    if rank != 0:
+        return
+    extra["train_seconds"] = extra.get("train_seconds", 0.0) + time.perf_counter() - run_t0
+    model.eval()
+    location = save_fourm(model, export_config(cfg, data_root, step, world), out)
+    write_fourm_entry(out, cfg)  # 4M's MODALITY_INFO entry for the token modality, beside the checkpoint
+    _write_report(cfg, out, model, adapter, data, held, device, location, step, world, extra, workers_info, t0)
+
+
+def _place_worker(loop: dict[str, Any]):
+    """(rank, world size, torch device) of this worker: Ray Train's, or rank 0 of 1 in-process."""
+    import torch
+
+    if loop.get("ray", False):
         import ray.train
         import ray.train.torch
 
         ctx = ray.train.get_context()
-        rank, world = ctx.get_world_rank(), ctx.get_world_size()
-        device = ray.train.torch.get_device()
         threads = int(os.environ.get("OMP_NUM_THREADS") or 0)
         if threads > 0:
             torch.set_num_threads(threads)
-    else:
-        rank, world = 0, 1
-        device = torch.device(loop.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
-    t0 = time.perf_counter()
-    data = TokenizerData(data_root, cfg["modality"], t["holdout_fraction"])
+        return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+    return 0, 1, torch.device(loop.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _build_or_resume(cfg: dict[str, Any], out: str):
+    """(model, train adapter, AdamW optimizer, first step, extra state): seeded fresh, or resumed from the
+    training state saved in ``out`` (which must have been trained with the same config, steps aside)."""
+    import torch
+
+    from .fourm import FourMTokenizer
+    from .fourm_train import train_adapter_for
+
+    t = cfg["train"]
     torch.manual_seed(t["seed"])
     model = FourMTokenizer(cfg["model"], with_decoder=True)
     adapter = train_adapter_for(cfg["modality"], model)
@@ -378,26 +408,29 @@ def train_loop(loop: dict[str, Any]) -> None:
         model.load_state_dict(state["model"])
         optim.load_state_dict(state["optim"])
         start, extra = state["step"], state["extra"]
-    model.to(device)
-    held = holdout_items(data, adapter, t["max_eval_items"]) if rank == 0 else None
-    if rank == 0 and extra.get("before") is None:
-        extra["before"] = evaluate(model, adapter, held, device)
+    return model, adapter, optim, start, extra
+
+
+def _train_steps(loop, model, adapter, optim, read_log, start, extra, rank, world, device):
+    """Train from step ``start`` to the configured steps (DDP across workers when several), logging the loss and
+    codebook usage into ``extra["history"]`` and saving the training state on rank 0 every ``checkpoint_every``
+    steps; returns (the last step, when the time not yet counted in ``extra["train_seconds"]`` began)."""
+    import torch
+
+    from .data import train_batches
+
+    cfg, t = loop["config"], loop["config"]["train"]
     net = model
     if world > 1:
         import ray.train.torch
 
         net = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     net.train()
-    read_log = _ReadLog(data)
     batches = train_batches(read_log, adapter, batch_size=t["batch_size"], rank=rank, world=world,
                             seed=t["seed"] + start, crops_per_sample=t["crops_per_sample"],
                             stored_crop_prob=t["stored_crop_prob"], min_crop_scale=t["min_crop_scale"],
                             hflip_prob=t["hflip_prob"], shuffle_buffer=t["shuffle_buffer"])
-    show = rank == 0 and loop.get("progress", True) and os.environ.get("TQDM_DISABLE") != "1"
-    if loop.get("progress_actor") is not None:  # the driver draws the bar (Ray Train)
-        bar = _RemoteBar(loop["progress_actor"], start) if rank == 0 else None
-    else:
-        bar = _StepBar(f"train {cfg['modality']}", t["steps"], start) if show else None
+    bar = _progress_bar(loop, rank, start)
     window_idx: list = []
     size = model.quantizer.codebook_size
     run_t0 = time.perf_counter()
@@ -428,41 +461,57 @@ def train_loop(loop: dict[str, Any]) -> None:
         if rank == 0 and (step % t["checkpoint_every"] == 0 or step == t["steps"]):
             extra["train_seconds"] = extra.get("train_seconds", 0.0) + time.perf_counter() - run_t0
             run_t0 = time.perf_counter()
-            ckpt.save_train_state(out, model, optim, step, cfg, extra)
+            ckpt.save_train_state(loop["out"], model, optim, step, cfg, extra)
     if bar is not None:
         bar.close()
-    # what each worker trained on, and a digest of its parameters (equal on every rank: DDP averages gradients)
+    return step, run_t0
+
+
+def _progress_bar(loop: dict[str, Any], rank: int, start: int):
+    """The training progress bar: drawn by the driver under Ray Train, here otherwise; None when not shown."""
+    cfg, t = loop["config"], loop["config"]["train"]
+    show = rank == 0 and loop.get("progress", True) and os.environ.get("TQDM_DISABLE") != "1"
+    if loop.get("progress_actor") is not None:  # the driver draws the bar (Ray Train)
+        return _RemoteBar(loop["progress_actor"], start) if rank == 0 else None
+    return _StepBar(f"train {cfg['modality']}", t["steps"], start) if show else None
+
+
+def _gather_workers_info(read_log, model, rank: int, world: int, steps: int) -> list[dict]:
+    """Every worker's shards, training samples read, steps and parameter digest, sorted by rank."""
     workers_info = [{"rank": rank, "shards": read_log.shards_read, "samples_read": read_log.samples_read,
-                     "steps": step - start, "params_sha256": _params_digest(model)}]
+                     "steps": steps, "params_sha256": _params_digest(model)}]
     if world > 1:
         import torch.distributed as dist
 
         gathered: list = [None] * world
         dist.all_gather_object(gathered, workers_info[0])
         workers_info = sorted(gathered, key=lambda w: w["rank"])
-    if use_ray:  # once, from every worker (Ray Train's report is collective): the last logged metrics
-        import ray.train
+    return workers_info
 
-        ray.train.report({"step": step, **({"loss": extra["history"][-1][1], "recon": extra["history"][-1][2],
-                                            "usage": extra["history"][-1][3]} if extra["history"] else {})})
-    if rank != 0:
-        return
-    extra["train_seconds"] = extra.get("train_seconds", 0.0) + time.perf_counter() - run_t0
-    model.eval()
-    location = save_fourm(model, export_config(cfg, data_root, step, world), out)
-    write_fourm_entry(out, cfg)  # 4M's MODALITY_INFO entry for the token modality, beside the checkpoint
+
+def _report_to_ray_train(step: int, history: list) -> None:
+    """Once, from every worker (Ray Train's report is collective): the last logged metrics."""
+    import ray.train
+
+    ray.train.report({"step": step, **({"loss": history[-1][1], "recon": history[-1][2],
+                                        "usage": history[-1][3]} if history else {})})
+
+
+def _write_report(cfg, out, model, adapter, data, held, device, location, step, world, extra, workers_info, t0):
+    """``report.json`` (metrics before/after/baseline on the held-out crops, history, machine, what each worker
+    read) and ``reconstructions.png`` next to the exported tokenizer."""
     after = evaluate(model, adapter, held, device)
     report = {
         "modality": cfg["modality"], "token_modality": cfg["token_modality"], "checkpoint": location,
         "checkpoint_hash": ckpt.checkpoint_hash(location), "preset": cfg["preset"],
-        "quantizer": cfg["model"]["quant_type"], "codebook_size": size, "steps": step, "workers": world,
-        "device": str(device), "train_seconds": round(extra["train_seconds"], 2),
+        "quantizer": cfg["model"]["quant_type"], "codebook_size": model.quantizer.codebook_size, "steps": step,
+        "workers": world, "device": str(device), "train_seconds": round(extra["train_seconds"], 2),
         "seconds_this_run": round(time.perf_counter() - t0, 2), "machine": machine(),
         "held_out": {"samples": len(data.holdout), "items": int(len(held)), "of_samples": data.n_keys},
         "before": extra["before"], "after": after, "baseline": baseline_metrics(adapter, held),
         "history": extra["history"], "data": {"per_worker": workers_info},
     }
-    pic = reconstruction_picture(model, adapter, held, device, t["n_pictures"])
+    pic = reconstruction_picture(model, adapter, held, device, cfg["train"]["n_pictures"])
     if pic is not None:
         storage.write_bytes(storage.join(out, ckpt.PICTURE_FILE), pic)
         report["picture"] = storage.join(out, ckpt.PICTURE_FILE)

@@ -1,9 +1,9 @@
-"""Finding, fetching and loading model weights safely.
+"""Fetch weights by location into the local weights cache (:data:`modalmill.io.hashes.CACHE_DIR`).
 
 A weights location is one of:
 
 - a local file or directory (``file://`` optional);
-- an ``s3://`` URL (file or prefix), downloaded into a local cache, ``MODALMILL_WEIGHTS_CACHE``, keyed by the URL
+- an ``s3://`` URL (file or prefix), downloaded into the cache, ``MODALMILL_WEIGHTS_CACHE``, keyed by the URL
   and the objects' ETag/size/LastModified, so a replaced object is fetched again and an unchanged one is not;
   when S3 cannot be reached, the most recently used cached copy is used, with a warning; a cached version unused
   for ``MODALMILL_WEIGHTS_CACHE_KEEP_DAYS`` (default 7) is removed once the URL holds another version;
@@ -16,10 +16,8 @@ A weights location is one of:
 - any of these naming a tarball (``.tar``, ``.tar.gz``, ``.tgz``, ``.tar.bz2``, ``.tar.xz``) followed by
   ``#member/path``: that one member, extracted (streaming, once) into the cache.
 
-A default location carries a :class:`Pin` (what is known of it: sha256, size, licence notes). State dicts load
-from ``.safetensors``, with ``torch.load(weights_only=True)``, or, for PyTorch-Lightning ``.ckpt`` files, with
-:func:`read_lightning_state_dict` (the weights-only unpickler with plain stand-ins for Lightning's own objects):
-nothing is ever unpickled as arbitrary objects.
+A ``pin`` is what is known of a default location (:class:`modalmill.labelers.pins.Pin`, or anything with its
+``sha256``, ``size`` and ``file`` attributes): the fetched file is checked against it.
 """
 
 from __future__ import annotations
@@ -33,14 +31,14 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from typing import Any
 
-from ..io import storage
+from . import hashes, storage
+from .hashes import sha256_file, verified_sha256
 
 logger = logging.getLogger(__name__)
 
-CACHE_DIR = os.environ.get("MODALMILL_WEIGHTS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "modalmill",
-                                                                   "weights"))
+
 # a cached version of an s3:// URL that has not been used for this long is removed when another version is in use
 KEEP_UNUSED_S = float(os.environ.get("MODALMILL_WEIGHTS_CACHE_KEEP_DAYS", "7")) * 86400
 # https downloads: attempts (each resumes where the last one stopped) and the pause before the next one
@@ -49,32 +47,10 @@ HTTP_BACKOFF_S = float(os.environ.get("MODALMILL_WEIGHTS_HTTP_BACKOFF_S", "2"))
 HTTP_TIMEOUT_S = float(os.environ.get("MODALMILL_WEIGHTS_HTTP_TIMEOUT_S", "60"))
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
 _TAR_EXTS = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class WeightsError(RuntimeError):
     """Weights are missing or do not fit the model; the message says what was expected and where to get it."""
-
-
-@dataclass(frozen=True)
-class Pin:
-    """What is known of a labeler's default weights, checked when they are fetched.
-
-    ``sha256`` is of the file the location names (an https:// file, the tarball of a ``#member`` location) or, for
-    a hub id, of ``file`` in the snapshot; None when no published hash could be found (``note`` says so: the file is
-    then used as downloaded and its sha256 recorded in the cache). ``size`` in bytes when known; ``source`` says
-    where the hash comes from.
-    """
-
-    sha256: str | None = None
-    size: int | None = None
-    file: str | None = None  # hub ids: the snapshot file whose sha256 is pinned (e.g. model.safetensors)
-    source: str = ""  # where the hash was taken from
-    note: str = ""  # e.g. why there is no hash
-
-    def __post_init__(self):
-        if self.sha256 is not None and not _SHA256.match(self.sha256):
-            raise ValueError(f"a pinned sha256 is 64 lowercase hex digits, got {self.sha256!r}")
 
 
 def split_member(location: str) -> tuple[str, str | None]:
@@ -83,12 +59,6 @@ def split_member(location: str) -> tuple[str, str | None]:
     if sep and member and base.lower().endswith(_TAR_EXTS):
         return base, member
     return location, None
-
-
-def mirror_location(prefix: str, labeler: str) -> str:
-    """Where ``modalmill weights fetch --to PREFIX`` stages a labeler's default weights: ``PREFIX/<labeler>``."""
-    return storage.join(prefix, labeler) if storage.is_s3(prefix) else os.path.join(os.path.expanduser(prefix),
-                                                                                     labeler)
 
 
 def offline() -> bool:
@@ -104,7 +74,7 @@ def is_hub_id(location: str) -> bool:
     return bool(_HUB_ID.match(location)) and not location.startswith((".", "/")) and not os.path.exists(location)
 
 
-def resolve(location: str, *, expected: str = "", how_to_get: str = "", pin: Pin | None = None) -> str:
+def resolve(location: str, *, expected: str = "", how_to_get: str = "", pin: Any = None) -> str:
     """A local path holding the weights at ``location`` (downloaded, verified and cached when remote).
 
     ``pin`` (the registry's knowledge of a default location) is checked: the sha256 of an https:// file or tarball,
@@ -130,7 +100,7 @@ def resolve(location: str, *, expected: str = "", how_to_get: str = "", pin: Pin
     raise WeightsError(f"weights not found at {location!r}.{hint}")
 
 
-def cached(location: str, pin: Pin | None = None) -> str | None:
+def cached(location: str, pin: Any = None) -> str | None:
     """The local path of ``location`` if it is already here (local, or in the weights/hub cache), else None.
     Never touches the network."""
     if not location:
@@ -143,7 +113,7 @@ def cached(location: str, pin: Pin | None = None) -> str | None:
         final = os.path.join(_member_dir(tarball, member), os.path.basename(member))
         return final if os.path.isfile(final) else None
     if storage.is_s3(location):
-        v = _newest_version(os.path.join(CACHE_DIR, "s3", hashlib.sha256(location.encode()).hexdigest()[:24]))
+        v = _newest_version(os.path.join(hashes.CACHE_DIR, "s3", hashlib.sha256(location.encode()).hexdigest()[:24]))
         return _single_or_dir(v) if v else None
     if is_http(location):
         final = _http_paths(location, pin)[2]
@@ -162,46 +132,6 @@ def cached(location: str, pin: Pin | None = None) -> str | None:
     return None
 
 
-# ---------------------------------------------------------------------- sha256
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def verified_sha256(path: str) -> str:
-    """sha256 of the file at ``path``, remembered in the cache by (real path, size, mtime): a large checkpoint is
-    hashed once, not at every worker start."""
-    marker, stamp = _stamp(path)
-    with contextlib.suppress(OSError, ValueError):
-        with open(marker) as f:
-            known = json.load(f)
-        if {k: known.get(k) for k in stamp} == stamp and _SHA256.match(str(known.get("sha256", ""))):
-            return known["sha256"]
-    digest = sha256_file(path)
-    _remember_sha256(path, digest)
-    return digest
-
-
-def _stamp(path: str) -> tuple[str, dict]:
-    real = os.path.realpath(path)
-    st = os.stat(real)
-    marker = os.path.join(CACHE_DIR, "verified", hashlib.sha256(real.encode()).hexdigest()[:24] + ".json")
-    return marker, {"path": real, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def _remember_sha256(path: str, digest: str) -> None:
-    marker, stamp = _stamp(path)
-    with contextlib.suppress(OSError):
-        os.makedirs(os.path.dirname(marker), exist_ok=True)
-        with storage.atomic_write(marker) as f:
-            f.write(json.dumps({**stamp, "sha256": digest}).encode())
-
-
 def check_sha256(path: str, sha256: str, *, what: str = "") -> None:
     """Raise a WeightsError naming the file and both hashes unless ``path`` has the sha256 ``sha256``."""
     got = verified_sha256(path)
@@ -215,7 +145,7 @@ def _from_s3(url: str, hint: str) -> str:
     what is there (every object's ETag, size and LastModified): an unchanged object is used from the cache, a
     replaced one is downloaded again. A version is downloaded into a staging directory and renamed into place
     in one step, so a cached version is always complete, even when several processes fetch it at once."""
-    url_dir = os.path.join(CACHE_DIR, "s3", hashlib.sha256(url.encode()).hexdigest()[:24])
+    url_dir = os.path.join(hashes.CACHE_DIR, "s3", hashlib.sha256(url.encode()).hexdigest()[:24])
     for _attempt in range(3):
         try:
             objects = _s3_version(url)
@@ -266,7 +196,7 @@ def _s3_version(url: str) -> list[dict]:
 
     bucket, _, key = url[5:].partition("/")
     client = storage.s3_client()
-    with storage._s3_errors(url, "read the weights' metadata"):  # botocore errors -> clear built-in errors
+    with storage.s3_errors(url, "read the weights' metadata"):  # botocore errors -> clear built-in errors
         if key and not key.endswith("/"):
             try:
                 head = client.head_object(Bucket=bucket, Key=key)
@@ -328,7 +258,7 @@ def _single_or_dir(dest: str) -> str:
         else dest
 
 
-def _from_hub(location: str, pin: Pin | None, hint: str) -> str:
+def _from_hub(location: str, pin: Any, hint: str) -> str:
     repo_id, _, revision = location.partition("@")
     local_only = offline()
     try:
@@ -364,9 +294,9 @@ def _url_filename(url: str) -> str:
     return re.sub(r"[^\w.=+-]", "_", name)
 
 
-def _http_paths(url: str, pin: Pin | None) -> tuple[str, str, str]:
+def _http_paths(url: str, pin: Any) -> tuple[str, str, str]:
     """(directory of the URL in the cache, directory of this version, the cached file)."""
-    url_dir = os.path.join(CACHE_DIR, "https", hashlib.sha256(url.encode()).hexdigest()[:24])
+    url_dir = os.path.join(hashes.CACHE_DIR, "https", hashlib.sha256(url.encode()).hexdigest()[:24])
     version = os.path.join(url_dir, pin.sha256[:16] if pin is not None and pin.sha256 else "unpinned")
     return url_dir, version, os.path.join(version, _url_filename(url))
 
@@ -388,13 +318,13 @@ def _locked(path: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _from_http(url: str, pin: Pin | None, hint: str) -> str:
+def _from_http(url: str, pin: Any, hint: str) -> str:
     """The cached, verified local copy of the file at ``url`` (downloaded once; see the module docstring)."""
     url_dir, version, final = _http_paths(url, pin)
     if os.path.isfile(final) and os.path.isfile(_http_marker(final)):
         return final
     if offline():
-        raise WeightsError(f"{url} is not in the weights cache ({CACHE_DIR}) and downloads are off "
+        raise WeightsError(f"{url} is not in the weights cache ({hashes.CACHE_DIR}) and downloads are off "
                            f"(HF_HUB_OFFLINE=1 or MODALMILL_WEIGHTS_OFFLINE=1).{hint}")
     os.makedirs(url_dir, exist_ok=True)
     key = os.path.basename(version)
@@ -423,7 +353,7 @@ def _from_http(url: str, pin: Pin | None, hint: str) -> str:
             os.rename(staging, version)  # atomic: the version appears complete and verified, or not at all
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        _remember_sha256(final, digest)  # so that later checks of this file cost nothing
+        hashes.remember_sha256(final, digest)  # so that later checks of this file cost nothing
     return final
 
 
@@ -494,7 +424,7 @@ def _download(url: str, partial: str, size: int | None, hint: str) -> None:
 def _member_dir(tarball: str, member: str) -> str:
     st = os.stat(tarball)
     key = f"{os.path.realpath(tarball)}|{st.st_size}|{st.st_mtime_ns}|{_norm_member(member)}"
-    return os.path.join(CACHE_DIR, "members", hashlib.sha256(key.encode()).hexdigest()[:24])
+    return os.path.join(hashes.CACHE_DIR, "members", hashlib.sha256(key.encode()).hexdigest()[:24])
 
 
 def _norm_member(name: str) -> str:
@@ -547,163 +477,6 @@ def _tar_member(tarball: str, member: str, hint: str) -> str:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return final
-
-
-# ---------------------------------------------------------------------- loading
-
-
-def read_lightning_state_dict(path: str) -> dict:
-    """The ``state_dict`` of a PyTorch-Lightning checkpoint, read without running any code from the file.
-
-    Lightning checkpoints pickle more than tensors (callbacks such as ``ModelCheckpoint``, configs such as yacs'
-    ``CfgNode`` under ``hyper_parameters``), so a plain ``torch.load(weights_only=True)`` refuses them. They are
-    read here with torch's weights-only unpickler all the same: every non-tensor global the file names (listed
-    beforehand by ``torch.serialization.get_unsafe_globals_in_checkpoint``, or, for the legacy non-zip format, as
-    the unpickler reports them) is read as a plain ``OrderedDict`` stand-in, so no class or function from the file
-    is imported or called; only ``state_dict`` is kept.
-    """
-    from collections import OrderedDict
-
-    import torch
-
-    try:
-        names = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except ValueError as e:  # not a zip: torch's legacy format (a pickle) or no checkpoint at all
-        with open(path, "rb") as f:
-            if f.read(1) != b"\x80":  # every pickle of protocol >= 2 starts with PROTO
-                raise WeightsError(f"{path}: not a torch checkpoint ({e})") from None
-        names = []  # learn the names from the unpickler's refusals
-    except Exception as e:  # noqa: BLE001
-        raise WeightsError(f"{path}: not a torch checkpoint ({type(e).__name__}: {e})") from None
-    for _ in range(64):
-        try:
-            with torch.serialization.safe_globals([(OrderedDict, n) for n in names]):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-            break
-        except Exception as e:  # noqa: BLE001
-            m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-            if m and m.group(1) not in names:
-                names.append(m.group(1))
-                continue
-            raise WeightsError(f"{path}: cannot read it as a checkpoint with only tensors and plain containers "
-                               f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})") from None
-    else:
-        raise WeightsError(f"{path}: names too many non-tensor objects to be a model checkpoint")
-    state = obj.get("state_dict") if isinstance(obj, dict) else None
-    if not isinstance(state, dict):
-        found = sorted(map(str, obj))[:10] if isinstance(obj, dict) else type(obj).__name__
-        raise WeightsError(f"{path}: no 'state_dict' in the checkpoint (found: {found})")
-    return dict(state)
-
-
-def load_state_dict(path: str) -> dict:
-    """A flat ``{name: tensor}`` from ``.safetensors``, a Lightning ``.ckpt`` (:func:`read_lightning_state_dict`)
-    or a ``torch.save`` file (``weights_only=True``)."""
-    import torch
-
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    if path.endswith(".ckpt"):
-        return read_lightning_state_dict(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise WeightsError(f"{path}: cannot load as a weights-only torch checkpoint ({type(e).__name__}: {e}); "
-                           "only tensors are accepted, never pickled objects") from None
-    for key in ("state_dict", "model", "module"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-    if not isinstance(obj, dict):
-        raise WeightsError(f"{path}: expected a state dict, got {type(obj).__name__}")
-    return obj
-
-
-def load_into(model, state: dict, *, where: str, strict: bool = True) -> None:
-    """Load ``state`` into ``model``; a mismatch is a WeightsError listing missing/unexpected/mis-shaped keys."""
-    own = model.state_dict()
-    shape_bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
-                 if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if shape_bad or (strict and (missing or unexpected)):
-        parts = []
-        if shape_bad:
-            parts.append("shape mismatch: " + "; ".join(shape_bad[:5]))
-        if missing:
-            parts.append(f"missing {len(missing)} key(s), e.g. {missing[:5]}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} key(s), e.g. {unexpected[:5]}")
-        raise WeightsError(f"{where}: checkpoint does not fit the model: " + "; ".join(parts))
-    model.load_state_dict(state, strict=strict)
-
-
-def content_hash(path: str) -> str:
-    """sha256 (first 16 hex) over a weights file, or over every file of a weights directory (sorted)."""
-    h = hashlib.sha256()
-    files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if not f.startswith("."))
-    for f in files:
-        h.update(os.path.relpath(f, path if os.path.isdir(path) else os.path.dirname(path)).encode())
-        with open(f, "rb") as fh:
-            while chunk := fh.read(8 << 20):
-                h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def files_hash(files: list[str]) -> str:
-    """One id (sha256, 16 hex) for weights that are several files found apart (e.g. models bundled in a package):
-    over each file's name and :func:`content_hash`, in the order given."""
-    h = hashlib.sha256()
-    for f in files:
-        h.update(os.path.basename(f).encode())
-        h.update(content_hash(f).encode())
-    return h.hexdigest()[:16]
-
-
-def _stat_key(path: str) -> list:
-    """What identifies the bytes of a weights file or directory without reading them: each file's relative name,
-    size, inode, mtime and ctime (ctime cannot be set back by a copy tool, so a file rewritten in place changes
-    it)."""
-    path = os.path.abspath(path)
-    files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if not f.startswith("."))
-    base = path if os.path.isdir(path) else os.path.dirname(path)
-    out = []
-    for f in files:
-        st = os.stat(f)
-        out.append([os.path.relpath(f, base), st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns])
-    return out
-
-
-def cached_content_hash(path: str) -> str:
-    """:func:`content_hash` of ``path``, remembered on disk (``CACHE_DIR/hashes/``) by each file's size, inode,
-    mtime and ctime: a checkpoint that has not changed is hashed once per machine, not once per job or actor; one
-    that is replaced (even at the same path, with the same size) is hashed again. Combined with :func:`resolve`'s
-    ETag/size/LastModified-keyed copy of ``s3://`` weights, an unchanged remote checkpoint is neither downloaded
-    nor read again."""
-    key = _stat_key(path)
-    memo = os.path.join(CACHE_DIR, "hashes", hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:24] + ".json")
-    try:
-        with open(memo) as f:
-            saved = json.load(f)
-        if saved.get("files") == key:
-            return saved["hash"]
-    except (OSError, ValueError, KeyError):
-        pass
-    digest = content_hash(path)
-    if _stat_key(path) == key:  # not changed while it was read
-        try:
-            os.makedirs(os.path.dirname(memo), exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(memo))
-            with os.fdopen(fd, "w") as f:
-                json.dump({"path": os.path.abspath(path), "files": key, "hash": digest}, f)
-            os.replace(tmp, memo)
-        except OSError:  # a read-only cache only costs a re-hash next time
-            pass
-    return digest
-
 
 
 def needs_download(location: str) -> bool:
