@@ -28,7 +28,9 @@ weights_from: s3://bucket/weights/   # optional: every model labeler without a `
                                      # PREFIX/<labeler> (staged by `modalmill weights fetch --to PREFIX`);
                                      # MODALMILL_WEIGHTS_FROM does the same for every job
 ```
-Every key is checked: an unknown or mistyped key is an error that names it and suggests the closest one.
+Every key is checked: an unknown or mistyped key is an error that names it and suggests the closest one. Paths are
+made absolute on the driver (workers run elsewhere): a job file's relative paths against its folder
+(:func:`load_job`), those of a spec built in Python or by ``modalmill label`` against the current directory.
 """
 
 from __future__ import annotations
