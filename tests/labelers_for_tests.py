@@ -2,7 +2,10 @@
 
 from dataclasses import dataclass
 
+import numpy as _np
+
 from modalmill.labelers.base import LabelFailure, Labeler, register_labeler
+from modalmill.schemas.modalities import ARRAY, ModalitySpec, register_modality
 
 
 @register_labeler
@@ -174,9 +177,6 @@ class SetupFailsOnWorkers(Labeler):
 
 
 # a scalar modality (shape ()): one number per sample
-import numpy as _np
-
-from modalmill.schemas.modalities import ARRAY, ModalitySpec, register_modality
 
 register_modality(ModalitySpec("test_brightness", ARRAY, "npy", "float32", (),
                                "mean brightness of the stored rgb in [0, 1], one number per sample"))
