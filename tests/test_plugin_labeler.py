@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -15,8 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLE = os.path.join(ROOT, "examples", "third_party_labeler")
+from tests.plugin_install import install_example_plugin
 
 
 def modalmill(*args, env, timeout=300):
@@ -26,20 +24,13 @@ def modalmill(*args, env, timeout=300):
 
 @pytest.fixture(scope="module")
 def plugin_env(tmp_path_factory):
-    """The environment of a machine where the example package is installed (pip, the real way)."""
-    d = tmp_path_factory.mktemp("plugin")
-    src = d / "src"
-    # built from a copy, so that the build leaves nothing in the repository's example folder
-    shutil.copytree(EXAMPLE, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    site = d / "site"
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
-                        "--quiet", "--target", str(site), str(src)], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    entry_points = list(site.glob("modalmill_grayscale-*.dist-info/entry_points.txt"))
-    assert len(entry_points) == 1 and "[modalmill.labelers]" in entry_points[0].read_text()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    base = {**env, "PYTHONPATH": os.pathsep.join([ROOT, *filter(None, [env.get("PYTHONPATH")])])}
-    return {**base, "PYTHONPATH": os.pathsep.join([str(site), base["PYTHONPATH"]])}, base
+    """The environment of a machine where the example package is installed (pip, the real way), and without it."""
+    env, without = install_example_plugin(str(tmp_path_factory.mktemp("plugin")))
+    d = env["PYTHONPATH"].split(os.pathsep)[0]
+    entry_points = [os.path.join(d, n, "entry_points.txt") for n in os.listdir(d)
+                    if n.startswith("modalmill_grayscale-") and n.endswith(".dist-info")]
+    assert len(entry_points) == 1 and "[modalmill.labelers]" in open(entry_points[0]).read()
+    return env, without
 
 
 def tar_members(path) -> list[tuple[str, bytes]]:

@@ -156,7 +156,7 @@ def to_torch(spec: ModalitySpec, value: Any) -> Any:
 
 
 def _tensor(arr: np.ndarray) -> torch.Tensor:
-    arr = np.ascontiguousarray(arr)
+    arr = arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)  # (keeps a 0-d scalar 0-d)
     return torch.from_numpy(arr if arr.flags.writeable else arr.copy())  # PIL's arrays are read-only
 
 

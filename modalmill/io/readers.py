@@ -120,12 +120,14 @@ def key_problem(key: str) -> str | None:
 
 
 def plan_sources(inputs: str | list[str], shard_size: int = 1000, parquet: ParquetColumns = ParquetColumns(),
-                 text_member: str = "txt") -> list[ShardSource]:
+                 text_member: str = "txt", check: bool = False) -> list[ShardSource]:
     """Expand the input spec(s) into ordered shard sources.
 
     Each input is a tar shard pattern (``shard-{00000..00009}.tar``, globs, ``s3://...``), a parquet pattern
     (its files end in ``.parquet``) or a local image folder. Folders are split into chunks of ``shard_size``
     images in sorted path order; parquet files into chunks of ``shard_size`` rows (see the module docstring).
+    ``check``: every file a pattern names must exist (FileNotFoundError naming the missing ones; one listing per
+    folder or S3 prefix, see :func:`modalmill.io.storage.expand`), so a wrong input fails before anything starts.
     """
     if isinstance(inputs, str):
         inputs = [inputs]
@@ -140,7 +142,7 @@ def plan_sources(inputs: str | list[str], shard_size: int = 1000, parquet: Parqu
                 out.append(dict(url=f"{spec}#{start}-{start + len(chunk) - 1}", kind="folder", files=chunk,
                                 root=spec))
         else:
-            expanded = storage.expand(spec)
+            expanded = storage.expand(spec, check=check)
             if not expanded:
                 raise FileNotFoundError(f"{spec}: no input shards match")
             if all(u.lower().endswith(".parquet") for u in expanded):

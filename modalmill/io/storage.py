@@ -47,6 +47,8 @@ from .s3 import READ_BUFFER_SIZE as READ_BUFFER_SIZE
 from .s3 import _is_aws_host, clear_s3_client_cache, is_s3, s3_client, s3_env_vars
 
 __all__ = [
+    "absolute",
+    "missing",
     "arrow_filesystem",
     "atomic_write",
     "clear_s3_client_cache",
@@ -282,11 +284,47 @@ def arrow_filesystem(urls: list[str]) -> tuple[Any, list[str]]:
     return pafs.S3FileSystem(**options), [u[5:] for u in urls]
 
 
-def expand(pattern: str) -> list[str]:
+def absolute(location: str) -> str:
+    """A local path made absolute against the current directory (``~`` expanded), so that a worker with another
+    working directory (a Ray worker, a Ray Train worker, another node) finds the same file; a URL (``s3://``,
+    ``file://``, ``https://``, ...) is returned as it is."""
+    if "://" in location:
+        return location
+    return os.path.abspath(os.path.expanduser(location))
+
+
+def missing(urls: Iterable[str]) -> list[str]:
+    """The ``urls`` that are not existing files, found without one request per file: locally one directory scan per
+    folder they are in, on S3 one listing of the longest common key prefix per bucket."""
+    by_dir: dict[str, list[str]] = {}
+    by_bucket: dict[str, list[str]] = {}
+    for u in urls:
+        if is_s3(u):
+            by_bucket.setdefault(s3.split(u)[0], []).append(u)
+        else:
+            by_dir.setdefault(os.path.dirname(localfs.local_path(u)) or ".", []).append(u)
+    out: list[str] = []
+    for d, group in by_dir.items():
+        try:
+            with os.scandir(d) as it:
+                files = {e.name for e in it if e.is_file()}
+        except (FileNotFoundError, NotADirectoryError):
+            files = set()
+        out += [u for u in group if os.path.basename(localfs.local_path(u)) not in files]
+    for bucket, group in by_bucket.items():
+        prefix = os.path.commonprefix([s3.split(u)[1] for u in group])
+        listed = set(s3.list_files(f"s3://{bucket}/{prefix}", raw_prefix=True))
+        out += [u for u in group if u not in listed]
+    return sorted(out)
+
+
+def expand(pattern: str, check: bool = False) -> list[str]:
     """Expand a shard pattern into a sorted, de-duplicated list of paths/URLs.
 
     Braces are expanded first (``shard-{00000..00009}.tar``, ``{a,b}``); a brace-expanded name without glob
-    characters is kept even when it does not exist (the reader then reports the missing shard). Names with
+    characters is kept even when it does not exist (the reader then reports the missing shard), unless
+    ``check``: then the names are looked up with :func:`missing` (one listing per folder / S3 prefix, not one
+    request per file) and any that does not exist raises FileNotFoundError naming them. Names with
     glob characters (``*``, ``?``, ``[...]``) are matched: locally with :mod:`glob` (``**`` recurses; only
     files are returned), on S3 by listing the prefix before the first glob character and filtering the keys
     with :func:`fnmatch.fnmatchcase` (there ``*`` also matches ``/``). A glob that matches nothing raises
@@ -295,10 +333,12 @@ def expand(pattern: str) -> list[str]:
     from braceexpand import braceexpand
 
     out: set[str] = set()
+    named: list[str] = []  # brace-expanded names without glob characters: not listed yet
     listings: dict[str, list[str]] = {}  # S3 prefix -> keys, shared by the brace expansions
     for name in braceexpand(pattern):
         if not _GLOB_CHARS.search(name):
             out.add(name)
+            named.append(name)
             continue
         if is_s3(name):
             cut = _GLOB_CHARS.search(name)
@@ -314,6 +354,13 @@ def expand(pattern: str) -> list[str]:
             where = f" (from {pattern!r})" if name != pattern else ""
             raise FileNotFoundError(f"{name}: no files match the pattern{where}")
         out.update(matches)
+    if check and named:
+        absent = missing(named)
+        if absent and absent == [pattern]:
+            raise FileNotFoundError(f"{pattern}: no such file or folder")
+        if absent:
+            shown = ", ".join(absent[:3]) + (f" and {len(absent) - 3} more" if len(absent) > 3 else "")
+            raise FileNotFoundError(f"{pattern}: {len(absent)} of its {len(named)} file(s) do not exist: {shown}")
     return sorted(out)
 
 

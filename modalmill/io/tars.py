@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..schemas.modalities import IMAGE, MODALITIES, ModalitySpec
+from ..schemas.modalities import IMAGE, ModalitySpec, find_modality
 from . import manifest, storage
 
 SHARD_RE = re.compile(r"^shard-(\d+)\.tar$")
@@ -76,13 +76,14 @@ def scan_layout(root: str) -> Layout:
 
 
 def spec_for_folder(folder: str) -> ModalitySpec | None:
-    """The registry spec of a modality folder; ``rgb@224``-style resolution aliases map to their base."""
-    if folder in MODALITIES:
-        return MODALITIES[folder]
+    """The registry spec of a modality folder (an installed plugin's too); ``rgb@224``-style resolution aliases map
+    to their base."""
+    spec = find_modality(folder)
+    if spec is not None:
+        return spec
     base = folder.split("@", 1)[0]
-    if base != folder and base in MODALITIES and MODALITIES[base].is_pixel_aligned:
-        return MODALITIES[base]
-    return None
+    spec = find_modality(base) if base != folder else None
+    return spec if spec is not None and spec.is_pixel_aligned else None
 
 
 # ============================================================================ reading members

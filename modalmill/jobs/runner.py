@@ -177,11 +177,14 @@ class JobPlan:
         return tuple(resolve_labelers(self.spec, mods, available=have))
 
 
-def prepare_job(spec: JobSpec, only: list[str] | None = None, force: bool = False, cluster: bool = False) -> JobPlan:
+def prepare_job(spec: JobSpec, only: list[str] | None = None, force: bool = False, cluster: bool = False,
+                check_inputs: bool = False) -> JobPlan:
     """Everything planning needs besides the markers: the input shards (one listing per pattern, or none for a
-    brace pattern), the selection, the labelers, the producers they record and the checkpoints they would load
+    brace pattern unless ``check_inputs``: then one listing per folder or S3 prefix proves every input file
+    exists), the selection, the labelers, the producers they record and the checkpoints they would load
     (:func:`expected_checkpoints`: missing or wrong weights fail here, before anything starts)."""
-    sources = plan_sources(spec.input, spec.shard_size, parquet=spec.parquet, text_member=spec.text.member)
+    sources = plan_sources(spec.input, spec.shard_size, parquet=spec.parquet, text_member=spec.text.member,
+                           check=check_inputs)
     if not sources:
         raise JobError(f"no input shards in {spec.input!r}")
     selected = [sources[i] for i in spec.selected_shards(len(sources))]
@@ -342,16 +345,21 @@ def run_job(spec: JobSpec, only: list[str] | None = None, force: bool = False, a
     _modalmill/runs/); see :func:`_run_job`."""
     from ..io import lease
 
+    t0 = time.time()
+    # every check (inputs, modalities, labelers, weights) before the lease: a job that cannot run writes nothing.
+    # An --only run reads no input (it updates existing shards), so its inputs need not exist any more.
+    job = prepare_job(spec, only=only, force=force, check_inputs=not only,
+                      cluster=bool(address or spec.ray.address or os.environ.get("RAY_ADDRESS")))
     with lease.hold(spec.output, wait=wait) as held:
-        summary = _run_job(spec, only, force, address, show_progress, on_submit)
+        summary = _run_job(job, address, show_progress, on_submit, t0)
         if held.lost:  # another driver took over while this one ran: its results may be overwritten
             summary["lease_lost"] = held.lost
             summary["exit_code"] = EXIT_LEASE
     return summary
 
 
-def _run_job(spec: JobSpec, only: list[str] | None, force: bool, address: str | None, show_progress: bool,
-             on_submit: Callable[[ShardTask], None] | None) -> dict:
+def _run_job(job: JobPlan, address: str | None, show_progress: bool, on_submit: Callable[[ShardTask], None] | None,
+             t0: float) -> dict:
     """Plan, execute and record one run.
 
     Planning streams (:func:`plan_pages`): the shard tasks of the first marker-listing page that has any start
@@ -362,9 +370,7 @@ def _run_job(spec: JobSpec, only: list[str] | None, force: bool, address: str | 
     from ..io.cluster import init_ray
     from ..pipeline.execute import execute
 
-    t0 = time.time()
-    job = prepare_job(spec, only=only, force=force,
-                      cluster=bool(address or spec.ray.address or os.environ.get("RAY_ADDRESS")))
+    spec, only, force = job.spec, job.only, job.force
     snap = index.load_snapshot(spec.output, with_manifests=False)  # the manifest part is loaded at the end if needed
     pages = plan_pages(job, snap)
     problems: list[str] = []

@@ -28,7 +28,9 @@ weights_from: s3://bucket/weights/   # optional: every model labeler without a `
                                      # PREFIX/<labeler> (staged by `modalmill weights fetch --to PREFIX`);
                                      # MODALMILL_WEIGHTS_FROM does the same for every job
 ```
-Every key is checked: an unknown or mistyped key is an error that names it and suggests the closest one.
+Every key is checked: an unknown or mistyped key is an error that names it and suggests the closest one. Paths are
+made absolute on the driver (workers run elsewhere): a job file's relative paths against its folder
+(:func:`load_job`), those of a spec built in Python or by ``modalmill label`` against the current directory.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from typing import Any
 
 import yaml
 
+from ..io import storage
 from ..io.crops import CropConfig
 from ..io.decode import DecodeConfig
 from ..io.readers import ParquetColumns
@@ -173,6 +176,8 @@ def job_from_dict(data: dict, where: str = "job") -> JobSpec:
     inp = data["input"]
     if not (isinstance(inp, str) or (isinstance(inp, list) and all(isinstance(i, str) for i in inp))):
         raise JobSpecError(f"{where}: 'input' must be a path/pattern or a list of them")
+    # every path absolute (against the current directory) here, on the driver: workers run elsewhere
+    inp = storage.absolute(inp) if isinstance(inp, str) else [storage.absolute(i) for i in inp]
     mods = data["modalities"]
     if isinstance(mods, str):
         mods = [m.strip() for m in mods.split(",") if m.strip()]
@@ -190,6 +195,8 @@ def job_from_dict(data: dict, where: str = "job") -> JobSpec:
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise JobSpecError(f"{where}: labelers: unknown labeler {name!r}{hint} (see `modalmill labelers`)")
         ls = _build(f"{where}: labelers.{name}", LabelerSettings, settings)
+        if isinstance(ls.config, dict):
+            ls = dataclasses.replace(ls, config=_local_paths_absolute(ls.config, os.getcwd()))
         _check_keys(f"{where}: labelers.{name}.resources", ls.resources,
                     ["num_cpus", "num_gpus", "memory_mb", "custom"])
         custom = ls.resources.get("custom", {})
@@ -207,7 +214,7 @@ def job_from_dict(data: dict, where: str = "job") -> JobSpec:
         text["caption_source"] = MODEL if any("caption" in LABELERS[n].outputs for n in labelers) else INPUT
     spec = JobSpec(
         input=inp,
-        output=_typed(where, data["output"], str, "output"),
+        output=storage.absolute(_typed(where, data["output"], str, "output")),
         modalities=tuple(dict.fromkeys(mods)),
         name=str(data.get("name", "job")),
         seed=_typed(where, data.get("seed", 0), int, "seed"),
@@ -218,8 +225,8 @@ def job_from_dict(data: dict, where: str = "job") -> JobSpec:
         crops=_build(f"{where}: crops", CropConfig, data.get("crops")),
         labelers=labelers,
         ray=_build(f"{where}: ray", RaySettings, data.get("ray")),
-        weights_from=None if data.get("weights_from") in (None, "") else _typed(where, data["weights_from"], str,
-                                                                                 "weights_from"),
+        weights_from=None if data.get("weights_from") in (None, "") else storage.absolute(
+            _typed(where, data["weights_from"], str, "weights_from")),
         text=_build(f"{where}: text", TextConfig, text),
         parquet=_build(f"{where}: parquet", ParquetColumns, data.get("parquet")),
     )
@@ -228,8 +235,26 @@ def job_from_dict(data: dict, where: str = "job") -> JobSpec:
     return spec
 
 
+PATH_SETTINGS = ("weights", "checkpoint")  # labeler settings that may name a local file or folder
+
+
+def _local_paths_absolute(config: dict, base: str) -> dict:
+    """A labeler config whose ``weights``/``checkpoint`` naming an existing file or folder relative to ``base`` is
+    made absolute (a hub id such as ``org/name``, which names nothing here, stays as it is)."""
+    out = dict(config)
+    for k in PATH_SETTINGS:
+        v = out.get(k)
+        if isinstance(v, str) and v and "://" not in v and not os.path.isabs(os.path.expanduser(v)):
+            p = os.path.join(base, os.path.expanduser(v))
+            if os.path.exists(p):
+                out[k] = os.path.normpath(p)
+    return out
+
+
 def load_job(path: str, **overrides) -> JobSpec:
-    """Read a job YAML; relative input/output paths are resolved against the file's folder."""
+    """Read a job YAML. Relative paths in it are resolved against the file's folder: ``input``, ``output``,
+    ``weights_from``, and a labeler's ``weights``/``checkpoint`` that names a file or folder there; overrides
+    (``output=`` from the command line) against the current directory."""
     try:
         with open(path) as f:
             data = yaml.safe_load(f)
@@ -240,12 +265,16 @@ def load_job(path: str, **overrides) -> JobSpec:
     base = os.path.dirname(os.path.abspath(path))
     if isinstance(data, dict):
         data = dict(data)
-        for k in ("input", "output"):
+        for k in ("input", "output", "weights_from"):
             v = data.get(k)
-            if isinstance(v, str):
+            if isinstance(v, str) and v:
                 data[k] = _resolve(base, v)
             elif isinstance(v, list):
                 data[k] = [_resolve(base, x) if isinstance(x, str) else x for x in v]
+        if isinstance(data.get("labelers"), dict):
+            data["labelers"] = {name: ({**ls, "config": _local_paths_absolute(ls["config"], base)}
+                                       if isinstance(ls, dict) and isinstance(ls.get("config"), dict) else ls)
+                                for name, ls in data["labelers"].items()}
         data.update({k: v for k, v in overrides.items() if v is not None})
     return job_from_dict(data, where=path)
 

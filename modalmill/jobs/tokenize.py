@@ -55,6 +55,7 @@ def tokenize_spec(data: str, modalities: list[str], tokenizers: dict[str, str] |
     written stays valid) with the token modalities and their tokenizer labelers added; without a run record the
     shard sources come from the completion markers."""
     tokenizers = dict(tokenizers or {})
+    data = storage.absolute(data)
     markers = manifest.list_markers(data)
     if not markers:
         raise ValueError(f"{data}: no completed shards to tokenize (label it first)")
@@ -121,6 +122,11 @@ def tokenize_output(data: str, modalities: list[str], tokenizers: dict[str, str]
     2-CPU machine is never asked for two 1-CPU tokenizer actors *and* a shard task at once."""
     from ..io import lease
 
+    data = storage.absolute(data)  # the workers' working directory is not the driver's
+    # argument checks before the lease, so that a wrong DATA or modality leaves nothing behind
+    token_modalities(modalities)
+    if not any(page for page in storage.list_pages(manifest.meta_url(data, "shards"), suffix=".json")):
+        raise ValueError(f"{data}: no completed shards to tokenize (label it first)")
     with lease.hold(data, wait=wait):  # one writer for all the per-modality runs (run_job's own hold nests)
         return _tokenize_output(data, modalities, tokenizers, force=force, address=address, shards=shards,
                                 workers=workers, gpus_per_worker=gpus_per_worker, batch_size=batch_size,

@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..schemas.modalities import get_modality
+from ..schemas.plugins import load_plugins, plugins_complete
 
 
 @dataclass(frozen=True)
@@ -186,15 +187,14 @@ def register_labeler(cls: type[Labeler]) -> type[Labeler]:
 
 
 def load_entry_points() -> None:
-    """Import third-party labelers declared in the ``modalmill.labelers`` entry-point group."""
+    """Import third-party labelers declared in the ``modalmill.labelers`` entry-point group (once per process, see
+    :mod:`modalmill.schemas.plugins`) and register the Labeler classes they name."""
     global _ENTRY_POINTS_LOADED
     if _ENTRY_POINTS_LOADED:
         return
-    _ENTRY_POINTS_LOADED = True
-    from importlib.metadata import entry_points
-
-    for ep in entry_points(group="modalmill.labelers"):
-        obj = ep.load()
+    objs = load_plugins()
+    _ENTRY_POINTS_LOADED = plugins_complete()  # else called while a plugin imports: register what is there so far
+    for obj in objs:
         if isinstance(obj, type) and issubclass(obj, Labeler):
             register_labeler(obj)
 

@@ -64,6 +64,8 @@ class ModalitySpec:
         return RecordError(self.name, key, fld, msg)
 
     def check_array(self, arr: Any, key, image_hw=None) -> np.ndarray:
+        if isinstance(arr, np.generic) and self.shape == ():  # a numpy scalar of a scalar modality
+            arr = np.asarray(arr)
         if not isinstance(arr, np.ndarray):
             raise self._err(key, "type", f"expected a numpy array, got {type(arr).__name__}")
         if self.dtype is not None and arr.dtype != np.dtype(self.dtype):
@@ -134,7 +136,8 @@ def _npy_encode(spec: ModalitySpec, value, key, image_hw):
         _OBJECT_VALIDATORS[spec.name](spec, arr, key)
         np.save(buf, arr, allow_pickle=True)
         return buf.getvalue()
-    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    # (np.ascontiguousarray would turn a 0-d array, a scalar modality's shape=(), into shape (1,))
+    np.save(buf, arr if arr.flags.c_contiguous else np.ascontiguousarray(arr), allow_pickle=False)
     return buf.getvalue()
 
 
@@ -338,11 +341,24 @@ def register_modality(spec: ModalitySpec) -> ModalitySpec:
     return spec
 
 
+def find_modality(name: str) -> ModalitySpec | None:
+    """The spec of ``name``, or None; a name not registered yet makes the installed plugins load first
+    (:mod:`modalmill.schemas.plugins`), so a plugin's modality is known in any process."""
+    spec = MODALITIES.get(name)
+    if spec is None:
+        from .plugins import load_plugins, plugins_loaded
+
+        if not plugins_loaded():
+            load_plugins()
+            spec = MODALITIES.get(name)
+    return spec
+
+
 def get_modality(name: str) -> ModalitySpec:
-    try:
-        return MODALITIES[name]
-    except KeyError:
-        raise KeyError(f"unknown modality {name!r}; known: {', '.join(sorted(MODALITIES))}") from None
+    spec = find_modality(name)
+    if spec is None:
+        raise KeyError(f"unknown modality {name!r}; known: {', '.join(sorted(MODALITIES))}")
+    return spec
 
 
 _R = register_modality

@@ -7,6 +7,7 @@ the transforms of ``MODALITY_TRANSFORMS_DIVAE``: a PIL crop, a PIL resize to the
 ==============  ========================================================================================
 rgb             RGB -> [0, 1] -> (x - 0.5) / 0.5, i.e. [-1, 1]
 canny/sam edge  as rgb (the 0/255 map converted to RGB; a 1-channel tokenizer gets the first channel)
+grey maps       a plugin's 1-channel map (kind ``gray``): preprocessed as the edge maps, trained as a picture
 depth           16-bit depth / 65535, then standardised per crop with the 10 %-90 % truncated mean and variance
 normal          as rgb, and the x component is mirrored (255 - v) when the crop is flipped
 semseg          class ids + 1 (255 "unlabelled" wraps to 0), nearest resize, int64 ids for the class embedding
@@ -33,6 +34,8 @@ KINDS = {"rgb": "rgb", "canny_edge": "edge", "sam_edge": "edge", "depth": "depth
          "semseg_coco": "semseg", "semseg": "semseg", "clip": "feature", "dinov2": "feature", "imagebind": "feature",
          "clip_global": "global", "dinov2_global": "global", "imagebind_global": "global",
          "human_poses": "pose", "sam_instance": "mask", "sam_mask": "mask"}
+# plugins add theirs with modalmill.tokenize.labelers.register_token_modality ("gray": a 1-channel map that is not
+# binary, preprocessed like the edge maps but trained and measured as a picture)
 RESAMPLE_MODES = ("bilinear", "bicubic", "nearest", "pil_default")
 
 
@@ -89,12 +92,12 @@ class FourMInput:
         from PIL import Image
 
         kind = self.kind
-        if kind in ("rgb", "edge", "normal", "depth", "semseg"):
+        if kind in ("rgb", "edge", "gray", "normal", "depth", "semseg"):
             arr = np.asarray(label)
             if arr.shape[:2] != tuple(image_hw):
                 raise ValueError(f"{self.source} label is {arr.shape[0]}x{arr.shape[1]}, the stored rgb is "
                                  f"{image_hw[0]}x{image_hw[1]}")
-        if kind in ("rgb", "edge"):
+        if kind in ("rgb", "edge", "gray"):
             img = Image.fromarray(np.ascontiguousarray(arr)).convert("RGB")
             img, flip = self._pil_crop(img, crop, image_hw, _pil_resample(self.resample))
             if flip:
@@ -170,11 +173,16 @@ def fourm_input_for(source: str, model, resample: str = "bilinear") -> FourMInpu
     """The preprocessing of ``source`` for a 4M-format tokenizer (a loaded model or its
     :class:`~modalmill.tokenize.fourm.FourMSpec`: input size, channels, kind)."""
     if source not in KINDS:
+        from ..schemas.plugins import load_plugins, plugins_loaded
+
+        if not plugins_loaded():
+            load_plugins()  # a plugin's modality (register_token_modality) in a process that did not load them yet
+    if source not in KINDS:
         raise ValueError(f"no 4M tokenizer input is defined for modality {source!r}")
     if resample not in RESAMPLE_MODES:
         raise ValueError(f"resample mode {resample!r}: one of {', '.join(RESAMPLE_MODES)}")
     kind = KINDS[source]
-    want = {"rgb": "image", "edge": "image", "normal": "image", "depth": "image", "semseg": "class",
+    want = {"rgb": "image", "edge": "image", "gray": "image", "normal": "image", "depth": "image", "semseg": "class",
             "feature": "feature", "global": "vector", "pose": "vector", "mask": "image"}[kind]
     have = "vector" if model.is_global else ("class" if model.n_labels is not None else
                                              ("feature" if not model.patch_proj else "image"))
@@ -186,8 +194,8 @@ def fourm_input_for(source: str, model, resample: str = "bilinear") -> FourMInpu
         raise ValueError(f"{source} has 3 channels, the tokenizer takes {model.n_channels}")
     if kind in ("depth", "mask") and model.n_channels != 1:
         raise ValueError(f"{source} has 1 channel, the tokenizer takes {model.n_channels}")
-    if kind == "edge" and model.n_channels not in (1, 3):
-        raise ValueError(f"{source}: an edge tokenizer takes 1 or 3 channels, not {model.n_channels}")
+    if kind in ("edge", "gray") and model.n_channels not in (1, 3):
+        raise ValueError(f"{source}: a {kind} map tokenizer takes 1 or 3 channels, not {model.n_channels}")
     if kind == "pose" and model.n_channels != 207:
         raise ValueError(f"human_poses: the pose tokenizer takes 207-d body poses, not {model.n_channels}")
     return FourMInput(source, size=model.image_size, n_channels=model.n_channels, resample=resample)

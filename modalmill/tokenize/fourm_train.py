@@ -8,7 +8,8 @@ predicts the input back:
 source          loss                                         held-out metrics
 ==============  ===========================================  ==============================================
 rgb, normal     MSE in [-1, 1]                               mse, psnr (of the [0, 1] picture)
-edges           BCE on logits vs. edge/no edge (pos_weight)  mse, psnr, edge f1
+edges           BCE on logits vs. edge/no edge (pos_weight)  mse, psnr, edge_f1
+grey maps       MSE in [-1, 1]                               mse, psnr (a plugin's 1-channel map)
 depth           L1 on the standardised depth                 mse, mae
 semseg          cross-entropy over the class ids (+1 shift)  accuracy, miou (unlabelled ignored)
 feature maps    smooth L1 + (1 - cosine)                     mse, cosine
@@ -80,7 +81,7 @@ class FourMTrainAdapter:
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         k = self.inp.kind
-        if k in ("rgb", "normal"):
+        if k in ("rgb", "normal", "gray"):
             return F.mse_loss(pred, target)
         if k == "edge":
             w = torch.tensor(EDGE_POS_WEIGHT, dtype=pred.dtype, device=pred.device)
@@ -133,7 +134,7 @@ class FourMTrainAdapter:
             rec, tgt = rec.flatten(1), self.to_input(tgt).flatten(1)
         out = {"n": n, "se": float(((rec - tgt) ** 2).sum()), "n_values": float(tgt.numel()),
                "ae": float((rec - tgt).abs().sum())}
-        if k in ("rgb", "normal", "edge"):
+        if k in ("rgb", "normal", "edge", "gray"):
             mse = ((rec.clamp(-1, 1) - tgt) ** 2).flatten(1).mean(1) / 4  # in [0, 1] units
             out["psnr_sum"] = float((10 * torch.log10(1.0 / mse.clamp_min(1e-10))).sum())
         if k == "edge":

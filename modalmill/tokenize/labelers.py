@@ -201,6 +201,24 @@ class TokenizerLabeler(Labeler):
         return out
 
 
+def load_plugins_once() -> bool:
+    """Load the installed plugins (they may register token modalities); False when they were loaded already."""
+    from ..schemas.plugins import load_plugins, plugins_loaded
+
+    if plugins_loaded():
+        return False
+    load_plugins()
+    return True
+
+
+def __getattr__(name: str):
+    """A tokenizer labeler class made for a plugin's token modality (``TokGrayscaleLabeler``) exists in this module
+    only after the plugin registered it; a Ray worker unpickling the class by name loads the plugins first."""
+    if name.startswith("Tok") and name.endswith("Labeler") and load_plugins_once() and name in globals():
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _labeler_name(token_modality: str) -> str:
     return token_modality.split("@", 1)[0]
 
@@ -224,12 +242,14 @@ for _tok, (_src, _vocab, _n) in TOKEN_MODALITIES.items():
     _make_tokenizer_labeler(_tok, _src, _vocab, _n)
 
 
-def register_token_modality(tok: str, source: str, vocab_size: int, n_tokens: int) -> type[TokenizerLabeler]:
+def register_token_modality(tok: str, source: str, vocab_size: int, n_tokens: int,
+                            kind: str | None = None) -> type[TokenizerLabeler]:
     """A token modality for a modality 4M does not have (a plugin's pixel modality, e.g. ``tok_grayscale@224`` of
     ``grayscale``): registers its spec and its tokenizer labeler, so ``train-tokenizer`` and ``tokenize`` handle
-    it like 4M's own. The source is preprocessed as 4M preprocesses images: a 1-channel map like its edge maps, a
-    3-channel one like rgb (crop, resize, to [-1, 1]). Every process that runs its labeler must call this too
-    (for Ray workers: a ``worker_process_setup_hook``). Idempotent."""
+    it like 4M's own. The source is preprocessed as 4M preprocesses images (crop, resize, to [-1, 1]): a
+    1-channel map as a grey map (``kind`` "gray": trained with MSE, measured by mse and psnr; ``kind="edge"`` for
+    a binary edge map: BCE, edge f1), a 3-channel one like rgb. A plugin calls this when it is imported (its
+    ``modalmill.labelers`` entry point), which modalmill does in every process it starts. Idempotent."""
     from ..schemas.modalities import get_modality
     from ..schemas.modalities import register_token_modality as register_spec
     from .fourm_inputs import KINDS
@@ -239,7 +259,10 @@ def register_token_modality(tok: str, source: str, vocab_size: int, n_tokens: in
         channels = spec.shape[2] if len(spec.shape) == 3 else 1
         if spec.kind not in ("pixel", "image") or channels not in (1, 3):
             raise ValueError(f"{source}: only 1- or 3-channel pixel modalities can get a 4M image tokenizer")
-        KINDS[source] = "edge" if channels == 1 else "rgb"
+        allowed = ("gray", "edge") if channels == 1 else ("rgb",)
+        if kind is not None and kind not in allowed:
+            raise ValueError(f"{source}: a {channels}-channel map is tokenized as {' or '.join(allowed)}, not {kind!r}")
+        KINDS[source] = kind or allowed[0]
     register_spec(tok, source, vocab_size, n_tokens)
     return TOKENIZER_LABELERS.get(tok) or _make_tokenizer_labeler(tok, source, vocab_size, n_tokens)
 
@@ -378,8 +401,12 @@ def in_place(cls: type[TokenizerLabeler]) -> bool:
 
 
 def labeler_for_token_modality(name: str) -> type[TokenizerLabeler]:
-    """The tokenizer labeler for a token modality, its labeler name or its source modality."""
-    for tok, cls in TOKENIZER_LABELERS.items():
-        if name in (tok, cls.name, cls.source) or (cls.source == "semseg_coco" and name == "semseg"):
-            return cls
+    """The tokenizer labeler for a token modality, its labeler name or its source modality (a plugin's token
+    modality included: the installed plugins are loaded on a miss)."""
+    for attempt in range(2):
+        for tok, cls in TOKENIZER_LABELERS.items():
+            if name in (tok, cls.name, cls.source) or (cls.source == "semseg_coco" and name == "semseg"):
+                return cls
+        if attempt == 0 and not load_plugins_once():
+            break
     raise KeyError(f"no tokenizer writes {name!r}; token modalities: {', '.join(TOKENIZER_LABELERS)}")

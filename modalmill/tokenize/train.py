@@ -66,6 +66,12 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 def vocab_and_tokens(source: str) -> tuple[int, int, str | None]:
     """(registry vocab size, tokens per crop, token modality or None) for a source modality."""
     token_of = {src: tok for tok, (src, _v, _n) in TOKEN_MODALITIES.items()}  # with any registered since import
+    if source not in token_of and source not in EXTRA_TOKENS:
+        from ..schemas.plugins import load_plugins, plugins_loaded
+
+        if not plugins_loaded():  # a plugin's token modality, in a process (a Ray Train worker) new to plugins
+            load_plugins()
+            token_of = {src: tok for tok, (src, _v, _n) in TOKEN_MODALITIES.items()}
     if source in token_of:
         spec = get_modality(token_of[source])
         return spec.vocab_size, spec.n_tokens, spec.name
@@ -127,7 +133,7 @@ def default_config(source: str, preset: str = "base", quantizer: str | None = No
                  "commitment_weight": 1.0, "sync_codebook": False}
         if kind in ("rgb", "normal"):
             model["n_channels"] = 3
-        elif kind in ("edge", "depth"):
+        elif kind in ("edge", "gray", "depth"):
             model["n_channels"] = 1
         elif kind == "semseg":
             model.update(n_channels=32 if preset == "tiny" else 64, n_labels=SEMSEG_LABELS)
@@ -588,6 +594,9 @@ def train_tokenizer(modality: str, data: str, out: str | None = None, *, config:
     """Train (or resume) a tokenizer for ``modality`` on the labeled output ``data``; returns the report."""
     if modality == "sam_mask":  # the SAM-instance tokenizer trains on the sam_mask labels
         modality = "sam_instance"
+    # absolute here, on the driver: Ray Train workers run in a directory of their own (and maybe on another node)
+    data = storage.absolute(data)
+    out = storage.absolute(out) if out else None
     overrides = load_config_file(config) if isinstance(config, str) else dict(config or {})
     if steps is not None:
         overrides.setdefault("train", {})

@@ -7,7 +7,10 @@ import os
 import re
 from typing import Any
 
+import pyarrow.compute as pc
+
 from ...io import manifest
+from ...io.readers import shard_name
 from ...io.tars import decode_member, iter_tar_groups, scan_layout, spec_for_folder
 from .canvas import Context
 from .grid import ShowResult, render_values
@@ -30,13 +33,30 @@ def find_sample(root: str, key: str, shard: str | None = None) -> tuple[str, dic
                     shard = name[: -len(".tar")]
                     break
     if shard is None:
-        raise ValueError(f"{root}: no sample with key {key!r}")
+        raise ValueError(why_absent(root, key))
     urls = {f: files[f"{shard}.tar"] for f, files in layout.folders.items() if f"{shard}.tar" in files}
     if shard in markers:
         urls = {f: u for f, u in urls.items() if f in markers[shard].get("modalities", {})}
     if not urls:
         raise ValueError(f"{root}: shard {shard!r} has no modality tars")
     return shard, urls
+
+
+def why_absent(root: str, key: str) -> str:
+    """The message for a key that no tar holds: where and why it failed when the manifest records it failing
+    (shard, source, stage, error), else that no sample has the key (naming shards that failed as a whole, whose
+    samples are unknown)."""
+    columns = ["shard", "source", "position", "key", "status", "stage", "error"]
+    for table in manifest.iter_manifest(root, columns=columns):
+        hits = [r for r in table.filter(pc.equal(table["key"], key)).to_pylist() if r["status"] != "ok"]
+        if hits:
+            r = hits[-1]
+            return (f"{root}: sample {key!r} failed ({r['stage']}: {r['error']}); it is in no tar of "
+                    f"{shard_name(r['shard'])} (input {r['source']}, position {r['position']}); see `modalmill stats`")
+    failed = sorted(manifest.list_failures(root))
+    note = (f" ({len(failed)} shard(s) failed as a whole, their samples unknown: {', '.join(failed[:3])}"
+            f"{' ...' if len(failed) > 3 else ''}; see `modalmill status`)") if failed else ""
+    return f"{root}: no sample with key {key!r}{note}"
 
 
 def read_sample(root: str, key: str, shard: str | None = None,

@@ -15,8 +15,9 @@ import numpy as np
 from modalmill.labelers import Labeler, register_labeler
 from modalmill.schemas import ModalitySpec, register_modality
 from modalmill.schemas.modalities import PIXEL
+from modalmill.tokenize.labelers import register_token_modality
 
-__all__ = ["GRAYSCALE", "LUMA_WEIGHTS", "GrayscaleLabeler"]
+__all__ = ["GRAYSCALE", "LUMA_WEIGHTS", "TOK_GRAYSCALE", "GrayscaleLabeler"]
 
 # 1. The modality: its folder name, kind, member extension (png, jpg, npy, json or npz: the codec), dtype and
 #    symbolic shape. Every record is validated against it before it is written, and `modalmill check` decodes
@@ -52,3 +53,10 @@ class GrayscaleLabeler(Labeler):
         weights = np.asarray(LUMA_WEIGHTS[self.config.standard], dtype=np.float32)
         return [{"grayscale": np.clip(np.rint(inp.image.astype(np.float32) @ weights), 0, 255).astype(np.uint8)}
                 for inp in batch]
+
+
+# 3. Optional: its token modality, so that `modalmill train-tokenizer --modality grayscale` and `modalmill tokenize
+#    -m grayscale` handle it like 4M's own pixel modalities (196 tokens per 224x224 crop from at most 8192 codes).
+#    modalmill imports this module in every process it starts (the entry point), Ray workers included.
+TOK_GRAYSCALE = "tok_grayscale@224"
+register_token_modality(TOK_GRAYSCALE, "grayscale", vocab_size=8192, n_tokens=196)
