@@ -182,6 +182,10 @@ def test_semseg_ids_survive_import_and_4m_tokenization(ray_local, tmp_path):
         np.testing.assert_array_equal(crops[k][0], ref[f"{k}/crop"])  # crop 0: the centre crop ml-4m used
         np.testing.assert_array_equal(toks[k][0], ref[f"{k}/ids"][0], err_msg=k)
     assert check_output(out).ok
+    s = export_folder(out, str(tmp_path / "tokens"), tokens_only=True, show_progress=False)
+    assert s["modalities"] == ["crop_settings", "tok_semseg@224"]  # no pictures; the crop rows the tokens use
+    assert sorted(os.listdir(tmp_path / "tokens" / "tok_semseg@224" / SHARD)) == [
+        "astronaut.npy", "chelsea.npy", "coffee.npy"]
 
 
 def test_semseg_at_original_size_is_resized_nearest():
@@ -270,3 +274,40 @@ def test_captions_by_key_and_export_folder_layout(ray_local, tmp_path):
         export_folder(out, str(dest), split="train", show_progress=False)
     with pytest.raises(ValueError, match="no token modality"):
         export_folder(out, str(tmp_path / "e2"), tokens_only=True, show_progress=False)
+
+
+def test_normals_and_inverse_depth_conversions(tmp_path):
+    from modalmill.labelers.imported import ImportDepth, ImportNormal
+
+    inp = LabelInput(key="k", image=np.zeros((4, 6, 3), np.uint8), original_size=(6, 4), crops=np.zeros((1, 5)))
+    n = np.zeros((4, 6, 3), np.float32)
+    n[..., 0], n[..., 1], n[..., 2] = -1.0, 0.0, 1.0
+    np.save(tmp_path / "n.npy", n)
+    got = ImportNormal({"index": "x"}).value(str(tmp_path / "n.npy"), inp)
+    assert got.dtype == np.uint8 and got[0, 0].tolist() == [0, 128, 255]  # round((n + 1) * 127.5)
+    depth = np.linspace(1.0, 4.0, 24).reshape(4, 6)
+    depth[0, 0] = np.nan  # a hole: becomes the farthest valid depth
+    np.save(tmp_path / "inv.npy", 1.0 / depth)
+    got = ImportDepth({"index": "x", "units": "inverse_depth"}).value(str(tmp_path / "inv.npy"), inp)
+    want = np.where(np.isnan(depth), 4.0, depth)
+    lo = np.nanmin(depth)  # the hole was the nearest pixel: the valid minimum is the next one
+    np.testing.assert_allclose(got, np.round((want - lo) / (4.0 - lo) * 65535), atol=1)
+    np.save(tmp_path / "zero.npy", np.zeros((4, 6)))
+    with pytest.raises(Exception, match="invalid_depth"):
+        ImportDepth({"index": "x"}).value(str(tmp_path / "zero.npy"), inp)
+
+
+def test_matching_by_file_name_and_source_url():
+    from modalmill.jobs.importer import match_entries
+
+    samples = [("a/cat_1", "https://x.org/img/cat_1.jpg?s=2"), ("b/dog", "https://x.org/dog.png"), ("c/cow", None)]
+    keyed, unmatched = match_entries(["cat_1.jpg", "dog.png", "emu.png"], samples, "filename")
+    assert keyed == {"a/cat_1": "cat_1.jpg", "b/dog": "dog.png"} and unmatched == ["emu.png"]
+    keyed, _ = match_entries(["https://x.org/dog.png", "cat_1.jpg"], samples, "source_url")
+    assert keyed == {"b/dog": "https://x.org/dog.png", "a/cat_1": "cat_1.jpg"}
+    keyed, _ = match_entries(["a/cat_1.png", "c/cow.json"], samples, "key")
+    assert keyed == {"a/cat_1": "a/cat_1.png", "c/cow": "c/cow.json"}
+    with pytest.raises(ImportError_, match="matches 2 samples"):
+        match_entries(["dog.png"], samples + [("z/dog", None)], "filename")
+    with pytest.raises(ImportError_, match="both match sample"):
+        match_entries(["a/cat_1.png", "a/cat_1.jpg"], samples, "key")
