@@ -448,6 +448,70 @@ def tokenize(data, modalities, text_source, tokenizers, force, address, shards, 
     sys.exit(summary["exit_code"])
 
 
+@main.command("import")
+@click.argument("output")
+@click.option("--modality", required=True, help="det, semseg_coco, depth, normal or caption.")
+@click.option("--from", "source", required=True, metavar="SOURCE",
+              help="COCO instances JSON, YOLO label folder, folder of PNG/.npy maps, or a CSV/JSONL caption table.")
+@click.option("--format", "fmt", type=click.Choice(["coco", "yolo", "png", "npy", "csv", "jsonl"]), default=None,
+              help="The source's format [default: from the modality and the source's name].")
+@click.option("--match", type=click.Choice(["key", "filename", "source_url"]), default="key", show_default=True,
+              help="How an annotation finds its sample: the sample key, the image's file name, or the manifest's "
+                   "source_url.")
+@click.option("--missing", type=click.Choice(["fail", "drop"]), default="fail", show_default=True,
+              help="Samples without an annotation: refuse (nothing written), or drop them from every modality "
+                   "(manifest reason no_annotation).")
+@click.option("--class-map", default=None, metavar="JSON",
+              help="det: source class name -> 4M (COCO) class name; semseg: source id -> 4M id or COCO class name.")
+@click.option("--classes", default=None, metavar="FILE", help="YOLO class names, one per line [SOURCE/classes.txt].")
+@click.option("--units", type=click.Choice(["metres", "inverse_depth", "disparity"]), default="metres",
+              show_default=True, help="depth: what the values are (metres = any linear depth).")
+@click.option("--png-scale", type=float, default=1.0, show_default=True,
+              help="depth: 16-bit PNG value x this = the value in --units (e.g. 0.001 for millimetres).")
+@click.option("--force", is_flag=True, help="Replace the modality when the output already has it (pseudo labels).")
+@click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else an embedded Ray).")
+@click.option("--no-progress", is_flag=True)
+@click.option("--wait", is_flag=True, help="Wait for another driver writing OUTPUT instead of refusing (exit 5).")
+def import_(output, modality, source, fmt, match, missing, class_map, classes, units, png_scale, force, address,
+            no_progress, wait):
+    """Import ground-truth annotations into OUTPUT as a modality, aligned with everything else
+    (docs/own-labels.md)."""
+    from .jobs.importer import import_annotations
+
+    summary = import_annotations(output, modality, source, fmt=fmt, match=match, missing=missing,
+                                 class_map=class_map, classes=classes, units=units, png_scale=png_scale, force=force,
+                                 address=address, show_progress=not no_progress, wait=wait)
+    rep = summary["import"]
+    click.echo(f"import {rep['modality']} from {rep['source']} ({rep['format']}, {rep['digest'][:19]}...): "
+               f"{rep['matched']} of {rep['samples']} samples annotated, {rep['unannotated']} without annotation, "
+               f"{rep['annotations_matching_no_sample']} annotation(s) matching no sample")
+    for name, n in sorted((rep.get("unmapped_classes") or {}).items(), key=lambda kv: -kv[1]):
+        click.echo(f"  not a 4M (COCO) class: {name!r} ({n} instances; kept, tokenised as plain words)")
+    if rep.get("crowd_regions_left_out"):
+        click.echo(f"  {rep['crowd_regions_left_out']} COCO crowd region(s) left out")
+    _report(summary)
+    sys.exit(summary["exit_code"])
+
+
+@main.command()
+@click.argument("output")
+@click.argument("dest")
+@click.option("--layout", type=click.Choice(["4m-folder"]), default="4m-folder", show_default=True)
+@click.option("--modalities", "-m", default=None, help="Only these (default: every modality all shards have).")
+@click.option("--split", default=None, help="Write DEST/SPLIT/<modality>/... (e.g. train, val).")
+@click.option("--tokens-only", is_flag=True, help="Token modalities, crop_settings and text-like ones only.")
+@click.option("--no-progress", is_flag=True)
+def export(output, dest, layout, modalities, split, tokens_only, no_progress):
+    """Write OUTPUT in ml-4m's folder layout (DEST/<modality>/<shard>/<key>.<ext>) for its fine-tuning and
+    evaluation configs (docs/own-labels.md)."""
+    from .jobs.export import export_folder
+
+    s = export_folder(output, dest, modalities=_csv(modalities), split=split, tokens_only=tokens_only,
+                      layout=layout, show_progress=not no_progress)
+    click.echo(f"exported {s['samples']} samples of {s['shards']} shard(s) to {s['dest']}: "
+               f"{', '.join(s['modalities'])}")
+
+
 def _table(rows):
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for j, r in enumerate(rows):

@@ -13,9 +13,11 @@ from modalmill.schemas.modalities import METADATA_RANGES, get_modality
 
 # Every model-free labeler that modalmill itself registers (test-only labelers registered by other test
 # modules, and derived labelers that need other modalities' labels, are left out: the generic inputs here
-# carry only an image). Sorted by name so the test ids are stable whatever the import order.
+# carry only an image; and imported ground truth, which serves what `modalmill import` resolved: see
+# tests/test_own_labels.py). Sorted by name so the test ids are stable whatever the import order.
 MODEL_FREE = sorted((c for c in LABELERS.values()
-                     if not c.stateful and not c.requires and c.__module__.startswith("modalmill.")),
+                     if not c.stateful and not c.requires and c.__module__.startswith("modalmill.")
+                     and c.__module__ != "modalmill.labelers.imported"),
                     key=lambda c: c.name)
 
 

@@ -19,6 +19,7 @@ from . import sam  # noqa: F401  (SAM ViT-H instances + instance edges)
 from . import humans  # noqa: F401  (4D-Humans HMR 2.0 SMPL poses of detected people)
 from . import mediapipe_labelers  # noqa: F401  (MediaPipe pose keypoints, person masks: optional extra)
 from . import ocr  # noqa: F401  (RapidOCR PP-OCRv6 text lines: real weights bundled in rapidocr)
+from . import imported  # noqa: F401  (ground truth brought by `modalmill import`; last: never a default labeler)
 
 __all__ = ["LABELERS", "LabelFailure", "LabelInput", "Labeler", "Resources", "get_labeler", "labeler_for",
            "load_entry_points", "register_labeler"]

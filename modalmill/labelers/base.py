@@ -157,6 +157,11 @@ class Labeler:
         """Content hash of the weights this labeler uses ('' for model-free labelers)."""
         return ""
 
+    def producer_extra(self) -> dict[str, Any]:
+        """More facts the shard marker records about this labeler's outputs (imported ground truth: provenance
+        and the source's digest); the manifest keeps its fixed producer fields only."""
+        return {}
+
     def preflight(self) -> str:
         """Check, on the driver and without building any model, that the weights :meth:`setup` would load exist
         and look right; return the id :meth:`checkpoint_id` will have after set-up ('' for model-free labelers).

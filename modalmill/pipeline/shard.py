@@ -140,7 +140,8 @@ def labeler_producers(runs: tuple[LabelerRun, ...], checkpoint_of: Callable | No
     for run in runs:
         inst = run.instance()
         info = {"labeler": inst.name, "version": inst.version, "config_hash": inst.config_hash(),
-                "checkpoint": (checkpoint_of(run) if checkpoint_of else "") or ""}
+                "checkpoint": (checkpoint_of(run) if checkpoint_of else "") or "",
+                **getattr(inst, "producer_extra", dict)()}  # provenance of imported ground truth
         for m in run.outputs:
             out[m] = info
     return out
