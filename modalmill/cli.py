@@ -138,6 +138,23 @@ def run(job_file, output, address, only, force, shards, no_progress, wait):
 
 @main.command()
 @click.argument("job_file", metavar="JOB.yaml")
+@click.option("--address", default=None, help="A Ray cluster to measure on (default: an embedded Ray).")
+@click.option("--sample", default=200, show_default=True, help="Images of the input to measure on.")
+@click.option("--devices", type=int, default=None,
+              help="Project for this many accelerators of the kind measured (default: the cluster's).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plan(job_file, address, sample, devices, as_json):
+    """Measure the job's labelers on a sample of its input and project its cost: actors per pool, images/s,
+    bottleneck, device-hours per million images."""
+    from .jobs.plan import plan as plan_job, render
+    from .jobs.spec import load_job
+
+    p = plan_job(load_job(job_file), sample=sample, address=address, devices=devices)
+    click.echo(json.dumps(p, indent=1) if as_json else render(p))
+
+
+@main.command()
+@click.argument("job_file", metavar="JOB.yaml")
 @click.option("--address", required=True, help="The Ray cluster's dashboard address, e.g. http://HEAD:8265.")
 @click.option("--only", default=None)
 @click.option("--force", is_flag=True)

@@ -22,7 +22,8 @@ labelers:                 # per-labeler settings, keyed by labeler name; a label
     config: {low_threshold: 50, high_threshold: 150}
     batch_size: 32        # samples per call of this labeler (default: the labeler's own)
     resources: {num_cpus: 1, num_gpus: 0, memory_mb: 0, custom: {}}  # custom: Ray custom resources
-    workers: 1            # actor-pool size (model labelers)
+    workers: 1            # actor-pool size (model labelers); auto (the default): `modalmill plan` sizes it
+    min_workers: 1        # with workers: auto, the pool's bounds (max_workers: null = no bound)
 ray: {address: null, num_cpus: null, shard_cpus: 1, max_retries: 3, batches_in_flight: null}
 weights_from: s3://bucket/weights/   # optional: every model labeler without a `weights` setting of its own reads
                                      # PREFIX/<labeler> (staged by `modalmill weights fetch --to PREFIX`);
@@ -59,7 +60,31 @@ class LabelerSettings:
     config: dict = field(default_factory=dict)
     batch_size: int | None = None
     resources: dict = field(default_factory=dict)
-    workers: int = 1
+    # "auto": sized from measured costs (`modalmill plan`; a running job starts ``min_workers`` actors: resizing
+    # while it runs is not built yet, see docs/cluster.md); a whole number fixes the pool
+    workers: int | str = "auto"
+    min_workers: int = 1
+    max_workers: int | None = None
+
+    def __post_init__(self):
+        w = self.workers
+        if w != "auto" and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
+            raise ValueError(f"'workers' must be 'auto' or a whole number >= 1, got {w!r}")
+        lo, hi = self.min_workers, self.max_workers
+        if isinstance(lo, bool) or not isinstance(lo, int) or lo < 1 or (
+                hi is not None and (isinstance(hi, bool) or not isinstance(hi, int) or hi < lo)):
+            raise ValueError(f"'min_workers' must be a whole number >= 1 and 'max_workers' null or >= it, "
+                             f"got {lo!r} and {hi!r}")
+
+    def actors(self) -> int:
+        """How many actors a running job starts for this pool."""
+        return self.workers if isinstance(self.workers, int) else self.min_workers
+
+    def bounds(self) -> dict:
+        """The pool's bounds for :class:`modalmill.pipeline.autoscale.PoolShape`."""
+        if isinstance(self.workers, int):
+            return {"fixed": self.workers}
+        return {"min": self.min_workers, "max": self.max_workers}
 
 
 @dataclass(frozen=True)

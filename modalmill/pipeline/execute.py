@@ -76,6 +76,10 @@ class LabelerActor:
     def placed(self) -> bool:
         return True
 
+    def assigned(self) -> dict[str, float]:
+        """The resources Ray gave this actor (its request fitted to the cluster)."""
+        return {k: float(v) for k, v in ray.get_runtime_context().get_assigned_resources().items()}
+
     def _set_up(self) -> None:
         if self.tried:
             return
@@ -335,7 +339,7 @@ def start_pools(runs: list[LabelerRun], settings: dict, shard_cpus: float = 1.0,
         cls = run.labeler_class()
         s = settings.get(run.labeler)
         res = fit_resources(run.labeler, cls.default_resources, s.resources if s else None, node)
-        plans.append((run.labeler, res, max(1, s.workers if s else 1), bool(s and "num_cpus" in s.resources)))
+        plans.append((run.labeler, res, s.actors() if s else 1, bool(s and "num_cpus" in s.resources)))
     _leave_room_for_shard_tasks(plans, shard_cpus, float(ray.cluster_resources().get("CPU", 0.0)))
     by_name = {p[0]: p for p in plans}
     for run in runs:

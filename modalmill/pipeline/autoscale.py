@@ -1,0 +1,170 @@
+"""Sizing model-labeler pools: how many actors each pool gets from what the cluster has, from measured costs.
+
+Every sample visits every model pool, so a job runs at the speed of its slowest pool. A pool's cost is the
+time one sample takes on a whole device (``cost_i``, device-seconds; for a pool on CPUs only, one actor's seconds),
+and an actor holds a share ``w_i`` of a device (``num_gpus: 0.25`` or a custom device at 0.25: w = 0.25; one
+device or more: w = 1), so pool *i* with ``n_i`` actors serves ``n_i * w_i / cost_i`` samples per second when its
+actors' devices are kept busy (actors sharing a device take turns on it). The job's throughput is the smallest
+of those. The allocation that maximises it is found greedily: every pool starts at
+its minimum, then the pool that limits throughput gets one more actor while its per-actor resources still fit in
+what is left (resources are shared: whole or fractional GPUs, Ray custom devices, CPUs); it stops when the
+limiting pool cannot grow (out of resources or at its ``max``), since growing any other pool cannot raise the
+minimum. With one resource and unit shares this is optimal; with several it is the usual greedy max-min.
+
+:class:`Autoscaler` applies the same rule while a job runs, to costs measured over a sliding window, and only
+moves actors when the projected throughput gains at least ``min_gain`` (hysteresis: measurements are noisy, and
+an actor moved costs its start-up). Each decision is one line (pool, from, to, why). Nothing here touches Ray:
+the executor measures and resizes; this module decides.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class PoolShape:
+    """A model labeler's pool as the allocator sees it."""
+
+    name: str
+    per_actor: dict[str, float]  # Ray resources one actor holds, e.g. {"CPU": 1, "GPU": 0.25}
+    min: int = 1
+    max: int | None = None
+    fixed: int | None = None  # ``workers: N``: never resized
+
+    @property
+    def share(self) -> float:
+        """The fraction of one accelerator an actor holds (1 for a CPU-only pool, or a whole device or more)."""
+        dev = [v for r, v in self.per_actor.items() if r not in ("CPU", "memory") and v > 0]
+        return min(1.0, max(dev)) if dev else 1.0
+
+    def bounds(self) -> tuple[int, int]:
+        if self.fixed is not None:
+            return self.fixed, self.fixed
+        return self.min, (self.max if self.max is not None else 1 << 30)
+
+
+@dataclass(frozen=True)
+class Allocation:
+    actors: dict[str, int]
+    throughput: float  # samples per second the job can do with these actors (its slowest pool's rate)
+    bottleneck: str
+
+
+
+@dataclass(frozen=True)
+class Decision:
+    pool: str
+    before: int
+    after: int
+    why: str
+
+    def line(self) -> str:
+        return f"autoscale: pool {self.pool} {self.before} -> {self.after} actors: {self.why}"
+
+
+def _fits(free: dict[str, float], need: dict[str, float]) -> bool:
+    return all(free.get(r, 0.0) + 1e-9 >= v for r, v in need.items() if v > 0)
+
+
+def _take(free: dict[str, float], need: dict[str, float], times: int = 1) -> None:
+    for r, v in need.items():
+        free[r] = free.get(r, 0.0) - v * times
+
+
+def _rate(n: int, pool: PoolShape, cost: float) -> float:
+    return math.inf if cost <= 0 else n * pool.share / cost
+
+
+def allocate(pools: list[PoolShape], costs: dict[str, float], budget: dict[str, float]) -> Allocation:
+    """Actors per pool that maximise the job's throughput within ``budget`` (Ray resources available to the
+    pools, after what shard tasks need is set aside). ``costs``: device-seconds per sample (see above). Raises
+    ValueError when the pools' minimums do not fit."""
+    free = dict(budget)
+    actors: dict[str, int] = {}
+    for p in pools:
+        lo, _ = p.bounds()
+        if not _fits(free, {r: v * lo for r, v in p.per_actor.items()}):
+            raise ValueError(f"pool {p.name}: {lo} actor(s) of {p.per_actor} do not fit in what is left "
+                             f"of the cluster ({_fmt(free)})")
+        _take(free, p.per_actor, lo)
+        actors[p.name] = lo
+    by_name = {p.name: p for p in pools}
+
+    def slowest() -> str:
+        return min(actors, key=lambda n: (_rate(actors[n], by_name[n], costs[n]), n))
+
+    while True:
+        p = by_name[slowest()]
+        if actors[p.name] >= p.bounds()[1] or not _fits(free, p.per_actor):
+            break
+        _take(free, p.per_actor)
+        actors[p.name] += 1
+    last = slowest()
+    return Allocation(actors, _rate(actors[last], by_name[last], costs[last]), last)
+
+
+def _fmt(res: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(res.items())) or "nothing"
+
+
+@dataclass
+class Window:
+    """What one pool did over a measuring window."""
+
+    samples: int = 0
+    busy_s: float = 0.0  # summed over the pool's actors: time spent serving batches
+
+
+@dataclass
+class Autoscaler:
+    """Resizes pools while a job runs. Feed it each pool's :class:`Window` every interval with :meth:`observe`;
+    :meth:`decide` returns the resizes to make now (possibly none)."""
+
+    pools: list[PoolShape]
+    budget: dict[str, float]
+    min_samples: int = 32  # a pool's cost is trusted once this many samples were measured
+    min_gain: float = 0.10  # move actors only when the projected throughput rises by at least this fraction
+    decay: float = 0.5  # weight of the older measurements when a new window comes in
+    costs: dict[str, float] = field(default_factory=dict)
+    seen: dict[str, int] = field(default_factory=dict)
+
+    def observe(self, name: str, window: Window) -> None:
+        """Take one window's measurement. Busy time is turned into device-seconds by the actor's share: actors
+        that share a device are assumed to keep it full (they take turns), which is what the allocation aims at;
+        a pool measured while its device idles looks cheaper than it is, and the next window corrects it."""
+        if window.samples <= 0:
+            return
+        cost = window.busy_s * self._shape(name).share / window.samples
+        old = self.costs.get(name)
+        self.costs[name] = cost if old is None else self.decay * old + (1 - self.decay) * cost
+        self.seen[name] = self.seen.get(name, 0) + window.samples
+
+    def _shape(self, name: str) -> PoolShape:
+        return next(p for p in self.pools if p.name == name)
+
+    def ready(self) -> bool:
+        return all(self.seen.get(p.name, 0) >= self.min_samples for p in self.pools)
+
+    def decide(self, current: dict[str, int]) -> list[Decision]:
+        if not self.ready():
+            return []
+        now = min(_rate(current[p.name], p, self.costs[p.name]) for p in self.pools)
+        best = allocate(self.pools, self.costs, self.budget)
+        if best.throughput < now * (1 + self.min_gain):
+            return []
+        out = []
+        for p in self.pools:
+            before, after = current[p.name], best.actors[p.name]
+            if before == after:
+                continue
+            rate = _rate(before, p, self.costs[p.name])
+            if after > before:
+                why = (f"{'the bottleneck' if p.name == best.bottleneck else 'limits throughput'}: "
+                       f"{rate:.1f} samples/s at {self.costs[p.name] * 1e3:.0f} ms of a device per sample")
+            else:
+                why = f"idles: {rate:.1f} samples/s against the job's {best.throughput:.1f}"
+            out.append(Decision(p.name, before, after, why + f"; job {now:.1f} -> {best.throughput:.1f} samples/s"))
+        # shrink first, so the freed resources are there for the pools that grow
+        return sorted(out, key=lambda d: d.after - d.before)

@@ -1,0 +1,98 @@
+"""The pool-sizing rule (modalmill.pipeline.autoscale) on scripted measurements: no Ray, no timing."""
+
+import pytest
+
+from modalmill.pipeline.autoscale import Autoscaler, PoolShape, Window, allocate
+
+# a 4M-21-like mix on 4 devices: device time per batch of 16 of 20, 80, 320 and 1,280 ms
+MIX_MS = {"clip": 20, "dino": 80, "depth": 320, "sam": 1280}
+COSTS = {n: ms / 1000 / 16 for n, ms in MIX_MS.items()}  # device-seconds per sample
+IDEAL = 4 / sum(COSTS.values())  # devices / summed device time per sample
+
+
+def quarter_pools():
+    return [PoolShape(n, {"CPU": 0, "dev": 0.25}) for n in MIX_MS]
+
+
+def test_greedy_allocation_reaches_the_ideal_on_a_4m21_like_mix():
+    a = allocate(quarter_pools(), COSTS, {"dev": 4})
+    assert a.actors == {"clip": 1, "dino": 1, "depth": 3, "sam": 11}
+    assert sum(a.actors.values()) * 0.25 == 4  # every device share is used
+    assert a.bottleneck == "sam"
+    assert a.throughput == pytest.approx(11 * 0.25 / COSTS["sam"])
+    assert a.throughput >= 0.9 * IDEAL
+
+
+def test_an_equal_split_of_whole_devices_is_a_third_of_the_ideal():
+    whole = [PoolShape(n, {"dev": 1}) for n in MIX_MS]
+    a = allocate(whole, COSTS, {"dev": 4})
+    assert a.actors == {n: 1 for n in MIX_MS}
+    assert a.throughput == pytest.approx(1 / COSTS["sam"])
+    assert a.throughput < IDEAL / 3 + 1e-9
+
+
+def test_fixed_pools_and_bounds_are_kept():
+    pools = [PoolShape("clip", {"dev": 0.25}, fixed=2), PoolShape("dino", {"dev": 0.25}),
+             PoolShape("depth", {"dev": 0.25}), PoolShape("sam", {"dev": 0.25}, max=6)]
+    a = allocate(pools, COSTS, {"dev": 4})
+    assert a.actors["clip"] == 2 and a.actors["sam"] == 6
+    assert a.bottleneck == "sam"  # at its max: the others do not grow past it
+    assert sum(a.actors.values()) < 16
+
+
+def test_minimums_that_do_not_fit_name_the_pool():
+    with pytest.raises(ValueError, match="pool sam: 5 actor"):
+        allocate([PoolShape("sam", {"GPU": 1}, min=5)], {"sam": 1.0}, {"GPU": 4})
+
+
+def test_cpu_pools_share_the_cpus_left_after_shard_tasks():
+    pools = [PoolShape("a", {"CPU": 1}), PoolShape("b", {"CPU": 1})]
+    a = allocate(pools, {"a": 0.01, "b": 0.03}, {"CPU": 8})
+    assert a.actors == {"a": 2, "b": 6}
+
+
+def scripted(scaler, rounds, current):
+    """Feed windows in which each pool's actors are busy the whole window at its scripted cost."""
+    log = []
+    for costs in rounds:
+        for p in scaler.pools:
+            n = current[p.name]
+            # n actors busy 10 s each; sharing a device, each gets its share of it
+            samples = int(n * 10 * p.share / costs[p.name])
+            scaler.observe(p.name, Window(samples=samples, busy_s=n * 10.0))
+        for d in scaler.decide(current):
+            current[d.pool] = d.after
+            log.append(d)
+    return log
+
+
+def test_autoscaler_moves_shares_to_the_bottleneck_and_logs_each_move():
+    s = Autoscaler(quarter_pools(), {"dev": 4}, min_samples=8)
+    current = {"clip": 4, "dino": 4, "depth": 4, "sam": 4}  # the equal split a user would guess
+    log = scripted(s, [COSTS] * 3, current)
+    assert current == {"clip": 1, "dino": 1, "depth": 3, "sam": 11}
+    assert {d.pool for d in log} == set(MIX_MS)
+    grow = [d for d in log if d.after > d.before]
+    assert [d.pool for d in grow] == ["sam"] and "bottleneck" in grow[0].why
+    assert all("idles" in d.why for d in log if d.after < d.before)
+    assert log.index(grow[0]) == len(log) - 1  # shrinks come first: their shares are what sam grows into
+    assert "autoscale: pool sam 4 -> 11 actors" in grow[0].line()
+
+
+def test_autoscaler_waits_for_enough_samples_and_has_hysteresis():
+    s = Autoscaler(quarter_pools(), {"dev": 4}, min_samples=10_000)
+    current = {"clip": 1, "dino": 1, "depth": 3, "sam": 11}
+    assert scripted(s, [COSTS], dict(current)) == []  # not enough samples yet
+    s = Autoscaler(quarter_pools(), {"dev": 4}, min_samples=8)
+    noisy = dict(COSTS, depth=COSTS["depth"] * 1.05)  # 5% noise on one pool: nothing to gain worth a move
+    assert scripted(s, [COSTS, noisy, COSTS], dict(current)) == []
+
+
+def test_autoscaler_follows_a_change_in_costs():
+    s = Autoscaler(quarter_pools(), {"dev": 4}, min_samples=8, decay=0.0)
+    current = {"clip": 1, "dino": 1, "depth": 3, "sam": 11}
+    # the corpus turns into crowded scenes: depth becomes as costly as sam
+    changed = dict(COSTS, depth=COSTS["sam"])
+    log = scripted(s, [COSTS, changed], current)
+    assert current["depth"] > 3 and current["sam"] < 11
+    assert sum(current.values()) <= 16
