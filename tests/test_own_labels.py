@@ -228,10 +228,13 @@ def test_depth_units_converted_as_documented(ray_local, tmp_path):
                 Image.fromarray(np.round(m * 1000).astype(np.uint16)).save(d / f"{p}.png")
         srcs[units] = str(d)
     stored = {}
-    for units, src in srcs.items():
-        out = make_output(tmp_path, f"out-{units}")
+    out = make_output(tmp_path)
+    for units, src in srcs.items():  # each import replaces the last one (another source: --force)
         kw = {"units": "disparity"} if units == "disparity" else {"png_scale": 0.001} if units == "mm_png" else {}
-        import_annotations(out, "depth", src, show_progress=False, **kw)
+        if units == "disparity":  # another source over an existing import: refused without --force
+            with pytest.raises(Exception, match="force"):
+                import_annotations(out, "depth", src, show_progress=False, **kw)
+        import_annotations(out, "depth", src, show_progress=False, force=units != "metres", **kw)
         stored[units] = {n.split(".")[0]: np.array(Image.open(__import__("io").BytesIO(b)))
                          for n, b in tar_members(os.path.join(out, "depth", f"{SHARD}.tar"))}
         assert check_output(out).ok
