@@ -148,6 +148,37 @@ def test_yolo_by_file_name(ray_local, tmp_path):
     assert check_output(out).ok
 
 
+def read_semseg(out):
+    return {n.split(".")[0]: np.array(Image.open(__import__("io").BytesIO(b)))
+            for n, b in tar_members(os.path.join(out, "semseg_coco", f"{SHARD}.tar"))}
+
+
+def write_panoptic(tmp_path, masks):
+    """COCO panoptic: per image a PNG whose RGB is the segment id (R + 256 G + 65536 B, 0 = void) and the
+    segments' categories by name, made from the class-index masks."""
+    from modalmill.labelers.semseg import COCO_PANOPTIC_CLASSES
+
+    png_dir = tmp_path / "panoptic_val"
+    png_dir.mkdir()
+    cats = [{"id": 1000 + i, "name": n} for i, n in enumerate(COCO_PANOPTIC_CLASSES)]
+    images, anns = [], []
+    for i, f in enumerate(sorted(os.listdir(masks))):
+        ids = np.array(Image.open(os.path.join(masks, f)))
+        seg = np.zeros(ids.shape, np.int64)
+        infos = []
+        for j, cid in enumerate(sorted(set(np.unique(ids).tolist()) - {255})):
+            sid = 70000 + 300 * j + i  # uses all three channels
+            seg[ids == cid] = sid
+            infos.append({"id": sid, "category_id": 1000 + cid})
+        rgb = np.stack([seg % 256, seg // 256 % 256, seg // 65536], -1).astype(np.uint8)
+        Image.fromarray(rgb).save(png_dir / f"{i:04d}.png")
+        images.append({"id": i, "file_name": f.replace(".png", ".jpg"), "width": ids.shape[1], "height": ids.shape[0]})
+        anns.append({"image_id": i, "file_name": f"{i:04d}.png", "segments_info": infos})
+    (tmp_path / "panoptic_val.json").write_text(json.dumps({"images": images, "annotations": anns,
+                                                            "categories": cats}))
+    return str(tmp_path / "panoptic_val.json")
+
+
 def test_semseg_ids_survive_import_and_4m_tokenization(ray_local, tmp_path):
     from modalmill.jobs.tokenize import tokenize_output
 
@@ -164,11 +195,14 @@ def test_semseg_ids_survive_import_and_4m_tokenization(ray_local, tmp_path):
         import_annotations(out, "semseg_coco", str(bad), missing="drop", show_progress=False)
     assert not os.path.exists(os.path.join(out, "semseg_coco"))
 
-    s = import_annotations(out, "semseg_coco", masks, missing="drop", show_progress=False)
+    # the same masks as COCO panoptic (RGB segment ids + categories by name), then as class-index PNGs
+    s = import_annotations(out, "semseg_coco", write_panoptic(tmp_path, masks), missing="drop", show_progress=False)
+    assert s["import"]["format"] == "coco" and s["import"]["matched"] == 3
+    for k, arr in read_semseg(out).items():
+        np.testing.assert_array_equal(arr, np.array(Image.open(os.path.join(masks, f"{k}.png"))), err_msg=k)
+    s = import_annotations(out, "semseg_coco", masks, missing="drop", force=True, show_progress=False)
     assert s["import"]["matched"] == 3
-    stored = {n.split(".")[0]: np.array(Image.open(__import__("io").BytesIO(b)))
-              for n, b in tar_members(os.path.join(out, "semseg_coco", f"{SHARD}.tar"))}
-    for k, arr in stored.items():  # the ids are exactly the mask's: nothing rescaled or interpolated
+    for k, arr in read_semseg(out).items():  # the ids are exactly the mask's: nothing rescaled or interpolated
         np.testing.assert_array_equal(arr, np.array(Image.open(os.path.join(masks, f"{k}.png"))))
     tokenize_output(out, ["semseg_coco"], {"semseg_coco": os.path.join(FIX, "ml4m_tokenizers", "semseg")},
                     device="cpu", show_progress=False)
