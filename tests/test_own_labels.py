@@ -8,6 +8,7 @@ scripts/make_own_labels_fixtures.py with apple/ml-4m's code.
 
 import json
 import os
+import shutil
 import tarfile
 
 import numpy as np
@@ -42,20 +43,28 @@ def tar_keys(path):
     return [n.split(".", 1)[0] for n, _ in tar_members(path)]
 
 
-def make_output(tmp_path, name="out", max_size=None):
-    """An output of the four photos (rgb + 2 crops each), labelled from an image folder."""
-    src = tmp_path / f"{name}-images"
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory, ray_local):
+    """An output of the four photos (rgb + 2 crops each), labelled once from an image folder."""
+    tmp = tmp_path_factory.mktemp("own")
+    src = tmp / "images"
     src.mkdir()
     pics = photos()
     for p, (w, h) in SIZES.items():
         Image.fromarray(pics[p]).resize((w, h), Image.BILINEAR).save(src / f"{p}.png")
-    out = str(tmp_path / name)
+    out = str(tmp / "out")
     spec = {"input": str(src), "output": out, "modalities": ["rgb", "crop_settings"], "batch_size": 4,
             "crops": {"n_crops": 2}}
-    if max_size:
-        spec["decode"] = {"max_size": max_size}
     assert run_job(job_from_dict(spec), show_progress=False)["exit_code"] == EXIT_OK
     return out
+
+
+@pytest.fixture
+def out(labelled, tmp_path):
+    """A fresh copy of the labelled output for one test."""
+    dst = str(tmp_path / "out")
+    shutil.copytree(labelled, dst)
+    return dst
 
 
 def write_coco(path):
@@ -91,8 +100,7 @@ def assert_dets(got, expected):
             np.testing.assert_allclose(a["boxes"], b["boxes"], atol=1e-9, err_msg=k)
 
 
-def test_coco_partially_annotated_set_stays_aligned(ray_local, tmp_path):
-    out = make_output(tmp_path)
+def test_coco_partially_annotated_set_stays_aligned(out, tmp_path):
     coco = write_coco(tmp_path / "instances.json")
     cmap = tmp_path / "map.json"
     cmap.write_text(json.dumps({"kitty": "cat"}))
@@ -134,8 +142,7 @@ def write_yolo(root):
     return str(root)
 
 
-def test_yolo_by_file_name(ray_local, tmp_path):
-    out = make_output(tmp_path)
+def test_yolo_by_file_name(out, tmp_path):
     yolo = write_yolo(tmp_path / "labels")
     s = import_annotations(out, "det", yolo, match="filename", missing="drop", show_progress=False)
     assert s["import"]["unmapped_classes"] == {"widget": 1} and s["import"]["format"] == "yolo"
@@ -179,10 +186,9 @@ def write_panoptic(tmp_path, masks):
     return str(tmp_path / "panoptic_val.json")
 
 
-def test_semseg_ids_survive_import_and_4m_tokenization(ray_local, tmp_path):
+def test_semseg_ids_survive_import_and_4m_tokenization(out, tmp_path):
     from modalmill.jobs.tokenize import tokenize_output
 
-    out = make_output(tmp_path)
     masks = os.path.join(OWN, "semseg")
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -244,7 +250,7 @@ def truncated_standardization(d, thresh=0.1):
     return (d - s.mean()) / np.sqrt(s.var(ddof=1) + 1e-6)
 
 
-def test_depth_units_converted_as_documented(ray_local, tmp_path):
+def test_depth_units_converted_as_documented(out, tmp_path):
     metres = {}
     for p, (w, h) in SIZES.items():
         yy, xx = np.mgrid[0:h, 0:w]
@@ -262,7 +268,6 @@ def test_depth_units_converted_as_documented(ray_local, tmp_path):
                 Image.fromarray(np.round(m * 1000).astype(np.uint16)).save(d / f"{p}.png")
         srcs[units] = str(d)
     stored = {}
-    out = make_output(tmp_path)
     for units, src in srcs.items():  # each import replaces the last one (another source: --force)
         kw = {"units": "disparity"} if units == "disparity" else {"png_scale": 0.001} if units == "mm_png" else {}
         if units == "disparity":  # another source over an existing import: refused without --force
@@ -286,8 +291,7 @@ def test_depth_units_converted_as_documented(ray_local, tmp_path):
         assert np.abs(stored["mm_png"][p].astype(int) - a.astype(int)).max() <= mm_levels
 
 
-def test_captions_by_key_and_export_folder_layout(ray_local, tmp_path):
-    out = make_output(tmp_path)
+def test_captions_by_key_and_export_folder_layout(out, tmp_path):
     table = tmp_path / "captions.csv"
     table.write_text("key,caption\nastronaut,an astronaut\nchelsea,a cat\ncoffee,a cup of coffee\n"
                      "rocket,a rocket on its pad\n")
