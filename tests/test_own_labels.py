@@ -89,7 +89,8 @@ COCO_EXPECTED = {
 
 
 def read_det(out):
-    return {n.split(".")[0]: json.loads(b)["instances"] for n, b in tar_members(os.path.join(out, "det", f"{SHARD}.tar"))}
+    members = tar_members(os.path.join(out, "det", f"{SHARD}.tar"))
+    return {n.split(".")[0]: json.loads(b)["instances"] for n, b in members}
 
 
 def assert_dets(got, expected):
