@@ -5,8 +5,8 @@ name without extension; ``filename``: its file name against the last part of the
 manifest's ``source_url`` of each sample, whole or by file name), map classes (detection: by name, with a report
 of names that are not COCO classes; semseg: by id through a class map, every id checked against 4M's semseg classes
 before anything is written; COCO panoptic: by category name), write the resolved index under
-``OUT/_modalmill/imports/`` and run the pipeline's ``--only`` update with the ``import_<modality>`` labeler (:mod:`modalmill.labelers.imported`), which writes the
-modality's tars from each shard's key list.
+``OUT/_modalmill/imports/`` and run the pipeline's ``--only`` update with the ``import_<modality>`` labeler
+(:mod:`modalmill.labelers.imported`), which writes the modality's tars from each shard's key list.
 
 Samples without an annotation: ``missing="fail"`` (the default) refuses before anything is written and names
 them; ``missing="drop"`` drops them from every modality of their shard (manifest reason ``no_annotation``), so
