@@ -485,18 +485,21 @@ def tokenize(data, modalities, text_source, tokenizers, force, address, shards, 
               show_default=True, help="depth: what the values are (metres = any linear depth).")
 @click.option("--png-scale", type=float, default=1.0, show_default=True,
               help="depth: 16-bit PNG value x this = the value in --units (e.g. 0.001 for millimetres).")
+@click.option("--panoptic-dir", default=None, metavar="DIR",
+              help="semseg from a COCO panoptic JSON: its PNG folder [default: the JSON's path without .json].")
 @click.option("--force", is_flag=True, help="Replace the modality when the output already has it (pseudo labels).")
 @click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else an embedded Ray).")
 @click.option("--no-progress", is_flag=True)
 @click.option("--wait", is_flag=True, help="Wait for another driver writing OUTPUT instead of refusing (exit 5).")
-def import_(output, modality, source, fmt, match, missing, class_map, classes, units, png_scale, force, address,
-            no_progress, wait):
+def import_(output, modality, source, fmt, match, missing, class_map, classes, units, png_scale, panoptic_dir, force,
+            address, no_progress, wait):
     """Import ground-truth annotations into OUTPUT as a modality, aligned with everything else
     (docs/own-labels.md)."""
     from .jobs.importer import import_annotations
 
     summary = import_annotations(output, modality, source, fmt=fmt, match=match, missing=missing,
-                                 class_map=class_map, classes=classes, units=units, png_scale=png_scale, force=force,
+                                 class_map=class_map, classes=classes, units=units, png_scale=png_scale,
+                                 panoptic_dir=panoptic_dir, force=force,
                                  address=address, show_progress=not no_progress, wait=wait)
     rep = summary["import"]
     click.echo(f"import {rep['modality']} from {rep['source']} ({rep['format']}, {rep['digest'][:19]}...): "

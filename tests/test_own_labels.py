@@ -8,6 +8,7 @@ scripts/make_own_labels_fixtures.py with apple/ml-4m's code.
 
 import json
 import os
+import shutil
 import tarfile
 
 import numpy as np
@@ -42,20 +43,28 @@ def tar_keys(path):
     return [n.split(".", 1)[0] for n, _ in tar_members(path)]
 
 
-def make_output(tmp_path, name="out", max_size=None):
-    """An output of the four photos (rgb + 2 crops each), labelled from an image folder."""
-    src = tmp_path / f"{name}-images"
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory, ray_local):
+    """An output of the four photos (rgb + 2 crops each), labelled once from an image folder."""
+    tmp = tmp_path_factory.mktemp("own")
+    src = tmp / "images"
     src.mkdir()
     pics = photos()
     for p, (w, h) in SIZES.items():
         Image.fromarray(pics[p]).resize((w, h), Image.BILINEAR).save(src / f"{p}.png")
-    out = str(tmp_path / name)
+    out = str(tmp / "out")
     spec = {"input": str(src), "output": out, "modalities": ["rgb", "crop_settings"], "batch_size": 4,
             "crops": {"n_crops": 2}}
-    if max_size:
-        spec["decode"] = {"max_size": max_size}
     assert run_job(job_from_dict(spec), show_progress=False)["exit_code"] == EXIT_OK
     return out
+
+
+@pytest.fixture
+def out(labelled, tmp_path):
+    """A fresh copy of the labelled output for one test."""
+    dst = str(tmp_path / "out")
+    shutil.copytree(labelled, dst)
+    return dst
 
 
 def write_coco(path):
@@ -80,7 +89,8 @@ COCO_EXPECTED = {
 
 
 def read_det(out):
-    return {n.split(".")[0]: json.loads(b)["instances"] for n, b in tar_members(os.path.join(out, "det", f"{SHARD}.tar"))}
+    members = tar_members(os.path.join(out, "det", f"{SHARD}.tar"))
+    return {n.split(".")[0]: json.loads(b)["instances"] for n, b in members}
 
 
 def assert_dets(got, expected):
@@ -91,8 +101,7 @@ def assert_dets(got, expected):
             np.testing.assert_allclose(a["boxes"], b["boxes"], atol=1e-9, err_msg=k)
 
 
-def test_coco_partially_annotated_set_stays_aligned(ray_local, tmp_path):
-    out = make_output(tmp_path)
+def test_coco_partially_annotated_set_stays_aligned(out, tmp_path):
     coco = write_coco(tmp_path / "instances.json")
     cmap = tmp_path / "map.json"
     cmap.write_text(json.dumps({"kitty": "cat"}))
@@ -134,8 +143,7 @@ def write_yolo(root):
     return str(root)
 
 
-def test_yolo_by_file_name(ray_local, tmp_path):
-    out = make_output(tmp_path)
+def test_yolo_by_file_name(out, tmp_path):
     yolo = write_yolo(tmp_path / "labels")
     s = import_annotations(out, "det", yolo, match="filename", missing="drop", show_progress=False)
     assert s["import"]["unmapped_classes"] == {"widget": 1} and s["import"]["format"] == "yolo"
@@ -148,10 +156,40 @@ def test_yolo_by_file_name(ray_local, tmp_path):
     assert check_output(out).ok
 
 
-def test_semseg_ids_survive_import_and_4m_tokenization(ray_local, tmp_path):
+def read_semseg(out):
+    return {n.split(".")[0]: np.array(Image.open(__import__("io").BytesIO(b)))
+            for n, b in tar_members(os.path.join(out, "semseg_coco", f"{SHARD}.tar"))}
+
+
+def write_panoptic(tmp_path, masks):
+    """COCO panoptic: per image a PNG whose RGB is the segment id (R + 256 G + 65536 B, 0 = void) and the
+    segments' categories by name, made from the class-index masks."""
+    from modalmill.labelers.semseg import COCO_PANOPTIC_CLASSES
+
+    png_dir = tmp_path / "panoptic_val"
+    png_dir.mkdir()
+    cats = [{"id": 1000 + i, "name": n} for i, n in enumerate(COCO_PANOPTIC_CLASSES)]
+    images, anns = [], []
+    for i, f in enumerate(sorted(os.listdir(masks))):
+        ids = np.array(Image.open(os.path.join(masks, f)))
+        seg = np.zeros(ids.shape, np.int64)
+        infos = []
+        for j, cid in enumerate(sorted(set(np.unique(ids).tolist()) - {255})):
+            sid = 70000 + 300 * j + i  # uses all three channels
+            seg[ids == cid] = sid
+            infos.append({"id": sid, "category_id": 1000 + cid})
+        rgb = np.stack([seg % 256, seg // 256 % 256, seg // 65536], -1).astype(np.uint8)
+        Image.fromarray(rgb).save(png_dir / f"{i:04d}.png")
+        images.append({"id": i, "file_name": f.replace(".png", ".jpg"), "width": ids.shape[1], "height": ids.shape[0]})
+        anns.append({"image_id": i, "file_name": f"{i:04d}.png", "segments_info": infos})
+    (tmp_path / "panoptic_val.json").write_text(json.dumps({"images": images, "annotations": anns,
+                                                            "categories": cats}))
+    return str(tmp_path / "panoptic_val.json")
+
+
+def test_semseg_ids_survive_import_and_4m_tokenization(out, tmp_path):
     from modalmill.jobs.tokenize import tokenize_output
 
-    out = make_output(tmp_path)
     masks = os.path.join(OWN, "semseg")
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -164,11 +202,14 @@ def test_semseg_ids_survive_import_and_4m_tokenization(ray_local, tmp_path):
         import_annotations(out, "semseg_coco", str(bad), missing="drop", show_progress=False)
     assert not os.path.exists(os.path.join(out, "semseg_coco"))
 
-    s = import_annotations(out, "semseg_coco", masks, missing="drop", show_progress=False)
+    # the same masks as COCO panoptic (RGB segment ids + categories by name), then as class-index PNGs
+    s = import_annotations(out, "semseg_coco", write_panoptic(tmp_path, masks), missing="drop", show_progress=False)
+    assert s["import"]["format"] == "coco" and s["import"]["matched"] == 3
+    for k, arr in read_semseg(out).items():
+        np.testing.assert_array_equal(arr, np.array(Image.open(os.path.join(masks, f"{k}.png"))), err_msg=k)
+    s = import_annotations(out, "semseg_coco", masks, missing="drop", force=True, show_progress=False)
     assert s["import"]["matched"] == 3
-    stored = {n.split(".")[0]: np.array(Image.open(__import__("io").BytesIO(b)))
-              for n, b in tar_members(os.path.join(out, "semseg_coco", f"{SHARD}.tar"))}
-    for k, arr in stored.items():  # the ids are exactly the mask's: nothing rescaled or interpolated
+    for k, arr in read_semseg(out).items():  # the ids are exactly the mask's: nothing rescaled or interpolated
         np.testing.assert_array_equal(arr, np.array(Image.open(os.path.join(masks, f"{k}.png"))))
     tokenize_output(out, ["semseg_coco"], {"semseg_coco": os.path.join(FIX, "ml4m_tokenizers", "semseg")},
                     device="cpu", show_progress=False)
@@ -210,7 +251,7 @@ def truncated_standardization(d, thresh=0.1):
     return (d - s.mean()) / np.sqrt(s.var(ddof=1) + 1e-6)
 
 
-def test_depth_units_converted_as_documented(ray_local, tmp_path):
+def test_depth_units_converted_as_documented(out, tmp_path):
     metres = {}
     for p, (w, h) in SIZES.items():
         yy, xx = np.mgrid[0:h, 0:w]
@@ -228,10 +269,12 @@ def test_depth_units_converted_as_documented(ray_local, tmp_path):
                 Image.fromarray(np.round(m * 1000).astype(np.uint16)).save(d / f"{p}.png")
         srcs[units] = str(d)
     stored = {}
-    for units, src in srcs.items():
-        out = make_output(tmp_path, f"out-{units}")
+    for units, src in srcs.items():  # each import replaces the last one (another source: --force)
         kw = {"units": "disparity"} if units == "disparity" else {"png_scale": 0.001} if units == "mm_png" else {}
-        import_annotations(out, "depth", src, show_progress=False, **kw)
+        if units == "disparity":  # another source over an existing import: refused without --force
+            with pytest.raises(Exception, match="force"):
+                import_annotations(out, "depth", src, show_progress=False, **kw)
+        import_annotations(out, "depth", src, show_progress=False, force=units != "metres", **kw)
         stored[units] = {n.split(".")[0]: np.array(Image.open(__import__("io").BytesIO(b)))
                          for n, b in tar_members(os.path.join(out, "depth", f"{SHARD}.tar"))}
         assert check_output(out).ok
@@ -249,8 +292,7 @@ def test_depth_units_converted_as_documented(ray_local, tmp_path):
         assert np.abs(stored["mm_png"][p].astype(int) - a.astype(int)).max() <= mm_levels
 
 
-def test_captions_by_key_and_export_folder_layout(ray_local, tmp_path):
-    out = make_output(tmp_path)
+def test_captions_by_key_and_export_folder_layout(out, tmp_path):
     table = tmp_path / "captions.csv"
     table.write_text("key,caption\nastronaut,an astronaut\nchelsea,a cat\ncoffee,a cup of coffee\n"
                      "rocket,a rocket on its pad\n")

@@ -6,7 +6,9 @@ Each reader returns an :class:`AnnotationSet`: one entry per annotated image, na
 - ``det``: ``{"width", "height", "instances": [{"box_xyxy": [x0, y0, x1, y1] (pixels), "class_name": str}]}`` from
   COCO (``bbox`` = x, y, w, h in pixels of ``images[].width/height``; ``iscrowd`` regions are left out and
   counted), or ``{"instances": [{"box_norm": [...] (0..1)}]}`` from YOLO (``class cx cy w h``, normalised);
-- ``semseg_coco``, ``depth``, ``normal``: the URL of the file (read by the import labeler on the workers);
+- ``semseg_coco``, ``depth``, ``normal``: the URL of the file (read by the import labeler on the workers); from a
+  COCO panoptic JSON: ``{"png": URL of the segment PNG, "segments": {segment id: category name}}`` (the PNG's
+  RGB encodes the segment id as R + 256 G + 65536 B);
 - ``caption``: the text.
 
 An image listed with no objects (a COCO image without annotations, an empty YOLO ``.txt``) *is* annotated (no
@@ -79,22 +81,25 @@ def detect_format(modality: str, source: str) -> str:
     if modality == "caption":
         return "jsonl" if src.endswith((".jsonl", ".json")) else "csv"
     if modality == "semseg_coco":
-        return "png"
+        return "coco" if src.endswith(".json") else "png"
     return "npy" if src.endswith(".npy") else "png"
 
 
 def read_annotations(modality: str, source: str, fmt: str | None = None, *, column: str = "key",
-                     classes: str | None = None) -> AnnotationSet:
+                     classes: str | None = None, panoptic_dir: str | None = None) -> AnnotationSet:
     """Read ``source`` as ``modality``'s annotations in format ``fmt`` (guessed from the source when None).
 
     ``column``: the caption table's column that names the sample. ``classes``: YOLO class names (a
-    ``classes.txt``-style file, one name per line), default ``SOURCE/classes.txt``."""
+    ``classes.txt``-style file, one name per line), default ``SOURCE/classes.txt``. ``panoptic_dir``: the folder of
+    a COCO panoptic JSON's PNGs, default the JSON's path without ``.json`` (COCO's own layout)."""
     source = _abs(source)
     fmt = fmt or detect_format(modality, source)
     if modality == "det" and fmt == "coco":
         return read_coco_det(source)
     if modality == "det" and fmt == "yolo":
         return read_yolo(source, classes)
+    if modality == "semseg_coco" and fmt == "coco":
+        return read_coco_panoptic(source, panoptic_dir)
     if modality in PIXEL_EXTS and fmt in ("png", "npy"):
         files = _list_folder(source, PIXEL_EXTS[modality])
         if not files:
@@ -184,3 +189,24 @@ def read_captions(path: str, fmt: str, column: str) -> AnnotationSet:
             raise AnnotationError(f"{path}: {column} {r[column]!r} appears twice")
         items[str(r[column])] = text
     return AnnotationSet("caption", fmt, path, _sha(data), items)
+
+
+def read_coco_panoptic(path: str, png_dir: str | None = None) -> AnnotationSet:
+    """A COCO panoptic JSON and its PNG folder. Entries are named by the image's ``file_name`` (from ``images``;
+    without it, the PNG's). The digest covers the JSON and every PNG it names."""
+    data = storage.read_bytes(path)
+    png_dir = _abs(png_dir) if png_dir else (path[:-5] if path.endswith(".json") else path)
+    try:
+        coco = json.loads(data)
+        names = {c["id"]: c["name"] for c in coco["categories"]}
+        image_names = {im["id"]: im["file_name"] for im in coco.get("images", [])}
+        items, pngs = {}, {}
+        for a in coco["annotations"]:
+            name = image_names.get(a["image_id"], a["file_name"])
+            pngs[a["file_name"]] = storage.join(png_dir, a["file_name"])
+            items[name] = {"png": pngs[a["file_name"]],
+                           "segments": {str(int(sg["id"])): names[sg["category_id"]] for sg in a["segments_info"]}}
+    except (ValueError, KeyError, TypeError) as e:
+        raise AnnotationError(f"{path}: not a COCO panoptic file ({type(e).__name__}: {e})") from None
+    digest = hashlib.sha256(f"{_sha(data)}\n{folder_digest(pngs)}".encode()).hexdigest()
+    return AnnotationSet("semseg_coco", "coco", path, digest, items)

@@ -4,9 +4,9 @@ Steps: read the source (:mod:`modalmill.io.annotations`), match its entries to s
 name without extension; ``filename``: its file name against the last part of the key; ``source_url``: against the
 manifest's ``source_url`` of each sample, whole or by file name), map classes (detection: by name, with a report
 of names that are not COCO classes; semseg: by id through a class map, every id checked against 4M's semseg classes
-before anything is written), write the resolved index under ``OUT/_modalmill/imports/`` and run the pipeline's
-``--only`` update with the ``import_<modality>`` labeler (:mod:`modalmill.labelers.imported`), which writes the
-modality's tars from each shard's key list.
+before anything is written; COCO panoptic: by category name), write the resolved index under
+``OUT/_modalmill/imports/`` and run the pipeline's ``--only`` update with the ``import_<modality>`` labeler
+(:mod:`modalmill.labelers.imported`), which writes the modality's tars from each shard's key list.
 
 Samples without an annotation: ``missing="fail"`` (the default) refuses before anything is written and names
 them; ``missing="drop"`` drops them from every modality of their shard (manifest reason ``no_annotation``), so
@@ -143,6 +143,24 @@ def semseg_class_map(class_map: dict | None) -> dict[int, int] | None:
     return out
 
 
+def panoptic_records(ann: AnnotationSet, keyed: dict[str, str], class_map: dict | None, source: str) -> dict:
+    """key -> {"png", "segments": {segment id: 4M class id}}: COCO panoptic category names (through ``class_map``,
+    name -> COCO-panoptic name) to 4M's ids; a name that is not a COCO-panoptic class is an error."""
+    names = dict(class_map or {})
+    out = {}
+    for key, name in keyed.items():
+        item = ann.items[name]
+        segs = {}
+        for sid, cat in item["segments"].items():
+            cls = names.get(cat, cat)
+            if cls not in COCO_PANOPTIC_CLASSES:
+                raise ImportError_(f"{source}: category {cat!r} (image {name}) is not a COCO-panoptic class; map it "
+                                   f"with --class-map")
+            segs[sid] = COCO_PANOPTIC_CLASSES.index(cls)
+        out[key] = {"png": item["png"], "segments": segs}
+    return out
+
+
 def check_semseg(urls: list[str], cmap: dict[int, int] | None, show_progress: bool) -> None:
     """Every id of every mask, after the class map, must be one of 4M's semseg classes: else name the file."""
     for url in tqdm(urls, desc="check semseg ids", unit="mask", disable=not show_progress):
@@ -182,14 +200,15 @@ def _spec(out: str, modality: str, labeler: str, config: dict) -> Any:
 
 def prepare_import(out: str, modality: str, source: str, *, fmt: str | None = None, match: str = "key",
                    missing: str = "fail", class_map: str | None = None, classes: str | None = None,
-                   units: str = "metres", png_scale: float = 1.0, show_progress: bool = True):
+                   units: str = "metres", png_scale: float = 1.0, panoptic_dir: str | None = None,
+                   show_progress: bool = True):
     """Read, match, check and write the resolved index; returns (job spec, report). Raises ImportError_ /
     AnnotationError before anything is written to the output's tars."""
     if modality not in IMPORTABLE:
         raise ImportError_(f"--modality {modality!r}: importable modalities are {', '.join(IMPORTABLE)}")
     if match not in MATCHES or missing not in ("fail", "drop") or units not in DEPTH_UNITS:
         raise ImportError_(f"--match is one of {MATCHES}, --missing fail|drop, --units one of {DEPTH_UNITS}")
-    ann = read_annotations(modality, source, fmt, column=match, classes=classes)
+    ann = read_annotations(modality, source, fmt, column=match, classes=classes, panoptic_dir=panoptic_dir)
     samples = _samples(out, need_urls=match == "source_url")
     keyed, unmatched = match_entries(list(ann.items), samples, match)
     lacking = [k for k, _ in samples if k not in keyed]
@@ -210,6 +229,8 @@ def prepare_import(out: str, modality: str, source: str, *, fmt: str | None = No
     if modality == "det":
         records, unmapped = det_records(ann, keyed, cmap)
         report["unmapped_classes"] = dict(unmapped)
+    elif modality == "semseg_coco" and ann.format == "coco":
+        records = panoptic_records(ann, keyed, cmap, source)
     elif modality == "semseg_coco":
         sm = semseg_class_map(cmap)
         records = {k: ann.items[n] for k, n in keyed.items()}

@@ -13,7 +13,8 @@ image; the latter are resized to the stored size with nearest-neighbour sampling
 Anything else fails the sample with ``annotation_size``. Conversions (what 4M's tokenizers expect):
 
 - ``semseg_coco``: a 1-channel (or palette) PNG of class ids; the index's ``class_map`` (source id -> 4M id,
-  0..132 = COCO-panoptic classes, 255 = unlabelled) is applied as a lookup table; ids were checked by the job;
+  0..132 = COCO-panoptic classes, 255 = unlabelled) is applied as a lookup table; ids were checked by the job. Or a
+  COCO panoptic PNG (RGB segment ids) with each segment's 4M class id from the index; void -> 255;
 - ``depth``: 16-bit PNG (times ``png_scale``) or float ``.npy``, in ``units`` ``metres`` (any linear depth),
   ``inverse_depth`` or ``disparity`` (both: depth = 1 / value); pixels that are not finite or not > 0 are set to
   the farthest valid depth; then normalised per image by min/max to 0..65535, larger = farther, as the depth
@@ -136,6 +137,8 @@ class ImportSemseg(ImportedLabeler):
     description = "imported class-index masks as COCO-panoptic ids (nearest only)"
 
     def value(self, rec, inp):
+        if isinstance(rec, dict):  # COCO panoptic: segment ids in RGB, each segment's class from the JSON
+            return _fit(panoptic_to_ids(read_array(rec["png"]), rec["segments"]), rec["png"], inp)
         arr = read_array(rec)
         if arr.ndim == 3:
             arr = arr[..., 0]
@@ -145,6 +148,16 @@ class ImportSemseg(ImportedLabeler):
                 lut[int(k)] = v
             arr = lut[arr.astype(np.int64)]
         return _fit(arr.astype(np.uint8), rec, inp)
+
+
+def panoptic_to_ids(rgb: np.ndarray, segments: dict[str, int]) -> np.ndarray:
+    """COCO panoptic PNG (segment id = R + 256 G + 65536 B) -> class ids; void (0) and unlisted segments -> 255."""
+    rgb = rgb[..., :3].astype(np.int64)
+    seg = rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+    out = np.full(seg.shape, 255, np.uint8)
+    for sid, cid in segments.items():
+        out[seg == int(sid)] = cid
+    return out
 
 
 def to_depth(values: np.ndarray, units: str) -> np.ndarray | None:
