@@ -7,9 +7,11 @@ as a webdataset pipeline::
     -> zip the modality tars of each shard in order (alignment check) -> [sample shuffle buffer] -> decode
 
 **Which shards.** Only shards with a done completion marker (``_modalmill/shards/shard-N.json``) whose tars are
-listed as the marker recorded them are read, so a shard that is still being written, failed, or torn (a pending
-marker, or tars that are not what the marker says: see ``modalmill.io.commit``) never reaches a trainer; torn
-shards are left out with a warning that names them (a rerun of the job redoes them). Every requested modality must be in
+listed with the sizes the marker recorded are read, so a shard that is still being written, failed, or torn (a
+pending marker, or a tar missing or of another size: see ``modalmill.io.commit``) never reaches a trainer; torn
+shards are left out with a warning that names them (a rerun of the job redoes them). A tar of the recorded size
+whose ETag or mtime differs (a copy that did not keep mtimes, or a rewrite) is read: the alignment check below
+stops at its first key that is not the marker's. Every requested modality must be in
 every marker; otherwise construction fails with a list of the shards that lack it.
 
 **Alignment.** As in 4M's loader, shard N of every requested modality is opened and the tars are zipped in
@@ -221,7 +223,9 @@ class ModalDataset(IterableDataset):
 
         # the shard index (listings + a snapshot the runs keep): no marker is read here unless the index lacks it,
         # and key lists are read by the worker that opens the shard, so start-up does not grow with samples
-        scanned = index.scan(root, with_manifests=False)
+        # torn shards (pending, a tar missing or of another size) are left out; a tar of the recorded size whose ETag
+        # or mtime differs is read, and the key-by-key check below stops at the first sample that does not align
+        scanned = index.scan(root, with_manifests=False, tags=False)
         markers = scanned.markers
         if scanned.torn:
             shown = "; ".join(f"{s}: {why}" for s, why in list(scanned.torn.items())[:8])

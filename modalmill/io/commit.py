@@ -62,8 +62,9 @@ def parse_version(version: str, s3: bool) -> tuple[int | None, str | None]:
         return None, None
 
 
-def tar_problem(modality: str, record: dict, version: str | None, s3: bool) -> str | None:
-    """Why the listed tar is not the one ``record`` (a marker's ``modalities[m]``) describes, or None."""
+def tar_problem(modality: str, record: dict, version: str | None, s3: bool, tags: bool = True) -> str | None:
+    """Why the listed tar is not the one ``record`` (a marker's ``modalities[m]``) describes, or None. ``tags=False``
+    compares presence and size only (not the ETag / mtime)."""
     if version is None:
         return f"{modality}: the marker names a tar that is not there"
     if "bytes" not in record:
@@ -71,6 +72,8 @@ def tar_problem(modality: str, record: dict, version: str | None, s3: bool) -> s
     size, tag = parse_version(version, s3)
     if size is not None and size != record["bytes"]:
         return f"{modality}: the tar has {size} bytes, the marker says {record['bytes']}"
+    if not tags:
+        return None
     if s3 and tag and "-" not in tag and record.get("md5") and not tag.startswith(record["md5"]):  # index: 16 digits
         return f"{modality}: the tar's ETag {tag} is not the MD5 the marker recorded ({record['md5']})"
     if not s3 and tag and record.get("mtime_ns") is not None and tag != str(record["mtime_ns"]):
@@ -78,13 +81,13 @@ def tar_problem(modality: str, record: dict, version: str | None, s3: bool) -> s
     return None
 
 
-def listing_problem(marker: dict, tars: dict[str, str | None], s3: bool) -> str | None:
+def listing_problem(marker: dict, tars: dict[str, str | None], s3: bool, tags: bool = True) -> str | None:
     """Why the shard of ``marker`` is not done, given the listed version of each of its tars (``tars[m]``; None or
-    absent: not listed), or None when it is done."""
+    absent: not listed), or None when it is done (``tags``: see :func:`tar_problem`)."""
     if state(marker) == PENDING:
         return f"an interrupted rewrite (pending marker, rewriting {', '.join(marker.get('rewrites') or [])})"
     for m, record in sorted((marker.get("modalities") or {}).items()):
-        why = tar_problem(m, record if isinstance(record, dict) else {}, tars.get(m), s3)
+        why = tar_problem(m, record if isinstance(record, dict) else {}, tars.get(m), s3, tags)
         if why:
             return why
     return None

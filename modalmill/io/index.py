@@ -70,11 +70,11 @@ class MarkerInfo:
         """The marker as a dict, without ``keys`` (what planning and the readers decide on)."""
         return {**self.body, "shard": self.shard, "source": self.source, "n_samples": self.n_samples}
 
-    def problem(self, listed: dict[str, str | None], s3: bool) -> str | None:
+    def problem(self, listed: dict[str, str | None], s3: bool, tags: bool = True) -> str | None:
         """Why the shard is not done given the listed versions of its tars (see :func:`commit.listing_problem`)."""
         tars = json.loads(self.tars)
         marker = {**self.body, "modalities": {m: tars.get(m, {}) for m in self.modalities}}
-        return commit.listing_problem(marker, listed, s3)
+        return commit.listing_problem(marker, listed, s3, tags)
 
 
 @dataclass(slots=True)
@@ -251,8 +251,8 @@ class TarListings:
     listing (shard names sort the same in both), so each marker is compared with its tars' listed versions without
     a request per shard. A folder is listed from its first use on."""
 
-    def __init__(self, root: str):
-        self.root, self.s3 = root, storage.is_s3(root)
+    def __init__(self, root: str, tags: bool = True):
+        self.root, self.s3, self.tags = root, storage.is_s3(root), tags
         self._cursors: dict[str, list] = {}  # modality -> [page iterator, buffered (name, version) or None]
         self._seen: dict[str, dict[str, str]] = {}  # modality -> {shard: version} listed up to the last cut
 
@@ -283,7 +283,7 @@ class TarListings:
         out: dict[str, str] = {}
         for shard, info in markers.items():
             listed = {m: self._advance(m, limit).get(shard) for m in info.modalities}
-            why = info.problem(listed, self.s3)
+            why = info.problem(listed, self.s3, self.tags)
             if why:
                 out[shard] = why
         for seen in self._seen.values():  # what the next pages need is listed after ``limit``
@@ -317,15 +317,16 @@ def prefetch(pages: Iterator, depth: int = 4) -> Iterator:
 
 
 def marker_pages(root: str, snap: Snapshot, want: Callable[[str], bool] | None = None,
-                 workers: int | None = None) -> Iterator[MarkerPage]:
+                 workers: int | None = None, tags: bool = True) -> Iterator[MarkerPage]:
     """Stream the markers of ``root`` one listing page at a time, in listing order.
 
     Markers the snapshot knows at the listed version come from it; the others (only those ``want(shard)``
     accepts, when given) are read with at most ``workers`` requests in flight, and ``snap`` is updated. Markers
     that disappeared are dropped from ``snap`` once the listing is complete. Each page's markers are compared with
-    the listed tars (:class:`TarListings`): a pending or torn one is moved to the page's ``torn``."""
+    the listed tars (:class:`TarListings`; ``tags=False``: presence and sizes only): a pending or torn one is moved
+    to the page's ``torn``."""
     listed: set[str] = set()
-    tars = TarListings(root)
+    tars = TarListings(root, tags)
     for page in prefetch(storage.list_pages(manifest.meta_url(root, "shards"), suffix=".json")):
         if not page:
             continue
@@ -401,10 +402,12 @@ class OutputIndex:
 
 
 def scan(root: str, with_manifests: bool = True, write: bool = False, workers: int | None = None,
-         snap: Snapshot | None = None, with_markers: bool = True) -> OutputIndex:
+         snap: Snapshot | None = None, with_markers: bool = True, tags: bool = True) -> OutputIndex:
     """Everything the index knows about ``root``, brought up to date with the files. ``write``: store the
     refreshed snapshot when it changed (only a run, the output's one writer, does that). ``snap``: a snapshot
-    already loaded (else the stored one); ``with_markers=False`` leaves its markers as they are."""
+    already loaded (else the stored one); ``with_markers=False`` leaves its markers as they are. ``tags=False``:
+    a marker is torn when pending or when a tar it names is missing or of another size, not for another ETag or
+    mtime alone (the loader, which checks every key against the marker as it reads)."""
     snap = snap if snap is not None else load_snapshot(root, with_manifests=with_manifests or write)
     if with_manifests and not snap.has_manifests:
         snap.manifests = load_snapshot(root).manifests
@@ -425,7 +428,7 @@ def scan(root: str, with_manifests: bool = True, write: bool = False, workers: i
     failures: list[str] = []
     torn: dict[str, str] = {}
     if with_markers:
-        for page in marker_pages(root, snap, workers=workers):
+        for page in marker_pages(root, snap, workers=workers, tags=tags):
             markers.update(page.markers)
             failures.extend(page.failures)
             torn.update(page.torn)
