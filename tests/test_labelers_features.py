@@ -24,7 +24,7 @@ from modalmill.labelers.imagebind import IMAGEBIND_LN_EPS, imagebind_to_open_cli
 from modalmill.labelers.model import ModelLabeler
 from modalmill.io.fetch import WeightsError
 from modalmill.io.hashes import content_hash
-from modalmill.labelers.checkpoints import load_into
+from modalmill.labelers.state_dicts import load_into
 from modalmill.io.manifest import read_manifest
 from modalmill.schemas.modalities import get_modality
 from tests.tiny_models import IB_HEADS, save_tiny_clip, save_tiny_dinov2, save_tiny_imagebind

@@ -20,7 +20,7 @@ import torch
 
 from modalmill.labelers import LabelInput, get_labeler
 from modalmill.labelers.depth import transformers_to_omnidata
-from modalmill.labelers.checkpoints import load_state_dict, read_lightning_state_dict
+from modalmill.labelers.state_dicts import load_state_dict, read_lightning_state_dict
 from tests.tiny_models import tiny_dpt
 
 BUILT = []  # a ModelCheckpoint that is unpickled as itself would record itself here

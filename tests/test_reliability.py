@@ -359,7 +359,7 @@ def test_checkpoints_never_unpickle_objects(tmp_path):
     import torch
 
     from modalmill.io.fetch import WeightsError
-    from modalmill.labelers.checkpoints import load_state_dict
+    from modalmill.labelers.state_dicts import load_state_dict
 
     class Evil:
         def __reduce__(self):

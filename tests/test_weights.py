@@ -10,7 +10,7 @@ import torch
 
 from modalmill.io import fetch, hashes
 from modalmill.io.fetch import WeightsError, resolve
-from modalmill.labelers.checkpoints import load_state_dict
+from modalmill.labelers.state_dicts import load_state_dict
 from modalmill.io import storage
 
 pytestmark = pytest.mark.s3

@@ -26,7 +26,7 @@ from ..io.fetch import WeightsError
 from .base import LabelFailure, LabelInput, Prepared, Resources, register_labeler
 from .dinov2 import IMAGENET_MEAN, IMAGENET_STD, predict_crops, prepare_crops
 from .model import ModelConfig, ModelLabeler
-from .checkpoints import load_into, load_state_dict
+from .state_dicts import load_into, load_state_dict
 from .pins import Pin
 
 __all__ = [
@@ -61,7 +61,7 @@ def build_open_clip_visual(arch: str, *, vision_overrides: dict | None = None, w
     with ``open_clip.add_model_config`` under its file stem. ``vision_overrides`` update the ``vision_cfg``.
     The model is created with ``open_clip.create_model(name, pretrained=None)`` on the meta device (nothing is
     initialised: a random ViT-H would take ~30 s on a CPU) and then materialised empty, so the caller MUST
-    fill every weight (:func:`modalmill.labelers.checkpoints.load_into` with ``strict=True``).
+    fill every weight (:func:`modalmill.labelers.state_dicts.load_into` with ``strict=True``).
     """
     import open_clip
     import torch

@@ -53,7 +53,7 @@ import numpy as np
 from ..io.fetch import WeightsError
 from .base import LabelFailure, LabelInput, Resources, register_labeler
 from .model import ModelConfig, ModelLabeler
-from .checkpoints import load_into, load_state_dict
+from .state_dicts import load_into, load_state_dict
 from .pins import Pin
 
 __all__ = [

@@ -52,7 +52,7 @@ from ..io.fetch import WeightsError
 from .base import LabelFailure, LabelInput, Resources, register_labeler
 from .model import ModelConfig, ModelLabeler
 from .sam import find_weights_file
-from .checkpoints import load_into, load_state_dict, read_lightning_state_dict
+from .state_dicts import load_into, load_state_dict, read_lightning_state_dict
 from .pins import Pin
 
 __all__ = ["HMR2_ARCHITECTURE", "Hmr2Labeler", "build_hmr2", "convert_checkpoint", "convert_hmr2_state_dict",

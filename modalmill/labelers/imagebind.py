@@ -61,7 +61,7 @@ from .clip import (
     visual_state_dict,
 )
 from .dinov2 import IMAGENET_MEAN, IMAGENET_STD, predict_crops
-from .checkpoints import load_into, load_state_dict
+from .state_dicts import load_into, load_state_dict
 from .pins import Pin
 
 __all__ = ["IMAGEBIND_LN_EPS", "ImageBindLabeler", "imagebind_to_open_clip", "open_clip_to_imagebind"]

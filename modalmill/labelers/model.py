@@ -6,7 +6,7 @@ modalities, ``license``, ``default_resources``), gives its ``Config`` the common
 :class:`ModelConfig` (``weights``, ``device``, ``dtype``) plus its own, and implements two hooks:
 
 - ``build(path)``: build the real architecture from the real package and load the weights found at the
-  resolved local ``path`` (fetched by :mod:`modalmill.io.fetch`, loaded by :mod:`modalmill.labelers.checkpoints`:
+  resolved local ``path`` (fetched by :mod:`modalmill.io.fetch`, loaded by :mod:`modalmill.labelers.state_dicts`:
   safetensors or weights-only torch);
 - ``predict(batch)``: one result per item of the batch (called under ``torch.inference_mode()`` and, on a
   GPU, bf16/fp16 autocast when the config asks for it). The items are :class:`LabelInput` s, or what the
