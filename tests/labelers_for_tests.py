@@ -2,10 +2,7 @@
 
 from dataclasses import dataclass
 
-import numpy as _np
-
 from modalmill.labelers.base import LabelFailure, Labeler, register_labeler
-from modalmill.schemas.modalities import ARRAY, ModalitySpec, register_modality
 
 
 @register_labeler
@@ -174,20 +171,3 @@ class SetupFailsOnWorkers(Labeler):
 
     def process_batch(self, batch):
         return [{"caption": ["never"]} for _ in batch]
-
-
-# a scalar modality (shape ()): one number per sample
-
-register_modality(ModalitySpec("test_brightness", ARRAY, "npy", "float32", (),
-                               "mean brightness of the stored rgb in [0, 1], one number per sample"))
-
-
-@register_labeler
-class Brightness(Labeler):
-    """Writes the mean brightness of the stored rgb as a 0-d float32 array (a scalar modality, shape ())."""
-
-    name = "test_brightness"
-    outputs = ("test_brightness",)
-
-    def process_batch(self, batch):
-        return [{"test_brightness": _np.asarray(inp.image.mean() / 255.0, dtype=_np.float32)} for inp in batch]

@@ -111,7 +111,7 @@ def test_show_key_of_a_failed_sample_says_where_and_why(ray_local, demo_corpus, 
 
 
 def test_a_scalar_modality_is_written_with_shape_and_passes_check(ray_local, demo_corpus, tmp_path):
-    from tests import labelers_for_tests  # noqa: F401 - registers test_brightness (shape ())
+    from tests import scalar_labeler  # noqa: F401 - registers test_brightness (shape ())
     from modalmill.io.tars import iter_tar_groups
     from modalmill.jobs.check import check_output
     from modalmill.jobs.runner import run_job

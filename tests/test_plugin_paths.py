@@ -94,13 +94,13 @@ def test_a_plugin_is_loaded_by_a_registry_lookup_alone(plugin, tmp_path):
     assert r.stdout.split() == ["pixel", "TokGrayscaleLabeler", "tok_grayscale@224", "True"], r.stdout
 
 
-def test_a_one_channel_plugin_map_trains_as_a_picture_not_an_edge_map():
+def test_a_one_channel_plugin_map_trains_as_a_picture_not_an_edge_map(monkeypatch):
     import torch
 
     from modalmill.tokenize.fourm_inputs import FourMInput, KINDS
     from modalmill.tokenize.fourm_train import FourMTrainAdapter
 
-    KINDS.setdefault("test_gray_map", "gray")
+    monkeypatch.setitem(KINDS, "test_gray_map", "gray")
     a = FourMTrainAdapter(FourMInput("test_gray_map", size=32, n_channels=1))
     target = torch.rand(2, 1, 32, 32) * 2 - 1
     pred = target + 0.1 * torch.randn_like(target)

@@ -294,7 +294,7 @@ def absolute(location: str) -> str:
 
 
 def missing(urls: Iterable[str]) -> list[str]:
-    """The ``urls`` that are not existing files, found without one request per file: locally one directory scan per
+    """The ``urls`` that do not exist, found without one request per file: locally one directory scan per
     folder they are in, on S3 one listing of the longest common key prefix per bucket."""
     by_dir: dict[str, list[str]] = {}
     by_bucket: dict[str, list[str]] = {}
@@ -307,7 +307,7 @@ def missing(urls: Iterable[str]) -> list[str]:
     for d, group in by_dir.items():
         try:
             with os.scandir(d) as it:
-                files = {e.name for e in it if e.is_file()}
+                files = {e.name for e in it}  # (a folder named like a shard exists: the reader reports it)
         except (FileNotFoundError, NotADirectoryError):
             files = set()
         out += [u for u in group if os.path.basename(localfs.local_path(u)) not in files]
