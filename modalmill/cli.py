@@ -254,8 +254,11 @@ def modalities():
 
 
 @main.command()
-def labelers():
-    """Every registered labeler with its modalities, default weights, licence, resources and published quality."""
+@click.option("--wide", is_flag=True, help="Every column in full (weights, licence, quality): one long line each.")
+def labelers(wide):
+    """Every registered labeler with its modalities, default weights, licence, resources and published quality.
+
+    The table fits 100 columns, long cells shortened with "…"; --wide prints every cell in full."""
     from .labelers import LABELERS, load_entry_points
 
     load_entry_points()
@@ -265,7 +268,7 @@ def labelers():
         res = f"cpu={r.num_cpus:g} gpu={r.num_gpus:g}" + (f" mem={r.memory_mb}MiB" if r.memory_mb else "")
         rows.append((cls.name, ",".join(cls.outputs), cls.weights or "-", cls.license, res,
                      "actor pool" if cls.stateful else "shard task", cls.quality or "-"))
-    _table(rows)
+    _table(rows, width=None if wide else TABLE_WIDTH)
 
 
 @main.group(invoke_without_command=True)
@@ -446,10 +449,31 @@ def tokenize(data, modalities, text_source, tokenizers, force, address, shards, 
     sys.exit(summary["exit_code"])
 
 
-def _table(rows):
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+TABLE_WIDTH = 100
+
+
+def _fit_widths(widths: list[int], width: int) -> list[int]:
+    """Column widths whose row (two spaces between columns) fits ``width``: the widest column gives up a
+    character at a time, none below its header's width or 6."""
+    widths, floor = list(widths), [min(w, 6) for w in widths]
+    while sum(widths) + 2 * (len(widths) - 1) > width:
+        i = max(range(len(widths)), key=lambda j: widths[j] - floor[j])
+        if widths[i] <= floor[i]:
+            break
+        widths[i] -= 1
+    return widths
+
+
+def _table(rows, width: int | None = None):
+    """Print ``rows`` (the first is the header) as aligned columns; with ``width``, cells too long for it are
+    shortened with "…" so every line fits."""
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    if width is not None:
+        widths = _fit_widths(widths, width)
+        rows = [[c if len(c) <= w else c[: w - 1] + "…" for c, w in zip(r, widths)] for r in rows]
     for j, r in enumerate(rows):
-        click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
         if j == 0:
             click.echo("  ".join("-" * w for w in widths))
 

@@ -278,6 +278,12 @@ def test_stats_json_matches_independent_counts(output):
         assert got["mean"] == pytest.approx(sum(values) / len(values))
     widths = [Image.open(io.BytesIO(b)).size[0] for _, b in members["rgb"]]
     assert st["modalities"]["rgb"]["ranges"]["width"]["max"] == max(widths)
+    # a caption member holds one entry per crop row (2 here): counted as such, distinct texts apart
+    captions = [json.loads(b) for _, b in members["caption"]]
+    got = st["modalities"]["caption"]["ranges"]
+    assert all(len(c) == 2 for c in captions) and (got["entries"]["min"], got["entries"]["max"]) == (2, 2)
+    distinct = [len({e["caption"] if isinstance(e, dict) else e for e in c}) for c in captions]
+    assert (got["distinct"]["min"], got["distinct"]["max"]) == (min(distinct), max(distinct))
 
     r = CliRunner().invoke(main, ["stats", str(output)])
     assert r.exit_code == 0 and "label:test_caption_or_fail: chosen to fail" in r.output
