@@ -352,7 +352,9 @@ def demo(workdir, force, no_progress, tokenizer_steps):
     summary, out = run_demo(workdir, force=force, show_progress=not no_progress, tokenizer_steps=tokenizer_steps)
     _report(summary)
     click.echo(f"demo output: {out}")
-    click.echo(f"  look at it: modalmill status {out}")
+    cmd, where = command_as_run(), shown_path(out)
+    click.echo(f"  look at it: {cmd} status {where}")
+    click.echo(f"              {cmd} show {where} --key 000000")
     for line in summary.get("skipped_steps", ()):
         click.echo(f"skipped: {line}", err=True)
     sys.exit(summary["exit_code"])
@@ -404,6 +406,9 @@ def train_tokenizer_cmd(modality, data, config_file, out, preset, quantizer, ste
     report = train_tokenizer(modality, data, out, config=config_file, preset=preset, quantizer=quantizer,
                              steps=steps, workers=workers, use_gpu=gpu, address=address, use_ray=not in_process,
                              force=force, show_progress=not no_progress)
+    if report.get("skipped"):
+        click.echo(f"{report['checkpoint']}: already trained with this config on these labels (its report.json "
+                   "records their hashes): nothing to do; --force trains it again")
     for line in format_report(report):
         click.echo(line)
 
@@ -447,6 +452,34 @@ def tokenize(data, modalities, text_source, tokenizers, force, address, shards, 
                               show_progress=not no_progress, wait=wait)
     _report(summary)
     sys.exit(summary["exit_code"])
+
+
+def command_as_run() -> str:
+    """How to run modalmill again from this working directory, as this process was started: ``modalmill`` when
+    that name finds this very program on PATH, else its path (relative to the working directory when it lies
+    below it: ``.venv/bin/modalmill`` after ``make demo``), or ``PYTHON -m modalmill``."""
+    import shutil
+
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else ""
+    if os.path.basename(argv0) == "modalmill" and os.path.exists(argv0):
+        program, suffix = argv0, ""
+    else:  # python -m modalmill (argv[0] is modalmill/__main__.py), or an embedding
+        program, suffix = sys.executable, " -m modalmill"
+    on_path = shutil.which(os.path.basename(program))
+    if on_path and os.path.realpath(on_path) == os.path.realpath(program) and not suffix:
+        return "modalmill"
+    return shown_path(os.path.abspath(program)) + suffix
+
+
+def shown_path(path: str) -> str:
+    """``path`` relative to the working directory when it lies below it (``.demo/output``), else absolute."""
+    if "://" in path:
+        return path
+    path = os.path.abspath(path)
+    rel = os.path.relpath(path, os.getcwd())
+    if rel.startswith(".."):
+        return path
+    return rel if os.sep in rel else os.path.join(".", rel)  # ./modalmill, not a name looked up on PATH
 
 
 TABLE_WIDTH = 100

@@ -66,8 +66,14 @@ def demo_job(workdir: str, mediapipe: bool | None = None) -> tuple[JobSpec, str,
                 "`modalmill demo`.\n" + yaml.safe_dump(data, sort_keys=False))
     os.makedirs(workdir, exist_ok=True)
     job_path = os.path.join(workdir, "demo.yaml")
-    with open(job_path, "w") as f:
-        f.write(text)
+    try:
+        with open(job_path) as f:
+            same = f.read() == text
+    except OSError:
+        same = False
+    if not same:  # a rerun leaves the file as it is
+        with open(job_path, "w") as f:
+            f.write(text)
     return load_job(job_path), job_path, note
 
 

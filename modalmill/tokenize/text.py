@@ -237,7 +237,13 @@ def train_text_tokenizer_on_output(root: str, out: str, vocab_size: int = 30_000
         raise ValueError(f"{root}: no captions to train the text tokenizer on (label 'caption' first)")
     tok = train_text_tokenizer(texts, vocab_size=vocab_size)
     url = storage.join(out, TOKENIZER_FILE)
-    storage.write_bytes(url, tok.to_str().encode())
+    data = tok.to_str().encode()
+    try:
+        same = storage.read_bytes(url) == data
+    except (FileNotFoundError, OSError):
+        same = False
+    if not same:  # training is deterministic: the same captions give the same file, left as it is
+        storage.write_bytes(url, data)
     return {"path": url, "vocab_size": tok.get_vocab_size(), "captions": len(texts),
             "learned_pieces": tok.get_vocab_size() - len(fixed_tokens())}
 
