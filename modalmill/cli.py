@@ -354,7 +354,7 @@ def demo(workdir, force, no_progress, tokenizer_steps):
     click.echo(f"demo output: {out}")
     cmd, where = command_as_run(), shown_path(out)
     click.echo(f"  look at it: {cmd} status {where}")
-    click.echo(f"              {cmd} show {where} --key 000000")
+    click.echo(f"              {cmd} show {where} --key 000000 --out {shown_path(os.path.dirname(out))}/sample.png")
     for line in summary.get("skipped_steps", ()):
         click.echo(f"skipped: {line}", err=True)
     sys.exit(summary["exit_code"])

@@ -450,8 +450,8 @@ def load_dataset(root: str, modalities: list[str] | tuple[str, ...] | str, *, sh
     modalities into 4M's token ids; ``crop`` (None, a row index, or ``"random"``) picks the ``crop_settings`` row
     they are serialised for. ``transform``: called on every decoded sample (in the DataLoader's workers);
     :class:`~modalmill.dataset.FourMCrops` crops and resizes every pixel modality with one crop row and picks the
-    same row of every per-crop modality, so :func:`~modalmill.dataset.collate` can batch the samples. See the :mod:`modalmill.dataset.loader` docstring for ordering, splitting and
-    what a sample holds.
+    same row of every per-crop modality, so :func:`~modalmill.dataset.collate` can batch the samples. See the
+    :mod:`modalmill.dataset.loader` docstring for ordering, splitting and what a sample holds.
     """
     return ModalDataset(root, modalities, shuffle_shards=shuffle_shards, seed=seed, epoch=epoch, rank=rank,
                         world_size=world_size, shuffle_buffer=shuffle_buffer, decode=decode,

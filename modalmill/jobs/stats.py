@@ -15,7 +15,8 @@ without markers, every shard of its folder layout) and reports:
 - pixel labels, feature maps and global embeddings: min / max / mean over all values;
 - ``rgb``: width and height ranges; ``metadata``: min / max / mean of every numeric field;
   ``det``/``sam_mask``: instances per sample; ``human_poses``/``pose_keypoints``: people per sample;
-  ``caption``: entries per sample (one per crop row), distinct texts among them and characters per text; ``crop_settings``: crops per sample.
+  ``caption``: entries per sample (one per crop row), distinct texts among them and characters per text;
+  ``crop_settings``: crops per sample.
 
 Members that do not decode are counted under ``undecodable`` (``modalmill check`` says why).
 """
