@@ -113,7 +113,8 @@ def demo_text_tokenizer(output: str) -> dict:
     from ..tokenize.text import train_text_tokenizer_on_output
     from ..tokenize.train import default_out
 
-    info = train_text_tokenizer_on_output(output, default_out(output, "text"))
+    info = train_text_tokenizer_on_output(output, default_out(output, "text"), keep_if_trained=True)
     print(f"text tokenizer: {info['path']} (4M's WordPiece layout: {info['vocab_size']} tokens, "
-          f"{info['learned_pieces']} word pieces learned from {info['captions']} captions)", flush=True)
+          f"{info['learned_pieces']} word pieces learned from {info['captions']} captions"
+          + ("; already trained on these captions: kept" if info.get("kept") else "") + ")", flush=True)
     return info
