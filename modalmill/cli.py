@@ -268,7 +268,8 @@ def labelers(wide):
         res = f"cpu={r.num_cpus:g} gpu={r.num_gpus:g}" + (f" mem={r.memory_mb}MiB" if r.memory_mb else "")
         rows.append((cls.name, ",".join(cls.outputs), cls.weights or "-", cls.license, res,
                      "actor pool" if cls.stateful else "shard task", cls.quality or "-"))
-    _table(rows, width=None if wide else TABLE_WIDTH)
+    # quality, then weights, licence and outputs give up characters first
+    _table(rows, width=None if wide else TABLE_WIDTH, shrink=[(6, 8), (2, 18), (3, 14), (1, 18)])
 
 
 @main.group(invoke_without_command=True)
@@ -485,25 +486,31 @@ def shown_path(path: str) -> str:
 TABLE_WIDTH = 100
 
 
-def _fit_widths(widths: list[int], width: int) -> list[int]:
-    """Column widths whose row (two spaces between columns) fits ``width``: the widest column gives up a
-    character at a time, none below its header's width or 6."""
-    widths, floor = list(widths), [min(w, 6) for w in widths]
-    while sum(widths) + 2 * (len(widths) - 1) > width:
-        i = max(range(len(widths)), key=lambda j: widths[j] - floor[j])
-        if widths[i] <= floor[i]:
+def _fit_widths(widths: list[int], width: int, shrink: list[tuple[int, int]] | None = None) -> list[int]:
+    """Column widths whose row (two spaces between columns) fits ``width``. ``shrink``: (column, narrowest) in the
+    order they give up characters; then, if that is not enough, the widest column, down to 6."""
+    widths = list(widths)
+
+    def over() -> int:
+        return sum(widths) + 2 * (len(widths) - 1) - width
+
+    for col, narrowest in shrink or []:
+        widths[col] = max(min(widths[col], narrowest), widths[col] - max(0, over()))
+    while over() > 0:
+        i = max(range(len(widths)), key=lambda j: widths[j])
+        if widths[i] <= 6:
             break
         widths[i] -= 1
     return widths
 
 
-def _table(rows, width: int | None = None):
+def _table(rows, width: int | None = None, shrink: list[tuple[int, int]] | None = None):
     """Print ``rows`` (the first is the header) as aligned columns; with ``width``, cells too long for it are
-    shortened with "…" so every line fits."""
+    shortened with "…" (those of the ``shrink`` columns first) so every line fits."""
     rows = [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     if width is not None:
-        widths = _fit_widths(widths, width)
+        widths = _fit_widths(widths, width, shrink)
         rows = [[c if len(c) <= w else c[: w - 1] + "…" for c, w in zip(r, widths)] for r in rows]
     for j, r in enumerate(rows):
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
