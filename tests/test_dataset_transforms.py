@@ -122,3 +122,23 @@ def test_the_centre_crop_and_errors():
         FourMCrops(size=8, crop=1)({"__key__": "k", "crop_settings": torch.tensor([[0, 0, 4, 4, 0], [9, 9, 9, 9, 0]]),
                                     "canny_edge": img})
     json.dumps(collate([{"a": 1}, {"a": 2}])["a"].tolist())
+
+
+def test_the_crops_equal_those_of_4ms_own_transforms():
+    """tests/fixtures/fourm_crops/crops.npz holds what ml-4m's RGBTransform, NormalTransform and SemsegTransform
+    (``image_augment``: PIL crop, PIL resize with 4M's default resampling, flip; normals' x mirrored) made of
+    the same arrays and rows (scripts/make_4m_crop_fixture.py, run in ml-4m's environment)."""
+    f = np.load(os.path.join(os.path.dirname(__file__), "fixtures", "fourm_crops", "crops.npz"))
+    size = int(f["size"])
+    sample = {"__key__": "k", "crop_settings": torch.from_numpy(f["crops"]),
+              "rgb": torch.from_numpy(f["rgb"].transpose(2, 0, 1).copy()),
+              "normal": torch.from_numpy(f["normal"].transpose(2, 0, 1).copy()),
+              "semseg_coco": torch.from_numpy(f["semseg"][None].copy())}
+    for i, row in enumerate(f["crops"]):
+        out = FourMCrops(size=size, crop=i)(sample)
+        assert out["crop_settings"].tolist() == row.tolist()
+        for name, theirs in (("rgb", f["rgb_4m"][i]), ("normal", f["normal_4m"][i])):
+            mine = out[name].numpy().transpose(1, 2, 0).astype(int)
+            # the same PIL filter; Pillow versions may round a level apart
+            assert np.abs(mine - theirs.astype(int)).max() <= 1, (name, i)
+        assert np.array_equal(out["semseg_coco"][0].numpy(), f["semseg_4m"][i]), i  # nearest: exact
