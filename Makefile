@@ -14,7 +14,9 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	@echo "modalmill: installing modalmill and its dependencies into $(VENV) (torch, Ray, the models' packages:"
+	@echo "modalmill: about 5 minutes and 6.5 GB on a fresh machine; pip shows each package as it goes)"
+	$(BIN)/python -m pip install --progress-bar on -e '.[test]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -3,7 +3,8 @@
 __version__ = "0.1.0"
 
 # Imported on first use (torch, webdataset), so that `import modalmill` stays light.
-_LAZY = {"load_dataset": "modalmill.dataset", "ModalDataset": "modalmill.dataset"}
+_LAZY = {"load_dataset": "modalmill.dataset", "ModalDataset": "modalmill.dataset", "FourMCrops": "modalmill.dataset",
+         "collate": "modalmill.dataset"}
 
 
 def __getattr__(name):

@@ -273,8 +273,11 @@ def modalities():
 
 
 @main.command()
-def labelers():
-    """Every registered labeler with its modalities, default weights, licence, resources and published quality."""
+@click.option("--wide", is_flag=True, help="Every column in full (weights, licence, quality): one long line each.")
+def labelers(wide):
+    """Every registered labeler with its modalities, default weights, licence, resources and published quality.
+
+    The table fits 100 columns, long cells shortened with "…"; --wide prints every cell in full."""
     from .labelers import LABELERS, load_entry_points
 
     load_entry_points()
@@ -284,7 +287,8 @@ def labelers():
         res = f"cpu={r.num_cpus:g} gpu={r.num_gpus:g}" + (f" mem={r.memory_mb}MiB" if r.memory_mb else "")
         rows.append((cls.name, ",".join(cls.outputs), cls.weights or "-", cls.license, res,
                      "actor pool" if cls.stateful else "shard task", cls.quality or "-"))
-    _table(rows)
+    # quality, then weights, licence and outputs give up characters first
+    _table(rows, width=None if wide else TABLE_WIDTH, shrink=[(6, 8), (2, 18), (3, 14), (1, 18)])
 
 
 @main.group(invoke_without_command=True)
@@ -368,7 +372,9 @@ def demo(workdir, force, no_progress, tokenizer_steps):
     summary, out = run_demo(workdir, force=force, show_progress=not no_progress, tokenizer_steps=tokenizer_steps)
     _report(summary)
     click.echo(f"demo output: {out}")
-    click.echo(f"  look at it: modalmill status {out}")
+    cmd, where = command_as_run(), shown_path(out)
+    click.echo(f"  look at it: {cmd} status {where}")
+    click.echo(f"              {cmd} show {where} --key 000000 --out {shown_path(os.path.dirname(out))}/sample.png")
     for line in summary.get("skipped_steps", ()):
         click.echo(f"skipped: {line}", err=True)
     sys.exit(summary["exit_code"])
@@ -420,6 +426,9 @@ def train_tokenizer_cmd(modality, data, config_file, out, preset, quantizer, ste
     report = train_tokenizer(modality, data, out, config=config_file, preset=preset, quantizer=quantizer,
                              steps=steps, workers=workers, use_gpu=gpu, address=address, use_ray=not in_process,
                              force=force, show_progress=not no_progress)
+    if report.get("skipped"):
+        click.echo(f"{report['checkpoint']}: already trained with this config on these labels (its report.json "
+                   "records their hashes): nothing to do; --force trains it again")
     for line in format_report(report):
         click.echo(line)
 
@@ -532,10 +541,65 @@ def export(output, dest, layout, modalities, split, tokens_only, no_progress):
                f"{', '.join(s['modalities'])}")
 
 
-def _table(rows):
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+def command_as_run() -> str:
+    """How to run modalmill again from this working directory, as this process was started: ``modalmill`` when
+    that name finds this very program on PATH, else its path (relative to the working directory when it lies
+    below it: ``.venv/bin/modalmill`` after ``make demo``), or ``PYTHON -m modalmill``."""
+    import shutil
+
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else ""
+    if os.path.basename(argv0) == "modalmill" and os.path.exists(argv0):
+        program, suffix = argv0, ""
+    else:  # python -m modalmill (argv[0] is modalmill/__main__.py), or an embedding
+        program, suffix = sys.executable, " -m modalmill"
+    on_path = shutil.which(os.path.basename(program))
+    if on_path and os.path.realpath(on_path) == os.path.realpath(program) and not suffix:
+        return "modalmill"
+    return shown_path(os.path.abspath(program)) + suffix
+
+
+def shown_path(path: str) -> str:
+    """``path`` relative to the working directory when it lies below it (``.demo/output``), else absolute."""
+    if "://" in path:
+        return path
+    path = os.path.abspath(path)
+    rel = os.path.relpath(path, os.getcwd())
+    if rel.startswith(".."):
+        return path
+    return rel if os.sep in rel else os.path.join(".", rel)  # ./modalmill, not a name looked up on PATH
+
+
+TABLE_WIDTH = 100
+
+
+def _fit_widths(widths: list[int], width: int, shrink: list[tuple[int, int]] | None = None) -> list[int]:
+    """Column widths whose row (two spaces between columns) fits ``width``. ``shrink``: (column, narrowest) in the
+    order they give up characters; then, if that is not enough, the widest column, down to 6."""
+    widths = list(widths)
+
+    def over() -> int:
+        return sum(widths) + 2 * (len(widths) - 1) - width
+
+    for col, narrowest in shrink or []:
+        widths[col] = max(min(widths[col], narrowest), widths[col] - max(0, over()))
+    while over() > 0:
+        i = max(range(len(widths)), key=lambda j: widths[j])
+        if widths[i] <= 6:
+            break
+        widths[i] -= 1
+    return widths
+
+
+def _table(rows, width: int | None = None, shrink: list[tuple[int, int]] | None = None):
+    """Print ``rows`` (the first is the header) as aligned columns; with ``width``, cells too long for it are
+    shortened with "…" (those of the ``shrink`` columns first) so every line fits."""
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    if width is not None:
+        widths = _fit_widths(widths, width, shrink)
+        rows = [[c if len(c) <= w else c[: w - 1] + "…" for c, w in zip(r, widths)] for r in rows]
     for j, r in enumerate(rows):
-        click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
         if j == 0:
             click.echo("  ".join("-" * w for w in widths))
 

@@ -86,6 +86,13 @@ def test_registries_are_listed():
     assert r.exit_code == 0 and "tok_dinov2@224" in r.output and "8192" in r.output
     r = run("labelers")
     assert r.exit_code == 0 and "canny_edge" in r.output and "color_palette" in r.output
+    lines = r.output.splitlines()
+    assert max(map(len, lines)) <= 100, max(lines, key=len)  # fits a 100-column terminal
+    assert any("…" in line for line in lines)  # long cells (weights, licences) shortened
+    wide = run("labelers", "--wide").output.splitlines()
+    assert max(map(len, wide)) > 100 and not any("…" in line for line in wide)
+    sam = next(line for line in wide if line.startswith("sam "))
+    assert "sam_vit_h_4b8939.pth" in sam and "Apache-2.0" in sam  # every cell in full
 
 
 def test_run_job_file_with_relative_paths(ray_local, demo_corpus, tmp_path):

@@ -5,6 +5,7 @@ test checks that the demo picks its labelers up; where it is not, that the demo 
 get them. The extra's own labels are tested in tests/test_labelers_mediapipe.py."""
 
 import importlib
+import os
 import sys
 from importlib.resources import files
 
@@ -14,6 +15,7 @@ from modalmill.jobs.demo import MEDIAPIPE_LABELERS, demo_job, mediapipe_status
 from modalmill.jobs.spec import load_job
 
 HINT = "pip install 'modalmill[mediapipe]'"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _importable() -> bool:
@@ -68,14 +70,15 @@ def test_the_labelers_can_be_asked_for_or_left_out(tmp_path, wanted):
 def test_the_demo_command_runs_end_to_end_with_its_progress_bars(tmp_path):
     """`modalmill demo` as `make demo` runs it, progress bars on (the suite otherwise sets TQDM_DISABLE, which
     once hid a bar that crashed the demo's tokenizer training): label -> train -> tokenize, exit 0, and it
-    prints where the output is. Fewer training steps than the default keep it short."""
-    import os
+    prints where the output is. Fewer training steps than the default keep it short. Then the README's first hour
+    (what scripts/first_hour.sh runs through `make`): the commands the demo prints work as printed from the
+    repository root, and a second run with nothing to do trains and writes nothing."""
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
     work = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "modalmill", "demo", "--workdir", str(work), "--tokenizer-steps", "5"],
-                       env=env, capture_output=True, text=True, timeout=600)
+    demo = [sys.executable, "-m", "modalmill", "demo", "--workdir", str(work), "--tokenizer-steps", "5"]
+    r = subprocess.run(demo, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     out = work / "output"
     assert f"demo output: {out}" in r.stdout
@@ -106,3 +109,29 @@ def test_the_demo_command_runs_end_to_end_with_its_progress_bars(tmp_path):
     assert first == [DESCRIPTIONS["astronaut"]] * 4
     assert (out / "_modalmill" / "tokenizers" / "text" / "text_tokenizer.json").stat().st_size > 0
     assert "word pieces learned from 18 captions" in r.stdout
+
+    # the first hour: the commands the demo's last lines print work as printed, from where it ran
+    tail = r.stdout.splitlines()[r.stdout.splitlines().index(f"demo output: {out}") + 1:]
+    printed = [line.split("look at it: ", 1)[1] if "look at it: " in line else line.strip() for line in tail
+               if line.strip()]
+    assert len(printed) == 2 and printed[0].endswith(f"status {out}"), tail
+    for cmd in printed:
+        run = subprocess.run(cmd, shell=True, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert run.returncode == 0, (cmd, run.stdout + run.stderr)
+    assert (work / "sample.png").stat().st_size > 0
+
+    # a second run with nothing to do trains nothing, tokenizes nothing and changes no file (but the record of the
+    # writer's lease it took, under _modalmill/lease/: a writer takes the lease before it knows there is nothing to do)
+    def files():
+        return {str(p.relative_to(work)): (p.stat().st_size, p.stat().st_mtime_ns) for p in work.rglob("*")
+                if p.is_file() and "lease" not in p.relative_to(work).parts}
+
+    before = files()
+    again = subprocess.run(demo, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    changed = {k for k in set(before) | set(files()) if before.get(k) != files().get(k)}
+    assert not changed, sorted(changed)
+    assert again.stdout.count("already trained with this config on these labels") == 2, again.stdout
+    assert "tokenized: 0 shard(s) written, 2 already done" in again.stdout
+    assert "train rgb" not in again.stderr  # no training bar: Ray Train was not started
+    assert "already trained on these captions: kept" in again.stdout

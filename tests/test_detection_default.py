@@ -58,7 +58,7 @@ def test_default_detector_registry_and_cli():
     assert cls.weights_pin.sha256 is None and "no published sha256" in cls.weights_pin.note
     with pytest.raises(ValueError, match="multiple of 32"):
         cls.make_config({"input_size": 100})
-    out = CliRunner().invoke(main, ["labelers"]).output
+    out = CliRunner().invoke(main, ["labelers", "--wide"]).output
     for name, ap in (("dfine_coco", "59.3"), ("detr_coco", "42.0")):
         line = next(ln for ln in out.splitlines() if ln.startswith(name + " "))
         assert ap in line and "COCO val2017 box AP" in line

@@ -92,7 +92,7 @@ def test_4m21_choices_are_the_defaults_and_the_cli_lists_every_entry():
     # det: D-FINE-X (near 4M-21's ViTDet-H) is the default, DETR-R50 the light option (tests/test_detection_default.py)
     assert labeler_for("semseg_coco").name == "mask2former_coco" and labeler_for("det").name == "dfine_coco"
     assert labeler_for("metadata").name == "metadata"  # the model-free one stays the default
-    out = CliRunner().invoke(main, ["labelers"]).output
+    out = CliRunner().invoke(main, ["labelers", "--wide"]).output
     for cls in MINE:
         line = next(ln for ln in out.splitlines() if ln.startswith(cls.name + " "))
         assert ",".join(cls.outputs) in line and cls.weights in line and cls.license[:20] in line

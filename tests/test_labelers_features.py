@@ -116,7 +116,7 @@ def test_registry_entry_is_complete_and_frozen(name):
     assert cls.version == ("3" if cls.name == "dinov2" else "2")
     with pytest.raises(ValueError, match="unknown setting.*region"):  # every crop is computed: no region to pick
         cls.make_config({"region": "full"})
-    out = CliRunner().invoke(main, ["labelers"]).output
+    out = CliRunner().invoke(main, ["labelers", "--wide"]).output
     row = next(line for line in out.splitlines() if line.startswith(name + " "))
     assert cls.weights in row and cls.license in row and f"gpu={r.num_gpus:g}" in row
 

@@ -110,7 +110,7 @@ def test_cli_lists_it():
 
     from modalmill.cli import main
 
-    out = CliRunner().invoke(main, ["labelers"]).output
+    out = CliRunner().invoke(main, ["labelers", "--wide"]).output
     line = next(ln for ln in out.splitlines() if ln.startswith("hmr2 "))
     assert "human_poses" in line and "hmr2_data.tar.gz" in line and "MIT" in line and "gpu=0.25" in line
 

@@ -81,7 +81,7 @@ def test_cli_lists_them():
 
     from modalmill.cli import main
 
-    out = CliRunner().invoke(main, ["labelers"]).output
+    out = CliRunner().invoke(main, ["labelers", "--wide"]).output
     for name, modality in zip(NAMES, ("pose_keypoints", "person_mask")):
         line = next(ln for ln in out.splitlines() if ln.startswith(name + " "))
         assert modality in line and "mediapipe==0.10.21" in line and "Apache-2.0" in line and "gpu=0 " in line

@@ -86,7 +86,7 @@ def test_cli_lists_it():
 
     from modalmill.cli import main
 
-    out = CliRunner().invoke(main, ["labelers"]).output
+    out = CliRunner().invoke(main, ["labelers", "--wide"]).output
     line = next(ln for ln in out.splitlines() if ln.startswith("sam "))
     assert "sam_mask,sam_edge" in line and "sam_vit_h_4b8939.pth" in line and "Apache-2.0" in line
     assert "gpu=0.5" in line and "actor pool" in line

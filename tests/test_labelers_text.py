@@ -65,7 +65,7 @@ def test_registry_entry_is_complete_and_frozen(name):
             cls.make_config({"min_new_tokens": 50, "max_new_tokens": 10})
     else:
         assert cls.weights == "google/t5-v1_1-xxl" and cls.requires == ("caption",) and cls.Config().max_length == 77
-    out = CliRunner().invoke(main, ["labelers"]).output
+    out = CliRunner().invoke(main, ["labelers", "--wide"]).output
     row = next(line for line in out.splitlines() if line.startswith(name + " "))
     assert cls.weights in row and cls.license in row and f"gpu={r.num_gpus:g}" in row
 

@@ -87,7 +87,7 @@ def test_same_input_gives_byte_identical_tars_and_rerun_does_nothing(ray_local, 
     again = run_job(spec(inp, a), show_progress=False)
     assert again["shards_processed"] == 0 and again["shards_skipped"] == 2 and again["samples_read"] == 0
     assert mtimes == {p: os.stat(p).st_mtime_ns for p in (a / "rgb").iterdir()}
-    assert len(manifest.list_runs(str(a))) == 2
+    assert len(manifest.list_runs(str(a))) == 1  # the rerun had nothing to do: it wrote no run record either
 
 
 def test_only_adds_a_modality_without_rewriting_others(ray_local, demo_corpus, tmp_path):
@@ -251,8 +251,18 @@ def test_actor_pools_always_leave_room_for_a_shard_task():
     assert sum(res.num_cpus for _, res, _, _ in plans) <= 1.0 and all(res.num_cpus > 0 for _, res, _, _ in plans)
     # explicit requests are kept, and when they leave no room that is a clear error
     plans = [("a", Resources(num_cpus=2), 1, True)]
-    with pytest.raises(ValueError, match="leaving none for the shard tasks"):
+    with pytest.raises(ValueError, match=r"reserve 2 of the cluster's 2 CPUs \(a \(1 x 2\)\), leaving 0: less than "
+                                         r"one shard task's 1 \(ray.shard_cpus\)"):
         _leave_room_for_shard_tasks(plans, shard_cpus=1.0, total_cpus=2.0)
+    # what is left is said as it is (0.5 CPU left is not "none"), and only explicit requests count against it
+    plans = [("a", Resources(num_cpus=0.5), 1, True), ("b", Resources(num_cpus=1), 1, False)]
+    with pytest.raises(ValueError, match=r"reserve 0.5 of the cluster's 1 CPUs \(a \(1 x 0.5\)\), leaving 0.5: "
+                                         r"less than one shard task's 1"):
+        _leave_room_for_shard_tasks(plans, shard_cpus=1.0, total_cpus=1.0)
+    # a default request shrinks as far as it must, to 0 on a one-CPU cluster (the actor then shares the CPU)
+    plans = [("a", Resources(num_cpus=1), 2, False)]
+    _leave_room_for_shard_tasks(plans, shard_cpus=1.0, total_cpus=1.0)
+    assert plans[0][1].num_cpus == 0
     plans = [("a", Resources(num_cpus=0.5), 2, True), ("b", Resources(num_cpus=1), 1, False)]
     _leave_room_for_shard_tasks(plans, shard_cpus=0.5, total_cpus=2.0)
     assert plans[0][1].num_cpus == 0.5 and plans[1][1].num_cpus == 0.5

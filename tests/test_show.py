@@ -278,6 +278,12 @@ def test_stats_json_matches_independent_counts(output):
         assert got["mean"] == pytest.approx(sum(values) / len(values))
     widths = [Image.open(io.BytesIO(b)).size[0] for _, b in members["rgb"]]
     assert st["modalities"]["rgb"]["ranges"]["width"]["max"] == max(widths)
+    # a caption member holds one entry per crop row (2 here): counted as such, distinct texts apart
+    captions = [json.loads(b) for _, b in members["caption"]]
+    got = st["modalities"]["caption"]["ranges"]
+    assert all(len(c) == 2 for c in captions) and (got["entries"]["min"], got["entries"]["max"]) == (2, 2)
+    distinct = [len({e["caption"] if isinstance(e, dict) else e for e in c}) for c in captions]
+    assert (got["distinct"]["min"], got["distinct"]["max"]) == (min(distinct), max(distinct))
 
     r = CliRunner().invoke(main, ["stats", str(output)])
     assert r.exit_code == 0 and "label:test_caption_or_fail: chosen to fail" in r.output
@@ -304,3 +310,43 @@ def test_a_plugin_modality_is_drawn_by_its_kind_until_it_registers_a_renderer():
     finally:
         RENDERERS.pop(spec.name, None)
     assert renderer_for(spec) is KIND_RENDERERS[PIXEL]
+
+
+# ============================================================================ fonts
+
+
+def test_text_in_any_script_is_drawn_with_real_glyphs_falling_back_per_character():
+    """An img2dataset alt-text with accents, a dash, CJK and emoji: every character whose glyph any installed font
+    has is drawn with that font (its bitmap is not the font's .notdef box), one character at a time."""
+    from PIL import ImageDraw
+
+    from modalmill.jobs.show.canvas import _draw_text, _font
+    from modalmill.jobs.show.fonts import NOTDEF, FontChain, font_files, fontconfig_file
+
+    chain = _font(13)
+    for ch in "naïve café — ☕ ÅØß":  # DejaVu Sans (this machine kind's system font) has all of them
+        if not ch.isspace():
+            assert chain.has(chain.font_for(ch), ch), ch
+    assert not chain.missing
+    # the drawn pixels of "ï" are not the box the font draws for a character it lacks
+    def drawn(text, font):
+        img = Image.new("L", (40, 30), 0)
+        _draw_text(ImageDraw.Draw(img), (2, 2), text, 255, font)
+        return np.asarray(img)
+    first = chain.font_for("ï")
+    assert drawn("ï", chain).any() and not np.array_equal(drawn("ï", chain), drawn(NOTDEF, first))
+    # per character: DejaVu Sans Mono lacks the emoji, DejaVu Sans (next in the chain) has it
+    sans = next(p for p in font_files() if p.endswith("DejaVuSans.ttf"))
+    mono = os.path.join(os.path.dirname(sans), "DejaVuSansMono.ttf")
+    two = FontChain(13, files=(mono, sans))
+    assert [f.path for _, f in two.runs("ok 😀")] == [mono, sans]
+    assert not two.has(two.fonts[0], "😀") and two.has(two.fonts[1], "😀")
+    assert not np.array_equal(drawn("😀", two), drawn(NOTDEF, two.fonts[1]))
+    # CJK: drawn with any installed font that has it (found through fontconfig), else said to be missing
+    cjk = chain.font_for("中")
+    if fontconfig_file("中"):
+        assert chain.has(cjk, "中") and "中" not in chain.missing
+    else:
+        assert "中" in chain.missing  # no font on this machine has it: fonts-noto-cjk would
+    res = render_values({"caption": ["naïve café ☕ 中文"]})
+    assert res.panels[0].ok

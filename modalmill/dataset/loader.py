@@ -47,8 +47,10 @@ JSON / text (caption, det, metadata, ...)   the Python object (``json.loads``); 
 ``sam_instance``                            the stored object array; with ``text_tokenizer`` see below
 ========================================== =========================================================
 
-Images differ in size between samples, so batch with a collate function that crops (``crop_settings``) or
-use ``DataLoader(batch_size=None)``. ``decode=False`` yields each modality's raw member bytes instead.
+Images differ in size between samples: to batch them, pass ``transform=FourMCrops(size=224)`` (one
+``crop_settings`` row per sample applied to every pixel modality, as 4M's loader does;
+:mod:`modalmill.dataset.transforms`) and ``collate_fn=collate`` to the DataLoader, or use
+``DataLoader(batch_size=None)``. ``decode=False`` yields each modality's raw member bytes instead.
 
 **Text-like modalities as token ids** (``text_tokenizer=``: a ``tokenizers.Tokenizer``, the path of a
 ``text_tokenizer.json`` or of a directory holding one, local or ``s3://``, or ``True`` for the one
@@ -68,6 +70,7 @@ key                       value
 ``<modality>.raw``        the decoded label, as without ``text_tokenizer``
 ``__crop__``              (when ``crop`` is set) the ``crop_settings`` row used: crop the image modalities
                           with ``crop_settings[__crop__]`` and take row ``__crop__`` of every ``tok_*``
+                          (``__crop_row__``: that row, ``torch.long [5]``; with or without ``text_tokenizer``)
 ========================= ==================================================================================
 
 ``crop``: None (default) serialises in the frame of the whole stored image (``sam_instance``, which only exists
@@ -176,7 +179,7 @@ class ModalDataset(IterableDataset):
                  seed: int = 0, epoch: int = 0, rank: int | None = None, world_size: int | None = None,
                  shuffle_buffer: int = 0, decode: bool = True, text_tokenizer: Any = None,
                  crop: int | str | None = None, text_augment: bool = True,
-                 text_max_tokens: int | dict[str, int] | None = None):
+                 text_max_tokens: int | dict[str, int] | None = None, transform: Any = None):
         super().__init__()
         if isinstance(modalities, str):
             modalities = [m.strip() for m in modalities.split(",") if m.strip()]
@@ -194,6 +197,12 @@ class ModalDataset(IterableDataset):
         self.shuffle_buffer, self.decode = int(shuffle_buffer), bool(decode)
         self.rank, self.world_size = _resolve_rank(rank, world_size)
         self.crop = _check_crop(crop)
+        self.transform = transform
+        wanted = getattr(transform, "loader_crop", None)  # a FourMCrops: the loader picks its row (seeded)
+        if wanted is not None:
+            if self.crop is not None and self.crop != wanted:
+                raise ValueError(f"crop={crop!r} and the transform's crop ({transform!r}) disagree: give one")
+            self.crop = _check_crop(wanted)
         self.text_augment = bool(text_augment)
         self._text_tok: Any = None
         self._text_tok_json: str | None = None
@@ -380,7 +389,7 @@ class ModalDataset(IterableDataset):
         for m in self.modalities:
             out[m] = to_torch(self.specs[m], decoded[m])
         if self.crop is None and not self.text_modalities:
-            return out
+            return self.transform(out) if self.transform is not None else out
         crop_row, crop_index = None, None
         if self.crop is not None:
             crops = decoded["crop_settings"] if "crop_settings" in decoded else self._decode_member("crop_settings",
@@ -395,9 +404,10 @@ class ModalDataset(IterableDataset):
                 crop_index = self.crop
             crop_row = [int(c) for c in crops[crop_index]]
             out["__crop__"] = crop_index
+            out["__crop_row__"] = torch.tensor(crop_row, dtype=torch.long)
         if self.text_modalities:
             self._add_text(out, decoded, sample, crop_row, crop_index)
-        return out
+        return self.transform(out) if self.transform is not None else out
 
     def _image_hw(self, decoded: dict, sample: dict) -> tuple[int, int]:
         if "rgb" in decoded:
@@ -447,19 +457,21 @@ def load_dataset(root: str, modalities: list[str] | tuple[str, ...] | str, *, sh
                  seed: int = 0, epoch: int = 0, rank: int | None = None, world_size: int | None = None,
                  shuffle_buffer: int = 0, decode: bool = True, text_tokenizer: Any = None,
                  crop: int | str | None = None, text_augment: bool = True,
-                 text_max_tokens: int | dict[str, int] | None = None) -> ModalDataset:
+                 text_max_tokens: int | dict[str, int] | None = None, transform: Any = None) -> ModalDataset:
     """Stream the completed shards of the output ``root`` (local path or ``s3://`` URL) as aligned samples.
 
     ``modalities``: the modality folders to read (a list, or a comma-separated string). ``text_tokenizer``
     (a ``tokenizers.Tokenizer``, a path, or True for ``ROOT/_modalmill/tokenizers/text``) turns the text-like
     modalities into 4M's token ids; ``crop`` (None, a row index, or ``"random"``) picks the ``crop_settings`` row
-    they are serialised for. See the :mod:`modalmill.dataset.loader` docstring for ordering, splitting and
-    what a sample holds.
+    they are serialised for. ``transform``: called on every decoded sample (in the DataLoader's workers);
+    :class:`~modalmill.dataset.FourMCrops` crops and resizes every pixel modality with one crop row and picks the
+    same row of every per-crop modality, so :func:`~modalmill.dataset.collate` can batch the samples. See the
+    :mod:`modalmill.dataset.loader` docstring for ordering, splitting and what a sample holds.
     """
     return ModalDataset(root, modalities, shuffle_shards=shuffle_shards, seed=seed, epoch=epoch, rank=rank,
                         world_size=world_size, shuffle_buffer=shuffle_buffer, decode=decode,
                         text_tokenizer=text_tokenizer, crop=crop, text_augment=text_augment,
-                        text_max_tokens=text_max_tokens)
+                        text_max_tokens=text_max_tokens, transform=transform)
 
 
 def _check_crop(crop: Any) -> int | str | None:

@@ -66,8 +66,14 @@ def demo_job(workdir: str, mediapipe: bool | None = None) -> tuple[JobSpec, str,
                 "`modalmill demo`.\n" + yaml.safe_dump(data, sort_keys=False))
     os.makedirs(workdir, exist_ok=True)
     job_path = os.path.join(workdir, "demo.yaml")
-    with open(job_path, "w") as f:
-        f.write(text)
+    try:
+        with open(job_path) as f:
+            same = f.read() == text
+    except OSError:
+        same = False
+    if not same:  # a rerun leaves the file as it is
+        with open(job_path, "w") as f:
+            f.write(text)
     return load_job(job_path), job_path, note
 
 
@@ -107,7 +113,8 @@ def demo_text_tokenizer(output: str) -> dict:
     from ..tokenize.text import train_text_tokenizer_on_output
     from ..tokenize.train import default_out
 
-    info = train_text_tokenizer_on_output(output, default_out(output, "text"))
+    info = train_text_tokenizer_on_output(output, default_out(output, "text"), keep_if_trained=True)
     print(f"text tokenizer: {info['path']} (4M's WordPiece layout: {info['vocab_size']} tokens, "
-          f"{info['learned_pieces']} word pieces learned from {info['captions']} captions)", flush=True)
+          f"{info['learned_pieces']} word pieces learned from {info['captions']} captions"
+          + ("; already trained on these captions: kept" if info.get("kept") else "") + ")", flush=True)
     return info

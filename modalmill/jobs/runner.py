@@ -471,7 +471,8 @@ def _run_job(job: JobPlan, address: str | None, show_progress: bool, on_submit: 
     summary["exit_code"] = (EXIT_SHARDS_FAILED if failed else
                             EXIT_SAMPLES_FAILED if summary["samples_failed"] or summary["samples_dropped"] else EXIT_OK)
     try:
-        manifest.write_run(spec.output, run_id, summary)
+        if done or failed or problems:  # a run with nothing to do leaves the output as it was: no record
+            manifest.write_run(spec.output, run_id, summary)
     except OSError as e:  # e.g. the disk filled up: the shards' own results are already recorded (or failed)
         summary["run_record_error"] = f"could not write the run record: {type(e).__name__}: {e}"
         print(f"modalmill: warning: {summary['run_record_error']}", file=sys.stderr)

@@ -15,7 +15,8 @@ without markers, every shard of its folder layout) and reports:
 - pixel labels, feature maps and global embeddings: min / max / mean over all values;
 - ``rgb``: width and height ranges; ``metadata``: min / max / mean of every numeric field;
   ``det``/``sam_mask``: instances per sample; ``human_poses``/``pose_keypoints``: people per sample;
-  ``caption``: distinct captions per sample and characters per caption; ``crop_settings``: crops per sample.
+  ``caption``: entries per sample (one per crop row), distinct texts among them and characters per text;
+  ``crop_settings``: crops per sample.
 
 Members that do not decode are counted under ``undecodable`` (``modalmill check`` says why).
 """
@@ -129,7 +130,8 @@ def _add(spec: ModalitySpec, value: Any, acc: _Acc) -> None:
     elif spec.name == "caption":
         items = value if isinstance(value, list) else [value]
         texts = list(dict.fromkeys(c.get("caption", "") if isinstance(c, dict) else str(c) for c in items))
-        acc.rng("captions").add(len(texts))  # distinct captions (the list repeats a caption once per crop row)
+        acc.rng("entries").add(len(items))  # one entry per crop row (4M-21's aligned captions)
+        acc.rng("distinct").add(len(texts))  # distinct texts among them (one caption per image is repeated)
         for text in texts:
             acc.rng("chars").add(len(text))
     elif spec.name == "crop_settings":

@@ -242,8 +242,12 @@ def _demo_tokenize(output: str, force: bool, show_progress: bool, steps: int) ->
         print(f"training a tiny {source} tokenizer ({quantizer}, {steps} steps) on {output} ...", flush=True)
         report = train_tokenizer(source, output, preset="tiny", quantizer=quantizer, steps=steps, workers=1,
                                  cpus_per_worker=1, force=force, show_progress=show_progress)
-        for line in format_report(report):
-            print(line)
+        if report.get("skipped"):
+            print(f"{source}: already trained with this config on these labels: kept as it is "
+                  f"({report['checkpoint']})")
+        else:
+            for line in format_report(report):
+                print(line)
         used, size = report["after"]["codes_used"], report["codebook_size"]
         print(f"{source}: held-out codebook usage {used}/{size} codes"
               + ("" if 2 * used >= size else " - BELOW HALF: this tokenizer has collapsed onto a few codes"))

@@ -21,6 +21,7 @@ import ray
 from ..labelers.base import Resources, assigned_cpus
 from ..io import manifest, storage
 from ..io.cluster import local_s3_env
+from .placement import PlacementWatch
 from .shard import LabelerRun, ShardAbort, ShardTask, call_local, local_labeler, process_shard
 
 
@@ -297,24 +298,28 @@ def fit_resources(name: str, defaults: Resources, overrides: dict | None, node: 
 
 def _leave_room_for_shard_tasks(plans: list, shard_cpus: float, total_cpus: float) -> None:
     """Actor pools must leave at least one shard task's CPUs free, or the job waits forever. Default CPU
-    requests shrink (proportionally) to make room; explicit ones that leave no room are a clear error."""
+    requests shrink (proportionally, down to 0: such an actor then shares the CPUs with the shard tasks) to make
+    room; explicit ones that alone leave no room are a clear error."""
     need = sum(res.num_cpus * n for _, res, n, _ in plans)
-    room = total_cpus - shard_cpus
+    room = total_cpus - shard_cpus  # what the actors may hold
     if need <= room + 1e-9:
         return
     fixed = sum(res.num_cpus * n for _, res, n, explicit in plans if explicit)
     flexible = need - fixed
-    if flexible <= 0 or room - fixed <= 0:
-        names = ", ".join(f"{name} ({n} x {res.num_cpus:g})" for name, res, n, _ in plans)
-        raise ValueError(f"the labeler actors reserve {need:g} of the cluster's {total_cpus:g} CPUs ({names}), "
-                         f"leaving none for the shard tasks (ray.shard_cpus = {shard_cpus:g}): lower "
-                         "labelers.NAME.resources.num_cpus or labelers.NAME.workers, or ray.shard_cpus")
-    scale = (room - fixed) / flexible
+    if fixed > room + 1e-9:
+        names = ", ".join(f"{name} ({n} x {res.num_cpus:g})" for name, res, n, explicit in plans if explicit)
+        left = max(0.0, total_cpus - fixed)
+        raise ValueError(f"the labeler actors' explicit CPU requests reserve {fixed:g} of the cluster's "
+                         f"{total_cpus:g} CPUs ({names}), leaving {left:g}: less than one shard task's "
+                         f"{shard_cpus:g} (ray.shard_cpus); lower labelers.NAME.resources.num_cpus or "
+                         "labelers.NAME.workers, or ray.shard_cpus")
+    scale = max(0.0, room - fixed) / flexible
     for i, (name, res, n, explicit) in enumerate(plans):
         if not explicit:
             plans[i] = (name, Resources(**{**res.__dict__, "num_cpus": round(res.num_cpus * scale, 4)}), n, False)
     print(f"modalmill: labeler actors' default CPU requests scaled by {scale:.2f} to leave {shard_cpus:g} CPU(s) "
-          f"of {total_cpus:g} for shard tasks", file=sys.stderr)
+          f"of {total_cpus:g} for shard tasks" + (" (the actors share the CPUs with the shard tasks)"
+                                                  if scale == 0 else ""), file=sys.stderr)
 
 
 def make_pools(runs: list[LabelerRun], settings: dict, shard_cpus: float = 1.0,
@@ -327,9 +332,9 @@ def make_pools(runs: list[LabelerRun], settings: dict, shard_cpus: float = 1.0,
 
 
 def start_pools(runs: list[LabelerRun], settings: dict, shard_cpus: float = 1.0,
-                env: dict[str, str] | None = None) -> dict[str, list]:
+                env: dict[str, str] | None = None, requests: dict[str, Resources] | None = None) -> dict[str, list]:
     """Create one actor pool per stateful labeler; the actors set themselves up in the background (see
-    :func:`wait_until_set_up`)."""
+    :func:`wait_until_set_up`). ``requests``, when given, receives the resources one actor of each pool asks."""
     pools: dict[str, list] = {}
     node = _largest_node()
     plans: list = []
@@ -346,6 +351,8 @@ def start_pools(runs: list[LabelerRun], settings: dict, shard_cpus: float = 1.0,
         if run.labeler not in by_name or run.labeler in pools:
             continue
         _, res, n, _ = by_name[run.labeler]
+        if requests is not None:
+            requests[run.labeler] = res
         # a killed actor is restarted and its in-flight batch retried once; a batch that keeps killing it is
         # split by the shard task until the poisoned sample is isolated and recorded
         opts = {**res.ray_options(), "max_restarts": -1, "max_task_retries": 1}
@@ -356,8 +363,9 @@ def start_pools(runs: list[LabelerRun], settings: dict, shard_cpus: float = 1.0,
 
 
 def wait_until_placed(pools: dict[str, list]) -> None:
-    """Block until Ray has placed every actor (it holds its CPUs, GPUs and custom resources), so shard tasks sent
-    afterwards can never take the resources an actor still waits for."""
+    """Block until Ray has placed every actor (it holds its CPUs, GPUs and custom resources), so the shard tasks
+    sent afterwards cannot take the resources an actor waits for at the start (an actor restarted later, after
+    its node died, competes with them: the executor's placement watch says when that stalls a job)."""
     refs = {h.placed.remote(): name for name, handles in pools.items() for h in handles}
     waited = 0.0
     while refs:
@@ -407,15 +415,18 @@ def wait_until_set_up(pools: dict[str, list]) -> None:
 def execute(tasks: Iterable[ShardTask], runs: list[LabelerRun], labeler_settings: dict, *, shard_cpus: float = 1.0,
             max_retries: int = 3, show_progress: bool = True, batches_in_flight: int | None = None,
             on_submit: Callable[[ShardTask], None] | None = None) -> list[dict]:
-    """Run the shard tasks on the connected Ray cluster; returns one summary per task.
+    """Run the shard tasks on the connected Ray cluster; returns one summary per task, in shard order.
 
     ``tasks`` may be a stream (a generator that is still planning): it is pulled only as the window of tasks in
     flight has room, so the first tasks run while later ones are planned. ``runs``: the labelers whose actor
     pools are started (every stateful labeler the tasks use must be among them). ``on_submit(task)`` is called
     as each task is handed to Ray. ``batches_in_flight``: how many batches each shard task keeps at the model actors
-    (default: 2 per actor of the pools it uses, at most 8)."""
-    from tqdm.auto import tqdm
+    (default: 2 per actor of the pools it uses, at most 8).
 
+    The steps: start the actor pools and wait until Ray has placed them (:func:`_place_pools`); then, in
+    :class:`_Execution`, keep a window of shard tasks at Ray, wait for the actors' set-up once the first tasks
+    are sent, collect results (a task whose worker died more often than its retries is run once more with its
+    model-free labelers isolated), draw progress, and say when Ray cannot place what the job waits for."""
     source = iter(tasks)
     first = next(source, None)
     if first is None:
@@ -423,100 +434,161 @@ def execute(tasks: Iterable[ShardTask], runs: list[LabelerRun], labeler_settings
     # input, output and s3:// weights: a Ray started before this process' S3 settings must still reach them
     env = local_s3_env(first.output, first.source.url,
                        *[str(v) for r in runs for v in r.config.values() if isinstance(v, str)])
-    # the actors set up (import torch, load weights) while the first shard tasks start, read and decode
-    pools = start_pools(runs, labeler_settings, shard_cpus, env)
+    pools, requests = _place_pools(runs, labeler_settings, shard_cpus, env)
+    run = _Execution(first, source, pools, requests, shard_cpus=shard_cpus, max_retries=max_retries, env=env,
+                     show_progress=show_progress, batches_in_flight=batches_in_flight, on_submit=on_submit,
+                     total=len(tasks) if isinstance(tasks, (list, tuple)) else None)
+    try:
+        run.loop()
+    finally:
+        run.close()
+    return sorted(run.results, key=lambda r: r["index"])
+
+
+def _on_this_node() -> dict:
+    """Scheduling options that keep a small driver-side actor on the driver's node when there is one (so a worker
+    node's death does not take it away; it costs no CPU)."""
+    try:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                      soft=True)}
+    except Exception:  # noqa: BLE001 - e.g. a Ray Client driver has no node of its own
+        return {}
+
+
+def _place_pools(runs: list[LabelerRun], settings: dict, shard_cpus: float,
+                 env: dict[str, str]) -> tuple[dict[str, list], dict[str, Resources]]:
+    """Start the actor pools, wait until Ray has placed every actor, then queue each actor's set-up (imports,
+    weights) as its first call: it runs while the first shard tasks start, read and decode. Returns the pools and
+    the resources one actor of each asks for."""
+    requests: dict[str, Resources] = {}
+    pools = start_pools(runs, settings, shard_cpus, env, requests=requests)
     try:
         wait_until_placed(pools)
-        for handles in pools.values():  # set up now (the call is queued first): imports, weights
+        for handles in pools.values():
             for h in handles:
                 h.ready.remote()
     except BaseException:
         kill_pools(pools)
         raise
-    checkpoints: dict[str, str] | None = None  # once every actor is set up: each pool's weights id
-    counter = ProgressCounter.remote()
-    remote = ray.remote(_run_shard).options(num_cpus=shard_cpus, max_retries=max_retries,
-                                            **({"runtime_env": {"env_vars": env}} if env else {}))
-    window = max(2, int(2 * ray.cluster_resources().get("CPU", 2) / max(shard_cpus, 0.01)))
-    disable = not show_progress or os.environ.get("TQDM_DISABLE") == "1"
-    total = len(tasks) if isinstance(tasks, (list, tuple)) else None
-    shard_bar = tqdm(total=total, unit="shard", desc="shards", position=0, disable=disable)
-    sample_bar = tqdm(unit="sample", desc="samples", position=1, disable=disable)
-    results: list[dict] = []
-    retry: list[tuple[ShardTask, bool]] = []
-    pending: list[ShardTask | None] = [first]  # the next task pulled from the stream (None: the stream ended)
-    running: dict = {}
+    return pools, requests
 
-    pulled = [0]
 
-    def next_task() -> tuple[ShardTask, bool] | None:
-        if retry:
-            return retry.pop(0)
-        if pending[0] is None:
+class _Execution:
+    """One execution's state on the driver: the task stream, the window of tasks at Ray, retries, results,
+    progress bars and the placement watch. :meth:`loop` runs it; :meth:`close` always runs after."""
+
+    def __init__(self, first: ShardTask, source, pools: dict[str, list], requests: dict[str, Resources], *,
+                 shard_cpus: float, max_retries: int, env: dict[str, str], show_progress: bool,
+                 batches_in_flight: int | None, on_submit, total: int | None):
+        from tqdm.auto import tqdm
+
+        self.first, self.source, self.pools = first, source, pools
+        self.in_flight, self.on_submit = batches_in_flight, on_submit
+        self.checkpoints: dict[str, str] | None = None  # each pool's weights id, once every actor is set up
+        self.counter = ProgressCounter.options(**_on_this_node()).remote()
+        self.remote = ray.remote(_run_shard).options(num_cpus=shard_cpus, max_retries=max_retries,
+                                                     **({"runtime_env": {"env_vars": env}} if env else {}))
+        # twice as many tasks as the cluster's CPUs can run at once: the next is queued when one ends
+        self.window = max(2, int(2 * ray.cluster_resources().get("CPU", 2) / max(shard_cpus, 0.01)))
+        disable = not show_progress or os.environ.get("TQDM_DISABLE") == "1"
+        self.shard_bar = tqdm(total=total, unit="shard", desc="shards", position=0, disable=disable)
+        self.sample_bar = tqdm(unit="sample", desc="samples", position=1, disable=disable)
+        self.results: list[dict] = []
+        self.retry: list[tuple[ShardTask, bool]] = []
+        self.upcoming: ShardTask | None = first  # the next task of the stream (None: the stream ended)
+        self.pulled = 0
+        self.running: dict = {}  # object ref -> (task, isolated)
+        self.watch = PlacementWatch(pools, requests, shard_cpus)
+
+    def next_task(self) -> tuple[ShardTask, bool] | None:
+        """A task to retry first, else the next of the stream (pulling one more ahead, so the end is known)."""
+        if self.retry:
+            return self.retry.pop(0)
+        if self.upcoming is None:
             return None
-        t = pending[0]
-        pending[0] = next(source, None)
-        pulled[0] += 1
-        if pending[0] is None and shard_bar.total is None:  # the stream ended: now the bar knows its total
-            shard_bar.total = pulled[0]
-            shard_bar.refresh()
+        t = self.upcoming
+        self.upcoming = next(self.source, None)
+        self.pulled += 1
+        if self.upcoming is None and self.shard_bar.total is None:  # the stream ended: the bar knows its total
+            self.shard_bar.total = self.pulled
+            self.shard_bar.refresh()
         return t, False
 
-    try:
+    def submit(self) -> None:
+        while len(self.running) < self.window:
+            nxt = self.next_task()
+            if nxt is None:
+                return
+            t, isolate = nxt
+            ref = self.remote.remote(t, self.pools, self.counter, isolate, self.in_flight, self.checkpoints)
+            self.running[ref] = (t, isolate)
+            if not isolate and self.on_submit is not None:
+                self.on_submit(t)
+
+    def await_set_up(self) -> None:
+        """Once, after the first tasks are sent: wait until every actor is set up and ask each pool's weights id
+        (every actor of a pool loaded the same weights; asked here, no later task waits for the answer behind the
+        batches queued at the actor). A set-up failure cancels the tasks sent (they could only fail on the
+        missing labeler; their temporary files are removed by :meth:`close`) and is raised."""
+        try:
+            wait_until_set_up(self.pools)
+            self.checkpoints = {name: _actor_get(handles[0].checkpoint_id.remote, name, ping=handles[0].ready.remote)
+                                for name, handles in self.pools.items()}
+        except BaseException:
+            for ref in self.running:
+                ray.cancel(ref, force=True)
+            raise
+
+    def collect(self, timeout: float = 0.5) -> None:
+        """Record the tasks that ended within ``timeout``. A task that raised (its worker died more often than
+        ``max_retries``: a task's own errors are returned values) is run once more with its model-free labelers in
+        throw-away processes; if that fails too, the shard is recorded as failed."""
+        done, _ = ray.wait(list(self.running), num_returns=1, timeout=timeout)
+        for ref in done:
+            task, isolated = self.running.pop(ref)
+            try:
+                res = ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - see the docstring
+                if not isolated:
+                    self.retry.append((task, True))
+                    continue
+                res = {"shard": task.shard, "index": task.source.index, "source": task.source.url,
+                       "mode": task.mode, "status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]}
+                try:
+                    if task.fence is not None:
+                        task.fence()
+                    manifest.write_failure(task.output, task.shard, res)
+                except Exception:  # noqa: BLE001 - the output itself may be what fails
+                    pass
+            self.results.append(res)
+            self.shard_bar.update(1)
+
+    def show_samples(self) -> None:
+        try:  # best effort: a counter lost with its node restarts from zero
+            n = ray.get(self.counter.get.remote(), timeout=5)
+            self.sample_bar.update(max(0, n - self.sample_bar.n))
+        except (ray.exceptions.RayError, TimeoutError):
+            pass
+
+    def loop(self) -> None:
         while True:
-            while len(running) < window:
-                nxt = next_task()
-                if nxt is None:
-                    break
-                t, isolate = nxt
-                running[remote.remote(t, pools, counter, isolate, batches_in_flight, checkpoints)] = (t, isolate)
-                if not isolate and on_submit is not None:
-                    on_submit(t)
-            if checkpoints is None:
-                try:
-                    wait_until_set_up(pools)
-                    # every actor of a pool loaded the same weights: asked once here, so no later shard task's
-                    # start waits for the answer behind the batches already queued at the actor
-                    checkpoints = {name: _actor_get(handles[0].checkpoint_id.remote, name,
-                                                    ping=handles[0].ready.remote)
-                                   for name, handles in pools.items()}
-                except BaseException:
-                    for ref in running:  # they could only fail on the missing labeler; nothing of theirs is kept
-                        ray.cancel(ref, force=True)
-                    raise
-            if not running:
-                break
-            done, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
-            for ref in done:
-                task, isolated = running.pop(ref)
-                try:
-                    res = ray.get(ref)
-                except Exception as e:  # noqa: BLE001 - the shard's worker died more often than max_retries
-                    if not isolated:  # once more, with labelers in throw-away processes
-                        retry.append((task, True))
-                        continue
-                    res = {"shard": task.shard, "index": task.source.index, "source": task.source.url,
-                           "mode": task.mode, "status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]}
-                    try:
-                        if task.fence is not None:
-                            task.fence()
-                        manifest.write_failure(task.output, task.shard, res)
-                    except Exception:  # noqa: BLE001
-                        pass
-                results.append(res)
-                shard_bar.update(1)
-            try:  # progress is best effort: a counter lost with its node restarts from zero
-                n = ray.get(counter.get.remote(), timeout=5)
-                sample_bar.update(max(0, n - sample_bar.n))
-            except (ray.exceptions.RayError, TimeoutError):
-                pass
-    finally:
-        shard_bar.close()
-        sample_bar.close()
-        kill_pools(pools)
-        ray.kill(counter)
-        remove_stale_temp_files(first.output)
-    return sorted(results, key=lambda r: r["index"])
+            self.submit()
+            if self.checkpoints is None:
+                self.await_set_up()
+            if not self.running:
+                return
+            self.collect()
+            self.show_samples()
+            self.watch.check(len(self.running))
+
+    def close(self) -> None:
+        self.shard_bar.close()
+        self.sample_bar.close()
+        kill_pools(self.pools)
+        ray.kill(self.counter)
+        remove_stale_temp_files(self.first.output)
 
 
 def remove_stale_temp_files(root: str) -> None:

@@ -78,6 +78,12 @@ class TokenizerData:
             raise DataError(f"{root}: no shard has {lab!r} (the output has {', '.join(have)}); label it first: "
                             f"modalmill label ... --only {lab}")
         keys = [k for n in self.shards for k in markers[n]["keys"]]
+        # what the tokenizer trains on, by content: the shards used and the sha256 of each tar read
+        digest = hashlib.sha256()
+        for n in self.shards:
+            for m in sorted(need | set(self.read_modalities())):
+                digest.update(f"{n}/{m}:{markers[n]['modalities'].get(m, {}).get('sha256', '')}\n".encode())
+        self.fingerprint = digest.hexdigest()
         n_hold = math.ceil(holdout_fraction * len(keys)) if holdout_fraction > 0 else 0
         if len(keys) >= 2:
             n_hold = min(max(n_hold, 1 if holdout_fraction > 0 else 0), len(keys) - 1)

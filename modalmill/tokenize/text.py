@@ -40,6 +40,7 @@ the ids are 4M-21's (``tests/test_text_4m_reference.py`` against ids made by ml-
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from typing import Any, Iterable, Iterator
@@ -228,16 +229,38 @@ def caption_texts(root: str) -> Iterator[str]:
                     yield text
 
 
-def train_text_tokenizer_on_output(root: str, out: str, vocab_size: int = 30_000) -> dict[str, Any]:
-    """Train the WordPiece tokenizer on an output's captions; writes ``out/text_tokenizer.json``."""
+TRAINED_ON_FILE = "trained_on.json"  # beside the tokenizer: the sha256 of the captions and the vocabulary size
+
+
+def train_text_tokenizer_on_output(root: str, out: str, vocab_size: int = 30_000,
+                                   keep_if_trained: bool = False) -> dict[str, Any]:
+    """Train the WordPiece tokenizer on an output's captions; writes ``out/text_tokenizer.json`` and
+    ``out/trained_on.json`` (what it was trained on). ``keep_if_trained``: when ``out`` already holds a tokenizer
+    trained on these very captions with this vocabulary size, keep it (training is not bit-for-bit repeatable:
+    the trainer's parallel merges may order ties differently) and return its info with ``"kept": True``."""
+    import hashlib
+
     from ..io import storage
 
     texts = list(caption_texts(root))
     if not texts:
         raise ValueError(f"{root}: no captions to train the text tokenizer on (label 'caption' first)")
+    trained_on = {"captions_sha256": hashlib.sha256("\n".join(texts).encode()).hexdigest(), "captions": len(texts),
+                  "vocab_size_asked": vocab_size}
+    url, record = storage.join(out, TOKENIZER_FILE), storage.join(out, TRAINED_ON_FILE)
+    if keep_if_trained:
+        try:
+            if json.loads(storage.read_bytes(record)) == trained_on:
+                from tokenizers import Tokenizer
+
+                tok = Tokenizer.from_str(storage.read_bytes(url).decode())
+                return {"path": url, "vocab_size": tok.get_vocab_size(), "captions": len(texts),
+                        "learned_pieces": tok.get_vocab_size() - len(fixed_tokens()), "kept": True}
+        except (FileNotFoundError, OSError, ValueError):
+            pass
     tok = train_text_tokenizer(texts, vocab_size=vocab_size)
-    url = storage.join(out, TOKENIZER_FILE)
     storage.write_bytes(url, tok.to_str().encode())
+    storage.write_bytes(record, json.dumps(trained_on, indent=1, sort_keys=True).encode())
     return {"path": url, "vocab_size": tok.get_vocab_size(), "captions": len(texts),
             "learned_pieces": tok.get_vocab_size() - len(fixed_tokens())}
 

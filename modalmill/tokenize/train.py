@@ -516,6 +516,7 @@ def _write_report(cfg, out, model, adapter, data, held, device, location, step, 
         "held_out": {"samples": len(data.holdout), "items": int(len(held)), "of_samples": data.n_keys},
         "before": extra["before"], "after": after, "baseline": baseline_metrics(adapter, held),
         "history": extra["history"], "data": {"per_worker": workers_info},
+        **loop.get("fingerprint", {}),  # what it trained on: a rerun with the same hashes skips training
     }
     pic = reconstruction_picture(model, adapter, held, device, cfg["train"]["n_pictures"])
     if pic is not None:
@@ -586,6 +587,30 @@ def default_out(data: str, source: str) -> str:
     return storage.join(data, "_modalmill", "tokenizers", source)
 
 
+def _config_hash(cfg: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def finished_report(out: str, fingerprint: dict[str, str]) -> dict | None:
+    """The report of a tokenizer in ``out`` that finished training with this config on this data (the hashes in
+    ``fingerprint``, as its report records them) and whose checkpoint is still the one the report names; else
+    None."""
+    try:
+        report = json.loads(storage.read_bytes(storage.join(out, ckpt.REPORT_FILE)))
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+    if any(report.get(k) != v for k, v in fingerprint.items()):
+        return None
+    try:
+        if ckpt.checkpoint_hash(report["checkpoint"]) != report.get("checkpoint_hash"):
+            return None
+    except Exception:  # noqa: BLE001 - a missing or unreadable checkpoint: train
+        return None
+    return report
+
+
 def train_tokenizer(modality: str, data: str, out: str | None = None, *, config: dict | str | None = None,
                     preset: str | None = None, quantizer: str | None = None, steps: int | None = None,
                     workers: int = 1, use_gpu: bool = False, cpus_per_worker: float | None = None,
@@ -603,10 +628,18 @@ def train_tokenizer(modality: str, data: str, out: str | None = None, *, config:
         overrides["train"] = {**overrides["train"], "steps": int(steps)}
     cfg = resolve_config(modality, data, preset, overrides, quantizer)
     out = out or default_out(data, modality)
+    from .data import TokenizerData
+
+    fingerprint = {"config_sha256": _config_hash(cfg),
+                   "data_sha256": TokenizerData(data, cfg["modality"], cfg["train"]["holdout_fraction"]).fingerprint}
+    if not force:
+        done = finished_report(out, fingerprint)
+        if done is not None:  # trained to the end on these very labels with this config: nothing to do
+            return {**done, "skipped": True}
     if force:
         for name in (ckpt.STATE_FILE, ckpt.MODEL_FILE, ckpt.REPORT_FILE, ckpt.PICTURE_FILE, ckpt.CONFIG_FILE):
             storage.remove(storage.join(out, name), missing_ok=True)
-    loop = {"config": cfg, "out": out, "data": data, "progress": show_progress}
+    loop = {"config": cfg, "out": out, "data": data, "progress": show_progress, "fingerprint": fingerprint}
     if not use_ray:
         train_loop(loop)
     else:

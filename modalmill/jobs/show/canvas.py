@@ -11,7 +11,9 @@ from typing import Any
 
 import cv2
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
+
+from .fonts import FontChain, font_chain
 
 
 PANEL = 320  # the picture area of a panel (square)
@@ -45,8 +47,17 @@ class Context:
     tokenizers: dict[str, Any] = field(default_factory=dict)  # modality -> loaded tokenizer
 
 
-def _font(size: int = 13) -> ImageFont.ImageFont:
-    return ImageFont.load_default(size=size)
+def _font(size: int = 13) -> FontChain:
+    """The fonts text is drawn with: a chain tried per character (:mod:`.fonts`), so any script gets glyphs."""
+    return font_chain(size)
+
+
+def _draw_text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, fill, font) -> None:
+    """``draw.text`` through a font chain: each run of characters with the font that has them."""
+    if isinstance(font, FontChain):
+        font.text(draw, xy, text, fill)
+    else:
+        draw.text(xy, text, fill=fill, font=font)
 
 
 def _fit(img: Image.Image, size: int = PANEL, nearest: bool = False) -> Image.Image:
@@ -65,9 +76,9 @@ def _text(lines: list[str], size: int = PANEL, font_size: int = 13, width_chars:
     for line in lines:
         for piece in textwrap.wrap(line, width_chars, subsequent_indent="  ") or [""]:
             if y > size - font_size - 4:
-                draw.text((6, y), "…", fill=INK, font=font)
+                _draw_text(draw, (6, y), "…", INK, font)
                 return img
-            draw.text((6, y), piece, fill=INK, font=font)
+            _draw_text(draw, (6, y), piece, INK, font)
             y += font_size + 4
     return img
 
@@ -128,9 +139,12 @@ def pca_rgb(x: np.ndarray) -> tuple[np.ndarray, float]:
 
 def _draw_label(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, colour, font) -> None:
     x, y = xy
-    box = draw.textbbox((x, y), text, font=font)
+    if isinstance(font, FontChain):
+        box = font.textbbox(draw, (x, y), text)
+    else:
+        box = draw.textbbox((x, y), text, font=font)
     draw.rectangle((box[0] - 2, box[1] - 1, box[2] + 2, box[3] + 1), fill=colour)
-    draw.text((x, y), text, fill=(255, 255, 255), font=font)
+    _draw_text(draw, (x, y), text, (255, 255, 255), font)
 
 
 def _hstack(tiles: list[Image.Image], labels: list[str] | None = None) -> Image.Image:
@@ -142,6 +156,6 @@ def _hstack(tiles: list[Image.Image], labels: list[str] | None = None) -> Image.
     for i, t in enumerate(tiles):
         out.paste(t, (x, 16 if labels else 0))
         if labels:
-            draw.text((x + 2, 1), labels[i], fill=INK, font=_font(11))
+            _draw_text(draw, (x + 2, 1), labels[i], INK, _font(11))
         x += t.width + 6
     return out

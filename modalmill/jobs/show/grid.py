@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 
 from ...io.tars import spec_for_folder
 from ...schemas.modalities import MODALITIES
-from .canvas import BG, COLUMNS, HEADER_H, INK, PAD, PANEL, TITLE_H, Context, _fit, _font, _text
+from .canvas import BG, COLUMNS, HEADER_H, INK, PAD, PANEL, TITLE_H, Context, _draw_text, _fit, _font, _text
 from .registry import renderer_for
 
 
@@ -54,7 +54,7 @@ def render_values(values: dict[str, Any], key: str = "", header: str = "", ctx: 
     cell_w, cell_h = PANEL + 2 * PAD, PANEL + TITLE_H + 2 * PAD
     canvas = Image.new("RGB", (cols * cell_w + PAD, HEADER_H + rows * cell_h + PAD), BG)
     draw = ImageDraw.Draw(canvas)
-    draw.text((PAD + 4, 7), header or f"key {key}", fill=INK, font=_font(15))
+    _draw_text(draw, (PAD + 4, 7), header or f"key {key}", INK, _font(15))
     title_font, sub_font = _font(14), _font(11)
     panels = []
     for i, m in enumerate(names):
@@ -76,8 +76,8 @@ def render_values(values: dict[str, Any], key: str = "", header: str = "", ctx: 
         draw.rectangle((x0 + PAD - 1, y0 + TITLE_H + PAD - 1, x0 + PAD + PANEL, y0 + TITLE_H + PAD + PANEL),
                        fill=(255, 255, 255), outline=(200, 200, 200))
         canvas.paste(pic, (px, py))
-        draw.text((x0 + PAD, y0 + PAD), m, fill=INK if ok else (190, 0, 0), font=title_font)
-        draw.text((x0 + PAD, y0 + PAD + 19), _clip(subtitle, 58), fill=(90, 90, 90), font=sub_font)
+        _draw_text(draw, (x0 + PAD, y0 + PAD), m, INK if ok else (190, 0, 0), title_font)
+        _draw_text(draw, (x0 + PAD, y0 + PAD + 19), _clip(subtitle, 58), (90, 90, 90), sub_font)
         panels.append(Panel(m, m, subtitle, (px, py, px + pic.width, py + pic.height), ok))
     return ShowResult(image=canvas, panels=panels, key=key)
 

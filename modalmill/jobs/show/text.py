@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ...schemas.modalities import ARRAY, TEXT
-from .canvas import INK, PANEL, _font, _text
+from .canvas import INK, PANEL, _draw_text, _font, _text
 from .registry import renders
 
 
@@ -38,7 +38,7 @@ def _r_palette(spec, value, ctx):
         flat = pal[k]
         triples = [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)]
         y0 = 4 + r * row_h
-        draw.text((4, y0 + row_h // 2 - 7), f"k={k}", fill=INK, font=font)
+        _draw_text(draw, (4, y0 + row_h // 2 - 7), f"k={k}", INK, font)
         sw = (PANEL - 40) / max(len(triples), 1)
         for j, c in enumerate(triples):
             draw.rectangle((36 + j * sw, y0 + 2, 36 + (j + 1) * sw - 3, y0 + row_h - 3), fill=c, outline=(90, 90, 90))

@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ...schemas.modalities import MODALITIES, TOKENS
-from .canvas import INK, _fit, _font, _hstack, id_colours
+from .canvas import INK, _draw_text, _fit, _font, _hstack, id_colours
 from .registry import renders
 
 
@@ -47,7 +47,7 @@ def _r_tokens(spec, value, ctx):
             gh, gw = grid.shape[:2]
             for j, tid in enumerate(row.tolist()):
                 r, c = divmod(j, gw)
-                draw.text((c * tile.width / gw + 3, r * tile.height / gh + 3), str(tid), fill=INK, font=font)
+                _draw_text(draw, (c * tile.width / gw + 3, r * tile.height / gh + 3), str(tid), INK, font)
         tiles.append(tile)
     vocab = f", vocab {spec.vocab_size}" if spec.vocab_size else ""
     return (_hstack(tiles, labels=[f"crop {i}" for i in range(len(tiles))]),
