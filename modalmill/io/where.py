@@ -135,3 +135,48 @@ def compile_where(text: str) -> Where:
     names: set[str] = set()
     _check(tree.body, names)
     return Where(text=text.strip(), tree=tree, fields=frozenset(names))
+
+
+# ---------------------------------------------------------------------- where a field's value comes from
+
+
+def needed_modalities(where: Where, available: set[str] | None = None) -> list[str]:
+    """The modality folders ``where`` reads: a field named like a registered modality is that modality's
+    scalar value (``nsfw_score``, ``clip_score``); every other field (but ``key``) is a ``metadata`` field."""
+    from ..schemas.modalities import MODALITIES
+
+    out = []
+    for f in sorted(where.fields):
+        if f == "key":
+            continue
+        m = f if f in MODALITIES and f != "metadata" else "metadata"
+        if m not in out:
+            out.append(m)
+    if available is not None:
+        missing = [m for m in out if m not in available]
+        if missing:
+            raise WhereError(f"--where {where.text!r} reads {', '.join(missing)}, which the output does not have "
+                             "(fields: metadata's, or a scalar modality's name)")
+    return out
+
+
+def record_of(key: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``{field: value}`` a where expression sees, from a sample's decoded modalities: the ``metadata``
+    dict's fields, each other modality as a number (a scalar or one-element array), and ``key``."""
+    import numpy as np
+
+    rec: dict[str, Any] = {}
+    meta = values.get("metadata")
+    if isinstance(meta, Mapping):
+        rec.update(meta)
+    for m, v in values.items():
+        if m == "metadata":
+            continue
+        arr = np.asarray(v)
+        if arr.size == 1 and arr.dtype.kind in "biuf":
+            rec[m] = arr.reshape(()).item()
+        elif isinstance(v, Mapping) and len(v) == 1:
+            (only,) = v.values()
+            rec[m] = only
+    rec["key"] = key
+    return rec

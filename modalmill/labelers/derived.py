@@ -70,7 +70,8 @@ From ``sam_mask`` (the SAM labeler's raw instances, before the tokenize stage cr
   (after its own IoU/stability/NMS filtering, the instances 4M's ``sam_instance`` modality is made from).
 
 Counts are ints; fractions are rounded to ``decimals`` places. ``watermark_score`` and
-``aesthetic_score`` are not computed here (they need the SAM labeler's output and scoring models).
+``aesthetic_score`` come from the input when the corpus carries them (``input_scores``, as the model-free
+labeler reads them: :mod:`modalmill.io.scores`); the scoring models are :mod:`modalmill.labelers.quality`.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ import numpy as np
 
 from ..schemas.modalities import get_modality
 from .base import Labeler, LabelFailure, LabelInput, register_labeler
-from .modelfree import MetadataLabeler, _clip_round
+from ..io.scores import DEFAULT_INPUT_SCORES
+from .modelfree import MetadataLabeler, _clip_round, checked_input_scores, metadata_config_dict
 from .semseg import COCO_PANOPTIC_CLASSES, N_COCO_THINGS, UNLABELLED
 
 __all__ = [
@@ -220,15 +222,21 @@ class DerivedMetadataLabeler(Labeler):
     class Config:
         decimals: int = 4  # float values are rounded to this many decimal places
         det_threshold: float = 0.6  # det instances with score >= this count (4M's loader threshold)
+        # metadata field -> source json column read from the input (io/scores.py); {} reads none
+        input_scores: Any = DEFAULT_INPUT_SCORES
 
         def __post_init__(self):
+            object.__setattr__(self, "input_scores", checked_input_scores(self.input_scores))
             if isinstance(self.decimals, bool) or not isinstance(self.decimals, int) or not 0 <= self.decimals <= 12:
                 raise ValueError(f"decimals must be an int in [0, 12], got {self.decimals!r}")
             if not (0 <= self.det_threshold <= 1):
                 raise ValueError(f"det_threshold must lie in [0, 1], got {self.det_threshold!r}")
 
+    def config_dict(self) -> dict[str, Any]:
+        return metadata_config_dict(self.config)
+
     def setup(self) -> None:
-        self._stats = MetadataLabeler({"decimals": self.config.decimals})
+        self._stats = MetadataLabeler({"decimals": self.config.decimals, "input_scores": self.config.input_scores})
 
     def derived(self, labels: dict[str, Any]) -> dict[str, float]:
         """The derived fields (unclipped, unrounded) from the required modalities' labels."""

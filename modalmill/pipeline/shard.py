@@ -37,6 +37,7 @@ from ..io import manifest, storage
 from ..io.crops import CropConfig, make_crop_settings
 from ..io.decode import DecodeConfig, DecodeError, decode_image, decode_stored_rgb
 from ..io.readers import RawSample, ShardSource, ShardTruncated, iter_samples, pick_image_member, zip_output
+from ..io.scores import parse_source, score_sources
 from ..io.text import INPUT, INPUT_OR_MODEL, MODEL, TextConfig, TextError, input_text, source_metadata
 from ..schemas.modalities import fit_to_crops
 from ..io.writers import ShardWriterSet, filter_tar
@@ -357,6 +358,7 @@ def _process_full(task: ShardTask, call, progress, stats: _Stats) -> dict:
     rows: list[SampleRow] = []
     keys: list[str] = []
     truncated = None
+    score_map = _score_mapping(task)
     writers = ShardWriterSet(out, shard, {m: get_modality(m).ext for m in task.write})
     labelling: _Labelling | None = None
     try:
@@ -364,6 +366,7 @@ def _process_full(task: ShardTask, call, progress, stats: _Stats) -> dict:
             with stats.timed("write"):
                 for it in alive:
                     writers.write_sample(it.row.key, {m: it.payloads[m] for m in task.write})
+                    _record_score_sources(it, score_map)
                     it.row.modalities = list(task.write)
                     it.row.producers = producer_rows
                     if task.text.caption_source == INPUT_OR_MODEL and it.row.caption_source in caption_rows:
@@ -465,7 +468,8 @@ def _prepare_full(task: ShardTask, raw: RawSample, row: SampleRow, stats: _Stats
     row.original_width, row.original_height = dec.original_size
     row.width, row.height = w, h
     crops = make_crop_settings(raw.key, h, w, task.crops, task.seed)
-    item = _Item(row=row, input=LabelInput(key=raw.key, image=dec.image, original_size=dec.original_size, crops=crops))
+    item = _Item(row=row, input=LabelInput(key=raw.key, image=dec.image, original_size=dec.original_size, crops=crops,
+                                           source=parse_source(row.source_json)))
     if "rgb" in task.write:
         item.payloads["rgb"] = dec.stored_bytes
     if "crop_settings" in task.write:
@@ -477,6 +481,22 @@ def _prepare_full(task: ShardTask, raw: RawSample, row: SampleRow, stats: _Stats
             row.fail("validate:caption", str(e))
             return None
     return item
+
+
+def _score_mapping(task: ShardTask) -> tuple | None:
+    """The input_scores mapping of the labeler that writes ``metadata`` in this task (None: no metadata written)."""
+    for run in task.labelers:
+        if "metadata" in run.outputs:
+            return tuple(getattr(run.instance().config, "input_scores", ()))
+    return None
+
+
+def _record_score_sources(item: _Item, mapping: tuple | None) -> None:
+    """The manifest row says which metadata scores came from the input (``score_sources``)."""
+    if mapping is None:
+        return
+    found = score_sources(item.input.source, mapping)
+    item.row.score_sources = json.dumps(found, sort_keys=True) if found else None
 
 
 def _commit_marker(task: ShardTask, keys: list[str], modalities: dict, summary: dict, stats: _Stats) -> None:
@@ -513,6 +533,8 @@ def _process_update(task: ShardTask, call, progress, stats: _Stats) -> dict:
             raise RuntimeError(f"{shard}: {m!r} is needed but the output has no {m!r} yet")
 
     prev_keys = list(prev["keys"])
+    score_map = _score_mapping(task)
+    score_updates: dict[str, str | None] = {}  # key -> score_sources of the samples whose metadata is rewritten
     ok_keys: list[str] = []
     newly_failed: dict[str, SampleRow] = {}
     writers = ShardWriterSet(out, shard, {m: get_modality(m).ext for m in task.write})
@@ -522,6 +544,8 @@ def _process_update(task: ShardTask, call, progress, stats: _Stats) -> dict:
             with stats.timed("write"):
                 for it in alive:
                     writers.write_sample(it.row.key, {m: it.payloads[m] for m in task.write})
+                    _record_score_sources(it, score_map)
+                    score_updates[it.row.key] = it.row.score_sources
                     ok_keys.append(it.row.key)
             for it in batch:
                 if it.row.status == FAILED:
@@ -552,7 +576,7 @@ def _process_update(task: ShardTask, call, progress, stats: _Stats) -> dict:
                 labels = {m: get_modality(m).decode(files[m]) for m in read_mods if m not in CORE}
             size = (row.original_width or image.shape[1], row.original_height or image.shape[0])
             item = _Item(row=row, input=LabelInput(key=key, image=image, original_size=size, crops=crops,
-                                                   labels=labels))
+                                                   labels=labels, source=parse_source(row.source_json)))
             if input_texts is not None:
                 text, problem = input_texts.get(key, (None, "caption text: the sample is no longer in the input"))
                 stage = "read"
@@ -611,6 +635,8 @@ def _process_update(task: ShardTask, call, progress, stats: _Stats) -> dict:
             mods = [m for m in r.modalities if m not in task.write] + list(task.write)
             prods = [p for p in r.producers if p["modality"] not in task.write] + list(new_producers.values())
             r = dataclasses.replace(r, modalities=mods, producers=prods)
+            if score_map is not None:
+                r.score_sources = score_updates.get(r.key)
             if r.key in sources:
                 r.caption_source = sources[r.key]
                 if task.text.caption_source == INPUT_OR_MODEL:
