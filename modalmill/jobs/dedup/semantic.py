@@ -83,7 +83,8 @@ def spherical_kmeans(x: np.ndarray, k: int, cfg: SemanticConfig, rng: np.random.
     centroids = train[torch.from_numpy(rng.choice(len(train), size=k, replace=False))].clone()
     for _ in range(cfg.iters):
         labels = (train @ centroids.T).argmax(dim=1)
-        sums = torch.zeros_like(centroids).index_add_(0, labels, train)
+        onehot = torch.nn.functional.one_hot(labels, k).to(train.dtype)  # a matmul: far faster than index_add_
+        sums = onehot.T @ train
         counts = torch.bincount(labels, minlength=k)
         empty = counts == 0
         if empty.any():  # re-seed empty clusters with random training points
