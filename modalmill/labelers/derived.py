@@ -23,6 +23,8 @@ labeler                         requires                                    adds
                                                                             caption_n_words, caption_n_sentences
 ``metadata_derived_4m21``       semseg_coco, det, normal, caption,          the above + n_sam_instances: every
                                 sam_mask                                    4M-21 field modalmill computes
+``metadata_quality``            aesthetic_score, watermark_score            aesthetic_score, watermark_score (a score
+                                                                            the input carries wins)
 ==============================  ==========================================  =========================================
 
 Pick one in the job spec (``labelers: {metadata_derived_geometry: {}}``) and run ``--only metadata --force``
@@ -114,7 +116,10 @@ SOURCES: dict[str, tuple[str, ...]] = {
     "normal": ("geometric_complexity",),
     "caption": ("caption_n_chars", "caption_n_words", "caption_n_sentences"),
     "sam_mask": ("n_sam_instances",),
+    "aesthetic_score": ("aesthetic_score",),  # the scalar modalities of labelers/quality.py
+    "watermark_score": ("watermark_score",),
 }
+SCORES = ("aesthetic_score", "watermark_score")  # an input's own score (io/scores.py) wins over the model's
 
 
 # ---------------------------------------------------------------------- the formulas
@@ -251,6 +256,9 @@ class DerivedMetadataLabeler(Labeler):
             out.update(caption_stats(labels["caption"]))
         if "sam_mask" in self.requires:
             out["n_sam_instances"] = sam_stats(labels["sam_mask"])
+        for score in SCORES:
+            if score in self.requires:
+                out[score] = float(np.asarray(labels[score], dtype=np.float64).reshape(-1)[0])
         return out
 
     def process_batch(self, batch: list[LabelInput]) -> list[dict[str, Any] | LabelFailure]:
@@ -273,6 +281,8 @@ class DerivedMetadataLabeler(Labeler):
                 continue
             meta = dict(base["metadata"])
             for name, value in derived.items():
+                if name in SCORES and name in meta:  # the input carried this score
+                    continue
                 meta[name] = int(value) if isinstance(value, (int, np.integer)) else \
                     _clip_round(name, value, self.config.decimals)
             results.append({"metadata": meta})
@@ -307,3 +317,6 @@ MetadataDerivedGeometry = derived_metadata_labeler("metadata_derived_geometry", 
 MetadataDerivedFull = derived_metadata_labeler("metadata_derived_full", ("semseg_coco", "det", "normal", "caption"))
 MetadataDerived4M21 = derived_metadata_labeler("metadata_derived_4m21",
                                                ("semseg_coco", "det", "normal", "caption", "sam_mask"))
+MetadataQuality = derived_metadata_labeler("metadata_quality", ("aesthetic_score", "watermark_score"),
+                                           description="image-statistics metadata + aesthetic_score and "
+                                                       "watermark_score (the input's, else LAION's models')")
