@@ -206,15 +206,26 @@ def check(output, as_json, no_parse, workers):
 
 @main.command()
 @click.argument("output")
-@click.option("--key", required=True, help="The sample key.")
+@click.option("--key", default=None, help="The sample key (required unless --dedup is given).")
 @click.option("--out", "out_file", default=None, help="PNG to write (default: ./<output>_<key>.png).")
 @click.option("--shard", default=None, help="Look only in this shard (e.g. shard-00003).")
 @click.option("--modalities", "-m", default=None, help="Only these modalities (comma-separated).")
 @click.option("--tokenizer", "tokenizers", multiple=True, metavar="M=PATH",
               help="Decode token modality M with the 4M-format tokenizer at PATH (VQ-VAE decoders).")
-def show(output, key, out_file, shard, modalities, tokenizers):
-    """Render every modality of one sample of OUTPUT into one PNG and print its path."""
+@click.option("--dedup", "dedup_name", default=None, metavar="NAME",
+              help="Draw a duplicate group of `modalmill dedup --name NAME` instead of one sample.")
+@click.option("--group", type=int, default=None, help="With --dedup: the group id [default: the largest group].")
+def show(output, key, out_file, shard, modalities, tokenizers, dedup_name, group):
+    """Render every modality of one sample of OUTPUT into one PNG (or a duplicate group) and print its path."""
     from .jobs.show import parse_tokenizers, show_sample
+
+    if dedup_name is not None:
+        from .jobs.show.dedup_group import show_group
+
+        click.echo(show_group(output, dedup_name, group=group, out=out_file))
+        return
+    if key is None:
+        raise click.UsageError("--key is required (or --dedup NAME to draw a duplicate group)")
 
     result = show_sample(output, key, out=out_file, shard=shard, modalities=_csv(modalities),
                          tokenizers=parse_tokenizers(tokenizers))

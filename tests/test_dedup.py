@@ -159,3 +159,20 @@ def test_bad_arguments_are_clear_errors(planted, tmp_path):
         read_dedup(out, "nope")
     with pytest.raises(FileNotFoundError, match="clip_global"):
         run_dedup(out, DedupConfig(method="semantic", modality="clip_global"), progress=False)
+
+
+def test_show_draws_a_duplicate_group_and_stats_runs(planted, tmp_path):
+    from PIL import Image
+
+    out, truth = planted
+    png = tmp_path / "group.png"
+    r = CliRunner().invoke(main, ["show", out, "--dedup", "near", "--out", str(png)])
+    assert r.exit_code == 0, r.output
+    table, _ = read_dedup(out, "near")
+    sizes = {}
+    for g in table.column("group").to_pylist():
+        sizes[g] = sizes.get(g, 0) + 1
+    img = Image.open(png)
+    assert img.width > max(sizes.values()) * 200  # one panel per member of the largest group
+    r = CliRunner().invoke(main, ["show", out, "--dedup", "near", "--group", "999", "--out", str(png)])
+    assert r.exit_code == 1 and "no group 999" in r.output

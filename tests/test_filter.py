@@ -152,3 +152,14 @@ def test_ml4m_loader_reads_the_filtered_output(filtered):
     report = json.loads(r.stdout.strip().splitlines()[-1])
     assert report["errors"] == [] and report["samples"] == len(_meta(filtered))
     assert report["crop_rows_read"] == 2 * report["samples"]
+
+
+def test_stats_shows_the_score_histograms(scored):
+    from modalmill.jobs.stats import corpus_stats, format_stats
+
+    st = corpus_stats(str(scored), modalities=["metadata"])
+    h = st["modalities"]["metadata"]["histograms"]
+    assert sum(h["aesthetic_score"]["counts"]) == 12 and sum(h["watermark_score"]["counts"]) == 12
+    assert h["aesthetic_score"]["counts"][12] == 2  # samples 0 and 6: 6.1 falls in [6.0, 6.5)
+    text = "\n".join(format_stats(st))
+    assert "aesthetic_score histogram (12 value(s))" in text and "#" in text
