@@ -165,6 +165,7 @@ def test_show_draws_a_duplicate_group_and_stats_runs(planted, tmp_path):
     from PIL import Image
 
     out, truth = planted
+    run_dedup(out, DedupConfig(method="phash", name="near"), progress=False)
     png = tmp_path / "group.png"
     r = CliRunner().invoke(main, ["show", out, "--dedup", "near", "--out", str(png)])
     assert r.exit_code == 0, r.output
