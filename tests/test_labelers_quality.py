@@ -123,3 +123,37 @@ def test_job_fills_metadata_from_the_input_else_the_models(ray_local, tiny, tmp_
         assert meta[k]["watermark_score"] == pytest.approx(wm[k], abs=1e-4)
     rows = {r.key: r for r in manifest.read_rows(str(out), shard)}
     assert rows["s0"].score_sources and rows["s2"].score_sources is None
+
+
+TINY_CLIP_TEXT = {"embed_dim": 16, "quick_gelu": True,
+                  "vision_cfg": {"image_size": 224, "layers": 2, "width": 32, "head_width": 16, "patch_size": 16},
+                  "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
+
+
+def test_clip_score_is_the_image_caption_cosine_of_open_clip(tmp_path):
+    import open_clip
+    from safetensors.torch import save_file
+
+    from modalmill.labelers.quality import ClipScoreLabeler
+
+    arch = str(tmp_path / "tiny-clip-text.json")
+    with open(arch, "w") as f:
+        json.dump(TINY_CLIP_TEXT, f)
+    open_clip.add_model_config(arch)
+    torch.manual_seed(3)
+    model = open_clip.create_model("tiny-clip-text", pretrained=None).eval()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "open_clip_model.safetensors"))
+    lab = ClipScoreLabeler({"weights": str(tmp_path), "arch": arch, "device": "cpu"})
+    caps = ["a cat", "a red cup of coffee on a table", "the surface of the moon"]
+    inputs = _inputs()
+    for inp, c in zip(inputs, caps):
+        inp.labels["caption"] = [c]
+    got = [float(r["clip_score"]) for r in lab.process_batch(inputs)]
+    _, _, preprocess = open_clip.create_model_and_transforms("tiny-clip-text", pretrained=None)
+    tok = open_clip.get_tokenizer("tiny-clip-text")
+    with torch.no_grad():
+        img = model.encode_image(torch.stack([preprocess(Image.fromarray(i.image)) for i in _inputs()]))
+        txt = model.encode_text(tok(caps))
+        want = torch.nn.functional.cosine_similarity(img, txt).numpy()
+    assert np.allclose(got, want, atol=1e-3), (got, want)
+    assert all(-1 <= g <= 1 for g in got)

@@ -37,7 +37,7 @@ from .dinov2 import IMAGENET_MEAN, IMAGENET_STD
 from .model import ModelConfig, ModelLabeler
 from .weights import Pin, WeightsError, load_into, load_state_dict, resolve
 
-__all__ = ["AESTHETIC_HEAD_URL", "LaionAestheticLabeler", "LaionWatermarkLabeler", "aesthetic_head",
+__all__ = ["AESTHETIC_HEAD_URL", "ClipScoreLabeler", "LaionAestheticLabeler", "LaionWatermarkLabeler", "aesthetic_head",
            "watermark_net"]
 
 AESTHETIC_HEAD_URL = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/"
@@ -184,3 +184,67 @@ class LaionWatermarkLabeler(ModelLabeler):
         x = self.to_tensor(batch, size=(self.input_size, self.input_size), mean=IMAGENET_MEAN, std=IMAGENET_STD)
         prob = torch.softmax(self.model(x).float(), dim=1)[:, 0].cpu().numpy()
         return [{"watermark_score": np.array(float(p), np.float32)} for p in prob]
+
+
+def _caption_text(caption: Any) -> str:
+    items = caption if isinstance(caption, list) else [caption]
+    first = items[0] if items else ""
+    return first.get("caption", "") if isinstance(first, dict) else str(first)
+
+
+@register_labeler
+class ClipScoreLabeler(ModelLabeler):
+    """DataComp's CLIP score: the cosine similarity of the OpenAI CLIP ViT-L/14 image and caption embeddings
+    (``clip_score``, float32 in -1..1, one per sample; the caption is the sample's first ``caption`` entry)."""
+
+    name = "clip_score"
+    version = "1"
+    outputs = ("clip_score",)
+    requires = ("caption",)
+    architecture = "OpenAI CLIP ViT-L/14 (open_clip ViT-L-14-quickgelu), image and text towers"
+    weights = "timm/vit_large_patch14_clip_224.openai"
+    weights_pin = Pin(note="no published sha256 of its weights file was found; the hub's own checksum checks "
+                          "the download")
+    weights_help = ("open_clip's copy of OpenAI's CLIP ViT-L/14 (model-hub repo timm/vit_large_patch14_clip_224."
+                    "openai) or any whole open_clip state dict (both towers) of the configured arch")
+    license = "MIT (OpenAI CLIP weights)"
+    default_resources = Resources(num_cpus=1, num_gpus=0.25, memory_mb=4000)
+    default_batch_size = 16
+    description = "DataComp's CLIP score: CLIP ViT-L/14 image-caption cosine similarity per sample"
+
+    @dataclass(frozen=True)
+    class Config(ModelConfig):
+        arch: str = "ViT-L-14-quickgelu"  # open_clip model name, or the path of an open_clip model-config .json
+
+    def build(self, path: str):
+        import open_clip
+
+        where = f"labeler {self.name!r}"
+        build_open_clip_visual(self.config.arch, where=where)  # registers a config .json; checks the arch
+        name = self.config.arch[:-5].rsplit("/", 1)[-1] if self.config.arch.endswith(".json") else self.config.arch
+        # built on the CPU, initialised: the text tower's causal mask is a non-persistent buffer that no state dict
+        # holds (an uninitialised meta-device build would leave it empty)
+        model = open_clip.create_model(name, pretrained=None)
+        ckpt = find_checkpoint(path, where=where, how_to_get=self.weights_help)
+        state = load_state_dict(ckpt)
+        if state and all(k.startswith("module.") for k in state):
+            state = {k[len("module."):]: v for k, v in state.items()}
+        load_into(model, state, where=f"{where} ({self.config.arch}) from {ckpt}")
+        self._tokenizer = open_clip.get_tokenizer(name)
+        return model
+
+    def prepare(self, batch: list[LabelInput]) -> Prepared:
+        size = open_clip_image_size(self.config.arch)[0]
+        return Prepared((_resize_centre_crop(inp.image, size), _caption_text(inp.labels.get("caption", "")))
+                        for inp in batch)
+
+    def predict(self, batch: list) -> list[dict[str, Any] | LabelFailure]:
+        model = self.model
+        x = self.to_tensor([im for im, _ in batch], size=tuple(model.visual.image_size), mean=OPENAI_CLIP_MEAN,
+                           std=OPENAI_CLIP_STD)
+        img = model.encode_image(x).float()
+        txt = model.encode_text(self._tokenizer([t for _, t in batch]).to(self.device)).float()
+        img = img / img.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        txt = txt / txt.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        cos = (img * txt).sum(dim=-1).clamp(-1, 1).cpu().numpy()
+        return [{"clip_score": np.array(float(c), np.float32)} for c in cos]

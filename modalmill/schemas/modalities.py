@@ -376,6 +376,8 @@ _R(ModalitySpec("aesthetic_score", ARRAY, "npy", "float32", (), "LAION aesthetic
                 value_range=(0, 10)))
 _R(ModalitySpec("watermark_score", ARRAY, "npy", "float32", (), "LAION watermark probability (0..1)",
                 value_range=(0, 1)))
+_R(ModalitySpec("clip_score", ARRAY, "npy", "float32", (), "image-caption cosine of CLIP ViT-L/14 (DataComp)",
+                value_range=(-1, 1)))
 
 # Token modalities: folder name, source modality, vocab size, tokens per crop (4M's tokenizers, for parity).
 TOKEN_MODALITIES = {
