@@ -1,4 +1,4 @@
-"""Quality scores by LAION's models: the aesthetic predictor and the watermark detector.
+"""Quality scores by models: LAION's aesthetic predictor and watermark detector, and DataComp's CLIP score.
 
 They fill 4M-21's ``metadata`` fields ``aesthetic_score`` (id 20) and ``watermark_score`` (id 19) for corpora that
 do not carry them (COYO-700M does: :mod:`modalmill.io.scores`), and are what LAION, DataComp and COYO filter on.
@@ -16,6 +16,10 @@ stored image); the ``metadata_quality`` derived labeler (:mod:`modalmill.labeler
   whose classifier is replaced by ``Linear(1536, 625) - ReLU - Dropout(0.3) - Linear(625, 256) - ReLU -
   Linear(256, 2)``, on the image resized to 256 x 256 (bilinear) with ImageNet's mean/std; the score is the
   softmax probability of class 0 ("watermark"), as their ``example_use.py`` reads it.
+
+- :class:`ClipScoreLabeler` (``clip_score``): DataComp's CLIP score, the cosine similarity of the OpenAI CLIP
+  ViT-L/14 image embedding (CLIP's preprocessing) and the embedding of the sample's caption (its first
+  ``caption`` entry), written as the scalar modality ``clip_score`` (-1..1).
 
 Weights: the CLIP tower from the model hub (open_clip's copy of OpenAI's ViT-L/14), the aesthetic head and the
 watermark network from their repositories at pinned commits (the head's sha256 computed from the file in the
