@@ -43,7 +43,8 @@ def make_embeddings(n: int, dim: int = DIM, seed: int = 0, block: int = 50_000):
     out = np.empty((n, dim), np.float16)
     for s in range(0, n, block):
         m = min(block, n - s)
-        x = concepts[rng.integers(0, len(concepts), m)] + rng.standard_normal((m, dim)).astype(np.float32) / np.sqrt(dim)
+        idx = rng.integers(0, len(concepts), m)  # drawn before the noise (the order the figures were made with)
+        x = concepts[idx] + rng.standard_normal((m, dim)).astype(np.float32) / np.sqrt(dim)
         out[s:s + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
     n_dup = n // 10
     dst = rng.choice(n, size=2 * n_dup, replace=False)

@@ -42,8 +42,8 @@ def _variant(arr: np.ndarray, name: str) -> tuple[str, bytes]:
     if name == "half":
         return "png", _png(np.asarray(Image.fromarray(arr).resize((w // 2, h // 2), Image.Resampling.BILINEAR)))
     if name == "crop90":
-        t, l = int(round(h * 0.05)), int(round(w * 0.05))
-        return "png", _png(arr[t:h - t, l:w - l])
+        top, left = int(round(h * 0.05)), int(round(w * 0.05))
+        return "png", _png(arr[top:h - top, left:w - left])
     if name == "hflip":
         return "png", _png(np.ascontiguousarray(arr[:, ::-1]))
     if name == "shift":

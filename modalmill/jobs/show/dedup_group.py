@@ -47,7 +47,8 @@ def show_group(root: str, name: str, group: int | None = None, out: str | None =
         group = min(sizes, key=lambda g: (-sizes[g], g))
     members = [r for r in rows if r["group"] == group]
     if not members:
-        raise ValueError(f"{root}: dedup result {name!r} has no group {group} (groups 0..{max(r['group'] for r in rows)})")
+        last = max(r["group"] for r in rows)
+        raise ValueError(f"{root}: dedup result {name!r} has no group {group} (groups 0..{last})")
     images = _images(root, members)
     title_h, label_h, pad = 34, 40, 8
     width = pad + len(members) * (PANEL + pad)
