@@ -163,3 +163,14 @@ def test_stats_shows_the_score_histograms(scored):
     assert h["aesthetic_score"]["counts"][12] == 2  # samples 0 and 6: 6.1 falls in [6.0, 6.5)
     text = "\n".join(format_stats(st))
     assert "aesthetic_score histogram (12 value(s))" in text and "#" in text
+
+
+def test_where_reads_scores_from_metadata_or_their_scalar_modality():
+    from modalmill.io.where import needed_modalities
+
+    w = compile_where("aesthetic_score >= 5 and clip_score > 0.2 and brightness < 200")
+    assert sorted(needed_modalities(w)) == ["clip_score", "metadata"]
+    assert sorted(needed_modalities(w, {"metadata", "clip_score", "aesthetic_score"})) == ["clip_score", "metadata"]
+    with pytest.raises(WhereError, match="metadata"):  # brightness lives in metadata only
+        needed_modalities(w, {"aesthetic_score", "clip_score"})
+    assert needed_modalities(compile_where("aesthetic_score > 5"), {"aesthetic_score"}) == ["aesthetic_score"]

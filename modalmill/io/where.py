@@ -141,15 +141,23 @@ def compile_where(text: str) -> Where:
 
 
 def needed_modalities(where: Where, available: set[str] | None = None) -> list[str]:
-    """The modality folders ``where`` reads: a field named like a registered modality is that modality's
-    scalar value (``nsfw_score``, ``clip_score``); every other field (but ``key``) is a ``metadata`` field."""
-    from ..schemas.modalities import MODALITIES
+    """The modality folders ``where`` reads. A 4M-21 metadata name (``aesthetic_score``, ``watermark_score``, ...)
+    is read from ``metadata`` (what 4M sees: the input's score where the corpus carried one), or from its scalar
+    modality when ``available`` says the output has no ``metadata``; another registered modality's name
+    (``clip_score``) is that modality's scalar value; any other name (but ``key``) is a ``metadata`` field."""
+    from ..schemas.modalities import METADATA_RANGES, MODALITIES
 
+    has_metadata = available is None or "metadata" in available
     out = []
     for f in sorted(where.fields):
         if f == "key":
             continue
-        m = f if f in MODALITIES and f != "metadata" else "metadata"
+        if f in METADATA_RANGES and has_metadata:
+            m = "metadata"
+        elif f in MODALITIES and f != "metadata":
+            m = f
+        else:
+            m = "metadata"
         if m not in out:
             out.append(m)
     if available is not None:
