@@ -206,21 +206,7 @@ class ModalDataset(IterableDataset):
                 raise ValueError(f"crop={crop!r} and the transform's crop ({transform!r}) disagree: give one")
             self.crop = _check_crop(wanted)
         self.text_augment = bool(text_augment)
-        self._text_tok: Any = None
-        self._text_tok_json: str | None = None
-        self.text_modalities: list[str] = []
-        self.text_max_tokens: dict[str, int | None] = {}
-        if text_tokenizer is not None and text_tokenizer is not False:
-            if not self.decode:
-                raise ValueError("text_tokenizer needs decode=True (decode=False yields the raw member bytes)")
-            from ..tokenize.text import as_text_tokenizer
-
-            if text_tokenizer is True:
-                text_tokenizer = storage.join(root, manifest.META_DIR, "tokenizers", "text")
-            self._text_tok = as_text_tokenizer(text_tokenizer)
-            self._text_tok_json = self._text_tok.to_str()  # what DataLoader workers rebuild it from
-            self.text_modalities = [m for m in self.modalities if m in TEXT_MODALITIES]
-            self.text_max_tokens = _max_tokens(text_max_tokens, self.text_modalities)
+        self._set_text_tokenizer(text_tokenizer, text_max_tokens)
         # modalities read alongside the requested ones (not yielded unless requested)
         needed: dict[str, str] = {}
         if self.crop is not None:
@@ -358,6 +344,26 @@ class ModalDataset(IterableDataset):
                 if self.where is None or self._passes(sample):
                     yield sample
                 pos += 1
+
+    def _set_text_tokenizer(self, text_tokenizer: Any, text_max_tokens: int | dict[str, int] | None) -> None:
+        """The text tokenizer (``text_tokenizer``: a tokenizer, a path, or True for the output's own) and the
+        text-like modalities it serialises."""
+        self._text_tok: Any = None
+        self._text_tok_json: str | None = None
+        self.text_modalities: list[str] = []
+        self.text_max_tokens: dict[str, int | None] = {}
+        if text_tokenizer is None or text_tokenizer is False:
+            return
+        if not self.decode:
+            raise ValueError("text_tokenizer needs decode=True (decode=False yields the raw member bytes)")
+        from ..tokenize.text import as_text_tokenizer
+
+        if text_tokenizer is True:
+            text_tokenizer = storage.join(self.root, manifest.META_DIR, "tokenizers", "text")
+        self._text_tok = as_text_tokenizer(text_tokenizer)
+        self._text_tok_json = self._text_tok.to_str()  # what DataLoader workers rebuild it from
+        self.text_modalities = [m for m in self.modalities if m in TEXT_MODALITIES]
+        self.text_max_tokens = _max_tokens(text_max_tokens, self.text_modalities)
 
     def _passes(self, sample: dict) -> bool:
         """``where`` on the sample's metadata fields and scalar modalities (decoded here, once)."""
