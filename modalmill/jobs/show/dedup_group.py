@@ -16,7 +16,7 @@ from ...io import storage
 from ...io.tars import decode_member, iter_tar_groups, scan_layout
 from ...schemas.modalities import get_modality
 from ..dedup import read_dedup
-from .canvas import BG, INK, PANEL, _fit, _font
+from .canvas import BG, INK, PANEL, _draw_text, _fit, _font
 
 KEEP, DROP = (40, 160, 60), (200, 40, 40)
 
@@ -54,8 +54,8 @@ def show_group(root: str, name: str, group: int | None = None, out: str | None =
     width = pad + len(members) * (PANEL + pad)
     canvas = Image.new("RGB", (width, title_h + PANEL + label_h + pad), BG)
     draw = ImageDraw.Draw(canvas)
-    draw.text((pad, 8), f"{name} ({meta.get('method')}): group {group}, {len(members)} samples; keep rule: "
-                        f"{meta.get('keep_rule', '')}"[:160], fill=INK, font=_font(13))
+    _draw_text(draw, (pad, 8), f"{name} ({meta.get('method')}): group {group}, {len(members)} samples; keep rule: "
+                               f"{meta.get('keep_rule', '')}"[:160], INK, _font(13))
     for i, m in enumerate(members):
         x = pad + i * (PANEL + pad)
         tile = _fit(Image.fromarray(images[(m["shard"], m["key"])]))
@@ -63,9 +63,9 @@ def show_group(root: str, name: str, group: int | None = None, out: str | None =
         colour = KEEP if m["keep"] else DROP
         draw.rectangle([x - 2, title_h - 2, x + PANEL + 1, title_h + PANEL + 1], outline=colour, width=3)
         h, w = images[(m["shard"], m["key"])].shape[:2]
-        draw.text((x, title_h + PANEL + 4), f"{'KEEP' if m['keep'] else 'drop'} {m['key']} ({m['shard']})",
-                  fill=colour, font=_font(12))
-        draw.text((x, title_h + PANEL + 20), f"{w}x{h}  distance {m['distance']:.4g}", fill=INK, font=_font(12))
+        _draw_text(draw, (x, title_h + PANEL + 4), f"{'KEEP' if m['keep'] else 'drop'} {m['key']} ({m['shard']})",
+                   colour, _font(12))
+        _draw_text(draw, (x, title_h + PANEL + 20), f"{w}x{h}  distance {m['distance']:.4g}", INK, _font(12))
     path = out or f"{os.path.basename(os.path.normpath(root)) or 'output'}_{name}_group{group}.png"
     buf = io.BytesIO()
     canvas.save(buf, "PNG")

@@ -79,10 +79,10 @@ def _r_score(spec, value, ctx):
     lo, hi = spec.value_range or (0.0, 1.0)
     img = Image.new("RGB", (PANEL, PANEL), BG)
     draw = ImageDraw.Draw(img)
-    draw.text((16, 40), f"{v:.3f}", fill=INK, font=_font(48))
+    _draw_text(draw, (16, 40), f"{v:.3f}", INK, _font(48))
     frac = min(max((v - lo) / (hi - lo), 0.0), 1.0) if hi > lo else 0.0
     draw.rectangle((16, 160, PANEL - 16, 200), outline=INK, width=2)
     draw.rectangle((18, 162, 18 + frac * (PANEL - 36), 198), fill=(60, 120, 200))
-    draw.text((16, 210), f"{lo:g}", fill=INK, font=_font(13))
-    draw.text((PANEL - 40, 210), f"{hi:g}", fill=INK, font=_font(13))
+    _draw_text(draw, (16, 210), f"{lo:g}", INK, _font(13))
+    _draw_text(draw, (PANEL - 40, 210), f"{hi:g}", INK, _font(13))
     return img, f"{spec.name} in [{lo:g}, {hi:g}]"
