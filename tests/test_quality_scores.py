@@ -110,3 +110,29 @@ def test_input_score_mapping_is_configurable_and_checked():
     assert "input_scores" not in MetadataLabeler().config_dict()
     assert "input_scores" in lab.config_dict()
     assert not math.isnan(input_scores({"watermark_score": 0.25}, DEFAULT_INPUT_SCORES)["watermark_score"])
+
+
+def test_only_metadata_takes_scores_from_the_stored_samples_source(coyo, tmp_path):
+    """An update run (``--only metadata``) reads samples back from the stored tars: their scores still come from
+    the source json the manifest kept, and the rewritten rows say so."""
+    first, recs = coyo
+    base = {"input": os.path.join(os.path.dirname(first), "coyo.parquet"), "output": str(tmp_path / "out"),
+            "modalities": ["rgb", "crop_settings"], "crops": {"n_crops": 1},
+            "parquet": {"image_column": "image", "text_column": "text", "id_column": "id"}}
+    out = base["output"]
+    assert run_job(job_from_dict(base), show_progress=False)["exit_code"] == EXIT_OK
+    rows = {r.key: r for s in manifest.list_markers(out) for r in manifest.read_rows(out, s)}
+    assert all(r.score_sources is None for r in rows.values())  # no metadata written yet
+    s = run_job(job_from_dict(base), only=["metadata"], show_progress=False)
+    assert s["exit_code"] == EXIT_OK and {r["mode"] for r in s["shards"]} == {"update"}
+    meta = _metadata(out)
+    for i, rec in enumerate(recs):
+        for field in ("aesthetic_score", "watermark_score"):
+            assert meta[f"coyo{i:03d}"][field] == pytest.approx(rec["metadata"][field], abs=1e-4)
+    assert "aesthetic_score" not in meta["coyo_null"] and meta["coyo_nan"]["watermark_score"] == 0.2
+    rows = {r.key: r for s in manifest.list_markers(out) for r in manifest.read_rows(out, s)}
+    assert json.loads(rows["coyo000"].score_sources) == {"aesthetic_score": "input:aesthetic_score_laion_v2",
+                                                         "watermark_score": "input:watermark_score"}
+    assert rows["coyo_null"].score_sources is None
+    assert json.loads(rows["coyo_nan"].score_sources) == {"watermark_score": "input:watermark_score"}
+    assert all("metadata" in r.modalities for r in rows.values())
