@@ -225,15 +225,26 @@ def check(output, as_json, no_parse, workers):
 
 @main.command()
 @click.argument("output")
-@click.option("--key", required=True, help="The sample key.")
+@click.option("--key", default=None, help="The sample key (required unless --dedup is given).")
 @click.option("--out", "out_file", default=None, help="PNG to write (default: ./<output>_<key>.png).")
 @click.option("--shard", default=None, help="Look only in this shard (e.g. shard-00003).")
 @click.option("--modalities", "-m", default=None, help="Only these modalities (comma-separated).")
 @click.option("--tokenizer", "tokenizers", multiple=True, metavar="M=PATH",
               help="Decode token modality M with the 4M-format tokenizer at PATH (VQ-VAE decoders).")
-def show(output, key, out_file, shard, modalities, tokenizers):
-    """Render every modality of one sample of OUTPUT into one PNG and print its path."""
+@click.option("--dedup", "dedup_name", default=None, metavar="NAME",
+              help="Draw a duplicate group of `modalmill dedup --name NAME` instead of one sample.")
+@click.option("--group", type=int, default=None, help="With --dedup: the group id [default: the largest group].")
+def show(output, key, out_file, shard, modalities, tokenizers, dedup_name, group):
+    """Render every modality of one sample of OUTPUT into one PNG (or a duplicate group) and print its path."""
     from .jobs.show import parse_tokenizers, show_sample
+
+    if dedup_name is not None:
+        from .jobs.show.dedup_group import show_group
+
+        click.echo(show_group(output, dedup_name, group=group, out=out_file))
+        return
+    if key is None:
+        raise click.UsageError("--key is required (or --dedup NAME to draw a duplicate group)")
 
     result = show_sample(output, key, out=out_file, shard=shard, modalities=_csv(modalities),
                          tokenizers=parse_tokenizers(tokenizers))
@@ -258,6 +269,56 @@ def stats(output, as_json, modalities, workers):
         return
     for line in format_stats(st):
         click.echo(line)
+
+
+@main.command()
+@click.argument("output")
+@click.option("--method", type=click.Choice(["exact", "phash", "semantic"]), default="phash", show_default=True,
+              help="exact: same decoded pixels; phash: near duplicates (perceptual hash); semantic: SemDeDup on "
+                   "a global embedding.")
+@click.option("--name", default=None, help="Name of the result: _modalmill/dedup/NAME.parquet [default: the method].")
+@click.option("--threshold", type=float, default=None,
+              help="phash: max Hamming distance in bits [10]; semantic: min cosine similarity [0.95].")
+@click.option("--modality", default="dinov2_global", show_default=True,
+              help="semantic: the global-embedding modality (crop 0 of each sample).")
+@click.option("--cluster-size", type=int, default=1000, show_default=True, help="semantic: mean samples per cluster.")
+@click.option("--seed", type=int, default=0, show_default=True, help="semantic: k-means seed.")
+@click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else an embedded Ray).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def dedup(output, method, name, threshold, modality, cluster_size, seed, address, no_progress):
+    """Find duplicate samples of OUTPUT and write their groups with a keep decision."""
+    from .jobs.dedup import DedupConfig, run_dedup
+    from .jobs.dedup.semantic import SemanticConfig
+
+    cfg = DedupConfig(method=method, name=name or "", threshold=threshold, modality=modality,
+                      semantic=SemanticConfig(cluster_size=cluster_size, seed=seed))
+    s = run_dedup(output, cfg, progress=not no_progress, address=address)
+    click.echo(f"{s['url']}: {s['n_samples']} sample(s), {s['n_groups']} duplicate group(s) holding "
+               f"{s['n_in_groups']} sample(s); {s['n_dropped']} would be dropped ({s['seconds']:.1f} s)")
+    click.echo(f"keep rule: {s['keep_rule']}")
+
+
+@main.command("filter")
+@click.argument("output")
+@click.argument("new")
+@click.option("--where", "where", default=None,
+              help='Keep samples for which this holds, e.g. "aesthetic_score >= 5 and watermark_score < 0.5".')
+@click.option("--drop-duplicates", "dedup_names", multiple=True, metavar="NAME",
+              help="Drop the samples a `modalmill dedup --name NAME` result does not keep (repeatable).")
+@click.option("--shard-size", type=int, default=1000, show_default=True, help="Samples per output shard.")
+@click.option("--modalities", "-m", default=None, help="Only these modalities (default: every one).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def filter_cmd(output, new, where, dedup_names, shard_size, modalities, no_progress):
+    """Write NEW: the samples of OUTPUT that pass the filters, every modality rewritten aligned and resharded."""
+    from .jobs.filter import FilterConfig, run_filter
+
+    cfg = FilterConfig(where=where, drop_duplicates=tuple(dedup_names), shard_size=shard_size,
+                       modalities=tuple(_csv(modalities) or ()))
+    s = run_filter(output, new, cfg, progress=not no_progress)
+    click.echo(f"{new}: {s['n_kept']} of {s['n_samples']} sample(s) kept in {s['n_shards']} shard(s); "
+               f"{s['n_dropped']} dropped")
+    for rule, n in sorted(s["dropped_by_rule"].items(), key=lambda kv: -kv[1]):
+        click.echo(f"  dropped {n:6d}  {rule}")
 
 
 @main.command()

@@ -110,6 +110,7 @@ from ..schemas.modalities import IMAGE, PIXEL, TOKENS, ModalitySpec, get_modalit
 from ..tokenize.text import TEXT_MODALITIES
 from ..io import index, manifest, storage
 from ..io.tars import accepted_exts, decode_member
+from ..io.where import compile_where, needed_modalities, record_of
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +180,8 @@ class ModalDataset(IterableDataset):
                  seed: int = 0, epoch: int = 0, rank: int | None = None, world_size: int | None = None,
                  shuffle_buffer: int = 0, decode: bool = True, text_tokenizer: Any = None,
                  crop: int | str | None = None, text_augment: bool = True,
-                 text_max_tokens: int | dict[str, int] | None = None, transform: Any = None):
+                 text_max_tokens: int | dict[str, int] | None = None, transform: Any = None,
+                 where: str | None = None):
         super().__init__()
         if isinstance(modalities, str):
             modalities = [m.strip() for m in modalities.split(",") if m.strip()]
@@ -204,27 +206,17 @@ class ModalDataset(IterableDataset):
                 raise ValueError(f"crop={crop!r} and the transform's crop ({transform!r}) disagree: give one")
             self.crop = _check_crop(wanted)
         self.text_augment = bool(text_augment)
-        self._text_tok: Any = None
-        self._text_tok_json: str | None = None
-        self.text_modalities: list[str] = []
-        self.text_max_tokens: dict[str, int | None] = {}
-        if text_tokenizer is not None and text_tokenizer is not False:
-            if not self.decode:
-                raise ValueError("text_tokenizer needs decode=True (decode=False yields the raw member bytes)")
-            from ..tokenize.text import as_text_tokenizer
-
-            if text_tokenizer is True:
-                text_tokenizer = storage.join(root, manifest.META_DIR, "tokenizers", "text")
-            self._text_tok = as_text_tokenizer(text_tokenizer)
-            self._text_tok_json = self._text_tok.to_str()  # what DataLoader workers rebuild it from
-            self.text_modalities = [m for m in self.modalities if m in TEXT_MODALITIES]
-            self.text_max_tokens = _max_tokens(text_max_tokens, self.text_modalities)
+        self._set_text_tokenizer(text_tokenizer, text_max_tokens)
         # modalities read alongside the requested ones (not yielded unless requested)
         needed: dict[str, str] = {}
         if self.crop is not None:
             needed["crop_settings"] = f"crop={self.crop!r}"
         if any(m == "human_poses" or (m == "det" and self.crop is not None) for m in self.text_modalities):
             needed["rgb"] = "the stored rgb's size (human_poses boxes, det with a crop)"
+        self.where = compile_where(where) if where is not None else None
+        self._where_mods = needed_modalities(self.where) if self.where is not None else []
+        for m in self._where_mods:
+            needed.setdefault(m, f"where={self.where.text!r}")
         self._aux = {m: why for m, why in needed.items() if m not in self.modalities}
         self._read = self.modalities + list(self._aux)
         for m in self._aux:
@@ -349,8 +341,34 @@ class ModalDataset(IterableDataset):
                 sample: dict[str, Any] = {"__key__": expected, "__shard__": shard.name}
                 for m, s in row.items():
                     sample[m] = self._pick_member(m, shard, s)
-                yield sample
+                if self.where is None or self._passes(sample):
+                    yield sample
                 pos += 1
+
+    def _set_text_tokenizer(self, text_tokenizer: Any, text_max_tokens: int | dict[str, int] | None) -> None:
+        """The text tokenizer (``text_tokenizer``: a tokenizer, a path, or True for the output's own) and the
+        text-like modalities it serialises."""
+        self._text_tok: Any = None
+        self._text_tok_json: str | None = None
+        self.text_modalities: list[str] = []
+        self.text_max_tokens: dict[str, int | None] = {}
+        if text_tokenizer is None or text_tokenizer is False:
+            return
+        if not self.decode:
+            raise ValueError("text_tokenizer needs decode=True (decode=False yields the raw member bytes)")
+        from ..tokenize.text import as_text_tokenizer
+
+        if text_tokenizer is True:
+            text_tokenizer = storage.join(self.root, manifest.META_DIR, "tokenizers", "text")
+        self._text_tok = as_text_tokenizer(text_tokenizer)
+        self._text_tok_json = self._text_tok.to_str()  # what DataLoader workers rebuild it from
+        self.text_modalities = [m for m in self.modalities if m in TEXT_MODALITIES]
+        self.text_max_tokens = _max_tokens(text_max_tokens, self.text_modalities)
+
+    def _passes(self, sample: dict) -> bool:
+        """``where`` on the sample's metadata fields and scalar modalities (decoded here, once)."""
+        values = {m: self._decode_member(m, sample) for m in self._where_mods}
+        return self.where(record_of(sample["__key__"], values))
 
     @staticmethod
     def _next(url: str, it: Iterator[dict]) -> dict | None:
@@ -457,7 +475,8 @@ def load_dataset(root: str, modalities: list[str] | tuple[str, ...] | str, *, sh
                  seed: int = 0, epoch: int = 0, rank: int | None = None, world_size: int | None = None,
                  shuffle_buffer: int = 0, decode: bool = True, text_tokenizer: Any = None,
                  crop: int | str | None = None, text_augment: bool = True,
-                 text_max_tokens: int | dict[str, int] | None = None, transform: Any = None) -> ModalDataset:
+                 text_max_tokens: int | dict[str, int] | None = None, transform: Any = None,
+                 where: str | None = None) -> ModalDataset:
     """Stream the completed shards of the output ``root`` (local path or ``s3://`` URL) as aligned samples.
 
     ``modalities``: the modality folders to read (a list, or a comma-separated string). ``text_tokenizer``
@@ -465,13 +484,15 @@ def load_dataset(root: str, modalities: list[str] | tuple[str, ...] | str, *, sh
     modalities into 4M's token ids; ``crop`` (None, a row index, or ``"random"``) picks the ``crop_settings`` row
     they are serialised for. ``transform``: called on every decoded sample (in the DataLoader's workers);
     :class:`~modalmill.dataset.FourMCrops` crops and resizes every pixel modality with one crop row and picks the
-    same row of every per-crop modality, so :func:`~modalmill.dataset.collate` can batch the samples. See the
-    :mod:`modalmill.dataset.loader` docstring for ordering, splitting and what a sample holds.
+    same row of every per-crop modality, so :func:`~modalmill.dataset.collate` can batch the samples. ``where``
+    (``modalmill filter``'s expression, :mod:`modalmill.io.where`) skips the samples it does not hold for, on the
+    fly (``num_samples`` still counts them all). See the :mod:`modalmill.dataset.loader` docstring for ordering,
+    splitting and what a sample holds.
     """
     return ModalDataset(root, modalities, shuffle_shards=shuffle_shards, seed=seed, epoch=epoch, rank=rank,
                         world_size=world_size, shuffle_buffer=shuffle_buffer, decode=decode,
                         text_tokenizer=text_tokenizer, crop=crop, text_augment=text_augment,
-                        text_max_tokens=text_max_tokens, transform=transform)
+                        text_max_tokens=text_max_tokens, transform=transform, where=where)
 
 
 def _check_crop(crop: Any) -> int | str | None:

@@ -14,6 +14,8 @@ without markers, every shard of its folder layout) and reports:
   records name for the tok labeler, if its hash is the one every marker records;
 - pixel labels, feature maps and global embeddings: min / max / mean over all values;
 - ``rgb``: width and height ranges; ``metadata``: min / max / mean of every numeric field;
+- the quality scores (``aesthetic_score``, ``watermark_score``, in ``metadata`` and as scalar modalities):
+  histograms over their ranges (:data:`SCORE_BINS`);
   ``det``/``sam_mask``: instances per sample; ``human_poses``/``pose_keypoints``: people per sample;
   ``caption``: entries per sample (one per crop row), distinct texts among them and characters per text;
   ``crop_settings``: crops per sample.
@@ -65,6 +67,10 @@ class _Range:
         return {"min": self.lo, "max": self.hi, "mean": self.total / self.n, "count": self.n}
 
 
+# quality scores drawn as histograms by `stats` (metadata fields and scalar modalities): (low, high, bins)
+SCORE_BINS = {"aesthetic_score": (0.0, 10.0, 20), "watermark_score": (0.0, 1.0, 20)}
+
+
 @dataclass
 class _Acc:
     """What one (modality, shard) tar contributes."""
@@ -75,6 +81,7 @@ class _Acc:
     ranges: dict[str, _Range] = field(default_factory=dict)  # named ranges (metadata fields, width, ...)
     hist: np.ndarray | None = None  # token histogram
     classes: Counter = field(default_factory=Counter)
+    scores: dict[str, np.ndarray] = field(default_factory=dict)  # quality-score histograms (SCORE_BINS)
 
     def rng(self, name: str) -> _Range:
         return self.ranges.setdefault(name, _Range())
@@ -88,6 +95,13 @@ class _Acc:
         if other.hist is not None:
             self.hist = other.hist.copy() if self.hist is None else self.hist + other.hist
         self.classes.update(other.classes)
+        for k, h in other.scores.items():
+            self.scores[k] = self.scores[k] + h if k in self.scores else h.copy()
+
+    def score(self, name: str, value: float) -> None:
+        lo, hi, bins = SCORE_BINS[name]
+        i = min(bins - 1, max(0, int((float(value) - lo) / (hi - lo) * bins)))
+        self.scores.setdefault(name, np.zeros(bins, np.int64))[i] += 1
 
 
 def _scan(spec: ModalitySpec | None, url: str) -> _Acc:
@@ -123,6 +137,12 @@ def _add(spec: ModalitySpec, value: Any, acc: _Acc) -> None:
         for k, v in value.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 acc.rng(k).add(v)
+                if k in SCORE_BINS:
+                    acc.score(k, v)
+    elif spec.name in SCORE_BINS:
+        v = float(np.asarray(value, np.float64).reshape(-1)[0])
+        acc.rng("score").add(v)
+        acc.score(spec.name, v)
     elif spec.name == "det" and isinstance(value, dict):
         inst = value.get("instances", [])
         acc.rng("instances").add(len(inst))
@@ -261,7 +281,7 @@ def _scan_all(tasks: list[tuple[str, str, str]], workers: int) -> tuple[dict[str
 
 
 def _modality_summary(m: str, acc: _Acc, n_shards: int, tokenizer: dict | None) -> dict[str, Any]:
-    """One modality's entry of the statistics: counts, token usage, value ranges, classes."""
+    """One modality's entry of the statistics: counts, token usage, value ranges, classes, score histograms."""
     spec = spec_for_folder(m)
     d: dict[str, Any] = {"samples": acc.samples, "shards": n_shards}
     if acc.undecodable:
@@ -276,6 +296,9 @@ def _modality_summary(m: str, acc: _Acc, n_shards: int, tokenizer: dict | None) 
         d["fields" if m == "metadata" else "ranges"] = named
     if acc.classes:
         d["classes"] = dict(sorted(acc.classes.items(), key=lambda kv: (-kv[1], kv[0])))
+    if acc.scores:
+        d["histograms"] = {k: {"low": SCORE_BINS[k][0], "high": SCORE_BINS[k][1], "counts": h.tolist()}
+                           for k, h in sorted(acc.scores.items())}
     return d
 
 
@@ -337,4 +360,18 @@ def format_stats(st: dict) -> list[str]:
                      + (f"; {'; '.join(parts)}" if parts else ""))
         for k, r in d.get("fields", {}).items():
             lines.append(f"  {'':<{width}}   {k}: {_fmt(r)}")
+        for k, h in d.get("histograms", {}).items():
+            lines.extend(f"  {'':<{width}}   {line}" for line in format_histogram(k, h))
+    return lines
+
+
+def format_histogram(name: str, h: dict, width: int = 40) -> list[str]:
+    """A text histogram: one line per bin, ``[lo, hi)  count  ####``."""
+    counts = h["counts"]
+    step = (h["high"] - h["low"]) / len(counts)
+    top = max(counts) or 1
+    lines = [f"{name} histogram ({sum(counts)} value(s)):"]
+    for i, c in enumerate(counts):
+        lo = h["low"] + i * step
+        lines.append(f"  [{lo:6.3g}, {lo + step:6.3g})  {c:7d}  {'#' * round(width * c / top)}")
     return lines

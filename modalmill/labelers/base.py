@@ -75,6 +75,7 @@ class LabelInput:
     original_size: tuple[int, int]  # (width, height) of the source image before any resize
     crops: np.ndarray  # [n_crops, 5] int64 crop settings of this sample
     labels: dict[str, Any] = field(default_factory=dict)  # other modalities' labels (derived labelers)
+    source: dict[str, Any] | None = None  # the sample's source json (img2dataset json / parquet columns), if any
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ labeler                         requires                                    adds
                                                                             caption_n_words, caption_n_sentences
 ``metadata_derived_4m21``       semseg_coco, det, normal, caption,          the above + n_sam_instances: every
                                 sam_mask                                    4M-21 field modalmill computes
+``metadata_quality``            aesthetic_score, watermark_score            aesthetic_score, watermark_score (a score
+                                                                            the input carries wins)
 ==============================  ==========================================  =========================================
 
 Pick one in the job spec (``labelers: {metadata_derived_geometry: {}}``) and run ``--only metadata --force``
@@ -70,7 +72,8 @@ From ``sam_mask`` (the SAM labeler's raw instances, before the tokenize stage cr
   (after its own IoU/stability/NMS filtering, the instances 4M's ``sam_instance`` modality is made from).
 
 Counts are ints; fractions are rounded to ``decimals`` places. ``watermark_score`` and
-``aesthetic_score`` are not computed here (they need the SAM labeler's output and scoring models).
+``aesthetic_score`` come from the input when the corpus carries them (``input_scores``, as the model-free
+labeler reads them: :mod:`modalmill.io.scores`); the scoring models are :mod:`modalmill.labelers.quality`.
 """
 
 from __future__ import annotations
@@ -83,7 +86,8 @@ import numpy as np
 
 from ..schemas.modalities import get_modality
 from .base import Labeler, LabelFailure, LabelInput, register_labeler
-from .modelfree import MetadataLabeler, _clip_round
+from ..io.scores import DEFAULT_INPUT_SCORES
+from .modelfree import MetadataLabeler, _clip_round, checked_input_scores, metadata_config_dict
 from .semseg import COCO_PANOPTIC_CLASSES, N_COCO_THINGS, UNLABELLED
 
 __all__ = [
@@ -112,7 +116,10 @@ SOURCES: dict[str, tuple[str, ...]] = {
     "normal": ("geometric_complexity",),
     "caption": ("caption_n_chars", "caption_n_words", "caption_n_sentences"),
     "sam_mask": ("n_sam_instances",),
+    "aesthetic_score": ("aesthetic_score",),  # the scalar modalities of labelers/quality.py
+    "watermark_score": ("watermark_score",),
 }
+SCORES = ("aesthetic_score", "watermark_score")  # an input's own score (io/scores.py) wins over the model's
 
 
 # ---------------------------------------------------------------------- the formulas
@@ -220,15 +227,21 @@ class DerivedMetadataLabeler(Labeler):
     class Config:
         decimals: int = 4  # float values are rounded to this many decimal places
         det_threshold: float = 0.6  # det instances with score >= this count (4M's loader threshold)
+        # metadata field -> source json column read from the input (io/scores.py); {} reads none
+        input_scores: Any = DEFAULT_INPUT_SCORES
 
         def __post_init__(self):
+            object.__setattr__(self, "input_scores", checked_input_scores(self.input_scores))
             if isinstance(self.decimals, bool) or not isinstance(self.decimals, int) or not 0 <= self.decimals <= 12:
                 raise ValueError(f"decimals must be an int in [0, 12], got {self.decimals!r}")
             if not (0 <= self.det_threshold <= 1):
                 raise ValueError(f"det_threshold must lie in [0, 1], got {self.det_threshold!r}")
 
+    def config_dict(self) -> dict[str, Any]:
+        return metadata_config_dict(self.config)
+
     def setup(self) -> None:
-        self._stats = MetadataLabeler({"decimals": self.config.decimals})
+        self._stats = MetadataLabeler({"decimals": self.config.decimals, "input_scores": self.config.input_scores})
 
     def derived(self, labels: dict[str, Any]) -> dict[str, float]:
         """The derived fields (unclipped, unrounded) from the required modalities' labels."""
@@ -243,6 +256,9 @@ class DerivedMetadataLabeler(Labeler):
             out.update(caption_stats(labels["caption"]))
         if "sam_mask" in self.requires:
             out["n_sam_instances"] = sam_stats(labels["sam_mask"])
+        for score in SCORES:
+            if score in self.requires:
+                out[score] = float(np.asarray(labels[score], dtype=np.float64).reshape(-1)[0])
         return out
 
     def process_batch(self, batch: list[LabelInput]) -> list[dict[str, Any] | LabelFailure]:
@@ -265,6 +281,8 @@ class DerivedMetadataLabeler(Labeler):
                 continue
             meta = dict(base["metadata"])
             for name, value in derived.items():
+                if name in SCORES and name in meta:  # the input carried this score
+                    continue
                 meta[name] = int(value) if isinstance(value, (int, np.integer)) else \
                     _clip_round(name, value, self.config.decimals)
             results.append({"metadata": meta})
@@ -299,3 +317,6 @@ MetadataDerivedGeometry = derived_metadata_labeler("metadata_derived_geometry", 
 MetadataDerivedFull = derived_metadata_labeler("metadata_derived_full", ("semseg_coco", "det", "normal", "caption"))
 MetadataDerived4M21 = derived_metadata_labeler("metadata_derived_4m21",
                                                ("semseg_coco", "det", "normal", "caption", "sam_mask"))
+MetadataQuality = derived_metadata_labeler("metadata_quality", ("aesthetic_score", "watermark_score"),
+                                           description="image-statistics metadata + aesthetic_score and "
+                                                       "watermark_score (the input's, else LAION's models')")

@@ -12,6 +12,7 @@ side) gets a :class:`~modalmill.labelers.base.LabelFailure` instead of an except
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from ..io.scores import DEFAULT_INPUT_SCORES, input_scores, normalise_mapping
 from ..schemas.modalities import METADATA_RANGES
 from .base import Labeler, LabelFailure, LabelInput, register_labeler
 
@@ -260,6 +262,25 @@ def _clip_round(name: str, value: float, decimals: int) -> float:
     return round(v, decimals) + 0.0  # + 0.0 turns -0.0 into 0.0
 
 
+def checked_input_scores(mapping: Any) -> tuple[tuple[str, str], ...]:
+    """A metadata labeler's ``input_scores`` as sorted pairs; only 4M-21 metadata fields may be filled."""
+    pairs = normalise_mapping(mapping)
+    unknown = [f for f, _ in pairs if f not in METADATA_RANGES]
+    if unknown:
+        raise ValueError(f"input_scores: {', '.join(unknown)} not 4M-21 metadata field(s) (4M's loader would "
+                         f"refuse them); known: {', '.join(METADATA_RANGES)}")
+    return pairs
+
+
+def metadata_config_dict(config: Any) -> dict[str, Any]:
+    """The config as hashed: ``input_scores`` is left out when it is the default, so outputs made before the
+    setting existed keep their config hash (the default reads the COYO columns, which those corpora lacked)."""
+    d = dataclasses.asdict(config)
+    if tuple(map(tuple, d.get("input_scores", ()))) == DEFAULT_INPUT_SCORES:
+        d.pop("input_scores")
+    return d
+
+
 @register_labeler
 class MetadataLabeler(Labeler):
     """4M-21 metadata that needs no other modality, as a flat ``{name: number}`` dict.
@@ -281,6 +302,10 @@ class MetadataLabeler(Labeler):
     - ``entropy`` (0..10 bits): Shannon entropy ``-sum p_i log2 p_i`` of the 256-bin histogram of the 8-bit
       BT.601 grey image (rounded luma, ``cv2.COLOR_RGB2GRAY``); at most 8 bits.
 
+    - ``aesthetic_score``, ``watermark_score``: from the sample's source json when the corpus carries them
+      (``input_scores``, default COYO-700M's ``aesthetic_score_laion_v2`` and ``watermark_score`` columns; see
+      :mod:`modalmill.io.scores`); the model labelers in :mod:`modalmill.labelers.quality` compute them otherwise.
+
     Floats are clipped into 4M's ranges (``METADATA_RANGES``) and rounded to ``decimals`` places.
     A sample whose ``original_size`` is not two positive integers fails with a LabelFailure.
     """
@@ -295,10 +320,16 @@ class MetadataLabeler(Labeler):
     @dataclass(frozen=True)
     class Config:
         decimals: int = 4  # float values are rounded to this many decimal places
+        # metadata field -> source json column read from the input (io/scores.py); {} reads none
+        input_scores: Any = DEFAULT_INPUT_SCORES
 
         def __post_init__(self):
             if isinstance(self.decimals, bool) or not isinstance(self.decimals, int) or not 0 <= self.decimals <= 12:
                 raise ValueError(f"decimals must be an int in [0, 12], got {self.decimals!r}")
+            object.__setattr__(self, "input_scores", checked_input_scores(self.input_scores))
+
+    def config_dict(self) -> dict[str, Any]:
+        return metadata_config_dict(self.config)
 
     @staticmethod
     def _original_size(size: Any) -> tuple[int, int] | None:
@@ -359,6 +390,8 @@ class MetadataLabeler(Labeler):
                 continue
             meta: dict[str, Any] = {"original_width": size[0], "original_height": size[1]}
             for name, value in self.stats(inp.image).items():
+                meta[name] = _clip_round(name, value, self.config.decimals)
+            for name, value in input_scores(inp.source, self.config.input_scores).items():
                 meta[name] = _clip_round(name, value, self.config.decimals)
             results.append({"metadata": meta})
         return results

@@ -44,6 +44,7 @@ from ..io import commit, manifest, storage
 from ..io.crops import CropConfig, make_crop_settings
 from ..io.decode import DecodeConfig, DecodeError, decode_image, decode_stored_rgb
 from ..io.readers import RawSample, ShardSource, ShardTruncated, iter_samples, pick_image_member, zip_output
+from ..io.scores import parse_source, score_sources
 from ..io.text import INPUT, INPUT_OR_MODEL, MODEL, TextConfig, TextError, input_text, source_metadata
 from ..schemas.modalities import fit_to_crops
 from ..io.writers import ShardWriterSet, filter_tar
@@ -383,6 +384,10 @@ class _Run:
     keys: list[str] = field(default_factory=list)  # written to every tar, in order
     failed: dict[str, SampleRow] = field(default_factory=dict)  # update: samples that fail now
     caption_sources: dict[str, str] = field(default_factory=dict)  # key -> "input" / "model" (caption written)
+    # the input_scores mapping of the labeler writing metadata (None: no metadata written) and, per written
+    # sample, the score_sources its manifest row gets
+    score_map: tuple | None = None
+    score_sources: dict[str, str | None] = field(default_factory=dict)
     truncated: str | None = None
     read_mods: list[str] = field(default_factory=list)  # update: the stored modalities it reads
     in_place: set[str] = field(default_factory=set)  # update: modalities rewritten from themselves
@@ -434,7 +439,8 @@ def _start(task: ShardTask, call: Callable, stats: _Stats) -> _Run:
                              "the next run redoes the shard from its input")
     made_by = labeler_producers(task.labelers, getattr(call, "checkpoint", None))
     core = core_producers(task.decode, task.crops, task.seed) if task.mode == FULL else {}
-    run = _Run(task, stats, found, prev, made_by, with_caption_source({**core, **made_by}, task.text, task.write))
+    run = _Run(task, stats, found, prev, made_by, with_caption_source({**core, **made_by}, task.text, task.write),
+               score_map=_score_mapping(task))
     if task.mode == UPDATE:
         if prev is None:
             raise RuntimeError(f"{task.shard}: no completed output to update")
@@ -458,6 +464,9 @@ def _write(run: _Run, writers: ShardWriterSet, batch: list[_Item], alive: list[_
         for it in alive:
             writers.write_sample(it.row.key, {m: it.payloads[m] for m in task.write})
             run.keys.append(it.row.key)
+            if run.score_map is not None:
+                _record_score_sources(it, run.score_map)
+                run.score_sources[it.row.key] = it.row.score_sources
             if "caption" in task.write:
                 run.caption_sources[it.row.key] = it.row.caption_source
     for it in batch:
@@ -522,7 +531,8 @@ def _prepare_stored(run: _Run, row: SampleRow, files: dict[str, bytes], input_te
         crops = get_modality("crop_settings").decode(files["crop_settings"])
         labels = {m: get_modality(m).decode(files[m]) for m in run.read_mods if m not in CORE}
     size = (row.original_width or image.shape[1], row.original_height or image.shape[0])
-    item = _Item(row=row, input=LabelInput(key=key, image=image, original_size=size, crops=crops, labels=labels))
+    item = _Item(row=row, input=LabelInput(key=key, image=image, original_size=size, crops=crops, labels=labels,
+                                           source=parse_source(row.source_json)))
     if input_texts is not None:
         text, problem = input_texts.get(key, (None, "caption text: the sample is no longer in the input"))
         stage = "read"
@@ -582,7 +592,8 @@ def _prepare_input(task: ShardTask, raw: RawSample, row: SampleRow, stats: _Stat
     row.original_width, row.original_height = dec.original_size
     row.width, row.height = w, h
     crops = make_crop_settings(raw.key, h, w, task.crops, task.seed)
-    item = _Item(row=row, input=LabelInput(key=raw.key, image=dec.image, original_size=dec.original_size, crops=crops))
+    item = _Item(row=row, input=LabelInput(key=raw.key, image=dec.image, original_size=dec.original_size, crops=crops,
+                                           source=parse_source(row.source_json)))
     if "rgb" in task.write:
         item.payloads["rgb"] = dec.stored_bytes
     if "crop_settings" in task.write:
@@ -594,6 +605,20 @@ def _prepare_input(task: ShardTask, raw: RawSample, row: SampleRow, stats: _Stat
             row.fail("validate:caption", str(e))
             return None
     return item
+
+
+def _score_mapping(task: ShardTask) -> tuple | None:
+    """The input_scores mapping of the labeler that writes ``metadata`` in this task (None: no metadata written)."""
+    for run in task.labelers:
+        if "metadata" in run.outputs:
+            return tuple(getattr(run.instance().config, "input_scores", ()))
+    return None
+
+
+def _record_score_sources(item: _Item, mapping: tuple) -> None:
+    """The manifest row says which metadata scores came from the input (``score_sources``)."""
+    found = score_sources(item.input.source, mapping)
+    item.row.score_sources = json.dumps(found, sort_keys=True) if found else None
 
 
 def _input_captions_of(task: ShardTask) -> dict[str, tuple[str | None, str | None]] | None:
@@ -720,6 +745,8 @@ def _with_outputs(run: _Run, r: SampleRow) -> SampleRow:
     prods = [p for p in r.producers if p["modality"] not in task.write] + [
         {"modality": m, **run.producers[m]} for m in task.write]
     r = dataclasses.replace(r, modalities=mods, producers=prods)
+    if run.score_map is not None:  # the metadata was rewritten: so is where its scores came from
+        r.score_sources = run.score_sources.get(r.key)
     source = run.caption_sources.get(r.key)
     if source:
         r.caption_source = source

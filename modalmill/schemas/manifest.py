@@ -32,6 +32,7 @@ MANIFEST_SCHEMA = pa.schema([
     ("source_url", pa.string()),  # the "url" field of the sample's source json (img2dataset), if any
     ("source_json", pa.string()),  # the sample's source json (canonical: sorted keys), if any
     ("source_json_error", pa.string()),  # why the sample's json member could not be read (the sample still goes on)
+    ("score_sources", pa.string()),  # JSON {metadata field: "input:<column>"} of the scores taken from the input
 ])
 
 OK, FAILED = "ok", "failed"
@@ -56,6 +57,7 @@ class SampleRow:
     source_url: str | None = None
     source_json: str | None = None
     source_json_error: str | None = None
+    score_sources: str | None = None
 
     def fail(self, stage: str, error: str) -> "SampleRow":
         self.status, self.stage, self.error = FAILED, stage, error

@@ -387,6 +387,13 @@ _R(ModalitySpec("sam_instance", ARRAY, "npy", "object", ("n_crops",),
 _R(ModalitySpec("human_poses", TEXT, "json", None, (), "per person: bbox, SMPL params, camera, pose tokens"))
 _R(ModalitySpec("color_palette", TEXT, "json", None, (), "k-means palettes for k = 1..7, 4M's JSON layout"))
 _R(ModalitySpec("metadata", TEXT, "json", None, (), "flat {name: number} with 4M-21's metadata names"))
+# quality scores as scalar modalities (modalmill/labelers/quality.py; docs/curation.md says why not manifest columns)
+_R(ModalitySpec("aesthetic_score", ARRAY, "npy", "float32", (), "LAION aesthetic predictor score (0..10)",
+                value_range=(0, 10)))
+_R(ModalitySpec("watermark_score", ARRAY, "npy", "float32", (), "LAION watermark probability (0..1)",
+                value_range=(0, 1)))
+_R(ModalitySpec("clip_score", ARRAY, "npy", "float32", (), "image-caption cosine of CLIP ViT-L/14 (DataComp)",
+                value_range=(-1, 1)))
 
 # Token modalities: folder name, source modality, vocab size, tokens per crop (4M's tokenizers, for parity).
 TOKEN_MODALITIES = {

@@ -67,3 +67,22 @@ def _r_array(spec, value, ctx):
         lines.append(f"min {a.min():.4g}  max {a.max():.4g}  mean {a.astype(np.float64).mean():.4g}")
     lines.extend(str(a).splitlines()[:12])
     return _text(lines, font_size=11, width_chars=50), "array"
+
+
+@renders("aesthetic_score", "watermark_score", "clip_score")
+def _r_score(spec, value, ctx):
+    """A quality score: the number, large, over a bar filled to its place in the modality's range."""
+    from .canvas import BG
+
+    v = next(iter(value.values())) if isinstance(value, dict) else value
+    v = float(np.asarray(v, np.float64).reshape(-1)[0])
+    lo, hi = spec.value_range or (0.0, 1.0)
+    img = Image.new("RGB", (PANEL, PANEL), BG)
+    draw = ImageDraw.Draw(img)
+    _draw_text(draw, (16, 40), f"{v:.3f}", INK, _font(48))
+    frac = min(max((v - lo) / (hi - lo), 0.0), 1.0) if hi > lo else 0.0
+    draw.rectangle((16, 160, PANEL - 16, 200), outline=INK, width=2)
+    draw.rectangle((18, 162, 18 + frac * (PANEL - 36), 198), fill=(60, 120, 200))
+    _draw_text(draw, (16, 210), f"{lo:g}", INK, _font(13))
+    _draw_text(draw, (PANEL - 40, 210), f"{hi:g}", INK, _font(13))
+    return img, f"{spec.name} in [{lo:g}, {hi:g}]"
