@@ -93,6 +93,6 @@ def test_autoscaler_follows_a_change_in_costs():
     current = {"clip": 1, "dino": 1, "depth": 3, "sam": 11}
     # the corpus turns into crowded scenes: depth becomes as costly as sam
     changed = dict(COSTS, depth=COSTS["sam"])
-    log = scripted(s, [COSTS, changed], current)
+    scripted(s, [COSTS, changed], current)
     assert current["depth"] > 3 and current["sam"] < 11
     assert sum(current.values()) <= 16

@@ -20,7 +20,7 @@ from ..io.cluster import init_ray, local_s3_env
 from ..io.crops import make_crop_settings
 from ..io.decode import DecodeError, decode_image
 from ..io.readers import RawSample, iter_samples, pick_image_member, plan_sources
-from ..labelers.base import LabelFailure, LabelInput
+from ..labelers.base import LabelInput
 from ..pipeline.autoscale import PoolShape, allocate
 from ..pipeline.execute import kill_pools, start_pools, wait_until_set_up
 from ..pipeline.shard import LabelerRun
