@@ -76,7 +76,8 @@ def run_ml4m(folder: str, task: str, out: str, test_builders: bool = False) -> N
             saved[f"{name}/ids"] = model.tokenize(x).reshape(len(crops), -1).numpy().astype(np.int16)
     np.savez_compressed(out, task=np.array(task), **saved)
     how = "with modalmill's test builders registered" if test_builders else "unmodified"
-    print(f"ml-4m ({how}): {folder} ({cfg.get('enc_type')}) loaded with VQVAE.from_pretrained; ids of {len(saved) // 3} photos -> {out}")
+    print(f"ml-4m ({how}): {folder} ({cfg.get('enc_type')}) loaded with VQVAE.from_pretrained; "
+          f"ids of {len(saved) // 3} photos -> {out}")
 
 
 def compare(folder: str, npz: str) -> int:

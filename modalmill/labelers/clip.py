@@ -183,6 +183,9 @@ class CLIPLabeler(ModelLabeler):
 
     @dataclass(frozen=True)
     class Config(ModelConfig):
+        # float32 by default: 4M computed the features its tokenizers were trained on in float32 (the teacher runs
+        # outside run_training_vqvae's autocast; save_vq_tokens has none); bf16 changes token ids (docs/labelers.md)
+        dtype: str = "float32"
         arch: str = "ViT-B-16-quickgelu"  # open_clip model name, or the path of an open_clip model-config .json
         normalize: str = "imagenet"  # imagenet: as 4M's tokenizer was trained | clip: OpenAI CLIP's mean/std
         project_tokens: bool = True  # patch tokens after the projection (4M, 512-d) or before it (768-d)

@@ -196,6 +196,9 @@ class ImageBindLabeler(ModelLabeler):
 
     @dataclass(frozen=True)
     class Config(ModelConfig):
+        # float32 by default: 4M computed the features its tokenizers were trained on in float32 (the teacher runs
+        # outside run_training_vqvae's autocast; save_vq_tokens has none); bf16 changes token ids (docs/labelers.md)
+        dtype: str = "float32"
         arch: str = "ViT-H-14"  # open_clip model name, or the path of an open_clip model-config .json
         normalize: str = "imagenet"  # imagenet: as 4M-21's tokenizers were trained | clip: ImageBind's own
         layernorm: bool = True  # apply the vision head's LayerNorm to the tokens (False: raw trunk output)
