@@ -6,7 +6,8 @@ What it writes (all small; random-init weights, real photos from scikit-image):
   ``PyTorchModelHubMixin.save_pretrained(config=...)`` writes them, + ``model.safetensors``), built with ml-4m's
   classes: ``rgb`` (VQVAE, ViT encoder + lucid quantizer with normalised codes, post_mlp), ``edge`` (a DiVAE with
   a tiny patched-UNet diffusion decoder: tokenizing uses only its encoder and quantizer), ``depth`` (1 channel),
-  ``normal``, ``semseg`` (class embedding, 134 labels; one-block width-32 ViTs: the folder stays under 2 MiB), ``dinov2`` (feature map, 1x1 projection, patch 14),
+  ``normal``, ``semseg`` (class embedding, 134 labels; one-block width-32 ViTs: the folder stays under 2 MiB),
+  ``dinov2`` (feature map, 1x1 projection, patch 14),
   ``dinov2_global`` (BottleneckMLP + memcodes, 16 heads), ``human_poses`` (BottleneckMLP + memcodes, 8 heads),
   ``sam_instance`` (64x64 masks, out_conv decoder);
 - ``inputs.npz``: the stored labels of three photos (astronaut, chelsea, and a 2:1 cut of coffee) as modalmill
