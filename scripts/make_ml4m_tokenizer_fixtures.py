@@ -6,14 +6,16 @@ What it writes (all small; random-init weights, real photos from scikit-image):
   ``PyTorchModelHubMixin.save_pretrained(config=...)`` writes them, + ``model.safetensors``), built with ml-4m's
   classes: ``rgb`` (VQVAE, ViT encoder + lucid quantizer with normalised codes, post_mlp), ``edge`` (a DiVAE with
   a tiny patched-UNet diffusion decoder: tokenizing uses only its encoder and quantizer), ``depth`` (1 channel),
-  ``normal``, ``semseg`` (class embedding, 134 labels), ``dinov2`` (feature map, 1x1 projection, patch 14),
+  ``normal``, ``semseg`` (class embedding, 134 labels; one-block width-32 ViTs: the folder stays under 2 MiB),
+  ``dinov2`` (feature map, 1x1 projection, patch 14),
   ``dinov2_global`` (BottleneckMLP + memcodes, 16 heads), ``human_poses`` (BottleneckMLP + memcodes, 8 heads),
   ``sam_instance`` (64x64 masks, out_conv decoder);
 - ``inputs.npz``: the stored labels of three photos (astronaut, chelsea, and a 2:1 cut of coffee) as modalmill
   stores them (rgb uint8, depth uint16, normal uint8 x3, canny edges uint8 0/255, semseg ids uint8 with 255),
   their ``crop_settings`` rows (top, left, h, w, flip; row 0 a centre crop, then random crops, some flipped),
   per-crop teacher features (float16 [n_crops, 16, 16, C]) and global vectors (float16 [n_crops, C]) from a
-  fixed random "teacher" run by this script on each 224 crop, 207-d body poses and SAM polygons;
+  fixed random "teacher" run by this script on each 224 crop, 207-d body poses and 40 SAM polygons of varied
+  shapes and sizes (so that the ``sam_instance`` ids are many and a wrong mapping fails);
 - ``ids.npz``: the token ids ml-4m gives, computed as ``save_vq_tokens.py`` does: for every crop row
   ``MODALITY_TRANSFORMS_DIVAE[task].preprocess -> image_augment(crop, flip, (224, 224), resample_mode) ->
   postprocess``, then ``model.tokenize``, int16 [n_crops, n_tokens]; bilinear resampling (``--resample_mode
@@ -41,6 +43,7 @@ from PIL import Image
 
 N_CROPS = 4
 SIZE = 224
+N_SAM = 40  # SAM instances (polygons) tokenized
 
 
 def register_tiny_builders():
@@ -117,8 +120,9 @@ def main(out_dir):
                              clip_sample=True)),
         "depth": (VQVAE, dict(common, n_channels=1, codebook_size=128)),
         "normal": (VQVAE, dict(common, n_channels=3, codebook_size=128)),
+        # one-block width-32 ViTs and a 4x4-patch decoder head keep the 134-class file under 2 MiB
         "semseg": (VQVAE, dict(common, n_channels=8, n_labels=134, codebook_size=128, post_mlp=True,
-                               patch_size_dec=4)),  # a 4x4-patch decoder head keeps the 134-class file small
+                               patch_size_dec=4, enc_type="vit_d32_l1_h2_enc", dec_type="vit_d32_l1_h2_dec")),
         "dinov2": (VQVAE, dict(common, n_channels=32, patch_size=14, patch_proj=False, codebook_size=128,
                                post_mlp=True)),
         "dinov2_global": (VQVAE, dict(image_size=SIZE, n_channels=32, enc_type="BottleneckMLP/B_2-Wi_64",
@@ -199,11 +203,11 @@ def main(out_dir):
 
         sam = SAMInstanceTransform(mask_size=64, max_instance_n=None)
         polys = []
-        for _i in range(6):
-            cx, cy = rng.uniform(40, 184, 2)
-            n = int(rng.integers(5, 12))
+        for _i in range(N_SAM):  # varied shapes and sizes, so that the ids are many (a wrong mapping shows)
+            cx, cy = rng.uniform(30, 194, 2)
+            n = int(rng.integers(3, 14))
             ang = np.sort(rng.uniform(0, 2 * np.pi, n))
-            rad = rng.uniform(10, 45, n)
+            rad = rng.uniform(4, 80, n) * rng.uniform(0.3, 1.0)
             pts = np.stack([cx + rad * np.cos(ang), cy + rad * np.sin(ang)], -1)
             polys.append(np.clip(np.round(pts), 0, 223).astype(np.int32)[:, None, :])
         masks, bboxes, valid = sam.get_binary_masks(polys)

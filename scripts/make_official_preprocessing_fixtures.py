@@ -17,11 +17,13 @@ scikit-image's ``chelsea``), preprocessed and post-processed by the official cod
   and ``infer_image``'s bilinear (align_corners=True) resize back to the image.
 - DINOv2 (facebookresearch/dinov2): the official ``DinoVisionTransformer`` as ``hub.backbones.dinov2_vitb14``
   builds it (interpolate_offset 0.1, interpolate_antialias False), at the tiny size, with the tiny transformers
-  checkpoint's tensors; ``forward_features`` on crop 0 (the centre square) resized to 224 (PIL bicubic, as
-  modalmill's prepare does), ImageNet mean/std.
+  checkpoint's tensors; ``forward_features`` on crop 0 (the centre square) made into the network input by the
+  official ``make_classification_eval_transform`` (``dinov2/data/transforms.py``) at 224: bicubic resize, ImageNet
+  mean/std.
 - Mask2Former, DETR: transformers' own image processors (``Mask2FormerImageProcessorPil``,
   ``DetrImageProcessorPil``, defaults: shortest edge 800, longest at most 1333) and the tiny models.
-- SAM (segment-anything, installed): ``SamAutomaticMaskGenerator.generate`` in float32 with the tests' settings.
+- SAM (segment-anything, installed): the model built by segment-anything's own ``_build_sam`` at the tiny size
+  (:func:`official_tiny_sam`), ``SamAutomaticMaskGenerator.generate`` in float32 with the tests' settings.
 
 Rerun (from a modalmill checkout, with the official trees extracted, e.g. through the ``fetch`` tool and
 ``git -C <mirror> show HEAD:<file>`` for their .py files; timm, cv2 and segment-anything come from modalmill's venv,
@@ -238,15 +240,15 @@ def dinov2(root: str, photo: np.ndarray, input_size: int) -> tuple[dict, dict]:
     mask = model.state_dict()["mask_token"]
     new["mask_token"] = new["mask_token"].reshape(mask.shape)
     model.load_state_dict(new, strict=True)
-    # crop 0 = the centre square of the 2:1 photo, resized as modalmill's prepare_regions does
+    # crop 0 = the centre square of the 2:1 photo, to the network input by the official evaluation transform
+    # (dinov2/data/transforms.py: Resize(bicubic) -> CenterCrop -> ToTensor -> ImageNet Normalize), at 224
+    from dinov2.data.transforms import make_classification_eval_transform
+
     h, w = photo.shape[:2]
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
     region = photo[top:top + side, left:left + side]
-    img = np.asarray(Image.fromarray(region).resize((input_size, input_size), Image.BICUBIC))
-    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255.0
-    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
-    x = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    x = make_classification_eval_transform(resize_size=input_size, crop_size=input_size)(Image.fromarray(region))[None]
     with torch.no_grad():
         out = model.forward_features(x)
     sys.path.remove(root)
@@ -290,16 +292,42 @@ def mask2former_detr(photo: np.ndarray) -> tuple[dict, dict]:
     return arrays, meta
 
 
+def official_tiny_sam(tiny: dict):
+    """segment-anything's own ``build_sam._build_sam`` (the builder of sam_model_registry), run with the tiny
+    encoder's sizes: its module-level ``ImageEncoderViT`` / ``PromptEncoder`` see the tiny image size and window
+    in place of the hard-coded 1024 / 14; everything else (prompt dim 256, mask decoder, pixel mean/std, rel-pos,
+    qkv bias) is the official builder's."""
+    import importlib
+
+    official = importlib.import_module("segment_anything.build_sam")  # the module (the package re-exports a function)
+
+    size, grid = tiny["img_size"], tiny["img_size"] // 16
+    real_encoder, real_prompt = official.ImageEncoderViT, official.PromptEncoder
+
+    def encoder(**kw):
+        return real_encoder(**{**kw, "img_size": size, "window_size": tiny["window_size"]})
+
+    def prompt(**kw):
+        return real_prompt(**{**kw, "image_embedding_size": (grid, grid), "input_image_size": (size, size)})
+
+    official.ImageEncoderViT, official.PromptEncoder = encoder, prompt
+    try:
+        return official._build_sam(encoder_embed_dim=tiny["embed_dim"], encoder_depth=tiny["depth"],
+                                   encoder_num_heads=tiny["num_heads"],
+                                   encoder_global_attn_indexes=list(tiny["global_attn_indexes"]))
+    finally:
+        official.ImageEncoderViT, official.PromptEncoder = real_encoder, real_prompt
+
+
 def sam(photo: np.ndarray, settings: dict) -> tuple[dict, dict]:
     from segment_anything import SamAutomaticMaskGenerator
 
-    from modalmill.labelers.sam import build_sam
     from tests.tiny_models import SAM_TINY, save_tiny_sam
 
     with tempfile.TemporaryDirectory() as tmp:
         state = torch.load(save_tiny_sam(os.path.join(tmp, "sam.pth")), weights_only=True)
-    model = build_sam(SAM_TINY)
-    model.load_state_dict(state, strict=True)
+    model = official_tiny_sam(SAM_TINY)
+    model.load_state_dict(state, strict=True)  # modalmill's tiny state dict fits the official model exactly
     model.eval()
     keys = ("points_per_side", "pred_iou_thresh", "stability_score_thresh", "box_nms_thresh")
     gen = SamAutomaticMaskGenerator(model, output_mode="binary_mask", **{k: settings[k] for k in keys})

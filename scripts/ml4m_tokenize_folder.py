@@ -4,12 +4,13 @@ Used to check that a tokenizer written by ``modalmill train-tokenizer`` loads in
 ``VQVAE.from_pretrained`` and gives the same ids there as in modalmill. Run it in ml-4m's environment::
 
     cd /path/to/ml-4m && PYTHONPATH=$PWD HF_HUB_OFFLINE=1 /path/to/ml4m-venv/bin/python \\
-        /path/to/modalmill/scripts/ml4m_tokenize_folder.py TOKENIZER_FOLDER TASK OUT.npz
+        /path/to/modalmill/scripts/ml4m_tokenize_folder.py TOKENIZER_FOLDER TASK OUT.npz [--test-builders]
 
 TASK is an ml-4m ``MODALITY_TRANSFORMS_DIVAE`` key for the photos (rgb or canny_edge: the Canny map of the photo).
-It registers the ``vit_d<width>_l<depth>_h<heads>_enc|dec`` builders modalmill uses for small tokenizers in
-ml-4m's ``vit_models`` module (ml-4m itself names only vit_s/b/l), loads the folder with
-``VQVAE.from_pretrained``, and saves the photos, the crop rows and ml-4m's ids into OUT.npz. Then compare in
+It loads the folder with unmodified ml-4m's ``VQVAE.from_pretrained`` (what a user of a ``small`` or ``base``
+tokenizer has); only with ``--test-builders`` does it first register the ``vit_d<width>_l<depth>_h<heads>_enc|dec``
+builders of modalmill's test-sized ``tiny`` preset in ml-4m's ``vit_models`` module (ml-4m itself names only
+vit_s/b/l). It saves the photos, the crop rows and ml-4m's ids into OUT.npz. Then compare in
 modalmill's environment with ``python scripts/ml4m_tokenize_folder.py --compare TOKENIZER_FOLDER OUT.npz``.
 """
 
@@ -38,7 +39,7 @@ def _crops(h, w):
                      [h // 4, w // 3, h // 2, h // 2, 0]], dtype=np.int64)
 
 
-def run_ml4m(folder: str, task: str, out: str) -> None:
+def run_ml4m(folder: str, task: str, out: str, test_builders: bool = False) -> None:
     import cv2
     import torch
     from PIL import Image
@@ -49,7 +50,7 @@ def run_ml4m(folder: str, task: str, out: str) -> None:
 
     with open(os.path.join(folder, "config.json")) as f:
         cfg = json.load(f)
-    for name in (cfg.get("enc_type", ""), cfg.get("dec_type", "")):
+    for name in (cfg.get("enc_type", ""), cfg.get("dec_type", "")) if test_builders else ():
         m = re.match(r"vit_d(\d+)_l(\d+)_h(\d+)_(enc|dec)$", name or "")
         if m:
             w, d, h, part = m.groups()
@@ -74,7 +75,9 @@ def run_ml4m(folder: str, task: str, out: str) -> None:
             saved[f"{name}/label"], saved[f"{name}/crops"] = label, crops
             saved[f"{name}/ids"] = model.tokenize(x).reshape(len(crops), -1).numpy().astype(np.int16)
     np.savez_compressed(out, task=np.array(task), **saved)
-    print(f"ml-4m: {folder} loaded with VQVAE.from_pretrained; ids of {len(saved) // 3} photos -> {out}")
+    how = "with modalmill's test builders registered" if test_builders else "unmodified"
+    print(f"ml-4m ({how}): {folder} ({cfg.get('enc_type')}) loaded with VQVAE.from_pretrained; "
+          f"ids of {len(saved) // 3} photos -> {out}")
 
 
 def compare(folder: str, npz: str) -> int:
@@ -105,4 +108,4 @@ def compare(folder: str, npz: str) -> int:
 if __name__ == "__main__":
     if sys.argv[1] == "--compare":
         sys.exit(compare(sys.argv[2], sys.argv[3]))
-    run_ml4m(sys.argv[1], sys.argv[2], sys.argv[3])
+    run_ml4m(sys.argv[1], sys.argv[2], sys.argv[3], test_builders="--test-builders" in sys.argv[4:])

@@ -106,10 +106,19 @@ def test_registry_entry_is_complete_and_frozen(name):
     assert get_modality(name).kind == "feature_map" and get_modality(f"{name}_global").kind == "global"
     assert cls.input_size == 224 and cls.mean == IMAGENET_MEAN and cls.std == IMAGENET_STD  # 4M's teacher input
     fields = dataclasses.fields(cls.Config)
-    assert [(f.name, f.default) for f in fields[:3]] == [("weights", None), ("device", "auto"), ("dtype", "auto")]
+    # float32 by default: 4M computed its feature tokenizers' teacher features in float32 (docs/labelers.md)
+    assert [(f.name, f.default) for f in fields[:3]] == [("weights", None), ("device", "auto"), ("dtype", "float32")]
     cfg = cls.Config()
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.weights = "elsewhere"
+    import torch
+
+    lab = cls()
+    lab.device = torch.device("cuda")  # as on a GPU actor: no autocast unless asked for
+    assert not isinstance(lab.autocast(), torch.autocast)
+    lab = cls({"dtype": "auto"})
+    lab.device = torch.device("cuda")
+    assert isinstance(lab.autocast(), torch.autocast)
     r = cls.default_resources
     assert r.num_cpus >= 1 and 0 < r.num_gpus <= 1 and r.memory_mb > 0 and cls.default_batch_size >= 1
     # 2: one feature row per crop_settings row; dinov2 3: and the official position interpolation

@@ -95,7 +95,7 @@ def test_registry_entry_is_complete_and_frozen():
     fields = dataclasses.fields(cls.Config)
     assert [(f.name, f.default) for f in fields[:3]] == [("weights", None), ("device", "auto"), ("dtype", "auto")]
     c = cls.Config()
-    assert (c.person_class, c.score_threshold, c.box_scale, c.bbox_frame) == ("person", 0.5, 1.0, "stored")
+    assert (c.person_class, c.score_threshold, c.box_scale, c.bbox_frame) == ("person", None, 1.0, "stored")
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.score_threshold = 0.1  # type: ignore[misc]
     assert cls(dataclasses.asdict(c)).config_hash() == cls().config_hash()

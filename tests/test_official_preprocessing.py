@@ -112,15 +112,30 @@ def test_depth_anything_is_infer_image(ref, tmp_path):
     want = arrays["depth_anything_depth"]
     assert disp.shape == want.shape == photo.shape[:2]
     scale = float(np.abs(want).max())
-    assert np.abs(disp.numpy() - want).max() < 1e-5 * max(1.0, scale)
+    tol = 1e-5 * max(1.0, scale)
+    assert np.abs(disp.numpy() - want).max() < tol
     # the stored label is that disparity converted to depth and min/max-normalised
     (out,) = lab.process_batch([inp(photo)])
     t = torch.from_numpy(want)
     expect = depth_to_uint16(1.0 / (t / t.max()).clamp(min=lab.config.disparity_floor))
-    assert np.abs(out["depth"].astype(np.int64) - expect.astype(np.int64)).max() <= 1
+    # tolerance: a 1e-5 relative disparity difference moves a depth of range 1 .. 1.62 by ~2 of 65535 steps; 8
+    # leaves room for other CPUs' float sums, and is far below what a wrong interpolation gives (below)
+    assert np.abs(out["depth"].astype(np.int64) - expect.astype(np.int64)).max() <= 8
     # the squashed square input of before is another input altogether
     squashed = lab.to_tensor([photo], size=m["input_size"], mean=lab.mean, std=lab.std)
     assert tuple(squashed.shape[-2:]) != tuple(x.shape[-2:])
+    # the tiny model's disparity depends on its input (std ~0.1 around 1), so the wrong interpolations fail: the
+    # output resized without align_corners, and transformers' own position-embedding interpolation
+    assert want.std() > 0.01
+    with torch.inference_mode():
+        raw = lab.raw_predictions([photo])[0]
+        off = torch.nn.functional.interpolate(raw[None, None], size=photo.shape[:2], mode="bilinear",
+                                              align_corners=False)[0, 0]
+        assert np.abs(off.numpy() - want).max() > 100 * tol
+        emb = lab.model.backbone.embeddings
+        del emb.interpolate_pos_encoding  # back to the class' method (resize to the target grid)
+        (theirs,) = lab.disparities([photo])
+    assert np.abs(theirs.numpy() - want).max() > 100 * tol
 
 
 # ---------------------------------------------------------------------- Omnidata DPT-Hybrid
@@ -254,11 +269,16 @@ def test_sam_is_float32_by_default_and_gives_the_official_generators_masks(ref, 
     got = out["sam_mask"]["instances"]
     want = m["masks"]
     assert len(got) == len(want) == m["n_masks"] > 1
+    # Tolerances: float32 sums differ between CPUs (an AMD and an Intel host gave areas 12514 and 12513 for the
+    # same mask), so a mask's area may differ by AREA_TOL pixels (0.1 % of the largest mask, at least 2), a box
+    # side by 1 pixel, the scores by 1e-4, and the edge maps in at most 0.2 % of the pixels
+    area_tol = max(2, int(0.001 * max(w["area"] for w in want)))
     for g, w in zip(got, want):
         x, y, bw, bh = w["bbox_xywh"]
-        assert g["area"] == w["area"] and g["bbox_xyxy"] == [x, y, x + bw, y + bh]
-        assert abs(g["predicted_iou"] - w["predicted_iou"]) < 1e-5
-        assert abs(g["stability_score"] - w["stability_score"]) < 1e-5
+        assert abs(g["area"] - w["area"]) <= area_tol, (g["area"], w["area"])
+        assert np.abs(np.array(g["bbox_xyxy"]) - np.array([x, y, x + bw, y + bh])).max() <= 1
+        assert abs(g["predicted_iou"] - w["predicted_iou"]) < 1e-4
+        assert abs(g["stability_score"] - w["stability_score"]) < 1e-4
     masks = np.unpackbits(arrays["sam_masks_packed"], axis=1)[:, :photo.shape[0] * photo.shape[1]]
     masks = masks.reshape(-1, *photo.shape[:2]).astype(bool)
-    assert np.array_equal(out["sam_edge"], instance_edges(list(masks), photo.shape[:2]))
+    assert np.mean(out["sam_edge"] != instance_edges(list(masks), photo.shape[:2])) <= 0.002

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from modalmill.tokenize import checkpoint as ckpt
-from modalmill.tokenize.train import default_out, format_report, train_tokenizer
+from modalmill.tokenize.train import (NotStockML4MWarning, default_config, default_out, format_report,
+                                      train_tokenizer, warn_if_not_stock_ml4m)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -90,11 +91,12 @@ ML4M_VQVAE_ARGS = {
 
 def test_trained_tokenizer_is_in_4ms_format(labeled, tmp_path):
     """Pins the format ml-4m's VQVAE.from_pretrained reads: config keys and state-dict names (a trained folder
-    was checked once in ml-4m's own code with scripts/ml4m_tokenize_folder.py: identical ids)."""
+    was checked once in ml-4m's own code with scripts/ml4m_tokenize_folder.py --test-builders: identical ids)."""
     from safetensors.torch import load_file
 
     out = str(tmp_path / "edge4m")
-    train_tokenizer("canny_edge", labeled, out, preset="tiny", steps=2, use_ray=False, show_progress=False)
+    with pytest.warns(NotStockML4MWarning, match="preset 'tiny' builds vit_d64_l1_h2_enc, vit_d64_l1_h2_dec"):
+        train_tokenizer("canny_edge", labeled, out, preset="tiny", steps=2, use_ray=False, show_progress=False)
     config = json.load(open(os.path.join(out, ckpt.CONFIG_FILE)))
     assert set(config) - {"modalmill"} <= ML4M_VQVAE_ARGS
     assert config["enc_type"] == "vit_d64_l1_h2_enc" and config["dec_type"] == "vit_d64_l1_h2_dec"
@@ -115,3 +117,23 @@ def test_trained_tokenizer_is_in_4ms_format(labeled, tmp_path):
     assert expected <= set(state), sorted(expected - set(state))
     assert state["quantize._codebook.embed"].shape == (64, 16) and state["quant_proj.weight"].shape == (16, 64, 1, 1)
     assert all(k.split(".")[0] in {"encoder", "quant_proj", "quantize", "post_quant_proj", "decoder"} for k in state)
+
+
+@pytest.mark.parametrize("source", ["rgb", "canny_edge", "depth", "normal", "semseg_coco", "sam_instance", "dinov2",
+                                    "clip", "imagebind", "dinov2_global", "human_poses"])
+def test_small_and_base_presets_are_sizes_unmodified_ml4m_builds(source, recwarn):
+    """ml-4m's vit_models names only vit_s/b/l (fourm/vq/models/vit_models.py): small is its vit_s (width 512,
+    8 blocks, 8 heads), base its vit_b; vectors use its BottleneckMLP. Only the test-sized tiny warns."""
+    kw = {"in_channels": 32} if source in ("dinov2", "clip", "imagebind", "dinov2_global") else {}
+    for preset, vit in (("small", "vit_s"), ("base", "vit_b")):
+        model = default_config(source, preset, **kw)["model"]
+        if source in ("dinov2_global", "human_poses"):
+            assert model["enc_type"].startswith("BottleneckMLP/") and model["dec_type"].startswith("BottleneckMLP/")
+        else:
+            assert (model["enc_type"], model["dec_type"]) == (f"{vit}_enc", f"{vit}_dec"), preset
+        assert warn_if_not_stock_ml4m({"modality": source, "preset": preset, "model": model})
+    assert not recwarn.list
+    tiny = default_config(source, "tiny", **kw)
+    if tiny["model"]["enc_type"].startswith("vit_"):
+        with pytest.warns(NotStockML4MWarning, match="unmodified ml-4m cannot load"):
+            assert not warn_if_not_stock_ml4m(tiny)

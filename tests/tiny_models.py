@@ -119,6 +119,12 @@ def save_tiny_depth_anything(path: str, seed: int = 0) -> str:
                               depth_estimation_type="relative")
     model = DepthAnythingForDepthEstimation(cfg).eval()
     with torch.no_grad():
+        # transformers' init (std 0.02) leaves the neck and head's output constant to 1e-7 at this size: PyTorch's
+        # own conv init keeps the signal, so the disparity depends on the input (std ~0.1 around 1, positive)
+        for m in [*model.neck.modules(), *model.head.modules()]:
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+                m.reset_parameters()
+        model.head.conv3.weight.mul_(20.0)
         model.head.conv3.bias.fill_(1.0)  # a positive disparity everywhere
     model.save_pretrained(path)
     return path

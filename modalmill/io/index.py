@@ -444,8 +444,3 @@ def scan(root: str, with_manifests: bool = True, write: bool = False, workers: i
         write_snapshot(root, snap)
     return OutputIndex(dict(sorted(markers.items())), sorted(failures), result.get("manifests", {}), snap,
                        dict(sorted(torn.items())))
-
-
-def refresh(root: str) -> OutputIndex:
-    """Bring the stored snapshot up to date (a run does this when it ends)."""
-    return scan(root, with_manifests=True, write=True)

@@ -59,10 +59,6 @@ def write_marker(root: str, shard: str, marker: dict) -> None:
     _write_json(marker_url(root, shard), marker)
 
 
-def read_failure(root: str, shard: str) -> dict | None:
-    return _read_json(failed_url(root, shard))
-
-
 def write_failure(root: str, shard: str, failure: dict) -> None:
     _write_json(failed_url(root, shard), failure)
 

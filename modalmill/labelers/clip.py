@@ -158,6 +158,9 @@ def grid_of(visual) -> tuple[int, int]:
 class OpenClipConfig(ModelConfig):
     """The settings of every open_clip image tower labeler (CLIP, ImageBind)."""
 
+    # float32 by default: 4M computed the features its tokenizers were trained on in float32 (the teacher runs
+    # outside run_training_vqvae's autocast; save_vq_tokens has none); bf16 changes token ids (docs/labelers.md)
+    dtype: str = "float32"
     arch: str = "ViT-B-16-quickgelu"  # open_clip model name, or the path of an open_clip model-config .json
     normalize: str = "imagenet"  # imagenet: as 4M's tokenizers were trained | clip: OpenAI CLIP's mean/std
 

@@ -34,8 +34,8 @@ by another labeler), or list ``metadata`` after the modalities it needs in a ful
 Definitions (4M-21 publishes the metadata names and the trainer's binning ranges, not the formulas; these are
 standard choices, and every value is clipped into 4M's range, ``METADATA_RANGES``):
 
-From ``det`` (instances with ``score >= det_threshold``, 0.6 by default: the threshold 4M's loader applies
-to ``det``):
+From ``det`` (instances with ``score >= det_threshold``; by default the box threshold the record's detector
+wrote, comparable to 4M-21's ViTDet-H >= 0.6, or 0.6 for a record without one; see ``labelers/detection.py``):
 
 - ``n_coco_instances``: their number.
 - ``coco_instance_diversity``: the number of distinct class names among them.
@@ -148,8 +148,13 @@ def occlusion_score(boxes: np.ndarray) -> float:
     return float(area[cover >= 2].sum()) / union if union > 0 else 0.0
 
 
-def det_stats(det: Any, threshold: float) -> dict[str, float]:
-    """n_coco_instances, coco_instance_diversity, n_humans and occlusion_score of a ``det`` record."""
+def det_stats(det: Any, threshold: float | None = None) -> dict[str, float]:
+    """n_coco_instances, coco_instance_diversity, n_humans and occlusion_score of a ``det`` record (instances
+    scoring at least ``threshold``; None: the record's detector's box threshold)."""
+    if threshold is None:
+        from .detection import det_thresholds
+
+        threshold = det_thresholds(det)[0]
     kept = [inst for inst in det["instances"] if float(inst["score"]) >= threshold]
     boxes = np.array([inst["boxes"] for inst in kept], dtype=np.float64).reshape(-1, 4)
     return {
@@ -226,7 +231,7 @@ class DerivedMetadataLabeler(Labeler):
     @dataclass(frozen=True)
     class Config:
         decimals: int = 4  # float values are rounded to this many decimal places
-        det_threshold: float = 0.6  # det instances with score >= this count (4M's loader threshold)
+        det_threshold: float | None = None  # det instances with score >= this count (None: the detector's own)
         # metadata field -> source json column read from the input (io/scores.py); {} reads none
         input_scores: Any = DEFAULT_INPUT_SCORES
 
@@ -234,7 +239,7 @@ class DerivedMetadataLabeler(Labeler):
             object.__setattr__(self, "input_scores", checked_input_scores(self.input_scores))
             if isinstance(self.decimals, bool) or not isinstance(self.decimals, int) or not 0 <= self.decimals <= 12:
                 raise ValueError(f"decimals must be an int in [0, 12], got {self.decimals!r}")
-            if not (0 <= self.det_threshold <= 1):
+            if self.det_threshold is not None and not (0 <= self.det_threshold <= 1):
                 raise ValueError(f"det_threshold must lie in [0, 1], got {self.det_threshold!r}")
 
     def config_dict(self) -> dict[str, Any]:

@@ -17,6 +17,17 @@ from COCO's 80 thing classes, sorted by score (highest first; ties by query/clas
 4M expects (its loader keeps score >= 0.6): every candidate scoring at least ``min_score`` (0.05 by default,
 detectron2's test threshold), at most ``top_k`` (100, detectron2's detections per image).
 
+Score thresholds (per detector; docs/labelers.md "Detector score thresholds"): 4M-21 kept ViTDet-H boxes scoring
+>= 0.6 (ml-4m's ``DetectionTransform``) and HMR 2.0 regressed people scoring >= 0.5 (its demo). Those are
+thresholds of a Cascade R-CNN's softmax scores; D-FINE's sigmoid (focal-loss) scores and DETR's softmax over 92
+classes are calibrated differently. The stated rule: a detector's thresholds keep 4M's offsets from the
+threshold its own authors' inference shows boxes at (detectron2's demo, which ViTDet and HMR 2.0 use: 0.5; 4M's
+boxes +0.1, people +0.0), so ViTDet-H gives back 4M's 0.6 / 0.5, D-FINE (its ``torch_inf.py`` draws at 0.4)
+0.5 / 0.4 and DETR (its official demo keeps 0.7) 0.8 / 0.7. Each record carries them (``score_threshold``,
+``person_score_threshold``): modalmill's serialisation for 4M (``det_to_text``), the derived metadata counts, the
+HMR 2.0 person selection and ``modalmill show`` read them (:func:`det_thresholds`); a record without them gets
+ViTDet's 0.6 / 0.5.
+
 D-FINE, as its official inference (``tools/inference/torch_inf.py``) and transformers' ``RTDetrImageProcessor``
 (its ``preprocessor_config.json``): the whole image resized to 640 x 640 (bilinear, antialiased; the aspect
 ratio is not kept, so the predicted normalised boxes are those of the image itself), scaled to [0, 1], no
@@ -45,8 +56,25 @@ from .model import ModelConfig, ModelLabeler
 from .semseg import COCO_THING_CLASSES, load_checked, processor_batches
 from .pins import Pin
 
-__all__ = ["DETR_COCO_LABELS", "DFineCocoLabeler", "DetrCocoLabeler", "detections_from_focal_logits",
-           "detections_from_logits"]
+__all__ = ["DETR_COCO_LABELS", "DFineCocoLabeler", "DetrCocoLabeler", "VITDET_THRESHOLDS", "det_thresholds",
+           "detections_from_focal_logits", "detections_from_logits"]
+
+# 4M-21's: ViTDet-H boxes kept with score >= 0.6 (ml-4m's DetectionTransform), HMR 2.0 people with score >= 0.5
+VITDET_THRESHOLDS = (0.6, 0.5)
+
+
+def det_thresholds(det: Any) -> tuple[float, float]:
+    """(box, person) score thresholds of a ``det`` record: the ones its detector wrote, else 4M-21's ViTDet-H's."""
+    d = det if isinstance(det, dict) else {}
+    return (float(d.get("score_threshold", VITDET_THRESHOLDS[0])),
+            float(d.get("person_score_threshold", VITDET_THRESHOLDS[1])))
+
+
+def with_thresholds(record: dict, config) -> dict:
+    """The ``det`` record with its detector's (box, person) thresholds (see the module docstring)."""
+    record["score_threshold"] = float(config.score_threshold)
+    record["person_score_threshold"] = float(config.person_score_threshold)
+    return record
 
 # DETR's 91 output ids are COCO category ids; 0 and the ten ids COCO never annotated are 'N/A'.
 _COCO_UNUSED_IDS = frozenset({0, 12, 26, 29, 30, 45, 66, 68, 69, 71, 83})
@@ -101,13 +129,14 @@ def detections_from_focal_logits(logits, boxes, names: tuple[str, ...], *, min_s
 
 
 def _check_settings(config, int_minimums: dict[str, int]) -> None:
-    """The settings both detectors share: whole numbers with a lower bound, and ``min_score`` in [0, 1]."""
+    """The settings both detectors share: whole numbers with a lower bound, scores and thresholds in [0, 1]."""
     for f, lo in int_minimums.items():
         v = getattr(config, f)
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"{f} must be an int >= {lo}, got {v!r}")
-    if not (0 <= config.min_score <= 1):
-        raise ValueError(f"min_score must lie in [0, 1], got {config.min_score!r}")
+    for f in ("min_score", "score_threshold", "person_score_threshold"):
+        if not (0 <= getattr(config, f) <= 1):
+            raise ValueError(f"{f} must lie in [0, 1], got {getattr(config, f)!r}")
 
 
 @register_labeler
@@ -119,7 +148,7 @@ class DFineCocoLabeler(ModelLabeler):
     """
 
     name = "dfine_coco"
-    version = "1"
+    version = "2"  # 2: the record carries the detector's score thresholds
     outputs = ("det",)
     architecture = ("D-FINE-X (HGNetV2-B5 backbone, hybrid encoder, 6-layer FDR decoder), transformers "
                     "DFineForObjectDetection, COCO 80 classes")
@@ -143,6 +172,9 @@ class DFineCocoLabeler(ModelLabeler):
         min_score: float = 0.05  # keep (query, class) candidates scoring at least this (sigmoid)
         top_k: int = 100  # at most this many instances per image (the highest scores)
         num_top_queries: int = 300  # D-FINE's post-processor: candidates taken from the flattened scores
+        # comparable to 4M-21's ViTDet-H >= 0.6 boxes / >= 0.5 people: D-FINE's demo threshold (0.4) + 4M's offsets
+        score_threshold: float = 0.5
+        person_score_threshold: float = 0.4
         decimals: int = 4  # boxes and scores are rounded to this many decimals
 
         def __post_init__(self):
@@ -173,9 +205,9 @@ class DFineCocoLabeler(ModelLabeler):
             if not (bool(logits.isfinite().all()) and bool(boxes.isfinite().all())):
                 results[i] = LabelFailure("the model predicted non-finite logits or boxes")
                 continue
-            results[i] = {"det": detections_from_focal_logits(
+            results[i] = {"det": with_thresholds(detections_from_focal_logits(
                 logits, boxes, COCO_THING_CLASSES, min_score=c.min_score, top_k=c.top_k,
-                num_top_queries=c.num_top_queries, decimals=c.decimals)}
+                num_top_queries=c.num_top_queries, decimals=c.decimals), c)}
         return results
 
 
@@ -188,7 +220,7 @@ class DetrCocoLabeler(ModelLabeler):
     """
 
     name = "detr_coco"
-    version = "2"
+    version = "3"  # 3: the record carries the detector's score thresholds
     outputs = ("det",)
     architecture = "DETR (ResNet-50), transformers DetrForObjectDetection, COCO 80 classes (91 ids)"
     weights = "facebook/detr-resnet-50"
@@ -212,6 +244,9 @@ class DetrCocoLabeler(ModelLabeler):
         max_size: int = 1333  # ... unless the longer side would then exceed this (longest_edge)
         min_score: float = 0.05  # keep queries whose best class has at least this probability
         top_k: int = 100  # at most this many instances per image (the highest scores)
+        # comparable to 4M-21's ViTDet-H >= 0.6 boxes / >= 0.5 people: DETR's demo threshold (0.7) + 4M's offsets
+        score_threshold: float = 0.8
+        person_score_threshold: float = 0.7
         decimals: int = 4  # boxes and scores are rounded to this many decimals
 
         def __post_init__(self):
@@ -233,8 +268,8 @@ class DetrCocoLabeler(ModelLabeler):
             if not (bool(logits.isfinite().all()) and bool(boxes.isfinite().all())):
                 results[i] = LabelFailure("the model predicted non-finite logits or boxes")
                 continue
-            results[i] = {"det": detections_from_logits(logits, boxes, DETR_COCO_LABELS, min_score=c.min_score,
-                                                        top_k=c.top_k, decimals=c.decimals)}
+            results[i] = {"det": with_thresholds(detections_from_logits(
+                logits, boxes, DETR_COCO_LABELS, min_score=c.min_score, top_k=c.top_k, decimals=c.decimals), c)}
         return results
 
     def raw_predictions(self, images: list) -> list:

@@ -280,6 +280,9 @@ class DINOv2Labeler(ModelLabeler):
 
     @dataclass(frozen=True)
     class Config(ModelConfig):
+        # float32 by default: 4M computed the features its tokenizers were trained on in float32 (the teacher runs
+        # outside run_training_vqvae's autocast; save_vq_tokens has none); bf16 changes token ids (docs/labelers.md)
+        dtype: str = "float32"
         input_size: int = 224  # square input side; a multiple of the patch size (14): 224 -> 16 x 16 patches
 
         def __post_init__(self):

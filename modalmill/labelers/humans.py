@@ -14,10 +14,11 @@ The architecture is HMR 2.0's (shubham-goel/4D-Humans, ``hmr2/models``), written
   6D -> rotation matrices (Gram-Schmidt, vectorised). One iteration, as in the released model.
 
 Input crops follow HMR 2.0's ``ViTDetDataset``: the person box (``det`` label, class ``person``, score >=
-``score_threshold``) is grown to the 192:256 aspect ratio, the square of its long side around the box centre
-is resampled to 256x256 (bilinear, black outside the image; Gaussian pre-blur when the square is more than
-2.2x the crop, sigma = (side / 512 - 1) / 2, as HMR 2.0 does) and its central 192 columns are used,
-normalised with the ImageNet mean/std. All crops of a batch run through the model together.
+``score_threshold``, by default the detector's person threshold in the record) is grown to the 192:256 aspect ratio,
+the square of its long side around the box centre is resampled to 256x256 (bilinear, black outside the image;
+Gaussian pre-blur when the square is more than 2.2x the crop, sigma = (side / 512 - 1) / 2, as HMR 2.0 does) and its
+central 192 columns are used, normalised with the ImageNet mean/std. All crops of a batch run through the model
+together.
 
 Output (4M's ``human_poses`` JSON, the layout fourm's ``HumanPoseTransform`` reads: one list per field, one
 entry per person, people sorted by detection score): ``[]`` when no person is found, else::
@@ -50,6 +51,7 @@ import numpy as np
 
 from ..io.fetch import WeightsError
 from .base import LabelFailure, LabelInput, Resources, register_labeler
+from .detection import det_thresholds
 from .model import ModelConfig, ModelLabeler
 from .sam import find_weights_file
 from .state_dicts import load_into, load_state_dict, read_lightning_state_dict
@@ -478,14 +480,16 @@ class Hmr2Labeler(ModelLabeler):
     @dataclass(frozen=True)
     class Config(ModelConfig):
         person_class: str = "person"  # det class_name taken as a person
-        score_threshold: float = 0.5  # det score needed (HMR 2.0's demo keeps persons with score > 0.5)
+        # det score needed; None: the detector's person threshold from the det record (comparable to HMR 2.0's
+        # demo, which keeps ViTDet persons scoring > 0.5; D-FINE 0.4, DETR 0.7; see labelers/detection.py)
+        score_threshold: float | None = None
         max_people: int = 0  # keep the highest-scoring N people per image; 0 = all
         box_scale: float = 1.0  # grow the person box before cropping (HMR 2.0's demo: 1.0)
         bbox_frame: str = "stored"  # stored: pixels of the stored rgb (what 4M reads) | original: source pixels
         crops_per_forward: int = 32  # crops per model call (memory bound; does not change results)
 
         def __post_init__(self):
-            if not (0.0 <= float(self.score_threshold) <= 1.0):
+            if self.score_threshold is not None and not (0.0 <= float(self.score_threshold) <= 1.0):
                 raise ValueError(f"score_threshold must lie in [0, 1], got {self.score_threshold!r}")
             if self.bbox_frame not in ("stored", "original"):
                 raise ValueError(f"bbox_frame must be 'stored' or 'original', got {self.bbox_frame!r}")
@@ -516,8 +520,10 @@ class Hmr2Labeler(ModelLabeler):
         if not isinstance(det, dict) or not isinstance(det.get("instances"), list):
             return LabelFailure("hmr2 needs the sample's det label ({'instances': [...]}), found none")
         h, w = inp.image.shape[:2]
+        cut = self.config.score_threshold
+        cut = det_thresholds(det)[1] if cut is None else float(cut)
         rows = [(float(d["score"]), [float(c) for c in d["boxes"]]) for d in det["instances"]
-                if d.get("class_name") == self.config.person_class and float(d["score"]) >= self.config.score_threshold]
+                if d.get("class_name") == self.config.person_class and float(d["score"]) >= cut]
         rows.sort(key=lambda r: (-r[0], r[1]))
         if self.config.max_people:
             rows = rows[: self.config.max_people]

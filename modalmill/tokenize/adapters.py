@@ -46,8 +46,10 @@ def instance_mask_in_box(contours, size: int = 64) -> tuple[np.ndarray, np.ndarr
     allp = np.concatenate(pts)
     xmin, ymin = allp.min(0)
     xmax, ymax = allp.max(0)
-    scale = np.array([size / max(xmax - xmin, 1e-6), size / max(ymax - ymin, 1e-6)])
-    scaled = [((p - [xmin, ymin]) * scale).astype(np.int32).reshape(-1, 1, 2) for p in pts]
+    span = np.array([max(xmax - xmin, 1e-6), max(ymax - ymin, 1e-6)])
+    # in 4M's order of operations, (p - min) / span * size: (p - min) * (size / span) rounds differently, and
+    # truncation then moves some points by a pixel
+    scaled = [((p - [xmin, ymin]) / span * size).astype(np.int32).reshape(-1, 1, 2) for p in pts]
     mask = np.zeros((size, size), dtype=np.uint8)
     cv2.drawContours(mask, scaled, -1, 255, thickness=cv2.FILLED)
     return (mask > 0).astype(np.float32), np.array([ymin, xmin, ymax, xmax], dtype=np.float32)

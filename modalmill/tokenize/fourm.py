@@ -17,8 +17,9 @@ The config is exactly the constructor arguments of ml-4m's ``VQ``/``VQVAE``/``Di
 ``VQVAE.from_pretrained``. The forward computation follows ml-4m's operation order so token ids are identical.
 
 ViT sizes are named as in ml-4m (``vit_s_enc``/``vit_b_enc``/``vit_l_enc`` and ``_dec``); modalmill adds
-``vit_d<width>_l<depth>_h<heads>_enc`` / ``_dec`` for small tokenizers (ml-4m loads those once the same builder
-is registered in its ``vit_models`` module; see ``scripts/make_ml4m_tokenizer_fixtures.py``).
+``vit_d<width>_l<depth>_h<heads>_enc`` / ``_dec`` for test-sized tokenizers, which unmodified ml-4m cannot build
+(:func:`stock_ml4m_builders`; a test harness registers the same builder in ml-4m's ``vit_models`` module, see
+``scripts/make_ml4m_tokenizer_fixtures.py``).
 """
 
 from __future__ import annotations
@@ -222,6 +223,13 @@ def vit_dims(name: str) -> tuple[int, int, int, str]:
     if m:
         return (*VIT_SIZES[m.group(1)], m.group(2))
     raise ValueError(f"unknown ViT type {name!r}: use vit_s/b/l_enc|dec or vit_d<width>_l<depth>_h<heads>_enc|dec")
+
+
+def stock_ml4m_builders(name: str | None) -> bool:
+    """Whether unmodified ml-4m builds an encoder/decoder type: its ViT presets (``vit_s/b/l_enc|dec``) and its
+    point-wise MLPs (``BottleneckMLP/...``, ``MLP/...``); not modalmill's ``vit_d..`` test sizes."""
+    return bool(name) and (re.match(r"^vit_[sbl]_(enc|dec)$", name) is not None
+                           or re.match(r"^(BottleneckMLP|MLP)/", name) is not None)
 
 
 def vit_name(width: int, depth: int, heads: int, part: str) -> str:

@@ -4,12 +4,12 @@
 its type (``img`` for pre-tokenized image-like tokens), vocabulary size, token budget (``max_tokens``), patch and
 input size (their ratio gives the token grid), whether it is pre-tokenized, and which encoder / decoder embedding
 classes turn its ids into model inputs and predictions (``ImageTokenEncoderEmbedding`` /
-``ImageTokenDecoderEmbedding`` with the vocabulary size and ``sincos_pos_emb=False``, a learned position embedding:
-4M's own entries pass that only for their global-token modalities, ``tok_dinov2_global`` and
-``tok_imagebind_global``; their grid modalities, ``tok_rgb@224`` etc., keep the default fixed sin-cos one).
-:func:`fourm_entry` builds that entry as JSON (embedding classes by name with their keyword arguments,
-since functions do not serialise); :func:`write_fourm_entry` writes it as ``fourm_modality_info.json`` next to a
-checkpoint, where ``scripts/check_with_ml4m.py --modality-info`` (or a trainer of your own) registers it:
+``ImageTokenDecoderEmbedding`` with the vocabulary size, as 4M's own ``tok_*`` entries: a spatial token grid keeps
+the classes' default 2D sin-cos position embedding, only the ``*_global`` modalities turn it off with
+``sincos_pos_emb=False``). :func:`fourm_entry` builds that entry as JSON (embedding classes by name with their
+keyword arguments, since functions do not serialise); :func:`write_fourm_entry` writes it as
+``fourm_modality_info.json`` next to a checkpoint, where ``scripts/check_with_ml4m.py --modality-info`` (or a
+trainer of your own) registers it:
 ``MODALITY_INFO[name] = {..., "encoder_embedding": partial(ImageTokenEncoderEmbedding, **kwargs), ...,
 "id": generate_uint15_hash(name)}`` and ``MODALITY_TRANSFORMS[name.split("@")[0]] = TokTransform()``.
 """
@@ -32,7 +32,9 @@ def fourm_entry(token_modality: str, vocab_size: int, n_tokens: int, *, input_si
         raise ValueError(f"{token_modality}: 4M's image-token modalities have a square grid of tokens, got {n_tokens}")
     if input_size % grid:
         raise ValueError(f"{token_modality}: input size {input_size} is not a multiple of the {grid} x {grid} grid")
-    emb = {"vocab_size": int(vocab_size), "sincos_pos_emb": False}
+    emb: dict[str, Any] = {"vocab_size": int(vocab_size)}
+    if token_modality.split("@", 1)[0].endswith("_global"):  # 4M: False only for tok_*_global, else the default
+        emb["sincos_pos_emb"] = False
     return {
         "name": token_modality,
         "type": "img",

@@ -11,7 +11,8 @@ Serialisers (deterministic by default; pass a ``random.Random`` to get 4M's rand
 
 - :func:`metadata_to_text`: ``v1=<id> v0=<bin>`` per metadata name (4M-21's ids and binning);
 - :func:`color_palette_to_text`: ``v1=<k> v0=r v0=g v0=b ...`` for one palette size k;
-- :func:`det_to_text`: boxes with score >= 0.6, cut to a crop, flipped, ordered by distance to the origin:
+- :func:`det_to_text`: boxes with score >= the detector's box threshold (ViTDet-H's 0.6 as in 4M), cut to a
+  crop, flipped, ordered by distance to the origin:
   ``v0=xmin v1=ymin v2=xmax v3=ymax <class name>`` each, coordinates x 999;
 - :func:`human_poses_to_text`: ``human`` + box tokens, then the ``pose`` (8 pose-tokenizer ids), ``global``
   (9 orientation values), ``camera`` (3) and ``shape`` (10 betas) groups as value tokens; ``none`` without people;
@@ -24,10 +25,11 @@ Serialisers (deterministic by default; pass a ``random.Random`` to get 4M's rand
 
 - :func:`serialise_label` turns one decoded label of a text-like modality (:data:`TEXT_MODALITIES`) into the
   string 4M's transform returns, for one crop of ``crop_settings`` or the whole image: ``caption`` is the entry
-  aligned with the crop; ``det`` is cut to the crop, flipped with it, boxes scoring below 0.6 dropped and ordered
-  by distance to the origin (never random, as in 4M); ``metadata`` is a *list* of ``v1=<id> v0=<bin>`` chunks
-  (4M's ``return_chunks``, for chunked span masking) in shuffled order; ``color_palette`` uses a random palette
-  size 1..7; ``human_poses`` shuffles its four groups; ``sam_instance`` takes the crop's entry. Random choices come
+  aligned with the crop; ``det`` is cut to the crop, flipped with it, boxes scoring below its detector's box
+  threshold (0.6 for ViTDet-H, as 4M) dropped and ordered by distance to the origin (never random, as in 4M);
+  ``metadata`` is a *list* of ``v1=<id> v0=<bin>`` chunks (4M's ``return_chunks``, for chunked span masking) in
+  shuffled order; ``color_palette`` uses a random palette size 1..7; ``human_poses`` shuffles its four groups;
+  ``sam_instance`` takes the crop's entry. Random choices come
   from the ``rng`` passed in; without one they are canonical (metadata in id order, 7 colours, fixed groups).
 - :func:`encode_sequence`: ``tokenizer.encode(text).ids + [EOS]`` (no ``[SOS]``, as 4M's masking does; chunks
   are encoded one by one and concatenated), optionally cut to ``max_tokens`` by 4M's rule.
@@ -324,9 +326,13 @@ def _crop_norm(crop, image_hw) -> tuple[tuple[float, float, float, float], bool]
     return (left / ww, top / hh, (left + w) / ww, (top + h) / hh), bool(flip)
 
 
-def det_to_text(value: dict, crop=None, image_hw: tuple[int, int] | None = None, threshold: float = 0.6,
+def det_to_text(value: dict, crop=None, image_hw: tuple[int, int] | None = None, threshold: float | None = None,
                 rng: random.Random | None = None) -> str:
-    """Detections as 4M's sequence, optionally for one crop (``top, left, h, w, hflip`` of the stored rgb)."""
+    """Detections as 4M's sequence, optionally for one crop (``top, left, h, w, hflip`` of the stored rgb); boxes
+    scoring at least ``threshold`` (None: the record's detector's box threshold, 0.6 for ViTDet-H, 4M's)."""
+    from ..labelers.detection import det_thresholds
+
+    threshold = det_thresholds(value)[0] if threshold is None else threshold
     crop_norm, flip = _crop_norm(crop, image_hw)
     boxes = []
     for inst in value.get("instances", []):

@@ -33,6 +33,7 @@ import shutil
 import tempfile
 import threading
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -99,7 +100,7 @@ def default_config(source: str, preset: str = "base", quantizer: str | None = No
                    in_channels: int | None = None) -> dict[str, Any]:
     """The model + train config of a preset for ``source``. ``model`` is the constructor arguments of ml-4m's
     ``VQVAE`` (4M's architecture and checkpoint format); ``base`` is 4M's own size and vocabulary."""
-    from .fourm import vit_name
+    from .fourm import VIT_SIZES, vit_name
     from .fourm_inputs import KINDS
 
     if preset not in PRESETS:
@@ -119,7 +120,9 @@ def default_config(source: str, preset: str = "base", quantizer: str | None = No
                  "latent_dim": n_tokens * (4 if preset == "tiny" else 64)}
         train.update(crops_per_sample=1, min_crop_scale=0.2, stored_crop_prob=1.0)
     else:
-        dims = {"tiny": (64, 1, 2), "small": (384, 6, 6), "base": (768, 12, 12)}[preset]
+        # small: ml-4m's vit_s (width 512, 8 blocks, 8 heads), base: its vit_b; both load in unmodified ml-4m.
+        # tiny (one block of width 64) is test-sized: ml-4m names no such ViT (a warning says so when trained)
+        dims = {"tiny": (64, 1, 2), "small": VIT_SIZES["s"], "base": VIT_SIZES["b"]}[preset]
         codes = {"tiny": 64, "small": min(vocab, 4096), "base": vocab}[preset]
         if _quantizer(quantizer, "lucid") != "lucid":
             raise ValueError(f"{source}: spatial tokenizers use the lucid quantizer (memcodes is for vectors)")
@@ -585,6 +588,25 @@ def save_fourm(model, config: dict[str, Any], out: str) -> str:
 # ---------------------------------------------------------------------- the driver
 
 
+class NotStockML4MWarning(UserWarning):
+    """A tokenizer whose ViT size unmodified ml-4m cannot build (a test-sized preset or a custom size)."""
+
+
+def warn_if_not_stock_ml4m(cfg: dict[str, Any]) -> bool:
+    """Warn when unmodified ml-4m's ``VQVAE.from_pretrained`` cannot build the tokenizer ``cfg`` describes (its
+    ``vit_models`` has only ``vit_s/b/l``); True when it can."""
+    from .fourm import stock_ml4m_builders
+
+    odd = [t for t in (cfg["model"].get("enc_type"), cfg["model"].get("dec_type")) if not stock_ml4m_builders(t)]
+    if not odd:
+        return True
+    what = f"preset {cfg.get('preset')!r}" if cfg.get("preset") == "tiny" else "this configuration"
+    warnings.warn(f"{cfg['modality']}: {what} builds {', '.join(odd)}, a test-sized ViT that unmodified ml-4m cannot "
+                  "load (its vit_models names only vit_s/b/l); use --preset small (vit_s) or base (vit_b) for a "
+                  "tokenizer 4M's trainer loads", NotStockML4MWarning, stacklevel=3)
+    return False
+
+
 def default_out(data: str, source: str) -> str:
     return storage.join(data, "_modalmill", "tokenizers", source)
 
@@ -646,6 +668,7 @@ def train_tokenizer(modality: str, data: str, out: str | None = None, *, config:
         overrides.setdefault("train", {})
         overrides["train"] = {**overrides["train"], "steps": int(steps)}
     cfg = resolve_config(modality, data, preset, overrides, quantizer)
+    warn_if_not_stock_ml4m(cfg)
     out = out or default_out(data, modality)
     fingerprint = _fingerprint(cfg, data)
     if not force:

@@ -8,7 +8,7 @@ registry's codec and draws one panel per modality:
 - ``depth``: turbo colour map (2nd-98th percentile); ``normal``: the normal image; edges: the edge map;
 - ``semseg_coco``: classes as a colour overlay on the rgb (255 = unlabelled stays clear), largest classes
   labelled with their ids; ``sam_instance``: crop 0 of the rgb at 224x224 with each instance's contours filled;
-- ``det``: boxes on the rgb (score >= 0.6 bold and coloured, the rest thin grey, as 4M's trainer filters);
+- ``det``: boxes on the rgb (score >= the detector's box threshold bold and coloured, the rest thin grey);
   ``human_poses``: each person's box (scaled from the original image) with its 8 pose token ids (a skeleton
   from the SMPL parameters would need the SMPL body model, which modalmill does not ship);
   ``pose_keypoints``: the 33 MediaPipe landmarks and their skeleton; ``ocr``: text-line polygons and their

@@ -7,11 +7,12 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ...labelers.detection import det_thresholds
 from .canvas import PANEL, Context, _draw_label, _fit, _font, _rgb_or_blank, _text, id_colours
 from .registry import renders
 
 
-SCORE_THRESHOLD = 0.6  # 4M's trainer keeps detections with score >= 0.6
+SCORE_THRESHOLD = 0.6  # 4M kept ViTDet-H detections with score >= 0.6; a record's own threshold takes precedence
 
 
 @renders("crop_settings")
@@ -69,17 +70,18 @@ def _r_det(spec, value, ctx):
     draw = ImageDraw.Draw(img)
     font = _font(12)
     kept = 0
+    cut = det_thresholds(value)[0]
     for _, d in sorted(enumerate(inst), key=lambda t: t[1].get("score", 0)):
         x0, y0, x1, y1 = d["boxes"]
         box = (x0 * img.width, y0 * img.height, x1 * img.width, y1 * img.height)
-        if d.get("score", 0) >= SCORE_THRESHOLD:
+        if d.get("score", 0) >= cut:
             kept += 1
             colour = tuple(int(c) for c in id_colours(np.array(hash_name(d.get("class_name", "")))))
             draw.rectangle(box, outline=colour, width=3)
             _draw_label(draw, (box[0] + 2, box[1] + 2), f"{d.get('class_name')} {d.get('score', 0):.2f}", colour, font)
         else:
             draw.rectangle(box, outline=(160, 160, 160), width=1)
-    return img, f"{len(inst)} boxes, {kept} with score >= {SCORE_THRESHOLD} (bold)"
+    return img, f"{len(inst)} boxes, {kept} with score >= {cut:g} (bold)"
 
 
 def hash_name(name: str) -> int:
