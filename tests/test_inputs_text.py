@@ -27,9 +27,9 @@ from modalmill.jobs.democorpus import DESCRIPTIONS, jpeg_bytes, photos, variant,
 from modalmill.jobs.runner import EXIT_OK, EXIT_SAMPLES_FAILED, run_job
 from modalmill.jobs.spec import JobSpecError, job_from_dict
 from modalmill.schemas.modalities import RecordError, captions_for_crops
+from tests.ml4m import PYTHON as ML4M_PYTHON, SRC as ML4M_SRC, needs_ml4m
 
 N_CROPS = 3
-ML4M = "/work/ref/ml-4m"
 
 
 def tar_members(path) -> list[tuple[str, bytes]]:
@@ -437,14 +437,13 @@ def test_the_text_tokenizer_trains_on_the_input_captions(with_t5, tmp_path):
         assert 1 not in encode_text(tok, text)  # no [UNK]: the word pieces were learned from these captions
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(ML4M, "READY")),
-                    reason="apple/ml-4m is not set up here (outside CI)")
+@needs_ml4m
 def test_ml4m_caption_transform_reads_every_crop_row(with_t5):
     """ml-4m's own loader and CaptionTransform(aligned_captions=True) / CaptionEmbTransform read the stored caption and
     its T5 embedding for every crop row (scripts/check_captions_with_ml4m.py, run in ml-4m's environment)."""
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
                           "check_captions_with_ml4m.py")
-    r = subprocess.run([os.path.join(ML4M, "venv", "bin", "python"), script, str(with_t5), "--ml4m", f"{ML4M}/src"],
+    r = subprocess.run([ML4M_PYTHON, script, str(with_t5), "--ml4m", ML4M_SRC],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     report = json.loads(r.stdout.strip().splitlines()[-1])
