@@ -16,7 +16,9 @@ choices.
 Input: a modalmill output (e.g. from ``scripts/build_all21_output.py``); the first ``--n`` samples of shard 0 that
 have people are preferred. Written: ``samples/<key>.<modality>.<ext>`` (the members as modalmill stored them, no
 rgb: only its size is used, kept in ``expected.json``) and ``expected.json`` ({key: {"image_hw", "crops",
-"per_crop": [{modality: {"text", "ids"}}]}}, plus the tokenizer file's sha256). No ml-4m file is copied.
+"per_crop": [{modality: {"text", "ids"}}]}}, plus the tokenizer file's sha256). No ml-4m file is copied here;
+scripts/make_4m_text_tokenizer_fixture.py then cuts the released tokenizer down to what these texts reach (rerun it
+after this one).
 
 Rerun (from the ml-4m source tree, with its venv)::
 

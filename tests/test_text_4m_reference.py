@@ -11,8 +11,13 @@ ones (which ``text_augment=False`` makes).
   4284 added tokens with 4M's flags, no post-processor), modalmill's ids equal that tokenizer's ids of 4M's text,
   encoded as ``fourm/data/masking.py`` does (``encode(text).ids + [EOS]``, metadata chunk by chunk); and
   ``load_dataset`` yields those ids from a written output.
+- Always (CI), with 4M's real ids: ``text_tokenizer_4m_reduced.json`` (made by
+  scripts/make_4m_text_tokenizer_fixture.py in ml-4m's venv) is the released file with its WordPiece vocabulary cut
+  to the fixed head and the pieces the fixture's words can reach, at their released ids; that script checked it
+  encodes every fixture text exactly as the released file does. Loaded with modalmill's loader, modalmill's ids for
+  every sample, crop and modality equal the ids ml-4m's code recorded; ``load_dataset`` gives them too.
 - With ``MODALMILL_4M_TEXT_TOKENIZER`` pointing at 4M's released file (outside CI): modalmill's ids with it equal
-  the fixture's ids from ml-4m's code, and the built file has the released file's structure.
+  the fixture's ids from ml-4m's code, and the built and reduced files have the released file's structure.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ TEXT = ("caption", "det", "metadata", "color_palette", "human_poses", "sam_insta
 EXT = {"caption": "json", "det": "json", "metadata": "json", "color_palette": "json", "human_poses": "json",
        "sam_instance": "npy", "crop_settings": "npy"}
 EXPECTED = json.loads((FIXTURE / "expected.json").read_text())
+REDUCED = FIXTURE / "text_tokenizer_4m_reduced.json"  # 4M's released file, vocabulary cut (see module docstring)
 
 
 def _label(key: str, m: str):
@@ -99,14 +105,49 @@ def test_ids_with_a_4m_structured_tokenizer_equal_4ms_encoding(built, case):
     assert encode_sequence(tok, _ours(key, c, m)) == _ids_4m_way(tok, ref["text"])
 
 
-def test_load_dataset_yields_those_ids(built, tmp_path):
-    """The trainer-side loader on an output holding the fixture's samples gives the same ids (one crop per pass)."""
+@pytest.fixture(scope="module")
+def released():
+    """4M's released tokenizer with its vocabulary cut to what the fixture reaches, through modalmill's loader."""
+    return as_text_tokenizer(load_text_tokenizer(str(REDUCED)))
+
+
+def test_reduced_file_is_4ms_released_file_cut_down():
+    meta = json.loads((FIXTURE / "text_tokenizer_4m_reduced.meta.json").read_text())
+    assert meta["released_sha256"] == EXPECTED["tokenizer_sha256"]
+    assert meta["id_lists_checked"] == sum(1 for *_, ref in _cases() if "ids" in ref)
+    data = json.loads(REDUCED.read_text())
+    ids = sorted(data["model"]["vocab"].values())
+    assert ids[:4284] == list(range(4284)) and len(data["added_tokens"]) == 4284
+    assert ids[-1] > len(ids) + 1000  # released ids, not renumbered
+    assert REDUCED.stat().st_size < 1 << 20
+
+
+@pytest.mark.parametrize("case", [c for c in _cases() if "ids" in c[3]], ids=lambda c: f"{c[0]}-crop{c[1]}-{c[2]}")
+def test_ids_with_4ms_released_vocabulary_equal_ml4m_code(released, case):
+    key, c, m, ref = case
+    assert encode_sequence(released, _ours(key, c, m)) == ref["ids"]
+
+
+def test_4m_shorthand_loads_the_released_ids(monkeypatch):
+    monkeypatch.setenv(FOURM_TOKENIZER_ENV, str(REDUCED))
+    tok = as_text_tokenizer(load_text_tokenizer("4m"))
+    key, c, m, ref = next(x for x in _cases() if x[2] == "caption" and "ids" in x[3])
+    assert encode_sequence(tok, _ours(key, c, m)) == ref["ids"]
+
+
+@pytest.mark.parametrize("which", ["built", "released"])
+def test_load_dataset_yields_those_ids(built, which, tmp_path):
+    """The trainer-side loader on an output holding the fixture's samples gives the same ids (one crop per pass):
+    those of the built tokenizer, and with 4M's released vocabulary those ml-4m's code recorded."""
     from modalmill.dataset import load_dataset
     from modalmill.io import manifest
 
     root = _write_output(tmp_path / "out")
     path = tmp_path / "tok.json"
-    path.write_text(built.to_str())
+    if which == "built":
+        path.write_text(built.to_str())
+    else:
+        path = REDUCED
     keys = sorted(EXPECTED["samples"])
     assert manifest.list_markers(str(root))
     for c in range(4):
@@ -118,7 +159,8 @@ def test_load_dataset_yields_those_ids(built, tmp_path):
             for m in TEXT:
                 ref = EXPECTED["samples"][key]["per_crop"][c][m]
                 if "text" in ref:
-                    assert got[key][m].tolist() == _ids_4m_way(built, ref["text"]), (key, c, m)
+                    want = _ids_4m_way(built, ref["text"]) if which == "built" else ref["ids"]
+                    assert got[key][m].tolist() == want, (key, c, m)
 
 
 @pytest.mark.skipif(not os.environ.get(FOURM_TOKENIZER_ENV), reason=f"set {FOURM_TOKENIZER_ENV} to 4M's released "
@@ -135,13 +177,15 @@ def test_with_4ms_released_tokenizer_ids_equal_ml4m_code(built):
             assert encode_sequence(tok, _ours(key, c, m)) == ref["ids"], (key, c, m)
             n += 1
     assert n >= 40
-    # the file this test builds has the released file's structure
-    a, b = json.loads(real.to_str()), json.loads(built.to_str())
-    for k in ("normalizer", "pre_tokenizer", "post_processor", "decoder", "truncation", "padding"):
-        assert a[k] == b[k], k
-    assert {k: v for k, v in a["model"].items() if k != "vocab"} == {k: v for k, v in b["model"].items()
-                                                                     if k != "vocab"}
-    assert a["added_tokens"] == b["added_tokens"]
+    # the file this test builds and the reduced one have the released file's structure; the reduced one its ids
+    a = json.loads(real.to_str())
+    for b in (json.loads(built.to_str()), json.loads(REDUCED.read_text())):
+        for k in ("normalizer", "pre_tokenizer", "post_processor", "decoder", "truncation", "padding"):
+            assert a[k] == b[k], k
+        assert {k: v for k, v in a["model"].items() if k != "vocab"} == {k: v for k, v in b["model"].items()
+                                                                         if k != "vocab"}
+        assert a["added_tokens"] == b["added_tokens"]
+    assert json.loads(REDUCED.read_text())["model"]["vocab"].items() <= a["model"]["vocab"].items()
 
 
 def _real_file(path: str) -> str:
