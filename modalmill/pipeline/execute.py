@@ -21,7 +21,8 @@ import ray
 from ..labelers.base import Resources, assigned_cpus
 from ..io import manifest, storage
 from ..io.cluster import local_s3_env
-from .shard import LabelerRun, ShardAbort, ShardTask, call_local, local_labeler, process_shard
+from ..io.lease import LeaseLost
+from .shard import LabelerRun, ShardAbort, ShardTask, call_local, fenced, local_labeler, process_shard
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
@@ -232,12 +233,27 @@ def _run_shard(task: ShardTask, pools: dict[str, list], counter, isolate: bool =
                    "status": "failed", "error": f"{type(e).__name__}: {e}"[:2000],
                    "traceback": traceback.format_exc()[-4000:],
                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        try:
-            manifest.write_failure(task.output, task.shard, failure)
-        except Exception:  # noqa: BLE001 - the output itself may be what fails
-            pass
-        failure.pop("traceback")
+        if isinstance(e, LeaseLost):  # another driver owns the output now: write nothing, not even this record
+            failure.pop("traceback")
+            return failure
+        record_failure(task, failure)
+        failure.pop("traceback", None)
         return failure
+
+
+def record_failure(task: ShardTask, failure: dict) -> dict:
+    """Write the shard's failure record (fenced, like every write). One that cannot be written is not dropped
+    silently: the error says so (it reaches the run record and ``modalmill run``'s report), and so does stderr."""
+    try:
+        fenced(task)
+        manifest.write_failure(task.output, task.shard, failure)
+    except LeaseLost:
+        failure["error"] = f"{failure['error']} (not recorded: this driver lost its lease)"
+    except Exception as e:  # noqa: BLE001 - the output itself may be what fails
+        why = f"its failure record could not be written: {type(e).__name__}: {e}"[:500]
+        print(f"modalmill: error: shard {task.shard}: {why}", file=sys.stderr, flush=True)
+        failure["error"] = f"{failure['error']}; {why}"
+    return failure
 
 
 def _largest_node() -> dict[str, float]:
@@ -400,14 +416,17 @@ def wait_until_set_up(pools: dict[str, list]) -> None:
 
 def execute(tasks: Iterable[ShardTask], runs: list[LabelerRun], labeler_settings: dict, *, shard_cpus: float = 1.0,
             max_retries: int = 3, show_progress: bool = True, batches_in_flight: int | None = None,
-            on_submit: Callable[[ShardTask], None] | None = None) -> list[dict]:
+            on_submit: Callable[[ShardTask], None] | None = None,
+            stop: Callable[[], str] | None = None) -> list[dict]:
     """Run the shard tasks on the connected Ray cluster; returns one summary per task.
 
     ``tasks`` may be a stream (a generator that is still planning): it is pulled only as the window of tasks in
     flight has room, so the first tasks run while later ones are planned. ``runs``: the labelers whose actor
     pools are started (every stateful labeler the tasks use must be among them). ``on_submit(task)`` is called
     as each task is handed to Ray. ``batches_in_flight``: how many batches each shard task keeps at the model actors
-    (default: 2 per actor of the pools it uses, at most 8)."""
+    (default: 2 per actor of the pools it uses, at most 8). ``stop()``: asked before each round of submissions; a
+    non-empty answer (the driver lost its lease) submits nothing more and ends the running tasks at once (they are
+    fenced: none commits after the takeover), and leaves the output's temporary files to the new holder."""
     from tqdm.auto import tqdm
 
     source = iter(tasks)
@@ -456,8 +475,14 @@ def execute(tasks: Iterable[ShardTask], runs: list[LabelerRun], labeler_settings
             shard_bar.refresh()
         return t, False
 
+    stopped = ""
     try:
         while True:
+            stopped = stop() if stop is not None else ""
+            if stopped:
+                for ref in running:
+                    ray.cancel(ref, force=True)
+                break
             while len(running) < window:
                 nxt = next_task()
                 if nxt is None:
@@ -489,12 +514,9 @@ def execute(tasks: Iterable[ShardTask], runs: list[LabelerRun], labeler_settings
                     if not isolated:  # once more, with labelers in throw-away processes
                         retry.append((task, True))
                         continue
-                    res = {"shard": task.shard, "index": task.source.index, "source": task.source.url,
-                           "mode": task.mode, "status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]}
-                    try:
-                        manifest.write_failure(task.output, task.shard, res)
-                    except Exception:  # noqa: BLE001
-                        pass
+                    res = record_failure(task, {
+                        "shard": task.shard, "index": task.source.index, "source": task.source.url,
+                        "mode": task.mode, "status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]})
                 results.append(res)
                 shard_bar.update(1)
             try:  # progress is best effort: a counter lost with its node restarts from zero
@@ -507,7 +529,8 @@ def execute(tasks: Iterable[ShardTask], runs: list[LabelerRun], labeler_settings
         sample_bar.close()
         kill_pools(pools)
         ray.kill(counter)
-        remove_stale_temp_files(first.output)
+        if not stopped:  # after losing the lease, the temporary files may be the new holder's
+            remove_stale_temp_files(first.output)
     return sorted(results, key=lambda r: r["index"])
 
 

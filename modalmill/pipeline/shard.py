@@ -76,6 +76,8 @@ class ShardTask:
     seed: int
     batch_size: int = 16
     text: TextConfig = TextConfig(caption_source=MODEL)  # where ``caption`` comes from (the job's ``text:``)
+    # the driver's lease (io.lease.Fence): called before every write step, raises LeaseLost to abort; None: unfenced
+    fence: Callable[[], None] | None = field(default=None, compare=False)
 
     @property
     def shard(self) -> str:
@@ -159,6 +161,12 @@ def call_local(run: LabelerRun, inputs: list[LabelInput]):
 
 
 call_local.checkpoint = lambda run: local_labeler(run).checkpoint_id()
+
+
+def fenced(task: ShardTask) -> None:
+    """Check the driver's lease before a write step (raises ``LeaseLost`` when another driver took it over)."""
+    if task.fence is not None:
+        task.fence()
 
 
 class ShardAbort(RuntimeError):
@@ -392,6 +400,7 @@ def _process_full(task: ShardTask, call, progress, stats: _Stats) -> dict:
             labelling.add(item)
         labelling.finish()
         with stats.timed("commit"):
+            fenced(task)
             infos = writers.commit()
     except BaseException:
         writers.abort()
@@ -411,10 +420,12 @@ def _process_full(task: ShardTask, call, progress, stats: _Stats) -> dict:
             if prev.get("keys") == keys:
                 modalities[m] = info
             else:
+                fenced(task)
                 storage.remove(storage.join(out, m, f"{shard}.tar"))
                 dropped_stale.append(m)
     summary = _summary(task, rows, truncated=truncated, dropped_stale=dropped_stale)
     with stats.timed("commit"):
+        fenced(task)
         manifest.write_rows(out, shard, rows)
         _commit_marker(task, keys, modalities, summary, stats)
     return summary
@@ -489,6 +500,7 @@ def _commit_marker(task: ShardTask, keys: list[str], modalities: dict, summary: 
         "modalmill_version": __version__,
         "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    fenced(task)
     manifest.write_marker(task.output, task.shard, marker)
     manifest.clear_failure(task.output, task.shard)
 
@@ -568,6 +580,7 @@ def _process_update(task: ShardTask, call, progress, stats: _Stats) -> dict:
             labelling.add(item)
         labelling.finish()
         with stats.timed("commit"):
+            fenced(task)
             infos = writers.commit()
     except BaseException:
         writers.abort()
@@ -594,6 +607,7 @@ def _process_update(task: ShardTask, call, progress, stats: _Stats) -> dict:
         if final_keys != prev_keys:
             for m in modalities:
                 if m not in task.write:
+                    fenced(task)
                     modalities[m] = {**modalities[m], **filter_tar(storage.join(out, m, f"{shard}.tar"), final_keys)}
 
     # manifest: earlier rows stay; rows of newly failed samples change status; ok rows gain the modalities
@@ -622,6 +636,7 @@ def _process_update(task: ShardTask, call, progress, stats: _Stats) -> dict:
     summary = _summary(task, [r for r in rows if r.key in ok_set or r.key in newly_failed])
     summary["n_dropped"] = len(prev_keys) - len(final_keys)
     with stats.timed("commit"):
+        fenced(task)
         manifest.write_rows(out, shard, rows)
         _commit_marker(task, final_keys, modalities, summary, stats)
     return summary
