@@ -25,8 +25,9 @@ renewals may fail before anyone may take the lease over) with a new heartbeat ti
 (2 attempts, connect and read timeouts of ``min(5, ttl_s / 8)`` s: :func:`modalmill.io.s3.short_client`), not
 the pipeline's shared one (10 attempts, 60 s read timeout), so a slow upload never delays a renewal past the
 ttl. Each renewal first lists the lease folder: a later generation means the lease was taken over (the owner was
-deemed dead) and :attr:`Lease.lost` says by whom. A renewal that has not succeeded for ``0.75 * ttl_s`` also
-counts as lost: from ``ttl_s`` on another driver may take the lease, so this one stops first.
+deemed dead) and :attr:`Lease.lost` says by whom. When storage cannot be reached and the last renewal is
+``0.75 * ttl_s`` old, the lease also counts as lost: from ``ttl_s`` on another driver may take it, so this one
+stops first.
 
 **Fencing.** :meth:`Lease.fence` gives a picklable :class:`Fence` (root, generation, token) that shard tasks call
 before every write step: it lists the lease folder (one small request, no cache) and raises :class:`LeaseLost`
@@ -399,10 +400,12 @@ class Lease:
             except Exception as e:  # noqa: BLE001 - a missed heartbeat is retried; the ttl allows three
                 print(f"modalmill: warning: lease heartbeat on {self.root} failed: {type(e).__name__}: {e}",
                       file=sys.stderr)
-            self._expire_unrenewed()
+                self._expire_unrenewed()
 
     def _expire_unrenewed(self) -> None:
-        """A lease not renewed for 3/4 of its ttl is given up: from ``ttl_s`` on, another driver may take it."""
+        """Called when storage could not be reached: a lease not renewed for 3/4 of its ttl is given up (from
+        ``ttl_s`` on, another driver may take it). A late renewal that reaches storage and finds no later
+        generation (the process was paused) goes on: nobody took the lease, and every write step is fenced."""
         with self._io:
             late = time.time() - self.renewed
             if not self.lost and self.generation and late > 0.75 * self.ttl_s:
@@ -429,7 +432,7 @@ class Lease:
 
     def check(self) -> None:
         """Raise :class:`LeaseLost` (naming the new holder) if this driver no longer holds the lease: taken over
-        (one listing of the lease folder, made now) or not renewed for ``0.75 * ttl_s``. The caller must not
+        (one listing of the lease folder, made now) or, with storage unreachable, not renewed for ``0.75 * ttl_s``. The caller must not
         commit more output; the driver calls it before each commit of its own."""
         if not self.lost and self.generation:
             try:
@@ -438,7 +441,8 @@ class Lease:
                 with self._io:
                     if not self.lost:
                         self._lose(str(e))
-            self._expire_unrenewed()
+            except Exception:  # noqa: BLE001 - storage unreachable: held until the renewals are too late
+                self._expire_unrenewed()
         if self.lost:
             raise LeaseLost(self.lost, {})
 

@@ -1,0 +1,127 @@
+"""Fencing: a driver whose lease is taken over while it still runs commits nothing more and exits 5.
+
+Two real drivers (the ``modalmill run`` CLI in subprocesses, each with its own embedded Ray). Driver A runs a
+slow job; once it has committed a shard, driver B starts with ``--wait``; then A's driver process is frozen with
+SIGSTOP (a paused heartbeat, as in a long GC pause or a frozen VM: its Ray workers keep running). A's heartbeat
+goes stale, B takes the lease over and is frozen at once, so that from then on only A could write. After the
+takeover plus one heartbeat interval the committed files of the output (markers, manifests, tars, index, run
+records) are snapshotted by inode, mtime and size; A is resumed and must exit 5 naming B, with that snapshot
+unchanged although its shard tasks went on to their write steps (they meet the fence: ``LeaseLost``). Then B
+finishes the job and the output passes ``modalmill check``.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from modalmill.io import lease, manifest
+from modalmill.jobs.democorpus import build_corpus
+
+TTL_S = 4.0  # heartbeat every TTL_S / 4 = 1 s
+N_SHARDS = 6
+
+
+def _cli(args, env, logs):
+    """The CLI with the test-only labelers registered (the slow one below); stdout and stderr go to files
+    ``logs``.out / ``logs``.err (a frozen reader never blocks it)."""
+    code = "import sys, tests.labelers_for_tests; from modalmill.cli import main; sys.argv[0] = 'modalmill'; main()"
+    with open(f"{logs}.out", "w") as o, open(f"{logs}.err", "w") as e:
+        return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=o, stderr=e,
+                                start_new_session=True)
+
+
+def _log(logs, which):
+    with open(f"{logs}.{which}") as f:
+        return f.read()
+
+
+def _committed(out: str) -> dict[str, tuple[int, int, int]]:
+    """Every committed file of the output (temporary files and the lease folder aside): path -> (inode, mtime, size)."""
+    files = {}
+    for dirpath, _, names in os.walk(out):
+        if os.path.join("_modalmill", "lease") in dirpath:
+            continue
+        for n in names:
+            if n.startswith(".") and ".tmp-" in n:
+                continue
+            p = os.path.join(dirpath, n)
+            st = os.stat(p)
+            files[os.path.relpath(p, out)] = (st.st_ino, st.st_mtime_ns, st.st_size)
+    return files
+
+
+def _wait(cond, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_a_driver_whose_lease_is_taken_over_commits_nothing_more_and_exits_5(tmp_path):
+    corpus = tmp_path / "corpus"
+    build_corpus(str(corpus), n_shards=N_SHARDS, per_shard=3, size_range=(100, 140))
+    out = str(tmp_path / "out")
+    job = tmp_path / "job.yaml"
+    job.write_text(f"input: '{corpus}/shard-{{00000..{N_SHARDS - 1:05d}}}.tar'\noutput: {out}\n"
+                   "modalities: [rgb, caption]\nbatch_size: 3\n"
+                   "labelers: {test_crash_task: {config: {sleep: 8}}}\nray: {num_cpus: 2}\n")
+    env = {**os.environ, "MODALMILL_LEASE_TTL_S": str(TTL_S), "RAY_AUTH_MODE": "disabled",
+           "PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH", "")] if p)}
+    args = ["run", str(job), "--no-progress"]
+    la, lb = tmp_path / "a", tmp_path / "b"
+    a = _cli(args, env, la)
+    b = None
+    try:
+        _wait(lambda: manifest.list_markers(out), 240, "driver A's first shard")
+        gen_a, rec_a = lease.current(out)
+        assert rec_a["pid"] == a.pid and gen_a == 1
+        b = _cli([*args, "--wait"], env, lb)
+        _wait(lambda: "waiting for" in _log(lb, "err") or b.poll() is not None, 120, "driver B to wait")
+        assert b.poll() is None, _log(lb, "err")
+        os.kill(a.pid, signal.SIGSTOP)  # A's heartbeat stops; its shard tasks run on
+        _wait(lambda: lease.current(out)[0] == gen_a + 1, 60, "driver B to take the lease over")
+        os.kill(b.pid, signal.SIGSTOP)  # from here on only A could write
+        took_over = time.time()
+        _, rec_b = lease.current(out)
+        assert rec_b["pid"] == b.pid and rec_b["token"] != rec_a["token"]
+        time.sleep(TTL_S / 4)  # the takeover plus one heartbeat interval
+        before = _committed(out)
+        done_by_a = set(manifest.list_markers(out))
+        assert len(done_by_a) < N_SHARDS, "driver A finished before the takeover: nothing was fenced"
+        time.sleep(10)  # A's shard tasks (8 s per batch) reach their write steps while A is still frozen
+        os.kill(a.pid, signal.SIGCONT)
+        a.wait(timeout=180)
+        out_a, err_a = _log(la, "out"), _log(la, "err")
+        after = _committed(out)
+        assert a.returncode == 5, err_a[-3000:]
+        assert "was taken over by" in err_a and f"pid {b.pid}" in err_a and rec_b["token"][:12] in err_a, err_a
+        assert "LeaseLost" in out_a, out_a  # some of A's shard tasks met the fence at a write step
+        changed = {k: (before.get(k), after.get(k)) for k in set(before) | set(after) if before.get(k) != after.get(k)}
+        assert not changed, f"driver A committed after losing its lease ({time.time() - took_over:.0f} s): {changed}"
+        runs = os.path.join(out, "_modalmill", "runs")
+        assert not (os.path.isdir(runs) and os.listdir(runs)), "driver A wrote a run record"
+
+        os.kill(b.pid, signal.SIGCONT)
+        b.wait(timeout=300)
+        out_b, err_b = _log(lb, "out"), _log(lb, "err")
+        assert b.returncode == 0, err_b[-3000:]
+        assert f"{N_SHARDS - len(done_by_a)} shard(s) processed, {len(done_by_a)} already done" in out_b, out_b
+    finally:
+        for p in (a, b):
+            if p is not None and p.poll() is None:
+                os.killpg(p.pid, signal.SIGCONT)
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    assert len(manifest.list_markers(out)) == N_SHARDS
+    chk = subprocess.run([sys.executable, "-m", "modalmill", "check", out], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert chk.returncode == 0 and "clean" in chk.stdout, chk.stdout + chk.stderr
+    runs = os.listdir(os.path.join(out, "_modalmill", "runs"))
+    assert len(runs) == 1  # B's: A recorded no run
