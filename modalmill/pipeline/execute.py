@@ -19,6 +19,7 @@ from typing import Any
 import ray
 
 from ..labelers.base import Resources, assigned_cpus
+from ..labelers.oom import BatchLimiter
 from ..io import manifest, storage
 from ..io.cluster import local_s3_env
 from ..io.lease import LeaseLost
@@ -67,12 +68,17 @@ class LabelerActor:
     already read and decode. A set-up failure is kept, not raised: raised from ``__init__``, Ray would print the
     worker's traceback on the driver and restart the actor (``max_restarts``) to fail the same way again.
     :meth:`ready` returns it as one line instead (an empty string when the labeler is ready) and the executor stops
-    there; a batch sent to such an actor raises LabelerSetupError, which fails its shard task as a whole."""
+    there; a batch sent to such an actor raises LabelerSetupError, which fails its shard task as a whole.
+
+    Batches run through a :class:`~modalmill.labelers.oom.BatchLimiter`: out of (GPU or CPU) memory, the batch is
+    split and retried down to single samples (one that fails alone is recorded as ``oom``), and the actor keeps
+    the smaller batch size for the rest of the run."""
 
     def __init__(self, run: LabelerRun):
         limit_threads()
         self.run, self.labeler, self.setup_error, self.setup_traceback = run, None, "", ""
         self.tried = False
+        self.limiter = BatchLimiter(run.labeler)  # out of memory: split, retry, keep the size that fits
 
     def placed(self) -> bool:
         return True
@@ -101,7 +107,7 @@ class LabelerActor:
         self._set_up()
         if self.labeler is None:
             raise LabelerSetupError(self.setup_error)
-        return self.labeler.process_batch(inputs)
+        return self.limiter.run(self.labeler.process_batch, inputs)
 
     def checkpoint_id(self) -> str:
         self._set_up()
