@@ -96,11 +96,29 @@ def _gen_url(root: str, gen: int) -> str:
 # ---------------------------------------------------------------------- storage primitives
 
 
+#: the first boto3 whose botocore (1.35.2) can send ``IfNoneMatch`` with PutObject (botocore 1.35.1 cannot); the floor
+#: in pyproject.toml, checked by tests/test_boto_floor.py
+BOTO3_CONDITIONAL_PUT = "1.35.2"
+
+
+def _require_conditional_put(service_model) -> None:
+    """A clear error where botocore's S3 model predates conditional writes (it would refuse the parameter as
+    unknown)."""
+    shape = service_model.operation_model("PutObject").input_shape
+    if "IfNoneMatch" not in shape.members:
+        import botocore
+
+        raise RuntimeError(f"botocore {botocore.__version__} cannot make the conditional PUT (If-None-Match) that the "
+                           f"S3 lease needs: install boto3>={BOTO3_CONDITIONAL_PUT}")
+
+
 def create_exclusive(url: str, data: bytes) -> bool:
     """Create ``url`` holding ``data`` only if nothing is there yet; True if this call created it. Exactly one of
     several concurrent callers gets True (S3: conditional PUT; local: link(2) of a complete temporary file)."""
     if storage.is_s3(url):
         from botocore.exceptions import ClientError
+
+        _require_conditional_put(storage.s3_client().meta.service_model)
 
         bucket, _, key = url[5:].partition("/")
         with storage._s3_errors(url, "create the lease"):
