@@ -10,6 +10,7 @@ unchanged although its shard tasks went on to their write steps (they meet the f
 finishes the job and the output passes ``modalmill check``.
 """
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -125,3 +126,59 @@ def test_a_driver_whose_lease_is_taken_over_commits_nothing_more_and_exits_5(tmp
     assert chk.returncode == 0 and "clean" in chk.stdout, chk.stdout + chk.stderr
     runs = os.listdir(os.path.join(out, "_modalmill", "runs"))
     assert len(runs) == 1  # B's: A recorded no run
+
+
+# ---------------------------------------------------------------------- one shard task, in this process
+
+
+def _one_task(tmp_path, fence=None):
+    from modalmill.jobs.runner import decide_shard, prepare_job
+    from modalmill.jobs.spec import job_from_dict
+
+    paths = build_corpus(str(tmp_path / "in"), n_shards=1, per_shard=3, size_range=(64, 96))
+    spec = job_from_dict({"input": paths[0], "output": str(tmp_path / "out"), "modalities": ["rgb", "canny_edge"],
+                          "batch_size": 3, "crops": {"n_crops": 1}})
+    job = prepare_job(spec)
+    if fence is not None:
+        job.base["fence"] = fence
+    return decide_shard(job, job.selected[0], None), paths[0]
+
+
+def test_a_shard_task_of_a_driver_that_lost_its_lease_writes_nothing(tmp_path):
+    """A real lease taken over by a second holder: the first holder's fence stops its shard task at the first
+    write step; no tar, marker, manifest or failure record appears, and the task's error names the new holder."""
+    from modalmill.pipeline.execute import _run_shard
+
+    out = str(tmp_path / "out")
+    first = lease.Lease(out, ttl_s=0.5).acquire()
+    first._stop.set()  # its heartbeat stops: the lease goes stale
+    time.sleep(0.6)
+    second = lease.Lease(out, ttl_s=30, command="modalmill run second.yaml").acquire()
+    try:
+        task, _ = _one_task(tmp_path, fence=first.fence())
+        res = _run_shard(task, {}, None)
+        assert res["status"] == "failed" and res["error"].startswith("LeaseLost: ")
+        assert "taken over by" in res["error"] and second.token[:12] in res["error"] and "second.yaml" in res["error"]
+        written = [os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs]
+        assert all(p.startswith(os.path.join("_modalmill", "lease")) for p in written), written
+        with pytest.raises(lease.LeaseLost):
+            first.check()
+        assert "taken over by" in first.lost
+        second.fence().check()  # the new holder's fence passes
+        task2, _ = _one_task(tmp_path / "again", fence=second.fence())
+        assert _run_shard(dataclasses.replace(task2, output=out), {}, None)["status"] == "done"
+    finally:
+        second.release()
+
+
+def test_a_failure_record_that_cannot_be_written_is_said_and_the_shard_fails(tmp_path, capfd):
+    from modalmill.pipeline.execute import _run_shard
+
+    task, inp = _one_task(tmp_path)
+    os.remove(inp)  # the shard task fails as a whole: its input is gone
+    record = os.path.join(task.output, "_modalmill", "shards", f"{task.shard}.failed.json")
+    os.makedirs(record)  # ... and its failure record cannot be written: a directory has its name
+    res = _run_shard(task, {}, None)
+    assert res["status"] == "failed" and "its failure record could not be written" in res["error"], res["error"]
+    assert f"shard {task.shard}: its failure record could not be written" in capfd.readouterr().err
+    assert os.path.isdir(record) and manifest.read_marker(task.output, task.shard) is None
