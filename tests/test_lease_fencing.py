@@ -1,6 +1,7 @@
 """Fencing: a driver whose lease is taken over while it still runs commits nothing more and exits 5.
 
-Two real drivers (the ``modalmill run`` CLI in subprocesses, each with its own embedded Ray). Driver A runs a
+Two real drivers (the ``modalmill run`` CLI in subprocesses, each with its own embedded Ray), on a local output and
+on SeaweedFS on loopback (files compared by ETag, LastModified and size there). Driver A runs a
 slow job; once it has committed a shard, driver B starts with ``--wait``; then A's driver process is frozen with
 SIGSTOP (a paused heartbeat, as in a long GC pause or a frozen VM: its Ray workers keep running). A's heartbeat
 goes stale, B takes the lease over and is frozen at once, so that from then on only A could write. After the
@@ -13,6 +14,7 @@ finishes the job and the output passes ``modalmill check``.
 import dataclasses
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -40,6 +42,25 @@ def _log(logs, which):
         return f.read()
 
 
+@pytest.fixture(params=["local", "s3"])
+def where(request, tmp_path):
+    """(output root, a function listing its committed files): a local folder, or a bucket on SeaweedFS."""
+    if request.param == "local":
+        return str(tmp_path / "out"), _committed
+    server, bucket = request.getfixturevalue("s3_env")
+    client = server.client()
+
+    def committed(out):  # key -> (ETag, LastModified, size): a rewrite changes LastModified even with equal bytes
+        files = {}
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="out/"):
+            for o in page.get("Contents", ()):
+                if "/_modalmill/lease/" not in o["Key"]:
+                    files[o["Key"]] = (o["ETag"], o["LastModified"].isoformat(), o["Size"])
+        return files
+
+    return f"s3://{bucket}/out", committed
+
+
 def _committed(out: str) -> dict[str, tuple[int, int, int]]:
     """Every committed file of the output (temporary files and the lease folder aside): path -> (inode, mtime, size)."""
     files = {}
@@ -65,10 +86,10 @@ def _wait(cond, timeout, what):
 
 
 @pytest.mark.slow
-def test_a_driver_whose_lease_is_taken_over_commits_nothing_more_and_exits_5(tmp_path):
+def test_a_driver_whose_lease_is_taken_over_commits_nothing_more_and_exits_5(tmp_path, where):
     corpus = tmp_path / "corpus"
     build_corpus(str(corpus), n_shards=N_SHARDS, per_shard=3, size_range=(100, 140))
-    out = str(tmp_path / "out")
+    out, committed = where
     job = tmp_path / "job.yaml"
     job.write_text(f"input: '{corpus}/shard-{{00000..{N_SHARDS - 1:05d}}}.tar'\noutput: {out}\n"
                    "modalities: [rgb, caption]\nbatch_size: 3\n"
@@ -93,21 +114,20 @@ def test_a_driver_whose_lease_is_taken_over_commits_nothing_more_and_exits_5(tmp
         _, rec_b = lease.current(out)
         assert rec_b["pid"] == b.pid and rec_b["token"] != rec_a["token"]
         time.sleep(TTL_S / 4)  # the takeover plus one heartbeat interval
-        before = _committed(out)
+        before = committed(out)
         done_by_a = set(manifest.list_markers(out))
         assert len(done_by_a) < N_SHARDS, "driver A finished before the takeover: nothing was fenced"
         time.sleep(10)  # A's shard tasks (8 s per batch) reach their write steps while A is still frozen
         os.kill(a.pid, signal.SIGCONT)
         a.wait(timeout=180)
         out_a, err_a = _log(la, "out"), _log(la, "err")
-        after = _committed(out)
+        after = committed(out)
         assert a.returncode == 5, err_a[-3000:]
         assert "was taken over by" in err_a and f"pid {b.pid}" in err_a and rec_b["token"][:12] in err_a, err_a
         changed = {k: (before.get(k), after.get(k)) for k in set(before) | set(after) if before.get(k) != after.get(k)}
         assert not changed, f"driver A committed after losing its lease ({time.time() - took_over:.0f} s): {changed}"
         assert "LeaseLost" in out_a, out_a  # some of A's shard tasks met the fence at a write step
-        runs = os.path.join(out, "_modalmill", "runs")
-        assert not (os.path.isdir(runs) and os.listdir(runs)), "driver A wrote a run record"
+        assert not manifest.list_runs(out), "driver A wrote a run record"
 
         os.kill(b.pid, signal.SIGCONT)
         b.wait(timeout=300)
@@ -124,8 +144,8 @@ def test_a_driver_whose_lease_is_taken_over_commits_nothing_more_and_exits_5(tmp
     chk = subprocess.run([sys.executable, "-m", "modalmill", "check", out], env=env, capture_output=True, text=True,
                          timeout=300)
     assert chk.returncode == 0 and "clean" in chk.stdout, chk.stdout + chk.stderr
-    runs = os.listdir(os.path.join(out, "_modalmill", "runs"))
-    assert len(runs) == 1  # B's: A recorded no run
+    runs = manifest.list_runs(out)
+    assert len(runs) == 1 and runs[0]["lease"]["generation"] == gen_a + 1  # B's, naming its generation: A wrote none
 
 
 # ---------------------------------------------------------------------- one shard task, in this process
@@ -182,3 +202,42 @@ def test_a_failure_record_that_cannot_be_written_is_said_and_the_shard_fails(tmp
     assert res["status"] == "failed" and "its failure record could not be written" in res["error"], res["error"]
     assert f"shard {task.shard}: its failure record could not be written" in capfd.readouterr().err
     assert os.path.isdir(record) and manifest.read_marker(task.output, task.shard) is None
+
+
+# ---------------------------------------------------------------------- heartbeat client, holder identity
+
+
+def test_the_heartbeat_has_its_own_short_timeout_s3_client(s3_env):
+    from modalmill.io import storage
+
+    own = lease._short_client(60.0)
+    assert own is not storage.s3_client() and own is lease._short_client(60.0)
+    cfg = own.meta.config
+    assert cfg.read_timeout == cfg.connect_timeout == 5.0 and cfg.retries["total_max_attempts"] == 2
+    shared = storage.s3_client().meta.config
+    assert shared.read_timeout == 60 and shared.retries["total_max_attempts"] == 11  # 10 retries
+    assert lease.short_timeout(4.0) == 0.5 and lease.short_timeout(16.0) == 2.0
+    _, bucket = s3_env
+    held = lease.Lease(f"s3://{bucket}/out", ttl_s=60).acquire()
+    try:
+        before = lease.current(held.root)[1]["heartbeat"]
+        time.sleep(0.01)
+        held.heartbeat()  # listed and rewritten through the short client, on the real server
+        assert lease.current(held.root)[1]["heartbeat"] > before and not held.lost
+        held.check()
+    finally:
+        held.release()
+
+
+def test_a_dead_pid_is_judged_only_on_the_same_machine_id_never_by_host_name():
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    rec = {"owner": "x@h", "host": socket.gethostname(), "pid": dead.pid, "heartbeat": time.time(), "ttl_s": 60,
+           "token": "t", "machine": lease.machine_id()}
+    assert lease.machine_id() and lease.why_free(rec) == "process gone"
+    # the same host name on another machine or container (another boot id or pid namespace): its pid means nothing
+    assert lease.why_free({**rec, "machine": "0123456789abcdef"}) == ""
+    assert lease.why_free({**rec, "machine": ""}) == "" and lease.why_free({k: v for k, v in rec.items()
+                                                                             if k != "machine"}) == ""
+    assert lease.why_free({**rec, "machine": "0123456789abcdef", "heartbeat": time.time() - 61}).startswith(
+        "no heartbeat for")

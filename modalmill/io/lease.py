@@ -150,22 +150,15 @@ def create_exclusive(url: str, data: bytes) -> bool:
             os.remove(tmp)
 
 
-_SHORT_CLIENTS: dict[tuple[int, float], Any] = {}  # (pid, timeout) -> this process's short-timeout S3 client
-
-
 def short_timeout(ttl_s: float) -> float:
     """The connect and read timeout (s) of the lease's own S3 requests: ``min(5, ttl_s / 8)``, at least 0.5."""
     return max(0.5, min(5.0, ttl_s / 8))
 
 
 def _short_client(ttl_s: float):
-    key = (os.getpid(), short_timeout(ttl_s))
-    client = _SHORT_CLIENTS.get(key)
-    if client is None:
-        from .s3 import short_client
+    from .s3 import short_client
 
-        client = _SHORT_CLIENTS[key] = short_client(key[1])
-    return client
+    return short_client(short_timeout(ttl_s))
 
 
 def _generations(root: str, ttl_s: float | None = None) -> list[int]:
@@ -407,6 +400,8 @@ class Lease:
         return Fence(self.root, self.generation, self.token, self.ttl_s)
 
     def _start_heartbeat(self) -> None:
+        if storage.is_s3(self.root):
+            _short_client(self.ttl_s)  # made now (a boto3 client takes a while to build), not in the first beat
         self._stop.clear()
         self._thread = threading.Thread(target=self._beat, name="modalmill-lease", daemon=True)
         self._thread.start()
