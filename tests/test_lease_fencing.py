@@ -93,7 +93,7 @@ def test_a_driver_whose_lease_is_taken_over_commits_nothing_more_and_exits_5(tmp
     job = tmp_path / "job.yaml"
     job.write_text(f"input: '{corpus}/shard-{{00000..{N_SHARDS - 1:05d}}}.tar'\noutput: {out}\n"
                    "modalities: [rgb, caption]\nbatch_size: 3\n"
-                   "labelers: {test_crash_task: {config: {sleep: 8}}}\nray: {num_cpus: 2}\n")
+                   "labelers: {test_crash_task: {config: {sleep: 12}}}\nray: {num_cpus: 2}\n")
     env = {**os.environ, "MODALMILL_LEASE_TTL_S": str(TTL_S), "RAY_AUTH_MODE": "disabled",
            "PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH", "")] if p)}
     args = ["run", str(job), "--no-progress"]
@@ -117,7 +117,7 @@ def test_a_driver_whose_lease_is_taken_over_commits_nothing_more_and_exits_5(tmp
         before = committed(out)
         done_by_a = set(manifest.list_markers(out))
         assert len(done_by_a) < N_SHARDS, "driver A finished before the takeover: nothing was fenced"
-        time.sleep(10)  # A's shard tasks (8 s per batch) reach their write steps while A is still frozen
+        time.sleep(14)  # A's shard tasks (12 s per batch) reach their write steps while A is still frozen
         os.kill(a.pid, signal.SIGCONT)
         a.wait(timeout=180)
         out_a, err_a = _log(la, "out"), _log(la, "err")

@@ -8,6 +8,7 @@ them batches. A shard task's failure is a returned value: the driver records it 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -485,9 +486,14 @@ def execute(tasks: Iterable[ShardTask], runs: list[LabelerRun], labeler_settings
     try:
         while True:
             stopped = stop() if stop is not None else ""
-            if stopped:
+            if stopped:  # keep the results already back (the fenced ones say LeaseLost); end the others now
+                back, _ = ray.wait(list(running), num_returns=len(running), timeout=0) if running else ([], [])
                 for ref in running:
-                    ray.cancel(ref, force=True)
+                    if ref in back:
+                        with contextlib.suppress(Exception):
+                            results.append(ray.get(ref))
+                    else:
+                        ray.cancel(ref, force=True)
                 break
             while len(running) < window:
                 nxt = next_task()
