@@ -46,6 +46,23 @@ def test_a_batch_of_16_over_a_threshold_of_4_is_split_and_all_16_are_labelled_th
     assert calls == [4, 4, 4, 4] and len(said) == 1  # the lowered size holds, and is said once
 
 
+def test_parts_keep_the_batch_type_a_labeler_relies_on():
+    from modalmill.labelers.base import Prepared
+
+    seen = []
+
+    def fn(batch):
+        seen.append(type(batch))
+        if len(batch) > 2:
+            raise MemoryError()
+        return list(batch)
+
+    limiter = BatchLimiter("m", say=lambda line: None)
+    assert limiter.run(fn, Prepared(range(8))) == list(range(8))
+    assert set(seen) == {Prepared}
+    assert limiter.run(fn, Prepared(range(2))) == [0, 1] and seen[-1] is Prepared
+
+
 def test_a_sample_too_big_alone_is_recorded_as_oom_and_costs_only_its_half():
     said = []
     limiter = BatchLimiter("m", say=said.append)

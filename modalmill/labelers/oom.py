@@ -56,9 +56,11 @@ class BatchLimiter:
         """``fn(batch)``, in parts of at most :attr:`limit`; one result per item, ``LabelFailure('oom: ...')`` for
         an item that runs out of memory alone. Other errors propagate."""
         size = self.limit or max(1, len(batch))
+        if len(batch) <= size:
+            return self._part(fn, batch)  # as given: the labeler may rely on its type (``Prepared``)
         out: list = []
         for i in range(0, len(batch), size):
-            out += self._part(fn, batch[i:i + size])
+            out += self._part(fn, _slice(batch, i, i + size))
         return out
 
     def _part(self, fn: Callable[[list], list], part: list) -> list:
@@ -86,4 +88,10 @@ class BatchLimiter:
                 return [LabelFailure(f"oom: {type(e).__name__}: {lines[0] if lines else ''}"[:500])]
             self._failed = max(self._failed, len(part))
         mid = (len(part) + 1) // 2
-        return self._fit(fn, part[:mid]) + self._fit(fn, part[mid:])
+        return self._fit(fn, _slice(part, 0, mid)) + self._fit(fn, _slice(part, mid, len(part)))
+
+
+def _slice(batch: list, start: int, stop: int) -> list:
+    """``batch[start:stop]`` of the batch's own type (a sliced ``Prepared`` would be a plain list)."""
+    part = batch[start:stop]
+    return part if type(part) is type(batch) else type(batch)(part)
