@@ -445,8 +445,9 @@ class Lease:
 
     def check(self) -> None:
         """Raise :class:`LeaseLost` (naming the new holder) if this driver no longer holds the lease: taken over
-        (one listing of the lease folder, made now) or, with storage unreachable, not renewed for ``0.75 * ttl_s``. The caller must not
-        commit more output; the driver calls it before each commit of its own."""
+        (one listing of the lease folder, made now) or, with storage unreachable, not renewed for
+        ``0.75 * ttl_s``. The caller must not commit more output; the driver calls it before each commit of its
+        own."""
         if not self.lost and self.generation:
             try:
                 self.fence().check()
