@@ -13,7 +13,6 @@ MAX_LINES = 80
 EXCEPTIONS: dict[tuple[str, str], str] = {
     ("pipeline/shard.py", "_process_update"): "temporary: being split on branch shard (one shard flow, issue 26)",
     ("pipeline/execute.py", "execute"): "temporary: being split on branch paths2 (issue 26)",
-    ("jobs/runner.py", "_run_job"): "temporary: being split on branch lease (issue 26)",
 }
 
 
