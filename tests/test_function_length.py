@@ -11,8 +11,6 @@ MAX_LINES = 80
 
 # (path relative to modalmill/, qualified name): why it may be longer. Keep this list short.
 EXCEPTIONS: dict[tuple[str, str], str] = {
-    ("pipeline/shard.py", "_process_update"): "temporary: being split on branch shard (one shard flow, issue 26)",
-    ("pipeline/execute.py", "execute"): "temporary: being split on branch paths2 (issue 26)",
 }
 
 
