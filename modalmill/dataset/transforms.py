@@ -28,9 +28,10 @@ anything else (text, JSON, ...)     unchanged (with ``text_tokenizer`` the loade
 =================================== ===============================================================================
 
 ``tests/fixtures/fourm_crops`` (made by ml-4m's own ``RGBTransform``, ``NormalTransform`` and ``SemsegTransform``,
-``scripts/make_4m_crop_fixture.py``) checks that the crops equal 4M's. Values are not normalised (4M's per-modality normalisation, e.g. ImageNet mean/std for rgb, is the trainer's
-choice). :func:`collate` stacks every tensor whose shape agrees across the batch and keeps the rest (text, JSON,
-token ids of varying length) as lists.
+``scripts/make_4m_crop_fixture.py``) checks that the crops equal 4M's. Values are not normalised (4M's
+per-modality normalisation, e.g. ImageNet mean/std for rgb, is the trainer's choice). :func:`collate` stacks
+every tensor whose shape agrees across the batch and keeps the rest (text, JSON, token ids of varying length) as
+lists.
 """
 
 from __future__ import annotations

@@ -228,6 +228,11 @@ def demo_tokenize(output: str, force: bool = False, show_progress: bool = True, 
           f"run (4M's tokenizers train for days on millions of images).", flush=True)
     import ray
 
+    from ..tokenize.train import already_trained
+
+    if not force and all(already_trained(source, output, preset="tiny", quantizer=q, steps=steps)
+                         for source, q in DEMO_TOKENIZERS):
+        return _demo_tokenize(output, force, show_progress, steps)  # nothing to train: no Ray to start
     # one quiet embedded Ray for all of it (Ray Train's controller logs would drown the demo's own lines)
     started = not ray.is_initialized()
     if started:

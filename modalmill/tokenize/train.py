@@ -593,6 +593,23 @@ def _config_hash(cfg: dict) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _fingerprint(cfg: dict, data: str) -> dict[str, str]:
+    """What a training run is made of: the sha256 of its config and of the labels it reads (report.json keeps it)."""
+    from .data import TokenizerData
+
+    return {"config_sha256": _config_hash(cfg),
+            "data_sha256": TokenizerData(data, cfg["modality"], cfg["train"]["holdout_fraction"]).fingerprint}
+
+
+def already_trained(modality: str, data: str, out: str | None = None, *, preset: str | None = None,
+                    quantizer: str | None = None, steps: int | None = None) -> dict | None:
+    """The report of the tokenizer :func:`train_tokenizer` would train with these arguments, when ``out`` already
+    holds it trained to the end on the same labels with the same config (nothing to do); else None."""
+    overrides = {"train": {"steps": int(steps)}} if steps is not None else {}
+    cfg = resolve_config(modality, data, preset, overrides, quantizer)
+    return finished_report(out or default_out(data, cfg["modality"]), _fingerprint(cfg, data))
+
+
 def finished_report(out: str, fingerprint: dict[str, str]) -> dict | None:
     """The report of a tokenizer in ``out`` that finished training with this config on this data (the hashes in
     ``fingerprint``, as its report records them) and whose checkpoint is still the one the report names; else
@@ -628,10 +645,7 @@ def train_tokenizer(modality: str, data: str, out: str | None = None, *, config:
         overrides["train"] = {**overrides["train"], "steps": int(steps)}
     cfg = resolve_config(modality, data, preset, overrides, quantizer)
     out = out or default_out(data, modality)
-    from .data import TokenizerData
-
-    fingerprint = {"config_sha256": _config_hash(cfg),
-                   "data_sha256": TokenizerData(data, cfg["modality"], cfg["train"]["holdout_fraction"]).fingerprint}
+    fingerprint = _fingerprint(cfg, data)
     if not force:
         done = finished_report(out, fingerprint)
         if done is not None:  # trained to the end on these very labels with this config: nothing to do
