@@ -156,13 +156,13 @@ def version(url: str) -> str | None:
     if is_s3(url):
         bucket, key = _split_s3(url)
         try:
-            with _s3_errors(url, "stat"):
+            with s3_errors(url, "stat"):
                 head = s3_client().head_object(Bucket=bucket, Key=key)
         except FileNotFoundError:
             return None
         return str(head.get("ETag", "")).strip('"') + f":{head.get('ContentLength', '')}"
     try:
-        st = os.stat(_local_path(url))
+        st = os.stat(localfs.local_path(url))
     except FileNotFoundError:
         return None
     return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"

@@ -369,7 +369,8 @@ def train_loop(loop: dict[str, Any]) -> None:
     model.eval()
     location = save_fourm(model, export_config(cfg, data_root, step, world), out)
     write_fourm_entry(out, cfg)  # 4M's MODALITY_INFO entry for the token modality, beside the checkpoint
-    _write_report(cfg, out, model, adapter, data, held, device, location, step, world, extra, workers_info, t0)
+    _write_report(cfg, out, model, adapter, data, held, device, location, step, world, extra, workers_info, t0,
+                  loop.get("fingerprint", {}))
 
 
 def _place_worker(loop: dict[str, Any]):
@@ -503,7 +504,8 @@ def _report_to_ray_train(step: int, history: list) -> None:
                                         "usage": history[-1][3]} if history else {})})
 
 
-def _write_report(cfg, out, model, adapter, data, held, device, location, step, world, extra, workers_info, t0):
+def _write_report(cfg, out, model, adapter, data, held, device, location, step, world, extra, workers_info, t0,
+                  fingerprint: dict):
     """``report.json`` (metrics before/after/baseline on the held-out crops, history, machine, what each worker
     read) and ``reconstructions.png`` next to the exported tokenizer."""
     after = evaluate(model, adapter, held, device)
@@ -516,7 +518,7 @@ def _write_report(cfg, out, model, adapter, data, held, device, location, step, 
         "held_out": {"samples": len(data.holdout), "items": int(len(held)), "of_samples": data.n_keys},
         "before": extra["before"], "after": after, "baseline": baseline_metrics(adapter, held),
         "history": extra["history"], "data": {"per_worker": workers_info},
-        **loop.get("fingerprint", {}),  # what it trained on: a rerun with the same hashes skips training
+        **fingerprint,  # what it trained on: a rerun with the same hashes skips training
     }
     pic = reconstruction_picture(model, adapter, held, device, cfg["train"]["n_pictures"])
     if pic is not None:
