@@ -133,6 +133,6 @@ def test_the_demo_command_runs_end_to_end_with_its_progress_bars(tmp_path):
     changed = {k for k in set(before) | set(files()) if before.get(k) != files().get(k)}
     assert not changed, sorted(changed)
     assert again.stdout.count("already trained with this config on these labels") == 2, again.stdout
-    assert "tokenized: 0 shard(s) written, 2 already done" in again.stdout
+    assert "tokenized: 0 shard(s) written, 4 already done" in again.stdout  # 2 shards x 2 token modalities
     assert "train rgb" not in again.stderr and "Started a local Ray" not in again.stderr  # no Ray was started
     assert "already trained on these captions: kept" in again.stdout
