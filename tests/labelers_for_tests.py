@@ -171,3 +171,26 @@ class SetupFailsOnWorkers(Labeler):
 
     def process_batch(self, batch):
         return [{"caption": ["never"]} for _ in batch]
+
+
+@register_labeler
+class OutOfMemoryInActor(Labeler):
+    """A model labeler (runs in an actor pool) that raises the real ``torch.cuda.OutOfMemoryError`` for batches
+    larger than ``max_batch``, and for ``huge_keys`` even alone (a photo too big for the device)."""
+
+    name = "test_oom_actor"
+    outputs = ("caption",)
+    stateful = True
+    default_batch_size = 16
+
+    @dataclass(frozen=True)
+    class Config:
+        max_batch: int = 4
+        huge_keys: tuple = ()
+
+    def process_batch(self, batch):
+        import torch
+
+        if len(batch) > self.config.max_batch or any(inp.key in self.config.huge_keys for inp in batch):
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (batch of {len(batch)})")
+        return [{"caption": [f"n={len(batch)}"]} for inp in batch]

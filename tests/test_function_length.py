@@ -11,7 +11,6 @@ MAX_LINES = 80
 
 # (path relative to modalmill/, qualified name): why it may be longer. Keep this list short.
 EXCEPTIONS: dict[tuple[str, str], str] = {
-    ("jobs/runner.py", "_run_job"): "temporary: being split on branch lease (issue 26)",
 }
 
 

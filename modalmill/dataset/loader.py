@@ -194,12 +194,11 @@ class ModalDataset(IterableDataset):
                 self.specs[m] = get_modality(m)
             except KeyError as e:
                 raise ValueError(e.args[0]) from None
-        self.root = root
+        self.root, self.transform = root, transform
         self.shuffle_shards, self.seed, self.epoch = bool(shuffle_shards), int(seed), int(epoch)
         self.shuffle_buffer, self.decode = int(shuffle_buffer), bool(decode)
         self.rank, self.world_size = _resolve_rank(rank, world_size)
         self.crop = _check_crop(crop)
-        self.transform = transform
         wanted = getattr(transform, "loader_crop", None)  # a FourMCrops: the loader picks its row (seeded)
         if wanted is not None:
             if self.crop is not None and self.crop != wanted:

@@ -196,7 +196,9 @@ def load_snapshot(root: str, with_manifests: bool = True) -> Snapshot:
     return snap
 
 
-def write_snapshot(root: str, snap: Snapshot) -> None:
+def write_snapshot(root: str, snap: Snapshot, fence: Callable[[], None] | None = None) -> None:
+    """Store ``snap`` as the output's shard index. ``fence``: the writer's lease (:class:`modalmill.io.lease.Fence`),
+    checked right before the write (raises LeaseLost); its generation is recorded in the index's metadata."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -220,9 +222,12 @@ def write_snapshot(root: str, snap: Snapshot) -> None:
         "n_failed": pa.array([m.n_failed if m else None for m in mf], pa.int64()),
         "reasons": [json.dumps(m.reasons) if m else None for m in mf],
         "stages": [json.dumps(m.stages) if m else None for m in mf],
-    }).replace_schema_metadata({"modalmill_index": str(INDEX_VERSION)})
+    }).replace_schema_metadata({"modalmill_index": str(INDEX_VERSION),
+                                "modalmill_lease_generation": str(getattr(fence, "generation", ""))})
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd", use_dictionary=True)
+    if fence is not None:
+        fence()
     storage.write_bytes(index_url(root), buf.getvalue())
     snap.changed = False
 
@@ -402,12 +407,14 @@ class OutputIndex:
 
 
 def scan(root: str, with_manifests: bool = True, write: bool = False, workers: int | None = None,
-         snap: Snapshot | None = None, with_markers: bool = True, tags: bool = True) -> OutputIndex:
+         snap: Snapshot | None = None, with_markers: bool = True, tags: bool = True,
+         fence: Callable[[], None] | None = None) -> OutputIndex:
     """Everything the index knows about ``root``, brought up to date with the files. ``write``: store the
     refreshed snapshot when it changed (only a run, the output's one writer, does that). ``snap``: a snapshot
     already loaded (else the stored one); ``with_markers=False`` leaves its markers as they are. ``tags=False``:
     a marker is torn when pending or when a tar it names is missing or of another size, not for another ETag or
-    mtime alone (the loader, which checks every key against the marker as it reads)."""
+    mtime alone (the loader, which checks every key against the marker as it reads). ``fence``: see
+    :func:`write_snapshot`."""
     snap = snap if snap is not None else load_snapshot(root, with_manifests=with_manifests or write)
     if with_manifests and not snap.has_manifests:
         snap.manifests = load_snapshot(root).manifests
@@ -441,6 +448,6 @@ def scan(root: str, with_manifests: bool = True, write: bool = False, workers: i
         snap.manifests = snap_m.manifests
         snap.changed = snap.changed or snap_m.changed
     if write and snap.changed:
-        write_snapshot(root, snap)
+        write_snapshot(root, snap, fence)
     return OutputIndex(dict(sorted(markers.items())), sorted(failures), result.get("manifests", {}), snap,
                        dict(sorted(torn.items())))

@@ -96,7 +96,7 @@ def split(url: str) -> tuple[str, str]:
 # ============================================================================ the client
 
 
-_clients: dict[int, Any] = {}  # pid -> boto3 client; a client must not be shared across fork()
+_clients: dict[Any, Any] = {}  # pid (or (pid, "short", ...)) -> boto3 client; a client must not be shared across fork()
 _clients_lock = threading.Lock()
 
 
@@ -116,19 +116,20 @@ def _is_aws_host(endpoint_url: str | None) -> bool:
     return host.endswith((".amazonaws.com", ".amazonaws.com.cn", ".api.aws"))
 
 
-def _make_client() -> Any:
+def _make_client(attempts: int | None = None, connect_timeout: float = 10, read_timeout: float = 60) -> Any:
     import boto3
     from botocore.config import Config
 
-    attempts = env_int("MODALMILL_S3_MAX_ATTEMPTS", 10, fallback="AWS_MAX_ATTEMPTS")
+    if attempts is None:
+        attempts = env_int("MODALMILL_S3_MAX_ATTEMPTS", 10, fallback="AWS_MAX_ATTEMPTS")
     mode = os.environ.get("MODALMILL_S3_RETRY_MODE") or os.environ.get("AWS_RETRY_MODE") or "standard"
     config = Config(
         # botocore retries throttling (503 SlowDown), 500/502/503/504 and connection errors with
         # exponential backoff and jitter. "standard" rather than "adaptive" by default: adaptive adds a
         # process-wide client-side rate limiter that can stall every thread after one throttling burst.
         retries={"max_attempts": attempts, "mode": mode},
-        connect_timeout=10,
-        read_timeout=60,
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
         # also room for the bookkeeping readers' parallel GETs (storage.read_many: MODALMILL_IO_WORKERS, 32)
         max_pool_connections=max(MAX_POOL_CONNECTIONS,
                                  int(os.environ.get("MODALMILL_IO_WORKERS", "32") or 32) + 8),
@@ -146,6 +147,12 @@ def _make_client() -> Any:
     return client
 
 
+def _drop_inherited(pid: int) -> None:
+    """Forget clients inherited from a parent process (unusable here); the caller holds ``_clients_lock``."""
+    for k in [k for k in _clients if (k[0] if isinstance(k, tuple) else k) != pid]:
+        del _clients[k]
+
+
 def s3_client() -> Any:
     """The process's boto3 S3 client (thread-safe), created on first use and again after a fork."""
     pid = os.getpid()
@@ -154,13 +161,31 @@ def s3_client() -> Any:
         with _clients_lock:
             client = _clients.get(pid)
             if client is None:
-                _clients.clear()  # a client inherited from a parent process is unusable here
+                _drop_inherited(pid)
                 client = _clients[pid] = _make_client()
     return client
 
 
+def short_client(timeout_s: float, attempts: int = 2) -> Any:
+    """A separate S3 client for small requests that must answer quickly or fail (the lease's heartbeat and
+    fence checks): ``attempts`` tries in all, connect and read timeouts of ``timeout_s`` each, instead of the
+    shared client's 10 attempts and 60 s read timeout, and its own connection pool (a heartbeat never queues
+    behind the pipeline's uploads). Cached per process and settings, forgotten with the shared client."""
+    key = (os.getpid(), "short", float(timeout_s), int(attempts))
+    client = _clients.get(key)
+    if client is None:
+        with _clients_lock:
+            client = _clients.get(key)
+            if client is None:
+                _drop_inherited(key[0])
+                # botocore's retries["max_attempts"] counts the retries: the attempts in all are one more
+                client = _clients[key] = _make_client(attempts=max(0, attempts - 1), connect_timeout=timeout_s,
+                                                      read_timeout=timeout_s)
+    return client
+
+
 def clear_s3_client_cache() -> None:
-    """Forget the cached client, so the next call re-reads the environment (tests, credential rotation)."""
+    """Forget the cached clients, so the next call re-reads the environment (tests, credential rotation)."""
     with _clients_lock:
         _clients.clear()
 

@@ -342,7 +342,8 @@ def run_job(spec: JobSpec, only: list[str] | None = None, force: bool = False, a
             wait: bool = False) -> dict:
     """Take the output's lease (:mod:`modalmill.io.lease`; ``wait``: wait for another driver to finish instead of
     refusing), then plan, execute and record one run; returns the run summary (also written under
-    _modalmill/runs/); see :func:`_run_job`."""
+    _modalmill/runs/); see :func:`_run_job`. A driver that loses the lease while it runs stops at once and
+    returns with ``exit_code`` 5 and ``lease_lost`` naming the new holder."""
     from ..io import lease
 
     t0 = time.time()
@@ -351,95 +352,102 @@ def run_job(spec: JobSpec, only: list[str] | None = None, force: bool = False, a
     job = prepare_job(spec, only=only, force=force, check_inputs=not only,
                       cluster=bool(address or spec.ray.address or os.environ.get("RAY_ADDRESS")))
     with lease.hold(spec.output, wait=wait) as held:
-        summary = _run_job(job, address, show_progress, on_submit, t0)
-        if held.lost:  # another driver took over while this one ran: its results may be overwritten
+        summary = _run_job(job, address, show_progress, on_submit, t0, held)
+        if held.lost and "lease_lost" not in summary:  # taken over after the last check: results may be overwritten
             summary["lease_lost"] = held.lost
             summary["exit_code"] = EXIT_LEASE
     return summary
 
 
-def _run_job(job: JobPlan, address: str | None, show_progress: bool, on_submit: Callable[[ShardTask], None] | None,
-             t0: float) -> dict:
-    """Plan, execute and record one run.
+class _Planning:
+    """The streaming plan of one run (:func:`plan_pages`): the pages still to plan and what the planned ones
+    found. The first page with work (or a problem) is planned by :meth:`first_tasks`, the rest by :meth:`rest`
+    while the first tasks run."""
 
-    Planning streams (:func:`plan_pages`): the shard tasks of the first marker-listing page that has any start
-    while later pages are still being planned. A problem (a modality made with other settings, ...) found on
-    that first page stops the job before anything runs, listing every problem of the whole output, as before;
-    one found later stops new submissions, lets the running shard tasks commit, records the run and then raises
-    the same error. ``on_submit(task)`` is called as each shard task is handed to Ray (benchmarks)."""
-    from ..io.cluster import init_ray
-    from ..pipeline.execute import execute
+    def __init__(self, job: JobPlan, snap: index.Snapshot):
+        self.pages = plan_pages(job, snap)
+        self.problems: list[str] = []
+        self.skipped: list[str] = []
+        self.deferred: list[ShardTask] = []
+        self.tasks = 0
+        self.markers_read = 0
 
-    spec, only, force = job.spec, job.only, job.force
-    snap = index.load_snapshot(spec.output, with_manifests=False)  # the manifest part is loaded at the end if needed
-    pages = plan_pages(job, snap)
-    problems: list[str] = []
-    skipped: list[str] = []
-    counts = {"tasks": 0, "markers_read": 0}
-
-    def absorb(page: PlanPage) -> list[ShardTask]:
-        skipped.extend(page.skipped)
-        problems.extend(page.problems)
-        counts["markers_read"] += page.markers_read
-        counts["tasks"] += len(page.tasks)
+    def absorb(self, page: PlanPage) -> list[ShardTask]:
+        self.skipped.extend(page.skipped)
+        self.problems.extend(page.problems)
+        self.markers_read += page.markers_read
+        self.tasks += len(page.tasks)
         return page.tasks
 
-    first: list[ShardTask] = []
-    for page in pages:  # up to the first page with something to do (or a problem)
-        first += absorb(page)
-        if first or problems:
-            break
-    if problems:
-        for page in pages:  # every problem of the output, in one message, before anything runs
-            absorb(page)
-        raise JobError(_problem_message(problems))
-    seconds_planning_first = time.time() - t0
-    pooled = {r.labeler for r in _runs_of(first) if r.stateful}  # the labelers whose actor pools execute starts
-    deferred: list[ShardTask] = []
+    def first_tasks(self) -> list[ShardTask]:
+        """The tasks of the first page that has any; a problem found there stops the job before anything runs,
+        listing every problem of the whole output (JobError)."""
+        first: list[ShardTask] = []
+        for page in self.pages:
+            first += self.absorb(page)
+            if first or self.problems:
+                break
+        if self.problems:
+            for page in self.pages:
+                self.absorb(page)
+            raise JobError(_problem_message(self.problems))
+        return first
 
-    def stream() -> Iterator[ShardTask]:
+    def rest(self, first: list[ShardTask]) -> Iterator[ShardTask]:
+        """``first``, then the tasks of the later pages; once a problem is found, no more (planning goes on to
+        report every problem). Tasks needing a labeler whose actors this execution did not start are deferred."""
+        pooled = {r.labeler for r in _runs_of(first) if r.stateful}
         yield from first
-        for page in pages:
-            tasks = absorb(page)
-            if problems:
-                continue  # no new submissions; keep planning to report every problem
+        for page in self.pages:
+            tasks = self.absorb(page)
+            if self.problems:
+                continue
             for t in tasks:
                 if {r.labeler for r in t.labelers if r.stateful} <= pooled:
                     yield t
-                else:  # needs a labeler whose actors this execution did not start: run after it
-                    deferred.append(t)
+                else:
+                    self.deferred.append(t)
 
-    first_submit: list[float] = []
 
-    def submitted(task: ShardTask) -> None:
-        if not first_submit:
-            first_submit.append(time.time() - t0)
-        if on_submit is not None:
-            on_submit(task)
+def _execute_planned(spec: JobSpec, address: str | None, planning: _Planning, first: list[ShardTask],
+                     opts: dict) -> list[dict]:
+    """Run the planned tasks on Ray (the stream, then the deferred ones); returns their results by shard."""
+    from ..io.cluster import init_ray
+    from ..pipeline.execute import execute
 
-    started = False
-    results: list[dict] = []
-    if first:
-        started = init_ray(address or spec.ray.address, spec.ray.num_cpus)
-        try:
-            opts = dict(shard_cpus=spec.ray.shard_cpus, max_retries=spec.ray.max_retries,
-                        batches_in_flight=spec.ray.batches_in_flight,
-                        show_progress=show_progress, on_submit=submitted)
-            results = execute(index.prefetch(stream(), depth=4096), _runs_of(first), spec.labelers, **opts)
-            if deferred:
-                results += execute(deferred, _runs_of(deferred), spec.labelers, **opts)
-        finally:
-            if started:
-                import ray
+    if not first:
+        return []
+    started = init_ray(address or spec.ray.address, spec.ray.num_cpus)
+    try:
+        results = execute(index.prefetch(planning.rest(first), depth=4096), _runs_of(first), spec.labelers, **opts)
+        stop = opts.get("stop")
+        if planning.deferred and not (stop and stop()):
+            results += execute(planning.deferred, _runs_of(planning.deferred), spec.labelers, **opts)
+    finally:
+        if started:
+            import ray
 
-                ray.shutdown()
-        results.sort(key=lambda r: r.get("index", 0))
-    seconds_planning = time.time() - t0 if not first else None  # without tasks, planning was the whole run
-    try:  # bring the shard index up to date with what this run wrote (and what planning had to read)
-        if first or snap.changed:  # a no-op rerun that found the index up to date touches nothing
-            index.scan(spec.output, snap=snap, with_markers=bool(first), write=True)
-    except Exception as e:  # noqa: BLE001 - the index is a cache: the next reader re-reads what it lacks
+            ray.shutdown()
+    return sorted(results, key=lambda r: r.get("index", 0))
+
+
+def _update_index(spec: JobSpec, snap: index.Snapshot, wrote: bool, held) -> None:
+    """Bring the shard index up to date with what this run wrote (and what planning had to read); fenced by the
+    lease, whose generation it records. The index is a cache: a failure other than a lost lease is a warning."""
+    from ..io.lease import LeaseLost
+
+    try:
+        if wrote or snap.changed:  # a no-op rerun that found the index up to date touches nothing
+            index.scan(spec.output, snap=snap, with_markers=wrote, write=True,
+                       fence=held.fence() if held is not None else None)
+    except LeaseLost:
+        raise
+    except Exception as e:  # noqa: BLE001 - the next reader re-reads what the index lacks
         print(f"modalmill: warning: could not update the shard index: {type(e).__name__}: {e}", file=sys.stderr)
+
+
+def _summarize(spec: JobSpec, job: JobPlan, planning: _Planning, results: list[dict], timing: dict) -> dict:
+    """The run summary (the run record's body) from the shard tasks' results."""
     done = [r for r in results if r.get("status") == "done"]
     failed = [r for r in results if r.get("status") != "done"]
     errors: dict[str, int] = {}
@@ -449,9 +457,9 @@ def _run_job(job: JobPlan, address: str | None, show_progress: bool, on_submit: 
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     summary = {
         "run_id": run_id, "job": spec.name, "output": spec.output, "modalmill_version": __version__,
-        "only": only, "force": force, "modalities": list(spec.modalities),
-        "shards_total": len(job.sources), "shards_selected": counts["tasks"] + len(skipped),
-        "shards_processed": len(done), "shards_skipped": len(skipped), "shards_failed": len(failed),
+        "only": job.only, "force": job.force, "modalities": list(spec.modalities),
+        "shards_total": len(job.sources), "shards_selected": planning.tasks + len(planning.skipped),
+        "shards_processed": len(done), "shards_skipped": len(planning.skipped), "shards_failed": len(failed),
         "samples_read": sum(r.get("n_read", 0) for r in done),
         "samples_written": sum(r.get("n_ok", 0) for r in done),
         "samples_failed": sum(r.get("n_failed", 0) for r in done),
@@ -461,22 +469,79 @@ def _run_job(job: JobPlan, address: str | None, show_progress: bool, on_submit: 
         "shards": [{k: r.get(k) for k in ("shard", "mode", "n_read", "n_ok", "n_failed", "seconds", "finished_at",
                                         "first_batch")}
                    for r in done],
-        "seconds": round(time.time() - t0, 3),
-        "planning": {"markers_read": counts["markers_read"], "deferred": len(deferred),
-                     "seconds_to_first_task": round(first_submit[0], 3) if first_submit else None,
-                     "seconds_planning_first_page": round(seconds_planning_first, 3),
-                     "seconds_planning": round(seconds_planning, 3) if seconds_planning is not None else None},
+        "seconds": round(time.time() - timing["t0"], 3),
+        "planning": {"markers_read": planning.markers_read, "deferred": len(planning.deferred),
+                     "seconds_to_first_task": round(timing["first_submit"][0], 3) if timing["first_submit"] else None,
+                     "seconds_planning_first_page": round(timing["planning_first"], 3),
+                     "seconds_planning": (round(timing["planning"], 3) if timing["planning"] is not None
+                                          else None)},
         "spec": json.loads(json.dumps(dataclasses.asdict(spec), default=str)),
     }
     summary["exit_code"] = (EXIT_SHARDS_FAILED if failed else
                             EXIT_SAMPLES_FAILED if summary["samples_failed"] or summary["samples_dropped"] else EXIT_OK)
+    return summary
+
+
+def _record_run(spec: JobSpec, summary: dict, held) -> None:
+    """Write the run record under _modalmill/runs/, only while the lease is held (it names its generation). The
+    caller skips it for a run with nothing to do (no shard done or failed, no problem): the output stays as it was."""
+    if held is not None:
+        held.check()  # raises LeaseLost: nothing more is committed
+        summary["lease"] = {"generation": held.generation, "holder": held.token}
     try:
-        if done or failed or problems:  # a run with nothing to do leaves the output as it was: no record
-            manifest.write_run(spec.output, run_id, summary)
+        manifest.write_run(spec.output, summary["run_id"], summary)
     except OSError as e:  # e.g. the disk filled up: the shards' own results are already recorded (or failed)
         summary["run_record_error"] = f"could not write the run record: {type(e).__name__}: {e}"
         print(f"modalmill: warning: {summary['run_record_error']}", file=sys.stderr)
-    if problems:
-        summary["problems"] = problems
-        raise JobError(_problem_message(problems, done_before=len(results)))
+
+
+def _run_job(job: JobPlan, address: str | None, show_progress: bool, on_submit: Callable[[ShardTask], None] | None,
+             t0: float, held=None) -> dict:
+    """Plan, execute and record one run.
+
+    Planning streams (:func:`plan_pages`): the shard tasks of the first marker-listing page that has any start
+    while later pages are still being planned. A problem (a modality made with other settings, ...) found on
+    that first page stops the job before anything runs, listing every problem of the whole output, as before;
+    one found later stops new submissions, lets the running shard tasks commit, records the run and then raises
+    the same error. ``on_submit(task)`` is called as each shard task is handed to Ray (benchmarks).
+
+    ``held``: the output's lease (None: unfenced). Every shard task carries its fence; submissions stop as soon as
+    the lease is lost (checked before each, at most every ``min(2, ttl/8)`` s, and by the heartbeat), and then
+    neither the index nor the run record is written: the summary says who took over, with exit code 5."""
+    from ..io.lease import LeaseLost
+
+    spec = job.spec
+    timing: dict = {"t0": t0, "first_submit": []}
+    if held is not None:
+        job.base["fence"] = held.fence()
+    snap = index.load_snapshot(spec.output, with_manifests=False)  # the manifest part is loaded at the end if needed
+    planning = _Planning(job, snap)
+    first = planning.first_tasks()
+    timing["planning_first"] = time.time() - timing["t0"]
+
+    def submitted(task: ShardTask) -> None:
+        if not timing["first_submit"]:
+            timing["first_submit"].append(time.time() - timing["t0"])
+        if on_submit is not None:
+            on_submit(task)
+
+    stop = (lambda: held.lost_now(min(2.0, held.ttl_s / 8))) if held is not None else None
+    results = _execute_planned(spec, address, planning, first, dict(
+        shard_cpus=spec.ray.shard_cpus, max_retries=spec.ray.max_retries, batches_in_flight=spec.ray.batches_in_flight,
+        show_progress=show_progress, on_submit=submitted, stop=stop))
+    timing["planning"] = time.time() - timing["t0"] if not first else None  # without tasks: the whole run
+    summary = _summarize(spec, job, planning, results, timing)
+    try:
+        if held is not None:
+            held.check()
+        _update_index(spec, snap, bool(first), held)
+        if results or planning.problems:  # a run with nothing to do leaves the output as it was: no record
+            _record_run(spec, summary, held)
+    except LeaseLost as e:  # another driver owns the output now: commit nothing more
+        summary["lease_lost"] = str(e)
+        summary["exit_code"] = EXIT_LEASE
+        return summary
+    if planning.problems:
+        summary["problems"] = planning.problems
+        raise JobError(_problem_message(planning.problems, done_before=len(results)))
     return summary

@@ -160,6 +160,8 @@ def _tokenize_output(data, modalities, tokenizers, *, force, address, shards, wo
                     continue
                 spec = dataclasses.replace(spec, shards=",".join(map(str, rest)))
         summaries.append(run_job(spec, only=[tok], force=force, address=address, show_progress=show_progress))
+        if summaries[-1].get("lease_lost"):  # another driver owns the output now: no further modality
+            break
     return combine_summaries(summaries)
 
 
@@ -193,6 +195,9 @@ def combine_summaries(summaries: list[dict]) -> dict:
     for k in ("shards_processed", "shards_skipped", "shards_failed", "samples_read", "samples_written",
               "samples_failed", "samples_dropped", "seconds"):
         out[k] = sum(s[k] for s in summaries)
+    lost = [s["lease_lost"] for s in summaries if s.get("lease_lost")]
+    if lost:
+        out["lease_lost"] = lost[0]
     for s in summaries:
         out["failed_shards"] += s["failed_shards"]
         for reason, n in s["errors_by_reason"].items():

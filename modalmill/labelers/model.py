@@ -16,9 +16,10 @@ modalities, ``license``, ``default_resources``), gives its ``Config`` the common
   arrays and only normalises them on the device.
 
 ``setup()`` resolves the weights once per actor, builds the model, moves it to the device and records the
-checkpoint's content hash (it goes into the manifest as ``checkpoint``). Batches that fail are split by the
-pipeline until the failing sample is isolated, so a CUDA out-of-memory error on a big batch is retried at
-smaller sizes before anything is marked failed.
+checkpoint's content hash (it goes into the manifest as ``checkpoint``). Out of memory (CUDA's, or the CPU
+allocator's), the model's actor frees the cache, splits the batch and retries down to single samples, then keeps
+the batch size that fitted (:mod:`modalmill.labelers.oom`); a sample that fails alone is recorded as ``oom``.
+Batches that fail otherwise are split by the pipeline until the failing sample is isolated.
 """
 
 from __future__ import annotations

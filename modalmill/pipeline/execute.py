@@ -8,6 +8,7 @@ them batches. A shard task's failure is a returned value: the driver records it 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -19,10 +20,12 @@ from typing import Any
 import ray
 
 from ..labelers.base import Resources, assigned_cpus
+from ..labelers.oom import BatchLimiter
 from ..io import manifest, storage
 from ..io.cluster import local_s3_env
+from ..io.lease import LeaseLost
 from .placement import PlacementWatch
-from .shard import LabelerRun, ShardAbort, ShardTask, call_local, local_labeler, process_shard
+from .shard import LabelerRun, ShardAbort, ShardTask, call_local, fenced, local_labeler, process_shard
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
@@ -67,12 +70,17 @@ class LabelerActor:
     already read and decode. A set-up failure is kept, not raised: raised from ``__init__``, Ray would print the
     worker's traceback on the driver and restart the actor (``max_restarts``) to fail the same way again.
     :meth:`ready` returns it as one line instead (an empty string when the labeler is ready) and the executor stops
-    there; a batch sent to such an actor raises LabelerSetupError, which fails its shard task as a whole."""
+    there; a batch sent to such an actor raises LabelerSetupError, which fails its shard task as a whole.
+
+    Batches run through a :class:`~modalmill.labelers.oom.BatchLimiter`: out of (GPU or CPU) memory, the batch is
+    split and retried down to single samples (one that fails alone is recorded as ``oom``), and the actor keeps
+    the smaller batch size for the rest of the run."""
 
     def __init__(self, run: LabelerRun):
         limit_threads()
         self.run, self.labeler, self.setup_error, self.setup_traceback = run, None, "", ""
         self.tried = False
+        self.limiter = BatchLimiter(run.labeler)  # out of memory: split, retry, keep the size that fits
 
     def placed(self) -> bool:
         return True
@@ -105,7 +113,7 @@ class LabelerActor:
         self._set_up()
         if self.labeler is None:
             raise LabelerSetupError(self.setup_error)
-        return self.labeler.process_batch(inputs)
+        return self.limiter.run(self.labeler.process_batch, inputs)
 
     def checkpoint_id(self) -> str:
         self._set_up()
@@ -237,14 +245,27 @@ def _run_shard(task: ShardTask, pools: dict[str, list], counter, isolate: bool =
                    "status": "failed", "error": f"{type(e).__name__}: {e}"[:2000],
                    "traceback": traceback.format_exc()[-4000:],
                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        try:
-            if task.fence is not None:  # a task whose driver lost the output's lease writes nothing more
-                task.fence()
-            manifest.write_failure(task.output, task.shard, failure)
-        except Exception:  # noqa: BLE001 - the output itself may be what fails
-            pass
-        failure.pop("traceback")
+        if isinstance(e, LeaseLost):  # another driver owns the output now: write nothing, not even this record
+            failure.pop("traceback")
+            return failure
+        record_failure(task, failure)
+        failure.pop("traceback", None)
         return failure
+
+
+def record_failure(task: ShardTask, failure: dict) -> dict:
+    """Write the shard's failure record (fenced, like every write). One that cannot be written is not dropped
+    silently: the error says so (it reaches the run record and ``modalmill run``'s report), and so does stderr."""
+    try:
+        fenced(task)
+        manifest.write_failure(task.output, task.shard, failure)
+    except LeaseLost:
+        failure["error"] = f"{failure['error']} (not recorded: this driver lost its lease)"
+    except Exception as e:  # noqa: BLE001 - the output itself may be what fails
+        why = f"its failure record could not be written: {type(e).__name__}: {e}"[:500]
+        print(f"modalmill: error: shard {task.shard}: {why}", file=sys.stderr, flush=True)
+        failure["error"] = f"{failure['error']}; {why}"
+    return failure
 
 
 def _largest_node() -> dict[str, float]:
@@ -414,14 +435,18 @@ def wait_until_set_up(pools: dict[str, list]) -> None:
 
 def execute(tasks: Iterable[ShardTask], runs: list[LabelerRun], labeler_settings: dict, *, shard_cpus: float = 1.0,
             max_retries: int = 3, show_progress: bool = True, batches_in_flight: int | None = None,
-            on_submit: Callable[[ShardTask], None] | None = None) -> list[dict]:
+            on_submit: Callable[[ShardTask], None] | None = None,
+            stop: Callable[[], str] | None = None) -> list[dict]:
     """Run the shard tasks on the connected Ray cluster; returns one summary per task, in shard order.
 
     ``tasks`` may be a stream (a generator that is still planning): it is pulled only as the window of tasks in
     flight has room, so the first tasks run while later ones are planned. ``runs``: the labelers whose actor
     pools are started (every stateful labeler the tasks use must be among them). ``on_submit(task)`` is called
     as each task is handed to Ray. ``batches_in_flight``: how many batches each shard task keeps at the model actors
-    (default: 2 per actor of the pools it uses, at most 8).
+    (default: 2 per actor of the pools it uses, at most 8). ``stop()``: asked before each round of submissions; a
+    non-empty answer (the driver lost its lease) submits nothing more and ends the running tasks at once (they are
+    fenced: none commits after the takeover), keeps the results already back, and leaves the output's temporary
+    files to the new holder.
 
     The steps: start the actor pools and wait until Ray has placed them (:func:`_place_pools`); then, in
     :class:`_Execution`, keep a window of shard tasks at Ray, wait for the actors' set-up once the first tasks
@@ -437,7 +462,7 @@ def execute(tasks: Iterable[ShardTask], runs: list[LabelerRun], labeler_settings
     pools, requests = _place_pools(runs, labeler_settings, shard_cpus, env)
     run = _Execution(first, source, pools, requests, shard_cpus=shard_cpus, max_retries=max_retries, env=env,
                      show_progress=show_progress, batches_in_flight=batches_in_flight, on_submit=on_submit,
-                     total=len(tasks) if isinstance(tasks, (list, tuple)) else None)
+                     stop=stop, total=len(tasks) if isinstance(tasks, (list, tuple)) else None)
     try:
         run.loop()
     finally:
@@ -481,11 +506,13 @@ class _Execution:
 
     def __init__(self, first: ShardTask, source, pools: dict[str, list], requests: dict[str, Resources], *,
                  shard_cpus: float, max_retries: int, env: dict[str, str], show_progress: bool,
-                 batches_in_flight: int | None, on_submit, total: int | None):
+                 batches_in_flight: int | None, on_submit, stop, total: int | None):
         from tqdm.auto import tqdm
 
         self.first, self.source, self.pools = first, source, pools
         self.in_flight, self.on_submit = batches_in_flight, on_submit
+        self.stop: Callable[[], str] | None = stop
+        self.stopped = ""  # why :meth:`loop` stopped early (the driver lost its lease); empty: it did not
         self.checkpoints: dict[str, str] | None = None  # each pool's weights id, once every actor is set up
         self.counter = ProgressCounter.options(**_on_this_node()).remote()
         self.remote = ray.remote(_run_shard).options(num_cpus=shard_cpus, max_retries=max_retries,
@@ -554,14 +581,9 @@ class _Execution:
                 if not isolated:
                     self.retry.append((task, True))
                     continue
-                res = {"shard": task.shard, "index": task.source.index, "source": task.source.url,
-                       "mode": task.mode, "status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]}
-                try:
-                    if task.fence is not None:
-                        task.fence()
-                    manifest.write_failure(task.output, task.shard, res)
-                except Exception:  # noqa: BLE001 - the output itself may be what fails
-                    pass
+                res = record_failure(task, {
+                    "shard": task.shard, "index": task.source.index, "source": task.source.url,
+                    "mode": task.mode, "status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]})
             self.results.append(res)
             self.shard_bar.update(1)
 
@@ -574,6 +596,10 @@ class _Execution:
 
     def loop(self) -> None:
         while True:
+            self.stopped = self.stop() if self.stop is not None else ""
+            if self.stopped:
+                self.end_early()
+                return
             self.submit()
             if self.checkpoints is None:
                 self.await_set_up()
@@ -583,12 +609,26 @@ class _Execution:
             self.show_samples()
             self.watch.check(len(self.running))
 
+    def end_early(self) -> None:
+        """The driver lost its lease: keep the results already back (the fenced tasks say LeaseLost) and end the
+        other tasks now (they are fenced: none commits after the takeover)."""
+        back, _ = (ray.wait(list(self.running), num_returns=len(self.running), timeout=0) if self.running
+                   else ([], []))
+        for ref in self.running:
+            if ref in back:
+                with contextlib.suppress(Exception):
+                    self.results.append(ray.get(ref))
+            else:
+                ray.cancel(ref, force=True)
+        self.running.clear()
+
     def close(self) -> None:
         self.shard_bar.close()
         self.sample_bar.close()
         kill_pools(self.pools)
         ray.kill(self.counter)
-        remove_stale_temp_files(self.first.output)
+        if not self.stopped:  # after losing the lease, the temporary files may be the new holder's
+            remove_stale_temp_files(self.first.output)
 
 
 def remove_stale_temp_files(root: str) -> None:

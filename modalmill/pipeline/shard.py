@@ -170,6 +170,12 @@ def call_local(run: LabelerRun, inputs: list[LabelInput]):
 call_local.checkpoint = lambda run: local_labeler(run).checkpoint_id()
 
 
+def fenced(task: ShardTask) -> None:
+    """Check the driver's lease before a write step (raises ``LeaseLost`` when another driver took it over)."""
+    if task.fence is not None:
+        task.fence()
+
+
 class ShardAbort(RuntimeError):
     """An error of the whole shard task, not of its samples (e.g. the labeler's actor could not set up): it fails
     the task, which is recorded as failed and run again later, instead of every sample being recorded as failed."""
@@ -343,8 +349,7 @@ class InjectedCrash(RuntimeError):
 def _step(task: ShardTask, kind: str, modality: str = "") -> None:
     """Every write a shard task makes visible is preceded by this call: the task's fence (a lost lease raises and
     nothing more is written), then the test-only crash hook. ``kind`` names the write step (docs/reliability.md)."""
-    if task.fence is not None:
-        task.fence()
+    fenced(task)
     folder = os.environ.get(CRASH_DIR_ENV)
     if folder:
         _crash_hook(folder, task, f"{kind}:{modality}" if modality else kind)

@@ -508,7 +508,7 @@ def _report_to_ray_train(step: int, history: list) -> None:
 
 
 def _write_report(cfg, out, model, adapter, data, held, device, location, step, world, extra, workers_info, t0,
-                  fingerprint):
+                  fingerprint: dict):
     """``report.json`` (metrics before/after/baseline on the held-out crops, history, machine, what each worker
     read) and ``reconstructions.png`` next to the exported tokenizer."""
     after = evaluate(model, adapter, held, device)
