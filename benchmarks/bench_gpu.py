@@ -251,7 +251,7 @@ def bare(name: str, weights: str, paths: list[str], s: Setup, data: str | None =
         keys = [crop_keys[i:i + bs] for i in range(0, len(crops_of), bs)]
 
         def call(x):
-            return lab.model.tokenize(x)
+            return lab.model.encode_ids(x)
 
         def keep(y):  # token ids, one row per crop
             return y.cpu().numpy().reshape(y.shape[0], -1)
@@ -292,7 +292,7 @@ def pipeline(name: str, weights: str, paths: list[str], out: str, s: Setup) -> d
     extra = {"ray_start_s": start_ray(os.cpu_count())}
     try:
         if name == "tok_rgb_vitb":
-            from modalmill.jobs.tokenize import tokenize_output
+            from modalmill.jobs.tokenize_output import tokenize_output
 
             spec = job_from_dict({"input": shard_pattern(paths), "output": out, "modalities": ["rgb", "crop_settings"],
                                   "batch_size": BATCH[name]}, where="bench")

@@ -4,7 +4,7 @@
     loading path) through the full pipeline (``modalmill run`` on a job with the ``dinov2`` labeler: read, decode,
     crop settings, the labeler's crop + resize, Ray actor, float16 features, npy encoding, tar writing, markers,
     manifests) against a bare loop that only calls the same model on already decoded, already batched tensors.
-3b. The tokenize stage (:func:`modalmill.jobs.tokenize.tokenize_output`, the ``--only tok_rgb@224`` update run
+3b. The tokenize stage (:func:`modalmill.jobs.tokenize_output.tokenize_output`, the ``--only tok_rgb@224`` update run
     that ``modalmill tokenize`` calls: read the stored rgb and crop_settings tars, decode, crop + resize,
     Ray actor, encoder + quantizer, int16 tokens, tar writing, realigned markers) against a bare loop that only
     calls the same tokenizer's ``encode`` on already prepared, already batched crops.
@@ -166,7 +166,7 @@ def bare_dinov2(paths: list[str], weights: str, out: str) -> dict:
 
 
 def bare_tokenizer(data: str, checkpoint: str, shards: list[str], out: str, batch_size: int) -> dict:
-    """Time only ``model.tokenize(x)`` over the crops the tokenize run prepares, in its batches (``batch_size``
+    """Time only ``model.encode_ids(x)`` over the crops the tokenize run prepares, in its batches (``batch_size``
     samples of a shard, all their crops in one encoder call)."""
     t = time.perf_counter()  # the bare loop's own start-up: importing torch, loading the tokenizer
     preloaded = "torch" in sys.modules
@@ -195,11 +195,11 @@ def bare_tokenizer(data: str, checkpoint: str, shards: list[str], out: str, batc
             batches.append(([inp.key for inp in b], [len(inp.crops) for inp in b],
                             lab.adapter.to_input(torch.from_numpy(flat))))
     with torch.inference_mode():
-        lab.model.tokenize(batches[0][2][:2])  # warm-up, not timed
+        lab.model.encode_ids(batches[0][2][:2])  # warm-up, not timed
         tokens = {}
         with Monitor("tokenize bare") as ph:
             for keys, counts, x in batches:
-                ids = lab.model.tokenize(x).numpy()
+                ids = lab.model.encode_ids(x).numpy()
                 pos = 0
                 for k, n in zip(keys, counts):
                     tokens[k] = ids[pos:pos + n]
@@ -265,7 +265,7 @@ def pipeline_tokenize(data: str, checkpoint: str) -> dict:
     of ``BATCH`` as the bare loop) on an embedded Ray of 2 CPUs."""
     import ray
 
-    from modalmill.jobs.tokenize import tokenize_output
+    from modalmill.jobs.tokenize_output import tokenize_output
 
     extra = {"ray_start_s": start_ray(2)}
     try:

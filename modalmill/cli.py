@@ -467,7 +467,7 @@ def train_tokenizer_cmd(modality, data, config_file, out, preset, quantizer, ste
     from .tokenize.train import default_out, format_report, train_tokenizer
 
     if modality in ("caption", "text"):
-        from .tokenize.text import install_text_tokenizer, train_text_tokenizer_on_output
+        from .tokenize.text_tokenizer import install_text_tokenizer, train_text_tokenizer_on_output
 
         if text_source is not None:
             if vocab_size is not None:
@@ -515,10 +515,10 @@ def tokenize(data, modalities, text_source, tokenizers, force, address, shards, 
              no_progress, wait):
     """Write tok_*@224 shards for DATA with 4M-format tokenizers (the pipeline's --only mode); --text-tokenizer
     installs the output's text tokenizer."""
-    from .jobs.tokenize import parse_tokenizer_args, tokenize_output
+    from .jobs.tokenize_output import parse_tokenizer_args, tokenize_output
 
     if text_source is not None:
-        from .tokenize.text import install_text_tokenizer
+        from .tokenize.text_tokenizer import install_text_tokenizer
         from .tokenize.train import default_out
 
         info = install_text_tokenizer(text_source, default_out(data, "text"))

@@ -98,7 +98,7 @@ def main() -> int:
     from modalmill.jobs.democorpus import build_corpus
     from modalmill.jobs.runner import EXIT_OK, run_job
     from modalmill.jobs.spec import job_from_dict
-    from modalmill.jobs.tokenize import tokenize_output
+    from modalmill.jobs.tokenize_output import tokenize_output
     from modalmill.tokenize.train import train_tokenizer
 
     corpus, out = os.path.join(args.out, "corpus"), os.path.join(args.out, "out")

@@ -78,7 +78,7 @@ def add_plugin_modality(out: str, tokenizers_dir: str, steps: int = 20) -> str:
     ``--modality-info`` takes). Runs in modalmill's environment, with a Ray already started."""
     from modalmill.jobs.runner import EXIT_OK, run_job
     from modalmill.jobs.spec import job_from_dict
-    from modalmill.jobs.tokenize import tokenize_output
+    from modalmill.jobs.tokenize_output import tokenize_output
     from modalmill.tokenize.train import train_tokenizer
 
     plugin_setup()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from modalmill.tokenize.text import COCO_CLASSES, fixed_tokens
+from modalmill.tokenize.text_tokenizer import COCO_CLASSES, fixed_tokens
 
 
 def build_4m_like_tokenizer(texts: list[str]):

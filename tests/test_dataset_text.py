@@ -19,7 +19,7 @@ from modalmill.cli import main
 from modalmill.jobs.runner import run_job
 from modalmill.jobs.spec import job_from_dict
 from modalmill.labelers.base import Labeler, register_labeler
-from modalmill.tokenize.text import (METADATA_IDS, det_to_text, human_poses_to_text, load_text_tokenizer,
+from modalmill.tokenize.text_tokenizer import (METADATA_IDS, det_to_text, human_poses_to_text, load_text_tokenizer,
                                      metadata_to_text)
 
 TEXT = ["caption", "det", "metadata", "color_palette", "human_poses"]
@@ -219,7 +219,7 @@ def test_max_tokens_and_clear_errors(labeled, tok, tmp_path):
 
 
 def test_sam_instance_serialises_the_crops_entry_without_unknown_words(tok):
-    from modalmill.tokenize.text import encode_sequence, sam_instance_to_text, serialise_label
+    from modalmill.tokenize.text_tokenizer import encode_sequence, sam_instance_to_text, serialise_label
 
     def entry(offset):
         square = np.array([[[20, 20]], [[200, 20]], [[200, 200]], [[20, 200]]], dtype=np.int32)  # (x, y)

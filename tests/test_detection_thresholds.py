@@ -11,7 +11,7 @@ import torch
 from modalmill.labelers import LabelInput, get_labeler
 from modalmill.labelers.derived import det_stats
 from modalmill.labelers.detection import VITDET_THRESHOLDS, det_thresholds
-from modalmill.tokenize.text import det_to_text
+from modalmill.tokenize.text_tokenizer import det_to_text
 from tests.tiny_models import save_tiny_dfine
 
 # A D-FINE record: one box scoring 0.55 (kept by D-FINE's 0.5, dropped by ViTDet's 0.6) and people at 0.45 (kept

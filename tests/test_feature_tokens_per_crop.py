@@ -21,7 +21,7 @@ from PIL import Image
 from modalmill.jobs.check import check_output
 from modalmill.jobs.runner import EXIT_OK, run_job
 from modalmill.jobs.spec import job_from_dict
-from modalmill.jobs.tokenize import tokenize_output
+from modalmill.jobs.tokenize_output import tokenize_output
 from modalmill.labelers import get_labeler
 from modalmill.schemas.modalities import get_modality
 from modalmill.tokenize.checkpoint import load_tokenizer
@@ -127,7 +127,7 @@ def test_every_crop_of_a_2to1_photo_is_tokenized_from_the_teacher_run_on_that_cr
             for tok, f in feats.items():
                 f = torch.from_numpy(f.numpy().astype(np.float16).astype(np.float32))  # as stored: float16
                 f = f.permute(2, 0, 1)[None] if f.ndim == 3 else f[None, :, None, None]  # a map, or a vector
-                expected[tok].append(models[tok].tokenize(f)[0].numpy())
+                expected[tok].append(models[tok].encode_ids(f)[0].numpy())
     for tok in TOKENS:
         got = np.load(io.BytesIO(m[tok][key])) if tok in m else _tokens_in_process(out, tok, ck[tok], key)
         want = np.stack(expected[tok]).astype(got.dtype)

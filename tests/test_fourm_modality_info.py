@@ -82,7 +82,7 @@ def test_a_plugin_pixel_modality_becomes_a_token_modality(plugin_modality):
 
 
 def test_installing_a_text_tokenizer_from_a_file_or_4m(tmp_path, monkeypatch):
-    from modalmill.tokenize.text import FOURM_TOKENIZER_ENV, load_text_tokenizer
+    from modalmill.tokenize.text_tokenizer import FOURM_TOKENIZER_ENV, load_text_tokenizer
     from tests.fourm_text import build_4m_like_tokenizer
 
     src = tmp_path / "text_tokenizer_4m_wordpiece_30k.json"

@@ -21,7 +21,7 @@ import tests.labelers_for_tests  # noqa: F401  (registers the test labelers)
 from modalmill.cli import main
 from modalmill.io import manifest
 from modalmill.io.readers import ParquetColumns, iter_samples, plan_sources
-from modalmill.io.text import TextConfig, TextError, input_text, normalise
+from modalmill.io.captions import TextConfig, TextError, input_text, normalise
 from modalmill.jobs.check import check_output, per_crop_problem
 from modalmill.jobs.democorpus import DESCRIPTIONS, jpeg_bytes, photos, variant, write_shard
 from modalmill.jobs.runner import EXIT_OK, EXIT_SAMPLES_FAILED, run_job
@@ -428,7 +428,7 @@ def test_t5_embeds_a_caption_repeated_per_crop_once(with_t5):
 
 
 def test_the_text_tokenizer_trains_on_the_input_captions(with_t5, tmp_path):
-    from modalmill.tokenize.text import encode_text, load_text_tokenizer, train_text_tokenizer_on_output
+    from modalmill.tokenize.text_tokenizer import encode_text, load_text_tokenizer, train_text_tokenizer_on_output
 
     info = train_text_tokenizer_on_output(str(with_t5), str(tmp_path / "text"))
     assert info["captions"] == 4  # each sample's caption once, not once per crop row

@@ -188,7 +188,7 @@ def write_panoptic(tmp_path, masks):
 
 
 def test_semseg_ids_survive_import_and_4m_tokenization(out, tmp_path):
-    from modalmill.jobs.tokenize import tokenize_output
+    from modalmill.jobs.tokenize_output import tokenize_output
 
     masks = os.path.join(OWN, "semseg")
     bad = tmp_path / "bad"

@@ -21,7 +21,7 @@ from modalmill.jobs.runner import EXIT_OK, run_job
 from modalmill.jobs.spec import job_from_dict
 from modalmill.labelers.modelfree import MetadataLabeler
 from modalmill.schemas import get_modality
-from modalmill.tokenize.text import metadata_to_text
+from modalmill.tokenize.text_tokenizer import metadata_to_text
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "metadata_binning", "expected.json")
 

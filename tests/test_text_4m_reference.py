@@ -31,8 +31,8 @@ import numpy as np
 import pytest
 
 from modalmill.schemas.modalities import get_modality
-from modalmill.tokenize.text import (FOURM_TOKENIZER_ENV, as_text_tokenizer, encode_sequence, load_text_tokenizer,
-                                     serialise_label)
+from modalmill.tokenize.text_tokenizer import (FOURM_TOKENIZER_ENV, as_text_tokenizer, encode_sequence,
+                                               load_text_tokenizer, serialise_label)
 from tests.fourm_text import build_4m_like_tokenizer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "text4m"
@@ -189,7 +189,7 @@ def test_with_4ms_released_tokenizer_ids_equal_ml4m_code(built):
 
 
 def _real_file(path: str) -> str:
-    from modalmill.tokenize.text import resolve_text_tokenizer
+    from modalmill.tokenize.text_tokenizer import resolve_text_tokenizer
 
     return resolve_text_tokenizer(path)
 

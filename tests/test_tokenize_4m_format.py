@@ -64,7 +64,7 @@ def test_cli_tokenizes_with_4m_tokenizers(labeled):
                 inp = fourm_input_for(source, models[tok])
                 x = torch.stack([inp.prepare(label, c, image.shape[:2], i) for i, c in enumerate(rows)])
                 with torch.inference_mode():
-                    np.testing.assert_array_equal(ids, models[tok].tokenize(x).numpy())
+                    np.testing.assert_array_equal(ids, models[tok].encode_ids(x).numpy())
                 n_checked += 1
         marker = manifest.read_marker(labeled, shard)
         assert marker["modalities"]["tok_rgb@224"]["checkpoint"] == ckpt.checkpoint_hash(rgb_tok)

@@ -20,7 +20,7 @@ from modalmill.schemas import get_modality
 from modalmill.jobs.stats import corpus_stats
 from modalmill.tokenize import checkpoint as ckpt
 from modalmill.tokenize.fourm_inputs import fourm_input_for
-from modalmill.jobs.tokenize import parse_tokenizer_args, tokenize_output
+from modalmill.jobs.tokenize_output import parse_tokenizer_args, tokenize_output
 from modalmill.tokenize.train import train_tokenizer
 
 N_CROPS = 3
@@ -103,7 +103,7 @@ def test_token_shards_are_aligned_valid_recorded_and_idempotent(work):
         ad = fourm_input_for("canny_edge", models["tok_canny_edge@224"])
         x = torch.stack([ad.prepare(edge, c, edge.shape[:2], i) for i, c in enumerate(crops)])
         with torch.inference_mode():
-            expect = models["tok_canny_edge@224"].tokenize(x).numpy()
+            expect = models["tok_canny_edge@224"].encode_ids(x).numpy()
         assert np.array_equal(np.load(io.BytesIO(tok_of[f"{key}.npy"])), expect)
     rows = manifest.read_manifest(out).to_pylist()
     assert len(rows) == 10

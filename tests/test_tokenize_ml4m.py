@@ -36,7 +36,7 @@ def _tokenize(model, source, label, crops, hw, resample="bilinear"):
     inp = fourm_input_for(source, model, resample)
     x = torch.stack([inp.prepare(label, c, hw, i) for i, c in enumerate(crops)])
     with torch.inference_mode():
-        ids = model.tokenize(x).numpy()
+        ids = model.encode_ids(x).numpy()
         lat = model.quant_proj(model.encoder(model.prepare_input(x))).numpy()
     return ids, lat
 
@@ -101,7 +101,7 @@ def test_pose_and_sam_instance_tokenizers_equal_ml4m(data):
     model, _ = hub.load(os.path.join(FIX, "human_poses"))
     inp = fourm_input_for("human_poses", model)
     x = torch.stack([inp.prepare(p, None, None) for p in inputs["poses"]])
-    np.testing.assert_array_equal(model.tokenize(x).numpy(), ref["poses"])
+    np.testing.assert_array_equal(model.encode_ids(x).numpy(), ref["poses"])
     assert model.n_tokens == 8
 
     model, _ = hub.load(os.path.join(FIX, "sam_instance"))
@@ -115,7 +115,7 @@ def test_pose_and_sam_instance_tokenizers_equal_ml4m(data):
         np.testing.assert_array_equal(bbox, inputs["sam_bboxes"][i])
         masks.append(inp.prepare(mask, None, None))
     with torch.inference_mode():
-        ids = model.tokenize(torch.stack(masks)).numpy()
+        ids = model.encode_ids(torch.stack(masks)).numpy()
     assert ids.shape == (len(counts), 16)
     np.testing.assert_array_equal(ids, ref["sam_instance"])
 

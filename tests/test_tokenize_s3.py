@@ -127,7 +127,7 @@ def test_train_and_tokenize_an_s3_output(ray_local, s3_env, demo_corpus, tmp_pat
             x = torch.stack([ad.prepare(edge, c, edge.shape[:2], i)
                              for i, c in enumerate(get_modality("crop_settings").decode(crops[f"{key}.npy"]))])
             with torch.inference_mode():
-                assert np.array_equal(ids, model.tokenize(x).numpy()), key
+                assert np.array_equal(ids, model.encode_ids(x).numpy()), key
         rec = manifest.read_marker(out, shard)["modalities"]["tok_canny_edge@224"]
         assert rec["checkpoint"] == remote["checkpoint_hash"] and rec["n"] == 5
     report = check_output(out)

@@ -26,8 +26,8 @@ from modalmill.jobs.check import check_output
 from modalmill.schemas import RecordError, get_modality
 from modalmill.tokenize.adapters import MIN_BOX_FRACTION, body_poses, crop_instances
 from modalmill.tokenize.checkpoint import checkpoint_hash, load_tokenizer
-from modalmill.jobs.tokenize import tokenize_output
-from modalmill.tokenize.text import human_poses_to_text, sam_instance_to_text
+from modalmill.jobs.tokenize_output import tokenize_output
+from modalmill.tokenize.text_tokenizer import human_poses_to_text, sam_instance_to_text
 from modalmill.tokenize.train import train_tokenizer
 from tests.tiny_models import TEST_SETTINGS, save_tiny_detr, save_tiny_hmr2, save_tiny_sam
 
@@ -141,7 +141,7 @@ def test_tokenize_writes_4m_files_aligned_recorded_idempotent_and_deterministic(
             if n:
                 with torch.inference_mode():
                     x = torch.stack([adapter.prepare(i["mask"]) for i in insts])  # 0/1 masks, as 4M
-                    np.testing.assert_array_equal(sam_model.tokenize(x).numpy(), ids)
+                    np.testing.assert_array_equal(sam_model.encode_ids(x).numpy(), ids)
             total += n
     assert total > 0
 
@@ -155,7 +155,7 @@ def test_tokenize_writes_4m_files_aligned_recorded_idempotent_and_deterministic(
         assert value == raw  # everything else as HMR 2.0 stored it
         assert len(tokens) == len(raw["bbox_xyxy"]) and all(len(t) == 8 for t in tokens)
         with torch.inference_mode():
-            direct = pose_model.tokenize(torch.from_numpy(np.stack(body_poses(raw)))[:, :, None, None]).numpy()
+            direct = pose_model.encode_ids(torch.from_numpy(np.stack(body_poses(raw)))[:, :, None, None]).numpy()
         assert tokens == direct.tolist() and 0 <= direct.min() and direct.max() < pose_model.quantizer.codebook_size
         people += len(tokens)
     assert people > 0
@@ -236,7 +236,7 @@ def test_load_dataset_gives_sam_instance_token_ids_in_4m_layout(work):
     """A trainer reads the real ``sam_instance`` file through ``load_dataset`` with a small WordPiece vocabulary
     trained on this output's own serialised labels: the ids of crop 0 spell 4M-21's sequence for that entry."""
     import modalmill
-    from modalmill.tokenize.text import det_to_text, fixed_tokens, train_text_tokenizer
+    from modalmill.tokenize.text_tokenizer import det_to_text, fixed_tokens, train_text_tokenizer
 
     out = work["out"]
     if not (out / "sam_instance" / f"{SHARD}.tar").exists():  # this test run alone

@@ -7,9 +7,9 @@ import re
 import numpy as np
 import pytest
 
-from modalmill.tokenize.text import (COCO_CLASSES, METADATA_IDS, color_palette_to_text, det_to_text, encode_text,
-                                     fixed_tokens, human_poses_to_text, load_text_tokenizer, metadata_to_text,
-                                     sam_instance_to_text, train_text_tokenizer)
+from modalmill.tokenize.text_tokenizer import (COCO_CLASSES, METADATA_IDS, color_palette_to_text, det_to_text,
+                                               encode_text, fixed_tokens, human_poses_to_text, load_text_tokenizer,
+                                               metadata_to_text, sam_instance_to_text, train_text_tokenizer)
 
 CAPTIONS = [
     "A woman in a space suit smiles in front of an American flag.",
@@ -101,7 +101,7 @@ def test_structured_labels_serialise_to_value_tokens(tok):
 
 
 def test_a_small_vocabulary_keeps_sequence_words_whole():
-    from modalmill.tokenize.text import SEQUENCE_WORDS
+    from modalmill.tokenize.text_tokenizer import SEQUENCE_WORDS
 
     small = train_text_tokenizer(CAPTIONS, vocab_size=len(fixed_tokens()) + len(SEQUENCE_WORDS) + 40)
     for word in SEQUENCE_WORDS:

@@ -56,9 +56,9 @@ Images differ in size between samples: to batch them, pass ``transform=FourMCrop
 ``text_tokenizer.json`` or of a directory holding one, local or ``s3://``, or ``True`` for the one
 ``modalmill train-tokenizer --modality caption --data ROOT`` writes to ``ROOT/_modalmill/tokenizers/text``). Each
 of ``caption``, ``det``, ``metadata``, ``color_palette``, ``human_poses`` and ``sam_instance`` that is requested
-is serialised to 4M-21's text sequence (:func:`modalmill.tokenize.text.serialise_label`, following fourm's
+is serialised to 4M-21's text sequence (:func:`modalmill.tokenize.text_tokenizer.serialise_label`, following fourm's
 ``modality_transforms.py``) and encoded as 4M's masking does (``ids + [EOS]``, no ``[SOS]``;
-:func:`~modalmill.tokenize.text.encode_sequence`). The sample then holds:
+:func:`~modalmill.tokenize.text_tokenizer.encode_sequence`). The sample then holds:
 
 ========================= ==================================================================================
 key                       value
@@ -107,7 +107,7 @@ from torch.utils.data import IterableDataset
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ..schemas.modalities import IMAGE, PIXEL, TOKENS, ModalitySpec, get_modality
-from ..tokenize.text import TEXT_MODALITIES
+from ..tokenize.text_tokenizer import TEXT_MODALITIES
 from ..io import index, manifest, storage
 from ..io.tars import accepted_exts, decode_member
 from ..io.where import compile_where, needed_modalities, record_of
@@ -355,7 +355,7 @@ class ModalDataset(IterableDataset):
             return
         if not self.decode:
             raise ValueError("text_tokenizer needs decode=True (decode=False yields the raw member bytes)")
-        from ..tokenize.text import as_text_tokenizer
+        from ..tokenize.text_tokenizer import as_text_tokenizer
 
         if text_tokenizer is True:
             text_tokenizer = storage.join(self.root, manifest.META_DIR, "tokenizers", "text")
@@ -436,7 +436,7 @@ class ModalDataset(IterableDataset):
 
     def _add_text(self, out: dict, decoded: dict, sample: dict, crop_row: list[int] | None,
                   crop_index: int | None) -> None:
-        from ..tokenize.text import encode_sequence, serialise_label
+        from ..tokenize.text_tokenizer import encode_sequence, serialise_label
 
         image_hw = self._image_hw(decoded, sample) if "rgb" in self._read else None
         tok = self.text_tokenizer

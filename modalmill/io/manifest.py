@@ -4,7 +4,7 @@
   is the commit point. It lists the shard's key order and, per modality, what produced the tar and the tar's
   size and digests; while a rewrite is under way it is a pending marker (the protocol: ``io.commit``).
 - ``shards/shard-NNNNN.failed.json``: why the last attempt at a shard failed (removed once it is done).
-- ``manifest/shard-NNNNN.parquet``: one row per sample read (see ``schemas.manifest``).
+- ``manifest/shard-NNNNN.parquet``: one row per sample read (see ``schemas.manifest_schema``).
 - ``runs/<time>-<id>.json``: one summary per run of a job (its per-shard list in ``<time>-<id>.shards.parquet``
   when the run processed more than 1,000 shards).
 - ``index/shards.parquet``: the shard index, a cache of what the markers and manifests say (see ``io.index``).
@@ -18,7 +18,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from ..schemas.manifest import SampleRow, rows_to_table, table_to_rows
+from ..schemas.manifest_schema import SampleRow, rows_to_table, table_to_rows
 from . import storage
 
 META_DIR = "_modalmill"
@@ -90,7 +90,7 @@ def read_manifest(root: str):
     use :func:`iter_manifest`, :func:`manifest_dataset` or :func:`export_manifest`)."""
     import pyarrow as pa
 
-    from ..schemas.manifest import MANIFEST_SCHEMA
+    from ..schemas.manifest_schema import MANIFEST_SCHEMA
 
     tables = list(iter_manifest(root))
     # manifests written before a column was added lack it: promote (missing columns read as null)
@@ -113,7 +113,7 @@ def export_manifest(root: str, dest: str, columns: list[str] | None = None) -> i
     polars."""
     import pyarrow as pa
 
-    from ..schemas.manifest import MANIFEST_SCHEMA
+    from ..schemas.manifest_schema import MANIFEST_SCHEMA
 
     schema = MANIFEST_SCHEMA if columns is None else pa.schema([MANIFEST_SCHEMA.field(c) for c in columns])
     n = 0
@@ -140,7 +140,7 @@ def manifest_dataset(root: str):
     (:func:`storage.arrow_filesystem`)."""
     import pyarrow.dataset as pds
 
-    from ..schemas.manifest import MANIFEST_SCHEMA
+    from ..schemas.manifest_schema import MANIFEST_SCHEMA
 
     urls = [u for page in storage.list_pages(meta_url(root, "manifest"), suffix=".parquet") for u, _ in page]
     fs, paths = storage.arrow_filesystem(urls) if urls else (None, [])

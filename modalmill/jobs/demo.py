@@ -91,7 +91,7 @@ def run_demo(workdir: str, force: bool = False, show_progress: bool = True,
         summary = dict(run_job(spec, force=force, show_progress=show_progress))
         summary["skipped_steps"] = []
         if summary["exit_code"] == 0:  # label -> train tiny tokenizers -> tokenize (token shards next to the labels)
-            from .tokenize import DEMO_STEPS, demo_tokenize
+            from .tokenize_output import DEMO_STEPS, demo_tokenize
 
             tok = demo_tokenize(spec.output, force=force, show_progress=show_progress,
                                 steps=tokenizer_steps or DEMO_STEPS)
@@ -110,7 +110,7 @@ def run_demo(workdir: str, force: bool = False, show_progress: bool = True,
 
 def demo_text_tokenizer(output: str) -> dict:
     """Train 4M's WordPiece text tokenizer layout on the demo's captions (the corpus' own descriptions)."""
-    from ..tokenize.text import train_text_tokenizer_on_output
+    from ..tokenize.text_tokenizer import train_text_tokenizer_on_output
     from ..tokenize.train import default_out
 
     info = train_text_tokenizer_on_output(output, default_out(output, "text"), keep_if_trained=True)

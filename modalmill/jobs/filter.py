@@ -36,7 +36,7 @@ from ..io import manifest, storage
 from ..io.tars import decode_member, iter_tar_groups, scan_layout, spec_for_folder
 from ..io.where import Where, compile_where, needed_modalities, record_of
 from ..io.writers import TarShardWriter
-from ..schemas.manifest import OK, SampleRow
+from ..schemas.manifest_schema import OK, SampleRow
 from .dedup import read_dedup
 
 __all__ = ["FilterConfig", "plan_filter", "run_filter"]

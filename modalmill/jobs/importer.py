@@ -30,7 +30,7 @@ from ..io import manifest, storage
 from ..io.annotations import AnnotationError, AnnotationSet, read_annotations
 from ..labelers.imported import DEPTH_UNITS, read_array
 from ..labelers.semseg import COCO_PANOPTIC_CLASSES, COCO_THING_CLASSES
-from ..schemas.manifest import OK
+from ..schemas.manifest_schema import OK
 
 IMPORTABLE = ("det", "semseg_coco", "depth", "normal", "caption")
 MATCHES = ("key", "filename", "source_url")

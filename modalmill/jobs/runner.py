@@ -26,7 +26,7 @@ from ..labelers.base import LABELERS, get_labeler, labeler_for, load_entry_point
 from ..io import index, manifest
 from ..labelers.pins import mirror_location
 from ..io.readers import ShardSource, plan_sources
-from ..io.text import INPUT
+from ..io.captions import INPUT
 from ..pipeline.shard import (CORE, FULL, UPDATE, LabelerRun, ShardTask, core_producers, labeler_producers,
                               with_caption_source)
 from .spec import JobSpec, JobSpecError

@@ -48,7 +48,7 @@ from ..io import storage
 from ..io.crops import CropConfig
 from ..io.decode import DecodeConfig
 from ..io.readers import ParquetColumns
-from ..io.text import INPUT, MODEL, TextConfig
+from ..io.captions import INPUT, MODEL, TextConfig
 
 
 class JobSpecError(ValueError):

@@ -16,7 +16,7 @@ the realigned or removed earlier tars and the manifest; the done marker (``_moda
 which records every tar's size and digests, comes last. Every visible write goes through :func:`_step` (the
 task's fence, and the test suite's crash hook).
 
-Captions from the input (``ShardTask.text``, see :mod:`modalmill.io.text`): with ``caption_source`` ``input`` or
+Captions from the input (``ShardTask.text``, see :mod:`modalmill.io.captions`): with ``caption_source`` ``input`` or
 ``input_or_model`` the shard task reads the sample's own text and stores it as ``caption`` (one entry per crop
 row) before any labeler runs; a labeler whose outputs a sample already has is not called for that sample, so
 with ``input_or_model`` the captioner sees only the samples without text. The manifest row says where each
@@ -38,14 +38,14 @@ from typing import Any, Callable
 
 from .. import __version__
 from ..labelers.base import LabelFailure, LabelInput, get_labeler
-from ..schemas.manifest import FAILED, OK, SampleRow
+from ..schemas.manifest_schema import FAILED, OK, SampleRow
 from ..schemas.modalities import RecordError, get_modality
 from ..io import commit, manifest, storage
 from ..io.crops import CropConfig, make_crop_settings
 from ..io.decode import DecodeConfig, DecodeError, decode_image, decode_stored_rgb
 from ..io.readers import RawSample, ShardSource, ShardTruncated, iter_samples, pick_image_member, zip_output
 from ..io.scores import parse_source, score_sources
-from ..io.text import INPUT, INPUT_OR_MODEL, MODEL, TextConfig, TextError, input_text, source_metadata
+from ..io.captions import INPUT, INPUT_OR_MODEL, MODEL, TextConfig, TextError, input_text, source_metadata
 from ..schemas.modalities import fit_to_crops
 from ..io.writers import ShardWriterSet, filter_tar
 

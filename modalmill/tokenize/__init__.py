@@ -10,8 +10,9 @@ Adding a modality to a 4M-style dataset is: label it, train a tokenizer on the l
 - :mod:`.data`        streaming training crops from an output root, held-out split by key
 - :mod:`.train`       presets, the training loop, Ray Train's TorchTrainer, evaluation report + picture
 - :mod:`.labelers`    tokenizers as derived stateful labelers (``tok_rgb``, ``tok_canny_edge``, ...), registered
-  through the ``modalmill.labelers`` entry point (``modalmill tokenize`` itself is :mod:`modalmill.jobs.tokenize`)
-- :mod:`.text`        4M's WordPiece text tokenizer and the serialisers of structured labels
+  through the ``modalmill.labelers`` entry point (``modalmill tokenize`` itself is
+  :mod:`modalmill.jobs.tokenize_output`)
+- :mod:`.text_tokenizer`  4M's WordPiece text tokenizer and the serialisers of structured labels
 
 Heavy dependencies (torch, Ray) are imported by the submodules that need them, not here.
 """

@@ -645,7 +645,7 @@ class FourMTokenizer(nn.Module):
         h = self.quant_proj(self.encoder(self.prepare_input(x)))
         return self.quantize(h)
 
-    def tokenize(self, x: torch.Tensor) -> torch.Tensor:
+    def encode_ids(self, x: torch.Tensor) -> torch.Tensor:
         """Token ids [B, n_tokens] (int64)."""
         ids = self.encode(x)[2]
         if ids.shape[-1] == 1:  # global tokenizers: [B, heads, 1, 1] -> [B, heads, 1]

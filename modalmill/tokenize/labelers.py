@@ -280,7 +280,7 @@ def _encode_all(model, adapter, items, device, step: int):
         for i in range(0, len(items), step):
             chunk = items[i:i + step]
             x = adapter.to_input((chunk if isinstance(chunk, torch.Tensor) else torch.stack(chunk)).to(device))
-            out.append((model.tokenize(x) if hasattr(model, "tokenize") else model.encode(x)).cpu())
+            out.append((model.encode_ids(x) if hasattr(model, "encode_ids") else model.encode(x)).cpu())
     return torch.cat(out).numpy()
 
 

@@ -190,7 +190,7 @@ def as_text_tokenizer(tokenizer):
     for i, t in enumerate(fixed_tokens()):
         if vocab.get(t) != i:
             raise ValueError(f"text tokenizer: token {t!r} has id {vocab.get(t)}, 4M's layout puts it at {i} "
-                             "(train it with modalmill.tokenize.text.train_text_tokenizer)")
+                             "(train it with modalmill.tokenize.text_tokenizer.train_text_tokenizer)")
     return tokenizer
 
 
