@@ -173,6 +173,9 @@ class OpenClipTowerLabeler(ModelLabeler):
     """An open_clip image tower run on the stored crops, each resized to the tower's input size."""
 
     Config = OpenClipConfig
+    input_size = 224
+    mean = IMAGENET_MEAN  # 4M's teachers were run on ImageNet-normalised crops (config normalize: clip to change)
+    std = IMAGENET_STD
 
     def prepare(self, batch: list[LabelInput]) -> Prepared:
         return prepare_crops(batch, open_clip_image_size(self.config.arch))
@@ -198,9 +201,6 @@ class CLIPLabeler(OpenClipTowerLabeler):
                     "timm/vit_base_patch16_clip_224.openai (open_clip_model.safetensors), or any open_clip state dict "
                     "(.safetensors, or a weights-only torch file) of the configured arch; OpenAI's TorchScript "
                     "ViT-B-16.pt archive is not accepted")
-    input_size = 224
-    mean = IMAGENET_MEAN
-    std = IMAGENET_STD
     license = "MIT (OpenAI CLIP weights)"
     default_resources = Resources(num_cpus=1, num_gpus=0.25, memory_mb=3000)
     default_batch_size = 8

@@ -79,6 +79,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _ZENODO = "https://zenodo.org/records/10447888/files"
 _ZENODO_PIN_SOURCE = ("the LFS pointers of two Hugging Face mirrors of the Zenodo file, and a project that verified "
                       "the Zenodo download (Zenodo itself lists an md5)")
+def _omnidata_help(file: str, script: str, labeler: str) -> str:
+    return (f"download {file} from https://zenodo.org/records/10447888 (EPFL-VILAB/omnidata tools/{script}) and set "
+            f"weights to its path, or convert it once with `modalmill convert-weights {labeler} SRC DST` and set "
+            "weights to DST")
+
+
 OMNIDATA_LICENSE = ("Omnidata EULA: non-commercial research/education use only, no redistribution "
                     "(EPFL-VILAB/omnidata LICENSE, item 9 covers the model weights)")
 
@@ -603,9 +609,7 @@ class OmnidataDepthLabeler(_OmnidataBase):
     weights_pin = Pin(sha256="a0fab23fee64aa9e4bbe0b520b18b196ea7594a7f719c1d8c10cf11dcb6e4a1e", size=1947430832,
                       source=_ZENODO_PIN_SOURCE)
     official_file = "omnidata_dpt_depth_v2.ckpt"
-    weights_help = ("download omnidata_dpt_depth_v2.ckpt from https://zenodo.org/records/10447888 "
-                    "(EPFL-VILAB/omnidata tools/download_depth_models.sh) and set weights to its path, or convert "
-                    "it once with `modalmill convert-weights omnidata_depth SRC DST` and set weights to DST")
+    weights_help = _omnidata_help(official_file, "download_depth_models.sh", "omnidata_depth")
     mean = (0.5, 0.5, 0.5)
     std = (0.5, 0.5, 0.5)
     out_channels = 1
@@ -635,9 +639,7 @@ class OmnidataNormalLabeler(_OmnidataBase):
     weights_pin = Pin(sha256="38db3f7d952f48f900f0b32d6cce6749e41641045ebc5713cf29618f54aff3bb", size=1947430960,
                       source=_ZENODO_PIN_SOURCE)
     official_file = "omnidata_dpt_normal_v2.ckpt"
-    weights_help = ("download omnidata_dpt_normal_v2.ckpt from https://zenodo.org/records/10447888 "
-                    "(EPFL-VILAB/omnidata tools/download_surface_normal_models.sh) and set weights to its path, or "
-                    "convert it once with `modalmill convert-weights omnidata_normal SRC DST` and set weights to DST")
+    weights_help = _omnidata_help(official_file, "download_surface_normal_models.sh", "omnidata_normal")
     mean = (0.0, 0.0, 0.0)
     std = (1.0, 1.0, 1.0)
     out_channels = 3

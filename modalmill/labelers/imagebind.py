@@ -60,7 +60,7 @@ from .clip import (
     open_clip_features,
     visual_state_dict,
 )
-from .dinov2 import IMAGENET_MEAN, IMAGENET_STD, predict_crops
+from .dinov2 import predict_crops
 from .state_dicts import load_into, load_state_dict
 from .pins import Pin
 
@@ -187,9 +187,6 @@ class ImageBindLabeler(OpenClipTowerLabeler):
                     "https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth and pass its local path or an s3:// "
                     "copy as weights (the full multimodal checkpoint works: its vision weights are converted on load), "
                     "or a file written by `modalmill convert-weights imagebind SRC DST`")
-    input_size = 224
-    mean = IMAGENET_MEAN
-    std = IMAGENET_STD
     license = "CC-BY-NC-4.0 (ImageBind weights: non-commercial)"
     default_resources = Resources(num_cpus=1, num_gpus=0.5, memory_mb=8000)
     default_batch_size = 4

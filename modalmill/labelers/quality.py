@@ -102,27 +102,37 @@ def _resize(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
 
 
+@dataclass(frozen=True)
+class ClipL14Config(ModelConfig):
+    arch: str = "ViT-L-14-quickgelu"  # open_clip model name, or the path of an open_clip model-config .json
+
+
+class OpenAIClipL14Labeler(ModelLabeler):
+    """The weights and resources of the labelers on OpenAI's CLIP ViT-L/14 (open_clip's copy on the model hub)."""
+
+    Config = ClipL14Config
+    weights = "timm/vit_large_patch14_clip_224.openai"
+    weights_pin = Pin(note="no published sha256 of its weights file was found; the hub's own checksum checks "
+                          "the download")
+    default_resources = Resources(num_cpus=1, num_gpus=0.25, memory_mb=4000)
+    default_batch_size = 16
+
+
 @register_labeler
-class LaionAestheticLabeler(ModelLabeler):
+class LaionAestheticLabeler(OpenAIClipL14Labeler):
     """LAION's aesthetic predictor v2 on CLIP ViT-L/14: ``aesthetic_score`` (float32, 0..10) per sample."""
 
     name = "laion_aesthetic"
     version = "1"
     outputs = ("aesthetic_score",)
     architecture = "OpenAI CLIP ViT-L/14 image tower (open_clip ViT-L-14-quickgelu) + LAION aesthetic MLP v2"
-    weights = "timm/vit_large_patch14_clip_224.openai"
-    weights_pin = Pin(note="no published sha256 of its weights file was found; the hub's own checksum checks "
-                          "the download")
     weights_help = ("open_clip's copy of OpenAI's CLIP ViT-L/14 (the model-hub repo timm/vit_large_patch14_clip_"
                     "224.openai) or any open_clip state dict of the configured arch; the head: config 'head'")
     license = "MIT (OpenAI CLIP weights); Apache-2.0 (LAION aesthetic predictor)"
-    default_resources = Resources(num_cpus=1, num_gpus=0.25, memory_mb=4000)
-    default_batch_size = 16
     description = "LAION aesthetic predictor v2 (CLIP ViT-L/14 + MLP): aesthetic_score 0..10 per sample"
 
     @dataclass(frozen=True)
-    class Config(ModelConfig):
-        arch: str = "ViT-L-14-quickgelu"  # open_clip model name, or the path of an open_clip model-config .json
+    class Config(ClipL14Config):
         head: str | None = None  # the aesthetic MLP's weights (None: LAION's v2 file, pinned)
 
     def build(self, path: str):
@@ -199,7 +209,7 @@ def _caption_text(caption: Any) -> str:
 
 
 @register_labeler
-class ClipScoreLabeler(ModelLabeler):
+class ClipScoreLabeler(OpenAIClipL14Labeler):
     """DataComp's CLIP score: the cosine similarity of the OpenAI CLIP ViT-L/14 image and caption embeddings
     (``clip_score``, float32 in -1..1, one per sample; the caption is the sample's first ``caption`` entry)."""
 
@@ -208,19 +218,10 @@ class ClipScoreLabeler(ModelLabeler):
     outputs = ("clip_score",)
     requires = ("caption",)
     architecture = "OpenAI CLIP ViT-L/14 (open_clip ViT-L-14-quickgelu), image and text towers"
-    weights = "timm/vit_large_patch14_clip_224.openai"
-    weights_pin = Pin(note="no published sha256 of its weights file was found; the hub's own checksum checks "
-                          "the download")
     weights_help = ("open_clip's copy of OpenAI's CLIP ViT-L/14 (model-hub repo timm/vit_large_patch14_clip_224."
                     "openai) or any whole open_clip state dict (both towers) of the configured arch")
     license = "MIT (OpenAI CLIP weights)"
-    default_resources = Resources(num_cpus=1, num_gpus=0.25, memory_mb=4000)
-    default_batch_size = 16
     description = "DataComp's CLIP score: CLIP ViT-L/14 image-caption cosine similarity per sample"
-
-    @dataclass(frozen=True)
-    class Config(ModelConfig):
-        arch: str = "ViT-L-14-quickgelu"  # open_clip model name, or the path of an open_clip model-config .json
 
     def build(self, path: str):
         import open_clip
