@@ -240,9 +240,11 @@ def test_detr_input_is_its_image_processors(ref, tmp_path):
     from modalmill.labelers.detection import DETR_COCO_LABELS, detections_from_logits
     (label,) = lab.process_batch([inp(photo)])
     c = lab.config
-    assert label["det"] == detections_from_logits(torch.from_numpy(arrays["detr_logits"]),
-                                                  torch.from_numpy(arrays["detr_boxes"]), DETR_COCO_LABELS,
-                                                  min_score=c.min_score, top_k=c.top_k, decimals=c.decimals)
+    assert label["det"] == {**detections_from_logits(torch.from_numpy(arrays["detr_logits"]),
+                                                     torch.from_numpy(arrays["detr_boxes"]), DETR_COCO_LABELS,
+                                                     min_score=c.min_score, top_k=c.top_k, decimals=c.decimals),
+                            # the record carries the detector's own thresholds (docs/labelers.md)
+                            "score_threshold": 0.8, "person_score_threshold": 0.7}
     # the sizes rule on other shapes too (portrait, small, square, within the cap), as the processor computes it
     from transformers import DetrImageProcessorPil
     proc = DetrImageProcessorPil()
