@@ -5,7 +5,6 @@ loader reads it; `load_dataset(where=...)` filters the same way on the fly."""
 import io
 import json
 import os
-import subprocess
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -21,7 +20,7 @@ from modalmill.jobs.check import check_output
 from modalmill.jobs.democorpus import DESCRIPTIONS, photos, write_shard
 from modalmill.jobs.runner import EXIT_OK, run_job
 from modalmill.jobs.spec import job_from_dict
-from tests.ml4m import PYTHON as ML4M_PYTHON, SRC as ML4M_SRC, needs_ml4m
+from tests.ml4m import check_captions, needs_ml4m
 
 WHERE = "aesthetic_score >= 5 and watermark_score < 0.5"
 MODS = ["rgb", "crop_settings", "caption", "canny_edge", "color_palette", "metadata"]
@@ -144,12 +143,7 @@ def test_where_parser_refuses_code_and_handles_missing_fields():
 
 @needs_ml4m
 def test_ml4m_loader_reads_the_filtered_output(filtered):
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
-                          "check_captions_with_ml4m.py")
-    r = subprocess.run([ML4M_PYTHON, script, str(filtered), "--ml4m", ML4M_SRC],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
-    report = json.loads(r.stdout.strip().splitlines()[-1])
+    report = check_captions(filtered)
     assert report["errors"] == [] and report["samples"] == len(_meta(filtered))
     assert report["crop_rows_read"] == 2 * report["samples"]
 

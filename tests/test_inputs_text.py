@@ -8,7 +8,6 @@ real photos, the real pipeline on an embedded Ray.
 import io
 import json
 import os
-import subprocess
 import tarfile
 
 import numpy as np
@@ -27,7 +26,7 @@ from modalmill.jobs.democorpus import DESCRIPTIONS, jpeg_bytes, photos, variant,
 from modalmill.jobs.runner import EXIT_OK, EXIT_SAMPLES_FAILED, run_job
 from modalmill.jobs.spec import JobSpecError, job_from_dict
 from modalmill.schemas.modalities import RecordError, captions_for_crops
-from tests.ml4m import PYTHON as ML4M_PYTHON, SRC as ML4M_SRC, needs_ml4m
+from tests.ml4m import check_captions, needs_ml4m
 
 N_CROPS = 3
 
@@ -441,12 +440,7 @@ def test_the_text_tokenizer_trains_on_the_input_captions(with_t5, tmp_path):
 def test_ml4m_caption_transform_reads_every_crop_row(with_t5):
     """ml-4m's own loader and CaptionTransform(aligned_captions=True) / CaptionEmbTransform read the stored caption and
     its T5 embedding for every crop row (scripts/check_captions_with_ml4m.py, run in ml-4m's environment)."""
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
-                          "check_captions_with_ml4m.py")
-    r = subprocess.run([ML4M_PYTHON, script, str(with_t5), "--ml4m", ML4M_SRC],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
-    report = json.loads(r.stdout.strip().splitlines()[-1])
+    report = check_captions(with_t5)
     assert report["samples"] == 4 and report["errors"] == []
     assert report["crop_rows_read"] == report["t5_rows_read"] == 4 * N_CROPS
     assert report["captions"] == {k: WANT[k] for k in sorted(WANT)}
