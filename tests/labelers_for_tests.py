@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from modalmill.labelers.base import LabelFailure, Labeler, register_labeler
+from modalmill.labelers.base import LabelFailure, Labeler, Resources, register_labeler
 
 
 @register_labeler
@@ -194,3 +194,46 @@ class OutOfMemoryInActor(Labeler):
         if len(batch) > self.config.max_batch or any(inp.key in self.config.huge_keys for inp in batch):
             raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (batch of {len(batch)})")
         return [{"caption": [f"n={len(batch)}"]} for inp in batch]
+
+
+@dataclass(frozen=True)
+class _CropReaderConfig:
+    side: int | None = 64  # crop_side(): None reads the image at its full resolution
+    sleep_s: float = 0.0  # per batch, in the actor (batches then wait there)
+
+
+@register_labeler
+class CropReader(Labeler):
+    """A model labeler (actor pool) that reads only its crops resized to ``side`` (``crop_images``), as DINOv2 does,
+    or (``side: null``) the whole image. Its caption says what its ``prepare`` saw: ``[key, "HxW" of the image it was
+    given, "WxH" of the stored rgb, the crops' mean pixel value]``."""
+
+    name = "test_crop_reader"
+    outputs = ("caption",)
+    stateful = True
+    Config = _CropReaderConfig
+    default_resources = Resources(num_cpus=0)
+
+    def crop_side(self):
+        return self.config.side
+
+    def prepare(self, batch):
+        from modalmill.labelers.base import Prepared
+        from modalmill.labelers.dinov2 import crop_images
+
+        out = Prepared()
+        for inp in batch:
+            h, w = inp.image.shape[:2]
+            pixels = crop_images(inp, self.config.side) if self.config.side else inp.image[::16, ::16]
+            stored = inp.stored_size or (w, h)
+            out.append([inp.key, f"{h}x{w}", f"{stored[0]}x{stored[1]}", f"{float(pixels.mean()):.2f}"])
+        return out
+
+    def process_batch(self, batch):
+        import time
+
+        from modalmill.labelers.base import Prepared
+
+        items = batch if isinstance(batch, Prepared) else self.prepare(batch)
+        time.sleep(self.config.sleep_s)
+        return [{"caption": list(it)} for it in items]

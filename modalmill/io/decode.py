@@ -17,7 +17,10 @@
   optimize). A grayscale JPEG is re-encoded too, so the stored rgb is always a 3-channel JPEG.
 
 ``DecodedImage.image`` is always exactly ``decode_stored_rgb(stored_bytes)``: labels are computed from what is
-stored, not from the pre-encode pixels.
+stored, not from the pre-encode pixels. With a ``draft`` (the shard task's, when every labeler of the job reads only
+crops resized to a bounded side), it is ``decode_stored_rgb(stored_bytes, draft=draft)``: the stored JPEG decoded
+at a reduced DCT scale, never smaller than what the labelers need (a 12-megapixel photo held at 1/4 or 1/8 of
+each side while it waits for its labels).
 
 Every failure is a ``DecodeError`` with a short one-line ``reason`` ("empty file (0 bytes)", "truncated JPEG: ...",
 "not an image: ...", "decompression bomb: ...", "corrupt PNG: ...", "unsupported format: ...",
@@ -35,12 +38,15 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import ExifTags, Image, JpegImagePlugin
+from PIL.JpegImagePlugin import JpegImageFile
 
-__all__ = ["SUPPORTED_FORMATS", "DecodeConfig", "DecodeError", "DecodedImage", "decode_image", "decode_stored_rgb"]
+__all__ = ["SUPPORTED_FORMATS", "DecodeConfig", "DecodeError", "DecodedImage", "Draft", "decode_image",
+           "decode_stored_rgb"]
 
 # Formats identified by their magic bytes. Anything else Pillow could open is refused as "unsupported format: X".
 SUPPORTED_FORMATS: tuple[str, ...] = (
@@ -52,6 +58,8 @@ _STORED_FORMATS = ("JPEG",)  # the JPEG factory also returns MPO for JPEGs with 
 # target size, then Lanczos-resized to the exact target. 1.0 is 2-5x faster than a full decode + resize; on a photo
 # the result is within ~36-43 dB PSNR of full decode + Lanczos (2.0, Image.thumbnail's default, gives ~48-53 dB).
 _DRAFT_GAP = 1.0
+# decode_image's ``draft``: (stored width, stored height) -> the smallest (width, height) needed, or None (full size)
+Draft = Callable[[int, int], "tuple[int, int] | None"]
 _RESIZE_GAP = 3.0  # Image.resize reducing_gap: box-reduce by an integer factor first, then Lanczos
 _JPEG_SUBSAMPLING = 2  # 4:2:0, fixed so that the output does not depend on Pillow's defaults
 _ORIENTATION = ExifTags.Base.Orientation
@@ -112,23 +120,36 @@ class DecodeConfig:
 
 @dataclass
 class DecodedImage:
-    image: np.ndarray  # [H, W, 3] uint8, upright, RGB: exactly what decoding `stored_bytes` gives (read-only)
+    image: np.ndarray  # [H, W, 3] uint8, upright, RGB: exactly what decoding `stored_bytes` gives (read-only;
+    # with a ``draft``: what decoding them at the reduced DCT scale gives)
     stored_bytes: bytes  # the JPEG to store as the sample's `rgb`
     original_size: tuple[int, int]  # (width, height) of the source after EXIF orientation, before resizing
     source_format: str  # PIL format name, e.g. 'JPEG', 'PNG', 'GIF'
     reencoded: bool  # False when the source bytes were stored unchanged
+    # (width, height) of the stored rgb: ``image``'s own size unless a ``draft`` asked for a reduced decode
+    stored_size: tuple[int, int] = (0, 0)
+
+    @property
+    def reduced(self) -> bool:
+        """Whether ``image`` is smaller than the stored rgb (a draft decode of it)."""
+        return self.stored_size != (self.image.shape[1], self.image.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------------- public API
 
 
-def decode_image(data: bytes, config: DecodeConfig = DecodeConfig()) -> DecodedImage:
-    """Decode one image file's bytes into the stored rgb image. Raises ``DecodeError`` (only) for bad input."""
+def decode_image(data: bytes, config: DecodeConfig = DecodeConfig(), draft: Draft | None = None) -> DecodedImage:
+    """Decode one image file's bytes into the stored rgb image. Raises ``DecodeError`` (only) for bad input.
+
+    ``draft(width, height)``, given the stored rgb's size, may return the smallest size the caller needs of it
+    (None: the full size): ``image`` is then the stored JPEG decoded at the smallest DCT scale (1/2, 1/4, 1/8)
+    that is at least that size (``DecodedImage.stored_size`` keeps the stored size). A source stored as it is is
+    decoded so from the start; one that is re-encoded is decoded in full first (the stored rgb keeps its size)."""
     data = _as_bytes(data)
     img = _open(data, SUPPORTED_FORMATS)
     fmt = img.format or "image"
     try:
-        return _decode(img, data, fmt, config)
+        return _decode(img, data, fmt, config, draft)
     except DecodeError:
         raise
     except Exception as e:
@@ -137,14 +158,16 @@ def decode_image(data: bytes, config: DecodeConfig = DecodeConfig()) -> DecodedI
         img.close()
 
 
-def decode_stored_rgb(data: bytes, *, max_pixels: int = DecodeConfig.max_pixels) -> np.ndarray:
+def decode_stored_rgb(data: bytes, *, max_pixels: int = DecodeConfig.max_pixels,
+                      draft: Draft | None = None) -> np.ndarray:
     """Decode an already-stored rgb JPEG to a read-only [H, W, 3] uint8 array (no EXIF rotation: stored rgb is
-    upright by construction). Raises ``DecodeError`` (only)."""
+    upright by construction); ``draft`` as in :func:`decode_image`. Raises ``DecodeError`` (only)."""
     data = _as_bytes(data)
     img = _open(data, _STORED_FORMATS)
     fmt = img.format or "JPEG"
     try:
         _check_declared(img.size, max_pixels, 1)
+        _apply_draft(img, draft)
         img.load()
         return _stored_pixels(img)
     except DecodeError:
@@ -155,10 +178,19 @@ def decode_stored_rgb(data: bytes, *, max_pixels: int = DecodeConfig.max_pixels)
         img.close()
 
 
+def _apply_draft(img: Image.Image, draft: Draft | None) -> None:
+    """Ask the JPEG decoder for a reduced DCT scale when ``draft`` needs less than the full size."""
+    if draft is None or not isinstance(img, JpegImageFile):
+        return
+    want = draft(*img.size)
+    if want is not None and (want[0] < img.size[0] or want[1] < img.size[1]):
+        img.draft("RGB", (max(1, int(want[0])), max(1, int(want[1]))))
+
+
 # ---------------------------------------------------------------------------------------------------- decoding
 
 
-def _decode(img: Image.Image, data: bytes, fmt: str, config: DecodeConfig) -> DecodedImage:
+def _decode(img: Image.Image, data: bytes, fmt: str, config: DecodeConfig, draft: Draft | None) -> DecodedImage:
     w0, h0 = img.size  # as stored, before orientation: from the header, nothing decoded yet
     _check_declared((w0, h0), config.max_pixels, config.min_size)
     is_jpeg = isinstance(img, JpegImagePlugin.JpegImageFile)
@@ -173,28 +205,32 @@ def _decode(img: Image.Image, data: bytes, fmt: str, config: DecodeConfig) -> De
 
     target = _target_size(original_size, config.max_size)  # upright (w, h), or None to keep the size
     target_stored = None if target is None else ((target[1], target[0]) if swap else target)
+    # An RGB (YCbCr) JPEG that is upright and small enough is stored as it is (its mode is known from the header)
+    as_is = fmt == "JPEG" and img.mode == "RGB" and exif_ok and orientation in (None, 1) and target is None
     if is_jpeg:
-        if target_stored is not None:
+        if as_is:
+            _apply_draft(img, draft)
+        elif target_stored is not None:
             tw, th = target_stored
             img.draft("RGB", (max(1, math.ceil(tw * _DRAFT_GAP)), max(1, math.ceil(th * _DRAFT_GAP))))
         img.load()
     _check_loaded(img.size, config.max_pixels)
 
-    if (fmt == "JPEG" and img.mode == "RGB" and exif_ok and orientation in (None, 1) and target is None):
-        # An RGB (YCbCr) JPEG that is upright and small enough: store the source bytes, decode them as stored.
+    if as_is and img.mode == "RGB":  # store the source bytes; the image is what decoding them gives
         return DecodedImage(image=_stored_pixels(img), stored_bytes=data, original_size=original_size,
-                            source_format=fmt, reencoded=False)
+                            source_format=fmt, reencoded=False, stored_size=(w0, h0))
 
     rgb = _to_rgb(img, config.background)
     if target_stored is not None and rgb.size != target_stored:
         rgb = rgb.resize(target_stored, Image.Resampling.LANCZOS, reducing_gap=_RESIZE_GAP)
     if method is not None:
         rgb = rgb.transpose(method)
-    stored = _encode_jpeg(rgb, config.jpeg_quality)
+    stored, stored_size = _encode_jpeg(rgb, config.jpeg_quality), rgb.size
     del rgb
-    image = decode_stored_rgb(stored, max_pixels=config.max_pixels)  # decoded again: exactly what is stored
+    # decoded again: exactly what is stored (at the reduced scale ``draft`` asks for)
+    image = decode_stored_rgb(stored, max_pixels=config.max_pixels, draft=draft)
     return DecodedImage(image=image, stored_bytes=stored, original_size=original_size, source_format=fmt,
-                        reencoded=True)
+                        reencoded=True, stored_size=stored_size)
 
 
 def _stored_pixels(img: Image.Image) -> np.ndarray:

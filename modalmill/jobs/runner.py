@@ -467,7 +467,7 @@ def _summarize(spec: JobSpec, job: JobPlan, planning: _Planning, results: list[d
         "errors_by_reason": errors,
         "failed_shards": [{k: r.get(k) for k in ("shard", "source", "error")} for r in failed],
         "shards": [{k: r.get(k) for k in ("shard", "mode", "n_read", "n_ok", "n_failed", "seconds", "finished_at",
-                                        "first_batch")}
+                                        "first_batch", "held_bytes", "draft_decoded")}
                    for r in done],
         "seconds": round(time.time() - timing["t0"], 3),
         "planning": {"markers_read": planning.markers_read, "deferred": len(planning.deferred),
@@ -528,6 +528,7 @@ def _run_job(job: JobPlan, address: str | None, show_progress: bool, on_submit: 
     stop = (lambda: held.lost_now(min(2.0, held.ttl_s / 8))) if held is not None else None
     results = _execute_planned(spec, address, planning, first, dict(
         shard_cpus=spec.ray.shard_cpus, max_retries=spec.ray.max_retries, batches_in_flight=spec.ray.batches_in_flight,
+        bytes_in_flight=spec.ray.bytes_in_flight,
         show_progress=show_progress, on_submit=submitted, stop=stop))
     timing["planning"] = time.time() - timing["t0"] if not first else None  # without tasks: the whole run
     summary = _summarize(spec, job, planning, results, timing)

@@ -24,7 +24,8 @@ labelers:                 # per-labeler settings, keyed by labeler name; a label
     resources: {num_cpus: 1, num_gpus: 0, memory_mb: 0, custom: {}}  # custom: Ray custom resources
     workers: 1            # actor-pool size (model labelers); auto (the default): `modalmill plan` sizes it
     min_workers: 1        # with workers: auto, the pool's bounds (max_workers: null = no bound)
-ray: {address: null, num_cpus: null, shard_cpus: 1, max_retries: 3, batches_in_flight: null}
+ray: {address: null, num_cpus: null, shard_cpus: 1, max_retries: 3, batches_in_flight: null,
+      bytes_in_flight: null}   # bytes_in_flight: e.g. 2GiB; null: a quarter of a shard task's part of node memory
 weights_from: s3://bucket/weights/   # optional: every model labeler without a `weights` setting of its own reads
                                      # PREFIX/<labeler> (staged by `modalmill weights fetch --to PREFIX`);
                                      # MODALMILL_WEIGHTS_FROM does the same for every job
@@ -95,11 +96,40 @@ class RaySettings:
     max_retries: int = 3
     # batches per shard task at the model actors; None: 2 per actor of the pools the task uses, at most 8
     batches_in_flight: int | None = None
+    # bytes of decoded samples a shard task holds between decode and write (gathered, at the actors, back but not
+    # yet written): a number of bytes or a size such as "512MiB" / "2GB"; None: a quarter of the task's part of its
+    # node's memory (pipeline.execute.default_bytes_in_flight, docs/cluster.md)
+    bytes_in_flight: int | str | None = None
 
     def __post_init__(self):
         b = self.batches_in_flight
         if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
             raise ValueError(f"'batches_in_flight' must be a whole number >= 1 or null, got {b!r}")
+        if self.bytes_in_flight is not None:
+            object.__setattr__(self, "bytes_in_flight", parse_bytes("bytes_in_flight", self.bytes_in_flight))
+
+
+_UNITS = {"": 1, "b": 1, "k": 10 ** 3, "kb": 10 ** 3, "kib": 2 ** 10, "m": 10 ** 6, "mb": 10 ** 6, "mib": 2 ** 20,
+          "g": 10 ** 9, "gb": 10 ** 9, "gib": 2 ** 30}
+
+
+def parse_bytes(name: str, value: Any) -> int:
+    """A size in bytes from a whole number or a string such as '512MiB', '1.5 GB', '800M' (>= 1 MiB)."""
+    n = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    elif isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        num = text.rstrip("kmgib")
+        unit = text[len(num):]
+        try:
+            n = int(float(num) * _UNITS[unit]) if unit in _UNITS and num else None
+        except ValueError:
+            n = None
+    if n is None or n < 2 ** 20:
+        raise ValueError(f"'{name}' must be a size of at least 1 MiB (bytes, or e.g. '512MiB', '2GB') or null, "
+                         f"got {value!r}")
+    return n
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,26 @@ class LabelInput:
     crops: np.ndarray  # [n_crops, 5] int64 crop settings of this sample
     labels: dict[str, Any] = field(default_factory=dict)  # other modalities' labels (derived labelers)
     source: dict[str, Any] | None = None  # the sample's source json (img2dataset json / parquet columns), if any
+    # (width, height) of the stored rgb when ``image`` is a reduced copy of it (JPEG draft decoding, only for jobs
+    # whose labelers all declare :meth:`Labeler.crop_side`); None: ``image`` is the stored rgb itself. ``crops``
+    # are always in pixels of the stored rgb: :meth:`image_crops` maps them onto ``image``
+    stored_size: tuple[int, int] | None = None
+
+    def image_crops(self) -> np.ndarray:
+        """``crops`` in pixels of ``image`` (the same array when ``image`` is the stored rgb itself): each box's
+        edges scaled by image size / stored size and rounded, at least one pixel, inside the image."""
+        crops = np.asarray(self.crops)
+        if self.stored_size is None or crops.ndim != 2 or crops.shape[1] != 5:
+            return crops
+        (sw, sh), (ih, iw) = self.stored_size, self.image.shape[:2]
+        if (sw, sh) == (iw, ih):
+            return crops
+        top, left, h, w, flip = (crops[:, i].astype(np.float64) for i in range(5))
+        y0, x0 = np.round(top * ih / sh), np.round(left * iw / sw)
+        y1, x1 = np.round((top + h) * ih / sh), np.round((left + w) * iw / sw)
+        y0, x0 = np.clip(y0, 0, ih - 1), np.clip(x0, 0, iw - 1)
+        h2, w2 = np.clip(y1 - y0, 1, ih - y0), np.clip(x1 - x0, 1, iw - x0)
+        return np.stack([y0, x0, h2, w2, flip], axis=1).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -153,6 +173,15 @@ class Labeler:
 
     def process_batch(self, batch: list[LabelInput]) -> list[dict[str, Any] | LabelFailure]:
         raise NotImplementedError
+
+    def crop_side(self) -> int | None:
+        """The largest side, in pixels, of what this labeler reads of the image, or None (the default): it reads
+        the stored rgb at its full resolution. A labeler that reads only the crops of its crop settings, each
+        resized down to at most this side (a model's square input), through ``LabelInput.image_crops()`` (as
+        :func:`modalmill.labelers.dinov2.crop_images` does), returns that side: when every labeler of a job does,
+        shard tasks decode each JPEG at the smallest DCT scale (``draft``) at which every crop still has this
+        many pixels a side, and hand the labelers that reduced image (``LabelInput.stored_size`` set)."""
+        return None
 
     def checkpoint_id(self) -> str:
         """Content hash of the weights this labeler uses ('' for model-free labelers)."""

@@ -180,6 +180,9 @@ class OpenClipTowerLabeler(ModelLabeler):
     def prepare(self, batch: list[LabelInput]) -> Prepared:
         return prepare_crops(batch, open_clip_image_size(self.config.arch))
 
+    def crop_side(self) -> int | None:
+        return max(open_clip_image_size(self.config.arch))  # reads only the crops, resized (crop_images)
+
 
 @register_labeler
 class CLIPLabeler(OpenClipTowerLabeler):

@@ -97,7 +97,8 @@ def crop_images(inp: LabelInput, size: int | tuple[int, int]) -> np.ndarray | st
     """Every row of ``inp.crops`` as the teacher sees it, 4M's way: cut ``(top, left, h, w)`` from the stored rgb,
     resize to ``size`` (PIL bicubic, antialiased when shrinking: PIL's default, which 4M's ``image_crop_and_resize``
     uses), then flip horizontally when the row's flip flag is 1. Returns uint8 ``[n_crops, H, W, 3]``, or the
-    reason (a string) when the image or a crop is unusable."""
+    reason (a string) when the image or a crop is unusable. A reduced image (a draft decode, ``inp.stored_size``
+    set) is cut at the crops mapped onto it (``inp.image_crops()``)."""
     from PIL import Image
 
     h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
@@ -108,6 +109,7 @@ def crop_images(inp: LabelInput, size: int | tuple[int, int]) -> np.ndarray | st
     crops = np.asarray(inp.crops)
     if crops.ndim != 2 or crops.shape[0] < 1 or crops.shape[1] != 5:
         return f"crop_settings must be [n_crops >= 1, 5], got shape {crops.shape}"
+    crops = inp.image_crops()
     out = np.empty((len(crops), h, w, 3), dtype=np.uint8)
     for c, row in enumerate(crops):
         top, left, ch, cw, flip = (int(v) for v in row)
@@ -306,6 +308,9 @@ class DINOv2Labeler(ModelLabeler):
 
     def prepare(self, batch: list[LabelInput]) -> Prepared:
         return prepare_crops(batch, self.config.input_size)
+
+    def crop_side(self) -> int | None:
+        return self.config.input_size  # reads only the crops, each resized to input_size (crop_images)
 
     def predict(self, batch: list) -> list[dict[str, Any] | LabelFailure]:
         size = self.config.input_size

@@ -138,6 +138,28 @@ _isolated_call = ray.remote(max_retries=0)(_call_in_own_process)
 IN_FLIGHT_PER_ACTOR = int(os.environ.get("MODALMILL_IN_FLIGHT_PER_ACTOR", "2"))
 IN_FLIGHT_MAX = 8
 
+# bytes of decoded samples a shard task holds between decode and write by default (``ray.bytes_in_flight: null``):
+# this share of the task's part of its node's memory, i.e. SHARE x node memory / (node CPUs / the task's CPUs), where
+# node memory is the Ray ``memory`` resource of the node (what Ray may give tasks and actors there: by default ~70%
+# of its RAM less the object store); at least BYTES_IN_FLIGHT_MIN. The rest of the task's part is its own process
+# (Python, the labelers' prepare, writers) and the batches' copies in the object store.
+BYTES_IN_FLIGHT_SHARE = 0.25
+BYTES_IN_FLIGHT_MIN = 64 * 2 ** 20
+_NODE_SHARE: dict[float, int] = {}
+
+
+def default_bytes_in_flight() -> int:
+    """``ray.bytes_in_flight``'s default for a shard task running in this worker (see BYTES_IN_FLIGHT_SHARE)."""
+    cpus = float(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)) or 1.0
+    if cpus not in _NODE_SHARE:  # asked once per worker process
+        me = ray.get_runtime_context().get_node_id()
+        node = next((n.get("Resources", {}) for n in ray.nodes() if n.get("NodeID") == me), {})
+        memory, node_cpus = float(node.get("memory", 0.0)), float(node.get("CPU", 0.0)) or cpus
+        share = BYTES_IN_FLIGHT_SHARE * memory / max(1.0, node_cpus / cpus)
+        _NODE_SHARE[cpus] = max(BYTES_IN_FLIGHT_MIN, int(share))
+    return _NODE_SHARE[cpus]
+
+
 ACTOR_WAIT_S = float(os.environ.get("MODALMILL_ACTOR_WAIT_S", "300"))
 
 
@@ -179,11 +201,14 @@ def _actor_get(submit, what: str, ping=None):
 
 
 def _run_shard(task: ShardTask, pools: dict[str, list], counter, isolate: bool = False,
-               in_flight: int | None = None, checkpoints: dict[str, str] | None = None) -> dict:
+               in_flight: int | None = None, checkpoints: dict[str, str] | None = None,
+               bytes_in_flight: int | None = None) -> dict:
     """One shard task. With ``isolate`` (after the shard's worker died more often than its retries allow),
     model-free labelers run in a throw-away process per batch, so a sample that kills its process is split
     off and recorded as failed instead of taking the shard down again. ``in_flight``: batches kept at the model
-    actors (None: 2 per actor of the pools the task uses, at most 8); ``checkpoints``: each pool's weights id."""
+    actors (None: 2 per actor of the pools the task uses, at most 8); ``checkpoints``: each pool's weights id;
+    ``bytes_in_flight``: bytes of decoded samples the task may hold until written (None: the node-derived default,
+    :func:`default_bytes_in_flight`)."""
     limit_threads()
 
     preparers: dict[str, Any] = {}  # per pooled labeler, an instance (never set up) that runs its ``prepare``
@@ -223,6 +248,7 @@ def _run_shard(task: ShardTask, pools: dict[str, list], counter, isolate: bool =
     # batches wait for model actors: keep ``in_flight`` of them there while the task reads and decodes the next
     pooled = [len(pools[run.labeler]) for run in task.labelers if run.stateful and run.labeler in pools]
     call.in_flight = (in_flight or min(IN_FLIGHT_MAX, IN_FLIGHT_PER_ACTOR * sum(pooled))) if pooled else 0
+    call.bytes_in_flight = bytes_in_flight or default_bytes_in_flight()
 
     def checkpoint(run: LabelerRun) -> str:
         if run.stateful and run.labeler in pools:
@@ -435,7 +461,7 @@ def wait_until_set_up(pools: dict[str, list]) -> None:
 
 def execute(tasks: Iterable[ShardTask], runs: list[LabelerRun], labeler_settings: dict, *, shard_cpus: float = 1.0,
             max_retries: int = 3, show_progress: bool = True, batches_in_flight: int | None = None,
-            on_submit: Callable[[ShardTask], None] | None = None,
+            bytes_in_flight: int | None = None, on_submit: Callable[[ShardTask], None] | None = None,
             stop: Callable[[], str] | None = None) -> list[dict]:
     """Run the shard tasks on the connected Ray cluster; returns one summary per task, in shard order.
 
@@ -443,7 +469,8 @@ def execute(tasks: Iterable[ShardTask], runs: list[LabelerRun], labeler_settings
     flight has room, so the first tasks run while later ones are planned. ``runs``: the labelers whose actor
     pools are started (every stateful labeler the tasks use must be among them). ``on_submit(task)`` is called
     as each task is handed to Ray. ``batches_in_flight``: how many batches each shard task keeps at the model actors
-    (default: 2 per actor of the pools it uses, at most 8). ``stop()``: asked before each round of submissions; a
+    (default: 2 per actor of the pools it uses, at most 8); ``bytes_in_flight``: how many bytes of decoded samples
+    it holds between decode and write (default: :func:`default_bytes_in_flight`). ``stop()``: asked before each round of submissions; a
     non-empty answer (the driver lost its lease) submits nothing more and ends the running tasks at once (they are
     fenced: none commits after the takeover), keeps the results already back, and leaves the output's temporary
     files to the new holder.
@@ -461,7 +488,8 @@ def execute(tasks: Iterable[ShardTask], runs: list[LabelerRun], labeler_settings
                        *[str(v) for r in runs for v in r.config.values() if isinstance(v, str)])
     pools, requests = _place_pools(runs, labeler_settings, shard_cpus, env)
     run = _Execution(first, source, pools, requests, shard_cpus=shard_cpus, max_retries=max_retries, env=env,
-                     show_progress=show_progress, batches_in_flight=batches_in_flight, on_submit=on_submit,
+                     show_progress=show_progress, batches_in_flight=batches_in_flight,
+                     bytes_in_flight=bytes_in_flight, on_submit=on_submit,
                      stop=stop, total=len(tasks) if isinstance(tasks, (list, tuple)) else None)
     try:
         run.loop()
@@ -506,11 +534,13 @@ class _Execution:
 
     def __init__(self, first: ShardTask, source, pools: dict[str, list], requests: dict[str, Resources], *,
                  shard_cpus: float, max_retries: int, env: dict[str, str], show_progress: bool,
-                 batches_in_flight: int | None, on_submit, stop, total: int | None):
+                 batches_in_flight: int | None, on_submit, stop, total: int | None,
+                 bytes_in_flight: int | None = None):
         from tqdm.auto import tqdm
 
         self.first, self.source, self.pools = first, source, pools
         self.in_flight, self.on_submit = batches_in_flight, on_submit
+        self.bytes_in_flight = bytes_in_flight
         self.stop: Callable[[], str] | None = stop
         self.stopped = ""  # why :meth:`loop` stopped early (the driver lost its lease); empty: it did not
         self.checkpoints: dict[str, str] | None = None  # each pool's weights id, once every actor is set up
@@ -549,7 +579,8 @@ class _Execution:
             if nxt is None:
                 return
             t, isolate = nxt
-            ref = self.remote.remote(t, self.pools, self.counter, isolate, self.in_flight, self.checkpoints)
+            ref = self.remote.remote(t, self.pools, self.counter, isolate, self.in_flight, self.checkpoints,
+                                     self.bytes_in_flight)
             self.running[ref] = (t, isolate)
             if not isolate and self.on_submit is not None:
                 self.on_submit(t)

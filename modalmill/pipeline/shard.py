@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import signal
 import time
@@ -215,6 +216,10 @@ class _Stats:
     def __init__(self):
         self.seconds: dict[str, float] = defaultdict(float)
         self.first_batch: list | None = None  # [epoch seconds, samples] of the first labelled batch back
+        # bytes of decoded samples held between decode and write: the bound (None: none), the most held at once
+        # and the largest single sample; and how many samples were decoded reduced (JPEG draft)
+        self.held = {"limit": None, "peak": 0, "largest_sample": 0}
+        self.draft_decoded = 0
 
     def timed(self, stage: str):
         stats = self
@@ -227,6 +232,13 @@ class _Stats:
                 stats.seconds[stage] += time.perf_counter() - self.t
 
         return _T()
+
+
+def held_bytes(item: _Item) -> int:
+    """What a gathered sample holds in memory until it is written: its decoded image, the payloads made so far
+    (the stored rgb's bytes among them) and any array labels it carries."""
+    labels = sum(getattr(v, "nbytes", 0) for v in item.input.labels.values())
+    return int(item.input.image.nbytes) + sum(len(p) for p in item.payloads.values()) + int(labels)
 
 
 def _label_batch(task: ShardTask, items: list[_Item], call: Callable, stats: _Stats) -> list[_Item]:
@@ -257,7 +269,8 @@ def _label_batch(task: ShardTask, items: list[_Item], call: Callable, stats: _St
                 continue
             try:
                 with stats.timed("encode"):
-                    hw = it.input.image.shape[:2]
+                    size = it.input.stored_size  # the stored rgb's (w, h) when the image is a reduced decode
+                    hw = it.input.image.shape[:2] if size is None else (size[1], size[0])
                     for m in run.outputs:
                         if m not in res:
                             raise RecordError(m, it.row.key, "output", f"labeler {run.labeler!r} returned no {m!r}")
@@ -283,6 +296,11 @@ class _Labelling:
     task's next batches queued instead of waiting for it between batches (at shard ends too, as long as another
     task is running). ``done`` always runs on the task's own thread, in batch order, so the tars' key order does
     not depend on which batch came back first. K = 0: every batch is labelled on the task's thread.
+
+    With ``call.bytes_in_flight`` = B (bytes; None: no bound) the samples the task holds between decode and write
+    (:func:`held_bytes`: gathered, at the actors, back but not yet written) stay below B plus one sample: a batch is
+    sent off early when its gathered samples reach B, and before the task reads on, the oldest batches in flight
+    are waited for and written until it holds less than B again.
     """
 
     def __init__(self, task: ShardTask, call: Callable, stats: _Stats, done: Callable):
@@ -299,14 +317,26 @@ class _Labelling:
         self.pending: list[_Item] = []
         self.depth = max(0, int(getattr(call, "in_flight", 0) or 0))
         self.pool = ThreadPoolExecutor(self.depth, thread_name_prefix="modalmill-label") if self.depth else None
-        self.inflight: deque = deque()
+        self.inflight: deque = deque()  # (items, future, bytes)
+        self.limit = getattr(call, "bytes_in_flight", None) or None
+        self.pending_bytes = self.inflight_bytes = 0
+        stats.held["limit"] = self.limit
+
+    def _full(self, nbytes: int) -> bool:
+        return self.limit is not None and nbytes >= self.limit
 
     def add(self, item: _Item) -> None:
-        """Gather ``item``; a full batch is sent off. Batches already back are written now (frees memory)."""
+        """Gather ``item``; a full batch (by count or by bytes) is sent off. Batches already back are written now
+        (frees memory), and so are the oldest ones, waited for, while the task holds more than its byte bound."""
+        size = held_bytes(item)
         self.pending.append(item)
-        if len(self.pending) >= self.gather:
+        self.pending_bytes += size
+        held = self.stats.held
+        held["peak"] = max(held["peak"], self.pending_bytes + self.inflight_bytes)
+        held["largest_sample"] = max(held["largest_sample"], size)
+        if len(self.pending) >= self.gather or self._full(self.pending_bytes):
             self.submit()
-        while self.inflight and self.inflight[0][1].done():
+        while self.inflight and (self.inflight[0][1].done() or self._full(self.inflight_bytes + self.pending_bytes)):
             self._complete_oldest()
 
     def finish(self) -> None:
@@ -317,17 +347,20 @@ class _Labelling:
 
     def submit(self) -> None:
         items, self.pending = self.pending, []
+        nbytes, self.pending_bytes = self.pending_bytes, 0
         if not items:
             return
         if self.pool is None:
             self.done(items, self.label(items))
             return
-        while len(self.inflight) >= self.depth:
+        while self.inflight and (len(self.inflight) >= self.depth or self._full(self.inflight_bytes + nbytes)):
             self._complete_oldest()
-        self.inflight.append((items, self.pool.submit(self.label, items)))
+        self.inflight.append((items, self.pool.submit(self.label, items), nbytes))
+        self.inflight_bytes += nbytes
 
     def _complete_oldest(self) -> None:
-        items, future = self.inflight.popleft()
+        items, future, nbytes = self.inflight.popleft()
+        self.inflight_bytes -= nbytes
         self.done(items, future.result())
 
     def close(self) -> None:
@@ -395,6 +428,7 @@ class _Run:
     score_sources: dict[str, str | None] = field(default_factory=dict)
     truncated: str | None = None
     read_mods: list[str] = field(default_factory=list)  # update: the stored modalities it reads
+    side: int | None = None  # full: the largest crop side its labelers read (None: the full image; see crop_side)
     in_place: set[str] = field(default_factory=set)  # update: modalities rewritten from themselves
 
     @property
@@ -427,6 +461,8 @@ def process_shard(task: ShardTask, call: Callable | None = None, progress: Calla
     result["seconds"]["total"] = round(time.perf_counter() - t0, 4)
     result["finished_at"] = round(time.time(), 3)  # epoch seconds: when the shard was committed
     result["first_batch"] = stats.first_batch
+    result["held_bytes"] = dict(stats.held)
+    result["draft_decoded"] = stats.draft_decoded
     return result
 
 
@@ -445,7 +481,7 @@ def _start(task: ShardTask, call: Callable, stats: _Stats) -> _Run:
     made_by = labeler_producers(task.labelers, getattr(call, "checkpoint", None))
     core = core_producers(task.decode, task.crops, task.seed) if task.mode == FULL else {}
     run = _Run(task, stats, found, prev, made_by, with_caption_source({**core, **made_by}, task.text, task.write),
-               score_map=_score_mapping(task))
+               score_map=_score_mapping(task), side=crop_side(task))
     if task.mode == UPDATE:
         if prev is None:
             raise RuntimeError(f"{task.shard}: no completed output to update")
@@ -498,7 +534,7 @@ def _read_input(run: _Run):
             return
         row = SampleRow(shard=task.source.index, source=task.source.url, position=raw.position, key=raw.key)
         run.rows.append(row)
-        item = _prepare_input(task, raw, row, stats)
+        item = _prepare_input(task, raw, row, stats, run.side)
         if item is not None:
             yield item
 
@@ -573,7 +609,7 @@ def _give_caption(item: _Item, text: str) -> None:
     item.row.caption_source = "input"
 
 
-def _prepare_input(task: ShardTask, raw: RawSample, row: SampleRow, stats: _Stats) -> _Item | None:
+def _prepare_input(task: ShardTask, raw: RawSample, row: SampleRow, stats: _Stats, side: int | None) -> _Item | None:
     row.source_json, row.source_url, row.source_json_error = source_metadata(raw.members)
     if raw.error:
         row.fail("read", raw.error)
@@ -589,16 +625,18 @@ def _prepare_input(task: ShardTask, raw: RawSample, row: SampleRow, stats: _Stat
         return None
     with stats.timed("decode"):
         try:
-            dec = decode_image(picked[1], task.decode)
+            dec = decode_image(picked[1], task.decode, draft=draft_size(task, raw.key, side))
         except DecodeError as e:
             row.fail("decode", e.reason)
             return None
-    h, w = dec.image.shape[:2]
+    w, h = dec.stored_size
     row.original_width, row.original_height = dec.original_size
     row.width, row.height = w, h
     crops = make_crop_settings(raw.key, h, w, task.crops, task.seed)
+    stats.draft_decoded += dec.reduced
     item = _Item(row=row, input=LabelInput(key=raw.key, image=dec.image, original_size=dec.original_size, crops=crops,
-                                           source=parse_source(row.source_json)))
+                                           source=parse_source(row.source_json),
+                                           stored_size=dec.stored_size if dec.reduced else None))
     if "rgb" in task.write:
         item.payloads["rgb"] = dec.stored_bytes
     if "crop_settings" in task.write:
@@ -610,6 +648,35 @@ def _prepare_input(task: ShardTask, raw: RawSample, row: SampleRow, stats: _Stat
             row.fail("validate:caption", str(e))
             return None
     return item
+
+
+#: A reduced (draft) decode keeps every crop at least this many times the labelers' crop side a side, so the
+#: labelers' own resize still shrinks by 2x or more (as ``Image.thumbnail``'s default ``reducing_gap``): their
+#: inputs then match a full decode's within the tolerance tests/test_memory.py states
+DRAFT_GAP = 2.0
+
+
+def crop_side(task: ShardTask) -> int | None:
+    """The largest crop side any labeler of the task reads (:meth:`Labeler.crop_side`; 0 when none reads pixels),
+    or None when one reads the stored image at its full resolution."""
+    sides = [run.instance().crop_side() for run in task.labelers]
+    if any(s is None for s in sides):
+        return None
+    return max(sides, default=0)
+
+
+def draft_size(task: ShardTask, key: str, side: int | None):
+    """The ``draft`` of :func:`decode_image` for sample ``key``: given the stored (w, h), the smallest size at which
+    the sample's smallest crop keeps ``side`` x DRAFT_GAP pixels a side (None: no reduced decode)."""
+    if side is None:
+        return None
+
+    def need(w: int, h: int) -> tuple[int, int]:
+        crops = make_crop_settings(key, h, w, task.crops, task.seed)
+        f = min(1.0, side * DRAFT_GAP / max(1, int(crops[:, 2:4].min())))
+        return max(1, math.ceil(w * f)), max(1, math.ceil(h * f))
+
+    return need
 
 
 def _score_mapping(task: ShardTask) -> tuple | None:
