@@ -149,10 +149,17 @@ _NODE_SHARE: dict[float, int] = {}
 
 
 def default_bytes_in_flight() -> int:
-    """``ray.bytes_in_flight``'s default for a shard task running in this worker (see BYTES_IN_FLIGHT_SHARE)."""
-    cpus = float(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)) or 1.0
+    """``ray.bytes_in_flight``'s default for a shard task running in this worker (see BYTES_IN_FLIGHT_SHARE). Run
+    outside a Ray worker (a task run in-process), 70% of this machine's RAM stands for the node's memory."""
+    try:
+        if not ray.is_initialized():  # (get_runtime_context() would start a Ray)
+            raise RuntimeError("not in a Ray worker")
+        cpus = float(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)) or 1.0
+        me = ray.get_runtime_context().get_node_id() if cpus not in _NODE_SHARE else None
+    except Exception:  # noqa: BLE001 - not in a Ray worker
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return max(BYTES_IN_FLIGHT_MIN, int(BYTES_IN_FLIGHT_SHARE * 0.7 * ram / (os.cpu_count() or 1)))
     if cpus not in _NODE_SHARE:  # asked once per worker process
-        me = ray.get_runtime_context().get_node_id()
         node = next((n.get("Resources", {}) for n in ray.nodes() if n.get("NodeID") == me), {})
         memory, node_cpus = float(node.get("memory", 0.0)), float(node.get("CPU", 0.0)) or cpus
         share = BYTES_IN_FLIGHT_SHARE * memory / max(1.0, node_cpus / cpus)
