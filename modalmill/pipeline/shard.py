@@ -16,6 +16,10 @@ the realigned or removed earlier tars and the manifest; the done marker (``_moda
 which records every tar's size and digests, comes last. Every visible write goes through :func:`_step` (the
 task's fence, and the test suite's crash hook).
 
+Memory: a task holds the samples it decoded until they are written, within ``call.bytes_in_flight`` bytes plus one
+sample (:class:`_Labelling`), and when every labeler of the task reads only crops resized to a bounded side
+(:func:`crop_side`) it decodes each JPEG reduced to what they need (:func:`draft_size`; docs/cluster.md).
+
 Captions from the input (``ShardTask.text``, see :mod:`modalmill.io.captions`): with ``caption_source`` ``input`` or
 ``input_or_model`` the shard task reads the sample's own text and stores it as ``caption`` (one entry per crop
 row) before any labeler runs; a labeler whose outputs a sample already has is not called for that sample, so
