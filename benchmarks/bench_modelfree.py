@@ -353,7 +353,7 @@ def run(log=print) -> list[Figure]:
     log(f"memory: {big} against {small} {BIG_SIZE[0]}x{BIG_SIZE[1]} JPEGs with a model labeler, {REPEATS} repetitions "
         f"({len(big_paths)} shards)")
     mem = []
-    for i in range(REPEATS):
+    for _ in range(REPEATS):
         mem.append((run_phase("12mp", 10 * BIG_SHARDS, os.path.join(base, "12mp"), log),
                     run_phase("12mp", BIG_SHARDS, os.path.join(base, "12mp"), log)))
     shutil.rmtree(base, ignore_errors=True)

@@ -477,10 +477,10 @@ def execute(tasks: Iterable[ShardTask], runs: list[LabelerRun], labeler_settings
     pools are started (every stateful labeler the tasks use must be among them). ``on_submit(task)`` is called
     as each task is handed to Ray. ``batches_in_flight``: how many batches each shard task keeps at the model actors
     (default: 2 per actor of the pools it uses, at most 8); ``bytes_in_flight``: how many bytes of decoded samples
-    it holds between decode and write (default: :func:`default_bytes_in_flight`). ``stop()``: asked before each round of submissions; a
-    non-empty answer (the driver lost its lease) submits nothing more and ends the running tasks at once (they are
-    fenced: none commits after the takeover), keeps the results already back, and leaves the output's temporary
-    files to the new holder.
+    it holds between decode and write (default: :func:`default_bytes_in_flight`). ``stop()``: asked before each
+    round of submissions; a non-empty answer (the driver lost its lease) submits nothing more and ends the running
+    tasks at once (they are fenced: none commits after the takeover), keeps the results already back, and leaves
+    the output's temporary files to the new holder.
 
     The steps: start the actor pools and wait until Ray has placed them (:func:`_place_pools`); then, in
     :class:`_Execution`, keep a window of shard tasks at Ray, wait for the actors' set-up once the first tasks
