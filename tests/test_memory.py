@@ -144,7 +144,8 @@ def _shard_record(out):
 def test_12mp_photos_with_a_model_labeler_on_ray_workers(ray_local, tmp_path, big_corpus, big_jpegs):
     """Across a real Ray worker and actor, 12 MP JPEGs. A labeler that reads 64 px crops: every sample is decoded
     reduced (its prepare saw <= 1000 x 750 of the stored 4000 x 3000), the stored rgb is the source's bytes, and the
-    task's byte bound is the default formula's (a quarter of its part of the node's memory). A labeler that reads
+    task's byte bound is the default formula's (a quarter of its part of the node's memory); an ``--only`` run that
+    reads the stored rgb back decodes it reduced too. A labeler that reads
     the full image with ``bytes_in_flight: 80MiB``: each sample holds a full 36 MB decode and the task never holds
     more than the bound plus one sample although 4 batches may be in flight."""
     from modalmill.jobs.runner import run_job
@@ -170,6 +171,14 @@ def test_12mp_photos_with_a_model_labeler_on_ray_workers(ray_local, tmp_path, bi
     expect = max(BYTES_IN_FLIGHT_MIN, int(BYTES_IN_FLIGHT_SHARE * node["memory"] / node["CPU"]))
     assert rec["held_bytes"]["limit"] == expect
     assert rec["held_bytes"]["peak"] < 4 * 1000 * 750 * 3 + 4 * max(map(len, big_jpegs.values())) + MIB
+    # an --only run (the stored rgb read back) decodes it reduced too: crops at 32 px need only 1/8 a side
+    spec = job_from_dict({"input": big_corpus, "output": out, "batch_size": 1,
+                          "modalities": ["rgb", "crop_settings", "caption"],
+                          "labelers": {"test_crop_reader": {"batch_size": 1, "config": {"side": 32}}}})
+    assert run_job(spec, only=["caption"], force=True, show_progress=False)["exit_code"] == 0
+    rec = _shard_record(out)
+    assert rec["mode"] == "update" and rec["draft_decoded"] == 4
+    assert all(seen == "375x500" and stored == "4000x3000" for _, seen, stored, _ in _captions(out))
 
     out = run("full", {"side": None, "sleep_s": 0.4}, {"bytes_in_flight": "80MiB", "batches_in_flight": 4})
     held = _shard_record(out)["held_bytes"]

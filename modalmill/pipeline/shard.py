@@ -432,7 +432,7 @@ class _Run:
     score_sources: dict[str, str | None] = field(default_factory=dict)
     truncated: str | None = None
     read_mods: list[str] = field(default_factory=list)  # update: the stored modalities it reads
-    side: int | None = None  # full: the largest crop side its labelers read (None: the full image; see crop_side)
+    side: int | None = None  # the largest crop side its labelers read (None: the full image; see crop_side)
     in_place: set[str] = field(default_factory=set)  # update: modalities rewritten from themselves
 
     @property
@@ -568,16 +568,18 @@ def _read_stored(run: _Run):
 def _prepare_stored(run: _Run, row: SampleRow, files: dict[str, bytes], input_texts) -> _Item | None:
     key = row.key
     with run.stats.timed("decode"):
+        crops = get_modality("crop_settings").decode(files["crop_settings"])
         try:
-            image = decode_stored_rgb(files["rgb"])
+            image, stored = _decode_stored(files["rgb"], crops, run.side)
         except DecodeError as e:
             row.fail("decode", f"stored rgb: {e.reason}")
             return None
-        crops = get_modality("crop_settings").decode(files["crop_settings"])
         labels = {m: get_modality(m).decode(files[m]) for m in run.read_mods if m not in CORE}
-    size = (row.original_width or image.shape[1], row.original_height or image.shape[0])
+    run.stats.draft_decoded += stored is not None
+    w, h = stored or (image.shape[1], image.shape[0])
+    size = (row.original_width or w, row.original_height or h)
     item = _Item(row=row, input=LabelInput(key=key, image=image, original_size=size, crops=crops, labels=labels,
-                                           source=parse_source(row.source_json)))
+                                           source=parse_source(row.source_json), stored_size=stored))
     if input_texts is not None:
         text, problem = input_texts.get(key, (None, "caption text: the sample is no longer in the input"))
         stage = "read"
@@ -669,18 +671,32 @@ def crop_side(task: ShardTask) -> int | None:
     return max(sides, default=0)
 
 
+def _needed(w: int, h: int, crops, side: int) -> tuple[int, int]:
+    """The smallest (w, h) of a (w, h) image at which its smallest crop keeps ``side`` x DRAFT_GAP pixels a side."""
+    f = min(1.0, side * DRAFT_GAP / max(1, int(crops[:, 2:4].min())))
+    return max(1, math.ceil(w * f)), max(1, math.ceil(h * f))
+
+
 def draft_size(task: ShardTask, key: str, side: int | None):
     """The ``draft`` of :func:`decode_image` for sample ``key``: given the stored (w, h), the smallest size at which
     the sample's smallest crop keeps ``side`` x DRAFT_GAP pixels a side (None: no reduced decode)."""
     if side is None:
         return None
+    return lambda w, h: _needed(w, h, make_crop_settings(key, h, w, task.crops, task.seed), side)
+
+
+def _decode_stored(data: bytes, crops, side: int | None):
+    """Update: the stored rgb decoded reduced as :func:`draft_size` would (its crops are stored); returns the image
+    and the stored (w, h) when the image is reduced, else None."""
+    seen: list[tuple[int, int]] = []
 
     def need(w: int, h: int) -> tuple[int, int]:
-        crops = make_crop_settings(key, h, w, task.crops, task.seed)
-        f = min(1.0, side * DRAFT_GAP / max(1, int(crops[:, 2:4].min())))
-        return max(1, math.ceil(w * f)), max(1, math.ceil(h * f))
+        seen.append((w, h))
+        return _needed(w, h, crops, side)
 
-    return need
+    image = decode_stored_rgb(data, draft=None if side is None else need)
+    reduced = bool(seen) and seen[0] != (image.shape[1], image.shape[0])
+    return image, seen[0] if reduced else None
 
 
 def _score_mapping(task: ShardTask) -> tuple | None:
