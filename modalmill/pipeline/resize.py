@@ -218,8 +218,8 @@ class Resizer:
         """Shrinks first (their shares are what the growing pools take), then grows."""
         for d in decisions:
             self._say(d.line())
-            self.decisions.append({"t": round(time.time() - self.t0, 2), "pool": d.pool, "from": d.before,
-                                   "to": d.after, "why": d.why})
+            self.decisions.append({"t": round(time.time() - self.t0, 2), "at": round(time.time(), 3), "pool": d.pool,
+                                   "from": d.before, "to": d.after, "why": d.why})
             now = time.monotonic()
             for _ in range(d.before - d.after):
                 handle = self.pools[d.pool].pop()
