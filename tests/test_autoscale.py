@@ -131,3 +131,22 @@ def test_a_batch_at_an_actor_a_shrink_removed_is_sent_again(ray_local):
     with pytest.raises(WorkerDied):
         _call_pool(members, "p", [0])
     ray.kill(registry)
+
+
+def test_first_sizes_split_the_devices_and_no_resizer_where_nothing_can_move():
+    from modalmill.pipeline.resize import can_move, first_sizes, pool_budget
+
+    budget = pool_budget({"CPU": 2, "dev": 4, "memory": 1e9, "node:127.0.0.1": 1}, shard_cpus=1)
+    assert budget == {"CPU": 1, "dev": 4}
+    sizes = first_sizes(quarter_pools_on("dev"), budget)
+    assert sizes == {n: 4 for n in MIX_MS}  # an equal split of the 16 quarter shares
+    cpu = [PoolShape("m", {"CPU": 1})]  # a CPU pool at its minimum, the budget full: nothing can move
+    assert first_sizes(cpu, budget) == {"m": 1} and not can_move(cpu, {"m": 1}, budget)
+    assert can_move(quarter_pools_on("dev"), {"clip": 1, "dino": 1, "depth": 1, "sam": 1}, budget)
+    assert can_move(quarter_pools_on("dev"), sizes, budget)  # full, but above their minimums: they can shrink
+    fixed = [PoolShape(n, {"dev": 0.25}, fixed=4) for n in MIX_MS]
+    assert not can_move(fixed, sizes, budget)
+
+
+def quarter_pools_on(resource):
+    return [PoolShape(n, {resource: 0.25}) for n in MIX_MS]

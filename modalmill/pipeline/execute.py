@@ -26,7 +26,8 @@ from ..io.cluster import local_s3_env
 from ..io.lease import LeaseLost
 from .placement import PlacementWatch
 from .autoscale import PoolShape
-from .resize import REFRESH_S, PoolRegistry, Resizer, actor_key, first_sizes, pool_budget, shapes_for
+from .resize import (REFRESH_S, PoolRegistry, Resizer, actor_key, can_move, first_sizes, pool_budget,
+                     shapes_for)
 from .shard import LabelerRun, ShardAbort, ShardTask, call_local, fenced, local_labeler, process_shard
 
 
@@ -615,16 +616,17 @@ class _Execution:
         self.record: dict | None = None  # the resizer's record (run record ``autoscale``), made by :meth:`close`
 
     def start_resizer(self, shapes: list[PoolShape], runs: list[LabelerRun], env: dict[str, str]) -> None:
-        """When some pool may be resized (``workers: auto`` and its actors hold a bounded resource), start the
-        pools' registry and the :class:`~.resize.Resizer` that resizes them while the job runs."""
-        if not any(p.fixed is None for p in shapes):
+        """When some pool may be resized (``workers: auto``, its actors hold a bounded resource, and it could shrink
+        or grow at all), start the pools' registry and the :class:`~.resize.Resizer` that resizes them."""
+        budget = pool_budget(ray.cluster_resources(), self.shard_cpus)
+        if not can_move(shapes, {name: len(h) for name, h in self.pools.items()}, budget):
             return
         self.registry = PoolRegistry.options(**_on_this_node()).remote(
             {name: list(handles) for name, handles in self.pools.items()})
         run_of = {}
         for r in runs:
             run_of.setdefault(r.labeler, r)
-        self.resizer = Resizer(shapes, pool_budget(ray.cluster_resources(), self.shard_cpus), self.pools,
+        self.resizer = Resizer(shapes, budget, self.pools,
                                self.registry, lambda name: new_actor(run_of[name], self.requests[name], env))
 
     def next_task(self) -> tuple[ShardTask, bool] | None:

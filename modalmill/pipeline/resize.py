@@ -112,6 +112,21 @@ def first_sizes(shapes: list[PoolShape], budget: dict[str, float]) -> dict[str, 
         return {p.name: p.bounds()[0] for p in shapes}
 
 
+def can_move(shapes: list[PoolShape], sizes: dict[str, int], budget: dict[str, float]) -> bool:
+    """Whether any resize is possible at all: some ``auto`` pool can shrink (it is above its minimum) or grow (one
+    more of its actors fits in what the pools leave free, below its maximum). When none can, no resizer runs."""
+    free = dict(budget)
+    for p in shapes:
+        for r, v in p.per_actor.items():
+            free[r] = free.get(r, 0.0) - v * sizes[p.name]
+    for p in shapes:
+        lo, hi = p.bounds()
+        if p.fixed is None and (sizes[p.name] > lo or (sizes[p.name] < hi and all(
+                free.get(r, 0.0) + 1e-9 >= v for r, v in p.per_actor.items() if v > 0))):
+            return True
+    return False
+
+
 @dataclass
 class _Retiring:
     handle: object
