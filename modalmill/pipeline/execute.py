@@ -249,7 +249,7 @@ def _call_pool(members: _Members, name: str, batch):
     while True:
         actor = members.take(name)
         try:
-            return _actor_get(lambda: actor.process_batch.remote(batch), name, ping=actor.ready.remote)
+            return _actor_get(lambda a=actor: a.process_batch.remote(batch), name, ping=actor.ready.remote)
         except WorkerDied:
             if not members.removed(name, actor):
                 raise
