@@ -293,7 +293,11 @@ class Resizer:
         projected = None
         if all(p.name in costs for p in self.shapes):
             a = allocate(self.shapes, costs, self.budget)
-            projected = {"actors": a.actors, "images_per_s": round(a.throughput, 3), "bottleneck": a.bottleneck}
+            used = sum(a.actors[p.name] * max([v for k, v in p.per_actor.items() if k != "CPU"] or [0.0])
+                       for p in self.shapes)  # accelerator units the allocation holds
+            projected = {"actors": a.actors, "images_per_s": round(a.throughput, 3), "bottleneck": a.bottleneck,
+                         "devices_used": used, "device_hours_per_million":
+                             round(used * 1e6 / a.throughput / 3600, 3) if used and a.throughput else None}
         pools = {p.name: {"per_actor": p.per_actor, "bounds": "fixed" if p.fixed is not None else
                           [p.bounds()[0], p.max], "actors_at_start": self.sizes_at_start.get(p.name),
                           "actors_at_end": len(self.pools.get(p.name, [])),
