@@ -8,7 +8,9 @@
 Benchmarks: 1, 2, 4 model-free pipeline vs a plain loop and a Ray Data script, and memory (bench_modelfree);
 3 the model path vs the bare model (bench_model); 5 a real GPU (bench_gpu; "not measured" without one);
 6 a simulated accelerator that any CPU machine can run (bench_device); 7 semantic dedup of 100k and 1M synthetic
-768-d embeddings: time, peak memory, growth for 10x the data (bench_dedup).
+768-d embeddings: time, peak memory, growth for 10x the data (bench_dedup); 8 pools that size themselves: four
+models of a 4M-21-like mix on four simulated devices, `workers: auto` against the equal split, and `plan`'s
+projection (bench_autoscale).
 
 Every figure is a ratio of runs made one after another in this one invocation, with its target and whether it is
 met. Each timed phase also records how much CPU other processes used meanwhile; a figure taken while they used
@@ -27,8 +29,10 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 QUICK_ENV = {"MODALMILL_BENCH_SHARDS": "4", "MODALMILL_BENCH_MODEL_SHARDS": "2", "MODALMILL_BENCH_REPEATS": "1",
              "MODALMILL_BENCH_DEVICE_SHARDS": "1", "MODALMILL_BENCH_DEVICE_SWEEP": "20,320",
+             "MODALMILL_BENCH_AUTOSCALE_SHARDS": "2",
              "MODALMILL_BENCH_QUICK": "1"}
 BUDGET_S = 15 * 60
+ALL = "1,2,3,4,5,6,7,8"
 
 
 def _fmt(v) -> str:
@@ -118,7 +122,7 @@ def update_readme(path: str, block: str) -> bool:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes, for development")
-    ap.add_argument("--only", default="1,2,3,4,5,6,7", help="benchmarks to run (1, 2 and 4 run together)")
+    ap.add_argument("--only", default=ALL, help="benchmarks to run (1, 2 and 4 run together)")
     ap.add_argument("--out", default=None, help="where to write the results (default benchmarks/RESULTS.md; "
                                                 "--quick: benchmarks/_work/RESULTS-quick.md)")
     a = ap.parse_args(argv)
@@ -129,7 +133,7 @@ def main(argv=None) -> int:
     from benchmarks import common
 
     common.bench_env()
-    from benchmarks import bench_dedup, bench_device, bench_gpu, bench_model, bench_modelfree
+    from benchmarks import bench_autoscale, bench_dedup, bench_device, bench_gpu, bench_model, bench_modelfree
 
     only = {int(x) for x in a.only.split(",") if x.strip()}
     out = a.out or (os.path.join(common.WORK, "RESULTS-quick.md") if a.quick else os.path.join(HERE, "RESULTS.md"))
@@ -144,7 +148,7 @@ def main(argv=None) -> int:
     figs = []
     modules = []
     for nums, mod in (({1, 2, 4}, bench_modelfree), ({3}, bench_model), ({5}, bench_gpu), ({6}, bench_device),
-                      ({7}, bench_dedup)):
+                      ({7}, bench_dedup), ({8}, bench_autoscale)):
         if not nums & only:
             continue
         modules.append(mod.__name__)
@@ -157,7 +161,7 @@ def main(argv=None) -> int:
     lo, hi = common.CORPUS_SIZE_RANGE
     info = {
         "command": "python benchmarks/run.py" + (" --quick" if a.quick else "") +
-                   (f" --only {a.only}" if a.only != "1,2,3,4,5,6,7" else ""),
+                   (f" --only {a.only}" if a.only != ALL else ""),
         "date": date, "duration_s": duration, "quick": a.quick, "machine": common.machine(),
         "versions": common.versions(), "load_before": load_before,
         "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg()),
@@ -174,7 +178,7 @@ def main(argv=None) -> int:
     with open(out, "w") as f:
         f.write(text)
     readme = os.path.join(os.path.dirname(HERE), "README.md")
-    if out == os.path.join(HERE, "RESULTS.md") and not a.quick and a.only == "1,2,3,4,5,6,7":
+    if out == os.path.join(HERE, "RESULTS.md") and not a.quick and a.only == ALL:
         if update_readme(readme, readme_block(figs, info)):
             log("updated the README's figures table")
     with open(os.path.join(common.WORK, "results.json"), "w") as f:

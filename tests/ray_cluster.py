@@ -2,7 +2,8 @@
 tests/test_cluster.py through the ``loopback_cluster`` (head only) and ``two_node_cluster`` fixtures
 (tests/conftest.py).
 
-The head (2 CPUs, no GPU, the dashboard for the Jobs API) starts when the first test that asks for it runs; a test
+The head (2 CPUs, no GPU, 2 units of a custom device ``dev`` that tests/labelers_costed.py's labelers ask shares
+of, the dashboard for the Jobs API) starts when the first test that asks for it runs; a test
 that asks for two nodes adds a second node (1 CPU) to it. The cluster is stopped as soon as the next test does not
 ask for it (``pytest_runtest_teardown`` in tests/conftest.py), so it never idles through the rest of the session,
 and a head-only test never runs on a cluster that has the second node: on one machine both nodes share the
@@ -74,7 +75,8 @@ class LoopbackCluster:
         # each node's dashboard agent needs its own HTTP port (the default one may be taken by another Ray)
         self._ray_start("--head", "--port", str(self.port), "--temp-dir", self.temp, "--include-dashboard", "true",
                         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dash),
-                        "--dashboard-agent-listen-port", str(free_port()), "--num-cpus", "2", *self.COMMON)
+                        "--dashboard-agent-listen-port", str(free_port()), "--num-cpus", "2",
+                        "--resources", '{"dev": 2}', *self.COMMON)
         return self
 
     def add_node(self) -> None:

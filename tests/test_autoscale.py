@@ -1,5 +1,7 @@
 """The pool-sizing rule (modalmill.pipeline.autoscale) on scripted measurements: no Ray, no timing."""
 
+import time
+
 import pytest
 
 from modalmill.pipeline.autoscale import Autoscaler, PoolShape, Window, allocate
@@ -96,3 +98,55 @@ def test_autoscaler_follows_a_change_in_costs():
     scripted(s, [COSTS, changed], current)
     assert current["depth"] > 3 and current["sam"] < 11
     assert sum(current.values()) <= 16
+
+
+def test_a_batch_at_an_actor_a_shrink_removed_is_sent_again(ray_local):
+    """A shard task's batch that was at an actor when a shrink killed it (the task had not yet seen the new pool)
+    is sent again to an actor that remains; an actor that dies while still in its pool is an error (WorkerDied)."""
+    import threading
+
+    import ray
+
+    from modalmill.pipeline.execute import LabelerActor, WorkerDied, _call_pool, _Members
+    from modalmill.pipeline.resize import PoolRegistry
+    from modalmill.pipeline.shard import LabelerRun
+    from tests.labelers_costed import CostedSlow
+
+    run = LabelerRun("test_costed_slow", {"ms_per_image": 1000}, ("test_costed_slow",), 4, True, cls=CostedSlow)
+    a, b = (LabelerActor.options(num_cpus=0).remote(run) for _ in range(2))
+    assert ray.get([a.ready.remote(), b.ready.remote()]) == ["", ""]
+    registry = PoolRegistry.remote({"p": [a, b]})
+    assert ray.get(registry.since.remote(-1))[0] == 0  # the registry is up
+    members = _Members({"p": [a, b]}, registry, start=0)  # the first batch goes to a
+    got = {}
+    worker = threading.Thread(target=lambda: got.update(out=_call_pool(members, "p", [0, 1])))
+    worker.start()
+    time.sleep(0.5)  # a holds the batch (2 s of work)
+    ray.get(registry.publish.remote({"p": [b]}))
+    ray.kill(a)
+    worker.join(30)
+    assert len(got["out"]) == 2 and all("test_costed_slow" in r for r in got["out"])
+    assert ray.get(b.load.remote())[0] == 2  # b served it
+    ray.kill(b)  # still in the pool: a real failure, not a shrink
+    with pytest.raises(WorkerDied):
+        _call_pool(members, "p", [0])
+    ray.kill(registry)
+
+
+def test_first_sizes_split_the_devices_and_no_resizer_where_nothing_can_move():
+    from modalmill.pipeline.resize import can_move, first_sizes, pool_budget
+
+    budget = pool_budget({"CPU": 2, "dev": 4, "memory": 1e9, "node:127.0.0.1": 1}, shard_cpus=1)
+    assert budget == {"CPU": 1, "dev": 4}
+    sizes = first_sizes(quarter_pools_on("dev"), budget)
+    assert sizes == {n: 4 for n in MIX_MS}  # an equal split of the 16 quarter shares
+    cpu = [PoolShape("m", {"CPU": 1})]  # a CPU pool at its minimum, the budget full: nothing can move
+    assert first_sizes(cpu, budget) == {"m": 1} and not can_move(cpu, {"m": 1}, budget)
+    assert can_move(quarter_pools_on("dev"), {"clip": 1, "dino": 1, "depth": 1, "sam": 1}, budget)
+    assert can_move(quarter_pools_on("dev"), sizes, budget)  # full, but above their minimums: they can shrink
+    fixed = [PoolShape(n, {"dev": 0.25}, fixed=4) for n in MIX_MS]
+    assert not can_move(fixed, sizes, budget)
+
+
+def quarter_pools_on(resource):
+    return [PoolShape(n, {resource: 0.25}) for n in MIX_MS]

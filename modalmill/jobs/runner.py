@@ -526,12 +526,14 @@ def _run_job(job: JobPlan, address: str | None, show_progress: bool, on_submit: 
             on_submit(task)
 
     stop = (lambda: held.lost_now(min(2.0, held.ttl_s / 8))) if held is not None else None
+    report: dict = {}  # the executor's autoscale record, when auto pools were resized while the job ran
     results = _execute_planned(spec, address, planning, first, dict(
         shard_cpus=spec.ray.shard_cpus, max_retries=spec.ray.max_retries, batches_in_flight=spec.ray.batches_in_flight,
         bytes_in_flight=spec.ray.bytes_in_flight,
-        show_progress=show_progress, on_submit=submitted, stop=stop))
+        show_progress=show_progress, on_submit=submitted, stop=stop, report=report))
     timing["planning"] = time.time() - timing["t0"] if not first else None  # without tasks: the whole run
     summary = _summarize(spec, job, planning, results, timing)
+    summary.update(report)
     try:
         if held is not None:
             held.check()

@@ -22,7 +22,7 @@ labelers:                 # per-labeler settings, keyed by labeler name; a label
     config: {low_threshold: 50, high_threshold: 150}
     batch_size: 32        # samples per call of this labeler (default: the labeler's own)
     resources: {num_cpus: 1, num_gpus: 0, memory_mb: 0, custom: {}}  # custom: Ray custom resources
-    workers: 1            # actor-pool size (model labelers); auto (the default): `modalmill plan` sizes it
+    workers: 1            # actor-pool size (model labelers); auto (the default): resized while the job runs
     min_workers: 1        # with workers: auto, the pool's bounds (max_workers: null = no bound)
 ray: {address: null, num_cpus: null, shard_cpus: 1, max_retries: 3, batches_in_flight: null,
       bytes_in_flight: null}   # bytes_in_flight: e.g. 2GiB; null: a quarter of a shard task's part of node memory
@@ -61,8 +61,8 @@ class LabelerSettings:
     config: dict = field(default_factory=dict)
     batch_size: int | None = None
     resources: dict = field(default_factory=dict)
-    # "auto": sized from measured costs (`modalmill plan`; a running job starts ``min_workers`` actors: resizing
-    # while it runs is not built yet, see docs/cluster.md); a whole number fixes the pool
+    # "auto": sized while the job runs from measured costs, within min/max (pipeline/resize.py, docs/cluster.md;
+    # `modalmill plan` projects it beforehand); a whole number fixes the pool
     workers: int | str = "auto"
     min_workers: int = 1
     max_workers: int | None = None

@@ -25,6 +25,9 @@ from ..io import manifest, storage
 from ..io.cluster import local_s3_env
 from ..io.lease import LeaseLost
 from .placement import PlacementWatch
+from .autoscale import PoolShape
+from .resize import (REFRESH_S, PoolRegistry, Resizer, actor_key, can_move, first_sizes, pool_budget,
+                     shapes_for)
 from .shard import LabelerRun, ShardAbort, ShardTask, call_local, fenced, local_labeler, process_shard
 
 
@@ -81,6 +84,7 @@ class LabelerActor:
         self.run, self.labeler, self.setup_error, self.setup_traceback = run, None, "", ""
         self.tried = False
         self.limiter = BatchLimiter(run.labeler)  # out of memory: split, retry, keep the size that fits
+        self.served, self.busy_s = 0, 0.0  # samples served and seconds in process_batch (the autoscaler's view)
 
     def placed(self) -> bool:
         return True
@@ -113,7 +117,16 @@ class LabelerActor:
         self._set_up()
         if self.labeler is None:
             raise LabelerSetupError(self.setup_error)
-        return self.limiter.run(self.labeler.process_batch, inputs)
+        t0 = time.perf_counter()
+        try:
+            return self.limiter.run(self.labeler.process_batch, inputs)
+        finally:
+            self.busy_s += time.perf_counter() - t0
+            self.served += len(inputs)
+
+    def load(self) -> tuple[int, float]:
+        """(samples served, seconds spent serving them) since the actor started: what the autoscaler measures."""
+        return self.served, self.busy_s
 
     def checkpoint_id(self) -> str:
         self._set_up()
@@ -207,32 +220,87 @@ def _actor_get(submit, what: str, ping=None):
             raise WorkerDied(f"the {what} worker died while labelling this batch ({type(e).__name__})") from None
 
 
+class _Members:
+    """A shard task's view of the model pools: which actors each has (refreshed from the execution's
+    :class:`~.resize.PoolRegistry` at most every ``REFRESH_S`` seconds, when pools are resized while the job runs)
+    and how many of this task's batches each holds. A batch goes to the actor with the fewest (ties: the one after
+    the last chosen, starting from a place set by the shard's index, so tasks spread over the pool)."""
+
+    def __init__(self, pools: dict[str, list], registry, start: int):
+        self.pools = {name: list(handles) for name, handles in pools.items()}
+        self.registry, self.version, self.checked = registry, 0, time.monotonic()
+        self.outstanding: dict[str, int] = {}  # actor key -> this task's batches at it
+        self.last = {name: start % max(1, len(handles)) - 1 for name, handles in pools.items()}
+        self.lock, self.refreshing = threading.Lock(), threading.Lock()
+
+    def refresh(self, force: bool = False) -> None:
+        if self.registry is None or (not force and time.monotonic() - self.checked < REFRESH_S):
+            return
+        with self.refreshing:
+            self.checked = time.monotonic()
+            try:
+                got = ray.get(self.registry.since.remote(self.version), timeout=30)
+            except (ray.exceptions.RayError, TimeoutError):  # the registry is gone (the driver ended): keep this view
+                return
+            if got is not None:
+                with self.lock:
+                    self.version, self.pools = got[0], {name: list(h) for name, h in got[1].items()}
+
+    def take(self, name: str):
+        self.refresh()
+        with self.lock:
+            handles = self.pools[name]
+            n = len(handles)
+            i = min(range(n), key=lambda j: (self.outstanding.get(actor_key(handles[j]), 0),
+                                             (j - self.last[name] - 1) % n))
+            self.last[name] = i
+            key = actor_key(handles[i])
+            self.outstanding[key] = self.outstanding.get(key, 0) + 1
+            return handles[i]
+
+    def give_back(self, handle) -> None:
+        with self.lock:
+            self.outstanding[actor_key(handle)] -= 1
+
+    def removed(self, name: str, handle) -> bool:
+        """Whether ``handle`` left its pool (a shrink retired it): asked after a batch failed at it."""
+        self.refresh(force=True)
+        with self.lock:
+            return actor_key(handle) not in {actor_key(h) for h in self.pools[name]}
+
+    def size(self, name: str) -> int:
+        return len(self.pools[name])
+
+
+def _call_pool(members: _Members, name: str, batch):
+    """Send a prepared batch to one actor of pool ``name`` and return its results; a batch whose actor a shrink
+    killed before it was served is sent again to an actor that remains."""
+    while True:
+        actor = members.take(name)
+        try:
+            return _actor_get(lambda a=actor: a.process_batch.remote(batch), name, ping=actor.ready.remote)
+        except WorkerDied:
+            if not members.removed(name, actor):
+                raise
+        finally:
+            members.give_back(actor)
+
+
 def _run_shard(task: ShardTask, pools: dict[str, list], counter, isolate: bool = False,
                in_flight: int | None = None, checkpoints: dict[str, str] | None = None,
-               bytes_in_flight: int | None = None) -> dict:
+               bytes_in_flight: int | None = None, registry=None) -> dict:
     """One shard task. With ``isolate`` (after the shard's worker died more often than its retries allow),
     model-free labelers run in a throw-away process per batch, so a sample that kills its process is split
     off and recorded as failed instead of taking the shard down again. ``in_flight``: batches kept at the model
     actors (None: 2 per actor of the pools the task uses, at most 8); ``checkpoints``: each pool's weights id;
     ``bytes_in_flight``: bytes of decoded samples the task may hold until written (None: the node-derived default,
-    :func:`default_bytes_in_flight`)."""
+    :func:`default_bytes_in_flight`); ``registry``: the pools' current membership when they are resized while the
+    job runs (see :class:`_Members`)."""
     limit_threads()
 
     preparers: dict[str, Any] = {}  # per pooled labeler, an instance (never set up) that runs its ``prepare``
-    # this task's batches now at each actor of each pool: a batch goes to the actor with the fewest (ties: the
-    # one after the last chosen, starting from a place set by the shard's index, so tasks spread over the pool)
-    outstanding = {name: [0] * len(handles) for name, handles in pools.items()}
-    last = {name: task.source.index % len(handles) - 1 for name, handles in pools.items()}
-    lock = threading.Lock()
+    members = _Members(pools, registry, task.source.index)
     local_locks = {run.labeler: threading.Lock() for run in task.labelers}  # one batch at a time per labeler
-
-    def pick(name: str) -> int:
-        with lock:
-            counts, n = outstanding[name], len(outstanding[name])
-            i = min(range(n), key=lambda j: (counts[j], (j - last[name] - 1) % n))
-            counts[i] += 1
-            last[name] = i
-            return i
 
     def call(run: LabelerRun, inputs):
         if run.stateful and run.labeler in pools:
@@ -240,20 +308,14 @@ def _run_shard(task: ShardTask, pools: dict[str, list], counter, isolate: bool =
                 if run.labeler not in preparers:
                     preparers[run.labeler] = run.instance()
                 batch = preparers[run.labeler].prepare(inputs)
-            i = pick(run.labeler)
-            actor = pools[run.labeler][i]
-            try:
-                return _actor_get(lambda: actor.process_batch.remote(batch), run.labeler, ping=actor.ready.remote)
-            finally:
-                with lock:
-                    outstanding[run.labeler][i] -= 1
+            return _call_pool(members, run.labeler, batch)
         with local_locks[run.labeler]:
             if isolate:
                 return _actor_get(lambda: _isolated_call.options(num_cpus=0).remote(run, inputs), run.labeler)
             return call_local(run, inputs)
 
     # batches wait for model actors: keep ``in_flight`` of them there while the task reads and decodes the next
-    pooled = [len(pools[run.labeler]) for run in task.labelers if run.stateful and run.labeler in pools]
+    pooled = [members.size(run.labeler) for run in task.labelers if run.stateful and run.labeler in pools]
     call.in_flight = (in_flight or min(IN_FLIGHT_MAX, IN_FLIGHT_PER_ACTOR * sum(pooled))) if pooled else 0
     call.bytes_in_flight = bytes_in_flight or default_bytes_in_flight()
 
@@ -386,10 +448,13 @@ def make_pools(runs: list[LabelerRun], settings: dict, shard_cpus: float = 1.0,
 
 
 def start_pools(runs: list[LabelerRun], settings: dict, shard_cpus: float = 1.0,
-                env: dict[str, str] | None = None, requests: dict[str, Resources] | None = None) -> dict[str, list]:
+                env: dict[str, str] | None = None, requests: dict[str, Resources] | None = None,
+                sizes: Callable[[dict[str, Resources], dict[str, int]], dict[str, int]] | None = None
+                ) -> dict[str, list]:
     """Create one actor pool per stateful labeler; the actors set themselves up in the background (see
-    :func:`wait_until_set_up`). ``requests``, when given, receives the resources one actor of each pool asks."""
-    pools: dict[str, list] = {}
+    :func:`wait_until_set_up`). ``requests``, when given, receives the resources one actor of each pool asks.
+    ``sizes(requests, counts)``: how many actors each pool starts with (default: ``counts``, the job's
+    ``workers``, or ``min_workers`` for ``auto``)."""
     node = _largest_node()
     plans: list = []
     for run in runs:
@@ -400,20 +465,25 @@ def start_pools(runs: list[LabelerRun], settings: dict, shard_cpus: float = 1.0,
         res = fit_resources(run.labeler, cls.default_resources, s.resources if s else None, node)
         plans.append((run.labeler, res, s.actors() if s else 1, bool(s and "num_cpus" in s.resources)))
     _leave_room_for_shard_tasks(plans, shard_cpus, float(ray.cluster_resources().get("CPU", 0.0)))
-    by_name = {p[0]: p for p in plans}
+    wanted = {name: res for name, res, _, _ in plans}
+    counts = {name: n for name, _, n, _ in plans}
+    counts = sizes(wanted, counts) if sizes is not None else counts
+    if requests is not None:
+        requests.update(wanted)
+    first_run = {}
     for run in runs:
-        if run.labeler not in by_name or run.labeler in pools:
-            continue
-        _, res, n, _ = by_name[run.labeler]
-        if requests is not None:
-            requests[run.labeler] = res
-        # a killed actor is restarted and its in-flight batch retried once; a batch that keeps killing it is
-        # split by the shard task until the poisoned sample is isolated and recorded
-        opts = {**res.ray_options(), "max_restarts": -1, "max_task_retries": 1}
-        if env:
-            opts["runtime_env"] = {"env_vars": env}
-        pools[run.labeler] = [LabelerActor.options(**opts).remote(run) for _ in range(n)]
-    return pools
+        first_run.setdefault(run.labeler, run)
+    return {name: [new_actor(first_run[name], res, env) for _ in range(counts[name])] for name, res in wanted.items()}
+
+
+def new_actor(run: LabelerRun, res: Resources, env: dict[str, str] | None):
+    """One more actor of ``run``'s pool (placed by Ray; it sets itself up on its first call)."""
+    # a killed actor is restarted and its in-flight batch retried once; a batch that keeps killing it is
+    # split by the shard task until the poisoned sample is isolated and recorded
+    opts = {**res.ray_options(), "max_restarts": -1, "max_task_retries": 1}
+    if env:
+        opts["runtime_env"] = {"env_vars": env}
+    return LabelerActor.options(**opts).remote(run)
 
 
 def wait_until_placed(pools: dict[str, list]) -> None:
@@ -469,7 +539,7 @@ def wait_until_set_up(pools: dict[str, list]) -> None:
 def execute(tasks: Iterable[ShardTask], runs: list[LabelerRun], labeler_settings: dict, *, shard_cpus: float = 1.0,
             max_retries: int = 3, show_progress: bool = True, batches_in_flight: int | None = None,
             bytes_in_flight: int | None = None, on_submit: Callable[[ShardTask], None] | None = None,
-            stop: Callable[[], str] | None = None) -> list[dict]:
+            stop: Callable[[], str] | None = None, report: dict | None = None) -> list[dict]:
     """Run the shard tasks on the connected Ray cluster; returns one summary per task, in shard order.
 
     ``tasks`` may be a stream (a generator that is still planning): it is pulled only as the window of tasks in
@@ -480,7 +550,9 @@ def execute(tasks: Iterable[ShardTask], runs: list[LabelerRun], labeler_settings
     it holds between decode and write (default: :func:`default_bytes_in_flight`). ``stop()``: asked before each
     round of submissions; a non-empty answer (the driver lost its lease) submits nothing more and ends the running
     tasks at once (they are fenced: none commits after the takeover), keeps the results already back, and leaves
-    the output's temporary files to the new holder.
+    the output's temporary files to the new holder. ``report``: when given, receives ``autoscale``
+    (:meth:`.resize.Resizer.record`: the resize decisions, each pool's measured and projected figures) when ``auto``
+    pools were resized while it ran.
 
     The steps: start the actor pools and wait until Ray has placed them (:func:`_place_pools`); then, in
     :class:`_Execution`, keep a window of shard tasks at Ray, wait for the actors' set-up once the first tasks
@@ -493,15 +565,18 @@ def execute(tasks: Iterable[ShardTask], runs: list[LabelerRun], labeler_settings
     # input, output and s3:// weights: a Ray started before this process' S3 settings must still reach them
     env = local_s3_env(first.output, first.source.url,
                        *[str(v) for r in runs for v in r.config.values() if isinstance(v, str)])
-    pools, requests = _place_pools(runs, labeler_settings, shard_cpus, env)
+    pools, requests, shapes = _place_pools(runs, labeler_settings, shard_cpus, env)
     run = _Execution(first, source, pools, requests, shard_cpus=shard_cpus, max_retries=max_retries, env=env,
                      show_progress=show_progress, batches_in_flight=batches_in_flight,
                      bytes_in_flight=bytes_in_flight, on_submit=on_submit,
                      stop=stop, total=len(tasks) if isinstance(tasks, (list, tuple)) else None)
     try:
+        run.start_resizer(shapes, runs, env)
         run.loop()
     finally:
         run.close()
+        if report is not None and run.record is not None:  # a second execution (deferred tasks): its own entry
+            report["autoscale_deferred" if "autoscale" in report else "autoscale"] = run.record
     return sorted(run.results, key=lambda r: r["index"])
 
 
@@ -518,12 +593,20 @@ def _on_this_node() -> dict:
 
 
 def _place_pools(runs: list[LabelerRun], settings: dict, shard_cpus: float,
-                 env: dict[str, str]) -> tuple[dict[str, list], dict[str, Resources]]:
+                 env: dict[str, str]) -> tuple[dict[str, list], dict[str, Resources], list[PoolShape]]:
     """Start the actor pools, wait until Ray has placed every actor, then queue each actor's set-up (imports,
-    weights) as its first call: it runs while the first shard tasks start, read and decode. Returns the pools and
-    the resources one actor of each asks for."""
+    weights) as its first call: it runs while the first shard tasks start, read and decode. ``auto`` pools that
+    hold accelerator shares start from an equal split of the free ones (:func:`.resize.first_sizes`). Returns the
+    pools, the resources one actor of each asks for and the pools' shapes (what the autoscaler resizes)."""
     requests: dict[str, Resources] = {}
-    pools = start_pools(runs, settings, shard_cpus, env, requests=requests)
+    budget = pool_budget(ray.cluster_resources(), shard_cpus)
+    shapes: list[PoolShape] = []
+
+    def sizes(wanted: dict[str, Resources], counts: dict[str, int]) -> dict[str, int]:
+        shapes.extend(shapes_for(wanted, settings, budget, counts))
+        return first_sizes(shapes, budget)
+
+    pools = start_pools(runs, settings, shard_cpus, env, requests=requests, sizes=sizes)
     try:
         wait_until_placed(pools)
         for handles in pools.values():
@@ -532,7 +615,7 @@ def _place_pools(runs: list[LabelerRun], settings: dict, shard_cpus: float,
     except BaseException:
         kill_pools(pools)
         raise
-    return pools, requests
+    return pools, requests, shapes
 
 
 class _Execution:
@@ -565,6 +648,24 @@ class _Execution:
         self.pulled = 0
         self.running: dict = {}  # object ref -> (task, isolated)
         self.watch = PlacementWatch(pools, requests, shard_cpus)
+        self.requests, self.shard_cpus = requests, shard_cpus
+        self.registry, self.resizer = None, None  # set by :meth:`start_resizer` when some pool is ``auto``
+        self.t0, self.samples = time.time(), 0
+        self.record: dict | None = None  # the resizer's record (run record ``autoscale``), made by :meth:`close`
+
+    def start_resizer(self, shapes: list[PoolShape], runs: list[LabelerRun], env: dict[str, str]) -> None:
+        """When some pool may be resized (``workers: auto``, its actors hold a bounded resource, and it could shrink
+        or grow at all), start the pools' registry and the :class:`~.resize.Resizer` that resizes them."""
+        budget = pool_budget(ray.cluster_resources(), self.shard_cpus)
+        if not can_move(shapes, {name: len(h) for name, h in self.pools.items()}, budget):
+            return
+        self.registry = PoolRegistry.options(**_on_this_node()).remote(
+            {name: list(handles) for name, handles in self.pools.items()})
+        run_of = {}
+        for r in runs:
+            run_of.setdefault(r.labeler, r)
+        self.resizer = Resizer(shapes, budget, self.pools,
+                               self.registry, lambda name: new_actor(run_of[name], self.requests[name], env))
 
     def next_task(self) -> tuple[ShardTask, bool] | None:
         """A task to retry first, else the next of the stream (pulling one more ahead, so the end is known)."""
@@ -587,7 +688,7 @@ class _Execution:
                 return
             t, isolate = nxt
             ref = self.remote.remote(t, self.pools, self.counter, isolate, self.in_flight, self.checkpoints,
-                                     self.bytes_in_flight)
+                                     self.bytes_in_flight, self.registry)
             self.running[ref] = (t, isolate)
             if not isolate and self.on_submit is not None:
                 self.on_submit(t)
@@ -629,6 +730,7 @@ class _Execution:
         try:  # best effort: a counter lost with its node restarts from zero
             n = ray.get(self.counter.get.remote(), timeout=5)
             self.sample_bar.update(max(0, n - self.sample_bar.n))
+            self.samples = max(self.samples, n)
         except (ray.exceptions.RayError, TimeoutError):
             pass
 
@@ -646,6 +748,8 @@ class _Execution:
             self.collect()
             self.show_samples()
             self.watch.check(len(self.running))
+            if self.resizer is not None and self.checkpoints is not None:
+                self.resizer.tick()
 
     def end_early(self) -> None:
         """The driver lost its lease: keep the results already back (the fenced tasks say LeaseLost) and end the
@@ -663,8 +767,15 @@ class _Execution:
     def close(self) -> None:
         self.shard_bar.close()
         self.sample_bar.close()
+        if self.resizer is not None:
+            self.show_samples()
+            self.record = self.resizer.record(time.time() - self.t0, self.samples)
+            for h in self.resizer.handles():
+                ray.kill(h)
         kill_pools(self.pools)
         ray.kill(self.counter)
+        if self.registry is not None:
+            ray.kill(self.registry)
         if not self.stopped:  # after losing the lease, the temporary files may be the new holder's
             remove_stale_temp_files(self.first.output)
 

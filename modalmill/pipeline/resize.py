@@ -1,0 +1,309 @@
+"""Resizing ``workers: auto`` actor pools while a job runs: measure, decide (:mod:`.autoscale`), apply.
+
+The driver's loop calls :meth:`Resizer.tick` about twice a second. It
+
+- **measures**: every ``MODALMILL_AUTOSCALE_S`` seconds (default 2) it asks each serving actor for its cumulative
+  counters (:meth:`LabelerActor.load`: samples served and seconds spent in ``process_batch``). The call is queued
+  behind the actor's batches and collected without waiting; the difference between two answers is that actor's
+  window. Each pool's window (its actors' samples and busy seconds, summed) goes to :class:`.autoscale.Autoscaler`,
+  whose cost per sample is the busy time turned into device-seconds by the actor's device share;
+- **decides**: :meth:`Autoscaler.decide` gives the resizes that raise the projected throughput by at least 10 %
+  (each logged as one line: pool, from, to, why). Nothing is decided while an earlier resize is still under way,
+  and the measurements start afresh after one (actors that share devices measure each other's load);
+- **applies**: a pool that grows gets new actors at once (Ray places them from what the allocation left free:
+  the budget is the cluster's accelerators and its CPUs less one shard task's, the rule the pools start with); an
+  actor joins its pool only once it is set up, so no batch waits behind its start. A pool that shrinks *retires*
+  actors: they leave the pool's membership at once, are given ``MODALMILL_AUTOSCALE_DRAIN_S`` seconds (default 3)
+  for the batches already sent to them, then one more call (queued after every batch) and only then killed.
+
+Membership: shard tasks learn each pool's current actors from one small actor, :class:`PoolRegistry` (no CPU; on
+the driver's node), which holds the handles and a version number. A shard task asks it ``since(version)`` at most
+every ``REFRESH_S`` seconds before sending a batch; the answer is empty while nothing changed. A batch that still
+reached an actor killed by a shrink (the task had not refreshed yet) fails with the actor's death; the task then
+refreshes, sees that the actor was removed, and sends the batch again to one that remains
+(``execute._Members``): nothing is lost, and labels do not depend on which actor made them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import ray
+
+from .autoscale import Autoscaler, Decision, PoolShape, Window, allocate
+
+INTERVAL_S = float(os.environ.get("MODALMILL_AUTOSCALE_S", "2"))
+DRAIN_S = float(os.environ.get("MODALMILL_AUTOSCALE_DRAIN_S", "3"))
+REFRESH_S = 1.0  # how stale a shard task's view of the pools may be
+NOT_BUDGET = ("memory", "object_store_memory")
+
+
+@ray.remote(num_cpus=0)
+class PoolRegistry:
+    """The current actors of every pool, with a version number that changes with them."""
+
+    def __init__(self, pools: dict[str, list]):
+        self.version, self.pools = 0, pools
+
+    def publish(self, pools: dict[str, list]) -> int:
+        self.version += 1
+        self.pools = pools
+        return self.version
+
+    def since(self, version: int):
+        """None when the pools are still those of ``version``; else (the version, the pools)."""
+        return None if version == self.version else (self.version, self.pools)
+
+
+def actor_key(handle) -> str:
+    return handle._actor_id.hex()
+
+
+def per_actor(res) -> dict[str, float]:
+    """A labeler's :class:`~modalmill.labelers.base.Resources` as the allocator counts them."""
+    out = {"CPU": float(res.num_cpus), "GPU": float(res.num_gpus)}
+    out.update({str(k): float(v) for k, v in (res.custom or {}).items()})
+    return {k: v for k, v in out.items() if v > 0}
+
+
+def pool_budget(cluster: dict[str, float], shard_cpus: float) -> dict[str, float]:
+    """What the pools may hold: the cluster's accelerators and custom resources, and its CPUs less one shard
+    task's (the rule :func:`execute._leave_room_for_shard_tasks` keeps), so shard tasks are never starved."""
+    out = {k: float(v) for k, v in cluster.items() if k not in NOT_BUDGET and not k.startswith("node:")}
+    out["CPU"] = max(0.0, out.get("CPU", 0.0) - shard_cpus)
+    return out
+
+
+def resizable(per: dict[str, float], budget: dict[str, float]) -> bool:
+    """A pool can be sized by the rule only if one actor holds something the budget bounds (an actor that asks for
+    nothing could be started without end)."""
+    return any(v > 0 and k in budget for k, v in per.items())
+
+
+def shapes_for(requests: dict, settings: dict, budget: dict[str, float], counts: dict[str, int]) -> list[PoolShape]:
+    """Each pool as the allocator sees it: ``workers: N`` pools (and pools that hold nothing bounded) fixed at
+    their size, ``auto`` pools within their bounds."""
+    out = []
+    for name, res in requests.items():
+        s, per = settings.get(name), per_actor(res)
+        bounds = s.bounds() if s is not None else {"min": 1, "max": None}
+        if "fixed" not in bounds and not resizable(per, budget):
+            bounds = {"fixed": counts[name]}
+        out.append(PoolShape(name, per, **bounds))
+    return out
+
+
+def first_sizes(shapes: list[PoolShape], budget: dict[str, float]) -> dict[str, int]:
+    """How many actors each pool starts with before anything is measured: ``auto`` pools that hold accelerator
+    shares split what is free equally (idle accelerators are the costly waste; the autoscaler then moves shares to
+    the pool that limits), CPU-only ``auto`` pools start at their minimum."""
+    accel = [p for p in shapes if p.fixed is None and any(k != "CPU" for k in p.per_actor)]
+    fixed = [p if p in accel else PoolShape(p.name, p.per_actor, fixed=p.bounds()[0]) for p in shapes]
+    if not accel:
+        return {p.name: p.bounds()[0] for p in shapes}
+    try:
+        return allocate(fixed, {p.name: 1.0 for p in shapes}, budget).actors
+    except ValueError:  # the minimums do not fit: Ray's placement says so (see placement.PlacementWatch)
+        return {p.name: p.bounds()[0] for p in shapes}
+
+
+def can_move(shapes: list[PoolShape], sizes: dict[str, int], budget: dict[str, float]) -> bool:
+    """Whether any resize is possible at all: some ``auto`` pool can shrink (it is above its minimum) or grow (one
+    more of its actors fits in what the pools leave free, below its maximum). When none can, no resizer runs."""
+    free = dict(budget)
+    for p in shapes:
+        for r, v in p.per_actor.items():
+            free[r] = free.get(r, 0.0) - v * sizes[p.name]
+    for p in shapes:
+        lo, hi = p.bounds()
+        if p.fixed is None and (sizes[p.name] > lo or (sizes[p.name] < hi and all(
+                free.get(r, 0.0) + 1e-9 >= v for r, v in p.per_actor.items() if v > 0))):
+            return True
+    return False
+
+
+@dataclass
+class _Retiring:
+    handle: object
+    pool: str
+    since: float
+    barrier: object = None  # a call queued after every batch sent to it
+
+
+@dataclass
+class Resizer:
+    """Resizes the pools of one execution. ``start_actor(name)`` creates one more actor of a pool (its set-up
+    queued); ``pools`` is the execution's membership (name -> handles), updated in place and published."""
+
+    shapes: list[PoolShape]
+    budget: dict[str, float]
+    pools: dict[str, list]
+    registry: object
+    start_actor: Callable[[str], object]
+    interval: float = INTERVAL_S
+    drain_s: float = DRAIN_S
+    echo: Callable[[str], None] | None = None
+    scaler: Autoscaler = None  # type: ignore[assignment]
+    seen: dict[str, tuple[int, float]] = field(default_factory=dict)  # actor -> its last (samples, busy_s)
+    asked: dict = field(default_factory=dict)  # load() ref -> (pool, actor key)
+    windows: dict[str, Window] = field(default_factory=dict)
+    served: dict[str, int] = field(default_factory=dict)  # samples each pool served in this execution
+    starting: dict = field(default_factory=dict)  # ready() ref -> (pool, handle)
+    retiring: list[_Retiring] = field(default_factory=list)
+    decisions: list[dict] = field(default_factory=list)
+    costs: dict[str, float] = field(default_factory=dict)  # the last full measurement (device-s per sample)
+    sizes_at_start: dict[str, int] = field(default_factory=dict)
+    t0: float = field(default_factory=time.time)
+    last: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        batch = 32
+        self.scaler = self.scaler or Autoscaler(self.shapes, self.budget, min_samples=batch)
+        self.sizes_at_start = {n: len(h) for n, h in self.pools.items()}
+        self.windows = {p.name: Window() for p in self.shapes}
+
+    def _say(self, text: str) -> None:
+        (self.echo or (lambda t: print(t, file=sys.stderr, flush=True)))(text)
+
+    def sizes(self) -> dict[str, int]:
+        """Each pool's size as decided: its serving actors and those starting."""
+        out = {n: len(h) for n, h in self.pools.items()}
+        for name, _ in self.starting.values():
+            out[name] += 1
+        return out
+
+    def tick(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self._collect_loads()
+        self._admit_started()
+        self._retire(now)
+        if now - self.last < self.interval:
+            return
+        self.last = now
+        if not self.starting and not self.retiring:
+            for name, w in self.windows.items():
+                self.scaler.observe(name, w)
+            self.windows = {p.name: Window() for p in self.shapes}
+            self.apply(self.scaler.decide(self.sizes()))
+        self._ask_loads()
+
+    def _final_loads(self) -> None:
+        """At the end: the serving actors' last counters (they are idle now), so every sample served is counted."""
+        self._ask_loads()
+        with contextlib.suppress(Exception):
+            ray.wait(list(self.asked), num_returns=len(self.asked), timeout=2)
+        self._collect_loads()
+        for name, w in self.windows.items():
+            if w.samples >= self.scaler.min_samples:
+                self.scaler.observe(name, w)
+        self.windows = {p.name: Window() for p in self.shapes}
+
+    def _ask_loads(self) -> None:
+        waiting = {key for _, key in self.asked.values()}
+        for name, handles in self.pools.items():
+            for h in handles:
+                if actor_key(h) not in waiting:
+                    self.asked[h.load.remote()] = (name, actor_key(h))
+
+    def _collect_loads(self) -> None:
+        if not self.asked:
+            return
+        done, _ = ray.wait(list(self.asked), num_returns=len(self.asked), timeout=0)
+        for ref in done:
+            name, key = self.asked.pop(ref)
+            try:
+                samples, busy = ray.get(ref)
+            except ray.exceptions.RayError:  # retired and killed meanwhile, or restarting: no window from it
+                continue
+            before = self.seen.get(key, (0, 0.0))
+            self.seen[key] = (samples, busy)
+            if samples < before[0]:  # restarted: its counters began again
+                before = (0, 0.0)
+            w = self.windows.setdefault(name, Window())
+            w.samples += samples - before[0]
+            w.busy_s += busy - before[1]
+            self.served[name] = self.served.get(name, 0) + samples - before[0]
+
+    def apply(self, decisions: list[Decision]) -> None:
+        """Shrinks first (their shares are what the growing pools take), then grows."""
+        for d in decisions:
+            self._say(d.line())
+            self.decisions.append({"t": round(time.time() - self.t0, 2), "at": round(time.time(), 3), "pool": d.pool,
+                                   "from": d.before, "to": d.after, "why": d.why})
+            now = time.monotonic()
+            for _ in range(d.before - d.after):
+                handle = self.pools[d.pool].pop()
+                self.retiring.append(_Retiring(handle, d.pool, now))
+            for _ in range(d.after - d.before):
+                handle = self.start_actor(d.pool)
+                self.starting[handle.ready.remote()] = (d.pool, handle)
+        if decisions:
+            self._publish()
+            self.costs = dict(self.scaler.costs)
+            self.scaler.costs.clear()  # shares moved: what the pools cost is measured again
+            self.scaler.seen.clear()
+
+    def _admit_started(self) -> None:
+        if not self.starting:
+            return
+        done, _ = ray.wait(list(self.starting), num_returns=len(self.starting), timeout=0)
+        changed = False
+        for ref in done:
+            name, handle = self.starting.pop(ref)
+            try:
+                error = ray.get(ref)
+            except ray.exceptions.RayError as e:
+                error = f"{type(e).__name__}"
+            if error:
+                self._say(f"autoscale: a new {name} actor could not start ({error}); the pool stays smaller")
+                ray.kill(handle)
+                continue
+            self.pools[name].append(handle)
+            changed = True
+        if changed:
+            self._publish()
+
+    def _retire(self, now: float) -> None:
+        for r in list(self.retiring):
+            if r.barrier is None and now - r.since >= self.drain_s:
+                r.barrier = r.handle.placed.remote() if self.drain_s > 0 else "now"
+            if r.barrier is None:
+                continue
+            ready = r.barrier == "now" or ray.wait([r.barrier], timeout=0)[0] or now - r.since > 10 * self.drain_s
+            if ready:
+                ray.kill(r.handle)
+                self.retiring.remove(r)
+
+    def _publish(self) -> None:
+        ray.get(self.registry.publish.remote({n: list(h) for n, h in self.pools.items()}))
+
+    def handles(self) -> list:
+        """Every actor this resizer still holds (serving, starting, retiring): what the execution kills at the end."""
+        return [r.handle for r in self.retiring] + [h for _, h in self.starting.values()]
+
+    def record(self, wall_s: float, samples: int) -> dict:
+        """The run record's ``autoscale`` entry: the decisions, and per pool the measured and projected figures."""
+        self._final_loads()
+        costs = dict(self.scaler.costs) if len(self.scaler.costs) == len(self.shapes) else dict(self.costs)
+        projected = None
+        if all(p.name in costs for p in self.shapes):
+            a = allocate(self.shapes, costs, self.budget)
+            used = sum(a.actors[p.name] * max([v for k, v in p.per_actor.items() if k != "CPU"] or [0.0])
+                       for p in self.shapes)  # accelerator units the allocation holds
+            projected = {"actors": a.actors, "images_per_s": round(a.throughput, 3), "bottleneck": a.bottleneck,
+                         "devices_used": used, "device_hours_per_million":
+                             round(used * 1e6 / a.throughput / 3600, 3) if used and a.throughput else None}
+        pools = {p.name: {"per_actor": p.per_actor, "bounds": "fixed" if p.fixed is not None else
+                          [p.bounds()[0], p.max], "actors_at_start": self.sizes_at_start.get(p.name),
+                          "actors_at_end": len(self.pools.get(p.name, [])),
+                          "measured_samples_per_s": round(self.served.get(p.name, 0) / wall_s, 3) if wall_s else None,
+                          "cost_s_per_sample": round(costs[p.name], 6) if p.name in costs else None}
+                 for p in self.shapes}
+        return {"budget": self.budget, "decisions": self.decisions, "pools": pools, "projected": projected,
+                "measured_images_per_s": round(samples / wall_s, 3) if wall_s else None, "wall_s": round(wall_s, 2)}
+
