@@ -178,6 +178,33 @@ def _actor_get(submit, what: str, ping=None):
             raise WorkerDied(f"the {what} worker died while labelling this batch ({type(e).__name__})") from None
 
 
+class _AtActors:
+    """A shard task's calls now at the model actors (one per labelling thread), so that its main thread can wait on
+    them in ``ray.wait`` once the task has read all its samples: Ray lends a task's CPUs to other tasks while its
+    main thread is blocked there, so the next shard task reads, decodes and sends its first batches while this one's
+    last batches are labelled and before it commits (the threads that sent them still ``ray.get`` the results).
+    Without it the next task starts only after this one's commit, and the actors' queue runs dry at shard ends."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.refs: dict[int, Any] = {}
+
+    def sent(self, ref):
+        with self.lock:
+            self.refs[threading.get_ident()] = ref
+        return ref
+
+    def answered(self) -> None:
+        with self.lock:
+            self.refs.pop(threading.get_ident(), None)
+
+    def wait(self) -> None:
+        with self.lock:
+            refs = list(self.refs.values())
+        if refs:
+            ray.wait(refs, num_returns=len(refs))
+
+
 def _run_shard(task: ShardTask, pools: dict[str, list], counter, isolate: bool = False,
                in_flight: int | None = None, checkpoints: dict[str, str] | None = None) -> dict:
     """One shard task. With ``isolate`` (after the shard's worker died more often than its retries allow),
@@ -194,6 +221,7 @@ def _run_shard(task: ShardTask, pools: dict[str, list], counter, isolate: bool =
     lock = threading.Lock()
     local_locks = {run.labeler: threading.Lock() for run in task.labelers}  # one batch at a time per labeler
 
+    at_actors = _AtActors()  # the main thread waits on them once the task has read everything
     def pick(name: str) -> int:
         with lock:
             counts, n = outstanding[name], len(outstanding[name])
@@ -211,8 +239,10 @@ def _run_shard(task: ShardTask, pools: dict[str, list], counter, isolate: bool =
             i = pick(run.labeler)
             actor = pools[run.labeler][i]
             try:
-                return _actor_get(lambda: actor.process_batch.remote(batch), run.labeler, ping=actor.ready.remote)
+                return _actor_get(lambda: at_actors.sent(actor.process_batch.remote(batch)), run.labeler,
+                                  ping=actor.ready.remote)
             finally:
+                at_actors.answered()
                 with lock:
                     outstanding[run.labeler][i] -= 1
         with local_locks[run.labeler]:
@@ -233,6 +263,7 @@ def _run_shard(task: ShardTask, pools: dict[str, list], counter, isolate: bool =
         return call_local.checkpoint(run)
 
     call.checkpoint = checkpoint
+    call.await_in_flight = at_actors.wait
 
     def progress(n: int) -> None:
         if counter is not None:

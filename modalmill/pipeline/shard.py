@@ -215,6 +215,13 @@ class _Stats:
     def __init__(self):
         self.seconds: dict[str, float] = defaultdict(float)
         self.first_batch: list | None = None  # [epoch seconds, samples] of the first labelled batch back
+        # epoch seconds of the task's milestones (started, first_sent, read_done, last_result, commit_start,
+        # committed) and [epoch seconds, samples] of every labelled batch back: where a device waits
+        self.timeline: dict[str, Any] = {"started": round(time.time(), 3), "batches": []}
+
+    def mark(self, what: str, once: bool = False) -> None:
+        if not (once and what in self.timeline):
+            self.timeline[what] = round(time.time(), 3)
 
     def timed(self, stage: str):
         stats = self
@@ -289,9 +296,12 @@ class _Labelling:
         self.label = lambda items: _label_batch(task, items, call, stats)
         self.stats = stats
 
-        def done_first(items, alive):  # the first labelled batch back: when, and how many samples it had
+        def done_first(items, alive):  # every labelled batch back: when, and how many samples it had
+            back = [round(time.time(), 3), len(items)]
             if stats.first_batch is None:
-                stats.first_batch = [round(time.time(), 3), len(items)]
+                stats.first_batch = back
+            stats.timeline["batches"].append(back)
+            stats.mark("last_result")
             done(items, alive)
 
         self.done = done_first
@@ -300,6 +310,7 @@ class _Labelling:
         self.depth = max(0, int(getattr(call, "in_flight", 0) or 0))
         self.pool = ThreadPoolExecutor(self.depth, thread_name_prefix="modalmill-label") if self.depth else None
         self.inflight: deque = deque()
+        self.await_in_flight = getattr(call, "await_in_flight", None) if self.pool is not None else None
 
     def add(self, item: _Item) -> None:
         """Gather ``item``; a full batch is sent off. Batches already back are written now (frees memory)."""
@@ -310,15 +321,23 @@ class _Labelling:
             self._complete_oldest()
 
     def finish(self) -> None:
-        """Send off what is gathered and wait until every batch is done."""
+        """Send off what is gathered and wait until every batch is done. The task has read all its samples: while
+        its last batches are at the actors, ``call.await_in_flight()`` (when given) blocks on them in a way that
+        lends the task's CPU to the next shard task (Ray does so for a task blocked in ``ray.wait`` on its main
+        thread), which then reads, decodes and sends its first batches before this one commits: the actors' queue
+        does not run dry at shard ends."""
         self.submit()
+        self.stats.mark("read_done")
         while self.inflight:
+            if self.await_in_flight is not None:
+                self.await_in_flight()
             self._complete_oldest()
 
     def submit(self) -> None:
         items, self.pending = self.pending, []
         if not items:
             return
+        self.stats.mark("first_sent", once=True)
         if self.pool is None:
             self.done(items, self.label(items))
             return
@@ -427,6 +446,8 @@ def process_shard(task: ShardTask, call: Callable | None = None, progress: Calla
     result["seconds"]["total"] = round(time.perf_counter() - t0, 4)
     result["finished_at"] = round(time.time(), 3)  # epoch seconds: when the shard was committed
     result["first_batch"] = stats.first_batch
+    stats.mark("committed")
+    result["timeline"] = stats.timeline
     return result
 
 
@@ -690,6 +711,7 @@ def _commit(run: _Run, writers: ShardWriterSet) -> dict:
     realigned or removed earlier tars, the manifest, and the done marker last (docs/reliability.md)."""
     task, stats, out, shard = run.task, run.stats, run.out, run.task.shard
     plan = _outcome(run)
+    stats.mark("commit_start")
     with stats.timed("commit"):
         if run.found is not None:
             _step(task, "pending")
