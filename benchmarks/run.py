@@ -133,8 +133,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="where to write the results (default benchmarks/RESULTS.md; "
                                                 "--quick: benchmarks/_work/RESULTS-quick.md)")
     a = ap.parse_args(argv)
+    if a.quick:
+        for k, val in QUICK_ENV.items():
+            os.environ.setdefault(k, val)
     sys.path.insert(0, os.path.dirname(HERE))
-    from benchmarks import common
+    from benchmarks import common  # after the quick settings: it reads them when imported
 
     head, dirty = common.git_state()
     if dirty:
@@ -144,9 +147,6 @@ def main(argv=None) -> int:
             return 2
         print(f"WARNING: uncommitted changes ({dirty}): the results will say so; commit and rerun for figures to "
               "report", file=sys.stderr)
-    if a.quick:
-        for k, val in QUICK_ENV.items():
-            os.environ.setdefault(k, val)
     common.bench_env()
     from benchmarks import bench_dedup, bench_device, bench_gpu, bench_model, bench_modelfree
 
