@@ -129,7 +129,8 @@ def machine() -> dict[str, Any]:
         f"{float(info['cpu MHz']):.0f} MHz" if info.get("cpu MHz") else "",
         "+".join(ext)) if x)
     return {"cpu": model + (f" ({detail})" if detail else ""), "cores": os.cpu_count(),
-            "ram_gib": round(psutil.virtual_memory().total / 2**30, 1), "os": f"{platform.system()} {platform.release()}"}
+            "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "os": f"{platform.system()} {platform.release()}"}
 
 
 def versions() -> dict[str, str]:
