@@ -179,30 +179,42 @@ def _actor_get(submit, what: str, ping=None):
 
 
 class _AtActors:
-    """A shard task's calls now at the model actors (one per labelling thread), so that its main thread can wait on
-    them in ``ray.wait`` once the task has read all its samples: Ray lends a task's CPUs to other tasks while its
-    main thread is blocked there, so the next shard task reads, decodes and sends its first batches while this one's
-    last batches are labelled and before it commits (the threads that sent them still ``ray.get`` the results).
-    Without it the next task starts only after this one's commit, and the actors' queue runs dry at shard ends."""
+    """A shard task's calls to the model actors (one per labelling thread), so that its main thread can wait on
+    them in ``ray.wait`` whenever it waits for the actors: Ray lends a task's CPUs to other tasks while its main
+    thread is blocked there (not while another thread waits in ``ray.get``), so another shard task reads, decodes
+    and sends its batches while this one's are labelled, and before it commits (the threads that sent them still
+    ``ray.get`` the results). Without it the next task starts only after this one's commit, and the actors' queue
+    runs dry at shard ends."""
 
     def __init__(self):
-        self.lock = threading.Lock()
-        self.refs: dict[int, Any] = {}
+        self.cond = threading.Condition()
+        self.calls = 0  # calls begun (preparing, or at an actor)
+        self.refs: dict[int, Any] = {}  # labelling thread -> the object ref of its call now at an actor
+
+    def begin(self) -> None:
+        with self.cond:
+            self.calls += 1
 
     def sent(self, ref):
-        with self.lock:
+        with self.cond:
             self.refs[threading.get_ident()] = ref
+            self.cond.notify_all()
         return ref
 
     def answered(self) -> None:
-        with self.lock:
+        with self.cond:
+            self.calls -= 1
             self.refs.pop(threading.get_ident(), None)
+            self.cond.notify_all()
 
     def wait(self) -> None:
-        with self.lock:
+        """Wait (CPUs lent) until a call now at an actor is answered; calls still preparing are given up to a second
+        to be sent first."""
+        with self.cond:
+            self.cond.wait_for(lambda: len(self.refs) >= self.calls, timeout=1.0)
             refs = list(self.refs.values())
         if refs:
-            ray.wait(refs, num_returns=len(refs))
+            ray.wait(refs, num_returns=1)
 
 
 def _run_shard(task: ShardTask, pools: dict[str, list], counter, isolate: bool = False,
@@ -232,19 +244,22 @@ def _run_shard(task: ShardTask, pools: dict[str, list], counter, isolate: bool =
 
     def call(run: LabelerRun, inputs):
         if run.stateful and run.labeler in pools:
-            with local_locks[run.labeler]:  # prepare here, on the shard task's CPU, not the model's
-                if run.labeler not in preparers:
-                    preparers[run.labeler] = run.instance()
-                batch = preparers[run.labeler].prepare(inputs)
-            i = pick(run.labeler)
-            actor = pools[run.labeler][i]
+            at_actors.begin()
             try:
-                return _actor_get(lambda: at_actors.sent(actor.process_batch.remote(batch)), run.labeler,
-                                  ping=actor.ready.remote)
+                with local_locks[run.labeler]:  # prepare here, on the shard task's CPU, not the model's
+                    if run.labeler not in preparers:
+                        preparers[run.labeler] = run.instance()
+                    batch = preparers[run.labeler].prepare(inputs)
+                i = pick(run.labeler)
+                actor = pools[run.labeler][i]
+                try:
+                    return _actor_get(lambda: at_actors.sent(actor.process_batch.remote(batch)), run.labeler,
+                                      ping=actor.ready.remote)
+                finally:
+                    with lock:
+                        outstanding[run.labeler][i] -= 1
             finally:
                 at_actors.answered()
-                with lock:
-                    outstanding[run.labeler][i] -= 1
         with local_locks[run.labeler]:
             if isolate:
                 return _actor_get(lambda: _isolated_call.options(num_cpus=0).remote(run, inputs), run.labeler)

@@ -321,17 +321,11 @@ class _Labelling:
             self._complete_oldest()
 
     def finish(self) -> None:
-        """Send off what is gathered and wait until every batch is done. The task has read all its samples: while
-        its last batches are at the actors, ``call.await_in_flight()`` (when given) blocks on them in a way that
-        lends the task's CPU to the next shard task (Ray does so for a task blocked in ``ray.wait`` on its main
-        thread), which then reads, decodes and sends its first batches before this one commits: the actors' queue
-        does not run dry at shard ends."""
+        """Send off what is gathered and wait until every batch is done."""
         self.submit()
         self.stats.mark("read_done")
         while self.inflight:
-            if self.await_in_flight is not None:
-                self.await_in_flight()
-            self._complete_oldest()
+            self._wait_oldest()
 
     def submit(self) -> None:
         items, self.pending = self.pending, []
@@ -342,8 +336,18 @@ class _Labelling:
             self.done(items, self.label(items))
             return
         while len(self.inflight) >= self.depth:
-            self._complete_oldest()
+            self._wait_oldest()
         self.inflight.append((items, self.pool.submit(self.label, items)))
+
+    def _wait_oldest(self) -> None:
+        """Wait for the oldest batch and write it. Whenever the task waits for the actors (K batches out, or all
+        read), ``call.await_in_flight()`` (when given) blocks its main thread in a way that lends its CPU to
+        another shard task (Ray does so for a task blocked in ``ray.wait`` on its main thread): while this task's
+        batches are at the actors, the next task reads, decodes and sends its own, so the actors' queue does not
+        run dry when a task ends, commits and the next one starts."""
+        if self.await_in_flight is not None and not self.inflight[0][1].done():
+            self.await_in_flight()
+        self._complete_oldest()
 
     def _complete_oldest(self) -> None:
         items, future = self.inflight.popleft()
