@@ -61,7 +61,7 @@ class LabelerSetupError(ShardAbort):
     node-local path on a cluster): one line, raised on the driver; the actor is not restarted."""
 
 
-@ray.remote
+@ray.remote(concurrency_groups={"control": 1})
 class LabelerActor:
     """Holds one model labeler, set up once; serves batches from shard tasks.
 
@@ -80,16 +80,23 @@ class LabelerActor:
         limit_threads()
         self.run, self.labeler, self.setup_error, self.setup_traceback = run, None, "", ""
         self.tried = False
+        self.setup_lock = threading.Lock()
         self.limiter = BatchLimiter(run.labeler)  # out of memory: split, retry, keep the size that fits
 
+    @ray.method(concurrency_group="control")
     def placed(self) -> bool:
         return True
 
+    @ray.method(concurrency_group="control")
     def assigned(self) -> dict[str, float]:
         """The resources Ray gave this actor (its request fitted to the cluster)."""
         return {k: float(v) for k, v in ray.get_runtime_context().get_assigned_resources().items()}
 
     def _set_up(self) -> None:
+        with self.setup_lock:  # a control call may come while a batch sets the labeler up
+            self._set_up_once()
+
+    def _set_up_once(self) -> None:
         if self.tried:
             return
         self.tried = True
@@ -115,6 +122,7 @@ class LabelerActor:
             raise LabelerSetupError(self.setup_error)
         return self.limiter.run(self.labeler.process_batch, inputs)
 
+    @ray.method(concurrency_group="control")
     def checkpoint_id(self) -> str:
         self._set_up()
         if self.labeler is None:
