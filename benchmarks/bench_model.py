@@ -34,6 +34,7 @@ repetitions (default 3), with min and max; every repetition checks the pipeline'
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -89,10 +90,13 @@ def tokenizer_dir(preset: str = TOKENIZER_PRESET) -> str:
     from modalmill.tokenize.fourm import FourMTokenizer
     from modalmill.tokenize.train import default_config, export_config, save_fourm
 
-    d = os.path.join(WORK, "models", f"tok_rgb-{preset}-random")
+    cfg = default_config("rgb", preset)
+    # the preset's architecture in the folder's name: a preset redefined since (``small`` is now ml-4m's vit_s)
+    # never reuses a tokenizer saved for its old definition
+    arch = hashlib.sha256(json.dumps(cfg["model"], sort_keys=True, default=str).encode()).hexdigest()[:10]
+    d = os.path.join(WORK, "models", f"tok_rgb-{preset}-{arch}-random")
     if not os.path.exists(os.path.join(d, "model.safetensors")):
         torch.manual_seed(0)
-        cfg = default_config("rgb", preset)
         save_fourm(FourMTokenizer(cfg["model"]), export_config(cfg, "(random initialisation, untrained)", 0, 1), d)
     return d
 
