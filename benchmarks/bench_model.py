@@ -1,34 +1,40 @@
-"""Benchmark 3: the model path's overhead, the pipeline against the bare model.
+"""Benchmark 3: the model path's overhead, the pipeline against a plain loop around the same labeler.
 
 3a. DINOv2 (``transformers.Dinov2Model``, randomly initialised, saved and loaded through the labeler's own
     loading path) through the full pipeline (``modalmill run`` on a job with the ``dinov2`` labeler: read, decode,
     crop settings, the labeler's crop + resize, Ray actor, float16 features, npy encoding, tar writing, markers,
-    manifests) against a bare loop that only calls the same model on already decoded, already batched tensors.
+    manifests) against a plain loop in one process over the **same corpus tars**: read, decode, crop settings,
+    the labeler's own ``prepare`` and ``process_batch`` in batches of ``BATCH`` per shard (the calls the pipeline's
+    shard task and actor make), every output encoded to the bytes the pipeline stores.
 3b. The tokenize stage (:func:`modalmill.jobs.tokenize_output.tokenize_output`, the ``--only tok_rgb@224`` update run
-    that ``modalmill tokenize`` calls: read the stored rgb and crop_settings tars, decode, crop + resize,
-    Ray actor, encoder + quantizer, int16 tokens, tar writing, realigned markers) against a bare loop that only
-    calls the same tokenizer's ``encode`` on already prepared, already batched crops.
+    that ``modalmill tokenize`` calls: read the stored rgb and crop_settings tars, decode, crop + resize, Ray actor,
+    encoder + quantizer, int16 tokens, tar writing, realigned markers) against a plain loop over the **same stored
+    tars** (read in lockstep, decoded, the tokenizer labeler's ``prepare`` and ``process_batch``, tokens encoded).
+    Both sides use the same checkpoint (the ``MODALMILL_BENCH_TOKENIZER`` preset, default ``small``: ml-4m's vit_s)
+    and the same batches of ``BATCH`` samples: the labeler's ``process_batch`` encodes a batch's crops in one
+    encoder call on both sides (``crops_per_forward`` 64 >= 32 single-crop samples).
 
-Like for like: the model runs on one thread in both (a labeler actor asks Ray for 1 CPU, and Ray gives it
-``OMP_NUM_THREADS=1``; the bare loop calls ``torch.set_num_threads(1)``), with the same batches, so the pipeline
-has the machine's second core for everything around the model, as a GPU pipeline has its CPUs. The outputs must
-equal the bare loop's (dinov2_global bit for bit; tokens id for id), so both did the same work.
+Like for like: the model runs on one thread on both sides (a labeler actor asks Ray for 1 CPU, and Ray gives it
+``OMP_NUM_THREADS=1``; the loop calls ``torch.set_num_threads(1)``); the loop does everything in its one process,
+one thing after another, while the pipeline (an embedded Ray of 2 CPUs) reads, decodes and writes in its shard
+tasks beside the model's core, as a GPU pipeline has its CPUs. The outputs must equal the loop's (dinov2_global bit
+for bit as stored; tokens id for id), so both did the same work.
 
-Each repetition runs the bare loop and the pipeline once each, in fresh processes (the pipeline on a fresh
-embedded Ray of 2 CPUs, started before timing), on ``MODEL_SHARDS`` shards. The figure with the target is the
-**end-to-end** ratio, both sides with their start-up: the pipeline's images / wall time of the whole command
-(planning, Ray workers importing torch and transformers, the actor loading the model, the run record: everything
-but starting Ray) against the bare loop's images / (its own start-up: importing torch and transformers and loading
-the model, the first thing its fresh process does + its model calls). Reported beside it: the pipeline end to end
-against the bare model calls alone (the bare loop's start-up left out), and the steady-state ratio, the
-pipeline's images after its first labelled batch came back / the time from then to the last shard's commit (from
-the run record), from which the one-off start of a run cancels out, as over a real corpus. Each
-is the median of ``REPEATS`` repetitions (default 3), with min and max; every repetition checks the pipeline's
-output against the bare loop's.
+Each repetition runs the loop and the pipeline once each, in fresh processes, on ``MODEL_SHARDS`` shards. Start-up
+is timed the same way on both sides and counted in the end-to-end figure: the pipeline's from before Ray's start
+(Ray, planning, workers importing torch and transformers, the actor loading the model, the run record), the loop's
+from its process start (importing torch and transformers, loading the model). The figure with the target is the
+**end-to-end** ratio, pipeline images/s over the loop's, both with their start-up. Reported separately: each
+side's start-up to its first labelled batch, and the **steady state**, computed the same way on both sides from
+when each batch came back (the pipeline's from its shard tasks' timelines in the run record): the images of the
+batches back after the first one / the time from the first batch back to the last. Only what finished in that
+window is counted, so batches in flight when it opens do not inflate it. Each figure is the median of ``REPEATS``
+repetitions (default 3), with min and max; every repetition checks the pipeline's output against the loop's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -84,10 +90,13 @@ def tokenizer_dir(preset: str = TOKENIZER_PRESET) -> str:
     from modalmill.tokenize.fourm import FourMTokenizer
     from modalmill.tokenize.train import default_config, export_config, save_fourm
 
-    d = os.path.join(WORK, "models", f"tok_rgb-{preset}-random")
+    cfg = default_config("rgb", preset)
+    # the preset's architecture in the folder's name: a preset redefined since (``small`` is now ml-4m's vit_s)
+    # never reuses a tokenizer saved for its old definition
+    arch = hashlib.sha256(json.dumps(cfg["model"], sort_keys=True, default=str).encode()).hexdigest()[:10]
+    d = os.path.join(WORK, "models", f"tok_rgb-{preset}-{arch}-random")
     if not os.path.exists(os.path.join(d, "model.safetensors")):
         torch.manual_seed(0)
-        cfg = default_config("rgb", preset)
         save_fourm(FourMTokenizer(cfg["model"]), export_config(cfg, "(random initialisation, untrained)", 0, 1), d)
     return d
 
@@ -108,105 +117,103 @@ def _tok_labeler(checkpoint: str):
     return lab
 
 
-# ---------------------------------------------------------------------- the bare loops (inputs made before timing)
+# ---------------------------------------------------------------------- the bare loops (from the same tar bytes)
 
 
-def _batches(items: list, size: int):
-    return [items[i:i + size] for i in range(0, len(items), size)]
-
-
-def _full_inputs(paths: list[str]):
-    """Per shard, the LabelInputs a full-mode shard task makes (stored rgb decode + crop settings)."""
+def _input_batches(paths: list[str], size: int):
+    """Batches of ``size`` LabelInputs per shard, read from the corpus tars as a full-mode shard task reads them:
+    the tar read, the image decoded, the crop settings made (a generator: this work is timed with the loop)."""
     from modalmill.labelers.base import LabelInput
     from modalmill.io.crops import CropConfig, make_crop_settings
     from modalmill.io.decode import DecodeConfig, decode_image
     from modalmill.io.readers import iter_tar, pick_image_member
 
-    out = []
     for p in paths:
-        shard = []
+        batch = []
         for raw in iter_tar(p):
             dec = decode_image(pick_image_member(raw.members)[1], DecodeConfig())
             h, w = dec.image.shape[:2]
-            shard.append(LabelInput(key=raw.key, image=dec.image, original_size=dec.original_size,
+            batch.append(LabelInput(key=raw.key, image=dec.image, original_size=dec.original_size,
                                     crops=make_crop_settings(raw.key, h, w, CropConfig(), 0)))
-        out.append(shard)
-    return out
+            if len(batch) == size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+
+def _stored_batches(data: str, shards: list[str], size: int):
+    """Batches of ``size`` LabelInputs per shard from an output's stored rgb and crop_settings tars, read in
+    lockstep and decoded as the tokenize run's update tasks read them (a generator, timed with the loop)."""
+    from modalmill.labelers.base import LabelInput
+    from modalmill.io.decode import decode_stored_rgb
+    from modalmill.io.readers import zip_output
+    from modalmill.schemas.modalities import get_modality
+
+    for s in shards:
+        batch = []
+        for key, files in zip_output(data, s, ["rgb", "crop_settings"]):
+            batch.append(LabelInput(key=key, image=decode_stored_rgb(files["rgb"]), original_size=None,
+                                    crops=get_modality("crop_settings").decode(files["crop_settings"])))
+            if len(batch) == size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+
+def bare_loop(kind: str, lab, batches, keep: str, out: str) -> dict:
+    """The plain loop a user would write around the labeler, in one process: for each batch (read and decoded
+    by ``batches``), the labeler's own ``prepare`` and ``process_batch`` (the calls the pipeline's shard task and
+    actor make) and every output encoded to the bytes the pipeline stores. Saves ``keep`` per key (the check);
+    records when each batch came back (the steady state)."""
+    import numpy as np
+
+    from modalmill.schemas.modalities import get_modality
+
+    kept, back, nbytes = {}, [], 0
+    with Monitor(kind) as ph:
+        for batch in batches:
+            results = lab.process_batch(lab.prepare(batch))
+            for inp, res in zip(batch, results):
+                if not isinstance(res, dict):
+                    raise RuntimeError(f"bare loop: {inp.key}: {res}")
+                hw = inp.image.shape[:2]
+                nbytes += sum(len(get_modality(m).encode(res[m], inp.key, hw)) for m in lab.outputs)
+                kept[inp.key] = np.asarray(res[keep])
+            back.append([round(time.time(), 3), len(batch)])
+        os.makedirs(out, exist_ok=True)
+        np.savez(os.path.join(out, "kept.npz"), **kept)
+    return {"phase": ph.as_dict(), "images": len(kept), "batches": back, "encoded_bytes": nbytes}
 
 
 def bare_dinov2(paths: list[str], weights: str, out: str) -> dict:
-    """Time only ``model(pixel_values=x)`` over the same batches the pipeline makes (per shard, BATCH each)."""
-    t = time.perf_counter()  # the bare loop's own start-up: importing torch and transformers, loading the model
+    """The DINOv2 labeler in a plain loop over the corpus tars (batches of BATCH per shard, as the pipeline's)."""
+    t = time.time()  # the bare loop's start-up: importing torch and transformers, loading the model
     preloaded = "torch" in sys.modules
-    import numpy as np
     import torch
 
     torch.set_num_threads(1)
     lab = _dinov2_labeler(weights)
-    startup = {"startup_s": round(time.perf_counter() - t, 3), "torch_preloaded": preloaded}
-    batches = []  # (keys, crops per key, float tensor [crops, 3, 224, 224]): the labeler's own prepare + to_tensor
-    for shard in _full_inputs(paths):
-        for b in _batches(shard, BATCH):
-            prepared = list(lab.prepare(b))  # per sample uint8 [n_crops, 224, 224, 3]: the teacher runs on every crop
-            batches.append(([i.key for i in b], [len(p) for p in prepared],
-                            lab.to_tensor([im for p in prepared for im in p], size=224)))
-    with torch.inference_mode():
-        lab.model(pixel_values=batches[0][2][:2])  # warm-up, not timed
-        cls = {}
-        with Monitor("dinov2 bare") as ph:
-            for keys, counts, x in batches:
-                hidden = lab.model(pixel_values=x).last_hidden_state[:, 0].float().numpy()
-                pos = 0
-                for k, n in zip(keys, counts):
-                    cls[k] = hidden[pos:pos + n]  # [n_crops, C], as the pipeline stores dinov2_global
-                    pos += n
-    os.makedirs(out, exist_ok=True)
-    np.savez(os.path.join(out, "cls.npz"), **{k: v.astype(np.float16) for k, v in cls.items()})
-    return {"phase": ph.as_dict(), "images": len(cls), "threads": torch.get_num_threads(), **startup}
+    startup = {"started": t, "startup_s": round(time.time() - t, 3), "torch_preloaded": preloaded}
+    r = bare_loop("dinov2 bare", lab, _input_batches(paths, BATCH), "dinov2_global", out)
+    return {**r, **startup, "threads": torch.get_num_threads()}
 
 
 def bare_tokenizer(data: str, checkpoint: str, shards: list[str], out: str, batch_size: int) -> dict:
-    """Time only ``model.encode_ids(x)`` over the crops the tokenize run prepares, in its batches (``batch_size``
-    samples of a shard, all their crops in one encoder call)."""
-    t = time.perf_counter()  # the bare loop's own start-up: importing torch, loading the tokenizer
+    """The tokenizer labeler in a plain loop over the stored rgb and crop_settings tars (batches of
+    ``batch_size`` per shard: its ``process_batch`` encodes a batch's crops in the same encoder calls as the
+    pipeline's actor)."""
+    t = time.time()  # the bare loop's start-up: importing torch, loading the tokenizer
     preloaded = "torch" in sys.modules
-    import numpy as np
     import torch
 
     torch.set_num_threads(1)
     lab = _tok_labeler(checkpoint)
-    startup = {"startup_s": round(time.perf_counter() - t, 3), "torch_preloaded": preloaded}
-
-    from modalmill.labelers.base import LabelInput
-    from modalmill.io.decode import decode_stored_rgb
-    from modalmill.io.writers import iter_tar_members
-    from modalmill.schemas.modalities import get_modality
-    step = max(1, int(lab.config.crops_per_forward))
-    batches = []  # (keys, n_crops per key, input tensor)
-    for s in shards:
-        rgb = list(iter_tar_members(os.path.join(data, "rgb", f"{s}.tar")))
-        crops = {k: get_modality("crop_settings").decode(b)
-                 for k, _, b in iter_tar_members(os.path.join(data, "crop_settings", f"{s}.tar"))}
-        inputs = [LabelInput(key=k, image=decode_stored_rgb(b), original_size=None, crops=crops[k]) for k, _, b in rgb]
-        for b in _batches(inputs, batch_size):
-            flat = np.concatenate([p[0] for p in lab.prepare(b)])  # the labeler's own preprocessing
-            if len(flat) > step:
-                raise RuntimeError("bench: a shard batch spans several encoder calls; lower the batch size")
-            batches.append(([inp.key for inp in b], [len(inp.crops) for inp in b],
-                            lab.adapter.to_input(torch.from_numpy(flat))))
-    with torch.inference_mode():
-        lab.model.encode_ids(batches[0][2][:2])  # warm-up, not timed
-        tokens = {}
-        with Monitor("tokenize bare") as ph:
-            for keys, counts, x in batches:
-                ids = lab.model.encode_ids(x).numpy()
-                pos = 0
-                for k, n in zip(keys, counts):
-                    tokens[k] = ids[pos:pos + n]
-                    pos += n
-    os.makedirs(out, exist_ok=True)
-    np.savez(os.path.join(out, "tokens.npz"), **{k: v.astype(np.int64) for k, v in tokens.items()})
-    return {"phase": ph.as_dict(), "images": len(tokens), "threads": torch.get_num_threads(), **startup}
+    startup = {"started": t, "startup_s": round(time.time() - t, 3), "torch_preloaded": preloaded}
+    r = bare_loop("tokenize bare", lab, _stored_batches(data, shards, batch_size), "tok_rgb@224", out)
+    return {**r, **startup, "threads": torch.get_num_threads(),
+            "crops_per_forward": int(lab.config.crops_per_forward)}
 
 
 # ---------------------------------------------------------------------- the pipeline runs
@@ -224,9 +231,9 @@ def _record_extras(record: dict) -> dict:
         for k, v in (s.get("seconds") or {}).items():
             stages[k] = round(stages.get(k, 0.0) + v, 3)
     shards = record.get("shards", [])
-    firsts = sorted(tuple(s["first_batch"]) for s in shards if s.get("first_batch"))
+    back = sorted(b for s in shards for b in (s.get("timeline") or {}).get("batches", []))
     return {"images": record["samples_written"], "failed": record["samples_failed"] + record["samples_dropped"],
-            "first_batch": list(firsts[0]) if firsts else None,
+            "batches": back, "timelines": [s.get("timeline") for s in shards],
             "last_commit": max((s["finished_at"] for s in shards if s.get("finished_at")), default=None),
             "shard_stage_seconds": stages, "shard_seconds_sum": stages.get("total", 0.0),
             "exit_code": record.get("exit_code")}
@@ -247,7 +254,7 @@ def pipeline_dinov2(paths: list[str], weights: str, out: str) -> dict:
     job_file = out.rstrip("/") + ".yaml"
     with open(job_file, "w") as f:
         yaml.safe_dump(job, f)
-    extra = {"ray_start_s": start_ray(2)}
+    extra = {"started": time.time(), "ray_start_s": start_ray(2)}  # Ray's start counts as the pipeline's
     try:
         with Monitor("dinov2 pipeline") as ph:
             try:
@@ -267,7 +274,7 @@ def pipeline_tokenize(data: str, checkpoint: str) -> dict:
 
     from modalmill.jobs.tokenize_output import tokenize_output
 
-    extra = {"ray_start_s": start_ray(2)}
+    extra = {"started": time.time(), "ray_start_s": start_ray(2)}  # Ray's start counts as the pipeline's
     try:
         with Monitor("tokenize pipeline") as ph:
             summary = tokenize_output(data, ["rgb"], {"rgb": checkpoint}, workers=1, device="cpu", batch_size=BATCH,
@@ -318,13 +325,13 @@ def _same_dinov2(out: str, bare_out: str, shards: list[str]) -> tuple[int, int, 
     from modalmill.io.writers import iter_tar_members
     from modalmill.schemas.modalities import get_modality
 
-    bare = np.load(os.path.join(bare_out, "cls.npz"))
+    bare = np.load(os.path.join(bare_out, "kept.npz"))
     n = same = 0
     worst = 0.0
     for s in shards:
         for key, _, data in iter_tar_members(os.path.join(out, "dinov2_global", f"{s}.tar")):
             got = get_modality("dinov2_global").decode(data)
-            ref = bare[key]
+            ref = bare[key].astype(got.dtype)  # stored as the modality's dtype (float16)
             n += 1
             same += int(np.array_equal(got, ref))
             worst = max(worst, float(np.abs(got.astype(np.float32) - ref.astype(np.float32)).max()))
@@ -337,12 +344,13 @@ def _same_tokens(data: str, bare_out: str, shards: list[str]) -> tuple[int, int]
     from modalmill.io.writers import iter_tar_members
     from modalmill.schemas.modalities import get_modality
 
-    bare = np.load(os.path.join(bare_out, "tokens.npz"))
+    bare = np.load(os.path.join(bare_out, "kept.npz"))
     n = same = 0
     for s in shards:
         for key, _, blob in iter_tar_members(os.path.join(data, "tok_rgb@224", f"{s}.tar")):
             n += 1
-            same += int(np.array_equal(get_modality("tok_rgb@224").decode(blob).astype(np.int64), bare[key]))
+            same += int(np.array_equal(get_modality("tok_rgb@224").decode(blob).astype(np.int64),
+                                       bare[key].astype(np.int64)))
     return n, same
 
 
@@ -359,59 +367,67 @@ def _join(*notes: str) -> str:
 def _spread(values: list[float]) -> dict:
     import statistics
 
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values),
+            "values": [round(v, 4) for v in values]}
 
 
 def _steady_rate(x: dict) -> float:
-    """Images per second from the first labelled batch's return to the last shard's commit: (N - n_first) /
-    (t_last_commit - t_first_batch), from the run record (the run's one-off start -- workers, imports, weights,
-    the first batch -- cancels out, as over a real corpus)."""
-    if not x.get("first_batch") or not x.get("last_commit"):
+    """Images per second once the first labelled batch is back, counting only what was finished in the window:
+    the images of the batches that came back after the first one / the time from the first batch back to the
+    last (the same formula for the pipeline, from its shard tasks' timelines, and for the bare loop). Batches
+    still in flight when the window opens are counted only once they are back, at their own time."""
+    back = sorted(x.get("batches") or [])
+    if len(back) < 2 or back[-1][0] <= back[0][0]:
         return 0.0
-    (t1, n1), t2 = x["first_batch"], x["last_commit"]
-    return (x["images"] - n1) / (t2 - t1) if t2 > t1 else 0.0
+    return sum(n for _, n in back[1:]) / (back[-1][0] - back[0][0])
+
+
+def _side(phase: Phase, x: dict, startup_key: str) -> dict:
+    """One side's figures: end-to-end seconds (its start-up included: Ray's start for the pipeline, imports and the
+    model's load for the loop), start-up to the first labelled batch back, and the steady rate."""
+    total = phase.wall_s + x[startup_key]
+    first = (x["batches"][0][0] - x["started"]) if x.get("batches") else float("nan")
+    return {"e2e_s": total, "e2e_rate": x["images"] / total, "first_back_s": first, "steady": _steady_rate(x)}
 
 
 def _pair_figures(what: str, reps: list[dict], valid: bool, same_note: str, model_note: str) -> list[Figure]:
     """``reps``: per repetition {bare, bare_x, pipe, pipe_x} -> the figures (medians of the repetitions)."""
-    bare_rate, bare_e2e, e2e, e2e_vs_calls, steady, startups = [], [], [], [], [], []
-    for r in reps:
-        n_bare = r["bare_x"]["images"]
-        br = n_bare / r["bare"].wall_s  # model calls only
-        be = n_bare / (r["bare"].wall_s + r["bare_x"]["startup_s"])  # with its start-up (imports, model load)
-        pe = r["pipe_x"]["images"] / r["pipe"].wall_s
-        bare_rate.append(br)
-        bare_e2e.append(be)
-        startups.append(r["bare_x"]["startup_s"])
-        e2e.append(pe / be)
-        e2e_vs_calls.append(pe / br)
-        steady.append(_steady_rate(r["pipe_x"]) / br)
-    b, be, e, ec, st, su = (_spread(v) for v in (bare_rate, bare_e2e, e2e, e2e_vs_calls, steady, startups))
+    sides = [(_side(r["bare"], r["bare_x"], "startup_s"), _side(r["pipe"], r["pipe_x"], "ray_start_s")) for r in reps]
+    e = _spread([p["e2e_rate"] / b["e2e_rate"] for b, p in sides])
+    st = _spread([p["steady"] / b["steady"] if b["steady"] else 0.0 for b, p in sides])
+    be, bs = _spread([b["e2e_rate"] for b, _ in sides]), _spread([b["steady"] for b, _ in sides])
+    fb, fp = _spread([b["first_back_s"] for b, _ in sides]), _spread([p["first_back_s"] for _, p in sides])
+    su, rs = _spread([r["bare_x"]["startup_s"] for r in reps]), _spread([r["pipe_x"]["ray_start_s"] for r in reps])
     last = reps[-1]
     spread = f"median of {e['n']} repetitions"
     phases = [p for r in reps for p in (r["bare"], r["pipe"])]
     preloaded = any(r["bare_x"].get("torch_preloaded") for r in reps)
+    n = last["bare_x"]["images"]
     return [
-        Figure(B3, f"{what}: bare model loop", round(b["median"], 3), "images/s",
-               note=f"{spread} (min {b['min']:.3g}, max {b['max']:.3g}); model calls only; {last['bare_x']['images']} "
-                    f"images, torch threads {last['bare_x']['threads']}; {model_note}; its start-up (importing torch"
-                    f"{' (already imported: not counted)' if preloaded else ''}, loading the model) "
-                    f"{su['median']:.1f} s", detail={"bare": last["bare"].summary(), "startup_s": startups}),
+        Figure(B3, f"{what}: bare loop end to end", round(be["median"], 3), "images/s",
+               note=f"{spread} (min {be['min']:.3g}, max {be['max']:.3g}); {n} images from the same tar bytes as the "
+                    f"pipeline: read, decode, crops, the labeler's prepare and process_batch in batches of "
+                    f"{BATCH}, outputs encoded; one process, torch threads {last['bare_x']['threads']}; "
+                    f"{model_note}; start-up (importing torch{' (already imported)' if preloaded else ''}, "
+                    f"loading the model) {su['median']:.1f} s; steady state {bs['median']:.3g} images/s",
+               detail={"bare": last["bare"].summary(), "sides": sides}),
         Figure(B3, f"{what}: pipeline end to end / bare loop end to end (both incl. start-up)", round(e["median"], 3),
                "x", f">= {TARGET}", met=bool(valid and e["median"] >= TARGET),
                note=_join(f"{spread} (min {e['min']:.3f}, max {e['max']:.3f}); the whole command on "
-                          f"{last['pipe_x']['images']} images (Ray started before timing) against the bare loop's "
-                          f"start-up + model calls ({be['median']:.3g} images/s)", same_note, _disturbance(*phases)),
-               detail={"ratios": e2e, "all": last["pipe"].summary(),
-                       "shard_stage_seconds": last["pipe_x"]["shard_stage_seconds"]}),
-        Figure(B3, f"{what}: pipeline end to end / bare model calls only", round(ec["median"], 3), "x",
-               note=f"{spread} (min {ec['min']:.3f}, max {ec['max']:.3f}); the bare loop's start-up left out: "
-                    "the pipeline's start-up against nothing", detail={"ratios": e2e_vs_calls}),
-        Figure(B3, f"{what}: pipeline steady state / bare model calls only", round(st["median"], 3), "x",
-               note=f"{spread} (min {st['min']:.3f}, max {st['max']:.3f}); images after the first labelled batch came "
-                    "back / time from then to the last commit (the run's start cancels out)",
-               detail={"ratios": steady, "first_batch": last["pipe_x"]["first_batch"],
-                       "last_commit": last["pipe_x"]["last_commit"]}),
+                          f"{last['pipe_x']['images']} images with Ray's start ({rs['median']:.1f} s) against the "
+                          f"bare loop with its start-up", same_note, _disturbance(*phases)),
+               detail={"ratios": e["values"], "all": last["pipe"].summary(),
+                       "shard_stage_seconds": last["pipe_x"]["shard_stage_seconds"],
+                       "timelines": last["pipe_x"]["timelines"]}),
+        Figure(B3, f"{what}: pipeline steady state / bare loop steady state", round(st["median"], 3), "x",
+               note=f"{spread} (min {st['min']:.3f}, max {st['max']:.3f}); each side: images of the batches back "
+                    "after its first labelled batch / the time from that batch to its last (only what finished "
+                    "in the window)", detail={"ratios": st["values"]}),
+        Figure(B3, f"{what}: start-up to the first labelled batch, pipeline", round(fp["median"], 2), "s",
+               note=f"{spread} (min {fp['min']:.1f}, max {fp['max']:.1f}); from before Ray's start (Ray "
+                    f"{rs['median']:.1f} s, planning, workers importing torch, the actor loading the model, the first "
+                    f"batch read and labelled); the bare loop from its process start (imports, model load, first "
+                    f"batch): {fb['median']:.1f} s (min {fb['min']:.1f}, max {fb['max']:.1f})"),
     ]
 
 
@@ -489,8 +505,9 @@ def run(log=print) -> list[Figure]:
         # (without it the labeler would be called on chunks of its own default_batch_size)
         figs += _pair_figures(what, reps, valid, same_note,
                               f"modalmill.tokenize '{TOKENIZER_PRESET}' 4M-format ViT VQ encoder ({m['enc_type']}, "
-                              f"{m['quant_type']} quantizer, {m['codebook_size']} codes), random "
-                              f"weights, batch {BATCH}, float32")
+                              f"{m['quant_type']} quantizer, {m['codebook_size']} codes), the same checkpoint on both "
+                              f"sides, random weights, batch {BATCH} (one encoder call of up to "
+                              f"{reps[-1]['bare_x']['crops_per_forward']} crops per batch), float32")
     except Exception as e:  # noqa: BLE001
         log(f"tokenize benchmark failed: {e}")
         figs.append(not_measured(B3, f"{what}: pipeline end to end / bare loop end to end (both incl. start-up)",

@@ -100,17 +100,36 @@ def count_images(paths: list[str]) -> int:
 # ---------------------------------------------------------------------- machine and versions
 
 
-def machine() -> dict[str, Any]:
-    model = platform.processor() or platform.machine()
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo ({} elsewhere)."""
+    out: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
+                if not line.strip():
                     break
+                k, _, v = line.partition(":")
+                out[k.strip()] = v.strip()
     except OSError:
         pass
-    return {"cpu": model, "cores": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+    return out
+
+
+def machine() -> dict[str, Any]:
+    """The machine, with the CPU model as precisely as it is known: the model name, the vendor's family / model /
+    stepping numbers (a virtual machine's model name may be generic, e.g. "AMD EPYC"), the clock, and the
+    instruction-set extensions the figures depend on (SHA-NI: the tars' hashes; AVX2 / AVX-512 / AMX: torch)."""
+    info = _cpuinfo()
+    model = info.get("model name") or platform.processor() or platform.machine()
+    flags = set(info.get("flags", "").split())
+    ext = [f for f in ("sha_ni", "avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    detail = ", ".join(x for x in (
+        f"{info['vendor_id']} family {info.get('cpu family', '?')} model {info.get('model', '?')} stepping "
+        f"{info.get('stepping', '?')}" if "vendor_id" in info else "",
+        f"{float(info['cpu MHz']):.0f} MHz" if info.get("cpu MHz") else "",
+        "+".join(ext)) if x)
+    return {"cpu": model + (f" ({detail})" if detail else ""), "cores": os.cpu_count(),
+            "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
             "os": f"{platform.system()} {platform.release()}"}
 
 
@@ -127,18 +146,26 @@ def versions() -> dict[str, str]:
     return out
 
 
-def git_commit() -> str:
+def git_state() -> tuple[str, str]:
+    """(commit, what is uncommitted): the checkout's HEAD (12 digits) and a list of the tracked files changed
+    since it ('' when the tree is clean); ("unknown ...", "") outside a git checkout."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
 
     try:
         head = git("rev-parse", "HEAD").stdout.strip()
-        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        dirty = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").stdout.splitlines()
+                 if line.strip()]
     except (OSError, subprocess.SubprocessError):
-        return "unknown (no git)"
+        return "unknown (no git)", ""
     if not head:
-        return "unknown (not a git checkout)"
-    return head[:12] + (" + uncommitted changes" if dirty else "")
+        return "unknown (not a git checkout)", ""
+    return head[:12], ", ".join(dirty)
+
+
+def git_commit() -> str:
+    head, dirty = git_state()
+    return head + (" + uncommitted changes" if dirty else "")
 
 
 # ---------------------------------------------------------------------- CPU and memory meter

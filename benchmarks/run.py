@@ -12,6 +12,11 @@ Benchmarks: 1, 2, 4 model-free pipeline vs a plain loop and a Ray Data script, a
 models of a 4M-21-like mix on four simulated devices, `workers: auto` against the equal split, and `plan`'s
 projection (bench_autoscale).
 
+RESULTS.md is written from a committed tree: its header names the commit. With uncommitted changes to tracked files
+the full suite refuses to run (``--allow-dirty`` runs it anyway and the header then says "uncommitted changes" in
+bold, naming the files); ``--quick`` warns. The header also records the CPU model (name, family / model / stepping,
+clock, SHA-NI / AVX extensions) and the minutes each benchmark took (the whole suite's budget: 15 minutes on 2 cores).
+
 Every figure is a ratio of runs made one after another in this one invocation, with its target and whether it is
 met. Each timed phase also records how much CPU other processes used meanwhile; a figure taken while they used
 a noticeable share of the machine says so in its note.
@@ -51,12 +56,16 @@ def _met(f) -> str:
 
 def render(figs, info: dict) -> str:
     m, v = info["machine"], info["versions"]
+    head, dirty = info["commit"]
     lines = [
         "# modalmill benchmark results",
         "",
-        f"Written by `{info['command']}` on {info['date']} in {info['duration_s'] / 60:.1f} minutes"
-        + (" (**quick mode: a development smoke run, not the reported figures**)" if info["quick"] else "") + ".",
+        f"Written by `{info['command']}` on {info['date']} from commit `{head}` in {info['duration_s'] / 60:.1f} "
+        f"minutes" + (" (**quick mode: a development smoke run, not the reported figures**)" if info["quick"] else "")
+        + (f" **with uncommitted changes** ({dirty})" if dirty else " (a clean tree)") + ".",
         "",
+        "- Minutes per benchmark: " + ", ".join(f"{k.split('.')[-1]} {v / 60:.1f}" for k, v in info["minutes"].items())
+        + f" (budget: {BUDGET_S / 60:.0f} minutes on 2 cores for the whole suite)",
         f"- Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, {m['os']}; "
         f"load average {info['load_before']} before, {info['load_after']} after",
         "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
@@ -123,6 +132,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes, for development")
     ap.add_argument("--only", default=ALL, help="benchmarks to run (1, 2 and 4 run together)")
+    ap.add_argument("--allow-dirty", action="store_true",
+                    help="run the full suite from a tree with uncommitted changes (RESULTS.md says so)")
     ap.add_argument("--out", default=None, help="where to write the results (default benchmarks/RESULTS.md; "
                                                 "--quick: benchmarks/_work/RESULTS-quick.md)")
     a = ap.parse_args(argv)
@@ -130,8 +141,16 @@ def main(argv=None) -> int:
         for k, val in QUICK_ENV.items():
             os.environ.setdefault(k, val)
     sys.path.insert(0, os.path.dirname(HERE))
-    from benchmarks import common
+    from benchmarks import common  # after the quick settings: it reads them when imported
 
+    head, dirty = common.git_state()
+    if dirty:
+        if not (a.quick or a.allow_dirty):
+            print(f"refusing to run: uncommitted changes ({dirty}); RESULTS.md is written from a committed tree: "
+                  "commit first (or pass --allow-dirty, and RESULTS.md says so)", file=sys.stderr)
+            return 2
+        print(f"WARNING: uncommitted changes ({dirty}): the results will say so; commit and rerun for figures to "
+              "report", file=sys.stderr)
     common.bench_env()
     from benchmarks import bench_autoscale, bench_dedup, bench_device, bench_gpu, bench_model, bench_modelfree
 
@@ -147,16 +166,19 @@ def main(argv=None) -> int:
     paths = common.ensure_corpus(log)
     figs = []
     modules = []
+    minutes: dict[str, float] = {}
     for nums, mod in (({1, 2, 4}, bench_modelfree), ({3}, bench_model), ({5}, bench_gpu), ({6}, bench_device),
                       ({7}, bench_dedup), ({8}, bench_autoscale)):
         if not nums & only:
             continue
         modules.append(mod.__name__)
+        t_mod = time.perf_counter()
         try:
             figs += mod.run(log=log)
         except Exception as e:  # noqa: BLE001 - one benchmark's failure must not hide the others' figures
             log(f"{mod.__name__} failed: {e}")
             figs.append(common.not_measured(mod.__name__, "all figures", f"{type(e).__name__}: {e}"[:400]))
+        minutes[mod.__name__] = time.perf_counter() - t_mod
     duration = time.perf_counter() - t0
     lo, hi = common.CORPUS_SIZE_RANGE
     info = {
@@ -167,7 +189,7 @@ def main(argv=None) -> int:
         "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "corpus": f"{common.count_images(paths)} JPEGs ({lo}-{hi} px longer side, derived from scikit-image's "
                   f"photos by modalmill.jobs.democorpus.build_corpus) in {len(paths)} tar shards",
-        "modules": modules,
+        "modules": modules, "commit": (head, dirty), "minutes": minutes,
     }
     os.makedirs(os.path.dirname(out), exist_ok=True)
     text = render(figs, info)

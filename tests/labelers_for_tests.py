@@ -237,3 +237,39 @@ class CropReader(Labeler):
         items = batch if isinstance(batch, Prepared) else self.prepare(batch)
         time.sleep(self.config.sleep_s)
         return [{"caption": list(it)} for it in items]
+
+
+@register_labeler
+class WaitsForAnotherTask(Labeler):
+    """A model labeler (actor pool) whose ``prepare`` (run in the shard task) leaves a file per sample in ``folder``,
+    and whose model step holds each batch until a sample of *another* batch was prepared (at most ``wait_s``):
+    its caption says whether one was (``["other task prepared: True", key]``). With one shard task at a time, only a
+    task that lends its CPU while its batch is at the actor lets the next task prepare meanwhile."""
+
+    name = "test_waits_for_another_task"
+    outputs = ("caption",)
+    stateful = True
+
+    @dataclass(frozen=True)
+    class Config:
+        folder: str = ""
+        wait_s: float = 60.0
+
+    def prepare(self, batch):
+        import os
+
+        from modalmill.labelers.base import Prepared
+
+        for inp in batch:
+            open(os.path.join(self.config.folder, inp.key), "w").close()
+        return Prepared(inp.key for inp in batch)
+
+    def process_batch(self, batch):
+        import os
+        import time
+
+        keys = list(batch)
+        deadline = time.time() + self.config.wait_s
+        while not (seen := set(os.listdir(self.config.folder)) - set(keys)) and time.time() < deadline:
+            time.sleep(0.05)
+        return [{"caption": [f"other task prepared: {bool(seen)}", key]} for key in keys]

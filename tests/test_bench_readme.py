@@ -21,7 +21,9 @@ def test_readme_figures_are_the_results_summary():
 
     readme = open(os.path.join(ROOT, "README.md")).read()
     results = open(os.path.join(ROOT, "benchmarks", "RESULTS.md")).read()
-    assert "quick mode" not in results.split("\n## ", 1)[0], "RESULTS.md is from a --quick run"
+    header = results.split("\n## ", 1)[0]
+    assert "quick mode" not in header, "RESULTS.md is from a --quick run"
+    assert "uncommitted changes" not in header, "RESULTS.md was written from a tree with uncommitted changes"
     block = readme.split(README_MARKERS[0], 1)[1].split(README_MARKERS[1], 1)[0]
     summary = results.split("## Summary", 1)[1].split("\n## ", 1)[0]
     assert _rows(summary), "RESULTS.md has no summary rows"

@@ -121,3 +121,33 @@ def test_shard_tasks_started_before_an_actor_fails_to_set_up_leave_no_shard_done
     for shard in ("shard-00000", "shard-00001"):
         assert manifest.read_marker(str(out), shard) is None
         assert not [r for r in manifest.read_rows(str(out), shard) if r.status == "failed"]
+
+
+def test_the_next_shard_task_reads_while_the_batches_of_one_are_at_the_actor(ray_local, tmp_path, demo_corpus):
+    """Room for one shard task at a time (shard_cpus 2 of 2 CPUs) and a model actor that holds each batch until a
+    sample of another batch was prepared (in its shard task): while the first task waits for its batch it blocks in
+    ``ray.wait``, where Ray lends its CPUs, so the second task starts, prepares and sends its batch to the actor's
+    queue before the first one's batch is back and it commits. Without the lending the first batch would wait for
+    a task that cannot start (60 s, then its caption says so). The timelines in the run record show the overlap;
+    the output is complete and in order."""
+    from modalmill.jobs.runner import run_job
+    from modalmill.jobs.spec import job_from_dict
+
+    folder = tmp_path / "prepared"
+    folder.mkdir()
+    spec = job_from_dict({"input": os.path.join(demo_corpus, "shard-{00000..00001}.tar"), "output": str(tmp_path / "o"),
+                          "modalities": ["rgb", "crop_settings", "caption"], "batch_size": 5, "ray": {"shard_cpus": 2},
+                          "labelers": {"test_waits_for_another_task": {"config": {"folder": str(folder)},
+                                                                       "batch_size": 5,
+                                                                       "resources": {"num_cpus": 0}}}})
+    summary = run_job(spec, show_progress=False)
+    assert summary["exit_code"] == 0 and summary["samples_written"] == 10
+    first, second = sorted(summary["shards"], key=lambda s: s["timeline"]["started"])
+    captions = [json.loads(d) for _, d in _members(os.path.join(spec.output, "caption", f"{first['shard']}.tar"))]
+    assert all(c[0] == "other task prepared: True" for c in captions), captions
+    rgb_keys = [name.split(".")[0] for name, _ in _members(os.path.join(spec.output, "rgb", f"{first['shard']}.tar"))]
+    assert [c[1] for c in captions] == rgb_keys  # in order, aligned
+    a, b = first["timeline"], second["timeline"]
+    assert a["first_sent"] <= a["read_done"] <= a["last_result"] <= a["commit_start"] <= a["committed"]
+    assert [n for _, n in a["batches"]] == [5]
+    assert b["started"] < a["last_result"] < a["committed"], (a, b)

@@ -467,7 +467,7 @@ def _summarize(spec: JobSpec, job: JobPlan, planning: _Planning, results: list[d
         "errors_by_reason": errors,
         "failed_shards": [{k: r.get(k) for k in ("shard", "source", "error")} for r in failed],
         "shards": [{k: r.get(k) for k in ("shard", "mode", "n_read", "n_ok", "n_failed", "seconds", "finished_at",
-                                        "first_batch", "held_bytes", "draft_decoded")}
+                                        "first_batch", "held_bytes", "draft_decoded", "timeline")}
                    for r in done],
         "seconds": round(time.time() - timing["t0"], 3),
         "planning": {"markers_read": planning.markers_read, "deferred": len(planning.deferred),

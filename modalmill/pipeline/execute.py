@@ -64,7 +64,7 @@ class LabelerSetupError(ShardAbort):
     node-local path on a cluster): one line, raised on the driver; the actor is not restarted."""
 
 
-@ray.remote
+@ray.remote(concurrency_groups={"control": 1})
 class LabelerActor:
     """Holds one model labeler, set up once; serves batches from shard tasks.
 
@@ -83,17 +83,24 @@ class LabelerActor:
         limit_threads()
         self.run, self.labeler, self.setup_error, self.setup_traceback = run, None, "", ""
         self.tried = False
+        self.setup_lock = threading.Lock()
         self.limiter = BatchLimiter(run.labeler)  # out of memory: split, retry, keep the size that fits
         self.served, self.busy_s = 0, 0.0  # samples served and seconds in process_batch (the autoscaler's view)
 
+    @ray.method(concurrency_group="control")
     def placed(self) -> bool:
         return True
 
+    @ray.method(concurrency_group="control")
     def assigned(self) -> dict[str, float]:
         """The resources Ray gave this actor (its request fitted to the cluster)."""
         return {k: float(v) for k, v in ray.get_runtime_context().get_assigned_resources().items()}
 
     def _set_up(self) -> None:
+        with self.setup_lock:  # a control call may come while a batch sets the labeler up
+            self._set_up_once()
+
+    def _set_up_once(self) -> None:
         if self.tried:
             return
         self.tried = True
@@ -124,10 +131,12 @@ class LabelerActor:
             self.busy_s += time.perf_counter() - t0
             self.served += len(inputs)
 
+    @ray.method(concurrency_group="control")
     def load(self) -> tuple[int, float]:
         """(samples served, seconds spent serving them) since the actor started: what the autoscaler measures."""
         return self.served, self.busy_s
 
+    @ray.method(concurrency_group="control")
     def checkpoint_id(self) -> str:
         self._set_up()
         if self.labeler is None:
@@ -220,6 +229,45 @@ def _actor_get(submit, what: str, ping=None):
             raise WorkerDied(f"the {what} worker died while labelling this batch ({type(e).__name__})") from None
 
 
+class _AtActors:
+    """A shard task's calls to the model actors (one per labelling thread), so that its main thread can wait on
+    them in ``ray.wait`` whenever it waits for the actors: Ray lends a task's CPUs to other tasks while its main
+    thread is blocked there (not while another thread waits in ``ray.get``), so another shard task reads, decodes
+    and sends its batches while this one's are labelled, and before it commits (the threads that sent them still
+    ``ray.get`` the results). Without it the next task starts only after this one's commit, and the actors' queue
+    runs dry at shard ends."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.calls = 0  # calls begun (preparing, or at an actor)
+        self.refs: dict[int, Any] = {}  # labelling thread -> the object ref of its call now at an actor
+
+    def begin(self) -> None:
+        with self.cond:
+            self.calls += 1
+
+    def sent(self, ref):
+        with self.cond:
+            self.refs[threading.get_ident()] = ref
+            self.cond.notify_all()
+        return ref
+
+    def answered(self) -> None:
+        with self.cond:
+            self.calls -= 1
+            self.refs.pop(threading.get_ident(), None)
+            self.cond.notify_all()
+
+    def wait(self) -> None:
+        """Wait (CPUs lent) until a call now at an actor is answered; calls still preparing are given up to a second
+        to be sent first."""
+        with self.cond:
+            self.cond.wait_for(lambda: len(self.refs) >= self.calls, timeout=1.0)
+            refs = list(self.refs.values())
+        if refs:
+            ray.wait(refs, num_returns=1)
+
+
 class _Members:
     """A shard task's view of the model pools: which actors each has (refreshed from the execution's
     :class:`~.resize.PoolRegistry` at most every ``REFRESH_S`` seconds, when pools are resized while the job runs)
@@ -272,13 +320,14 @@ class _Members:
         return len(self.pools[name])
 
 
-def _call_pool(members: _Members, name: str, batch):
+def _call_pool(members: _Members, name: str, batch, at_actors: "_AtActors"):
     """Send a prepared batch to one actor of pool ``name`` and return its results; a batch whose actor a shrink
     killed before it was served is sent again to an actor that remains."""
     while True:
         actor = members.take(name)
         try:
-            return _actor_get(lambda a=actor: a.process_batch.remote(batch), name, ping=actor.ready.remote)
+            return _actor_get(lambda a=actor: at_actors.sent(a.process_batch.remote(batch)), name,
+                              ping=actor.ready.remote)
         except WorkerDied:
             if not members.removed(name, actor):
                 raise
@@ -302,13 +351,19 @@ def _run_shard(task: ShardTask, pools: dict[str, list], counter, isolate: bool =
     members = _Members(pools, registry, task.source.index)
     local_locks = {run.labeler: threading.Lock() for run in task.labelers}  # one batch at a time per labeler
 
+    at_actors = _AtActors()  # the main thread waits on them whenever the task waits for the actors
+
     def call(run: LabelerRun, inputs):
         if run.stateful and run.labeler in pools:
-            with local_locks[run.labeler]:  # prepare here, on the shard task's CPU, not the model's
-                if run.labeler not in preparers:
-                    preparers[run.labeler] = run.instance()
-                batch = preparers[run.labeler].prepare(inputs)
-            return _call_pool(members, run.labeler, batch)
+            at_actors.begin()
+            try:
+                with local_locks[run.labeler]:  # prepare here, on the shard task's CPU, not the model's
+                    if run.labeler not in preparers:
+                        preparers[run.labeler] = run.instance()
+                    batch = preparers[run.labeler].prepare(inputs)
+                return _call_pool(members, run.labeler, batch, at_actors)
+            finally:
+                at_actors.answered()
         with local_locks[run.labeler]:
             if isolate:
                 return _actor_get(lambda: _isolated_call.options(num_cpus=0).remote(run, inputs), run.labeler)
@@ -328,6 +383,7 @@ def _run_shard(task: ShardTask, pools: dict[str, list], counter, isolate: bool =
         return call_local.checkpoint(run)
 
     call.checkpoint = checkpoint
+    call.await_in_flight = at_actors.wait
 
     def progress(n: int) -> None:
         if counter is not None:

@@ -224,6 +224,13 @@ class _Stats:
         # and the largest single sample; and how many samples were decoded reduced (JPEG draft)
         self.held = {"limit": None, "peak": 0, "largest_sample": 0}
         self.draft_decoded = 0
+        # epoch seconds of the task's milestones (started, first_sent, read_done, last_result, commit_start,
+        # committed) and [epoch seconds, samples] of every labelled batch back: where a device waits
+        self.timeline: dict[str, Any] = {"started": round(time.time(), 3), "batches": []}
+
+    def mark(self, what: str, once: bool = False) -> None:
+        if not (once and what in self.timeline):
+            self.timeline[what] = round(time.time(), 3)
 
     def timed(self, stage: str):
         stats = self
@@ -311,9 +318,12 @@ class _Labelling:
         self.label = lambda items: _label_batch(task, items, call, stats)
         self.stats = stats
 
-        def done_first(items, alive):  # the first labelled batch back: when, and how many samples it had
+        def done_first(items, alive):  # every labelled batch back: when, and how many samples it had
+            back = [round(time.time(), 3), len(items)]
             if stats.first_batch is None:
-                stats.first_batch = [round(time.time(), 3), len(items)]
+                stats.first_batch = back
+            stats.timeline["batches"].append(back)
+            stats.mark("last_result")
             done(items, alive)
 
         self.done = done_first
@@ -322,6 +332,7 @@ class _Labelling:
         self.depth = max(0, int(getattr(call, "in_flight", 0) or 0))
         self.pool = ThreadPoolExecutor(self.depth, thread_name_prefix="modalmill-label") if self.depth else None
         self.inflight: deque = deque()  # (items, future, bytes)
+        self.await_in_flight = getattr(call, "await_in_flight", None) if self.pool is not None else None
         self.limit = getattr(call, "bytes_in_flight", None) or None
         self.pending_bytes = self.inflight_bytes = 0
         stats.held["limit"] = self.limit
@@ -341,26 +352,38 @@ class _Labelling:
         if len(self.pending) >= self.gather or self._full(self.pending_bytes):
             self.submit()
         while self.inflight and (self.inflight[0][1].done() or self._full(self.inflight_bytes + self.pending_bytes)):
-            self._complete_oldest()
+            self._wait_oldest()
 
     def finish(self) -> None:
         """Send off what is gathered and wait until every batch is done."""
         self.submit()
+        self.stats.mark("read_done")
         while self.inflight:
-            self._complete_oldest()
+            self._wait_oldest()
 
     def submit(self) -> None:
         items, self.pending = self.pending, []
         nbytes, self.pending_bytes = self.pending_bytes, 0
         if not items:
             return
+        self.stats.mark("first_sent", once=True)
         if self.pool is None:
             self.done(items, self.label(items))
             return
         while self.inflight and (len(self.inflight) >= self.depth or self._full(self.inflight_bytes + nbytes)):
-            self._complete_oldest()
+            self._wait_oldest()
         self.inflight.append((items, self.pool.submit(self.label, items), nbytes))
         self.inflight_bytes += nbytes
+
+    def _wait_oldest(self) -> None:
+        """Wait for the oldest batch and write it. Whenever the task waits for the actors (K batches out, or all
+        read), ``call.await_in_flight()`` (when given) blocks its main thread in a way that lends its CPU to
+        another shard task (Ray does so for a task blocked in ``ray.wait`` on its main thread): while this task's
+        batches are at the actors, the next task reads, decodes and sends its own, so the actors' queue does not
+        run dry when a task ends, commits and the next one starts."""
+        if self.await_in_flight is not None and not self.inflight[0][1].done():
+            self.await_in_flight()
+        self._complete_oldest()
 
     def _complete_oldest(self) -> None:
         items, future, nbytes = self.inflight.popleft()
@@ -467,6 +490,8 @@ def process_shard(task: ShardTask, call: Callable | None = None, progress: Calla
     result["first_batch"] = stats.first_batch
     result["held_bytes"] = dict(stats.held)
     result["draft_decoded"] = stats.draft_decoded
+    stats.mark("committed")
+    result["timeline"] = stats.timeline
     return result
 
 
@@ -777,6 +802,7 @@ def _commit(run: _Run, writers: ShardWriterSet) -> dict:
     realigned or removed earlier tars, the manifest, and the done marker last (docs/reliability.md)."""
     task, stats, out, shard = run.task, run.stats, run.out, run.task.shard
     plan = _outcome(run)
+    stats.mark("commit_start")
     with stats.timed("commit"):
         if run.found is not None:
             _step(task, "pending")
