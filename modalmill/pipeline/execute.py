@@ -320,13 +320,15 @@ class _Members:
         return len(self.pools[name])
 
 
-def _call_pool(members: _Members, name: str, batch, at_actors: "_AtActors"):
+def _call_pool(members: _Members, name: str, batch, at_actors: _AtActors | None = None):
     """Send a prepared batch to one actor of pool ``name`` and return its results; a batch whose actor a shrink
-    killed before it was served is sent again to an actor that remains."""
+    killed before it was served is sent again to an actor that remains. ``at_actors``: the shard task's calls at
+    the actors, where the batch's object ref is registered (its main thread waits on them, lending its CPU)."""
+    sent = at_actors.sent if at_actors is not None else (lambda ref: ref)
     while True:
         actor = members.take(name)
         try:
-            return _actor_get(lambda a=actor: at_actors.sent(a.process_batch.remote(batch)), name,
+            return _actor_get(lambda a=actor: sent(a.process_batch.remote(batch)), name,
                               ping=actor.ready.remote)
         except WorkerDied:
             if not members.removed(name, actor):
