@@ -63,6 +63,15 @@ def labeled_edges(ray_local, demo_corpus, tmp_path_factory):
     return str(out)
 
 
+@pytest.fixture(scope="session")
+def example_plugin(tmp_path_factory):
+    """examples/third_party_labeler pip-installed once for the session (tests/plugin_install.py): (environment with
+    it installed, the same environment without it). Tests read the installed folder, never write into it."""
+    from tests.plugin_install import install_example_plugin
+
+    return install_example_plugin(str(tmp_path_factory.mktemp("plugin")))
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models train fastest on one torch thread (and 2-core CI machines are shared)."""

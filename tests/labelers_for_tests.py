@@ -90,11 +90,36 @@ class _CrashConfig:
     once_dir: str = ""  # when set: crash only the first time per key (a transient worker death)
     how: str = "segfault"  # "segfault" or "exit"
     sleep: float = 0.0  # seconds per batch (to make a job slow enough to interrupt)
+    # when set: every batch but the first ``free_calls`` (across processes) notes itself in ``gate``.held and waits
+    # until the file ``gate`` exists, then notes that it went on in ``gate``.released (a job held where a test wants)
+    gate: str = ""
+    free_calls: int = 0
+
+
+def _wait_at_gate(gate: str, free_calls: int) -> None:
+    import os
+    import time
+
+    for i in range(free_calls):  # O_EXCL: each free call is taken by exactly one batch
+        try:
+            os.close(os.open(f"{gate}.free-{i}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return
+        except FileExistsError:
+            continue
+    with open(f"{gate}.held", "a") as f:
+        f.write("x")
+    deadline = time.time() + 600
+    while not os.path.exists(gate) and time.time() < deadline:
+        time.sleep(0.05)
+    with open(f"{gate}.released", "a") as f:
+        f.write("x")
 
 
 def _crashy_batch(config, batch):
     import time
 
+    if config.gate:
+        _wait_at_gate(config.gate, config.free_calls)
     if config.sleep:
         time.sleep(config.sleep)
     for inp in batch:

@@ -2,13 +2,14 @@
 
 Two real drivers (the ``modalmill run`` CLI in subprocesses, each with its own embedded Ray), on a local output and
 on SeaweedFS on loopback (files compared by ETag, LastModified and size there). Driver A runs a
-slow job; once it has committed a shard, driver B starts with ``--wait``; then A's driver process is frozen with
-SIGSTOP (a paused heartbeat, as in a long GC pause or a frozen VM: its Ray workers keep running). A's heartbeat
-goes stale, B takes the lease over and is frozen at once, so that from then on only A could write. After the
-takeover plus one heartbeat interval the committed files of the output (markers, manifests, tars, index, run
-records) are snapshotted by inode, mtime and size; A is resumed and must exit 5 naming B, with that snapshot
-unchanged although its shard tasks went on to their write steps (they meet the fence: ``LeaseLost``). Then B
-finishes the job and the output passes ``modalmill check``.
+job whose labeler lets one batch through and holds the others at a gate (a file the test creates); once A has
+committed a shard, driver B starts with ``--wait``; then A's driver process is frozen with SIGSTOP (a paused
+heartbeat, as in a long GC pause or a frozen VM: its Ray workers keep running). A's heartbeat goes stale, B takes
+the lease over and is frozen at once, so that from then on only A could write. After the takeover plus one
+heartbeat interval the committed files of the output (markers, manifests, tars, index, run records) are
+snapshotted by inode, mtime and size; the gate opens and A's held shard tasks go on to their write steps (they meet
+the fence: ``LeaseLost``) while A is still frozen; A is resumed and must exit 5 naming B, with that snapshot
+unchanged. Then B finishes the job (the gate open: no waiting) and the output passes ``modalmill check``.
 """
 
 import dataclasses
@@ -26,6 +27,7 @@ from modalmill.jobs.democorpus import build_corpus
 
 TTL_S = 4.0  # heartbeat every TTL_S / 4 = 1 s
 N_SHARDS = 6
+TO_WRITE_STEPS_S = 3.0  # from a released batch to its shard task's write steps (3 samples of 100-140 px)
 
 
 def _cli(args, env, logs):
@@ -90,10 +92,11 @@ def test_a_driver_whose_lease_is_taken_over_commits_nothing_more_and_exits_5(tmp
     corpus = tmp_path / "corpus"
     build_corpus(str(corpus), n_shards=N_SHARDS, per_shard=3, size_range=(100, 140))
     out, committed = where
-    job = tmp_path / "job.yaml"
+    job, gate = tmp_path / "job.yaml", tmp_path / "gate"
     job.write_text(f"input: '{corpus}/shard-{{00000..{N_SHARDS - 1:05d}}}.tar'\noutput: {out}\n"
-                   "modalities: [rgb, caption]\nbatch_size: 3\n"
-                   "labelers: {test_crash_task: {config: {sleep: 12}}}\nray: {num_cpus: 2}\n")
+                   "modalities: [rgb, caption]\nbatch_size: 3\n"  # one batch per shard
+                   f"labelers: {{test_crash_task: {{config: {{gate: '{gate}', free_calls: 1}}}}}}\n"
+                   "ray: {num_cpus: 2}\n")
     env = {**os.environ, "MODALMILL_LEASE_TTL_S": str(TTL_S), "RAY_AUTH_MODE": "disabled",
            "PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH", "")] if p)}
     args = ["run", str(job), "--no-progress"]
@@ -117,7 +120,11 @@ def test_a_driver_whose_lease_is_taken_over_commits_nothing_more_and_exits_5(tmp
         before = committed(out)
         done_by_a = set(manifest.list_markers(out))
         assert len(done_by_a) < N_SHARDS, "driver A finished before the takeover: nothing was fenced"
-        time.sleep(14)  # A's shard tasks (12 s per batch) reach their write steps while A is still frozen
+        gate.touch()  # A's held shard tasks go on to their write steps while A is still frozen
+        held, released = tmp_path / "gate.held", tmp_path / "gate.released"
+        _wait(lambda: released.exists() and released.stat().st_size == held.stat().st_size, 60,
+              "A's held batches to go on")
+        time.sleep(TO_WRITE_STEPS_S)
         os.kill(a.pid, signal.SIGCONT)
         a.wait(timeout=180)
         out_a, err_a = _log(la, "out"), _log(la, "err")

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.plugin_install import install_example_plugin
 
 
 def modalmill(*args, env, timeout=300):
@@ -23,9 +22,9 @@ def modalmill(*args, env, timeout=300):
 
 
 @pytest.fixture(scope="module")
-def plugin_env(tmp_path_factory):
+def plugin_env(example_plugin):
     """The environment of a machine where the example package is installed (pip, the real way), and without it."""
-    env, without = install_example_plugin(str(tmp_path_factory.mktemp("plugin")))
+    env, without = example_plugin
     d = env["PYTHONPATH"].split(os.pathsep)[0]
     entry_points = [os.path.join(d, n, "entry_points.txt") for n in os.listdir(d)
                     if n.startswith("modalmill_grayscale-") and n.endswith(".dist-info")]

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.plugin_install import ROOT, install_example_plugin
+from tests.plugin_install import ROOT
 
 
 def modalmill(*args, env, cwd, timeout=600):
@@ -21,8 +21,8 @@ def modalmill(*args, env, cwd, timeout=600):
 
 
 @pytest.fixture(scope="module")
-def plugin(tmp_path_factory):
-    env, _ = install_example_plugin(str(tmp_path_factory.mktemp("plugin")))
+def plugin(example_plugin):
+    env, _ = example_plugin
     return env
 
 
