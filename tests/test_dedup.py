@@ -11,7 +11,8 @@ from modalmill.io import manifest
 from modalmill.io.writers import TarShardWriter
 from modalmill.jobs.dedup import DedupConfig, read_dedup, run_dedup
 from modalmill.jobs.dedup.index import groups_from_pairs, keep_decisions, near_pairs
-from modalmill.jobs.dedup.semantic import SemanticConfig, semantic_pairs
+from modalmill.jobs.dedup.semantic import (SemanticConfig, normalise, rows_task, semantic_pairs, semantic_pairs_ray,
+                                           take_rows)
 from modalmill.jobs.runner import EXIT_OK, run_job
 from modalmill.jobs.spec import job_from_dict
 from modalmill.schemas import get_modality
@@ -134,6 +135,28 @@ def test_semantic_pairs_two_level_kmeans_on_known_clusters():
     assert np.array_equal(np.sort(pairs, axis=0), np.sort(again, axis=0))
     keep = keep_decisions(groups)
     assert keep.sum() == len(emb) - (groups >= 0).sum() + len(set(groups[groups >= 0]))
+
+
+def test_semantic_pairs_as_ray_tasks_equal_the_in_process_result(ray_local):
+    """The k-means assignment and the within-cluster step as Ray tasks over object-store blocks of uneven sizes
+    (not aligned with the in-process blocks) give exactly the in-process pairs and leaves."""
+    rng = np.random.default_rng(2)
+    centres = rng.standard_normal((150, 64))
+    emb = np.concatenate([np.repeat(centres, 4, axis=0) + 0.05 * rng.standard_normal((600, 64)),
+                          rng.standard_normal((1400, 64))])[rng.permutation(2000)]
+    cfg = SemanticConfig(threshold=0.9, cluster_size=60, seed=1)
+    pairs, sims, leaf = semantic_pairs(emb, cfg, block_rows=512)
+    x = normalise(emb)
+    cuts = [0, 333, 900, 901, 1700, 2000]
+    blocks = [(a, ray_local.put(x[a:b])) for a, b in zip(cuts[:-1], cuts[1:])]
+    rpairs, rsims, rleaf = semantic_pairs_ray(blocks, len(x), cfg)
+    assert leaf.max() + 1 >= 20 and len(pairs) >= 0.95 * 150 * 6
+    assert np.array_equal(leaf, rleaf)
+    order, rorder = np.lexsort(pairs.T[::-1]), np.lexsort(rpairs.T[::-1])
+    assert np.array_equal(pairs[order], rpairs[rorder])
+    np.testing.assert_allclose(sims[order], rsims[rorder], atol=1e-5)
+    want = np.array([0, 332, 333, 900, 1699, 1999])
+    assert np.array_equal(take_rows(blocks, want, rows_task()), x[want])
 
 
 def test_multi_index_hashing_is_exact_against_brute_force():
