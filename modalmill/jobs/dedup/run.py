@@ -115,9 +115,13 @@ def _gather(root: str, cfg: DedupConfig, progress: bool) -> tuple[list[tuple[str
         raise FileNotFoundError(f"{root}: no completed shards (no {manifest.META_DIR}/shards/ markers)")
     folder = cfg.modality if cfg.method == "semantic" else "rgb"
     layout = scan_layout(root)
+    from ...io.cluster import local_s3_env
+
     semantic = cfg.method == "semantic"
+    env = local_s3_env(root)  # workers started before this process's S3 settings were made get them
     task = (ray.remote(num_cpus=1, max_retries=2, num_returns=2)(semantic_fingerprints) if semantic else
             ray.remote(num_cpus=1, max_retries=2)(shard_fingerprints))
+    task = task.options(**({"runtime_env": {"env_vars": env}} if env else {}))
     refs, order = [], []
     for shard in sorted(markers):
         url = layout.folders.get(folder, {}).get(f"{shard}.tar")

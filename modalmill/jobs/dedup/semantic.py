@@ -195,18 +195,22 @@ def _sample_index(n: int, k: int, cfg: SemanticConfig, rng: np.random.Generator)
     return np.sort(rng.choice(n, size=min(n, k * cfg.train_per_centroid), replace=False))
 
 
-def take_rows(blocks: Sequence[tuple[int, object]], idx: np.ndarray, get: Callable | None = None) -> np.ndarray:
-    """Rows ``idx`` (sorted global indices) of the blocks ``(offset, array)``; with ``get`` (a Ray task's remote
-    function) the arrays are object refs and the rows are cut out where they live."""
-    out = []
+def take_rows(blocks: Sequence[tuple[int, object]], idx: np.ndarray, get: Callable | None = None,
+              per_task: int = 64) -> np.ndarray:
+    """Rows ``idx`` (sorted global indices) of the blocks ``(offset, array)``; with ``get`` (:func:`rows_task`)
+    the arrays are object refs and the rows are cut out where they live, ``per_task`` blocks per task."""
+    wanted = []
     for (offset, arr), end in zip(blocks, [b[0] for b in blocks[1:]] + [np.iinfo(np.int64).max]):
         local = idx[(idx >= offset) & (idx < end)] - offset
         if len(local):
-            out.append(get.remote(arr, local) if get is not None else arr[local])
+            wanted.append((local, arr))
+    chunks = [wanted[i:i + per_task] for i in range(0, len(wanted), per_task)]
     if get is not None:
         import ray
 
-        out = ray.get(out)
+        out = ray.get([get.remote([w[0] for w in c], *[w[1] for w in c]) for c in chunks])
+    else:
+        out = [_rows_of([w[0] for w in c], *[w[1] for w in c]) for c in chunks]
     return np.concatenate(out) if out else np.empty((0, 1), np.float16)
 
 
@@ -233,8 +237,8 @@ def semantic_pairs(emb: np.ndarray, cfg: SemanticConfig = SemanticConfig(),
     return _combine(n, results)
 
 
-def _rows_of(arr: np.ndarray, local: np.ndarray) -> np.ndarray:
-    return arr[local]
+def _rows_of(locals_: list[np.ndarray], *arrays: np.ndarray) -> np.ndarray:
+    return np.concatenate([a[i] for i, a in zip(locals_, arrays)])
 
 
 def rows_task():
@@ -244,17 +248,35 @@ def rows_task():
     return ray.remote(num_cpus=1, max_retries=2)(_rows_of)
 
 
-def _split_task(x: np.ndarray, offset: int, centroids: np.ndarray, block: int):
-    """:func:`split_block` as a task of ``len(centroids)`` returns (one return is the part itself, not a list)."""
-    parts = split_block(x, offset, centroids, block)
+def _split_task(centroids: np.ndarray, block: int, offset: int, *arrays: np.ndarray):
+    """:func:`split_block` of consecutive blocks (concatenated) as a task of ``len(centroids)`` returns (one
+    return is the part itself, not a list)."""
+    parts = split_block(arrays[0] if len(arrays) == 1 else np.concatenate(arrays), offset, centroids, block)
     return parts[0] if len(parts) == 1 else tuple(parts)
 
 
+def _map_groups(blocks: Sequence[tuple[int, object]], n: int, rows: int) -> list[list[int]]:
+    """Consecutive blocks grouped to at least ``rows`` rows each (the map tasks' inputs): small output shards
+    would otherwise cut into parts below Ray's inline size, which travel through the driver."""
+    groups, current, start = [], [], 0
+    ends = [b[0] for b in blocks[1:]] + [n]
+    for i, end in enumerate(ends):
+        current.append(i)
+        if end - start >= rows:
+            groups.append(current)
+            current, start = [], end
+    if current:
+        groups.append(current)
+    return groups
+
+
 def semantic_pairs_ray(blocks: Sequence[tuple[int, object]], n: int, cfg: SemanticConfig = SemanticConfig(),
-                       progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                       progress: Callable[[int], None] | None = None,
+                       map_rows: int = 16384) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`semantic_pairs` as Ray tasks over ``blocks``: ``(offset, ref)`` of normalised float16 ``[m, d]``
     arrays in Ray's object store, in order, covering rows ``0..n-1``. The driver trains the coarse centroids on
-    a sample it fetches; one task per block assigns and cuts it; one task per coarse cluster finds its pairs."""
+    a sample it fetches; one task per ``map_rows`` rows of consecutive blocks assigns and cuts them; one task per
+    coarse cluster finds its pairs."""
     import ray
 
     if n == 0:
@@ -265,7 +287,8 @@ def semantic_pairs_ray(blocks: Sequence[tuple[int, object]], n: int, cfg: Semant
     k1 = len(centroids)
     split = ray.remote(num_cpus=1, max_retries=2, num_returns=k1)(_split_task)
     cref = ray.put(centroids)
-    parts = [split.remote(arr, offset, cref, cfg.block) for offset, arr in blocks]
+    parts = [split.remote(cref, cfg.block, blocks[g[0]][0], *[blocks[i][1] for i in g])
+             for g in _map_groups(blocks, n, map_rows)]
     parts = [p if isinstance(p, list) else [p] for p in parts]  # num_returns=1 gives one ref
     reduce = ray.remote(num_cpus=1, max_retries=2)(cluster_pairs)
     refs = [reduce.remote(cfg, c, *[p[c] for p in parts]) for c in range(k1)]  # refs as arguments: resolved
