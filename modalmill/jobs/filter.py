@@ -20,6 +20,9 @@ What NEW says about where things came from (``_modalmill/filter/``):
 - ``dropped.parquet``: per dropped sample its source shard, position and key and the rule(s) that dropped it;
 - ``filter.json``: the settings, the counts by rule and the keep rule of each dedup result used.
 
+One writer: the filter holds NEW's lease (:mod:`modalmill.io.lease`) from before it checks that NEW is empty to
+after its last record; shard tasks check the lease's fence before each commit, the driver before each marker.
+
 NEW's per-shard manifests carry the kept samples' rows from OUT's manifest with ``shard``, ``key`` and
 ``source`` (``OUT#shard-NNNNN``) and ``position`` (in that shard) rewritten, so ``check``, ``status``,
 ``stats`` and 4M's loader read NEW as any output.
