@@ -111,6 +111,27 @@ def test_semantic_dedup_of_an_output_groups_the_known_clusters(planted):
     assert meta["settings"]["modality"] == "dinov2_global"
 
 
+@pytest.mark.slow
+def test_semantic_dedup_on_a_two_node_cluster_equals_the_embedded_run(planted, two_node_cluster):
+    """`modalmill dedup --method semantic --address` on a loopback cluster of two `ray start` nodes: the shard
+    tasks, the assignment and the within-cluster tasks run on the cluster; the groups equal the embedded run's
+    (the previous test wrote the output's dinov2_global tars and its result)."""
+    import subprocess
+    import sys
+
+    out, _ = planted
+    embedded, _ = read_dedup(out, "semantic")
+    r = subprocess.run([sys.executable, "-m", "modalmill", "dedup", out, "--method", "semantic", "--threshold",
+                        "0.95", "--cluster-size", "16", "--name", "sem_cluster", "--address",
+                        two_node_cluster["address"], "--no-progress"], env=two_node_cluster["env"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cluster, meta = read_dedup(out, "sem_cluster")
+    assert meta["settings"]["kmeans"].endswith("Ray tasks")
+    cols = ["group", "shard", "position", "key", "keep"]
+    assert cluster.select(cols).equals(embedded.select(cols)) and len(cluster) > 0
+
+
 def test_semantic_pairs_two_level_kmeans_on_known_clusters():
     """5,000 embeddings: 400 clusters of near-duplicates (cosine > 0.97 to their centre) among 3,000 singletons,
     with leaves of ~100: two-level k-means, every near-duplicate pair found, no false pair."""
