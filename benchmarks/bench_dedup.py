@@ -9,13 +9,15 @@ random "concept" directions, each sample a concept plus isotropic noise (cosine 
 for dedup), and 10% of the samples planted as near-duplicates of another sample (cosine ~0.98); they are made
 and put into the object store before the timed part (where the dedup job's shard tasks would have left them).
 The timed part is :func:`semantic_pairs_ray` with the default settings (threshold 0.95, cluster size 1000),
-after one untimed run on 10,000 rows that starts the workers, repeated (``REPEATS``: the median, min and max are reported). Peak memory is the largest sum, sampled every
-0.5 s during the timed runs, of the proportional set size (PSS: shared pages split among the processes that map
+after one untimed run on 10,000 rows that starts the workers, repeated (``REPEATS``: the median, min and max are
+reported). Peak memory is the largest sum, sampled every 3 s during the timed runs (reading the processes'
+``smaps_rollup`` costs the driver CPU time in proportion to the memory mapped: sampled every 0.5 s it took 62 s
+of CPU at 1M), of the proportional set size (PSS: shared pages split among the processes that map
 them, so the object store counts once) of the driver and every process it started (Ray's daemons, its object
 store, its workers); the embedding blocks alone are ``n * 768 * 2`` bytes of it. The recall of the planted
 pairs is reported next to the time (pairs split across clusters are SemDeDup's approximation).
 
-    python benchmarks/bench_dedup.py              # 100k and 1M (about 3 minutes on 2 idle cores)
+    python benchmarks/bench_dedup.py              # 100k and 1M (about 4 minutes on 2 idle cores, est.)
     python benchmarks/bench_dedup.py --sizes 20000,200000
 """
 
@@ -28,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import threading
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 B7 = "7 semantic dedup"
@@ -70,7 +71,7 @@ def make_embeddings(n: int, dim: int = DIM, seed: int = 0, block: int = 50_000):
 class PssMeter:
     """The peak, over samples every ``interval`` s, of the summed PSS of this process and its descendants."""
 
-    def __init__(self, interval: float = 0.5):
+    def __init__(self, interval: float = 3.0):
         import psutil
 
         self.me, self.interval, self.peak = psutil.Process(), interval, 0

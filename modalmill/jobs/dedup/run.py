@@ -130,7 +130,8 @@ def _gather(root: str, cfg: DedupConfig, progress: bool) -> tuple[list[tuple[str
                                     f"{folder}`)")
         keys = list(markers[shard]["keys"])
         order.extend((shard, k) for k in keys)
-        refs.append(task.remote(root, shard, keys, url) if semantic else task.remote(root, shard, keys, url, cfg.method))
+        args = (root, shard, keys, url) if semantic else (root, shard, keys, url, cfg.method)
+        refs.append(task.remote(*args))
     results = []
     with tqdm(total=len(refs), desc=f"dedup {cfg.method}: shards", unit="shard", disable=not progress) as bar:
         for ref in refs:  # in shard order (results are small)
