@@ -17,7 +17,7 @@ them, so the object store counts once) of the driver and every process it starte
 store, its workers); the embedding blocks alone are ``n * 768 * 2`` bytes of it. The recall of the planted
 pairs is reported next to the time (pairs split across clusters are SemDeDup's approximation).
 
-    python benchmarks/bench_dedup.py              # 100k and 1M (about 4 minutes on 2 idle cores, est.)
+    python benchmarks/bench_dedup.py              # 100k and 1M (3 minutes on 2 idle cores)
     python benchmarks/bench_dedup.py --sizes 20000,200000
 """
 
