@@ -308,13 +308,17 @@ def dedup(output, method, name, threshold, modality, cluster_size, seed, address
 @click.option("--shard-size", type=int, default=1000, show_default=True, help="Samples per output shard.")
 @click.option("--modalities", "-m", default=None, help="Only these modalities (default: every one).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def filter_cmd(output, new, where, dedup_names, shard_size, modalities, no_progress):
-    """Write NEW: the samples of OUTPUT that pass the filters, every modality rewritten aligned and resharded."""
+@click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else an embedded Ray).")
+@click.option("--wait", is_flag=True, help="If another driver holds NEW's lease, wait until it is done instead of "
+                                          "refusing (exit 5).")
+def filter_cmd(output, new, where, dedup_names, shard_size, modalities, no_progress, address, wait):
+    """Write NEW: the samples of OUTPUT that pass the filters, every modality rewritten aligned and resharded.
+    The filter holds NEW's lease while it writes (a second filter into NEW is refused, exit 5)."""
     from .jobs.filter import FilterConfig, run_filter
 
     cfg = FilterConfig(where=where, drop_duplicates=tuple(dedup_names), shard_size=shard_size,
                        modalities=tuple(_csv(modalities) or ()))
-    s = run_filter(output, new, cfg, progress=not no_progress)
+    s = run_filter(output, new, cfg, progress=not no_progress, address=address, wait=wait)
     click.echo(f"{new}: {s['n_kept']} of {s['n_samples']} sample(s) kept in {s['n_shards']} shard(s); "
                f"{s['n_dropped']} dropped")
     for rule, n in sorted(s["dropped_by_rule"].items(), key=lambda kv: -kv[1]):

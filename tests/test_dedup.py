@@ -11,7 +11,8 @@ from modalmill.io import manifest
 from modalmill.io.writers import TarShardWriter
 from modalmill.jobs.dedup import DedupConfig, read_dedup, run_dedup
 from modalmill.jobs.dedup.index import groups_from_pairs, keep_decisions, near_pairs
-from modalmill.jobs.dedup.semantic import SemanticConfig, semantic_pairs
+from modalmill.jobs.dedup.semantic import (SemanticConfig, normalise, rows_task, semantic_pairs, semantic_pairs_ray,
+                                           take_rows)
 from modalmill.jobs.runner import EXIT_OK, run_job
 from modalmill.jobs.spec import job_from_dict
 from modalmill.schemas import get_modality
@@ -110,6 +111,27 @@ def test_semantic_dedup_of_an_output_groups_the_known_clusters(planted):
     assert meta["settings"]["modality"] == "dinov2_global"
 
 
+@pytest.mark.slow
+def test_semantic_dedup_on_a_two_node_cluster_equals_the_embedded_run(planted, two_node_cluster):
+    """`modalmill dedup --method semantic --address` on a loopback cluster of two `ray start` nodes: the shard
+    tasks, the assignment and the within-cluster tasks run on the cluster; the groups equal the embedded run's
+    (the previous test wrote the output's dinov2_global tars and its result)."""
+    import subprocess
+    import sys
+
+    out, _ = planted
+    embedded, _ = read_dedup(out, "semantic")
+    r = subprocess.run([sys.executable, "-m", "modalmill", "dedup", out, "--method", "semantic", "--threshold",
+                        "0.95", "--cluster-size", "16", "--name", "sem_cluster", "--address",
+                        two_node_cluster["address"], "--no-progress"], env=two_node_cluster["env"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cluster, meta = read_dedup(out, "sem_cluster")
+    assert meta["settings"]["kmeans"].endswith("Ray tasks")
+    cols = ["group", "shard", "position", "key", "keep"]
+    assert cluster.select(cols).equals(embedded.select(cols)) and len(cluster) > 0
+
+
 def test_semantic_pairs_two_level_kmeans_on_known_clusters():
     """5,000 embeddings: 400 clusters of near-duplicates (cosine > 0.97 to their centre) among 3,000 singletons,
     with leaves of ~100: two-level k-means, every near-duplicate pair found, no false pair."""
@@ -134,6 +156,28 @@ def test_semantic_pairs_two_level_kmeans_on_known_clusters():
     assert np.array_equal(np.sort(pairs, axis=0), np.sort(again, axis=0))
     keep = keep_decisions(groups)
     assert keep.sum() == len(emb) - (groups >= 0).sum() + len(set(groups[groups >= 0]))
+
+
+def test_semantic_pairs_as_ray_tasks_equal_the_in_process_result(ray_local):
+    """The k-means assignment and the within-cluster step as Ray tasks over object-store blocks of uneven sizes
+    (not aligned with the in-process blocks) give exactly the in-process pairs and leaves."""
+    rng = np.random.default_rng(2)
+    centres = rng.standard_normal((150, 64))
+    emb = np.concatenate([np.repeat(centres, 4, axis=0) + 0.05 * rng.standard_normal((600, 64)),
+                          rng.standard_normal((1400, 64))])[rng.permutation(2000)]
+    cfg = SemanticConfig(threshold=0.9, cluster_size=60, seed=1)
+    pairs, sims, leaf = semantic_pairs(emb, cfg, block_rows=512)
+    x = normalise(emb)
+    cuts = [0, 333, 900, 901, 1700, 2000]
+    blocks = [(a, ray_local.put(x[a:b])) for a, b in zip(cuts[:-1], cuts[1:])]
+    rpairs, rsims, rleaf = semantic_pairs_ray(blocks, len(x), cfg)
+    assert leaf.max() + 1 >= 20 and len(pairs) >= 0.95 * 150 * 6
+    assert np.array_equal(leaf, rleaf)
+    order, rorder = np.lexsort(pairs.T[::-1]), np.lexsort(rpairs.T[::-1])
+    assert np.array_equal(pairs[order], rpairs[rorder])
+    np.testing.assert_allclose(sims[order], rsims[rorder], atol=1e-5)
+    want = np.array([0, 332, 333, 900, 1699, 1999])
+    assert np.array_equal(take_rows(blocks, want, rows_task()), x[want])
 
 
 def test_multi_index_hashing_is_exact_against_brute_force():

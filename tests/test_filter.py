@@ -168,3 +168,77 @@ def test_where_reads_scores_from_metadata_or_their_scalar_modality():
     with pytest.raises(WhereError, match="metadata"):  # brightness lives in metadata only
         needed_modalities(w, {"aesthetic_score", "clip_score"})
     assert needed_modalities(compile_where("aesthetic_score > 5"), {"aesthetic_score"}) == ["aesthetic_score"]
+
+
+def _upload(client, local, bucket, prefix):
+    for dirpath, _, files in os.walk(local):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            client.upload_file(path, bucket, f"{prefix}/" + os.path.relpath(path, local).replace(os.sep, "/"))
+
+
+@pytest.mark.s3
+def test_dedup_and_filter_with_both_outputs_on_s3(scored, filtered, s3_env):
+    """`modalmill dedup` and `modalmill filter` on an output in a SeaweedFS bucket, the new output in the bucket
+    too (the session's Ray workers were started before the S3 settings: they get them from the driver): the same
+    samples kept as locally, `check` clean, the lineage and dropped lists written."""
+    server, bucket = s3_env
+    client = server.client()
+    _upload(client, str(scored), bucket, "out")
+    src, new = f"s3://{bucket}/out", f"s3://{bucket}/curated"
+    r = CliRunner().invoke(main, ["dedup", src, "--method", "exact", "--name", "ex3", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["filter", src, new, "--where", WHERE, "--drop-duplicates", "ex3",
+                                  "--shard-size", "2", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    report = check_output(new)
+    assert report.ok, [v.line() for v in report.violations]
+    here = {s: manifest.read_marker(str(filtered), s)["keys"] for s in manifest.list_markers(str(filtered))}
+    there = {s: m["keys"] for s, m in manifest.list_markers(new).items()}
+    assert there == here
+    kept = pq.read_table(io.BytesIO(client.get_object(Bucket=bucket, Key="curated/_modalmill/filter/kept.parquet")
+                                    ["Body"].read())).to_pylist()
+    assert [k["source_output"] for k in kept] == [src] * len(kept)
+    dropped = pq.read_table(io.BytesIO(client.get_object(
+        Bucket=bucket, Key="curated/_modalmill/filter/dropped.parquet")["Body"].read())).to_pylist()
+    assert any(d["rule"].endswith("dedup:ex3") for d in dropped)
+
+
+def test_filter_holds_the_new_outputs_lease(scored, tmp_path):
+    """A second driver holding NEW's lease: the filter is refused (exit 5, the holder named) and writes nothing
+    but leaves the lease alone; once it is released the filter runs; a filter into a written NEW is refused; a
+    shard task whose lease was taken over commits no tar."""
+    from modalmill.io.lease import Lease, LeaseLost
+    from modalmill.io.tars import scan_layout
+    from modalmill.jobs.filter import FilterConfig, _assign_shards, plan_filter, write_new_shard
+
+    new = tmp_path / "new"
+    other = Lease(str(new), command="another filter").acquire()
+    try:
+        r = CliRunner().invoke(main, ["filter", str(scored), str(new), "--where", WHERE, "--no-progress"])
+        assert r.exit_code == 5, r.output
+        assert "another filter" in r.output and "--wait" in r.output
+        assert sorted(os.listdir(new / "_modalmill")) == ["lease"] and sorted(os.listdir(new)) == ["_modalmill"]
+    finally:
+        other.release()
+    r = CliRunner().invoke(main, ["filter", str(scored), str(new), "--where", WHERE, "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert check_output(str(new)).ok
+    r = CliRunner().invoke(main, ["filter", str(scored), str(new), "--where", WHERE, "--no-progress"])
+    assert r.exit_code == 1 and "already holds files" in r.output
+
+    fenced = tmp_path / "fenced"
+    first = Lease(str(fenced)).acquire()
+    fence = first.fence()
+    first.release()
+    taker = Lease(str(fenced)).acquire()  # the next generation: the first holder's fence is stale
+    try:
+        markers = manifest.list_markers(str(scored))
+        layout = scan_layout(str(scored))
+        kept, _, _ = plan_filter(str(scored), FilterConfig(), markers, layout)
+        part = _assign_shards(kept, 100)[0]
+        with pytest.raises(LeaseLost):
+            write_new_shard(str(scored), str(fenced), part, {"rgb": layout.folders["rgb"]}, ["rgb"], fence)
+        assert not (fenced / "rgb").exists() or not os.listdir(fenced / "rgb")
+    finally:
+        taker.release()

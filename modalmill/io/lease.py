@@ -37,7 +37,8 @@ stores the generation in what it writes. What fencing cannot close: a write step
 instant before a takeover still completes; the taker only takes a lease whose heartbeat is ``ttl_s`` old, and
 such a step is one file, which the commit protocol makes safe to redo.
 
-Only commands that write an output take the lease (``run``, ``label``, ``tokenize``, ``demo``); ``status``,
+Only commands that write an output take the lease (``run``, ``label``, ``tokenize``, ``demo``, and ``filter`` on
+its new output); ``status``,
 ``check``, ``show``, ``stats`` and ``load_dataset`` read without it. Within one process the lease is re-entrant
 (:func:`hold` nests), so ``tokenize`` holds it across its per-modality runs.
 """

@@ -20,6 +20,9 @@ What NEW says about where things came from (``_modalmill/filter/``):
 - ``dropped.parquet``: per dropped sample its source shard, position and key and the rule(s) that dropped it;
 - ``filter.json``: the settings, the counts by rule and the keep rule of each dedup result used.
 
+One writer: the filter holds NEW's lease (:mod:`modalmill.io.lease`) from before it checks that NEW is empty to
+after its last record; shard tasks check the lease's fence before each commit, the driver before each marker.
+
 NEW's per-shard manifests carry the kept samples' rows from OUT's manifest with ``shard``, ``key`` and
 ``source`` (``OUT#shard-NNNNN``) and ``position`` (in that shard) rewritten, so ``check``, ``status``,
 ``stats`` and 4M's loader read NEW as any output.
@@ -33,6 +36,7 @@ from dataclasses import dataclass
 
 from .. import __version__
 from ..io import manifest, storage
+from ..io.lease import LEASE_DIR, hold
 from ..io.tars import decode_member, iter_tar_groups, scan_layout, spec_for_folder
 from ..io.where import Where, compile_where, needed_modalities, record_of
 from ..io.writers import TarShardWriter
@@ -120,8 +124,11 @@ def _assign_shards(kept: list[dict], shard_size: int) -> list[list[dict]]:
 
 
 def write_new_shard(root: str, new: str, samples: list[dict], folders: dict[str, dict[str, str]],
-                    modalities: list[str]) -> dict:
-    """Copy one new shard's samples from the source tars (a Ray task); returns its marker's modalities."""
+                    modalities: list[str], fence=None) -> dict:
+    """Copy one new shard's samples from the source tars (a Ray task); returns its marker's modalities.
+    ``fence`` (the lease's :class:`~modalmill.io.lease.Fence` on NEW) is checked before every tar and the manifest
+    are committed: a filter that lost NEW's lease writes nothing more."""
+    fence = fence or (lambda: None)
     shard = samples[0]["shard"]
     by_source: dict[str, dict[str, dict]] = {}
     for s in samples:
@@ -138,11 +145,13 @@ def write_new_shard(root: str, new: str, samples: list[dict], folders: dict[str,
             for s in samples:
                 for ext, data in members[s["key"]].items():
                     w.write(s["key"], ext, data)
+            fence()
             info[m] = {"labeler": "modalmill.filter", "source": root, **w.commit()}
         except BaseException:
             w.abort()
             raise
     rows = _manifest_rows(root, samples, by_source)
+    fence()
     manifest.write_rows(new, shard, rows)
     return {"modalities": info, "lineage": [(s["input_source"], s["input_position"]) for s in samples]}
 
@@ -160,7 +169,9 @@ def _manifest_rows(root: str, samples: list[dict], by_source: dict) -> list[Samp
 
 
 def _check_new(new: str) -> None:
-    if manifest.list_markers(new) or any(n for n in _listing(new)):
+    """NEW must hold nothing but its lease (which this filter holds)."""
+    lease_dir = manifest.meta_url(new, LEASE_DIR).rstrip("/") + "/"
+    if manifest.list_markers(new) or any(not n.startswith(lease_dir) for n in _listing(new)):
         raise FileExistsError(f"{new}: already holds files; filter writes a new output (remove it first)")
 
 
@@ -201,26 +212,20 @@ def _write_records(new: str, root: str, cfg: FilterConfig, kept: list[dict], dro
                         json.dumps(summary, indent=1, sort_keys=True).encode())
 
 
-def run_filter(root: str, new: str, cfg: FilterConfig, progress: bool = True, address: str | None = None) -> dict:
-    """Write ``new`` from ``root`` under ``cfg``; returns the summary (also in ``_modalmill/filter/filter.json``)."""
+def _write_shards(root: str, new: str, shards: list[list[dict]], folders: dict, modalities: list[str], held,
+                  progress: bool) -> None:
+    """One Ray task per new shard (fenced by NEW's lease); the driver writes each marker (the commit point) after
+    checking that it still holds the lease."""
     import ray
     from tqdm import tqdm
 
-    from ..io.cluster import init_ray
+    from ..io.cluster import local_s3_env
 
-    started = time.time()
-    markers = manifest.list_markers(root)
-    if not markers:
-        raise FileNotFoundError(f"{root}: no completed shards to filter")
-    _check_new(new)
-    layout = scan_layout(root)
-    modalities = _modalities(cfg, markers, layout)
-    kept, dropped, dedup_rules = plan_filter(root, cfg, markers, layout)
-    shards = _assign_shards(kept, cfg.shard_size)
-    init_ray(address, quiet_embedded=True)
-    task = ray.remote(num_cpus=1, max_retries=2)(write_new_shard)
-    folders_ref = ray.put({m: layout.folders[m] for m in modalities})
-    refs = [task.remote(root, new, part, folders_ref, modalities) for part in shards]
+    env = local_s3_env(root, new)
+    task = ray.remote(num_cpus=1, max_retries=2)(write_new_shard).options(
+        **({"runtime_env": {"env_vars": env}} if env else {}))
+    folders_ref, fence = ray.put(folders), held.fence()
+    refs = [task.remote(root, new, part, folders_ref, modalities, fence) for part in shards]
     with tqdm(total=len(refs), desc="filter: shards", unit="shard", disable=not progress) as bar:
         for i, (part, ref) in enumerate(zip(shards, refs)):
             res = ray.get(ref)
@@ -229,18 +234,44 @@ def run_filter(root: str, new: str, cfg: FilterConfig, progress: bool = True, ad
             marker = {"shard": part[0]["shard"], "index": i, "source": f"filter of {root}",
                       "keys": [s["key"] for s in part], "n_samples": len(part), "modalities": res["modalities"],
                       "stats": {"n_read": len(part), "n_ok": len(part), "n_failed": 0, "errors_by_reason": {}},
+                      "lease": {"generation": held.generation, "holder": held.token},
                       "modalmill_version": __version__,
                       "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            held.check()  # raises LeaseLost: another filter owns NEW now, commit nothing more
             manifest.write_marker(new, part[0]["shard"], marker)
             bar.update(1)
-    by_rule: dict[str, int] = {}
-    for d in dropped:
-        by_rule[d["rule"]] = by_rule.get(d["rule"], 0) + 1
-    summary = {"source": root, "output": new, "where": cfg.where, "drop_duplicates": list(cfg.drop_duplicates),
-               "dedup_rules": dedup_rules, "shard_size": cfg.shard_size, "modalities": modalities,
-               "n_samples": len(kept) + len(dropped), "n_kept": len(kept), "n_dropped": len(dropped),
-               "dropped_by_rule": by_rule, "n_shards": len(shards), "seconds": round(time.time() - started, 3),
-               "modalmill_version": __version__}
-    _write_records(new, root, cfg, kept, dropped, summary)
-    return summary
 
+
+def run_filter(root: str, new: str, cfg: FilterConfig, progress: bool = True, address: str | None = None,
+               wait: bool = False) -> dict:
+    """Write ``new`` from ``root`` under ``cfg``; returns the summary (also in ``_modalmill/filter/filter.json``).
+
+    Holds NEW's lease (:mod:`modalmill.io.lease`) from before it checks that NEW is empty to after the last
+    record: a second filter into the same place is refused (:class:`~modalmill.io.lease.LeaseHeld`, exit 5) or,
+    with ``wait``, waits and then finds NEW written and refuses; shard tasks and commits are fenced."""
+    from ..io.cluster import init_ray
+
+    started = time.time()
+    markers = manifest.list_markers(root)
+    if not markers:
+        raise FileNotFoundError(f"{root}: no completed shards to filter")
+    with hold(new, wait=wait, command=f"modalmill filter {root} {new}") as held:
+        _check_new(new)
+        layout = scan_layout(root)
+        modalities = _modalities(cfg, markers, layout)
+        kept, dropped, dedup_rules = plan_filter(root, cfg, markers, layout)
+        shards = _assign_shards(kept, cfg.shard_size)
+        init_ray(address, quiet_embedded=True)
+        _write_shards(root, new, shards, {m: layout.folders[m] for m in modalities}, modalities, held, progress)
+        by_rule: dict[str, int] = {}
+        for d in dropped:
+            by_rule[d["rule"]] = by_rule.get(d["rule"], 0) + 1
+        summary = {"source": root, "output": new, "where": cfg.where, "drop_duplicates": list(cfg.drop_duplicates),
+                   "dedup_rules": dedup_rules, "shard_size": cfg.shard_size, "modalities": modalities,
+                   "n_samples": len(kept) + len(dropped), "n_kept": len(kept), "n_dropped": len(dropped),
+                   "dropped_by_rule": by_rule, "n_shards": len(shards), "seconds": round(time.time() - started, 3),
+                   "lease": {"generation": held.generation, "holder": held.token},
+                   "modalmill_version": __version__}
+        held.check()
+        _write_records(new, root, cfg, kept, dropped, summary)
+    return summary

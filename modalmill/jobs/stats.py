@@ -14,7 +14,8 @@ without markers, every shard of its folder layout) and reports:
   records name for the tok labeler, if its hash is the one every marker records;
 - pixel labels, feature maps and global embeddings: min / max / mean over all values;
 - ``rgb``: width and height ranges; ``metadata``: min / max / mean of every numeric field;
-- the quality scores (``aesthetic_score``, ``watermark_score``, in ``metadata`` and as scalar modalities):
+- the quality scores (``aesthetic_score``, ``watermark_score``, in ``metadata`` and as scalar modalities; the scalar
+  modalities ``nsfw_score`` and ``clip_score``):
   histograms over their ranges (:data:`SCORE_BINS`);
   ``det``/``sam_mask``: instances per sample; ``human_poses``/``pose_keypoints``: people per sample;
   ``caption``: entries per sample (one per crop row), distinct texts among them and characters per text;
@@ -68,7 +69,8 @@ class _Range:
 
 
 # quality scores drawn as histograms by `stats` (metadata fields and scalar modalities): (low, high, bins)
-SCORE_BINS = {"aesthetic_score": (0.0, 10.0, 20), "watermark_score": (0.0, 1.0, 20)}
+SCORE_BINS = {"aesthetic_score": (0.0, 10.0, 20), "watermark_score": (0.0, 1.0, 20), "nsfw_score": (0.0, 1.0, 20),
+              "clip_score": (-1.0, 1.0, 20)}
 
 
 @dataclass

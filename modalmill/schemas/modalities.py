@@ -394,6 +394,8 @@ _R(ModalitySpec("watermark_score", ARRAY, "npy", "float32", (), "LAION watermark
                 value_range=(0, 1)))
 _R(ModalitySpec("clip_score", ARRAY, "npy", "float32", (), "image-caption cosine of CLIP ViT-L/14 (DataComp)",
                 value_range=(-1, 1)))
+_R(ModalitySpec("nsfw_score", ARRAY, "npy", "float32", (), "LAION CLIP-based NSFW detector probability (0..1)",
+                value_range=(0, 1)))
 
 # Token modalities: folder name, source modality, vocab size, tokens per crop (4M's tokenizers, for parity).
 TOKEN_MODALITIES = {

@@ -31,7 +31,7 @@ from ...io.tars import decode_member, iter_tar_groups, scan_layout
 from ...schemas.modalities import get_modality
 from .hashes import hamming, phash_triple, pixel_digest
 from .index import KEEP_RULE, exact_groups, groups_from_pairs, keep_decisions, near_pairs
-from .semantic import SemanticConfig, normalise, semantic_pairs
+from .semantic import SemanticConfig, normalise, rows_task, semantic_pairs_ray, take_rows
 
 __all__ = ["METHODS", "DedupConfig", "dedup_url", "read_dedup", "run_dedup"]
 
@@ -90,14 +90,22 @@ def shard_fingerprints(root: str, shard: str, keys: list[str], url: str, method:
     if method == "semantic":
         rows = {r.key: r for r in manifest.read_rows(root, shard)}
         area = np.array([(rows[k].width or 0) * (rows[k].height or 0) if k in rows else 0 for k in keys], np.int64)
-        return {"area": area, "emb": np.stack(feats)}
+        return {"area": area, "emb": normalise(np.stack(feats))}
     if method == "phash":
         return {"area": area, "hashes": np.array(feats, dtype=np.uint64).reshape(-1, 3)}
     return {"area": area, "digests": feats}
 
 
+def semantic_fingerprints(root: str, shard: str, keys: list[str], url: str) -> tuple[dict, np.ndarray]:
+    """A shard's semantic fingerprints as two task returns: (the areas, the normalised float16 embeddings), so
+    the embeddings stay in Ray's object store for the k-means tasks (:func:`.semantic.semantic_pairs_ray`)."""
+    out = shard_fingerprints(root, shard, keys, url, "semantic")
+    return {"area": out["area"]}, out["emb"]
+
+
 def _gather(root: str, cfg: DedupConfig, progress: bool) -> tuple[list[tuple[str, str]], list[dict]]:
-    """((shard, key) per sample in output order, per-shard fingerprints) computed by Ray tasks."""
+    """((shard, key) per sample in output order, per-shard fingerprints) computed by Ray tasks; for ``semantic``
+    each shard's result holds ``emb_ref``, its embeddings' object ref, instead of the embeddings."""
     import ray
 
     from tqdm import tqdm
@@ -107,7 +115,13 @@ def _gather(root: str, cfg: DedupConfig, progress: bool) -> tuple[list[tuple[str
         raise FileNotFoundError(f"{root}: no completed shards (no {manifest.META_DIR}/shards/ markers)")
     folder = cfg.modality if cfg.method == "semantic" else "rgb"
     layout = scan_layout(root)
-    task = ray.remote(num_cpus=1, max_retries=2)(shard_fingerprints)
+    from ...io.cluster import local_s3_env
+
+    semantic = cfg.method == "semantic"
+    env = local_s3_env(root)  # workers started before this process's S3 settings were made get them
+    task = (ray.remote(num_cpus=1, max_retries=2, num_returns=2)(semantic_fingerprints) if semantic else
+            ray.remote(num_cpus=1, max_retries=2)(shard_fingerprints))
+    task = task.options(**({"runtime_env": {"env_vars": env}} if env else {}))
     refs, order = [], []
     for shard in sorted(markers):
         url = layout.folders.get(folder, {}).get(f"{shard}.tar")
@@ -116,11 +130,12 @@ def _gather(root: str, cfg: DedupConfig, progress: bool) -> tuple[list[tuple[str
                                     f"{folder}`)")
         keys = list(markers[shard]["keys"])
         order.extend((shard, k) for k in keys)
-        refs.append(task.remote(root, shard, keys, url, cfg.method))
+        args = (root, shard, keys, url) if semantic else (root, shard, keys, url, cfg.method)
+        refs.append(task.remote(*args))
     results = []
     with tqdm(total=len(refs), desc=f"dedup {cfg.method}: shards", unit="shard", disable=not progress) as bar:
         for ref in refs:  # in shard order (results are small)
-            results.append(ray.get(ref))
+            results.append({**ray.get(ref[0]), "emb_ref": ref[1]} if semantic else ray.get(ref))
             bar.update(1)
     return order, results
 
@@ -138,13 +153,17 @@ def _find(cfg: DedupConfig, results: list[dict]) -> tuple[np.ndarray, np.ndarray
         t = int(10 if cfg.threshold is None else cfg.threshold)
         pairs, _ = near_pairs(h[:, 0], t, queries=[h[:, 1], h[:, 2]])
         return groups_from_pairs(len(h), pairs), h, {"threshold_bits": t, "queries": "mirror, centre 90% crop"}
-    emb = normalise(np.concatenate([r["emb"] for r in results]) if results else np.empty((0, 1), np.float16))
+    blocks, n = [], 0
+    for r in results:
+        blocks.append((n, r["emb_ref"]))
+        n += len(r["area"])
     sem = cfg.semantic if cfg.threshold is None else SemanticConfig(**{**cfg.semantic.__dict__,
                                                                        "threshold": float(cfg.threshold)})
-    pairs, _, leaf = semantic_pairs(emb, sem)
-    return groups_from_pairs(len(emb), pairs), emb, {"threshold_cosine": sem.threshold, "modality": cfg.modality,
-                                                     "cluster_size": sem.cluster_size, "seed": sem.seed,
-                                                     "n_leaf_clusters": int(leaf.max() + 1) if len(leaf) else 0}
+    pairs, _, leaf = semantic_pairs_ray(blocks, n, sem)
+    return groups_from_pairs(n, pairs), blocks, {"threshold_cosine": sem.threshold, "modality": cfg.modality,
+                                                 "cluster_size": sem.cluster_size, "seed": sem.seed,
+                                                 "n_leaf_clusters": int(leaf.max() + 1) if len(leaf) else 0,
+                                                 "kmeans": "two-level spherical k-means as Ray tasks"}
 
 
 def _distances(method: str, feats, groups: np.ndarray, keep: np.ndarray) -> np.ndarray:
@@ -161,9 +180,12 @@ def _distances(method: str, feats, groups: np.ndarray, keep: np.ndarray) -> np.n
         d = np.min([hamming(h[idx, q], h[ref, 0]) for q in range(3)] +
                    [hamming(h[ref, q], h[idx, 0]) for q in range(3)], axis=0)
         out[idx] = d
-    else:
-        e = feats.astype(np.float32)
-        out[idx] = 1.0 - np.einsum("ij,ij->i", e[idx], e[ref])
+    else:  # feats: the embedding blocks in Ray's object store; fetch the rows of the grouped samples only
+        need = np.unique(np.concatenate([idx, ref]))
+        rows = take_rows(feats, need, rows_task()).astype(np.float32)
+        pos = {int(i): j for j, i in enumerate(need)}
+        a, b = rows[[pos[int(i)] for i in idx]], rows[[pos[int(i)] for i in ref]]
+        out[idx] = 1.0 - np.einsum("ij,ij->i", a, b)
     return out
 
 

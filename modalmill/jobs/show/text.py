@@ -69,7 +69,7 @@ def _r_array(spec, value, ctx):
     return _text(lines, font_size=11, width_chars=50), "array"
 
 
-@renders("aesthetic_score", "watermark_score", "clip_score")
+@renders("aesthetic_score", "watermark_score", "clip_score", "nsfw_score")
 def _r_score(spec, value, ctx):
     """A quality score: the number, large, over a bar filled to its place in the modality's range."""
     from .canvas import BG
