@@ -28,7 +28,7 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m "not slow and not cluster"
 
-# the full suite writes benchmarks/RESULTS.md (< 15 min on 2 cores); `make bench BENCH_ARGS=--quick` for development
+# the full suite writes benchmarks/RESULTS.md (budget 15 min on 2 cores; the last full run took 40: over); `make bench BENCH_ARGS=--quick` for development
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 

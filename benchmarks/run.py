@@ -1,6 +1,6 @@
 """Run every benchmark and write benchmarks/RESULTS.md (``make bench``).
 
-    python benchmarks/run.py            # the full suite (>= 2,000 images; under 15 minutes on 2 cores)
+    python benchmarks/run.py            # the full suite (budget 15 minutes on 2 cores; last run 40 min: over)
     python benchmarks/run.py --quick    # a smoke run for development: 400 images, one repetition each
                                         # (writes benchmarks/_work/RESULTS-quick.md unless --out is given)
     python benchmarks/run.py --only 1,3 # some benchmarks (1, 2 and 4 always run together)
