@@ -34,11 +34,10 @@ from typing import Any
 import numpy as np
 
 from ..io.fetch import resolve
-from .base import LabelFailure, LabelInput, Prepared, register_labeler
-from .clip import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, build_open_clip_visual, find_checkpoint, open_clip_features,
-                   open_clip_image_size, visual_state_dict)
+from .base import LabelFailure, register_labeler
+from .clip import (build_open_clip_visual, find_checkpoint, visual_state_dict)
 from .pins import Pin
-from .quality import ClipL14Config, OpenAIClipL14Labeler, _resize_centre_crop
+from .quality import ClipL14Config, OpenAIClipL14Labeler
 from .state_dicts import load_into, load_state_dict
 from .tf_savedmodel import function_name, graph_nodes, read_bundle
 
@@ -215,17 +214,11 @@ class LaionNsfwLabeler(OpenAIClipL14Labeler):
                                f"{visual.output_dim}")
         return {"visual": visual, "head": head}
 
-    def prepare(self, batch: list[LabelInput]) -> Prepared:
-        size = open_clip_image_size(self.config.arch)[0]
-        return Prepared(_resize_centre_crop(inp.image, size) for inp in batch)
-
     def predict(self, batch: list) -> list[dict[str, Any] | LabelFailure]:
         import torch
 
         visual, head = self.model["visual"], self.model["head"]
-        x = self.to_tensor(batch, size=tuple(visual.image_size), mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD)
-        emb = open_clip_features(visual, x)[2].float()
-        emb = (emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)).half().float()  # clip-retrieval's float16
+        emb = self.unit_embeddings(visual, batch).half().float()  # clip-retrieval's float16
         encoded = torch.from_numpy(head.encode(emb.cpu().numpy())).to(head.mean.device)
         scores = head(encoded).float().cpu().numpy()
         return [{"nsfw_score": np.array(float(s), np.float32)} for s in scores]

@@ -117,6 +117,16 @@ class OpenAIClipL14Labeler(ModelLabeler):
     default_resources = Resources(num_cpus=1, num_gpus=0.25, memory_mb=4000)
     default_batch_size = 16
 
+    def prepare(self, batch: list[LabelInput]) -> Prepared:
+        size = open_clip_image_size(self.config.arch)[0]
+        return Prepared(_resize_centre_crop(inp.image, size) for inp in batch)
+
+    def unit_embeddings(self, visual, batch: list):
+        """The image tower's embeddings of prepared crops, scaled to unit length (what LAION's heads read)."""
+        x = self.to_tensor(batch, size=tuple(visual.image_size), mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD)
+        emb = open_clip_features(visual, x)[2].float()
+        return emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
 
 @register_labeler
 class LaionAestheticLabeler(OpenAIClipL14Labeler):
@@ -146,15 +156,9 @@ class LaionAestheticLabeler(OpenAIClipL14Labeler):
         load_into(head, load_state_dict(head_path), where=f"{where} aesthetic head from {head_path}")
         return {"visual": visual, "head": head}
 
-    def prepare(self, batch: list[LabelInput]) -> Prepared:
-        size = open_clip_image_size(self.config.arch)[0]
-        return Prepared(_resize_centre_crop(inp.image, size) for inp in batch)
-
     def predict(self, batch: list) -> list[dict[str, Any] | LabelFailure]:
         visual, head = self.model["visual"], self.model["head"]
-        x = self.to_tensor(batch, size=tuple(visual.image_size), mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD)
-        emb = open_clip_features(visual, x)[2].float()
-        emb = emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        emb = self.unit_embeddings(visual, batch)
         scores = head(emb).float().reshape(-1).cpu().numpy()
         return [{"aesthetic_score": np.array(min(max(float(s), 0.0), 10.0), np.float32)} for s in scores]
 
