@@ -120,21 +120,28 @@ def _tok_labeler(checkpoint: str):
 # ---------------------------------------------------------------------- the bare loops (from the same tar bytes)
 
 
-def _input_batches(paths: list[str], size: int):
+def _input_batches(paths: list[str], size: int, side: int | None = None):
     """Batches of ``size`` LabelInputs per shard, read from the corpus tars as a full-mode shard task reads them:
-    the tar read, the image decoded, the crop settings made (a generator: this work is timed with the loop)."""
+    the tar read, the image decoded, the crop settings made (a generator: this work is timed with the loop). With
+    ``side`` (the labeler's ``crop_side()``), each JPEG is decoded reduced by the same rule as the shard task's
+    (``modalmill.pipeline.shard._needed``: the smallest crop keeps DRAFT_GAP x ``side`` pixels a side), so both
+    sides decode the same pixels."""
     from modalmill.labelers.base import LabelInput
     from modalmill.io.crops import CropConfig, make_crop_settings
     from modalmill.io.decode import DecodeConfig, decode_image
     from modalmill.io.readers import iter_tar, pick_image_member
+    from modalmill.pipeline.shard import _needed
 
     for p in paths:
         batch = []
         for raw in iter_tar(p):
-            dec = decode_image(pick_image_member(raw.members)[1], DecodeConfig())
-            h, w = dec.image.shape[:2]
+            draft = None if side is None else (
+                lambda w, h, k=raw.key: _needed(w, h, make_crop_settings(k, h, w, CropConfig(), 0), side))
+            dec = decode_image(pick_image_member(raw.members)[1], DecodeConfig(), draft=draft)
+            w, h = dec.stored_size
             batch.append(LabelInput(key=raw.key, image=dec.image, original_size=dec.original_size,
-                                    crops=make_crop_settings(raw.key, h, w, CropConfig(), 0)))
+                                    crops=make_crop_settings(raw.key, h, w, CropConfig(), 0),
+                                    stored_size=dec.stored_size if dec.reduced else None))
             if len(batch) == size:
                 yield batch
                 batch = []
@@ -196,7 +203,7 @@ def bare_dinov2(paths: list[str], weights: str, out: str) -> dict:
     torch.set_num_threads(1)
     lab = _dinov2_labeler(weights)
     startup = {"started": t, "startup_s": round(time.time() - t, 3), "torch_preloaded": preloaded}
-    r = bare_loop("dinov2 bare", lab, _input_batches(paths, BATCH), "dinov2_global", out)
+    r = bare_loop("dinov2 bare", lab, _input_batches(paths, BATCH, lab.crop_side()), "dinov2_global", out)
     return {**r, **startup, "threads": torch.get_num_threads()}
 
 
