@@ -20,7 +20,8 @@ one thing after another, while the pipeline (an embedded Ray of 2 CPUs) reads, d
 tasks beside the model's core, as a GPU pipeline has its CPUs. The outputs must equal the loop's (dinov2_global bit
 for bit as stored; tokens id for id), so both did the same work.
 
-Each repetition runs the loop and the pipeline once each, in fresh processes, on ``MODEL_SHARDS`` shards. Start-up
+Each repetition runs the loop and the pipeline once each, in fresh processes, on the corpus's first ``MODEL_IMAGES``
+JPEGs (default 100; the last runs before: 200) repacked ``MODEL_PER_SHARD`` (50) a shard, the same bytes. Start-up
 is timed the same way on both sides and counted in the end-to-end figure: the pipeline's from before Ray's start
 (Ray, planning, workers importing torch and transformers, the actor loading the model, the run record), the loop's
 from its process start (importing torch and transformers, loading the model). The figure with the target is the
@@ -46,7 +47,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import (ROOT, WORK, Figure, Monitor, Phase, bench_env, count_images, ensure_corpus,
-                               not_measured, shard_pattern, start_ray)
+                               not_measured, resharded, shard_pattern, start_ray)
 
 MARK = "@@PHASE "
 B3 = "3. model path overhead"
@@ -59,10 +60,19 @@ DINOV2_SIZES = {"vits14": dict(hidden_size=384, num_hidden_layers=12, num_attent
 # the largest that fits the 15-minute suite on 2 cores: ViT-S/14 (one thread: ~0.15-0.2 s an image)
 DINOV2_SIZE = os.environ.get("MODALMILL_BENCH_DINOV2", "vits14")
 TOKENIZER_PRESET = os.environ.get("MODALMILL_BENCH_TOKENIZER", "small")  # modalmill.tokenize.train presets
-MODEL_SHARDS = int(os.environ.get("MODALMILL_BENCH_MODEL_SHARDS", "2"))  # shards of 100 images
+# the corpus's first MODEL_IMAGES images, repacked MODEL_PER_SHARD a shard (2 shards: the pipeline crosses a shard
+# boundary, as it did on 2 x 100). 100 images: ~1.5 batches of 32 a shard; the suite's budget pays for 12 cold runs
+# (2 models x 2 sides x 3 repetitions) of ~20-30 s start-up plus ~0.3 s an image of model time each
+MODEL_IMAGES = int(os.environ.get("MODALMILL_BENCH_MODEL_IMAGES", "100"))
+MODEL_PER_SHARD = int(os.environ.get("MODALMILL_BENCH_MODEL_PER_SHARD", "50"))
 REPEATS = int(os.environ.get("MODALMILL_BENCH_REPEATS", "3"))
 # Ray CPUs per shard task in the model jobs (the job spec's ray.shard_cpus)
 SHARD_CPUS = float(os.environ.get("MODALMILL_BENCH_SHARD_CPUS", "1"))
+
+
+def model_corpus(log=print) -> list[str]:
+    """The shards both sides read: the corpus's first MODEL_IMAGES JPEGs, MODEL_PER_SHARD a shard (bytes as stored)."""
+    return resharded(ensure_corpus(log), MODEL_IMAGES, MODEL_PER_SHARD, log)
 
 
 # ---------------------------------------------------------------------- models (random weights, made once)
@@ -294,7 +304,7 @@ def pipeline_tokenize(data: str, checkpoint: str) -> dict:
 
 
 def _phase(kind: str, args: dict) -> dict:
-    paths = ensure_corpus()[:args["shards"]]
+    paths = model_corpus()
     if kind == "dinov2 bare":
         return bare_dinov2(paths, args["weights"], args["out"])
     if kind == "dinov2 pipeline":
@@ -412,9 +422,11 @@ def _pair_figures(what: str, reps: list[dict], valid: bool, same_note: str, mode
     n = last["bare_x"]["images"]
     return [
         Figure(B3, f"{what}: bare loop end to end", round(be["median"], 3), "images/s",
-               note=f"{spread} (min {be['min']:.3g}, max {be['max']:.3g}); {n} images from the same tar bytes as the "
-                    f"pipeline: read, decode, crops, the labeler's prepare and process_batch in batches of "
-                    f"{BATCH}, outputs encoded; one process, torch threads {last['bare_x']['threads']}; "
+               note=f"{spread} (min {be['min']:.3g}, max {be['max']:.3g}); {n} images (the corpus's first "
+                    f"{MODEL_IMAGES}, {MODEL_PER_SHARD} a shard; 200 in the runs before: fewer to fit the suite's "
+                    f"budget) from the same tar bytes as the pipeline: read, decode, crops, the labeler's prepare "
+                    f"and process_batch in batches of {BATCH}, outputs encoded; one process, torch threads "
+                    f"{last['bare_x']['threads']}; "
                     f"{model_note}; start-up (importing torch{' (already imported)' if preloaded else ''}, "
                     f"loading the model) {su['median']:.1f} s; steady state {bs['median']:.3g} images/s",
                detail={"bare": last["bare"].summary(), "sides": sides}),
@@ -422,7 +434,9 @@ def _pair_figures(what: str, reps: list[dict], valid: bool, same_note: str, mode
                "x", f">= {TARGET}", met=bool(valid and e["median"] >= TARGET),
                note=_join(f"{spread} (min {e['min']:.3f}, max {e['max']:.3f}); the whole command on "
                           f"{last['pipe_x']['images']} images with Ray's start ({rs['median']:.1f} s) against the "
-                          f"bare loop with its start-up", same_note, _disturbance(*phases)),
+                          f"bare loop with its start-up; start-up weighs more on {MODEL_IMAGES} images than on "
+                          f"the 200 of the runs before (the steady state and the start-ups below, apart)",
+                          same_note, _disturbance(*phases)),
                detail={"ratios": e["values"], "all": last["pipe"].summary(),
                        "shard_stage_seconds": last["pipe_x"]["shard_stage_seconds"],
                        "timelines": last["pipe_x"]["timelines"]}),
@@ -439,9 +453,9 @@ def _pair_figures(what: str, reps: list[dict], valid: bool, same_note: str, mode
 
 
 def run(log=print) -> list[Figure]:
-    paths = ensure_corpus(log)[:MODEL_SHARDS]
+    paths = model_corpus(log)
     if len(paths) < 2:
-        raise RuntimeError("the model benchmark needs at least 2 corpus shards (MODALMILL_BENCH_MODEL_SHARDS)")
+        raise RuntimeError("the model benchmark needs at least 2 shards (MODALMILL_BENCH_MODEL_IMAGES / _PER_SHARD)")
     shards = [f"shard-{i:05d}" for i in range(len(paths))]
     n_images = count_images(paths)
     base = os.path.join(WORK, "model")

@@ -83,6 +83,33 @@ def ensure_corpus(log=print) -> list[str]:
     return paths
 
 
+def resharded(paths: list[str], images: int, per_shard: int, log=print) -> list[str]:
+    """The first ``images`` samples of the corpus ``paths``, repacked ``per_shard`` a shard (made once, under
+    ``WORK``): every member's bytes and key copied as they are, so the JPEGs are the corpus's own; only the cut
+    into shards differs (a benchmark's own choice: how much work it times, and how finely it can be shared out)."""
+    from modalmill.io.readers import iter_tar
+    from modalmill.jobs.democorpus import write_shard
+
+    d = os.path.join(WORK, f"{os.path.basename(os.path.dirname(paths[0]))}-first{images}-by{per_shard}")
+    n_shards = -(-images // per_shard)
+    out = [os.path.join(d, f"shard-{i:05d}.tar") for i in range(n_shards)]
+    if os.path.exists(os.path.join(d, ".done")) and all(os.path.exists(p) for p in out):
+        return out
+    log(f"repacking the corpus's first {images} images, {per_shard} a shard, in {d} ...")
+    samples = []
+    for p in paths:
+        samples += [(r.key, dict(r.members)) for r in iter_tar(p) if getattr(r, "key", None)]
+        if len(samples) >= images:
+            break
+    if len(samples) < images:
+        raise RuntimeError(f"the corpus has {len(samples)} images, fewer than the {images} asked for")
+    for i, path in enumerate(out):
+        write_shard(path, samples[i * per_shard:min(images, (i + 1) * per_shard)])
+    with open(os.path.join(d, ".done"), "w") as f:
+        f.write(json.dumps({"images": images, "per_shard": per_shard}))
+    return out
+
+
 def shard_pattern(paths: list[str]) -> str:
     """A brace pattern modalmill reads for consecutive shards ``paths`` of the corpus."""
     d = os.path.dirname(paths[0])
