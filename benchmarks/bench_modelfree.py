@@ -318,7 +318,8 @@ def _scaling_figures(reps: list[dict], n_images: int) -> list[Figure]:
         f"{statistics.median(r['phases']['loop'].own_cpu_s for r in reps):.1f}",
         cpu_s={"loop": [round(r["phases"]["loop"].own_cpu_s, 1) for r in reps],
                "modalmill_shard_tasks": [round(t, 1) for t in in_tasks],
-               "modalmill_outside": [round(o, 1) for o in outside]})
+               "modalmill_outside": [round(o, 1) for o in outside]},
+        modalmill_cpu_by_process=[r["phases"]["modalmill"].cpu_by_process for r in reps])
     fig(B1, "two plain loops side by side (no Ray) / one plain loop", pair("2 loops", "loop"), "x",
         note="this machine's own ceiling for the work on 2 cores: the same loop in two processes at once",
         loops=last["2 loops"].summary())
