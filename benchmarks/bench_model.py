@@ -21,7 +21,7 @@ tasks beside the model's core, as a GPU pipeline has its CPUs. The outputs must 
 for bit as stored; tokens id for id), so both did the same work.
 
 Each repetition runs the loop and the pipeline once each, in fresh processes, on the corpus's first ``MODEL_IMAGES``
-JPEGs (default 100; the last runs before: 200) repacked ``MODEL_PER_SHARD`` (50) a shard, the same bytes. Start-up
+JPEGs (default 200) repacked ``MODEL_PER_SHARD`` (100) a shard, the same bytes. Start-up
 is timed the same way on both sides and counted in the end-to-end figure: the pipeline's from before Ray's start
 (Ray, planning, workers importing torch and transformers, the actor loading the model, the run record), the loop's
 from its process start (importing torch and transformers, loading the model). The figure with the target is the
@@ -61,10 +61,10 @@ DINOV2_SIZES = {"vits14": dict(hidden_size=384, num_hidden_layers=12, num_attent
 DINOV2_SIZE = os.environ.get("MODALMILL_BENCH_DINOV2", "vits14")
 TOKENIZER_PRESET = os.environ.get("MODALMILL_BENCH_TOKENIZER", "small")  # modalmill.tokenize.train presets
 # the corpus's first MODEL_IMAGES images, repacked MODEL_PER_SHARD a shard (2 shards: the pipeline crosses a shard
-# boundary, as it did on 2 x 100). 100 images: ~1.5 batches of 32 a shard; the suite's budget pays for 12 cold runs
-# (2 models x 2 sides x 3 repetitions) of ~20-30 s start-up plus ~0.3 s an image of model time each
-MODEL_IMAGES = int(os.environ.get("MODALMILL_BENCH_MODEL_IMAGES", "100"))
-MODEL_PER_SHARD = int(os.environ.get("MODALMILL_BENCH_MODEL_PER_SHARD", "50"))
+# boundary). 200 images, 100 a shard: fewer would let the pipeline's fixed start-up decide the end-to-end figure
+# (12 cold runs: 2 models x 2 sides x 3 repetitions of ~20-30 s start-up plus ~0.3 s an image of model time each)
+MODEL_IMAGES = int(os.environ.get("MODALMILL_BENCH_MODEL_IMAGES", "200"))
+MODEL_PER_SHARD = int(os.environ.get("MODALMILL_BENCH_MODEL_PER_SHARD", "100"))
 REPEATS = int(os.environ.get("MODALMILL_BENCH_REPEATS", "3"))
 # Ray CPUs per shard task in the model jobs (the job spec's ray.shard_cpus)
 SHARD_CPUS = float(os.environ.get("MODALMILL_BENCH_SHARD_CPUS", "1"))
@@ -423,8 +423,7 @@ def _pair_figures(what: str, reps: list[dict], valid: bool, same_note: str, mode
     return [
         Figure(B3, f"{what}: bare loop end to end", round(be["median"], 3), "images/s",
                note=f"{spread} (min {be['min']:.3g}, max {be['max']:.3g}); {n} images (the corpus's first "
-                    f"{MODEL_IMAGES}, {MODEL_PER_SHARD} a shard; 200 in the runs before: fewer to fit the suite's "
-                    f"budget) from the same tar bytes as the pipeline: read, decode, crops, the labeler's prepare "
+                    f"{MODEL_IMAGES}, {MODEL_PER_SHARD} a shard) from the same tar bytes as the pipeline: read, decode, crops, the labeler's prepare "
                     f"and process_batch in batches of {BATCH}, outputs encoded; one process, torch threads "
                     f"{last['bare_x']['threads']}; "
                     f"{model_note}; start-up (importing torch{' (already imported)' if preloaded else ''}, "
@@ -434,8 +433,7 @@ def _pair_figures(what: str, reps: list[dict], valid: bool, same_note: str, mode
                "x", f">= {TARGET}", met=bool(valid and e["median"] >= TARGET),
                note=_join(f"{spread} (min {e['min']:.3f}, max {e['max']:.3f}); the whole command on "
                           f"{last['pipe_x']['images']} images with Ray's start ({rs['median']:.1f} s) against the "
-                          f"bare loop with its start-up; start-up weighs more on {MODEL_IMAGES} images than on "
-                          f"the 200 of the runs before (the steady state and the start-ups below, apart)",
+                          f"bare loop with its start-up (the steady state and the start-ups below, apart)",
                           same_note, _disturbance(*phases)),
                detail={"ratios": e["values"], "all": last["pipe"].summary(),
                        "shard_stage_seconds": last["pipe_x"]["shard_stage_seconds"],

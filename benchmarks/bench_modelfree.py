@@ -13,7 +13,7 @@
 
 Every figure is the median of ``REPEATS`` repetitions (default 3) with min and max; a ratio is the median of the
 ratios of each repetition's runs (paired). Benchmarks 1 and 2 use the first ``MODELFREE_SHARDS`` shards of the
-corpus (default 4: 400 images; the runs before used 8, and 20 before that), a repetition running every phase once,
+corpus (default 8: 800 images; 20 before that), a repetition running every phase once,
 one after another. The CPU ratio's note splits modalmill's CPU into its shard tasks' (the work the loop does, plus
 their per-shard bookkeeping and their workers' start-up) and everything else (the driver, Ray's daemons, the progress
 actor, idle workers): the fixed per-run part, which weighs more the fewer images a run has.
@@ -48,10 +48,9 @@ from benchmarks.common import (MODELFREE, ROOT, WORK, Figure, Monitor, Phase, be
 MARK = "@@PHASE "
 MIB = 2 ** 20
 REPEATS = int(os.environ.get("MODALMILL_BENCH_REPEATS", "3"))
-# of the corpus's 100 images each: 4 (400 images) to fit the suite's budget (the runs before: 8, and 20 before that);
-# modalmill's fixed per-run CPU (driver, Ray's daemons, the progress actor, worker start-up) weighs more on fewer
-# images: the CPU ratio's note splits it out
-MODELFREE_SHARDS = int(os.environ.get("MODALMILL_BENCH_MODELFREE_SHARDS", "4"))
+# of the corpus's 100 images each: 8 (800 images; 20 before that); modalmill's fixed per-run CPU (driver, Ray's
+# daemons, the progress actor, worker start-up) weighs more on fewer images: the CPU ratio's note splits it out
+MODELFREE_SHARDS = int(os.environ.get("MODALMILL_BENCH_MODELFREE_SHARDS", "8"))
 
 # benchmark 4: 12-megapixel JPEGs, BIG_PER_SHARD a shard; the 1x corpus is BIG_SHARDS shards, the 10x one 10 times that
 BIG_SIZE = (4000, 3000)
@@ -300,7 +299,7 @@ def _scaling_figures(reps: list[dict], n_images: int) -> list[Figure]:
         figs.append(Figure(bench, name, v, unit, target, met, _join(spread, note), detail=detail))
 
     fig(B1, "plain single-process loop", rate["loop"], "images/s", note=f"{n_images} images (the corpus's first "
-        f"{MODELFREE_SHARDS} shards; 8, 800 images, in the runs before: fewer to fit the suite's budget); "
+        f"{MODELFREE_SHARDS} shards); "
         f"{last['loop'].own_cores:.2f} cores used", loop=last["loop"].summary())
     fig(B1, "modalmill label, 2 workers", rate["modalmill"], "images/s",
         note="Ray start before timing, not included", modalmill=last["modalmill"].summary(),
