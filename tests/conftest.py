@@ -119,3 +119,10 @@ def pytest_sessionfinish(session, exitstatus):
     mod = sys.modules.get("tests.ray_cluster")
     if mod is not None:
         mod.stop_shared()
+
+
+# ---------------------------------------------------------------------- shared labelled output (issue: suite time)
+# One job labels the demo corpus with every model labeler, once per session (tests/shared_labels.py): the fixtures
+# ``shared_weights`` and ``shared_labels``, used by tests/test_all_labelers.py and the labeler families' pipeline
+# tests. Kept in its own module so that this block stays two lines.
+from tests.shared_labels import shared_labels, shared_weights  # noqa: E402,F401  (session fixtures)

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from modalmill.jobs.runner import EXIT_OK, run_job
-from modalmill.jobs.spec import job_from_dict
+from modalmill.jobs.runner import EXIT_OK
 from modalmill.labelers import LABELERS, LabelFailure, LabelInput, get_labeler
 from modalmill.labelers.depth import (build_dpt, depth_to_uint16, normals_to_uint8, omnidata_dpt_config,
                                       omnidata_to_transformers, transformers_to_omnidata)
@@ -26,26 +25,18 @@ from modalmill.io.fetch import WeightsError
 from modalmill.io.hashes import content_hash
 from modalmill.io import manifest
 from modalmill.schemas import get_modality
-from tests.tiny_models import (TEST_SETTINGS, save_official_omnidata, save_tiny_depth_anything, save_tiny_detr,
-                               save_tiny_mask2former, tiny_dpt)
+from tests.shared_labels import MODALITIES
+from tests.tiny_models import TEST_SETTINGS, save_tiny_detr, save_tiny_mask2former, tiny_dpt
 
 DENSE = ("omnidata_depth", "omnidata_normal", "depth_anything", "mask2former_coco", "detr_coco")
 CPU = {"num_cpus": 0.25, "num_gpus": 0, "memory_mb": 0}  # no GPU and no memory reservation on CI
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    d = tmp_path_factory.mktemp("weights")
-    normal_ckpt = save_official_omnidata(str(d / "omnidata_dpt_normal_v2.ckpt"), 3, seed=1)
-    return {
-        "omnidata_depth": save_official_omnidata(str(d / "omnidata_dpt_depth_v2.ckpt"), 1),
-        "omnidata_normal_ckpt": normal_ckpt,
-        # the normal model goes through the converter (what `modalmill convert-weights` runs)
-        "omnidata_normal": get_labeler("omnidata_normal").convert_weights(normal_ckpt, str(d / "normal-hf")),
-        "depth_anything": save_tiny_depth_anything(str(d / "depth-anything")),
-        "mask2former_coco": save_tiny_mask2former(str(d / "mask2former")),
-        "detr_coco": save_tiny_detr(str(d / "detr")),
-    }
+def weights(shared_weights):
+    """Each labeler's checkpoint: the session's (tests/shared_labels.py), the ones the shared job and its re-runs
+    load. The normal model there went through the converter (what `modalmill convert-weights` runs)."""
+    return {n: shared_weights[n]["weights"] for n in (*DENSE, "omnidata_normal_ckpt")}
 
 
 def labeler(name, weights, **extra):
@@ -320,15 +311,15 @@ def keys_of(path):
     return [name.split(".", 1)[0] for name, _ in tar_members(path)]
 
 
-def test_dense_labelers_in_the_pipeline(ray_local, demo_corpus, weights, tmp_path):
-    out = tmp_path / "out"
+def test_dense_labelers_in_the_pipeline(shared_labels, weights, tmp_path):
+    """Depth, normals and semseg in the session's shared job (tests/shared_labels.py); then, on a copy,
+    --only depth,det --force with Depth Anything and DETR: those are replaced, the shard stays aligned, the rest is
+    untouched."""
+    out, s = shared_labels.out, shared_labels.summary
     mods = ["rgb", "crop_settings", "depth", "normal", "semseg_coco", "det"]
-    labelers = {n: {"config": {"weights": weights[n], **TEST_SETTINGS[n]}, "resources": CPU}
-                for n in ("omnidata_depth", "omnidata_normal", "mask2former_coco", "detr_coco")}
-    data = {"input": os.path.join(demo_corpus, "shard-{00000..00001}.tar"), "output": str(out), "modalities": mods,
-            "batch_size": 4, "decode": {"max_size": 160}, "labelers": labelers}
-    s = run_job(job_from_dict(data), show_progress=False)
     assert s["exit_code"] == EXIT_OK and s["samples_written"] == 10, s
+    for n in ("omnidata_depth", "omnidata_normal", "mask2former_coco"):
+        assert shared_labels.data["labelers"][n]["config"] == {"weights": weights[n], **TEST_SETTINGS[n]}
 
     for shard in ("shard-00000", "shard-00001"):
         keys = keys_of(out / "rgb" / f"{shard}.tar")
@@ -348,20 +339,14 @@ def test_dense_labelers_in_the_pipeline(ray_local, demo_corpus, weights, tmp_pat
             # length: the values are compared with the labeler run in-process below
             sem = get_modality("semseg_coco").decode(members["semseg_coco"][f"{key}.png"])
             assert sem.shape == hw and sem.dtype == np.uint8 and sem.max() <= 132
-            det = json.loads(members["det"][f"{key}.json"])
-            inst = det["instances"]
-            assert 1 <= len(inst) <= 5
-            assert [d["score"] for d in inst] == sorted((d["score"] for d in inst), reverse=True)
-            for d in inst:
-                x0, y0, x1, y1 = d["boxes"]
-                assert 0 <= x0 <= x1 <= 1 and 0 <= y0 <= y1 <= 1 and d["class_name"] in COCO_THING_CLASSES
 
     # the labels are those of the labeler run on the stored rgb (same batch as in the shard task)
     rgbs = [get_modality("rgb").decode(b) for _, b in tar_members(out / "rgb" / "shard-00000.tar")]
+    assert shared_labels.data["batch_size"] == len(rgbs) == 5
     batch = [LabelInput(key=str(i), image=im, original_size=im.shape[1::-1], crops=np.zeros((1, 5), np.int64))
-             for i, im in enumerate(rgbs[:4])]
+             for i, im in enumerate(rgbs)]
     direct = labeler("omnidata_depth", weights).process_batch(batch)
-    stored = [get_modality("depth").decode(b) for _, b in tar_members(out / "depth" / "shard-00000.tar")][:4]
+    stored = [get_modality("depth").decode(b) for _, b in tar_members(out / "depth" / "shard-00000.tar")]
     assert all(np.abs(d["depth"].astype(np.int64) - s.astype(np.int64)).max() <= 1 for d, s in zip(direct, stored))
 
     # the manifest names each labeler, its version and the content hash of the weights it loaded
@@ -369,23 +354,36 @@ def test_dense_labelers_in_the_pipeline(ray_local, demo_corpus, weights, tmp_pat
     assert len(rows) == 10 and all(r["status"] == "ok" for r in rows)
     by_modality = {p["modality"]: p for p in rows[0]["producers"]}
     for modality, name in (("depth", "omnidata_depth"), ("normal", "omnidata_normal"),
-                           ("semseg_coco", "mask2former_coco"), ("det", "detr_coco")):
+                           ("semseg_coco", "mask2former_coco")):
         p = by_modality[modality]
         assert p["labeler"] == name and p["version"] == LABELERS[name].version
         assert p["checkpoint"] == content_hash(weights[name])
 
-    # --only depth --force with Depth Anything: depth is replaced, the shard stays aligned, the rest untouched
-    before = {m: (out / m / "shard-00000.tar").read_bytes() for m in mods if m != "depth"}
-    data["labelers"] = {"depth_anything": {"config": {"weights": weights["depth_anything"],
-                                                      **TEST_SETTINGS["depth_anything"]}, "resources": CPU}}
-    s2 = run_job(job_from_dict(data), only=["depth"], force=True, show_progress=False)
+    # --only depth,det --force with Depth Anything and DETR: replaced, the shard stays aligned, the rest untouched
+    before = {m: (out / m / "shard-00000.tar").read_bytes() for m in MODALITIES if m not in ("depth", "det")}
+    swap = {n: {"config": {"weights": weights[n], **TEST_SETTINGS[n]}, "resources": CPU}
+            for n in ("depth_anything", "detr_coco")}
+    out, s2 = shared_labels.rerun(tmp_path / "again", ["depth", "det"], swap)
     assert s2["exit_code"] == EXIT_OK and s2["samples_written"] == 10, s2
     assert all((out / m / "shard-00000.tar").read_bytes() == b for m, b in before.items())
-    keys = keys_of(out / "rgb" / "shard-00000.tar")
-    assert keys_of(out / "depth" / "shard-00000.tar") == keys
-    for _name, b in tar_members(out / "depth" / "shard-00000.tar"):
-        d = get_modality("depth").decode(b)
-        assert d.dtype == np.uint16 and d.max() == 65535 and d.min() == 0
+    for shard in ("shard-00000", "shard-00001"):
+        keys = keys_of(out / "rgb" / f"{shard}.tar")
+        assert keys_of(out / "depth" / f"{shard}.tar") == keys and keys_of(out / "det" / f"{shard}.tar") == keys
+        for _name, b in tar_members(out / "depth" / f"{shard}.tar"):
+            d = get_modality("depth").decode(b)
+            assert d.dtype == np.uint16 and d.max() == 65535 and d.min() == 0
+        for _name, b in tar_members(out / "det" / f"{shard}.tar"):
+            inst = json.loads(b)["instances"]
+            assert 1 <= len(inst) <= 5
+            assert [d["score"] for d in inst] == sorted((d["score"] for d in inst), reverse=True)
+            for d in inst:
+                x0, y0, x1, y1 = d["boxes"]
+                assert 0 <= x0 <= x1 <= 1 and 0 <= y0 <= y1 <= 1 and d["class_name"] in COCO_THING_CLASSES
+    assert (out / "depth" / "shard-00000.tar").read_bytes() != (shared_labels.out / "depth" / "shard-00000.tar"
+                                                                ).read_bytes()
     rows = manifest.read_manifest(str(out)).to_pylist()
-    p = {p["modality"]: p for p in rows[0]["producers"]}["depth"]
-    assert p["labeler"] == "depth_anything" and p["checkpoint"] == content_hash(weights["depth_anything"])
+    p = {p["modality"]: p for p in rows[0]["producers"]}
+    for modality, name in (("depth", "depth_anything"), ("det", "detr_coco")):
+        assert p[modality]["labeler"] == name and p[modality]["version"] == LABELERS[name].version
+        assert p[modality]["checkpoint"] == content_hash(weights[name])
+    assert p["normal"]["labeler"] == "omnidata_normal"  # the others' producers stay

@@ -4,14 +4,12 @@ variants' contract, and the pipeline: label with tiny models, then ``--only meta
 from __future__ import annotations
 
 import json
-import os
 import tarfile
 
 import numpy as np
 import pytest
 
-from modalmill.jobs.runner import EXIT_OK, run_job
-from modalmill.jobs.spec import job_from_dict
+from modalmill.jobs.runner import EXIT_OK
 from modalmill.labelers import LABELERS, LabelFailure, LabelInput, get_labeler
 from modalmill.labelers.derived import (SOURCES, WALKABLE_CLASSES, DerivedMetadataLabeler, caption_stats, det_stats,
                                         derived_metadata_labeler, geometric_complexity, occlusion_score,
@@ -232,33 +230,21 @@ def keys_of(path):
     return [name.split(".", 1)[0] for name, _ in tar_members(path)]
 
 
-def test_only_metadata_with_the_derived_labeler_adds_the_fields_and_keeps_the_shard_aligned(
-        ray_local, demo_corpus, tmp_path_factory):
-    from tests.tiny_models import save_official_omnidata, save_tiny_detr, save_tiny_mask2former
-
-    w = tmp_path_factory.mktemp("derived-weights")
-    cpu = {"num_cpus": 0.25, "num_gpus": 0, "memory_mb": 0}
-    labelers = {
-        "mask2former_coco": {"config": {"weights": save_tiny_mask2former(str(w / "m2f")), "input_size": 64},
-                             "resources": cpu},
-        "detr_coco": {"config": {"weights": save_tiny_detr(str(w / "detr")), "input_size": 64, "min_score": 0.0,
-                                 "top_k": 5}, "resources": cpu},
-        "omnidata_normal": {"config": {"weights": save_official_omnidata(str(w / "normal.ckpt"), 3)},
-                            "resources": cpu},
-    }
-    out = tmp_path_factory.mktemp("derived-out")
+def test_only_metadata_with_the_derived_labeler_adds_the_fields_and_keeps_the_shard_aligned(shared_labels, tmp_path):
+    """On a copy of the session's shared output (tests/shared_labels.py: semseg, det and normal by tiny models):
+    --only metadata --force with the model-free metadata labeler, then with a derived one."""
     mods = ["rgb", "crop_settings", "semseg_coco", "det", "normal", "metadata"]
-    data = {"input": os.path.join(demo_corpus, "shard-00000.tar"), "output": str(out), "modalities": mods,
-            "batch_size": 5, "decode": {"max_size": 128}, "labelers": labelers}
-    s = run_job(job_from_dict(data), show_progress=False)
-    assert s["exit_code"] == EXIT_OK and s["samples_written"] == 5, s
+    assert shared_labels.summary["exit_code"] == EXIT_OK and shared_labels.summary["samples_written"] == 10
+    out, s = shared_labels.rerun(tmp_path / "out", ["metadata"], {})
+    assert s["exit_code"] == EXIT_OK and s["samples_written"] == 10, s
+    assert manifest.read_marker(str(out), "shard-00000")["modalities"]["metadata"]["labeler"] == "metadata"
     before = {m: (out / m / "shard-00000.tar").read_bytes() for m in mods}
     first = {n.split(".")[0]: json.loads(b) for n, b in tar_members(out / "metadata" / "shard-00000.tar")}
+    assert first and not any(f in meta for meta in first.values() for f in SOURCES["det"])
 
     # the stored metadata was made by the model-free labeler: recompute it with the derived one
-    data["labelers"] = {**labelers, "metadata_derived_geometry": {}}
-    s2 = run_job(job_from_dict(data), only=["metadata"], force=True, show_progress=False)
-    assert s2["exit_code"] == EXIT_OK and s2["samples_written"] == 5 and s2["samples_dropped"] == 0, s2
+    out, s2 = shared_labels.rerun(out, ["metadata"], {"metadata_derived_geometry": {}})
+    assert s2["exit_code"] == EXIT_OK and s2["samples_written"] == 10 and s2["samples_dropped"] == 0, s2
     for m in mods:
         if m != "metadata":
             assert (out / m / "shard-00000.tar").read_bytes() == before[m], f"{m} was rewritten"

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import os
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from modalmill.cli import main
-from modalmill.jobs.runner import EXIT_OK, run_job
-from modalmill.jobs.spec import job_from_dict
+from modalmill.jobs.runner import EXIT_OK
 from modalmill.labelers import get_labeler
 from modalmill.labelers.base import LabelFailure, LabelInput
 from modalmill.labelers.clip import build_open_clip_visual
@@ -27,7 +26,7 @@ from modalmill.io.hashes import content_hash
 from modalmill.labelers.state_dicts import load_into
 from modalmill.io.manifest import read_manifest
 from modalmill.schemas.modalities import get_modality
-from tests.tiny_models import IB_HEADS, save_tiny_clip, save_tiny_dinov2, save_tiny_imagebind
+from tests.tiny_models import IB_HEADS
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FEATURE_LABELERS = ["dinov2", "clip", "imagebind"]
@@ -35,12 +34,12 @@ IB_P, IB_T, IB_H = "modality_preprocessors.vision.", "modality_trunks.vision.", 
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """Tiny random checkpoints in the layouts the real weights come in."""
-    d = tmp_path_factory.mktemp("weights")
-    imagebind, ib_state = save_tiny_imagebind(d)
-    return {"dinov2": {"weights": save_tiny_dinov2(d / "dinov2")}, "clip": save_tiny_clip(d), "imagebind": imagebind,
-            "dir": d, "ib_state": ib_state}
+def tiny(shared_weights):
+    """Tiny random checkpoints in the layouts the real weights come in: the session's (tests/shared_labels.py, the
+    ones the shared job loaded), and ImageBind's vision state read back from its official-layout file."""
+    return {"dinov2": shared_weights["dinov2"], "clip": shared_weights["clip"],
+            "imagebind": shared_weights["imagebind"], "dir": Path(shared_weights["dinov2"]["weights"]).parent,
+            "ib_state": torch.load(shared_weights["imagebind"]["weights"], weights_only=True)}
 
 
 def tar_members(path) -> list[tuple[str, bytes]]:
@@ -133,15 +132,12 @@ def test_registry_entry_is_complete_and_frozen(name):
 # ---------------------------------------------------------------------- in the pipeline
 
 
-def test_feature_labelers_in_the_ray_pipeline(ray_local, demo_corpus, tiny, tmp_path):
-    out = tmp_path / "out"
+def test_feature_labelers_in_the_ray_pipeline(shared_labels, tiny):
+    """DINOv2, CLIP and ImageBind in the session's shared job (tests/shared_labels.py: two crops per sample)."""
+    out, s = shared_labels.out, shared_labels.summary
+    assert all(shared_labels.data["labelers"][n]["config"] == tiny[n] for n in FEATURE_LABELERS)
     mods = ["rgb", "crop_settings", "dinov2", "dinov2_global", "clip", "clip_global", "imagebind", "imagebind_global"]
-    settings = {n: {"config": {k: v for k, v in tiny[n].items()}, "batch_size": 3,
-                    "resources": {"num_cpus": 0.25, "num_gpus": 0, "memory_mb": 0}} for n in FEATURE_LABELERS}
-    spec = job_from_dict({"input": os.path.join(demo_corpus, "shard-{00000..00001}.tar"), "output": str(out),
-                          "modalities": mods, "crops": {"n_crops": 2}, "decode": {"max_size": 256},
-                          "labelers": settings})
-    s = run_job(spec, show_progress=False)
+    assert shared_labels.data["crops"]["n_crops"] == 2
     assert s["exit_code"] == EXIT_OK and s["samples_written"] == 10, s
 
     widths = {"dinov2": (16, 32), "clip": (14, 16), "imagebind": (16, 40)}  # grid side, channels of the tiny models

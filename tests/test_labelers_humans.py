@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import tarfile
 from collections import OrderedDict
 
@@ -17,8 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modalmill.jobs.runner import EXIT_OK, run_job
-from modalmill.jobs.spec import job_from_dict
+from modalmill.jobs.runner import EXIT_OK
 from modalmill.labelers import LabelFailure, LabelInput, get_labeler, humans
 from modalmill.labelers.base import Labeler, register_labeler
 from modalmill.labelers.humans import IMAGENET_MEAN, IMAGENET_STD, build_hmr2, rot6d_to_rotmat, to_official_names
@@ -420,18 +418,17 @@ def _members(path):
         return [(m.name, t.extractfile(m).read()) for m in t.getmembers()]
 
 
-def test_hmr2_in_the_pipeline_after_a_detector(ray_local, demo_corpus, tiny, tmp_path):
-    _, path = tiny
-    out = tmp_path / "out"
+def test_hmr2_in_the_pipeline_after_a_detector(shared_labels, tmp_path):
+    """HMR 2.0 after the default detector (a tiny D-FINE favouring people) in the session's shared job
+    (tests/shared_labels.py); then, on a copy, --only det,human_poses --force with a test detector of known people
+    and other HMR 2.0 settings."""
+    path, out, s = shared_labels.weights["hmr2"]["weights"], shared_labels.out, shared_labels.summary
     mods = ["rgb", "crop_settings", "det", "human_poses"]
-    data = {"input": os.path.join(demo_corpus, "shard-{00000..00001}.tar"), "output": str(out), "modalities": mods,
-            "batch_size": 4, "decode": {"max_size": 128}, "shards": "0",
-            "labelers": {"test_person_boxes": {}, "hmr2": {"config": {"weights": path}, "resources": CPU}}}
-    s = run_job(job_from_dict(data), show_progress=False)
-    assert s["exit_code"] == EXIT_OK and s["samples_written"] == 5, s
+    assert shared_labels.data["labelers"]["hmr2"]["config"] == {"weights": path}
+    assert s["exit_code"] == EXIT_OK and s["samples_written"] == 10, s
     lab = get_labeler("hmr2")({"weights": path})
-    people_count = []
-    for shard in ("shard-00000",):
+    n_people = 0
+    for shard in ("shard-00000", "shard-00001"):
         members = {m: _members(out / m / f"{shard}.tar") for m in mods}
         keys = [n.split(".", 1)[0] for n, _ in members["rgb"]]
         assert len(keys) == 5
@@ -442,42 +439,56 @@ def test_hmr2_in_the_pipeline_after_a_detector(ray_local, demo_corpus, tiny, tmp
             rgb = get_modality("rgb").decode(rgb_b)
             h, w = rgb.shape[:2]
             det, poses = json.loads(det_b), json.loads(hp_b)
-            expected = {0: 0, 1: 1, 2: 2}[int(key) % 3]
-            people_count.append(expected)
-            if not expected:
+            persons = [d for d in det["instances"] if d["class_name"] == "person" and d["score"] >= 0.5
+                       and d["boxes"][2] > d["boxes"][0] and d["boxes"][3] > d["boxes"][1]]
+            n_people += len(persons)
+            if not persons:
                 assert poses == []
                 continue
             get_modality("human_poses").encode(poses, key)
-            persons = [d for d in det["instances"] if d["class_name"] == "person" and d["score"] >= 0.5]
-            np.testing.assert_allclose(poses["bbox_xyxy"], [np.array(d["boxes"]) * [w, h, w, h] for d in persons],
-                                       atol=1e-5)
+            # the people of the stored det, in stored-rgb pixels (ordered by score: compared as sets, for ties)
+            np.testing.assert_allclose(sorted(map(list, poses["bbox_xyxy"])),
+                                       sorted(list(np.array(d["boxes"]) * [w, h, w, h]) for d in persons), atol=1e-5)
             # the stored parameters are those of the labeler run here on the stored rgb and det
             (direct,) = lab.process_batch([_inp(rgb, det, key)])
             for field in ("pred_cam",):
                 np.testing.assert_allclose(poses[field], direct["human_poses"][field], atol=1e-4)
             np.testing.assert_allclose(poses["pred_smpl_params"]["body_pose"],
                                        direct["human_poses"]["pred_smpl_params"]["body_pose"], atol=1e-4)
-    assert set(people_count) == {0, 1, 2}
+    assert n_people > 0, "the person-favouring detector found nobody: HMR 2.0 never ran on a crop"
     rows = manifest.read_manifest(str(out)).to_pylist()
-    assert len(rows) == 5 and all(r["status"] == "ok" for r in rows)
+    assert len(rows) == 10 and all(r["status"] == "ok" for r in rows)
     p = {q["modality"]: q for q in rows[0]["producers"]}["human_poses"]
     assert (p["labeler"], p["version"], p["checkpoint"]) == ("hmr2", lab.version, content_hash(path))
     assert p["config_hash"] == lab.config_hash()
 
-    # --only human_poses --force with other settings: recomputed from the det stored in the output
-    before = {m: (out / m / "shard-00000.tar").read_bytes() for m in ("rgb", "det", "crop_settings")}
-    data["labelers"]["hmr2"]["config"] = {"weights": path, "bbox_frame": "original"}
-    s2 = run_job(job_from_dict(data), only=["human_poses"], force=True, show_progress=False)
-    assert s2["exit_code"] == EXIT_OK and s2["samples_written"] == 5, s2
+    # --only det,human_poses --force: a detector with 0, 1 or 2 people by key, HMR 2.0 in source-image pixels
+    before = {m: (out / m / "shard-00000.tar").read_bytes() for m in ("rgb", "crop_settings", "caption")}
+    out, s2 = shared_labels.rerun(tmp_path / "again", ["det", "human_poses"], {
+        "test_person_boxes": {}, "hmr2": {"config": {"weights": path, "bbox_frame": "original"}, "resources": CPU}})
+    assert s2["exit_code"] == EXIT_OK and s2["samples_written"] == 10, s2
     assert all((out / m / "shard-00000.tar").read_bytes() == b for m, b in before.items())
     rows = {r["key"]: r for r in manifest.read_manifest(str(out)).to_pylist()}
-    for (name, rgb_b), (_, hp_b) in zip(_members(out / "rgb" / "shard-00000.tar"),
-                                        _members(out / "human_poses" / "shard-00000.tar")):
-        key = name.split(".", 1)[0]
-        poses = json.loads(hp_b)
-        if poses:
+    people_count = []
+    for shard in ("shard-00000", "shard-00001"):
+        for (name, rgb_b), (_, hp_b) in zip(_members(out / "rgb" / f"{shard}.tar"),
+                                            _members(out / "human_poses" / f"{shard}.tar")):
+            key = name.split(".", 1)[0]
+            poses = json.loads(hp_b)
+            expected = {0: 0, 1: 1, 2: 2}[int(key) % 3]
+            people_count.append(expected)
+            if not expected:
+                assert poses == []
+                continue
+            get_modality("human_poses").encode(poses, key)
+            assert len(poses["bbox_xyxy"]) == len(poses["pred_cam"]) == expected
             h, w = get_modality("rgb").decode(rgb_b).shape[:2]
             ow, oh = rows[key]["original_width"], rows[key]["original_height"]
             assert max(ow, oh) > 128 and max(w, h) <= 128
             d = np.array(poses["bbox_xyxy"])
             np.testing.assert_allclose(d[0], np.array([0.2, 0.1, 0.7, 0.95]) * [ow, oh, ow, oh], atol=1e-3)
+    assert set(people_count) == {0, 1, 2}
+    p = {q["modality"]: q for q in rows[key]["producers"]}
+    assert p["det"]["labeler"] == "test_person_boxes" and p["human_poses"]["labeler"] == "hmr2"
+    assert p["human_poses"]["config_hash"] == get_labeler("hmr2")({"weights": path, "bbox_frame": "original"}
+                                                                 ).config_hash() != lab.config_hash()

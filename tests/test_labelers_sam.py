@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import tarfile
 
 import numpy as np
 import pytest
 import torch
 
-from modalmill.jobs.runner import EXIT_OK, run_job
-from modalmill.jobs.spec import job_from_dict
+from modalmill.jobs.runner import EXIT_OK
 from modalmill.labelers import LabelFailure, LabelInput, get_labeler
 from modalmill.labelers.model import ModelLabeler
 from modalmill.labelers.sam import SAM_VARIANTS, build_sam, infer_sam_encoder, instance_edges, mask_polygons, variant_of
@@ -23,7 +21,7 @@ from modalmill.io.hashes import content_hash
 from modalmill.io import manifest
 from modalmill.schemas import RecordError, get_modality
 from tests.tiny_models import SAM_TINY as TINY
-from tests.tiny_models import TEST_SETTINGS, save_tiny_sam
+from tests.tiny_models import TEST_SETTINGS
 
 CPU = {"num_cpus": 0.25, "num_gpus": 0, "memory_mb": 0}
 LOOSE = TEST_SETTINGS["sam"]
@@ -34,8 +32,9 @@ class PickledConfig:
 
 
 @pytest.fixture(scope="module")
-def tiny_sam_file(tmp_path_factory):
-    return save_tiny_sam(tmp_path_factory.mktemp("sam") / "sam_tiny.pth")
+def tiny_sam_file(shared_weights):
+    """The session's tiny SAM checkpoint (tests/shared_labels.py: the one the shared job loaded)."""
+    return shared_weights["sam"]["weights"]
 
 
 def _inp(image, key="k"):
@@ -273,16 +272,14 @@ def _members(path):
         return [(m.name, t.extractfile(m).read()) for m in t.getmembers()]
 
 
-def test_sam_in_the_pipeline(ray_local, demo_corpus, tiny_sam_file, tmp_path):
-    out = tmp_path / "out"
+def test_sam_in_the_pipeline(shared_labels):
+    """SAM (and the model-free canny_edge) in the session's shared job (tests/shared_labels.py)."""
+    out, s, tiny_sam_file = shared_labels.out, shared_labels.summary, shared_labels.weights["sam"]["weights"]
     mods = ["rgb", "crop_settings", "sam_mask", "sam_edge", "canny_edge"]
-    data = {"input": os.path.join(demo_corpus, "shard-{00000..00001}.tar"), "output": str(out), "modalities": mods,
-            "batch_size": 3, "decode": {"max_size": 64}, "shards": "0",
-            "labelers": {"sam": {"config": {**LOOSE, "weights": tiny_sam_file}, "resources": CPU}}}
-    s = run_job(job_from_dict(data), show_progress=False)
-    assert s["exit_code"] == EXIT_OK and s["samples_written"] == 5, s
+    assert shared_labels.weights["sam"] == {**LOOSE, "weights": tiny_sam_file}
+    assert s["exit_code"] == EXIT_OK and s["samples_written"] == 10, s
     total = 0
-    for shard in ("shard-00000",):
+    for shard in ("shard-00000", "shard-00001"):
         members = {m: _members(out / m / f"{shard}.tar") for m in mods}
         keys = [n.split(".", 1)[0] for n, _ in members["rgb"]]
         assert len(keys) == 5
@@ -293,9 +290,9 @@ def test_sam_in_the_pipeline(ray_local, demo_corpus, tiny_sam_file, tmp_path):
             rec = _check_labels({"sam_mask": json.loads(mask_b), "sam_edge": get_modality("sam_edge").decode(edge_b)},
                                 rgb.shape[:2])
             total += len(rec["instances"])
-    assert total >= 5  # at least one instance per sample
+    assert total >= 10  # at least one instance per sample on average
     rows = manifest.read_manifest(str(out)).to_pylist()
-    assert len(rows) == 5 and all(r["status"] == "ok" for r in rows)
+    assert len(rows) == 10 and all(r["status"] == "ok" for r in rows)
     producers = {p["modality"]: p for p in rows[0]["producers"]}
     lab = get_labeler("sam")({**LOOSE, "weights": tiny_sam_file})
     for m in ("sam_mask", "sam_edge"):

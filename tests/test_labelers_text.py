@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from modalmill.cli import main
-from modalmill.jobs.runner import EXIT_OK, run_job
-from modalmill.jobs.spec import job_from_dict
+from modalmill.jobs.runner import EXIT_OK
 from modalmill.labelers import get_labeler
 from modalmill.labelers.base import LabelFailure, LabelInput
 from modalmill.labelers.model import ModelLabeler
@@ -22,14 +21,15 @@ from modalmill.io.fetch import WeightsError
 from modalmill.io.hashes import content_hash
 from modalmill.io.manifest import read_manifest
 from modalmill.schemas.modalities import get_modality
-from tests.tiny_models import WORDS, save_tiny_blip, save_tiny_t5
+from tests.tiny_models import WORDS
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("text-weights")
-    return {"caption": {"weights": save_tiny_blip(d / "blip")}, "t5_caption": {"weights": save_tiny_t5(d / "t5")},
-            "dir": d}
+def tiny(shared_weights):
+    """The session's tiny BLIP and T5 (tests/shared_labels.py: the ones the shared job loaded)."""
+    t5 = shared_weights["t5_caption"]["weights"]
+    return {"caption": shared_weights["caption"], "t5_caption": shared_weights["t5_caption"],
+            "dir": Path(t5).parent}
 
 
 def tar_members(path) -> list[tuple[str, bytes]]:
@@ -73,17 +73,13 @@ def test_registry_entry_is_complete_and_frozen(name):
 # ---------------------------------------------------------------------- in the pipeline
 
 
-def test_captions_then_t5_embeddings_in_the_ray_pipeline(ray_local, demo_corpus, tiny, tmp_path):
-    """caption and t5_caption in one job (t5 reads the caption labels of the same job); then --only t5_caption
-    --force recomputes the embeddings from the stored captions and gets the same values."""
+def test_captions_then_t5_embeddings_in_the_ray_pipeline(shared_labels, tmp_path):
+    """caption and t5_caption in one job (t5 reads the caption labels of the same job: the session's shared job,
+    tests/shared_labels.py); then --only t5_caption --force (on a copy) recomputes the embeddings from the stored
+    captions and gets the same values."""
     from transformers import AutoTokenizer
 
-    out = tmp_path / "out"
-    data = {"input": os.path.join(demo_corpus, "shard-{00000..00001}.tar"), "output": str(out),
-            "modalities": ["rgb", "caption", "t5_caption"], "decode": {"max_size": 128},
-            "labelers": {n: {"config": {"weights": tiny[n]["weights"]}, "batch_size": 4,
-                             "resources": {"num_cpus": 0.5, "num_gpus": 0}} for n in ("caption", "t5_caption")}}
-    s = run_job(job_from_dict(data), show_progress=False)
+    out, s, tiny = shared_labels.out, shared_labels.summary, shared_labels.weights
     assert s["exit_code"] == EXIT_OK and s["samples_written"] == 10, s
 
     tok = AutoTokenizer.from_pretrained(tiny["t5_caption"]["weights"])
@@ -97,7 +93,9 @@ def test_captions_then_t5_embeddings_in_the_ray_pipeline(ray_local, demo_corpus,
         for (cname, cap_b), (tname, t5_b) in zip(members["caption"], members["t5_caption"]):
             assert cname.endswith(".json") and tname.endswith(".npz")
             caps = json.loads(cap_b)
-            assert isinstance(caps, list) and len(caps) == 1 and isinstance(caps[0], str) and caps[0].strip()
+            # the caption once per crop row (the shared job has 2 crops), embedded once (4M's one sequence per crop)
+            assert isinstance(caps, list) and isinstance(caps[0], str) and caps[0].strip()
+            assert caps == [caps[0]] * shared_labels.data["crops"]["n_crops"] and len(caps) == 2
             assert all(w in WORDS for w in caps[0].split())  # words of the tiny vocabulary, special tokens removed
             z = get_modality("t5_caption").decode(t5_b)
             emb, mask = z["emb"], z["mask_valid"]
@@ -116,7 +114,7 @@ def test_captions_then_t5_embeddings_in_the_ray_pipeline(ray_local, demo_corpus,
         assert prod["t5_caption"]["checkpoint"] == content_hash(tiny["t5_caption"]["weights"])
 
     before = {m: (out / m / "shard-00000.tar").read_bytes() for m in ("rgb", "caption")}
-    s = run_job(job_from_dict(data), only=["t5_caption"], force=True, show_progress=False)
+    out, s = shared_labels.rerun(tmp_path / "again", ["t5_caption"])
     assert s["exit_code"] == EXIT_OK and s["shards_processed"] == 2, s
     assert {m: (out / m / "shard-00000.tar").read_bytes() for m in ("rgb", "caption")} == before  # untouched
     for shard in ("shard-00000", "shard-00001"):
