@@ -18,6 +18,13 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # The shard tasks' test-only crash hook (modalmill.pipeline.shard._step, tests/test_crash_points.py): a folder of this
 # session where crash.json names a write step to die at. Set before any Ray starts, so that its workers inherit it.
 os.environ.setdefault("MODALMILL_TEST_CRASH_DIR", __import__("tempfile").mkdtemp(prefix="modalmill-crash-"))
+# --- pytest-xdist (s9-xdist) ---------------------------------------------------------------------------------------
+# Under `pytest -n N` every worker inherits the controller's environment, this folder included: one worker's
+# crash.json would then kill the shard tasks of a run in another worker. Each worker gets a folder of its own.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["MODALMILL_TEST_CRASH_DIR"] = __import__("tempfile").mkdtemp(
+        prefix=f"modalmill-crash-{os.environ['PYTEST_XDIST_WORKER']}-")
+# --- end pytest-xdist ------------------------------------------------------------------------------------------------
 # Ray workers inherit the environment: let them import test-only labelers from tests/.
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
 if ROOT not in sys.path:

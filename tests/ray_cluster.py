@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import site
 import socket
@@ -93,11 +94,14 @@ class LoopbackCluster:
     def processes(self) -> list[psutil.Process]:
         """This cluster's processes: those whose command line names its temp dir or address, and all their
         descendants (the raylets' agents and workers rename themselves, e.g. ``ray::RuntimeEnvAgent``)."""
+        # whole names only: "127.0.0.1:4321" must not match another cluster's "127.0.0.1:43210" (other pytest-xdist
+        # workers and other test sessions on this machine run clusters of their own)
+        mine = re.compile(rf"{re.escape(self.temp)}(?![\w-])|{re.escape(self.address)}(?!\d)")
         found: dict[int, psutil.Process] = {}
         for p in psutil.process_iter(["cmdline"]):
             try:
                 cmd = " ".join(p.info["cmdline"] or [])
-                if self.temp in cmd or self.address in cmd:
+                if mine.search(cmd):
                     found[p.pid] = p
                     found.update((c.pid, c) for c in p.children(recursive=True))
             except psutil.Error:
