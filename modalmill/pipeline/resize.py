@@ -158,6 +158,7 @@ class Resizer:
     decisions: list[dict] = field(default_factory=list)
     costs: dict[str, float] = field(default_factory=dict)  # the last full measurement (device-s per sample)
     sizes_at_start: dict[str, int] = field(default_factory=dict)
+    settled_at: float | None = None  # when the last resize was done: its new actors serving, the retired ones gone
     t0: float = field(default_factory=time.time)
     last: float = field(default_factory=time.monotonic)
 
@@ -182,6 +183,8 @@ class Resizer:
         self._collect_loads()
         self._admit_started()
         self._retire(now)
+        if self.decisions and self.settled_at is None and not self.starting and not self.retiring:
+            self.settled_at = time.time()
         if now - self.last < self.interval:
             return
         self.last = now
@@ -243,6 +246,7 @@ class Resizer:
                 handle = self.start_actor(d.pool)
                 self.starting[handle.ready.remote()] = (d.pool, handle)
         if decisions:
+            self.settled_at = None
             self._publish()
             self.costs = dict(self.scaler.costs)
             self.scaler.costs.clear()  # shares moved: what the pools cost is measured again
@@ -304,6 +308,7 @@ class Resizer:
                           "measured_samples_per_s": round(self.served.get(p.name, 0) / wall_s, 3) if wall_s else None,
                           "cost_s_per_sample": round(costs[p.name], 6) if p.name in costs else None}
                  for p in self.shapes}
-        return {"budget": self.budget, "decisions": self.decisions, "pools": pools, "projected": projected,
+        return {"budget": self.budget, "decisions": self.decisions, "settled_at": self.settled_at,
+                "pools": pools, "projected": projected,
                 "measured_images_per_s": round(samples / wall_s, 3) if wall_s else None, "wall_s": round(wall_s, 2)}
 
