@@ -18,6 +18,10 @@ Runs, side by side in one Ray (``REPEATS`` pairs, each the median with min and m
 - **equal split**: the best hand-set equal split, one whole device per model (``workers: 1``,
   ``sim_device: 1``): the job runs at the slowest model's speed, a third of the ideal at these costs.
 
+The auto runs read ``MODALMILL_BENCH_AUTOSCALE_SHARDS`` shards (default 6: 600 images), so that a steady state
+follows the resize; the equal split, steady from its first kernel and three times slower per image, reads half as
+many. Each run's notes give the devices' busy fractions over its steady window.
+
 Figures: the *ideal* is devices / summed device time per image (4 / 106.25 ms = 37.6 images/s). *Steady state*:
 images per second over a window that opens when the autoscaler's last resize was done (its new actors set up and
 serving, the retired ones killed: the run record's ``autoscale.settled_at``; the equal split, never resized, from
@@ -70,7 +74,10 @@ SLOTS = 4  # quarter shares per device
 MIX_MS = {"bench_mix_a": 20.0, "bench_mix_b": 80.0, "bench_mix_c": 320.0, "bench_mix_d": 1280.0}
 IDEAL = N_DEVICES / sum(ms / 1000 / BATCH for ms in MIX_MS.values())
 REPEATS = int(os.environ.get("MODALMILL_BENCH_REPEATS", "3"))
-SHARDS = int(os.environ.get("MODALMILL_BENCH_AUTOSCALE_SHARDS", "3"))  # shards of 100 images per run
+# shards of 100 images per auto run: enough for a steady state after the resize; the equal split, never resized and
+# steady from its first kernel, runs on half as many (its job is 3x slower per image)
+SHARDS = int(os.environ.get("MODALMILL_BENCH_AUTOSCALE_SHARDS", "6"))
+EQUAL_SHARDS = max(1, SHARDS // 2)
 STEP_S = 0.01
 TARGET, PLAN_TOLERANCE = 0.9, 0.10
 
@@ -207,7 +214,7 @@ def kernel_logs(devices: str) -> list[dict]:
     for i in range(N_DEVICES):
         p = os.path.join(devices, f"device-{i}.log")
         if os.path.exists(p):
-            out += [json.loads(line) for line in open(p)]
+            out += [{**json.loads(line), "device": i} for line in open(p)]
     if not out:
         raise RuntimeError("no batch reached a simulated device")
     return out
@@ -232,8 +239,23 @@ def steady_state(logs: list[dict], settled_at: float | None, resized: bool) -> d
     done = {m: sum(k["n"] for k in inside if k["who"] == m) for m in MIX_MS}
     window = t1 - t0
     slowest = min(done, key=done.get)
-    return {"window_s": window, "slowest_model": slowest, "done": done,
+    return {"window_s": window, "slowest_model": slowest, "done": done, "busy": device_busy(logs, t0, t1),
             "images_per_s": done[slowest] / window if window > 1.0 and done[slowest] else None}
+
+
+def device_busy(logs: list[dict], t0: float, t1: float) -> list[float]:
+    """Each simulated device's busy fraction over [t0, t1]: the union of its kernels' intervals (a time-sliced
+    device is busy while any kernel runs on it)."""
+    out = []
+    for dev in range(N_DEVICES):
+        spans = sorted((max(k["start"], t0), min(k["end"], t1)) for k in logs if k["device"] == dev)
+        busy, reach = 0.0, t0
+        for a, b in spans:
+            if b > max(a, reach):
+                busy += b - max(a, reach)
+                reach = b
+        out.append(round(busy / (t1 - t0), 3) if t1 > t0 else 0.0)
+    return out
 
 
 def job(paths: list[str], out: str, devices: str, auto: bool):
@@ -303,7 +325,7 @@ def run(log=print) -> list[Figure]:
         pairs = []
         for i in range(REPEATS):
             log(f"{B8}: pair {i + 1} of {REPEATS}: equal split, then auto ...")
-            pairs.append((run_once(paths, auto=False), run_once(paths, auto=True)))
+            pairs.append((run_once(paths[:EQUAL_SHARDS], auto=False), run_once(paths, auto=True)))
     finally:
         ray.shutdown()
     return figures(pairs, projected)
@@ -332,7 +354,7 @@ def figures(pairs: list[tuple[dict, dict]], projected: dict) -> list[Figure]:
                f"{windows} s; last run's resizes: {moves}",
                detail={"pairs": pairs}),
         Figure(B8, "auto, whole job (ramp-up included): throughput vs the ideal", whole["median"], "", "", None,
-               f"{_spread(whole)}; {SHARDS * 100} images a run, jobs of "
+               f"{_spread(whole)}; {SHARDS * 100} images a run ({EQUAL_SHARDS * 100} for the equal split), jobs of "
                f"{jobs} s"),
         Figure(B8, "equal split (one device per model), steady state: throughput vs the ideal", equal["median"], "",
                "", None, f"{_spread(equal)}; whole job {whole_equal['median']:.3f} ({_spread(whole_equal)}); "

@@ -100,6 +100,20 @@ def test_autoscaler_follows_a_change_in_costs():
     assert sum(current.values()) <= 16
 
 
+def test_costs_on_shared_devices_count_how_many_kernels_really_shared_them():
+    """One quarter-share actor per pool, each alone on a device and busy the whole window: its busy time is its
+    device time (nothing shared the device), not a quarter of it; with 16 actors all busy, a quarter (4 at once)."""
+    w = 10.0
+    alone = Autoscaler(quarter_pools(), {"dev": 4}, min_samples=1)
+    alone.observe_all({n: Window(samples=int(w / COSTS[n]), busy_s=w) for n in MIX_MS}, w)
+    assert alone.costs == pytest.approx(COSTS, rel=0.01)
+    full = Autoscaler(quarter_pools(), {"dev": 4}, min_samples=1)
+    full.observe_all({n: Window(samples=int(4 * w * 0.25 / COSTS[n]), busy_s=4 * w) for n in MIX_MS}, w)
+    assert full.costs == pytest.approx(COSTS, rel=0.01)
+    # the projection from such costs never rises above what the devices can do
+    assert allocate(quarter_pools(), alone.costs, {"dev": 4}).throughput <= IDEAL * 1.01
+
+
 def test_a_batch_at_an_actor_a_shrink_removed_is_sent_again(ray_local):
     """A shard task's batch that was at an actor when a shrink killed it (the task had not yet seen the new pool)
     is sent again to an actor that remains; an actor that dies while still in its pool is an error (WorkerDied)."""

@@ -187,11 +187,11 @@ class Resizer:
             self.settled_at = time.time()
         if now - self.last < self.interval:
             return
-        self.last = now
+        seconds, self.last = now - self.last, now
+        if not self.starting and not self.retiring:  # (what the pools did during a resize is not measured)
+            self.scaler.observe_all(self.windows, seconds)
+        self.windows = {p.name: Window() for p in self.shapes}
         if not self.starting and not self.retiring:
-            for name, w in self.windows.items():
-                self.scaler.observe(name, w)
-            self.windows = {p.name: Window() for p in self.shapes}
             self.apply(self.scaler.decide(self.sizes()))
         self._ask_loads()
 
@@ -201,9 +201,8 @@ class Resizer:
         with contextlib.suppress(Exception):
             ray.wait(list(self.asked), num_returns=len(self.asked), timeout=2)
         self._collect_loads()
-        for name, w in self.windows.items():
-            if w.samples >= self.scaler.min_samples:
-                self.scaler.observe(name, w)
+        seconds = time.monotonic() - self.last
+        self.scaler.observe_all(self.windows, seconds, least=self.scaler.min_samples)
         self.windows = {p.name: Window() for p in self.shapes}
 
     def _ask_loads(self) -> None:
