@@ -2,7 +2,7 @@
 
 The driver's loop calls :meth:`Resizer.tick` about twice a second. It
 
-- **measures**: every ``MODALMILL_AUTOSCALE_S`` seconds (default 2) it asks each serving actor for its cumulative
+- **measures**: every ``MODALMILL_AUTOSCALE_S`` seconds (default 1) it asks each serving actor for its cumulative
   counters (:meth:`LabelerActor.load`: samples served and seconds spent in ``process_batch``). The call is queued
   behind the actor's batches and collected without waiting; the difference between two answers is that actor's
   window. Each pool's window (its actors' samples and busy seconds, summed) goes to :class:`.autoscale.Autoscaler`,
@@ -13,7 +13,8 @@ The driver's loop calls :meth:`Resizer.tick` about twice a second. It
 - **applies**: a pool that grows gets new actors at once (Ray places them from what the allocation left free:
   the budget is the cluster's accelerators and its CPUs less one shard task's, the rule the pools start with); an
   actor joins its pool only once it is set up, so no batch waits behind its start. A pool that shrinks *retires*
-  actors: they leave the pool's membership at once, are given ``MODALMILL_AUTOSCALE_DRAIN_S`` seconds (default 3)
+  actors: they leave the pool's membership at once, are given ``MODALMILL_AUTOSCALE_DRAIN_S`` seconds (default 1.5: a shard task
+  sees the shrink within ``REFRESH_S``)
   for the batches already sent to them, then one more call (queued after every batch) and only then killed.
 
 Membership: shard tasks learn each pool's current actors from one small actor, :class:`PoolRegistry` (no CPU; on
@@ -37,9 +38,10 @@ import ray
 
 from .autoscale import Autoscaler, Decision, PoolShape, Window, allocate
 
-INTERVAL_S = float(os.environ.get("MODALMILL_AUTOSCALE_S", "2"))
-DRAIN_S = float(os.environ.get("MODALMILL_AUTOSCALE_DRAIN_S", "3"))
 REFRESH_S = 1.0  # how stale a shard task's view of the pools may be
+INTERVAL_S = float(os.environ.get("MODALMILL_AUTOSCALE_S", "1"))
+# a retired actor's drain: after REFRESH_S no shard task sends it more; the barrier call then waits for the rest
+DRAIN_S = float(os.environ.get("MODALMILL_AUTOSCALE_DRAIN_S", str(REFRESH_S + 0.5)))
 NOT_BUDGET = ("memory", "object_store_memory")
 
 
