@@ -276,7 +276,7 @@ def run_once(paths: list[str], auto: bool) -> dict:
     devices = os.path.join(tmp, "devices")
     os.makedirs(devices)
     try:
-        t = time.perf_counter()
+        t, started = time.perf_counter(), time.time()
         summary = run_job(job(paths, os.path.join(tmp, "out"), devices, auto), show_progress=False)
         elapsed = time.perf_counter() - t
         if summary.get("exit_code", 0) != 0:
@@ -286,8 +286,10 @@ def run_once(paths: list[str], auto: bool) -> dict:
         rec = summary.get("autoscale") or {}
         return {"images": images, "job_s": elapsed, "whole_images_per_s": images / elapsed,
                 "steady": steady_state(logs, rec.get("settled_at"), bool(rec.get("decisions"))),
-                "decisions": rec.get("decisions", []),
-                "projected_by_run": rec.get("projected"), "pools": rec.get("pools")}
+                "decisions": rec.get("decisions", []), "first_kernel_s": min(k["start"] for k in logs) - started,
+                "settled_s": rec["settled_at"] - started if rec.get("settled_at") else None,
+                "projected_by_run": rec.get("projected"), "pools": rec.get("pools"),
+                "actors_at_end": {n: p["actors_at_end"] for n, p in (rec.get("pools") or {}).items()}}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -302,6 +304,17 @@ def plan_projection(paths: list[str]) -> dict:
         return plan(job(paths, os.path.join(tmp, "out"), devices, auto=True), sample=48)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def plan_at(projected: dict, actors: dict[str, int]) -> float:
+    """The throughput ``plan``'s measured costs give for the pools ``actors`` (the same rule: the slowest pool's
+    n * share / cost), so a run that settled on another allocation is compared like with like."""
+    rates = []
+    for c in projected["costs"]:
+        if c["name"] in actors and c["seconds_per_image"] > 0:
+            share = min(1.0, max([v for k, v in c["per_actor"].items() if k == DEVICE] or [1.0]))
+            rates.append(actors[c["name"]] * share / c["seconds_per_image"])
+    return min(rates) if rates else float("nan")
 
 
 def _stats(values: list[float]) -> dict:
@@ -334,8 +347,9 @@ def run(log=print) -> list[Figure]:
 def figures(pairs: list[tuple[dict, dict]], projected: dict) -> list[Figure]:
     if any(r["steady"]["images_per_s"] is None for pair in pairs for r in pair):
         return [Figure(B8, "auto, steady state: throughput vs the ideal", None, "", f">= {TARGET}", None,
-                       "not measured: a run ended before its last actor served for a second (a job too short for "
-                       "its resizes; run with more MODALMILL_BENCH_AUTOSCALE_SHARDS)", detail={"pairs": pairs})]
+                       "not measured: a run's input ran out before its last resize was done (new actors serving, "
+                       "retired ones gone) or less than a second after (a job too short for its resizes on this "
+                       "machine: run with more MODALMILL_BENCH_AUTOSCALE_SHARDS)", detail={"pairs": pairs})]
     equal = _stats([e["steady"]["images_per_s"] / IDEAL for e, _ in pairs])
     auto = _stats([a["steady"]["images_per_s"] / IDEAL for _, a in pairs])
     whole = _stats([a["whole_images_per_s"] / IDEAL for _, a in pairs])
@@ -346,12 +360,16 @@ def figures(pairs: list[tuple[dict, dict]], projected: dict) -> list[Figure]:
     last = pairs[-1][1]
     windows = ", ".join(f"{a['steady']['window_s']:.0f}" for _, a in pairs)
     jobs = ", ".join(f"{a['job_s']:.0f}" for _, a in pairs)
+    settled = ", ".join(f"{a['settled_s']:.0f}" if a.get("settled_s") else "-" for _, a in pairs)
+    busy = ", ".join(str(a["steady"].get("busy")) for _, a in pairs)
     moves = "; ".join(f"{d['pool']} {d['from']}->{d['to']} at {d['t']:.0f} s" for d in last["decisions"]) or "none"
     return [
         Figure(B8, "auto, steady state: throughput vs the ideal", auto["median"], "", f">= {TARGET}",
                auto["median"] >= TARGET,
                f"{_spread(auto)}; ideal {IDEAL:.1f} img/s (4 devices / 106.25 ms per image); steady windows "
-               f"{windows} s; last run's resizes: {moves}",
+               f"{windows} s, opening {settled} s into the job (first kernel at "
+               f"{', '.join(format(a['first_kernel_s'], '.0f') for _, a in pairs)} s); devices busy in the windows "
+               f"{busy}; last run's resizes: {moves}",
                detail={"pairs": pairs}),
         Figure(B8, "auto, whole job (ramp-up included): throughput vs the ideal", whole["median"], "", "", None,
                f"{_spread(whole)}; {SHARDS * 100} images a run ({EQUAL_SHARDS * 100} for the equal split), jobs of "
@@ -364,5 +382,7 @@ def figures(pairs: list[tuple[dict, dict]], projected: dict) -> list[Figure]:
         Figure(B8, "plan's projected throughput vs the auto runs' measured one", plan_ratio, "",
                f"within {PLAN_TOLERANCE:.0%}", abs(plan_ratio - 1) <= PLAN_TOLERANCE,
                f"plan: {projected['images_per_s']:.1f} img/s, actors {projected['actors']}; measured (median steady "
-               f"state) {measured:.1f} img/s", detail={"plan": projected}),
+               f"state) {measured:.1f} img/s; plan's costs at the actors the last auto run ended with "
+               f"({last['actors_at_end']}): {plan_at(projected, last['actors_at_end']):.1f} img/s",
+               detail={"plan": projected}),
     ]
