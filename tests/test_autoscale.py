@@ -90,6 +90,15 @@ def test_autoscaler_waits_for_enough_samples_and_has_hysteresis():
     assert scripted(s, [COSTS, noisy, COSTS], dict(current)) == []
 
 
+def test_autoscaler_decides_only_after_enough_windows():
+    s = Autoscaler(quarter_pools(), {"dev": 4}, min_samples=8, min_windows=3)
+    current = {"clip": 4, "dino": 4, "depth": 4, "sam": 4}
+    assert scripted(s, [COSTS] * 2, current) == [] and not s.ready()
+    assert scripted(s, [COSTS], current) and current["sam"] == 11
+    s.forget()
+    assert not s.ready() and s.costs == {}
+
+
 def test_autoscaler_follows_a_change_in_costs():
     s = Autoscaler(quarter_pools(), {"dev": 4}, min_samples=8, decay=0.0)
     current = {"clip": 1, "dino": 1, "depth": 3, "sam": 11}

@@ -127,8 +127,10 @@ class Autoscaler:
     min_samples: int = 32  # a pool's cost is trusted once this many samples were measured
     min_gain: float = 0.10  # move actors only when the projected throughput rises by at least this fraction
     decay: float = 0.5  # weight of the older measurements when a new window comes in
+    min_windows: int = 1  # and over at least this many windows (since the costs were cleared)
     costs: dict[str, float] = field(default_factory=dict)
     seen: dict[str, int] = field(default_factory=dict)
+    windows: dict[str, int] = field(default_factory=dict)
 
     def observe(self, name: str, window: Window, sharing: float | None = None) -> None:
         """Take one window's measurement. Busy time is turned into device-seconds by dividing it by ``sharing``,
@@ -142,6 +144,7 @@ class Autoscaler:
         old = self.costs.get(name)
         self.costs[name] = cost if old is None else self.decay * old + (1 - self.decay) * cost
         self.seen[name] = self.seen.get(name, 0) + window.samples
+        self.windows[name] = self.windows.get(name, 0) + 1
 
     def observe_all(self, windows: dict[str, Window], seconds: float, least: int = 1) -> None:
         """Take every pool's window of ``seconds``. Actors on fractional shares of a device take turns on it, so
@@ -173,7 +176,14 @@ class Autoscaler:
         return next(p for p in self.pools if p.name == name)
 
     def ready(self) -> bool:
-        return all(self.seen.get(p.name, 0) >= self.min_samples for p in self.pools)
+        return all(self.seen.get(p.name, 0) >= self.min_samples and self.windows.get(p.name, 0) >= self.min_windows
+                   for p in self.pools)
+
+    def forget(self) -> None:
+        """Shares moved: what the pools cost is measured again."""
+        self.costs.clear()
+        self.seen.clear()
+        self.windows.clear()
 
     def decide(self, current: dict[str, int]) -> list[Decision]:
         if not self.ready():

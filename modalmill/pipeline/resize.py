@@ -28,6 +28,7 @@ refreshes, sees that the actor was removed, and sends the batch again to one tha
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import time
@@ -39,6 +40,9 @@ import ray
 from .autoscale import Autoscaler, Decision, PoolShape, Window, allocate
 
 REFRESH_S = 1.0  # how stale a shard task's view of the pools may be
+# a decision needs this many seconds of measurements (since the start or the last resize): one 1 s window of a
+# loaded machine's noise made resizes back and forth on 2 cores
+MEASURE_S = float(os.environ.get("MODALMILL_AUTOSCALE_MEASURE_S", "4"))
 INTERVAL_S = float(os.environ.get("MODALMILL_AUTOSCALE_S", "1"))
 # a retired actor's drain: after REFRESH_S no shard task sends it more; the barrier call then waits for the rest
 DRAIN_S = float(os.environ.get("MODALMILL_AUTOSCALE_DRAIN_S", str(REFRESH_S + 0.5)))
@@ -166,7 +170,8 @@ class Resizer:
 
     def __post_init__(self) -> None:
         batch = 32
-        self.scaler = self.scaler or Autoscaler(self.shapes, self.budget, min_samples=batch)
+        windows = max(1, math.ceil(MEASURE_S / self.interval)) if self.interval > 0 else 1
+        self.scaler = self.scaler or Autoscaler(self.shapes, self.budget, min_samples=batch, min_windows=windows)
         self.sizes_at_start = {n: len(h) for n, h in self.pools.items()}
         self.windows = {p.name: Window() for p in self.shapes}
 
@@ -250,8 +255,7 @@ class Resizer:
             self.settled_at = None
             self._publish()
             self.costs = dict(self.scaler.costs)
-            self.scaler.costs.clear()  # shares moved: what the pools cost is measured again
-            self.scaler.seen.clear()
+            self.scaler.forget()  # shares moved: what the pools cost is measured again
 
     def _admit_started(self) -> None:
         if not self.starting:
