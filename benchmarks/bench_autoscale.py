@@ -25,10 +25,10 @@ as many. Each run's notes give the devices' busy fractions over its steady windo
 Figures: the *ideal* is devices / summed device time per image (4 / 106.25 ms = 37.6 images/s). *Steady state*:
 images per second over a window that opens when the autoscaler's last resize was done (its new actors set up and
 serving, the retired ones killed: the run record's ``autoscale.settled_at``; the equal split, never resized, from
-its first kernel) and closes at the end of the input stream (the last kernel the chain's first model starts),
-counting per model only the kernels that started and ended inside the window, and for the job the fewest images
-any model finished there (every sample visits every model). So it cannot exceed the ideal: every counted
-kernel's device time lies inside the window. (An earlier version counted only the last model's kernels from the
+its first kernel) and closes at the end of the input stream (the first moment a model has started its last
+kernel), counting the images' worth of device work done inside it: each model's device time there (a kernel straddling an edge by
+its part inside), summed, over the device time one image needs (every image needs every model). So it cannot
+exceed the ideal (but for the pro-rating of the straddling kernels). (An earlier version counted only the last model's kernels from the
 last actor's first kernel to the end of the last kernel: a model's backlog drained there, fed by work the other
 models did before the window, gave figures above the ideal, up to 1.11.) *Whole job*:
 images / the ``run_job`` call's wall time (pool start-up, the autoscaler's measuring and moving included); a
@@ -221,26 +221,30 @@ def kernel_logs(devices: str) -> list[dict]:
 
 
 def steady_state(logs: list[dict], settled_at: float | None, resized: bool) -> dict:
-    """The job's images per second in its steady state, counting only work done inside the window.
+    """The job's images per second in its steady state, counting only device work done inside the window.
 
     The window opens when the last resize was done (its new actors all set up and serving, the retired ones
     gone: the run record's ``autoscale.settled_at``; a run without resizes opens at the first kernel) and closes
-    at the end of the input stream (the last kernel the first model of the chain *starts*: after it no image
-    enters the devices and the pools only drain). A batch visits the models in turn, so the job has finished an
-    image when every model has: per model, the images of the kernels that both started and ended in the window,
-    and the job's figure is the fewest of them over the window. It cannot exceed the ideal: every counted kernel's
-    device time lies in the window, so min_m(N_m) * sum_m(c_m) <= sum_m(N_m * c_m) <= devices * window."""
-    first_model = min(logs, key=lambda k: k["start"])["who"]  # the chain's first model
+    at the end of the input stream: the first moment some model has started its last kernel (after it that model's
+    share of the devices idles for want of input, and the pools only drain). Every image needs every model, so the
+    images' worth of work done in the window is the device time each model spent there, summed and divided by the
+    device time one image needs (a kernel straddling an edge counts by the part of it inside). It cannot exceed
+    the ideal: that work is at most devices x window."""
     t0 = settled_at if resized else min(k["start"] for k in logs)
-    t1 = max((k["start"] for k in logs if k["who"] == first_model), default=0.0)
     if t0 is None:  # the job ended before its last resize was done
         return {"window_s": 0.0, "images_per_s": None, "why": "the last resize was not done before the job ended"}
-    inside = [k for k in logs if k["start"] >= t0 and k["end"] <= t1]
-    done = {m: sum(k["n"] for k in inside if k["who"] == m) for m in MIX_MS}
+    t1 = min(max(k["start"] for k in logs if k["who"] == m) for m in {k["who"] for k in logs})
     window = t1 - t0
-    slowest = min(done, key=done.get)
-    return {"window_s": window, "slowest_model": slowest, "done": done, "busy": device_busy(logs, t0, t1),
-            "images_per_s": done[slowest] / window if window > 1.0 and done[slowest] else None}
+    done = {m: 0.0 for m in MIX_MS}
+    for k in logs:
+        inside = min(k["end"], t1) - max(k["start"], t0)
+        if inside > 0:
+            done[k["who"]] += k["n"] * inside / (k["end"] - k["start"])
+    per_image = sum(ms / 1000 / BATCH for ms in MIX_MS.values())
+    work = sum(n * MIX_MS[m] / 1000 / BATCH for m, n in done.items()) / per_image
+    return {"window_s": window, "done": {m: round(n, 1) for m, n in done.items()},
+            "busy": device_busy(logs, t0, t1) if window > 0 else None,
+            "images_per_s": work / window if window > 1.0 and work else None}
 
 
 def device_busy(logs: list[dict], t0: float, t1: float) -> list[float]:
