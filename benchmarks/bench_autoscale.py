@@ -353,7 +353,10 @@ def figures(pairs: list[tuple[dict, dict]], projected: dict) -> list[Figure]:
         return [Figure(B8, "auto, steady state: throughput vs the ideal", None, "", f">= {TARGET}", None,
                        "not measured: a run's input ran out before its last resize was done (new actors serving, "
                        "retired ones gone) or less than a second after (a job too short for its resizes on this "
-                       "machine: run with more MODALMILL_BENCH_AUTOSCALE_SHARDS)", detail={"pairs": pairs})]
+                       "machine: run with more MODALMILL_BENCH_AUTOSCALE_SHARDS); plan projected "
+                       f"{projected['images_per_s']:.1f} img/s; auto whole jobs "
+                       f"{', '.join(format(a['whole_images_per_s'], '.1f') for _, a in pairs)} img/s",
+                       detail={"pairs": pairs, "plan": projected})]
     equal = _stats([e["steady"]["images_per_s"] / IDEAL for e, _ in pairs])
     auto = _stats([a["steady"]["images_per_s"] / IDEAL for _, a in pairs])
     whole = _stats([a["whole_images_per_s"] / IDEAL for _, a in pairs])
