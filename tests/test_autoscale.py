@@ -90,6 +90,15 @@ def test_autoscaler_waits_for_enough_samples_and_has_hysteresis():
     assert scripted(s, [COSTS, noisy, COSTS], dict(current)) == []
 
 
+def test_autoscaler_decides_only_after_enough_windows():
+    s = Autoscaler(quarter_pools(), {"dev": 4}, min_samples=8, min_windows=3)
+    current = {"clip": 4, "dino": 4, "depth": 4, "sam": 4}
+    assert scripted(s, [COSTS] * 2, current) == [] and not s.ready()
+    assert scripted(s, [COSTS], current) and current["sam"] == 11
+    s.forget()
+    assert not s.ready() and s.costs == {}
+
+
 def test_autoscaler_follows_a_change_in_costs():
     s = Autoscaler(quarter_pools(), {"dev": 4}, min_samples=8, decay=0.0)
     current = {"clip": 1, "dino": 1, "depth": 3, "sam": 11}
@@ -98,6 +107,20 @@ def test_autoscaler_follows_a_change_in_costs():
     scripted(s, [COSTS, changed], current)
     assert current["depth"] > 3 and current["sam"] < 11
     assert sum(current.values()) <= 16
+
+
+def test_costs_on_shared_devices_count_how_many_kernels_really_shared_them():
+    """One quarter-share actor per pool, each alone on a device and busy the whole window: its busy time is its
+    device time (nothing shared the device), not a quarter of it; with 16 actors all busy, a quarter (4 at once)."""
+    w = 10.0
+    alone = Autoscaler(quarter_pools(), {"dev": 4}, min_samples=1)
+    alone.observe_all({n: Window(samples=int(w / COSTS[n]), busy_s=w) for n in MIX_MS}, w)
+    assert alone.costs == pytest.approx(COSTS, rel=0.01)
+    full = Autoscaler(quarter_pools(), {"dev": 4}, min_samples=1)
+    full.observe_all({n: Window(samples=int(4 * w * 0.25 / COSTS[n]), busy_s=4 * w) for n in MIX_MS}, w)
+    assert full.costs == pytest.approx(COSTS, rel=0.01)
+    # the projection from such costs never rises above what the devices can do
+    assert allocate(quarter_pools(), alone.costs, {"dev": 4}).throughput <= IDEAL * 1.01
 
 
 def test_a_batch_at_an_actor_a_shrink_removed_is_sent_again(ray_local):

@@ -196,6 +196,7 @@ def test_auto_pools_resized_mid_run_on_two_nodes_lose_nothing(two_node_cluster, 
     retired actor is killed at once (``MODALMILL_AUTOSCALE_DRAIN_S=0``), so batches it still held are sent again
     by their shard tasks: every sample is written, and every tar equals a run with fixed pools, byte for byte."""
     env = {**two_node_cluster["env"], "MODALMILL_AUTOSCALE_S": "0.5", "MODALMILL_AUTOSCALE_DRAIN_S": "0",
+           "MODALMILL_AUTOSCALE_MEASURE_S": "0",
            "TQDM_DISABLE": "1"}
     r = subprocess.run([f"{BIN}/python", "-c", AUTO_SCRIPT, two_node_cluster["address"], str(tmp_path / "corpus"),
                         str(tmp_path)], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)

@@ -90,17 +90,20 @@ def _time_local(run: LabelerRun, inputs: list[LabelInput]) -> float:
     return (time.process_time() - t0) / len(inputs)
 
 
-def _time_actor(run: LabelerRun, actor, inputs: list[LabelInput]) -> float:
-    """Seconds per image of one actor, after a warm-up batch (the first call pays lazy initialisation)."""
+def _time_actor(run: LabelerRun, actor, inputs: list[LabelInput]) -> tuple[float, float]:
+    """Seconds per image of one actor, after a warm-up batch (the first call pays lazy initialisation), and the
+    CPU seconds per image of the labeler's ``prepare`` (done in the shard tasks: their cost)."""
     preparer = run.instance()
     batches = _batches(inputs, run.batch_size)
+    c0 = time.process_time()
     prepared = [preparer.prepare(b) for b in batches]
+    prepare_cost = (time.process_time() - c0) / len(inputs)
     _keep_labels(batches[0], run, ray.get(actor.process_batch.remote(prepared[0])))
     timed = list(zip(batches[1:], prepared[1:])) or [(batches[0], prepared[0])]
     t0 = time.perf_counter()
     for batch, p in timed:
         _keep_labels(batch, run, ray.get(actor.process_batch.remote(p)))
-    return (time.perf_counter() - t0) / sum(len(b) for b, _ in timed)
+    return (time.perf_counter() - t0) / sum(len(b) for b, _ in timed), prepare_cost
 
 
 def measure(spec: JobSpec, runs: list[LabelerRun], inputs: list[LabelInput], read_cost: float) -> list[Cost]:
@@ -117,7 +120,9 @@ def measure(spec: JobSpec, runs: list[LabelerRun], inputs: list[LabelInput], rea
         for run in runs:
             if run.stateful:
                 handle = pools[run.labeler][0]
-                costs.append(Cost(run.labeler, _time_actor(run, handle, inputs), _held(handle)))
+                seconds, prepare_cost = _time_actor(run, handle, inputs)
+                costs.append(Cost(run.labeler, seconds, _held(handle)))
+                shard_cost += prepare_cost
             else:
                 shard_cost += _time_local(run, inputs)
     finally:

@@ -127,25 +127,63 @@ class Autoscaler:
     min_samples: int = 32  # a pool's cost is trusted once this many samples were measured
     min_gain: float = 0.10  # move actors only when the projected throughput rises by at least this fraction
     decay: float = 0.5  # weight of the older measurements when a new window comes in
+    min_windows: int = 1  # and over at least this many windows (since the costs were cleared)
     costs: dict[str, float] = field(default_factory=dict)
     seen: dict[str, int] = field(default_factory=dict)
+    windows: dict[str, int] = field(default_factory=dict)
 
-    def observe(self, name: str, window: Window) -> None:
-        """Take one window's measurement. Busy time is turned into device-seconds by the actor's share: actors
-        that share a device are assumed to keep it full (they take turns), which is what the allocation aims at;
-        a pool measured while its device idles looks cheaper than it is, and the next window corrects it."""
+    def observe(self, name: str, window: Window, sharing: float | None = None) -> None:
+        """Take one window's measurement. Busy time is turned into device-seconds by dividing it by ``sharing``,
+        how many kernels ran on the actor's device at once on average (time-sliced: each went that much slower);
+        None: 1 / the actor's share, as if the actors that share a device kept it full (see :meth:`observe_all`)."""
         if window.samples <= 0:
             return
-        cost = window.busy_s * self._shape(name).share / window.samples
+        share = self._shape(name).share
+        sharing = 1.0 / share if sharing is None else min(max(1.0, sharing), 1.0 / share)
+        cost = window.busy_s / sharing / window.samples
         old = self.costs.get(name)
         self.costs[name] = cost if old is None else self.decay * old + (1 - self.decay) * cost
         self.seen[name] = self.seen.get(name, 0) + window.samples
+        self.windows[name] = self.windows.get(name, 0) + 1
+
+    def observe_all(self, windows: dict[str, Window], seconds: float, least: int = 1) -> None:
+        """Take every pool's window of ``seconds``. Actors on fractional shares of a device take turns on it, so
+        one actor's busy time is its kernels' device time times how many ran at once. That is estimated per kind of
+        device from the pools that hold it: their summed busy seconds over the device-seconds the budget has in
+        the window (at least 1: fewer kernels than devices run alone; at most 1 / the share: a device holds no
+        more actors). Taking the share alone as the sharing made a pool measured while its device idled look
+        cheaper than it is (the projection rose above what the devices can do). Pools with fewer than ``least``
+        samples in the window are not taken (their busy time still counts in the sharing)."""
+        busy: dict[str, float] = {}
+        for p in self.pools:
+            for r in self._devices(p):
+                busy[r] = busy.get(r, 0.0) + windows.get(p.name, Window()).busy_s
+        for p in self.pools:
+            kinds = self._devices(p)
+            if windows.get(p.name, Window()).samples < least:
+                continue
+            sharing = None
+            if kinds and seconds > 0:
+                sharing = max(busy[r] / (self.budget[r] * seconds) for r in kinds)
+            self.observe(p.name, windows.get(p.name, Window()), sharing)
+
+    def _devices(self, p: PoolShape) -> list[str]:
+        """The accelerator kinds (in the budget) of which one actor of ``p`` holds a fraction."""
+        return [r for r, v in p.per_actor.items()
+                if r not in ("CPU", "memory") and 0 < v < 1 and self.budget.get(r, 0) > 0]
 
     def _shape(self, name: str) -> PoolShape:
         return next(p for p in self.pools if p.name == name)
 
     def ready(self) -> bool:
-        return all(self.seen.get(p.name, 0) >= self.min_samples for p in self.pools)
+        return all(self.seen.get(p.name, 0) >= self.min_samples and self.windows.get(p.name, 0) >= self.min_windows
+                   for p in self.pools)
+
+    def forget(self) -> None:
+        """Shares moved: what the pools cost is measured again."""
+        self.costs.clear()
+        self.seen.clear()
+        self.windows.clear()
 
     def decide(self, current: dict[str, int]) -> list[Decision]:
         if not self.ready():

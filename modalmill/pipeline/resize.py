@@ -2,7 +2,7 @@
 
 The driver's loop calls :meth:`Resizer.tick` about twice a second. It
 
-- **measures**: every ``MODALMILL_AUTOSCALE_S`` seconds (default 2) it asks each serving actor for its cumulative
+- **measures**: every ``MODALMILL_AUTOSCALE_S`` seconds (default 1) it asks each serving actor for its cumulative
   counters (:meth:`LabelerActor.load`: samples served and seconds spent in ``process_batch``). The call is queued
   behind the actor's batches and collected without waiting; the difference between two answers is that actor's
   window. Each pool's window (its actors' samples and busy seconds, summed) goes to :class:`.autoscale.Autoscaler`,
@@ -13,7 +13,8 @@ The driver's loop calls :meth:`Resizer.tick` about twice a second. It
 - **applies**: a pool that grows gets new actors at once (Ray places them from what the allocation left free:
   the budget is the cluster's accelerators and its CPUs less one shard task's, the rule the pools start with); an
   actor joins its pool only once it is set up, so no batch waits behind its start. A pool that shrinks *retires*
-  actors: they leave the pool's membership at once, are given ``MODALMILL_AUTOSCALE_DRAIN_S`` seconds (default 3)
+  actors: they leave the pool's membership at once, are given ``MODALMILL_AUTOSCALE_DRAIN_S`` seconds (default 1.5: a shard task
+  sees the shrink within ``REFRESH_S``)
   for the batches already sent to them, then one more call (queued after every batch) and only then killed.
 
 Membership: shard tasks learn each pool's current actors from one small actor, :class:`PoolRegistry` (no CPU; on
@@ -27,6 +28,7 @@ refreshes, sees that the actor was removed, and sends the batch again to one tha
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import time
@@ -37,9 +39,13 @@ import ray
 
 from .autoscale import Autoscaler, Decision, PoolShape, Window, allocate
 
-INTERVAL_S = float(os.environ.get("MODALMILL_AUTOSCALE_S", "2"))
-DRAIN_S = float(os.environ.get("MODALMILL_AUTOSCALE_DRAIN_S", "3"))
 REFRESH_S = 1.0  # how stale a shard task's view of the pools may be
+# a decision needs this many seconds of measurements (since the start or the last resize): one 1 s window of a
+# loaded machine's noise made resizes back and forth on 2 cores
+MEASURE_S = float(os.environ.get("MODALMILL_AUTOSCALE_MEASURE_S", "4"))
+INTERVAL_S = float(os.environ.get("MODALMILL_AUTOSCALE_S", "1"))
+# a retired actor's drain: after REFRESH_S no shard task sends it more; the barrier call then waits for the rest
+DRAIN_S = float(os.environ.get("MODALMILL_AUTOSCALE_DRAIN_S", str(REFRESH_S + 0.5)))
 NOT_BUDGET = ("memory", "object_store_memory")
 
 
@@ -158,12 +164,14 @@ class Resizer:
     decisions: list[dict] = field(default_factory=list)
     costs: dict[str, float] = field(default_factory=dict)  # the last full measurement (device-s per sample)
     sizes_at_start: dict[str, int] = field(default_factory=dict)
+    settled_at: float | None = None  # when the last resize was done: its new actors serving, the retired ones gone
     t0: float = field(default_factory=time.time)
     last: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
         batch = 32
-        self.scaler = self.scaler or Autoscaler(self.shapes, self.budget, min_samples=batch)
+        windows = max(1, math.ceil(MEASURE_S / self.interval)) if self.interval > 0 else 1
+        self.scaler = self.scaler or Autoscaler(self.shapes, self.budget, min_samples=batch, min_windows=windows)
         self.sizes_at_start = {n: len(h) for n, h in self.pools.items()}
         self.windows = {p.name: Window() for p in self.shapes}
 
@@ -182,13 +190,15 @@ class Resizer:
         self._collect_loads()
         self._admit_started()
         self._retire(now)
+        if self.decisions and self.settled_at is None and not self.starting and not self.retiring:
+            self.settled_at = time.time()
         if now - self.last < self.interval:
             return
-        self.last = now
+        seconds, self.last = now - self.last, now
+        if not self.starting and not self.retiring:  # (what the pools did during a resize is not measured)
+            self.scaler.observe_all(self.windows, seconds)
+        self.windows = {p.name: Window() for p in self.shapes}
         if not self.starting and not self.retiring:
-            for name, w in self.windows.items():
-                self.scaler.observe(name, w)
-            self.windows = {p.name: Window() for p in self.shapes}
             self.apply(self.scaler.decide(self.sizes()))
         self._ask_loads()
 
@@ -198,9 +208,8 @@ class Resizer:
         with contextlib.suppress(Exception):
             ray.wait(list(self.asked), num_returns=len(self.asked), timeout=2)
         self._collect_loads()
-        for name, w in self.windows.items():
-            if w.samples >= self.scaler.min_samples:
-                self.scaler.observe(name, w)
+        seconds = time.monotonic() - self.last
+        self.scaler.observe_all(self.windows, seconds, least=self.scaler.min_samples)
         self.windows = {p.name: Window() for p in self.shapes}
 
     def _ask_loads(self) -> None:
@@ -243,10 +252,10 @@ class Resizer:
                 handle = self.start_actor(d.pool)
                 self.starting[handle.ready.remote()] = (d.pool, handle)
         if decisions:
+            self.settled_at = None
             self._publish()
             self.costs = dict(self.scaler.costs)
-            self.scaler.costs.clear()  # shares moved: what the pools cost is measured again
-            self.scaler.seen.clear()
+            self.scaler.forget()  # shares moved: what the pools cost is measured again
 
     def _admit_started(self) -> None:
         if not self.starting:
@@ -304,6 +313,7 @@ class Resizer:
                           "measured_samples_per_s": round(self.served.get(p.name, 0) / wall_s, 3) if wall_s else None,
                           "cost_s_per_sample": round(costs[p.name], 6) if p.name in costs else None}
                  for p in self.shapes}
-        return {"budget": self.budget, "decisions": self.decisions, "pools": pools, "projected": projected,
+        return {"budget": self.budget, "decisions": self.decisions, "settled_at": self.settled_at,
+                "pools": pools, "projected": projected,
                 "measured_images_per_s": round(samples / wall_s, 3) if wall_s else None, "wall_s": round(wall_s, 2)}
 
