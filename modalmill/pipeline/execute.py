@@ -258,14 +258,19 @@ class _AtActors:
             self.refs.pop(threading.get_ident(), None)
             self.cond.notify_all()
 
-    def wait(self) -> None:
-        """Wait (CPUs lent) until a call now at an actor is answered; calls still preparing are given up to a second
-        to be sent first."""
-        with self.cond:
-            self.cond.wait_for(lambda: len(self.refs) >= self.calls, timeout=1.0)
-            refs = list(self.refs.values())
-        if refs:
-            ray.wait(refs, num_returns=1)
+    def wait(self, done: Callable[[], bool]) -> None:
+        """Wait (CPUs lent) until ``done()``, one answer of the calls now at the actors at a time (calls still
+        preparing are given up to a second to be sent first). Returns earlier when none of this task's calls is left
+        at an actor unanswered: what ``done`` waits for is then this task's own work on its labelling threads."""
+        answered: set = set()  # refs ray.wait returned whose thread has not yet taken the answer
+        while not done():
+            with self.cond:
+                self.cond.wait_for(lambda: len(self.refs) >= self.calls, timeout=1.0)
+                refs = [r for r in self.refs.values() if r not in answered]
+            if not refs:
+                return
+            ready, _ = ray.wait(refs, num_returns=1)
+            answered.update(ready)
 
 
 class _Members:
