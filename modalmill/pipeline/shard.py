@@ -35,6 +35,7 @@ import json
 import math
 import os
 import signal
+import threading
 import time
 from collections import Counter, defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -331,7 +332,7 @@ class _Labelling:
         self.pending: list[_Item] = []
         self.depth = max(0, int(getattr(call, "in_flight", 0) or 0))
         self.pool = ThreadPoolExecutor(self.depth, thread_name_prefix="modalmill-label") if self.depth else None
-        self.inflight: deque = deque()  # (items, future, bytes)
+        self.inflight: deque = deque()  # (items, future, bytes, {"thread": the labelling thread})
         self.await_in_flight = getattr(call, "await_in_flight", None) if self.pool is not None else None
         self.limit = getattr(call, "bytes_in_flight", None) or None
         self.pending_bytes = self.inflight_bytes = 0
@@ -372,24 +373,30 @@ class _Labelling:
             return
         while self.inflight and (len(self.inflight) >= self.depth or self._full(self.inflight_bytes + nbytes)):
             self._wait_oldest()
-        self.inflight.append((items, self.pool.submit(self.label, items), nbytes))
+        slot: dict[str, int] = {}  # the labelling thread that labels the batch (what ``await_in_flight`` waits on)
+
+        def label(items: list[_Item]) -> list[_Item]:
+            slot["thread"] = threading.get_ident()
+            return self.label(items)
+
+        self.inflight.append((items, self.pool.submit(label, items), nbytes, slot))
         self.inflight_bytes += nbytes
 
     def _wait_oldest(self) -> None:
         """Wait for the oldest batch and write it. Whenever the task waits for the actors (K batches out, or all
-        read), ``call.await_in_flight(done)`` (when given) blocks its main thread until ``done()`` (the oldest batch
-        is back) in a way that lends its CPU to another shard task (Ray does so for a task blocked in ``ray.wait`` on
+        read), ``call.await_in_flight(done, thread)`` (when given) blocks its main thread until ``done()`` (the
+        oldest batch is back; ``thread``: the labelling thread that sent it) in a way that lends its CPU to another shard task (Ray does so for a task blocked in ``ray.wait`` on
         its main thread): while this task's batches are at the actors, the next task reads, decodes and sends its
         own, so the actors' queue does not run dry when a task ends, commits and the next one starts. It waits until
         the *oldest* batch is back, not any: a younger batch back first would otherwise leave the main thread
         blocked in ``future.result()``, holding its CPU, for the rest of the oldest's time at the actor."""
-        future = self.inflight[0][1]
+        _, future, _, slot = self.inflight[0]
         if self.await_in_flight is not None and not future.done():
-            self.await_in_flight(future.done)
+            self.await_in_flight(future.done, slot.get("thread"))
         self._complete_oldest()
 
     def _complete_oldest(self) -> None:
-        items, future, nbytes = self.inflight.popleft()
+        items, future, nbytes, _ = self.inflight.popleft()
         self.inflight_bytes -= nbytes
         self.done(items, future.result())
 
