@@ -298,3 +298,32 @@ class WaitsForAnotherTask(Labeler):
         while not (seen := set(os.listdir(self.config.folder)) - set(keys)) and time.time() < deadline:
             time.sleep(0.05)
         return [{"caption": [f"other task prepared: {bool(seen)}", key]} for key in keys]
+
+
+@register_labeler
+class OldestWaitsForAnotherTask(WaitsForAnotherTask):
+    """As ``test_waits_for_another_task``, but only the batch of each shard's first sample (keys are numbered,
+    ``per_shard`` a shard) is held, until a sample of *another shard* was prepared; every other batch comes back at
+    once. With two actors, a task's younger batches are back while its oldest is still held."""
+
+    name = "test_oldest_waits_for_another_task"
+
+    @dataclass(frozen=True)
+    class Config:
+        folder: str = ""
+        wait_s: float = 20.0
+        per_shard: int = 5
+
+    def process_batch(self, batch):
+        import os
+        import time
+
+        keys = list(batch)
+        shards = {int(k) // self.config.per_shard for k in keys}
+        if not any(int(k) % self.config.per_shard == 0 for k in keys):
+            return [{"caption": ["not held", key]} for key in keys]
+        deadline = time.time() + self.config.wait_s
+        while not (seen := {f for f in os.listdir(self.config.folder) if int(f) // self.config.per_shard not in shards}) \
+                and time.time() < deadline:
+            time.sleep(0.05)
+        return [{"caption": [f"other task prepared: {bool(seen)}", key]} for key in keys]

@@ -151,3 +151,29 @@ def test_the_next_shard_task_reads_while_the_batches_of_one_are_at_the_actor(ray
     assert a["first_sent"] <= a["read_done"] <= a["last_result"] <= a["commit_start"] <= a["committed"]
     assert [n for _, n in a["batches"]] == [5]
     assert b["started"] < a["last_result"] < a["committed"], (a, b)
+
+
+def test_a_task_lends_its_cpu_until_its_oldest_batch_is_back(ray_local, tmp_path, demo_corpus):
+    """Room for one shard task at a time (shard_cpus 2 of 2 CPUs), two actors, batches of one sample: a task's first
+    batch is held at its actor until a sample of the other shard was prepared, while its later batches come back at
+    once from the other actor. Waiting for its batches, the task must stay in ``ray.wait`` (lending its CPU) until
+    its *oldest* batch is back, not leave it when a younger one is back and block in the labelling thread's result
+    (holding its CPU): only then does the second task start and prepare, and the first batch's caption says so
+    (otherwise it is held ``wait_s``, then says False)."""
+    from modalmill.jobs.runner import run_job
+    from modalmill.jobs.spec import job_from_dict
+
+    folder = tmp_path / "prepared"
+    folder.mkdir()
+    spec = job_from_dict({"input": os.path.join(demo_corpus, "shard-{00000..00001}.tar"), "output": str(tmp_path / "o"),
+                          "modalities": ["rgb", "crop_settings", "caption"], "batch_size": 1, "ray": {"shard_cpus": 2},
+                          "labelers": {"test_oldest_waits_for_another_task": {
+                              "config": {"folder": str(folder)}, "batch_size": 1, "workers": 2,
+                              "resources": {"num_cpus": 0}}}})
+    summary = run_job(spec, show_progress=False)
+    assert summary["exit_code"] == 0 and summary["samples_written"] == 10
+    first, second = sorted(summary["shards"], key=lambda s: s["timeline"]["started"])
+    captions = [json.loads(d) for _, d in _members(os.path.join(spec.output, "caption", f"{first['shard']}.tar"))]
+    assert captions[0][0] == "other task prepared: True", captions
+    assert [c[0] for c in captions[1:]] == ["not held"] * 4, captions
+    assert second["timeline"]["started"] < first["timeline"]["batches"][0][0], (first["timeline"], second["timeline"])

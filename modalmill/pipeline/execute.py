@@ -237,35 +237,41 @@ class _AtActors:
     ``ray.get`` the results). Without it the next task starts only after this one's commit, and the actors' queue
     runs dry at shard ends."""
 
+    PREPARING = None  # a call begun whose batch is still being prepared (not yet at an actor)
+
     def __init__(self):
         self.cond = threading.Condition()
-        self.calls = 0  # calls begun (preparing, or at an actor)
-        self.refs: dict[int, Any] = {}  # labelling thread -> the object ref of its call now at an actor
+        self.calls: dict[int, Any] = {}  # labelling thread -> the object ref of its call at an actor, or PREPARING
 
     def begin(self) -> None:
         with self.cond:
-            self.calls += 1
+            self.calls[threading.get_ident()] = self.PREPARING
 
     def sent(self, ref):
         with self.cond:
-            self.refs[threading.get_ident()] = ref
+            self.calls[threading.get_ident()] = ref
             self.cond.notify_all()
         return ref
 
     def answered(self) -> None:
         with self.cond:
-            self.calls -= 1
-            self.refs.pop(threading.get_ident(), None)
+            self.calls.pop(threading.get_ident(), None)
             self.cond.notify_all()
 
-    def wait(self) -> None:
-        """Wait (CPUs lent) until a call now at an actor is answered; calls still preparing are given up to a second
-        to be sent first."""
-        with self.cond:
-            self.cond.wait_for(lambda: len(self.refs) >= self.calls, timeout=1.0)
-            refs = list(self.refs.values())
-        if refs:
-            ray.wait(refs, num_returns=1)
+    def wait(self, done: Callable[[], bool], thread: int | None) -> None:
+        """Wait (CPUs lent) until ``done()``, on the call of labelling thread ``thread`` (the one labelling the batch
+        waited for) while it is at an actor; a call of that thread still being prepared is given up to a second to
+        be sent first. Returns earlier when that thread has no call left at an actor unanswered: what ``done`` waits
+        for is then the thread's own work (its prepare, or its results made into payloads), not the actors'."""
+        last = None
+        while not done():
+            with self.cond:
+                self.cond.wait_for(lambda: self.calls.get(thread, 0) is not self.PREPARING, timeout=1.0)
+                ref = self.calls.get(thread)
+            if ref is None or ref is last:
+                return
+            ray.wait([ref], num_returns=1)
+            last = ref
 
 
 class _Members:

@@ -35,6 +35,7 @@ import json
 import math
 import os
 import signal
+import threading
 import time
 from collections import Counter, defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -225,7 +226,7 @@ class _Stats:
         self.held = {"limit": None, "peak": 0, "largest_sample": 0}
         self.draft_decoded = 0
         # epoch seconds of the task's milestones (started, first_sent, read_done, last_result, commit_start,
-        # committed) and [epoch seconds, samples] of every labelled batch back: where a device waits
+        # tars_committed, manifest_written, committed) and [epoch seconds, samples] of every labelled batch back: where a device waits
         self.timeline: dict[str, Any] = {"started": round(time.time(), 3), "batches": []}
 
     def mark(self, what: str, once: bool = False) -> None:
@@ -331,7 +332,7 @@ class _Labelling:
         self.pending: list[_Item] = []
         self.depth = max(0, int(getattr(call, "in_flight", 0) or 0))
         self.pool = ThreadPoolExecutor(self.depth, thread_name_prefix="modalmill-label") if self.depth else None
-        self.inflight: deque = deque()  # (items, future, bytes)
+        self.inflight: deque = deque()  # (items, future, bytes, {"thread": the labelling thread})
         self.await_in_flight = getattr(call, "await_in_flight", None) if self.pool is not None else None
         self.limit = getattr(call, "bytes_in_flight", None) or None
         self.pending_bytes = self.inflight_bytes = 0
@@ -372,21 +373,30 @@ class _Labelling:
             return
         while self.inflight and (len(self.inflight) >= self.depth or self._full(self.inflight_bytes + nbytes)):
             self._wait_oldest()
-        self.inflight.append((items, self.pool.submit(self.label, items), nbytes))
+        slot: dict[str, int] = {}  # the labelling thread that labels the batch (what ``await_in_flight`` waits on)
+
+        def label(items: list[_Item]) -> list[_Item]:
+            slot["thread"] = threading.get_ident()
+            return self.label(items)
+
+        self.inflight.append((items, self.pool.submit(label, items), nbytes, slot))
         self.inflight_bytes += nbytes
 
     def _wait_oldest(self) -> None:
         """Wait for the oldest batch and write it. Whenever the task waits for the actors (K batches out, or all
-        read), ``call.await_in_flight()`` (when given) blocks its main thread in a way that lends its CPU to
-        another shard task (Ray does so for a task blocked in ``ray.wait`` on its main thread): while this task's
-        batches are at the actors, the next task reads, decodes and sends its own, so the actors' queue does not
-        run dry when a task ends, commits and the next one starts."""
-        if self.await_in_flight is not None and not self.inflight[0][1].done():
-            self.await_in_flight()
+        read), ``call.await_in_flight(done, thread)`` (when given) blocks its main thread until ``done()`` (the
+        oldest batch is back; ``thread``: the labelling thread that sent it) in a way that lends its CPU to another shard task (Ray does so for a task blocked in ``ray.wait`` on
+        its main thread): while this task's batches are at the actors, the next task reads, decodes and sends its
+        own, so the actors' queue does not run dry when a task ends, commits and the next one starts. It waits until
+        the *oldest* batch is back, not any: a younger batch back first would otherwise leave the main thread
+        blocked in ``future.result()``, holding its CPU, for the rest of the oldest's time at the actor."""
+        _, future, _, slot = self.inflight[0]
+        if self.await_in_flight is not None and not future.done():
+            self.await_in_flight(future.done, slot.get("thread"))
         self._complete_oldest()
 
     def _complete_oldest(self) -> None:
-        items, future, nbytes = self.inflight.popleft()
+        items, future, nbytes, _ = self.inflight.popleft()
         self.inflight_bytes -= nbytes
         self.done(items, future.result())
 
@@ -809,6 +819,7 @@ def _commit(run: _Run, writers: ShardWriterSet) -> dict:
             manifest.write_marker(out, shard, commit.pending_marker(
                 shard, task.source.index, task.source.url, list(task.write) + plan.rewrites, run.prev, __version__))
         infos = writers.commit(before=lambda m: _step(task, "tar", m))
+    stats.mark("tars_committed")
     modalities = {m: run.prev["modalities"][m] for m in plan.keep}
     with stats.timed("realign"):
         for m in plan.realign:
@@ -822,6 +833,7 @@ def _commit(run: _Run, writers: ShardWriterSet) -> dict:
         rows = _final_rows(run)
         _step(task, "manifest")
         manifest.write_rows(out, shard, rows)
+        stats.mark("manifest_written")
         summary = _summary_of(run, rows, plan)
         _step(task, "marker")
         manifest.write_marker(out, shard, _done_marker(run, plan.keys, modalities, summary))
