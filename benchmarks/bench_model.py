@@ -423,7 +423,8 @@ def _pair_figures(what: str, reps: list[dict], valid: bool, same_note: str, mode
     return [
         Figure(B3, f"{what}: bare loop end to end", round(be["median"], 3), "images/s",
                note=f"{spread} (min {be['min']:.3g}, max {be['max']:.3g}); {n} images (the corpus's first "
-                    f"{MODEL_IMAGES}, {MODEL_PER_SHARD} a shard) from the same tar bytes as the pipeline: read, decode, crops, the labeler's prepare "
+                    f"{MODEL_IMAGES}, {MODEL_PER_SHARD} a shard) from the same tar bytes as the pipeline: read, "
+                    f"decode, crops, the labeler's prepare "
                     f"and process_batch in batches of {BATCH}, outputs encoded; one process, torch threads "
                     f"{last['bare_x']['threads']}; "
                     f"{model_note}; start-up (importing torch{' (already imported)' if preloaded else ''}, "

@@ -323,7 +323,8 @@ class OldestWaitsForAnotherTask(WaitsForAnotherTask):
         if not any(int(k) % self.config.per_shard == 0 for k in keys):
             return [{"caption": ["not held", key]} for key in keys]
         deadline = time.time() + self.config.wait_s
-        while not (seen := {f for f in os.listdir(self.config.folder) if int(f) // self.config.per_shard not in shards}) \
-                and time.time() < deadline:
+        def others():
+            return {f for f in os.listdir(self.config.folder) if int(f) // self.config.per_shard not in shards}
+        while not (seen := others()) and time.time() < deadline:
             time.sleep(0.05)
         return [{"caption": [f"other task prepared: {bool(seen)}", key]} for key in keys]

@@ -13,10 +13,9 @@ The driver's loop calls :meth:`Resizer.tick` about twice a second. It
 - **applies**: a pool that grows gets new actors at once (Ray places them from what the allocation left free:
   the budget is the cluster's accelerators and its CPUs less one shard task's, the rule the pools start with); an
   actor joins its pool only once it is set up, so no batch waits behind its start. A pool that shrinks *retires*
-  actors: they leave the pool's membership at once, are given ``MODALMILL_AUTOSCALE_DRAIN_S`` seconds (default 1.5: a shard task
-  sees the shrink within ``REFRESH_S``)
-  for the batches already sent to them, then one more call (queued after every batch) and only then killed.
-
+  actors: they leave the pool's membership at once, are given ``MODALMILL_AUTOSCALE_DRAIN_S`` seconds (default 1.5:
+  a shard task sees the shrink within ``REFRESH_S``) for the batches already sent to them, then one more call (queued
+  after every batch) and only then killed.
 Membership: shard tasks learn each pool's current actors from one small actor, :class:`PoolRegistry` (no CPU; on
 the driver's node), which holds the handles and a version number. A shard task asks it ``since(version)`` at most
 every ``REFRESH_S`` seconds before sending a batch; the answer is empty while nothing changed. A batch that still

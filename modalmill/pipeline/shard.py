@@ -226,7 +226,8 @@ class _Stats:
         self.held = {"limit": None, "peak": 0, "largest_sample": 0}
         self.draft_decoded = 0
         # epoch seconds of the task's milestones (started, first_sent, read_done, last_result, commit_start,
-        # tars_committed, manifest_written, committed) and [epoch seconds, samples] of every labelled batch back: where a device waits
+        # tars_committed, manifest_written, committed) and [epoch seconds, samples] of every labelled batch back:
+        # where a device waits
         self.timeline: dict[str, Any] = {"started": round(time.time(), 3), "batches": []}
 
     def mark(self, what: str, once: bool = False) -> None:
@@ -385,9 +386,10 @@ class _Labelling:
     def _wait_oldest(self) -> None:
         """Wait for the oldest batch and write it. Whenever the task waits for the actors (K batches out, or all
         read), ``call.await_in_flight(done, thread)`` (when given) blocks its main thread until ``done()`` (the
-        oldest batch is back; ``thread``: the labelling thread that sent it) in a way that lends its CPU to another shard task (Ray does so for a task blocked in ``ray.wait`` on
-        its main thread): while this task's batches are at the actors, the next task reads, decodes and sends its
-        own, so the actors' queue does not run dry when a task ends, commits and the next one starts. It waits until
+        oldest batch is back; ``thread``: the labelling thread that sent it) in a way that lends its CPU to another
+        shard task (Ray does so for a task blocked in ``ray.wait`` on its main thread): while this task's batches are
+        at the actors, the next task reads, decodes and sends its own, so the actors' queue does not run dry when a
+        task ends, commits and the next one starts. It waits until
         the *oldest* batch is back, not any: a younger batch back first would otherwise leave the main thread
         blocked in ``future.result()``, holding its CPU, for the rest of the oldest's time at the actor."""
         _, future, _, slot = self.inflight[0]
