@@ -31,8 +31,8 @@ straddling an edge by its part inside), summed, over the device time one image n
 model). So it cannot exceed the ideal (but for the pro-rating of the straddling kernels). (An earlier version
 counted only the last model's kernels from the last actor's first kernel to the end of the last kernel: a
 model's backlog drained there, fed by work the other models did before the window, gave figures above the ideal,
-up to 1.11.) *Whole job*: images / the ``run_job`` call's wall time (pool start-up, the autoscaler's measuring and moving included); a
-short benchmark job pays the ramp-up that a corpus-scale run amortises, so the 0.9 target is judged on the steady
+up to 1.11.) *Whole job*: images / the ``run_job`` call's wall time (pool start-up, the autoscaler's measuring
+and moving included); a short benchmark job pays the ramp-up that a corpus-scale run amortises, so the 0.9 target is judged on the steady
 state and the whole-job figure is shown beside it. ``plan``'s projection: ``modalmill plan``'s projected images
 per second for the same job and cluster (one actor of each model timed alone on a sample of 48 images), against
 the auto runs' steady state.
