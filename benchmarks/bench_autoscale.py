@@ -25,18 +25,17 @@ as many. Each run's notes give the devices' busy fractions over its steady windo
 Figures: the *ideal* is devices / summed device time per image (4 / 106.25 ms = 37.6 images/s). *Steady state*:
 images per second over a window that opens when the autoscaler's last resize was done (its new actors set up and
 serving, the retired ones killed: the run record's ``autoscale.settled_at``; the equal split, never resized, from
-its first kernel) and closes at the end of the input stream (the first moment a model has started its last
-kernel), counting the images' worth of device work done inside it: each model's device time there (a kernel
-straddling an edge by its part inside), summed, over the device time one image needs (every image needs every
-model). So it cannot exceed the ideal (but for the pro-rating of the straddling kernels). (An earlier version
-counted only the last model's kernels from the last actor's first kernel to the end of the last kernel: a
-model's backlog drained there, fed by work the other models did before the window, gave figures above the ideal,
-up to 1.11.) *Whole job*: images / the ``run_job`` call's wall time (pool start-up, the autoscaler's measuring
-and moving included); a short benchmark job pays the ramp-up that a corpus-scale run amortises, so the 0.9 target is judged on the steady
-state and the whole-job figure is shown beside it. ``plan``'s projection: ``modalmill plan``'s projected images
-per second for the same job and cluster (one actor of each model timed alone on a sample of 48 images), against
-the auto runs' steady state.
-"""
+its first kernel) and closes at the end of the input stream (the first moment a model has started its last kernel),
+counting the images' worth of device work done inside it: each model's device time there (a kernel straddling an
+edge by its part inside), summed, over the device time one image needs (every image needs every model). So it cannot
+exceed the ideal (but for the pro-rating of the straddling kernels). (An earlier version counted only the last
+model's kernels from the last actor's first kernel to the end of the last kernel: a model's backlog drained there,
+fed by work the other models did before the window, gave figures above the ideal, up to 1.11.) *Whole job*: images /
+the ``run_job`` call's wall time (pool start-up, the autoscaler's measuring and moving included); a short benchmark
+job pays the ramp-up that a corpus-scale run amortises, so the 0.9 target is judged on the steady state and the
+whole-job figure is shown beside it. ``plan``'s projection: ``modalmill plan``'s projected images per second for the
+same job and cluster (one actor of each model timed alone on a sample of 48 images), against the auto runs' steady
+state. """
 
 from __future__ import annotations
 
