@@ -87,3 +87,21 @@ def test_token_modalities_match_4m():
     assert get_modality("tok_dinov2@224").n_tokens == 256
     assert get_modality("tok_dinov2_global").n_tokens == 16
     assert all(get_modality(m).dtype == "int16" for m in MODALITIES if m.startswith("tok_"))
+
+
+def test_manifest_rows_to_table_equals_arrows_own_conversion():
+    """rows_to_table parses JSON lines (no pandas import in a shard task); it must give the table pa.table gave,
+    extra producer keys (an import's provenance) dropped as pa.table dropped them."""
+    import pyarrow as pa
+
+    from modalmill.schemas.manifest_schema import MANIFEST_SCHEMA, SampleRow, rows_to_table
+
+    producer = {"modality": "det", "labeler": "import", "version": "1", "config_hash": "c", "checkpoint": None}
+    rows = [SampleRow(0, "s3://b/x.tar", 0, "000", modalities=["rgb", "det"], original_width=640, width=320,
+                      height=240, producers=[dict(producer, provenance="imported", source_digest="sha256:ab")],
+                      caption_source="input", source_json='{"a": "line\\nbreak", "b": "日本語 ü"}'),
+            SampleRow(0, "s3://b/x.tar", 1, "001").fail("decode", "bad bytes:\n\x00 ünïcode"),
+            SampleRow(0, "s3://b/x.tar", 2, "002", producers=[producer], score_sources='{"x": "input:c"}')]
+    cols = {name: [getattr(r, name) for r in rows] for name in MANIFEST_SCHEMA.names}
+    assert rows_to_table(rows).equals(pa.table(cols, schema=MANIFEST_SCHEMA))
+    assert rows_to_table([]).equals(MANIFEST_SCHEMA.empty_table())

@@ -77,7 +77,9 @@ def rows_to_table(rows: list[SampleRow]) -> pa.Table:
     """The rows as a table of :data:`MANIFEST_SCHEMA`, parsed from JSON lines by Arrow's own reader: converting
     Python lists (``pa.table``, ``pa.array``) makes pyarrow import pandas on first use, ~1 s of CPU (4 s on a
     loaded 2-core machine) that every fresh Ray worker paid in its first shard task's commit, while the task holds
-    its CPU and the model actors wait for the next shard's batches (benchmark 6)."""
+    its CPU and the model actors wait for the next shard's batches (benchmark 6). Keys a producer dict has beyond
+    :data:`PRODUCER`'s fields (an import's ``provenance`` and ``source_digest``) are dropped, as ``pa.table``
+    dropped them."""
     import pyarrow.json as pj
 
     if not rows:
@@ -85,7 +87,7 @@ def rows_to_table(rows: list[SampleRow]) -> pa.Table:
     data = "\n".join(json.dumps({n: getattr(r, n) for n in MANIFEST_SCHEMA.names}) for r in rows).encode()
     table = pj.read_json(io.BytesIO(data), read_options=pj.ReadOptions(use_threads=False, block_size=len(data) + 1),
                          parse_options=pj.ParseOptions(explicit_schema=MANIFEST_SCHEMA,
-                                                       unexpected_field_behavior="error"))
+                                                       unexpected_field_behavior="ignore"))
     return table.select(MANIFEST_SCHEMA.names)
 
 
