@@ -16,6 +16,7 @@ The driver's loop calls :meth:`Resizer.tick` about twice a second. It
   actors: they leave the pool's membership at once, are given ``MODALMILL_AUTOSCALE_DRAIN_S`` seconds (default 1.5:
   a shard task sees the shrink within ``REFRESH_S``) for the batches already sent to them, then one more call (queued
   after every batch) and only then killed.
+
 Membership: shard tasks learn each pool's current actors from one small actor, :class:`PoolRegistry` (no CPU; on
 the driver's node), which holds the handles and a version number. A shard task asks it ``since(version)`` at most
 every ``REFRESH_S`` seconds before sending a batch; the answer is empty while nothing changed. A batch that still
@@ -189,15 +190,16 @@ class Resizer:
         self._collect_loads()
         self._admit_started()
         self._retire(now)
-        if self.decisions and self.settled_at is None and not self.starting and not self.retiring:
+        resizing = bool(self.starting or self.retiring)
+        if self.decisions and self.settled_at is None and not resizing:
             self.settled_at = time.time()
         if now - self.last < self.interval:
             return
         seconds, self.last = now - self.last, now
-        if not self.starting and not self.retiring:  # (what the pools did during a resize is not measured)
+        if not resizing:  # (what the pools did during a resize is not measured)
             self.scaler.observe_all(self.windows, seconds)
         self.windows = {p.name: Window() for p in self.shapes}
-        if not self.starting and not self.retiring:
+        if not resizing:
             self.apply(self.scaler.decide(self.sizes()))
         self._ask_loads()
 

@@ -389,9 +389,9 @@ class _Labelling:
         oldest batch is back; ``thread``: the labelling thread that sent it) in a way that lends its CPU to another
         shard task (Ray does so for a task blocked in ``ray.wait`` on its main thread): while this task's batches are
         at the actors, the next task reads, decodes and sends its own, so the actors' queue does not run dry when a
-        task ends, commits and the next one starts. It waits until
-        the *oldest* batch is back, not any: a younger batch back first would otherwise leave the main thread
-        blocked in ``future.result()``, holding its CPU, for the rest of the oldest's time at the actor."""
+        task ends, commits and the next one starts. It waits until the *oldest* batch is back, not any: a younger
+        batch back first would otherwise leave the main thread blocked in ``future.result()``, holding its CPU, for
+        the rest of the oldest's time at the actor."""
         _, future, _, slot = self.inflight[0]
         if self.await_in_flight is not None and not future.done():
             self.await_in_flight(future.done, slot.get("thread"))
