@@ -270,8 +270,10 @@ class _AtActors:
                 ref = self.calls.get(thread)
             if ref is None or ref is last:
                 return
-            ray.wait([ref], num_returns=1)
-            last = ref
+            # bounded: a call whose actor's node died may stay pending while the actor waits for a place to
+            # restart; the labelling thread's own ray.get decides what happens to it, and ``done`` is asked again
+            if ray.wait([ref], num_returns=1, timeout=1.0)[0]:
+                last = ref
 
 
 class _Members:
@@ -334,8 +336,11 @@ def _call_pool(members: _Members, name: str, batch, at_actors: _AtActors | None 
     while True:
         actor = members.take(name)
         try:
+            # the ping too is a call at an actor: while the thread waits for a restarting actor (its node died),
+            # the task's main thread waits on it with its CPU lent, so the actor can be placed where tasks hold
+            # every CPU (else the main thread sat in future.result() holding it, and the restart never came)
             return _actor_get(lambda a=actor: sent(a.process_batch.remote(batch)), name,
-                              ping=actor.ready.remote)
+                              ping=lambda a=actor: sent(a.ready.remote()))
         except WorkerDied:
             if not members.removed(name, actor):
                 raise

@@ -1,6 +1,7 @@
 """Run a job on a 3-node Ray cluster on this machine (ray.cluster_utils.Cluster) and remove a worker node
 mid-job. Prints the run summary as JSON on its last line. Used by tests/test_node_death.py."""
 
+import faulthandler
 import json
 import os
 import sys
@@ -38,6 +39,8 @@ def kill_a_node_mid_job():
 
 
 threading.Thread(target=kill_a_node_mid_job, daemon=True).start()
+# a stall shows where the driver waits (every thread's stack on stderr) before the test's 420 s timeout kills it
+faulthandler.dump_traceback_later(360, exit=True)
 spec = job_from_dict({"input": inp, "output": out, "modalities": ["rgb", "canny_edge", "caption"], "batch_size": 2,
                       "labelers": {"test_crash_actor": {"config": {"sleep": 0.4}, "workers": 1}},
                       "ray": {"max_retries": 5}})
