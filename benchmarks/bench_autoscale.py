@@ -172,6 +172,10 @@ class _MixLabeler(Labeler):
         index, self.slots = claim_slots(self.config.devices, share)
         self.device = SharedDevice(self.config.devices, index)
 
+    def device_key(self) -> str:
+        """The simulated device this actor claimed a slot on (Ray counts ``sim_device`` only as a number)."""
+        return f"{DEVICE}:{self.device.index}"
+
     def prepare(self, batch: list[LabelInput]) -> Prepared:
         from PIL import Image
 

@@ -16,6 +16,7 @@ for _name in ("test_costed_fast", "test_costed_slow"):
 @dataclass(frozen=True)
 class CostConfig:
     ms_per_image: float = 1.0
+    device: str = ""  # what device_key() names ("": None, as a labeler on a custom device that does not say)
 
 
 class _Costed(Labeler):
@@ -23,6 +24,9 @@ class _Costed(Labeler):
     stateful = True
     default_batch_size = 4
     default_resources = Resources(num_cpus=0.0, custom={"dev": 0.5})
+
+    def device_key(self):
+        return self.config.device or None
 
     def process_batch(self, batch):
         time.sleep(self.config.ms_per_image * len(batch) / 1000)

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from modalmill.pipeline.autoscale import Autoscaler, PoolShape, Window, allocate
+from modalmill.pipeline.autoscale import Autoscaler, DeviceClock, PoolShape, Window, allocate, device_seconds
 
 # a 4M-21-like mix on 4 devices: device time per batch of 16 of 20, 80, 320 and 1,280 ms
 MIX_MS = {"clip": 20, "dino": 80, "depth": 320, "sam": 1280}
@@ -149,7 +149,7 @@ def test_a_batch_at_an_actor_a_shrink_removed_is_sent_again(ray_local):
     ray.kill(a)
     worker.join(30)
     assert len(got["out"]) == 2 and all("test_costed_slow" in r for r in got["out"])
-    assert ray.get(b.load.remote())[0] == 2  # b served it
+    assert ray.get(b.load.remote())["samples"] == 2  # b served it
     ray.kill(b)  # still in the pool: a real failure, not a shrink
     with pytest.raises(WorkerDied):
         _call_pool(members, "p", [0])
@@ -173,3 +173,69 @@ def test_first_sizes_split_the_devices_and_no_resizer_where_nothing_can_move():
 
 def quarter_pools_on(resource):
     return [PoolShape(n, {resource: 0.25}) for n in MIX_MS]
+
+
+def test_a_batch_uses_its_interval_divided_by_the_batches_beside_it():
+    assert device_seconds((0.0, 2.0), []) == pytest.approx(2.0)  # alone: the whole interval
+    assert device_seconds((0.0, 2.0), [(0.0, 2.0)]) == pytest.approx(1.0)  # two side by side: half each
+    assert device_seconds((0.0, 2.0), [(1.0, 3.0)]) == pytest.approx(1.5)  # 1 s alone, 1 s shared
+    assert device_seconds((0.0, 4.0), [(1.0, 2.0), (1.5, 3.0), (5.0, 6.0)]) == pytest.approx(
+        1.0 + 0.5 / 2 + 0.5 / 3 + 1.0 / 2 + 1.0)  # 0-1 alone, 1-1.5 two, 1.5-2 three, 2-3 two, 3-4 alone
+
+
+def test_the_device_clock_costs_a_batch_once_every_actor_on_its_device_answered_after_it():
+    """Two actors on one device: a serves [0, 2], b serves [1, 3]. a's batch is costed only after b has answered
+    after 2 (b was serving since 1: it shared the device 1-2); the two batches use the device's 3 s between them."""
+    clock = DeviceClock()
+    clock.take("a", "n/dev:0", [], None, at=0.0)
+    clock.take("b", "n/dev:0", [], None, at=0.0)
+    clock.take("c", "n/dev:1", [], 0.5, at=0.0)  # another device: never in these batches' way
+    clock.take("a", "n/dev:0", [(0.0, 2.0, 4)], None, at=2.5)
+    assert clock.drain() == {}  # b last answered at 0: it may have served a batch beside a's
+    clock.take("b", "n/dev:0", [], 1.0, at=2.6)
+    got = clock.drain()
+    assert got["a"][0] == 4 and got["a"][1] == pytest.approx(1.5)
+    clock.take("b", "n/dev:0", [(1.0, 3.0, 4)], None, at=3.5)
+    clock.take("a", "n/dev:0", [], None, at=3.6)
+    got = clock.drain()
+    assert got["b"][0] == 4 and got["b"][1] == pytest.approx(1.5)
+    clock.take("a", "n/dev:0", [(4.0, 5.0, 2)], None, at=5.0)
+    clock.leave("b")  # b retired: the horizon no longer waits for it
+    assert clock.drain()["a"] == (2, pytest.approx(1.0))
+
+
+def test_measured_device_time_is_the_cost_and_a_window_with_nothing_costed_is_no_measurement():
+    p = PoolShape("p", {"GPU": 0.25})
+    scaler = Autoscaler([p], {"GPU": 1.0}, min_samples=1)
+    scaler.observe("p", Window(samples=16, busy_s=4.0, device_s=0.0, device_samples=0))
+    assert "p" not in scaler.costs  # batches served, none costed yet: not a free pool
+    scaler.observe("p", Window(samples=16, busy_s=4.0, device_s=0.32, device_samples=16), sharing=1.0)
+    assert scaler.costs["p"] == pytest.approx(0.02)  # 0.32 device-s / 16, whatever the busy time or sharing
+
+
+def test_an_actor_tells_its_device_and_its_batches_intervals_once(ray_local):
+    """What the resizer reads from a real actor: the device as node/device_key() (None when the labeler does not
+    say and Ray assigned no GPU), and each batch's interval exactly once, on the node's clock."""
+    import time as _time
+
+    import ray
+
+    from modalmill.pipeline.execute import LabelerActor
+    from modalmill.pipeline.shard import LabelerRun
+    from tests.labelers_costed import CostedFast
+
+    said = LabelerRun("test_costed_fast", {"ms_per_image": 50, "device": "dev:1"}, ("test_costed_fast",), 4, True,
+                      cls=CostedFast)
+    silent = LabelerRun("test_costed_fast", {"ms_per_image": 50}, ("test_costed_fast",), 4, True, cls=CostedFast)
+    a, b = (LabelerActor.options(num_cpus=0).remote(r) for r in (said, silent))
+    assert ray.get([a.ready.remote(), b.ready.remote()]) == ["", ""]
+    t0 = _time.time()
+    ray.get(a.process_batch.remote([0, 1]))
+    first, again = ray.get(a.load.remote()), ray.get(a.load.remote())
+    assert first["device"] == f"{ray.get_runtime_context().get_node_id()}/dev:1"
+    ((start, end, n),) = first["intervals"]
+    assert n == 2 and t0 <= start < end <= first["at"] and end - start >= 0.1  # 2 images at 50 ms
+    assert first["samples"] == 2 and first["running_since"] is None and again["intervals"] == []
+    assert ray.get(b.load.remote())["device"] is None
+    for h in (a, b):
+        ray.kill(h)

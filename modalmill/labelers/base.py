@@ -187,6 +187,12 @@ class Labeler:
         """Content hash of the weights this labeler uses ('' for model-free labelers)."""
         return ""
 
+    def device_key(self) -> str | None:
+        """Which device of its node this labeler's batches run on, when Ray cannot tell: a labeler on a device that
+        Ray counts only as a custom resource returns its index (e.g. ``"npu:1"``). None (the default): the GPUs Ray
+        assigned it, or no device. ``workers: auto`` pools use it to measure each batch's share of its device."""
+        return None
+
     def producer_extra(self) -> dict[str, Any]:
         """More facts the shard marker records about this labeler's outputs (imported ground truth: provenance
         and the source's digest); the manifest keeps its fixed producer fields only."""

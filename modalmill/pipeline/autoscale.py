@@ -115,6 +115,90 @@ class Window:
 
     samples: int = 0
     busy_s: float = 0.0  # summed over the pool's actors: time spent serving batches
+    # device-seconds used by its batches costed in the window, from their intervals on their devices
+    # (:class:`DeviceClock`), and how many samples those batches held; None when an actor of the pool could not say
+    # which device it is on (then the per-kind estimate of ``observe_all``)
+    device_s: float | None = None
+    device_samples: int = 0
+
+
+def device_seconds(batch: tuple[float, float], others: list[tuple[float, float]]) -> float:
+    """The device-seconds one batch used on a time-sliced device: the integral over its interval ``batch`` (start,
+    end) of 1 / the number of batches running on that device at each moment (itself and those of ``others``, the
+    device's other batches' intervals, finished or still running, that overlap it). A batch alone used its whole
+    interval; two batches side by side used half of it each. This is how a GPU shared by processes runs kernels
+    (time-sliced), and it needs only each batch's start and end, taken on the device's node."""
+    t0, t1 = batch
+    if t1 <= t0:
+        return 0.0
+    edges = sorted({t0, t1, *(t for a, b in others for t in (a, b) if t0 < t < t1)})
+    used = 0.0
+    for a, b in zip(edges, edges[1:], strict=False):
+        mid = (a + b) / 2
+        k = 1 + sum(1 for s, e in others if s <= mid < e)
+        used += (b - a) / k
+    return used
+
+
+@dataclass
+class _Batch:
+    actor: str
+    start: float
+    end: float
+    samples: int
+
+
+@dataclass
+class DeviceClock:
+    """Device-seconds per actor, from its batches' intervals on each device (:func:`device_seconds`).
+
+    Feed it every answer of an actor's ``load()`` (:meth:`take`: its device, its batches finished since the last
+    answer, the one it is serving, the moment of the answer). A batch is costed only once every serving actor on
+    its device has answered after the batch ended (the device's *horizon*): until then a batch that overlapped it
+    may not be known yet. :meth:`drain` hands out what was costed since the last call, per actor: (samples,
+    device-seconds)."""
+
+    devices: dict[str, str] = field(default_factory=dict)  # actor -> its device
+    heard: dict[str, float] = field(default_factory=dict)  # actor -> the moment of its last answer
+    running: dict[str, float | None] = field(default_factory=dict)  # actor -> start of the batch it serves
+    ended: dict[str, list[_Batch]] = field(default_factory=dict)  # device -> batches that may overlap later ones
+    pending: dict[str, list[_Batch]] = field(default_factory=dict)  # device -> batches not costed yet
+    costed: dict[str, tuple[int, float]] = field(default_factory=dict)  # actor -> (samples, device-s) to drain
+
+    def take(self, actor: str, device: str, intervals: list, running_since: float | None, at: float) -> None:
+        self.devices[actor], self.heard[actor], self.running[actor] = device, at, running_since
+        for start, end, n in intervals:
+            b = _Batch(actor, start, end, n)
+            self.ended.setdefault(device, []).append(b)
+            self.pending.setdefault(device, []).append(b)
+        self._cost(device)
+
+    def leave(self, actor: str) -> None:
+        """The actor left its pool (retired or gone): its device's horizon no longer waits for it."""
+        device = self.devices.pop(actor, None)
+        self.heard.pop(actor, None)
+        self.running.pop(actor, None)
+        if device is not None:
+            self._cost(device)
+
+    def _cost(self, device: str) -> None:
+        here = [a for a, d in self.devices.items() if d == device]
+        horizon = min((self.heard[a] for a in here), default=math.inf)
+        open_now = [(self.running[a], self.heard[a]) for a in here if self.running[a] is not None]
+        ready = [b for b in self.pending.get(device, []) if b.end <= horizon]
+        self.pending[device] = [b for b in self.pending.get(device, []) if b.end > horizon]
+        ended = self.ended.setdefault(device, [])
+        for b in ready:
+            others = [(o.start, o.end) for o in ended if o is not b] + open_now
+            n, used = self.costed.get(b.actor, (0, 0.0))
+            self.costed[b.actor] = (n + b.samples, used + device_seconds((b.start, b.end), others))
+        # keep what a batch not costed yet (pending, or still running) may overlap
+        keep_from = min([b.start for b in self.pending[device]] + [s for s, _ in open_now] + [horizon])
+        self.ended[device] = [b for b in ended if b.end >= keep_from]
+
+    def drain(self) -> dict[str, tuple[int, float]]:
+        out, self.costed = self.costed, {}
+        return out
 
 
 @dataclass
@@ -133,17 +217,23 @@ class Autoscaler:
     windows: dict[str, int] = field(default_factory=dict)
 
     def observe(self, name: str, window: Window, sharing: float | None = None) -> None:
-        """Take one window's measurement. Busy time is turned into device-seconds by dividing it by ``sharing``,
-        how many kernels ran on the actor's device at once on average (time-sliced: each went that much slower);
-        None: 1 / the actor's share, as if the actors that share a device kept it full (see :meth:`observe_all`)."""
-        if window.samples <= 0:
+        """Take one window's measurement: its device-seconds when measured (``window.device_s``), else its busy
+        time turned into device-seconds by dividing it by ``sharing``, how many kernels ran on the actor's device
+        at once on average (time-sliced: each went that much slower); None: 1 / the actor's share, as if the
+        actors that share a device kept it full (see :meth:`observe_all`)."""
+        if window.device_s is not None:  # measured on the devices: no estimate of the sharing needed
+            samples = window.device_samples
+            cost = window.device_s / max(1, samples)
+        else:
+            samples = window.samples
+            share = self._shape(name).share
+            sharing = 1.0 / share if sharing is None else min(max(1.0, sharing), 1.0 / share)
+            cost = window.busy_s / sharing / max(1, samples)
+        if samples <= 0:
             return
-        share = self._shape(name).share
-        sharing = 1.0 / share if sharing is None else min(max(1.0, sharing), 1.0 / share)
-        cost = window.busy_s / sharing / window.samples
         old = self.costs.get(name)
         self.costs[name] = cost if old is None else self.decay * old + (1 - self.decay) * cost
-        self.seen[name] = self.seen.get(name, 0) + window.samples
+        self.seen[name] = self.seen.get(name, 0) + samples
         self.windows[name] = self.windows.get(name, 0) + 1
 
     def observe_all(self, windows: dict[str, Window], seconds: float, least: int = 1) -> None:

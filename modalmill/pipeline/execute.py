@@ -59,6 +59,18 @@ def limit_threads() -> int:
     return n
 
 
+def device_of(labeler) -> str | None:
+    """Which device this actor's batches run on, as a key unique in the cluster: the node and the labeler's own
+    ``device_key()`` when it names one (a device Ray tracks only as a count, like a custom resource), else the node
+    and the GPU ids Ray assigned the actor (fractional GPUs share an id); None when neither says (a CPU actor)."""
+    ctx = ray.get_runtime_context()
+    own = labeler.device_key()
+    if own is None:
+        gpus = [str(g) for g in (ctx.get_accelerator_ids() or {}).get("GPU", [])]
+        own = f"GPU:{','.join(gpus)}" if gpus else None
+    return None if own is None else f"{ctx.get_node_id()}/{own}"
+
+
 class LabelerSetupError(ShardAbort):
     """A labeler's actor could not set itself up (missing or wrong weights seen only by the workers, e.g. a
     node-local path on a cluster): one line, raised on the driver; the actor is not restarted."""
@@ -86,6 +98,11 @@ class LabelerActor:
         self.setup_lock = threading.Lock()
         self.limiter = BatchLimiter(run.labeler)  # out of memory: split, retry, keep the size that fits
         self.served, self.busy_s = 0, 0.0  # samples served and seconds in process_batch (the autoscaler's view)
+        # each batch's (start, end, samples) since the last load(), and when the batch being served began: the
+        # autoscaler's device-time accounting (autoscale.DeviceClock)
+        self.intervals: list[tuple[float, float, int]] = []
+        self.running_since: float | None = None
+        self.device: str | None = None
 
     @ray.method(concurrency_group="control")
     def placed(self) -> bool:
@@ -112,6 +129,9 @@ class LabelerActor:
             if not type(e).__name__.endswith(("WeightsError", "SetupError")):
                 self.setup_error = f"{type(e).__name__}: {self.setup_error}"
             self.setup_traceback = traceback.format_exc()
+            return
+        with contextlib.suppress(Exception):  # unknown: the autoscaler estimates the sharing instead
+            self.device = device_of(self.labeler)
 
     def ready(self) -> str:
         self._set_up()
@@ -124,17 +144,24 @@ class LabelerActor:
         self._set_up()
         if self.labeler is None:
             raise LabelerSetupError(self.setup_error)
-        t0 = time.perf_counter()
+        t0, self.running_since = time.perf_counter(), time.time()
         try:
             return self.limiter.run(self.labeler.process_batch, inputs)
         finally:
             self.busy_s += time.perf_counter() - t0
             self.served += len(inputs)
+            self.intervals.append((self.running_since, time.time(), len(inputs)))
+            self.running_since = None
 
     @ray.method(concurrency_group="control")
-    def load(self) -> tuple[int, float]:
-        """(samples served, seconds spent serving them) since the actor started: what the autoscaler measures."""
-        return self.served, self.busy_s
+    def load(self) -> dict:
+        """What the autoscaler measures: samples served and seconds spent serving them since the actor started
+        (``samples``, ``busy_s``); the device it labels on (``device``: None when unknown, see :func:`device_of`),
+        its batches' intervals since the last call (``intervals``: start, end, samples), the start of the batch
+        it is serving (``running_since``, or None) and this moment (``at``), all on this node's clock."""
+        got, self.intervals = self.intervals, []
+        return {"samples": self.served, "busy_s": self.busy_s, "device": self.device, "intervals": got,
+                "running_since": self.running_since, "at": time.time()}
 
     @ray.method(concurrency_group="control")
     def checkpoint_id(self) -> str:

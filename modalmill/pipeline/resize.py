@@ -3,10 +3,12 @@
 The driver's loop calls :meth:`Resizer.tick` about twice a second. It
 
 - **measures**: every ``MODALMILL_AUTOSCALE_S`` seconds (default 1) it asks each serving actor for its cumulative
-  counters (:meth:`LabelerActor.load`: samples served and seconds spent in ``process_batch``). The call is queued
-  behind the actor's batches and collected without waiting; the difference between two answers is that actor's
-  window. Each pool's window (its actors' samples and busy seconds, summed) goes to :class:`.autoscale.Autoscaler`,
-  whose cost per sample is the busy time turned into device-seconds by the actor's device share;
+  counters (:meth:`LabelerActor.load`: samples served and seconds spent in ``process_batch``) and its batches'
+  intervals on its device since the last answer. The call runs beside the actor's batches (its control group) and
+  is collected without waiting; the difference between two answers is that actor's window. Each pool's window
+  (its actors' samples, busy seconds, and the device-seconds :class:`.autoscale.DeviceClock` gives their batches)
+  goes to :class:`.autoscale.Autoscaler`, whose cost per sample is those device-seconds (or, for a pool whose
+  actors cannot say which device they are on, the busy time divided by an estimate of the sharing);
 - **decides**: :meth:`Autoscaler.decide` gives the resizes that raise the projected throughput by at least 10 %
   (each logged as one line: pool, from, to, why). Nothing is decided while an earlier resize is still under way,
   and the measurements start afresh after one (actors that share devices measure each other's load);
@@ -37,7 +39,7 @@ from dataclasses import dataclass, field
 
 import ray
 
-from .autoscale import Autoscaler, Decision, PoolShape, Window, allocate
+from .autoscale import Autoscaler, Decision, DeviceClock, PoolShape, Window, allocate
 
 REFRESH_S = 1.0  # how stale a shard task's view of the pools may be
 # a decision needs this many seconds of measurements (since the start or the last resize): one 1 s window of a
@@ -165,6 +167,10 @@ class Resizer:
     costs: dict[str, float] = field(default_factory=dict)  # the last full measurement (device-s per sample)
     sizes_at_start: dict[str, int] = field(default_factory=dict)
     settled_at: float | None = None  # when the last resize was done: its new actors serving, the retired ones gone
+    clock: DeviceClock = field(default_factory=DeviceClock)  # device-seconds from the batches' intervals
+    pool_of: dict[str, str] = field(default_factory=dict)  # actor -> its pool
+    on_device: set = field(default_factory=set)  # pools whose actors said which device they are on
+    no_device: set = field(default_factory=set)  # pools with an actor that could not (the sharing is estimated)
     t0: float = field(default_factory=time.time)
     last: float = field(default_factory=time.monotonic)
 
@@ -196,6 +202,7 @@ class Resizer:
         if now - self.last < self.interval:
             return
         seconds, self.last = now - self.last, now
+        self._device_times()
         if not resizing:  # (what the pools did during a resize is not measured)
             self.scaler.observe_all(self.windows, seconds)
         self.windows = {p.name: Window() for p in self.shapes}
@@ -210,6 +217,7 @@ class Resizer:
             ray.wait(list(self.asked), num_returns=len(self.asked), timeout=2)
         self._collect_loads()
         seconds = time.monotonic() - self.last
+        self._device_times()
         self.scaler.observe_all(self.windows, seconds, least=self.scaler.min_samples)
         self.windows = {p.name: Window() for p in self.shapes}
 
@@ -227,9 +235,17 @@ class Resizer:
         for ref in done:
             name, key = self.asked.pop(ref)
             try:
-                samples, busy = ray.get(ref)
+                got = ray.get(ref)
             except ray.exceptions.RayError:  # retired and killed meanwhile, or restarting: no window from it
+                self.clock.leave(key)
                 continue
+            samples, busy = got["samples"], got["busy_s"]
+            self.pool_of[key] = name
+            if got["device"] is None:
+                self.no_device.add(name)
+            elif any(actor_key(h) == key for h in self.pools.get(name, [])):  # (not one retired meanwhile)
+                self.on_device.add(name)
+                self.clock.take(key, got["device"], got["intervals"], got["running_since"], got["at"])
             before = self.seen.get(key, (0, 0.0))
             self.seen[key] = (samples, busy)
             if samples < before[0]:  # restarted: its counters began again
@@ -238,6 +254,18 @@ class Resizer:
             w.samples += samples - before[0]
             w.busy_s += busy - before[1]
             self.served[name] = self.served.get(name, 0) + samples - before[0]
+
+    def _device_times(self) -> None:
+        """Into this window: the device-seconds of the batches costed since the last one, for the pools whose
+        every actor said which device it is on."""
+        for name, w in self.windows.items():
+            if name in self.on_device and name not in self.no_device:
+                w.device_s = w.device_s or 0.0
+        for key, (n, used) in self.clock.drain().items():
+            w = self.windows.get(self.pool_of.get(key, ""))
+            if w is not None and w.device_s is not None:
+                w.device_s += used
+                w.device_samples += n
 
     def apply(self, decisions: list[Decision]) -> None:
         """Shrinks first (their shares are what the growing pools take), then grows."""
@@ -248,6 +276,7 @@ class Resizer:
             now = time.monotonic()
             for _ in range(d.before - d.after):
                 handle = self.pools[d.pool].pop()
+                self.clock.leave(actor_key(handle))
                 self.retiring.append(_Retiring(handle, d.pool, now))
             for _ in range(d.after - d.before):
                 handle = self.start_actor(d.pool)
