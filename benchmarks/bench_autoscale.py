@@ -18,9 +18,10 @@ Runs, side by side in one Ray (``REPEATS`` pairs, each the median with min and m
 - **equal split**: the best hand-set equal split, one whole device per model (``workers: 1``,
   ``sim_device: 1``): the job runs at the slowest model's speed, a third of the ideal at these costs.
 
-The auto runs read ``MODALMILL_BENCH_AUTOSCALE_SHARDS`` shards (default 8: 800 images), so that a steady state
-follows the resize; the equal split, steady from its first kernel and three times slower per image, reads a quarter
-as many. Each run's notes give the devices' busy fractions over its steady window.
+The auto runs read ``MODALMILL_BENCH_AUTOSCALE_SHARDS`` shards (default 16: 1,600 images), so that a steady state
+of about 30 s follows the resize (new actors take ~25 s to start on 2 loaded cores: with 8 shards the window was
+3-8 s, too short to judge); the equal split, steady from its first kernel and three times slower per image, reads
+an eighth as many. Each run's notes give the devices' busy fractions over its steady window.
 
 Figures: the *ideal* is devices / summed device time per image (4 / 106.25 ms = 37.6 images/s). *Steady state*:
 images per second over a window that opens when the autoscaler's last resize was done (its new actors set up and
@@ -74,9 +75,9 @@ MIX_MS = {"bench_mix_a": 20.0, "bench_mix_b": 80.0, "bench_mix_c": 320.0, "bench
 IDEAL = N_DEVICES / sum(ms / 1000 / BATCH for ms in MIX_MS.values())
 REPEATS = int(os.environ.get("MODALMILL_BENCH_REPEATS", "3"))
 # shards of 100 images per auto run: enough for a steady state after the resize; the equal split, never resized and
-# steady from its first kernel, runs on a quarter as many (its job is 3x slower per image)
-SHARDS = int(os.environ.get("MODALMILL_BENCH_AUTOSCALE_SHARDS", "8"))
-EQUAL_SHARDS = max(1, SHARDS // 4)
+# steady from its first kernel, runs on an eighth as many (its job is 3x slower per image)
+SHARDS = int(os.environ.get("MODALMILL_BENCH_AUTOSCALE_SHARDS", "16"))
+EQUAL_SHARDS = max(1, SHARDS // 8)
 STEP_S = 0.01
 TARGET, PLAN_TOLERANCE = 0.9, 0.10
 
