@@ -202,6 +202,11 @@ def test_the_device_clock_costs_a_batch_once_every_actor_on_its_device_answered_
     clock.take("a", "n/dev:0", [(4.0, 5.0, 2)], None, at=5.0)
     clock.leave("b")  # b retired: the horizon no longer waits for it
     assert clock.drain()["a"] == (2, pytest.approx(1.0))
+    clock.expect("d")  # a new actor serves: which device it is on is not known until it answers
+    clock.take("a", "n/dev:0", [(5.0, 7.0, 2)], None, at=7.5)
+    assert clock.drain() == {}
+    clock.take("d", "n/dev:0", [(6.0, 7.0, 2)], None, at=7.6)  # it was beside a's batch for 1 s
+    assert clock.drain() == {"a": (2, pytest.approx(1.5)), "d": (2, pytest.approx(0.5))}
 
 
 def test_measured_device_time_is_the_cost_and_a_window_with_nothing_costed_is_no_measurement():

@@ -164,9 +164,16 @@ class DeviceClock:
     ended: dict[str, list[_Batch]] = field(default_factory=dict)  # device -> batches that may overlap later ones
     pending: dict[str, list[_Batch]] = field(default_factory=dict)  # device -> batches not costed yet
     costed: dict[str, tuple[int, float]] = field(default_factory=dict)  # actor -> (samples, device-s) to drain
+    unheard: set = field(default_factory=set)  # serving actors that have not answered yet (device not known)
+
+    def expect(self, actor: str) -> None:
+        """A serving actor joined: until its first answer says which device it is on, no batch is costed (its
+        batches may run beside any; it answers within one measuring interval)."""
+        self.unheard.add(actor)
 
     def take(self, actor: str, device: str, intervals: list, running_since: float | None, at: float) -> None:
         self.devices[actor], self.heard[actor], self.running[actor] = device, at, running_since
+        self.unheard.discard(actor)
         for start, end, n in intervals:
             b = _Batch(actor, start, end, n)
             self.ended.setdefault(device, []).append(b)
@@ -176,6 +183,7 @@ class DeviceClock:
     def leave(self, actor: str) -> None:
         """The actor left its pool (retired or gone): its device's horizon no longer waits for it."""
         device = self.devices.pop(actor, None)
+        self.unheard.discard(actor)
         self.heard.pop(actor, None)
         self.running.pop(actor, None)
         if device is not None:
@@ -183,7 +191,7 @@ class DeviceClock:
 
     def _cost(self, device: str) -> None:
         here = [a for a, d in self.devices.items() if d == device]
-        horizon = min((self.heard[a] for a in here), default=math.inf)
+        horizon = -math.inf if self.unheard else min((self.heard[a] for a in here), default=math.inf)
         open_now = [(self.running[a], self.heard[a]) for a in here if self.running[a] is not None]
         ready = [b for b in self.pending.get(device, []) if b.end <= horizon]
         self.pending[device] = [b for b in self.pending.get(device, []) if b.end > horizon]

@@ -179,6 +179,9 @@ class Resizer:
         windows = max(1, math.ceil(MEASURE_S / self.interval)) if self.interval > 0 else 1
         self.scaler = self.scaler or Autoscaler(self.shapes, self.budget, min_samples=batch, min_windows=windows)
         self.sizes_at_start = {n: len(h) for n, h in self.pools.items()}
+        for handles in self.pools.values():
+            for h in handles:
+                self.clock.expect(actor_key(h))
         self.windows = {p.name: Window() for p in self.shapes}
 
     def _say(self, text: str) -> None:
@@ -243,6 +246,7 @@ class Resizer:
             self.pool_of[key] = name
             if got["device"] is None:
                 self.no_device.add(name)
+                self.clock.leave(key)  # (on no device: no batch of it is beside another's)
             elif any(actor_key(h) == key for h in self.pools.get(name, [])):  # (not one retired meanwhile)
                 self.on_device.add(name)
                 self.clock.take(key, got["device"], got["intervals"], got["running_since"], got["at"])
@@ -303,6 +307,7 @@ class Resizer:
                 ray.kill(handle)
                 continue
             self.pools[name].append(handle)
+            self.clock.expect(actor_key(handle))
             changed = True
         if changed:
             self._publish()
