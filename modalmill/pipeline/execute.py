@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -76,6 +77,9 @@ class LabelerSetupError(ShardAbort):
     node-local path on a cluster): one line, raised on the driver; the actor is not restarted."""
 
 
+INTERVALS_KEPT = 4096  # batch intervals an actor keeps between two load() calls (the resizer asks every second)
+
+
 @ray.remote(concurrency_groups={"control": 1})
 class LabelerActor:
     """Holds one model labeler, set up once; serves batches from shard tasks.
@@ -99,8 +103,8 @@ class LabelerActor:
         self.limiter = BatchLimiter(run.labeler)  # out of memory: split, retry, keep the size that fits
         self.served, self.busy_s = 0, 0.0  # samples served and seconds in process_batch (the autoscaler's view)
         # each batch's (start, end, samples) since the last load(), and when the batch being served began: the
-        # autoscaler's device-time accounting (autoscale.DeviceClock)
-        self.intervals: list[tuple[float, float, int]] = []
+        # autoscaler's device-time accounting (autoscale.DeviceClock); bounded, since no one asks a fixed pool
+        self.intervals: deque[tuple[float, float, int]] = deque(maxlen=INTERVALS_KEPT)
         self.running_since: float | None = None
         self.device: str | None = None
 
@@ -159,8 +163,8 @@ class LabelerActor:
         (``samples``, ``busy_s``); the device it labels on (``device``: None when unknown, see :func:`device_of`),
         its batches' intervals since the last call (``intervals``: start, end, samples), the start of the batch
         it is serving (``running_since``, or None) and this moment (``at``), all on this node's clock."""
-        got, self.intervals = self.intervals, []
-        return {"samples": self.served, "busy_s": self.busy_s, "device": self.device, "intervals": got,
+        got, self.intervals = self.intervals, deque(maxlen=INTERVALS_KEPT)
+        return {"samples": self.served, "busy_s": self.busy_s, "device": self.device, "intervals": list(got),
                 "running_since": self.running_since, "at": time.time()}
 
     @ray.method(concurrency_group="control")
