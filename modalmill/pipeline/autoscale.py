@@ -229,16 +229,16 @@ class Autoscaler:
         time turned into device-seconds by dividing it by ``sharing``, how many kernels ran on the actor's device
         at once on average (time-sliced: each went that much slower); None: 1 / the actor's share, as if the
         actors that share a device kept it full (see :meth:`observe_all`)."""
-        if window.device_s is not None:  # measured on the devices: no estimate of the sharing needed
-            samples = window.device_samples
-            cost = window.device_s / max(1, samples)
-        else:
-            samples = window.samples
-            share = self._shape(name).share
-            sharing = 1.0 / share if sharing is None else min(max(1.0, sharing), 1.0 / share)
-            cost = window.busy_s / sharing / max(1, samples)
+        measured = window.device_s is not None  # measured on the devices: no estimate of the sharing needed
+        samples = window.device_samples if measured else window.samples
         if samples <= 0:
             return
+        if measured:
+            cost = window.device_s / samples
+        else:
+            share = self._shape(name).share
+            sharing = 1.0 / share if sharing is None else min(max(1.0, sharing), 1.0 / share)
+            cost = window.busy_s / sharing / samples
         old = self.costs.get(name)
         self.costs[name] = cost if old is None else self.decay * old + (1 - self.decay) * cost
         self.seen[name] = self.seen.get(name, 0) + samples
