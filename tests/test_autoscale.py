@@ -131,7 +131,7 @@ def test_a_batch_at_an_actor_a_shrink_removed_is_sent_again(ray_local):
     import ray
 
     from modalmill.pipeline.execute import LabelerActor, WorkerDied, _call_pool, _Members
-    from modalmill.pipeline.resize import PoolRegistry
+    from modalmill.pipeline.dispatch import PoolRegistry
     from modalmill.pipeline.shard import LabelerRun
     from tests.labelers_costed import CostedSlow
 
@@ -153,6 +153,70 @@ def test_a_batch_at_an_actor_a_shrink_removed_is_sent_again(ray_local):
     ray.kill(b)  # still in the pool: a real failure, not a shrink
     with pytest.raises(WorkerDied):
         _call_pool(members, "p", [0])
+    ray.kill(registry)
+
+
+def test_the_dispatch_spreads_every_tasks_batches_over_actors_and_devices():
+    """Batches of several shard tasks go to the actor with the fewest in flight from any task (a task alone sent
+    its batch to the actor with the fewest of its own: two tasks doubled up on the same actors); ties go to the
+    least crowded device, then in turn; a task's batches are given back one by one or forgotten with its task."""
+    from modalmill.pipeline.dispatch import Dispatcher
+
+    d = Dispatcher({"p": ["a1", "a2", "a3", "a4"], "q": ["b1", "b2"]})
+    got = [d.take("p", "shard-1"), d.take("p", "shard-1"), d.take("p", "shard-2"), d.take("p", "shard-2")]
+    assert sorted(k for k, _ in got) == ["a1", "a2", "a3", "a4"]  # one each, whichever task sent them
+    assert d.take("p", "shard-2")[0] == "a1" and d.take("p", "shard-1")[0] == "a2"  # then a second each, in turn
+    d.give_back("a3", "shard-2", 1.0)
+    assert d.take("p", "shard-3")[0] == "a3"  # the least loaded again
+    d.forget("shard-1")  # its task ended (or its worker died holding batches): its batches no longer count
+    assert (d.at["a1"], d.at["a2"], d.at["a4"]) == (1, 0, 1) and d.work["a2"] == 0 and "shard-1" not in d.held
+    d.give_back("a2", "shard-1", 1.0)  # a late give-back of a forgotten task changes nothing
+    assert d.at["a2"] == 0
+    # devices: the one holding the least work wins, whichever pool's batches it holds
+    d2 = Dispatcher({"p": ["a1", "a2"], "q": ["b1"]})
+    d2.where({"a1": "gpu0", "a2": "gpu1", "b1": "gpu0"})
+    assert d2.take("q", "s") == ("b1", 1.0)
+    assert d2.take("p", "s")[0] == "a2"  # gpu0 already runs b1's batch
+    # with costs (device-s per sample), work is what counts: one costly batch outweighs several cheap ones
+    d2.costs({"p": 0.08})  # not every pool's cost: still one per batch
+    assert d2.take("p", "s") == ("a1", 1.0)
+    d3 = Dispatcher({"cheap": ["c1"], "costly": ["x1", "x2"]})
+    d3.where({"c1": "gpu0", "x1": "gpu0", "x2": "gpu1"})
+    d3.costs({"cheap": 0.001, "costly": 0.08})
+    for _ in range(3):
+        assert d3.take("cheap", "s", 16)[0] == "c1"
+    assert d3.take("costly", "s", 16) == ("x2", pytest.approx(1.28))  # gpu0 holds 0.048 s of work, gpu1 none
+    assert d3.take("costly", "s", 16)[0] == "x1"  # gpu0 0.048 against gpu1 1.28
+    assert d3.take("costly", "s", 16)[0] == "x2"  # gpu0 1.328 against 1.28
+    d2.members({"p": ["a1"], "q": ["b1"]})  # a shrink: a retired actor gets nothing more
+    assert d2.take("p", "s")[0] == "a1" and d2.take("p", "s")[0] == "a1"
+    assert Dispatcher({"p": []}).take("p", "s") is None
+
+
+def test_two_shard_tasks_share_the_registrys_choice(ray_local):
+    """Across the boundary the tasks cross: two tasks' views (_Members) with one registry actor never double up
+    while an actor is free, and the registry's membership changes reach them with its answers."""
+    import ray
+
+    from modalmill.pipeline.dispatch import PoolRegistry, actor_key
+    from modalmill.pipeline.execute import LabelerActor, _Members
+    from modalmill.pipeline.shard import LabelerRun
+    from tests.labelers_costed import CostedSlow
+
+    run = LabelerRun("test_costed_slow", {"ms_per_image": 1}, ("test_costed_slow",), 4, True, cls=CostedSlow)
+    actors = [LabelerActor.options(num_cpus=0).remote(run) for _ in range(4)]
+    registry = PoolRegistry.remote({"p": actors})
+    one, two = (_Members({"p": actors}, registry, start=0, shard=s) for s in ("shard-1", "shard-2"))
+    taken = [one.take("p", 4), two.take("p", 4), one.take("p", 4), two.take("p", 4)]
+    assert len({actor_key(h) for h, _ in taken}) == 4 and all(w == 1.0 for _, w in taken)
+    for m, (h, w) in zip((one, two, one, two), taken):
+        m.give_back(h, w)
+    ray.get(registry.publish.remote({"p": actors[2:]}))
+    assert actor_key(one.take("p")[0]) in {actor_key(h) for h in actors[2:]} and one.version == 1
+    alone = _Members({"p": actors}, None, start=0)  # no registry: this task's own least loaded
+    assert [actor_key(alone.take("p")[0]) for _ in range(2)] == [actor_key(h) for h in actors[:2]]
+    for h in actors:
+        ray.kill(h)
     ray.kill(registry)
 
 

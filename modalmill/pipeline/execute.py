@@ -27,8 +27,8 @@ from ..io.cluster import local_s3_env
 from ..io.lease import LeaseLost
 from .placement import PlacementWatch
 from .autoscale import PoolShape
-from .resize import (REFRESH_S, PoolRegistry, Resizer, actor_key, can_move, first_sizes, pool_budget,
-                     shapes_for)
+from .dispatch import PoolRegistry, actor_key
+from .resize import REFRESH_S, Resizer, can_move, first_sizes, pool_budget, shapes_for
 from .shard import LabelerRun, ShardAbort, ShardTask, call_local, fenced, local_labeler, process_shard
 
 
@@ -308,14 +308,17 @@ class _AtActors:
 
 
 class _Members:
-    """A shard task's view of the model pools: which actors each has (refreshed from the execution's
-    :class:`~.resize.PoolRegistry` at most every ``REFRESH_S`` seconds, when pools are resized while the job runs)
-    and how many of this task's batches each holds. A batch goes to the actor with the fewest (ties: the one after
-    the last chosen, starting from a place set by the shard's index, so tasks spread over the pool)."""
+    """A shard task's view of the model pools: which actors each has and which one labels its next batch. With the
+    execution's :class:`~.dispatch.PoolRegistry` (when some pool has more than one actor) the registry chooses, from
+    every task's batches in flight, and its answers carry the pools' membership when it changed; the view is also
+    refreshed at most every ``REFRESH_S`` seconds. Without one (or when it is gone: the driver ended) a batch goes
+    to the actor with the fewest of this task's batches (ties: the one after the last chosen, starting from a place
+    set by the shard's index, so tasks spread over the pool)."""
 
-    def __init__(self, pools: dict[str, list], registry, start: int):
+    def __init__(self, pools: dict[str, list], registry, start: int, shard: str = ""):
         self.pools = {name: list(handles) for name, handles in pools.items()}
         self.registry, self.version, self.checked = registry, 0, time.monotonic()
+        self.shard = shard
         self.outstanding: dict[str, int] = {}  # actor key -> this task's batches at it
         self.last = {name: start % max(1, len(handles)) - 1 for name, handles in pools.items()}
         self.lock, self.refreshing = threading.Lock(), threading.Lock()
@@ -329,25 +332,62 @@ class _Members:
                 got = ray.get(self.registry.since.remote(self.version), timeout=30)
             except (ray.exceptions.RayError, TimeoutError):  # the registry is gone (the driver ended): keep this view
                 return
-            if got is not None:
-                with self.lock:
-                    self.version, self.pools = got[0], {name: list(h) for name, h in got[1].items()}
+            self._update(got)
 
-    def take(self, name: str):
-        self.refresh()
+    def _update(self, got) -> None:
+        if got is not None:
+            with self.lock:
+                self.version, self.pools = got[0], {name: list(h) for name, h in got[1].items()}
+
+    def ask(self, name: str, samples: int = 1):
+        """Ask the registry now for the actor of a batch being prepared (the answer travels while it is): what
+        :meth:`take` is then given; None without a registry."""
+        if self.registry is None:
+            return None
+        try:
+            return self.registry.take.remote(name, self.shard, self.version, samples)
+        except Exception:  # noqa: BLE001 - the registry is gone (the driver ended): this task's own choice
+            return None
+
+    def take(self, name: str, samples: int = 1, asked=None) -> tuple[Any, float]:
+        """The actor for this task's next batch of pool ``name`` (``samples`` samples) and the work the registry
+        charged it (what :meth:`give_back` returns); ``asked``: :meth:`ask`'s answer for this batch, if any."""
+        chosen, work = self._dispatched(name, samples, asked)
+        if chosen is None:
+            self.refresh()
         with self.lock:
             handles = self.pools[name]
             n = len(handles)
-            i = min(range(n), key=lambda j: (self.outstanding.get(actor_key(handles[j]), 0),
-                                             (j - self.last[name] - 1) % n))
-            self.last[name] = i
+            i = next((j for j in range(n) if actor_key(handles[j]) == chosen), None)
+            if i is None:  # no registry (or its choice is unknown here): this task's own least-loaded actor
+                i = min(range(n), key=lambda j: (self.outstanding.get(actor_key(handles[j]), 0),
+                                                 (j - self.last[name] - 1) % n))
+                self.last[name] = i
             key = actor_key(handles[i])
             self.outstanding[key] = self.outstanding.get(key, 0) + 1
-            return handles[i]
+            return handles[i], (work if key == chosen else 0.0)
 
-    def give_back(self, handle) -> None:
+    def _dispatched(self, name: str, samples: int, asked=None) -> tuple[str | None, float]:
+        """The registry's choice for this task's next batch of ``name`` and the work it charged (None: no registry,
+        or it is gone)."""
+        if asked is None:
+            asked = self.ask(name, samples)
+        if asked is None:
+            return None, 0.0
+        try:
+            got, since = ray.get(asked, timeout=30)
+        except (ray.exceptions.RayError, TimeoutError):  # the registry is gone (the driver ended)
+            return None, 0.0
+        self._update(since)
+        return got if got is not None else (None, 0.0)
+
+    def give_back(self, handle, work: float = 0.0) -> None:
+        key = actor_key(handle)
         with self.lock:
-            self.outstanding[actor_key(handle)] -= 1
+            self.outstanding[key] -= 1
+        if self.registry is not None and work:
+            with contextlib.suppress(Exception):
+                self.registry.give_back.remote(key, self.shard, work)
 
     def removed(self, name: str, handle) -> bool:
         """Whether ``handle`` left its pool (a shrink retired it): asked after a batch failed at it."""
@@ -359,13 +399,17 @@ class _Members:
         return len(self.pools[name])
 
 
-def _call_pool(members: _Members, name: str, batch, at_actors: _AtActors | None = None):
+def _call_pool(members: _Members, name: str, batch, at_actors: _AtActors | None = None, samples: int = 1,
+               asked=None):
     """Send a prepared batch to one actor of pool ``name`` and return its results; a batch whose actor a shrink
     killed before it was served is sent again to an actor that remains. ``at_actors``: the shard task's calls at
-    the actors, where the batch's object ref is registered (its main thread waits on them, lending its CPU)."""
+    the actors, where the batch's object ref is registered (its main thread waits on them, lending its CPU);
+    ``samples``: the batch's size (what the dispatch charges the chosen actor); ``asked``: the registry's answer
+    asked for while the batch was prepared (:meth:`_Members.ask`)."""
     sent = at_actors.sent if at_actors is not None else (lambda ref: ref)
     while True:
-        actor = members.take(name)
+        actor, work = members.take(name, samples, asked)
+        asked = None  # (a batch sent again asks anew)
         try:
             # the ping too is a call at an actor: while the thread waits for a restarting actor (its node died),
             # the task's main thread waits on it with its CPU lent, so the actor can be placed where tasks hold
@@ -376,7 +420,7 @@ def _call_pool(members: _Members, name: str, batch, at_actors: _AtActors | None 
             if not members.removed(name, actor):
                 raise
         finally:
-            members.give_back(actor)
+            members.give_back(actor, work)
 
 
 def _run_shard(task: ShardTask, pools: dict[str, list], counter, isolate: bool = False,
@@ -387,12 +431,12 @@ def _run_shard(task: ShardTask, pools: dict[str, list], counter, isolate: bool =
     off and recorded as failed instead of taking the shard down again. ``in_flight``: batches kept at the model
     actors (None: 2 per actor of the pools the task uses, at most 8); ``checkpoints``: each pool's weights id;
     ``bytes_in_flight``: bytes of decoded samples the task may hold until written (None: the node-derived default,
-    :func:`default_bytes_in_flight`); ``registry``: the pools' current membership when they are resized while the
-    job runs (see :class:`_Members`)."""
+    :func:`default_bytes_in_flight`); ``registry``: the execution's :class:`~.dispatch.PoolRegistry`, which
+    chooses each batch's actor and knows the pools' current membership (see :class:`_Members`)."""
     limit_threads()
 
     preparers: dict[str, Any] = {}  # per pooled labeler, an instance (never set up) that runs its ``prepare``
-    members = _Members(pools, registry, task.source.index)
+    members = _Members(pools, registry, task.source.index, task.shard)
     local_locks = {run.labeler: threading.Lock() for run in task.labelers}  # one batch at a time per labeler
 
     at_actors = _AtActors()  # the main thread waits on them whenever the task waits for the actors
@@ -400,12 +444,13 @@ def _run_shard(task: ShardTask, pools: dict[str, list], counter, isolate: bool =
     def call(run: LabelerRun, inputs):
         if run.stateful and run.labeler in pools:
             at_actors.begin()
+            asked = members.ask(run.labeler, len(inputs))  # which actor: answered while the batch is prepared
             try:
                 with local_locks[run.labeler]:  # prepare here, on the shard task's CPU, not the model's
                     if run.labeler not in preparers:
                         preparers[run.labeler] = run.instance()
                     batch = preparers[run.labeler].prepare(inputs)
-                return _call_pool(members, run.labeler, batch, at_actors)
+                return _call_pool(members, run.labeler, batch, at_actors, len(inputs), asked)
             finally:
                 at_actors.answered()
         with local_locks[run.labeler]:
@@ -749,13 +794,16 @@ class _Execution:
         self.running: dict = {}  # object ref -> (task, isolated)
         self.watch = PlacementWatch(pools, requests, shard_cpus)
         self.requests, self.shard_cpus = requests, shard_cpus
-        self.registry, self.resizer = None, None  # set by :meth:`start_resizer` when some pool is ``auto``
+        self.registry, self.resizer = None, None  # set by :meth:`start_resizer`
         self.t0, self.samples = time.time(), 0
         self.record: dict | None = None  # the resizer's record (run record ``autoscale``), made by :meth:`close`
 
     def start_resizer(self, shapes: list[PoolShape], runs: list[LabelerRun], env: dict[str, str]) -> None:
         """When some pool may be resized (``workers: auto``, its actors hold a bounded resource, and it could shrink
-        or grow at all), start the pools' registry and the :class:`~.resize.Resizer` that resizes them."""
+        or grow at all), start the pools' registry (:mod:`.dispatch`: the pools' membership, and it chooses each
+        batch's actor) and the :class:`~.resize.Resizer`. Fixed pools keep each task's own choice: there the
+        registry's call per batch (a median of 9 ms on 2 loaded cores) cost more than it balanced (benchmark 6, two
+        whole devices: busy 0.78-0.84 with it against 0.78-0.89 without)."""
         budget = pool_budget(ray.cluster_resources(), self.shard_cpus)
         if not can_move(shapes, {name: len(h) for name, h in self.pools.items()}, budget):
             return
@@ -814,6 +862,8 @@ class _Execution:
         done, _ = ray.wait(list(self.running), num_returns=1, timeout=timeout)
         for ref in done:
             task, isolated = self.running.pop(ref)
+            if self.registry is not None:  # its batches still counted at the actors (a worker lost) are not
+                self.registry.forget.remote(task.shard)
             try:
                 res = ray.get(ref)
             except Exception as e:  # noqa: BLE001 - see the docstring

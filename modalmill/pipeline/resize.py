@@ -19,12 +19,13 @@ The driver's loop calls :meth:`Resizer.tick` about twice a second. It
   a shard task sees the shrink within ``REFRESH_S``) for the batches already sent to them, then one more call (queued
   after every batch) and only then killed.
 
-Membership: shard tasks learn each pool's current actors from one small actor, :class:`PoolRegistry` (no CPU; on
-the driver's node), which holds the handles and a version number. A shard task asks it ``since(version)`` at most
-every ``REFRESH_S`` seconds before sending a batch; the answer is empty while nothing changed. A batch that still
-reached an actor killed by a shrink (the task had not refreshed yet) fails with the actor's death; the task then
-refreshes, sees that the actor was removed, and sends the batch again to one that remains
-(``execute._Members``): nothing is lost, and labels do not depend on which actor made them.
+Membership: shard tasks learn each pool's current actors from one small actor, :class:`.dispatch.PoolRegistry`
+(no CPU; on the driver's node), which holds the handles and a version number and chooses the actor of every batch
+(:mod:`.dispatch`): a shrink's retired actors get no batch after it is published, new actors get them at once. A
+batch that still reached an actor killed by a shrink fails with the actor's death; the task then refreshes, sees
+that the actor was removed, and sends the batch again to one that remains (``execute._Members``): nothing is lost,
+and labels do not depend on which actor made them. The actors' devices, as their ``load()`` answers say, go to the
+registry too (its tie-break: the least crowded device).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from dataclasses import dataclass, field
 import ray
 
 from .autoscale import Autoscaler, Decision, DeviceClock, PoolShape, Window, allocate
+from .dispatch import actor_key
 
 REFRESH_S = 1.0  # how stale a shard task's view of the pools may be
 # a decision needs this many seconds of measurements (since the start or the last resize): one 1 s window of a
@@ -49,27 +51,6 @@ INTERVAL_S = float(os.environ.get("MODALMILL_AUTOSCALE_S", "1"))
 # a retired actor's drain: after REFRESH_S no shard task sends it more; the barrier call then waits for the rest
 DRAIN_S = float(os.environ.get("MODALMILL_AUTOSCALE_DRAIN_S", str(REFRESH_S + 0.5)))
 NOT_BUDGET = ("memory", "object_store_memory")
-
-
-@ray.remote(num_cpus=0)
-class PoolRegistry:
-    """The current actors of every pool, with a version number that changes with them."""
-
-    def __init__(self, pools: dict[str, list]):
-        self.version, self.pools = 0, pools
-
-    def publish(self, pools: dict[str, list]) -> int:
-        self.version += 1
-        self.pools = pools
-        return self.version
-
-    def since(self, version: int):
-        """None when the pools are still those of ``version``; else (the version, the pools)."""
-        return None if version == self.version else (self.version, self.pools)
-
-
-def actor_key(handle) -> str:
-    return handle._actor_id.hex()
 
 
 def per_actor(res) -> dict[str, float]:
@@ -171,6 +152,8 @@ class Resizer:
     pool_of: dict[str, str] = field(default_factory=dict)  # actor -> its pool
     on_device: set = field(default_factory=set)  # pools whose actors said which device they are on
     no_device: set = field(default_factory=set)  # pools with an actor that could not (the sharing is estimated)
+    placed: dict[str, str] = field(default_factory=dict)  # actor -> the device it said it is on
+    shared: dict[str, float] = field(default_factory=dict)  # the costs per sample last sent to the registry
     t0: float = field(default_factory=time.time)
     last: float = field(default_factory=time.monotonic)
 
@@ -208,6 +191,7 @@ class Resizer:
         self._device_times()
         if not resizing:  # (what the pools did during a resize is not measured)
             self.scaler.observe_all(self.windows, seconds)
+            self._share_costs()
         self.windows = {p.name: Window() for p in self.shapes}
         if not resizing:
             self.apply(self.scaler.decide(self.sizes()))
@@ -235,6 +219,7 @@ class Resizer:
         if not self.asked:
             return
         done, _ = ray.wait(list(self.asked), num_returns=len(self.asked), timeout=0)
+        learned: dict[str, str] = {}  # actors whose device is new: the dispatch prefers the least crowded device
         for ref in done:
             name, key = self.asked.pop(ref)
             try:
@@ -250,6 +235,9 @@ class Resizer:
             elif any(actor_key(h) == key for h in self.pools.get(name, [])):  # (not one retired meanwhile)
                 self.on_device.add(name)
                 self.clock.take(key, got["device"], got["intervals"], got["running_since"], got["at"])
+                if self.placed.get(key) != got["device"]:
+                    self.placed[key] = got["device"]
+                    learned[key] = got["device"]
             before = self.seen.get(key, (0, 0.0))
             self.seen[key] = (samples, busy)
             if samples < before[0]:  # restarted: its counters began again
@@ -258,6 +246,8 @@ class Resizer:
             w.samples += samples - before[0]
             w.busy_s += busy - before[1]
             self.served[name] = self.served.get(name, 0) + samples - before[0]
+        if learned:
+            self.registry.where.remote(learned)
 
     def _device_times(self) -> None:
         """Into this window: the device-seconds of the batches costed since the last one, for the pools whose
@@ -270,6 +260,14 @@ class Resizer:
             if w is not None and w.device_s is not None:
                 w.device_s += used
                 w.device_samples += n
+
+    def _share_costs(self) -> None:
+        """Every pool's cost per sample, once all are measured, to the registry: its dispatch then weighs each
+        device's batches in flight by their device time (:class:`.dispatch.Dispatcher`)."""
+        costs = self.scaler.costs
+        if len(costs) == len(self.shapes) and costs != self.shared:
+            self.shared = dict(costs)
+            self.registry.costs.remote(self.shared)
 
     def apply(self, decisions: list[Decision]) -> None:
         """Shrinks first (their shares are what the growing pools take), then grows."""
