@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/modalmill demo --workdir .demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=40
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m "not slow and not cluster"
