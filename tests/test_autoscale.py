@@ -220,6 +220,76 @@ def test_two_shard_tasks_share_the_registrys_choice(ray_local):
     ray.kill(registry)
 
 
+def test_a_hung_actor_no_longer_holds_back_its_devices_costs(ray_local, monkeypatch):
+    """A batch is costed only once every serving actor on its device has answered after it ended; an actor whose
+    process hangs (stopped with SIGSTOP here) would hold that back for the rest of the job. After SILENT_S without
+    an answer the resizer says so (naming the process) and the clock stops waiting for it; when the actor answers
+    again it counts again."""
+    import os
+    import signal
+
+    import ray
+
+    from modalmill.pipeline import resize
+    from modalmill.pipeline.autoscale import PoolShape
+    from modalmill.pipeline.dispatch import PoolRegistry, actor_key
+    from modalmill.pipeline.execute import LabelerActor
+    from modalmill.pipeline.shard import LabelerRun
+    from tests.labelers_costed import CostedSlow
+
+    name = "test_costed_slow"
+    run = LabelerRun(name, {"ms_per_image": 5, "device": "dev0"}, (name,), 4, True, cls=CostedSlow)
+    a, b = (LabelerActor.options(num_cpus=0).remote(run) for _ in range(2))
+    assert ray.get([a.ready.remote(), b.ready.remote()]) == ["", ""]
+    first = ray.get(b.load.remote())
+    device, pid = first["device"], first["pid"]
+    registry = PoolRegistry.remote({name: [a, b]})
+    monkeypatch.setattr(resize, "SILENT_S", 1.5)
+    said: list[str] = []
+    r = resize.Resizer([PoolShape(name, {"dev": 0.5}, fixed=2)], {"dev": 1.0}, {name: [a, b]}, registry,
+                       start_actor=lambda _: None, interval=0.2, echo=said.append)
+    t0 = time.monotonic()
+    while actor_key(b) not in r.clock.devices and time.monotonic() - t0 < 10:  # both answered once
+        r.tick()
+        time.sleep(0.05)
+    ray.get([a.process_batch.remote([0, 1]), b.process_batch.remote([0, 1])])
+    mine = lambda: [x for x in r.clock.pending.get(device, []) if x.actor == actor_key(a)]  # noqa: E731
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        while not mine() and time.monotonic() - t0 < 10:  # a answered; b, stopped, cannot
+            r.tick()
+            time.sleep(0.05)
+        assert mine() and actor_key(b) not in r.silent  # a's batch waits for b (the horizon)
+        while actor_key(b) not in r.silent and time.monotonic() - t0 < 15:
+            r.tick()
+            time.sleep(0.05)
+        assert actor_key(b) in r.silent and not mine()  # given up on b: a's batch is costed
+        assert any("has not answered" in line and f"pid {pid}" in line for line in said), said
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    t0 = time.monotonic()
+    while actor_key(b) in r.silent and time.monotonic() - t0 < 15:
+        r.tick()
+        time.sleep(0.05)
+    assert actor_key(b) not in r.silent and r.clock.devices.get(actor_key(b)) == device  # it counts again
+    for h in (a, b, registry):
+        ray.kill(h)
+
+
+def test_a_new_actor_that_never_answers_stops_holding_back_every_device():
+    """A joined actor not yet heard from holds back the costing of every device (its own is not known); once it is
+    given up on (left), the batches that waited for it are costed at once, not at the next answer."""
+    from modalmill.pipeline.autoscale import DeviceClock
+
+    clock = DeviceClock()
+    clock.expect("new")
+    clock.take("a", "gpu0", [(0.0, 1.0, 4)], None, at=2.0)
+    assert clock.drain() == {}  # waits for "new"
+    clock.leave("new")
+    assert clock.drain() == {"a": (4, pytest.approx(1.0))}
+
+
 def test_first_sizes_split_the_devices_and_no_resizer_where_nothing_can_move():
     from modalmill.pipeline.resize import can_move, first_sizes, pool_budget
 

@@ -183,11 +183,13 @@ class DeviceClock:
     def leave(self, actor: str) -> None:
         """The actor left its pool (retired or gone): its device's horizon no longer waits for it."""
         device = self.devices.pop(actor, None)
+        was_unheard = actor in self.unheard
         self.unheard.discard(actor)
         self.heard.pop(actor, None)
         self.running.pop(actor, None)
-        if device is not None:
-            self._cost(device)
+        # an actor never heard from held back every device (its own was not known): each may cost its batches now
+        for d in ([device] if device is not None else []) + (list(self.pending) if was_unheard else []):
+            self._cost(d)
 
     def _cost(self, device: str) -> None:
         here = [a for a, d in self.devices.items() if d == device]

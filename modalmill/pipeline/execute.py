@@ -162,10 +162,11 @@ class LabelerActor:
         """What the autoscaler measures: samples served and seconds spent serving them since the actor started
         (``samples``, ``busy_s``); the device it labels on (``device``: None when unknown, see :func:`device_of`),
         its batches' intervals since the last call (``intervals``: start, end, samples), the start of the batch
-        it is serving (``running_since``, or None) and this moment (``at``), all on this node's clock."""
+        it is serving (``running_since``, or None) and this moment (``at``), all on this node's clock; its process
+        (``pid``: what a message about a hung actor names)."""
         got, self.intervals = self.intervals, deque(maxlen=INTERVALS_KEPT)
         return {"samples": self.served, "busy_s": self.busy_s, "device": self.device, "intervals": list(got),
-                "running_since": self.running_since, "at": time.time()}
+                "running_since": self.running_since, "at": time.time(), "pid": os.getpid()}
 
     @ray.method(concurrency_group="control")
     def checkpoint_id(self) -> str:
@@ -309,7 +310,7 @@ class _AtActors:
 
 class _Members:
     """A shard task's view of the model pools: which actors each has and which one labels its next batch. With the
-    execution's :class:`~.dispatch.PoolRegistry` (when some pool has more than one actor) the registry chooses, from
+    execution's :class:`~.dispatch.PoolRegistry` (when some pool is ``auto``) the registry chooses, from
     every task's batches in flight, and its answers carry the pools' membership when it changed; the view is also
     refreshed at most every ``REFRESH_S`` seconds. Without one (or when it is gone: the driver ended) a batch goes
     to the actor with the fewest of this task's batches (ties: the one after the last chosen, starting from a place
@@ -359,6 +360,8 @@ class _Members:
             handles = self.pools[name]
             n = len(handles)
             i = next((j for j in range(n) if actor_key(handles[j]) == chosen), None)
+            if i is None and chosen is not None:  # (a choice this view cannot follow: not charged to it)
+                self._return(chosen, work)
             if i is None:  # no registry (or its choice is unknown here): this task's own least-loaded actor
                 i = min(range(n), key=lambda j: (self.outstanding.get(actor_key(handles[j]), 0),
                                                  (j - self.last[name] - 1) % n))
@@ -385,6 +388,9 @@ class _Members:
         key = actor_key(handle)
         with self.lock:
             self.outstanding[key] -= 1
+        self._return(key, work)
+
+    def _return(self, key: str, work: float) -> None:
         if self.registry is not None and work:
             with contextlib.suppress(Exception):
                 self.registry.give_back.remote(key, self.shard, work)

@@ -51,6 +51,8 @@ INTERVAL_S = float(os.environ.get("MODALMILL_AUTOSCALE_S", "1"))
 # a retired actor's drain: after REFRESH_S no shard task sends it more; the barrier call then waits for the rest
 DRAIN_S = float(os.environ.get("MODALMILL_AUTOSCALE_DRAIN_S", str(REFRESH_S + 0.5)))
 NOT_BUDGET = ("memory", "object_store_memory")
+# an actor whose load() is unanswered this long no longer holds back the costing of its device's batches
+SILENT_S = float(os.environ.get("MODALMILL_AUTOSCALE_SILENT_S", "10"))
 
 
 def per_actor(res) -> dict[str, float]:
@@ -139,7 +141,9 @@ class Resizer:
     echo: Callable[[str], None] | None = None
     scaler: Autoscaler = None  # type: ignore[assignment]
     seen: dict[str, tuple[int, float]] = field(default_factory=dict)  # actor -> its last (samples, busy_s)
-    asked: dict = field(default_factory=dict)  # load() ref -> (pool, actor key)
+    asked: dict = field(default_factory=dict)  # load() ref -> (pool, actor key, when asked: monotonic)
+    pids: dict[str, int] = field(default_factory=dict)  # actor -> its process, as its load() said
+    silent: set = field(default_factory=set)  # actors whose load() went unanswered SILENT_S: no horizon waits on them
     windows: dict[str, Window] = field(default_factory=dict)
     served: dict[str, int] = field(default_factory=dict)  # samples each pool served in this execution
     starting: dict = field(default_factory=dict)  # ready() ref -> (pool, handle)
@@ -180,6 +184,7 @@ class Resizer:
     def tick(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         self._collect_loads()
+        self._give_up_on_silent(now)
         self._admit_started()
         self._retire(now)
         resizing = bool(self.starting or self.retiring)
@@ -209,11 +214,23 @@ class Resizer:
         self.windows = {p.name: Window() for p in self.shapes}
 
     def _ask_loads(self) -> None:
-        waiting = {key for _, key in self.asked.values()}
+        waiting = {key for _, key, _ in self.asked.values()}
         for name, handles in self.pools.items():
             for h in handles:
                 if actor_key(h) not in waiting:
-                    self.asked[h.load.remote()] = (name, actor_key(h))
+                    self.asked[h.load.remote()] = (name, actor_key(h), time.monotonic())
+
+    def _give_up_on_silent(self, now: float) -> None:
+        """An actor whose ``load()`` went unanswered for ``SILENT_S`` (its process hung, its node unreachable) no
+        longer holds back the costing of its device's batches (:class:`.autoscale.DeviceClock`'s horizon waits for
+        every serving actor): the clock stops waiting for it until it answers again."""
+        for name, key, asked_at in self.asked.values():
+            if key not in self.silent and now - asked_at > SILENT_S:
+                self.silent.add(key)
+                self.clock.leave(key)
+                pid = f" (pid {self.pids[key]})" if key in self.pids else ""
+                self._say(f"autoscale: a {name} actor{pid} has not answered for {SILENT_S:g} s; its device's "
+                          "costs no longer wait for it")
 
     def _collect_loads(self) -> None:
         if not self.asked:
@@ -221,14 +238,15 @@ class Resizer:
         done, _ = ray.wait(list(self.asked), num_returns=len(self.asked), timeout=0)
         learned: dict[str, str] = {}  # actors whose device is new: the dispatch prefers the least crowded device
         for ref in done:
-            name, key = self.asked.pop(ref)
+            name, key, _ = self.asked.pop(ref)
+            self.silent.discard(key)
             try:
                 got = ray.get(ref)
             except ray.exceptions.RayError:  # retired and killed meanwhile, or restarting: no window from it
                 self.clock.leave(key)
                 continue
             samples, busy = got["samples"], got["busy_s"]
-            self.pool_of[key] = name
+            self.pool_of[key], self.pids[key] = name, got.get("pid")
             if got["device"] is None:
                 self.no_device.add(name)
                 self.clock.leave(key)  # (on no device: no batch of it is beside another's)
