@@ -160,7 +160,9 @@ def machine() -> dict[str, Any]:
             "os": f"{platform.system()} {platform.release()}"}
 
 
-def versions() -> dict[str, str]:
+def versions(state: tuple[str, str] | None = None) -> dict[str, str]:
+    """The packages' versions and modalmill's commit: ``state`` (:func:`git_state` when the run began, what the
+    header names), else the checkout's state now."""
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
@@ -169,7 +171,8 @@ def versions() -> dict[str, str]:
             out[dist] = md.version(dist)
         except md.PackageNotFoundError:
             out[dist] = "not installed"
-    out["modalmill"] = git_commit()
+    head, dirty = state if state is not None else git_state()
+    out["modalmill"] = head + (" + uncommitted changes" if dirty else "")
     return out
 
 

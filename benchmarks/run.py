@@ -186,7 +186,7 @@ def main(argv=None) -> int:
         "command": "python benchmarks/run.py" + (" --quick" if a.quick else "") +
                    (f" --only {a.only}" if a.only != ALL else ""),
         "date": date, "duration_s": duration, "quick": a.quick, "machine": common.machine(),
-        "versions": common.versions(), "load_before": load_before,
+        "versions": common.versions((head, dirty)), "load_before": load_before,
         "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "corpus": f"{common.count_images(paths)} JPEGs ({lo}-{hi} px longer side, derived from scikit-image's "
                   f"photos by modalmill.jobs.democorpus.build_corpus) in {len(paths)} tar shards",
