@@ -25,7 +25,8 @@ Membership: shard tasks learn each pool's current actors from one small actor, :
 batch that still reached an actor killed by a shrink fails with the actor's death; the task then refreshes, sees
 that the actor was removed, and sends the batch again to one that remains (``execute._Members``): nothing is lost,
 and labels do not depend on which actor made them. The actors' devices, as their ``load()`` answers say, go to the
-registry too (its tie-break: the least crowded device).
+registry too, and every pool's cost per sample once all are measured: it sends a batch to the actor whose
+device holds the least work in flight.
 """
 
 from __future__ import annotations
@@ -156,7 +157,6 @@ class Resizer:
     pool_of: dict[str, str] = field(default_factory=dict)  # actor -> its pool
     on_device: set = field(default_factory=set)  # pools whose actors said which device they are on
     no_device: set = field(default_factory=set)  # pools with an actor that could not (the sharing is estimated)
-    placed: dict[str, str] = field(default_factory=dict)  # actor -> the device it said it is on
     shared: dict[str, float] = field(default_factory=dict)  # the costs per sample last sent to the registry
     t0: float = field(default_factory=time.time)
     last: float = field(default_factory=time.monotonic)
@@ -252,10 +252,9 @@ class Resizer:
                 self.clock.leave(key)  # (on no device: no batch of it is beside another's)
             elif any(actor_key(h) == key for h in self.pools.get(name, [])):  # (not one retired meanwhile)
                 self.on_device.add(name)
-                self.clock.take(key, got["device"], got["intervals"], got["running_since"], got["at"])
-                if self.placed.get(key) != got["device"]:
-                    self.placed[key] = got["device"]
+                if self.clock.devices.get(key) != got["device"]:
                     learned[key] = got["device"]
+                self.clock.take(key, got["device"], got["intervals"], got["running_since"], got["at"])
             before = self.seen.get(key, (0, 0.0))
             self.seen[key] = (samples, busy)
             if samples < before[0]:  # restarted: its counters began again
