@@ -30,12 +30,14 @@ class Dispatcher:
     seconds, once :meth:`costs` has every pool's; before that, 1 per batch). A new batch goes to the actor whose
     device holds the least work (an actor whose device is not known is a device of its own), ties to the actor
     holding the least itself, then in turn. On a device shared by several actors (time-sliced, like a GPU shared by
-    processes) the device's work in flight is when a new batch there would be done; counting batches instead sent
-    as much to a device holding a cheap model's actors as to one holding only the costliest model's, and the first
-    idled (benchmark 8: devices busy 0.84-0.91)."""
+    processes) the device's work in flight is when a new batch there would be done; counting batches instead sends
+    as much to a device holding a cheap model's actors as to one holding only the costliest model's. (That is the
+    reasoning; benchmark 8, CPU-bound on 2 cores, did not tell the two apart beyond its noise: one run counting
+    batches at 0.86 of the ideal, eight weighing work at 0.76-0.96.)"""
 
     def __init__(self, pools: dict[str, list[str]]):
-        self.pools = {name: list(keys) for name, keys in pools.items()}  # pool -> its actors' keys, in order
+        self.pools: dict[str, list[str]] = {}  # pool -> its actors' keys, in order
+        self.members(pools)
         self.held: dict[str, dict[str, list[float]]] = {}  # shard -> actor key -> [batches, work] of that shard
         self.at: Counter = Counter()  # actor key -> batches in flight at it (every shard's)
         self.work: Counter = Counter()  # actor key -> the work of those batches
