@@ -224,8 +224,16 @@ def default_bytes_in_flight() -> int:
 ACTOR_WAIT_S = float(os.environ.get("MODALMILL_ACTOR_WAIT_S", "300"))
 
 
-def _wait_until_alive(ping, deadline: float, what: str) -> None:
-    """Block until ``ping()`` (a cheap actor call) answers, i.e. the restarted actor is serving again."""
+def _ping(actor):
+    """A cheap call that answers once ``actor`` serves again: retried without limit by Ray (a call to a restarting
+    actor waits for it instead of failing at once), so the caller waits in one Ray call, not in sleeps between
+    failed ones (a task's main thread lends its CPU only while it waits in Ray)."""
+    return actor.ready.options(max_task_retries=-1).remote()
+
+
+def _wait_until_alive(ping, deadline: float, what: str, pause: Callable[[], None] = lambda: None) -> None:
+    """Block until ``ping()`` (a cheap actor call, see :func:`_ping`) answers, i.e. the restarted actor is serving
+    again. ``pause``: said before each sleep between pings (a shard task's main thread keeps waiting then)."""
     delay = 0.5
     while True:
         try:
@@ -234,13 +242,14 @@ def _wait_until_alive(ping, deadline: float, what: str) -> None:
         except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
             if time.time() > deadline:
                 raise WorkerDied(f"the {what} actor stayed unavailable for {ACTOR_WAIT_S:.0f} s") from None
+            pause()
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
         except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as e:
             raise WorkerDied(f"the {what} actor is dead ({type(e).__name__})") from None
 
 
-def _actor_get(submit, what: str, ping=None):
+def _actor_get(submit, what: str, ping=None, pause: Callable[[], None] = lambda: None):
     """``ray.get(submit())``, waiting out an actor that is restarting (e.g. its node died) for a bounded time.
 
     The call is sent again only once the actor answers ``ping`` again; if the call itself fails twice on a
@@ -252,11 +261,12 @@ def _actor_get(submit, what: str, ping=None):
         try:
             return ray.get(submit())
         except ray.exceptions.ActorUnavailableError:
+            pause()
             deaths += 1
             if ping is None or deaths >= 2:
                 raise WorkerDied(f"the {what} worker died while labelling this batch (actor unavailable "
                                  f"{deaths} times)") from None
-            _wait_until_alive(ping, deadline, what)
+            _wait_until_alive(ping, deadline, what, pause)
         except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError) as e:
             raise WorkerDied(f"the {what} worker died while labelling this batch ({type(e).__name__})") from None
 
@@ -267,45 +277,65 @@ class _AtActors:
     thread is blocked there (not while another thread waits in ``ray.get``), so another shard task reads, decodes
     and sends its batches while this one's are labelled, and before it commits (the threads that sent them still
     ``ray.get`` the results). Without it the next task starts only after this one's commit, and the actors' queue
-    runs dry at shard ends."""
+    runs dry at shard ends. Lending matters most after a node died: an actor restarting may need the very CPU the
+    task holds, and gets it only while the main thread waits in Ray."""
 
     PREPARING = None  # a call begun whose batch is still being prepared (not yet at an actor)
+    PAUSED = "paused"  # the thread waits between pings of a restarting actor (no call at an actor for a moment)
 
     def __init__(self):
         self.cond = threading.Condition()
-        self.calls: dict[int, Any] = {}  # labelling thread -> the object ref of its call at an actor, or PREPARING
+        # labelling thread -> the object ref of its call at an actor, PREPARING or PAUSED
+        self.calls: dict[int, Any] = {}
 
     def begin(self) -> None:
-        with self.cond:
-            self.calls[threading.get_ident()] = self.PREPARING
+        self._set(self.PREPARING)
 
     def sent(self, ref):
-        with self.cond:
-            self.calls[threading.get_ident()] = ref
-            self.cond.notify_all()
+        self._set(ref)
         return ref
+
+    def paused(self) -> None:
+        """Said by a labelling thread before it sleeps between pings of an actor that is restarting."""
+        self._set(self.PAUSED)
 
     def answered(self) -> None:
         with self.cond:
             self.calls.pop(threading.get_ident(), None)
             self.cond.notify_all()
 
-    def wait(self, done: Callable[[], bool], thread: int | None) -> None:
-        """Wait (CPUs lent) until ``done()``, on the call of labelling thread ``thread`` (the one labelling the batch
-        waited for) while it is at an actor; a call of that thread still being prepared is given up to a second to
-        be sent first. Returns earlier when that thread has no call left at an actor unanswered: what ``done`` waits
-        for is then the thread's own work (its prepare, or its results made into payloads), not the actors'."""
-        last = None
-        while not done():
+    def _set(self, state) -> None:
+        with self.cond:
+            self.calls[threading.get_ident()] = state
+            self.cond.notify_all()
+
+    def wait(self, future, thread: int | None) -> None:
+        """Block until ``future`` (a batch's labelling, run by labelling thread ``thread``) is done: in ``ray.wait``
+        (CPUs lent) while that thread has a call at an actor unanswered, on a condition (the CPU held: the thread
+        works on the CPU, preparing a batch or making results into payloads) while it has none. It leaves only when
+        the batch is done: a thread whose call failed goes on to ping the actor, send the call again or split the
+        batch into calls of its own, and a main thread that had left would sit in ``future.result()`` holding its
+        CPU through all of them."""
+        future.add_done_callback(lambda _: self._notify())
+        answered = None  # the last call seen answered (the thread has not yet said what comes next)
+        while not future.done():
             with self.cond:
-                self.cond.wait_for(lambda: self.calls.get(thread, 0) is not self.PREPARING, timeout=1.0)
+                self.cond.wait_for(lambda was=answered: future.done() or self._at_actor(self.calls.get(thread), was),
+                                   timeout=1.0)
                 ref = self.calls.get(thread)
-            if ref is None or ref is last:
-                return
-            # bounded: a call whose actor's node died may stay pending while the actor waits for a place to
-            # restart; the labelling thread's own ray.get decides what happens to it, and ``done`` is asked again
-            if ray.wait([ref], num_returns=1, timeout=1.0)[0]:
-                last = ref
+            if self._at_actor(ref, answered) and ray.wait([ref], num_returns=1, timeout=1.0)[0]:
+                # bounded: a call whose actor's node died may stay pending while the actor waits for a place to
+                # restart; the labelling thread's own ray.get decides what happens to it
+                answered = ref
+
+    @classmethod
+    def _at_actor(cls, ref, answered) -> bool:
+        """Whether ``ref`` (a thread's entry) is a call at an actor not yet seen answered."""
+        return ref is not cls.PREPARING and ref is not cls.PAUSED and ref is not answered
+
+    def _notify(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
 
 
 class _Members:
@@ -413,6 +443,7 @@ def _call_pool(members: _Members, name: str, batch, at_actors: _AtActors | None 
     ``samples``: the batch's size (what the dispatch charges the chosen actor); ``asked``: the registry's answer
     asked for while the batch was prepared (:meth:`_Members.ask`)."""
     sent = at_actors.sent if at_actors is not None else (lambda ref: ref)
+    pause = at_actors.paused if at_actors is not None else (lambda: None)
     while True:
         actor, work = members.take(name, samples, asked)
         asked = None  # (a batch sent again asks anew)
@@ -421,7 +452,7 @@ def _call_pool(members: _Members, name: str, batch, at_actors: _AtActors | None 
             # the task's main thread waits on it with its CPU lent, so the actor can be placed where tasks hold
             # every CPU (else the main thread sat in future.result() holding it, and the restart never came)
             return _actor_get(lambda a=actor: sent(a.process_batch.remote(batch)), name,
-                              ping=lambda a=actor: sent(a.ready.remote()))
+                              ping=lambda a=actor: sent(_ping(a)), pause=pause)
         except WorkerDied:
             if not members.removed(name, actor):
                 raise
@@ -474,7 +505,7 @@ def _run_shard(task: ShardTask, pools: dict[str, list], counter, isolate: bool =
             if run.labeler in (checkpoints or {}):  # asked once by the driver: not queued behind other batches
                 return checkpoints[run.labeler]
             head = pools[run.labeler][0]
-            return _actor_get(head.checkpoint_id.remote, run.labeler, ping=head.ready.remote)
+            return _actor_get(head.checkpoint_id.remote, run.labeler, ping=lambda: _ping(head))
         return call_local.checkpoint(run)
 
     call.checkpoint = checkpoint
@@ -854,7 +885,8 @@ class _Execution:
         missing labeler; their temporary files are removed by :meth:`close`) and is raised."""
         try:
             wait_until_set_up(self.pools)
-            self.checkpoints = {name: _actor_get(handles[0].checkpoint_id.remote, name, ping=handles[0].ready.remote)
+            self.checkpoints = {name: _actor_get(handles[0].checkpoint_id.remote, name,
+                                                 ping=lambda h=handles[0]: _ping(h))
                                 for name, handles in self.pools.items()}
         except BaseException:
             for ref in self.running:

@@ -374,10 +374,12 @@ class _Labelling:
             return
         while self.inflight and (len(self.inflight) >= self.depth or self._full(self.inflight_bytes + nbytes)):
             self._wait_oldest()
-        slot: dict[str, int] = {}  # the labelling thread that labels the batch (what ``await_in_flight`` waits on)
+        # the labelling thread that labels the batch (what ``await_in_flight`` waits on), set once it starts
+        slot: dict[str, Any] = {"started": threading.Event()}
 
         def label(items: list[_Item]) -> list[_Item]:
             slot["thread"] = threading.get_ident()
+            slot["started"].set()
             return self.label(items)
 
         self.inflight.append((items, self.pool.submit(label, items), nbytes, slot))
@@ -385,8 +387,8 @@ class _Labelling:
 
     def _wait_oldest(self) -> None:
         """Wait for the oldest batch and write it. Whenever the task waits for the actors (K batches out, or all
-        read), ``call.await_in_flight(done, thread)`` (when given) blocks its main thread until ``done()`` (the
-        oldest batch is back; ``thread``: the labelling thread that sent it) in a way that lends its CPU to another
+        read), ``call.await_in_flight(future, thread)`` (when given) blocks its main thread until ``future`` (the
+        oldest batch) is done (``thread``: the labelling thread that labels it) in a way that lends its CPU to another
         shard task (Ray does so for a task blocked in ``ray.wait`` on its main thread): while this task's batches are
         at the actors, the next task reads, decodes and sends its own, so the actors' queue does not run dry when a
         task ends, commits and the next one starts. It waits until the *oldest* batch is back, not any: a younger
@@ -394,7 +396,11 @@ class _Labelling:
         the rest of the oldest's time at the actor."""
         _, future, _, slot = self.inflight[0]
         if self.await_in_flight is not None and not future.done():
-            self.await_in_flight(future.done, slot.get("thread"))
+            # a batch just sent may not have its thread yet (the pool has a thread for each batch in flight, but
+            # starting it takes a switch): without its thread the wait would not know which calls to wait on
+            while not slot["started"].wait(0.05) and not future.done():
+                pass
+            self.await_in_flight(future, slot.get("thread"))
         self._complete_oldest()
 
     def _complete_oldest(self) -> None:
