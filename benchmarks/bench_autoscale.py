@@ -25,8 +25,9 @@ an eighth as many. Each run's notes give the devices' busy fractions over its st
 
 Figures: the *ideal* is devices / summed device time per image (4 / 106.25 ms = 37.6 images/s). *Steady state*:
 images per second over a window that opens when the autoscaler's last resize was done (its new actors set up and
-serving, the retired ones killed: the run record's ``autoscale.settled_at``; the equal split, never resized, from
-its first kernel) and closes at the end of the input stream (the first moment a model has started its last kernel),
+serving, the retired ones killed: the run record's ``autoscale.settled_at``) and closes at the end of the input
+stream (the first moment a model has started its last kernel); the equal split, never resized, is steady from its
+first kernel to the end of its last (its whole input may fit in flight at once: see :func:`steady_state`),
 counting the images' worth of device work done inside it: each model's device time there (a kernel straddling an
 edge by its part inside), summed, over the device time one image needs (every image needs every model). So it cannot
 exceed the ideal (but for the pro-rating of the straddling kernels). (An earlier version counted only the last
@@ -233,11 +234,18 @@ def steady_state(logs: list[dict], settled_at: float | None, resized: bool) -> d
     share of the devices idles for want of input, and the pools only drain). Every image needs every model, so the
     images' worth of work done in the window is the device time each model spent there, summed and divided by the
     device time one image needs (a kernel straddling an edge counts by the part of it inside). It cannot exceed
-    the ideal: that work is at most devices x window."""
+    the ideal: that work is at most devices x window.
+
+    A run never resized (the equal split) is steady from its first kernel to its last one's end: its pools never
+    change, and its bottleneck, fed ahead by the batches in flight, is busy throughout. The input-stream rule
+    cannot judge it: where the whole input fits in flight at once (a fast machine reads the equal split's 200
+    images in about a second), the cheapest model has started its last kernel a second in, and the window closed
+    there."""
     t0 = settled_at if resized else min(k["start"] for k in logs)
     if t0 is None:  # the job ended before its last resize was done
         return {"window_s": 0.0, "images_per_s": None, "why": "the last resize was not done before the job ended"}
-    t1 = min(max(k["start"] for k in logs if k["who"] == m) for m in {k["who"] for k in logs})
+    t1 = (min(max(k["start"] for k in logs if k["who"] == m) for m in {k["who"] for k in logs}) if resized
+          else max(k["end"] for k in logs))
     window = t1 - t0
     done = {m: 0.0 for m in MIX_MS}
     for k in logs:
