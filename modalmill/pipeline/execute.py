@@ -231,9 +231,9 @@ def _ping(actor):
     return actor.ready.options(max_task_retries=-1).remote()
 
 
-def _wait_until_alive(ping, deadline: float, what: str, pause: Callable[[], None] = lambda: None) -> None:
+def _wait_until_alive(ping, deadline: float, what: str) -> None:
     """Block until ``ping()`` (a cheap actor call, see :func:`_ping`) answers, i.e. the restarted actor is serving
-    again. ``pause``: said before each sleep between pings (a shard task's main thread keeps waiting then)."""
+    again."""
     delay = 0.5
     while True:
         try:
@@ -242,14 +242,13 @@ def _wait_until_alive(ping, deadline: float, what: str, pause: Callable[[], None
         except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
             if time.time() > deadline:
                 raise WorkerDied(f"the {what} actor stayed unavailable for {ACTOR_WAIT_S:.0f} s") from None
-            pause()
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
         except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as e:
             raise WorkerDied(f"the {what} actor is dead ({type(e).__name__})") from None
 
 
-def _actor_get(submit, what: str, ping=None, pause: Callable[[], None] = lambda: None):
+def _actor_get(submit, what: str, ping=None):
     """``ray.get(submit())``, waiting out an actor that is restarting (e.g. its node died) for a bounded time.
 
     The call is sent again only once the actor answers ``ping`` again; if the call itself fails twice on a
@@ -261,12 +260,11 @@ def _actor_get(submit, what: str, ping=None, pause: Callable[[], None] = lambda:
         try:
             return ray.get(submit())
         except ray.exceptions.ActorUnavailableError:
-            pause()
             deaths += 1
             if ping is None or deaths >= 2:
                 raise WorkerDied(f"the {what} worker died while labelling this batch (actor unavailable "
                                  f"{deaths} times)") from None
-            _wait_until_alive(ping, deadline, what, pause)
+            _wait_until_alive(ping, deadline, what)
         except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError) as e:
             raise WorkerDied(f"the {what} worker died while labelling this batch ({type(e).__name__})") from None
 
@@ -281,12 +279,10 @@ class _AtActors:
     task holds, and gets it only while the main thread waits in Ray."""
 
     PREPARING = None  # a call begun whose batch is still being prepared (not yet at an actor)
-    PAUSED = "paused"  # the thread waits between pings of a restarting actor (no call at an actor for a moment)
 
     def __init__(self):
         self.cond = threading.Condition()
-        # labelling thread -> the object ref of its call at an actor, PREPARING or PAUSED
-        self.calls: dict[int, Any] = {}
+        self.calls: dict[int, Any] = {}  # labelling thread -> the object ref of its call at an actor, or PREPARING
 
     def begin(self) -> None:
         self._set(self.PREPARING)
@@ -294,10 +290,6 @@ class _AtActors:
     def sent(self, ref):
         self._set(ref)
         return ref
-
-    def paused(self) -> None:
-        """Said by a labelling thread before it sleeps between pings of an actor that is restarting."""
-        self._set(self.PAUSED)
 
     def answered(self) -> None:
         with self.cond:
@@ -312,7 +304,8 @@ class _AtActors:
     def wait(self, future, thread: int | None) -> None:
         """Block until ``future`` (a batch's labelling, run by labelling thread ``thread``) is done: in ``ray.wait``
         (CPUs lent) while that thread has a call at an actor unanswered, on a condition (the CPU held: the thread
-        works on the CPU, preparing a batch or making results into payloads) while it has none. It leaves only when
+        works on the CPU, preparing a batch or making results into payloads, or sleeps between pings of a restarting
+        actor, its failed call still registered) until it sends another or the batch is done. It leaves only when
         the batch is done: a thread whose call failed goes on to ping the actor, send the call again or split the
         batch into calls of its own, and a main thread that had left would sit in ``future.result()`` holding its
         CPU through all of them."""
@@ -331,7 +324,7 @@ class _AtActors:
     @classmethod
     def _at_actor(cls, ref, answered) -> bool:
         """Whether ``ref`` (a thread's entry) is a call at an actor not yet seen answered."""
-        return ref is not cls.PREPARING and ref is not cls.PAUSED and ref is not answered
+        return ref is not cls.PREPARING and ref is not answered
 
     def _notify(self) -> None:
         with self.cond:
@@ -443,7 +436,6 @@ def _call_pool(members: _Members, name: str, batch, at_actors: _AtActors | None 
     ``samples``: the batch's size (what the dispatch charges the chosen actor); ``asked``: the registry's answer
     asked for while the batch was prepared (:meth:`_Members.ask`)."""
     sent = at_actors.sent if at_actors is not None else (lambda ref: ref)
-    pause = at_actors.paused if at_actors is not None else (lambda: None)
     while True:
         actor, work = members.take(name, samples, asked)
         asked = None  # (a batch sent again asks anew)
@@ -452,7 +444,7 @@ def _call_pool(members: _Members, name: str, batch, at_actors: _AtActors | None 
             # the task's main thread waits on it with its CPU lent, so the actor can be placed where tasks hold
             # every CPU (else the main thread sat in future.result() holding it, and the restart never came)
             return _actor_get(lambda a=actor: sent(a.process_batch.remote(batch)), name,
-                              ping=lambda a=actor: sent(_ping(a)), pause=pause)
+                              ping=lambda a=actor: sent(_ping(a)))
         except WorkerDied:
             if not members.removed(name, actor):
                 raise
